@@ -1,0 +1,75 @@
+"""Command line: a small table from command name to the module that implements it.
+
+Only argparse is imported at start-up; each command imports what it needs (torch,
+transformers and wandb stay out of ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline import __version__
+
+# name -> (module with add_arguments(parser) and main(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "artifacts": ("pipeline.commands.artifacts", "list, show and verify artifact versions in the registry"),
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, metavar="YAML", help="experiment config file (configs/*.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.epochs=1 (repeatable; wins over the file)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Fine-tune Hugging Face classifiers in versioned, traceable stages (W&B online or offline).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _add_arguments_lazily(p, module)
+    return parser
+
+
+def _add_arguments_lazily(p: argparse.ArgumentParser, module: str) -> None:
+    # Command modules import nothing heavy at top level, so this stays fast.
+    importlib.import_module(module).add_arguments(p)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from pipeline.redact import RedactingFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("urllib3", "filelock", "fsspec", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from pipeline.errors import PipelineError
+
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,42 @@
+"""Errors a user can act on.
+
+A `PipelineError` is a user-facing problem (bad config, unknown reference, tampered file):
+the CLI prints its message without a traceback and exits with its `exit_code`. Anything else
+is a bug and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A problem the user can fix; printed as one message, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """The config file, an override or an environment variable is invalid."""
+
+
+class RefError(PipelineError):
+    """An artifact reference cannot be parsed or does not resolve."""
+
+
+class RegistryError(PipelineError):
+    """The registry refused an operation (bad name, path escaping the target, ...)."""
+
+
+class IntegrityError(PipelineError):
+    """Stored bytes no longer match their recorded hash."""
+
+    exit_code = 1
+
+
+class StageFailed(PipelineError):
+    """A stage finished with a non-ok status; `exit_code` says which."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,154 @@
+"""The registry interface the stages talk to, whatever the tracking mode."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.errors import RegistryError
+
+if TYPE_CHECKING:
+    from pipeline.tracking import TrackedRun
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # POSIX path inside the artifact
+    digest: str  # sha256 hex locally; W&B's base64 MD5 online
+    size: int
+
+
+@dataclass
+class ArtifactVersion:
+    name: str
+    version: int
+    type: str
+    digest: str
+    size: int
+    metadata: dict[str, Any]
+    aliases: list[str]
+    created_at: str
+    produced_by: str | None = None  # run id
+    used_by: list[str] = field(default_factory=list)  # run ids
+    files: list[FileEntry] = field(default_factory=list)
+    qualified_name: str | None = None  # entity/project/name:vN online
+
+    @property
+    def ref(self) -> str:
+        """The exact reference, ``name:vN``: what result files and lineage record."""
+        return f"{self.name}:v{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "name": self.name,
+            "version": f"v{self.version}",
+            "type": self.type,
+            "digest": self.digest,
+            "size": self.size,
+            "aliases": sorted(self.aliases),
+            "created_at": self.created_at,
+            "produced_by": self.produced_by,
+            "used_by": list(self.used_by),
+            "metadata": self.metadata,
+            "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in self.files],
+        }
+
+
+@dataclass
+class PublishResult:
+    version: ArtifactVersion
+    created: bool  # False: an existing version had the same digest; nothing new was stored
+    bytes_stored: int  # bytes newly written to the object store
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref
+
+
+@dataclass
+class FetchResult:
+    version: ArtifactVersion
+    path: Path
+    reused: bool  # True: a verified copy was already there; nothing copied
+
+
+@dataclass
+class VerifyReport:
+    objects_checked: int
+    bytes_checked: int
+    corrupt: dict[str, list[str]]  # object sha256 -> affected "name:vN (path)" entries
+    missing: dict[str, list[str]]
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+    @property
+    def affected_versions(self) -> list[str]:
+        refs = {entry.split(" ")[0] for d in (self.corrupt, self.missing) for v in d.values() for entry in v}
+        return sorted(refs)
+
+
+class Registry(Protocol):
+    """What a stage may do with artifacts. Two implementations: local and W&B."""
+
+    kind: str
+
+    def resolve(self, ref: str, type: str | None = None) -> ArtifactVersion: ...
+
+    def use(self, ref: str, run: TrackedRun | None, type: str | None = None) -> ArtifactVersion: ...
+
+    def fetch(self, version: ArtifactVersion, dest: Path | None = None, *, overwrite: bool = False) -> FetchResult: ...
+
+    def publish(
+        self,
+        name: str,
+        type: str,
+        files: Path | Mapping[str, Path],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        aliases: tuple[str, ...] | list[str] = (),
+        run: TrackedRun | None = None,
+    ) -> PublishResult: ...
+
+    def set_alias(self, ref: str, alias: str) -> ArtifactVersion: ...
+
+    def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]: ...
+
+    def start_run(self, run: TrackedRun) -> None: ...
+
+    def finish_run(self, run: TrackedRun, status: str) -> None: ...
+
+
+def check_artifact_path(path: str) -> str:
+    """A manifest path must be relative, normalised, and stay inside the artifact."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        raise RegistryError(f"invalid path in artifact manifest: {path!r}")
+    p = PurePosixPath(path)
+    if p.is_absolute() or any(part in ("..", ".", "") for part in path.split("/")):
+        raise RegistryError(f"refusing artifact path {path!r}: it escapes the target directory or is not normalised")
+    return str(p)
+
+
+def collect_files(files: Path | Mapping[str, Path]) -> dict[str, Path]:
+    """Normalise a directory or a {artifact path: local file} mapping, checking every entry."""
+    out: dict[str, Path] = {}
+    if isinstance(files, (str, Path)):
+        root = Path(files)
+        if not root.is_dir():
+            raise RegistryError(f"cannot publish {root}: not a directory")
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                out[check_artifact_path(p.relative_to(root).as_posix())] = p
+    else:
+        for name, p in files.items():
+            p = Path(p)
+            if not p.is_file():
+                raise RegistryError(f"cannot publish {name!r}: {p} is not a readable file")
+            out[check_artifact_path(name)] = p
+    if not out:
+        raise RegistryError("cannot publish an artifact with no files")
+    return out

@@ -1,0 +1,613 @@
+"""The embedded local registry: a SQLite catalog plus a content-addressed object store.
+
+Layout under ``<tracking.dir>/registry``::
+
+    catalog.db              versions, files, aliases, runs, usage (lineage), verified fetches
+    objects/sha256/ab/<hex> one read-only file per distinct content
+    tmp/                    partial writes, renamed into ``objects/`` only when complete
+
+A version row is inserted, with its files and aliases, in one ``BEGIN IMMEDIATE`` transaction
+after every object it names is stored, so a crash or Ctrl-C mid-publish leaves no version, and
+concurrent writers are serialised by SQLite (distinct version numbers, consistent catalog).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.redact import redact
+from pipeline.refs import parse_ref, validate_alias, validate_name
+from pipeline.registry.base import (
+    ArtifactVersion,
+    FetchResult,
+    FileEntry,
+    PublishResult,
+    VerifyReport,
+    check_artifact_path,
+    collect_files,
+)
+
+if TYPE_CHECKING:
+    from pipeline.tracking import TrackedRun
+
+_CHUNK = 1 << 20
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    run_id TEXT,
+    UNIQUE (name, version),
+    UNIQUE (name, digest)
+);
+CREATE TABLE IF NOT EXISTS files (
+    version_id INTEGER NOT NULL REFERENCES versions(id),
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (version_id, path)
+);
+CREATE INDEX IF NOT EXISTS files_by_object ON files (sha256);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version_id INTEGER NOT NULL REFERENCES versions(id),
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (name, alias)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    project TEXT,
+    job_type TEXT NOT NULL,
+    run_group TEXT,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '{}',
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    wandb_dir TEXT,
+    mode TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+    run_id TEXT NOT NULL,
+    version_id INTEGER NOT NULL REFERENCES versions(id),
+    used_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, version_id)
+);
+CREATE TABLE IF NOT EXISTS fetches (
+    dest TEXT PRIMARY KEY,
+    version_id INTEGER NOT NULL REFERENCES versions(id),
+    digest TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    verified_at TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def manifest_digest(hashes: Mapping[str, str]) -> str:
+    """A version's digest: covers every path and its content hash, order-independent."""
+    h = hashlib.sha256()
+    for path in sorted(hashes):
+        h.update(f"{path}\t{hashes[path]}\n".encode())
+    return h.hexdigest()
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return digest, f.tell()
+
+
+class _Progress:
+    """A tqdm bar on a terminal for big transfers; silent otherwise."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = None
+        if total >= 256 << 20 and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _copy_verified(src: Path, dst: Path, expected_sha256: str, progress: _Progress | None = None) -> bool:
+    """Copy while hashing; True when the bytes written hash to `expected_sha256`."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while n := fin.readinto(buf):
+            h.update(view[:n])
+            fout.write(view[:n])
+            if progress:
+                progress.update(n)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return h.hexdigest() == expected_sha256
+
+
+class LocalRegistry:
+    kind = "local"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(os.path.abspath(root))
+        self.objects = self.root / "objects" / "sha256"
+        self.tmp = self.root / "tmp"
+        self.db_path = self.root / "catalog.db"
+        for d in (self.objects, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        self._init_schema()
+
+    # -- catalog plumbing ------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=120, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = 120000")
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One serialised write transaction: all of it or none of it."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several queries."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _init_schema(self) -> None:
+        conn = self._connect()
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > _SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise RegistryError(
+                    f"{self.db_path} was written by a newer version of the pipeline (schema {current}); upgrade"
+                )
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def object_path(self, sha256: str) -> Path:
+        return self.objects / sha256[:2] / sha256
+
+    # -- reading -----------------------------------------------------------------------------
+    def _load(self, conn: sqlite3.Connection, row: sqlite3.Row, with_files: bool = True) -> ArtifactVersion:
+        vid = row["id"]
+        aliases = [r[0] for r in conn.execute("SELECT alias FROM aliases WHERE version_id = ? ORDER BY alias", (vid,))]
+        used_by = [r[0] for r in conn.execute("SELECT run_id FROM usage WHERE version_id = ? ORDER BY used_at", (vid,))]
+        files = []
+        if with_files:
+            files = [
+                FileEntry(r["path"], r["sha256"], r["size"])
+                for r in conn.execute("SELECT path, sha256, size FROM files WHERE version_id = ? ORDER BY path", (vid,))
+            ]
+        return ArtifactVersion(
+            name=row["name"],
+            version=row["version"],
+            type=row["type"],
+            digest=row["digest"],
+            size=row["size"],
+            metadata=json.loads(row["metadata"]),
+            aliases=aliases,
+            created_at=row["created_at"],
+            produced_by=row["run_id"],
+            used_by=used_by,
+            files=files,
+        )
+
+    def _resolve_row(self, conn: sqlite3.Connection, ref: str, type: str | None) -> sqlite3.Row:
+        r = parse_ref(ref)
+        if r.entity or r.project:
+            raise RefError(
+                f"{ref!r} names an entity/project: such references resolve only in the W&B registry "
+                f"(online mode); locally use {r.name}:{r.tag}"
+            )
+        versions = conn.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (r.name,)).fetchall()
+        if not versions:
+            names = [x[0] for x in conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+            known = ", ".join(names) if names else "none: the registry is empty"
+            raise RefError(f"no artifact named {r.name!r} in {self.root}; known artifacts: {known}")
+        if r.version is not None:
+            row = next((v for v in versions if v["version"] == r.version), None)
+        else:
+            hit = conn.execute("SELECT version_id FROM aliases WHERE name = ? AND alias = ?", (r.name, r.tag)).fetchone()
+            row = next((v for v in versions if hit and v["id"] == hit[0]), None)
+        if row is None:
+            alias_rows = conn.execute(
+                "SELECT a.alias, v.version FROM aliases a JOIN versions v ON v.id = a.version_id "
+                "WHERE a.name = ? ORDER BY a.alias",
+                (r.name,),
+            ).fetchall()
+            vs = ", ".join(f"v{v['version']}" for v in versions)
+            al = ", ".join(f"{a[0]} -> v{a[1]}" for a in alias_rows) or "none"
+            what = "version" if r.version is not None else "alias"
+            raise RefError(f"{r.name} has no {what} {r.tag!r}; versions: {vs}; aliases: {al}")
+        if type is not None and row["type"] != type:
+            raise RefError(f"{r.name}:v{row['version']} is a {row['type']!r} artifact, not a {type!r} artifact")
+        return row
+
+    def resolve(self, ref: str, type: str | None = None) -> ArtifactVersion:
+        with self._read() as conn:
+            return self._load(conn, self._resolve_row(conn, ref, type))
+
+    def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]:
+        sql, args = "SELECT * FROM versions WHERE 1=1", []
+        if name:
+            sql, args = sql + " AND name = ?", [*args, name]
+        if type:
+            sql, args = sql + " AND type = ?", [*args, type]
+        with self._read() as conn:
+            rows = conn.execute(sql + " ORDER BY name, version", args).fetchall()
+            return [self._load(conn, row, with_files=False) for row in rows]
+
+    def use(self, ref: str, run: TrackedRun | None, type: str | None = None) -> ArtifactVersion:
+        """Resolve `ref` and record that `run` consumed it (a lineage edge)."""
+        with self._write() as conn:
+            row = self._resolve_row(conn, ref, type)
+            if run is not None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO usage (run_id, version_id, used_at) VALUES (?, ?, ?)",
+                    (run.id, row["id"], _now()),
+                )
+            version = self._load(conn, row)
+        if run is not None:
+            run.note_consumed(version.ref)
+        return version
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(
+        self,
+        name: str,
+        type: str,
+        files: Path | Mapping[str, Path],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        aliases: tuple[str, ...] | list[str] = (),
+        run: TrackedRun | None = None,
+    ) -> PublishResult:
+        validate_name(name)
+        validate_name(type)
+        aliases = [validate_alias(a) for a in aliases if a != "latest"]
+        entries = collect_files(files)
+        meta = redact(dict(metadata or {}))
+        try:
+            meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise RegistryError(f"artifact metadata for {name!r} is not plain JSON: {e}") from None
+
+        total = sum(p.stat().st_size for p in entries.values())
+        progress = _Progress(total, f"hashing {name}")
+        hashed: dict[str, tuple[str, int]] = {}
+        try:
+            for path, src in entries.items():
+                hashed[path] = hash_file(src)
+                progress.update(hashed[path][1])
+        finally:
+            progress.close()
+        digest = manifest_digest({p: h for p, (h, _) in hashed.items()})
+
+        created_objects: list[str] = []
+        try:
+            with self._read() as conn:
+                known = conn.execute("SELECT 1 FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
+            if not known:  # same digest as an existing version: not one byte is copied
+                created_objects = self._store_objects(entries, hashed, name)
+            result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects)
+        except BaseException:
+            self._discard_unreferenced(created_objects)
+            raise
+        if run is not None:
+            run.note_produced(result.version.ref)
+            run.log_artifact_files(
+                result.version,
+                {f.path: self.object_path(f.digest) for f in result.version.files},
+            )
+        return result
+
+    def _store_objects(self, entries: Mapping[str, Path], hashed: Mapping[str, tuple[str, int]], name: str) -> list[str]:
+        """Copy the objects the store lacks; returns the ones this call created."""
+        missing = {}
+        for path, src in entries.items():
+            sha = hashed[path][0]
+            if sha not in missing and not self.object_path(sha).exists():
+                missing[sha] = (path, src)
+        created: list[str] = []
+        progress = _Progress(sum(hashed[p][1] for p, _ in missing.values()), f"storing {name}")
+        try:
+            for sha, (path, src) in missing.items():
+                final = self.object_path(sha)
+                final.parent.mkdir(exist_ok=True)
+                tmp = self.tmp / f"{sha}.{uuid.uuid4().hex}"
+                try:
+                    if not _copy_verified(src, tmp, sha, progress):
+                        raise RegistryError(f"{src} changed while it was being published ({path}); publish again")
+                    os.chmod(tmp, 0o444)
+                    os.replace(tmp, final)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                created.append(sha)
+        except BaseException:
+            self._discard_unreferenced(created)
+            raise
+        finally:
+            progress.close()
+        return created
+
+    def _commit(self, name, type, digest, hashed, meta_json, aliases, run, created_objects) -> PublishResult:
+        stored = sum(hashed[p][1] for p in hashed if hashed[p][0] in set(created_objects))
+        with self._write() as conn:
+            types = {r[0] for r in conn.execute("SELECT DISTINCT type FROM versions WHERE name = ?", (name,))}
+            if types and type not in types:
+                raise RegistryError(f"{name!r} already exists with type {types.pop()!r}; cannot add a {type!r} version")
+            row = conn.execute("SELECT * FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
+            created = row is None
+            if created:
+                # A concurrent clean-up may have removed an object we found present earlier:
+                # under the write lock, make sure every object this version names is there.
+                lost = sorted({h for h, _ in hashed.values() if not self.object_path(h).exists()})
+                if lost:
+                    raise RegistryError(f"objects vanished during publish of {name!r} ({len(lost)}); publish again")
+                number = conn.execute(
+                    "SELECT COALESCE(MAX(version) + 1, 0) FROM versions WHERE name = ?", (name,)
+                ).fetchone()[0]
+                size = sum(s for _, s in hashed.values())
+                cur = conn.execute(
+                    "INSERT INTO versions (name, version, type, digest, size, metadata, created_at, run_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, number, type, digest, size, meta_json, _now(), run.id if run else None),
+                )
+                vid = cur.lastrowid
+                conn.executemany(
+                    "INSERT INTO files (version_id, path, sha256, size) VALUES (?, ?, ?, ?)",
+                    [(vid, p, h, s) for p, (h, s) in sorted(hashed.items())],
+                )
+                self._move_alias(conn, name, "latest", vid)
+            else:
+                vid = row["id"]
+            for alias in aliases:
+                self._move_alias(conn, name, alias, vid)
+            version = self._load(conn, conn.execute("SELECT * FROM versions WHERE id = ?", (vid,)).fetchone())
+        return PublishResult(version=version, created=created, bytes_stored=stored if created else 0)
+
+    @staticmethod
+    def _move_alias(conn: sqlite3.Connection, name: str, alias: str, version_id: int) -> None:
+        conn.execute(
+            "INSERT INTO aliases (name, alias, version_id, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id, updated_at = excluded.updated_at",
+            (name, alias, version_id, _now()),
+        )
+
+    def _discard_unreferenced(self, shas: list[str]) -> None:
+        """Remove objects a failed publish created, unless a committed version uses them."""
+        if not shas:
+            return
+        with self._write() as conn:
+            for sha in shas:
+                if not conn.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
+                    self.object_path(sha).unlink(missing_ok=True)
+
+    def set_alias(self, ref: str, alias: str) -> ArtifactVersion:
+        """Point `alias` at the version `ref` resolves to, taking it off any other version."""
+        validate_alias(alias)
+        if alias == "latest":
+            raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+        with self._write() as conn:
+            row = self._resolve_row(conn, ref, None)
+            self._move_alias(conn, row["name"], alias, row["id"])
+            return self._load(conn, row)
+
+    # -- fetching ----------------------------------------------------------------------------
+    def default_fetch_dir(self, version: ArtifactVersion) -> Path:
+        return self.root.parent / "artifacts" / version.name / f"v{version.version}"
+
+    @staticmethod
+    def _snapshot(dest: Path) -> dict[str, list[int]]:
+        snap = {}
+        for p in sorted(dest.rglob("*")):
+            if p.is_file() or p.is_symlink():
+                st = p.lstat()
+                snap[p.relative_to(dest).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return snap
+
+    def _reusable(self, dest: Path, version: ArtifactVersion) -> bool:
+        if not dest.is_dir():
+            return False
+        with self._read() as conn:
+            row = conn.execute("SELECT digest, snapshot FROM fetches WHERE dest = ?", (str(dest),)).fetchone()
+        return bool(row) and row["digest"] == version.digest and json.loads(row["snapshot"]) == self._snapshot(dest)
+
+    def fetch(
+        self,
+        version: ArtifactVersion,
+        dest: Path | None = None,
+        *,
+        overwrite: bool = False,
+        extras: Mapping[str, bytes] | None = None,
+    ) -> FetchResult:
+        """Copy a version into `dest`, verifying every byte; reuse a verified copy.
+
+        The copy is built in a sibling temporary folder and renamed into place, so `dest` is
+        never half-written; on a hash mismatch the old contents of `dest` stay as they were.
+        `extras` are small files (a manifest) written into the same atomic swap.
+        """
+        dest = Path(os.path.abspath(dest or self.default_fetch_dir(version)))
+        if not version.files:
+            with self._read() as conn:
+                version = self._load(conn, self._resolve_row(conn, version.ref, None))
+        extras = dict(extras or {})
+        for f in [*version.files, *(FileEntry(p, "", 0) for p in extras)]:
+            check_artifact_path(f.path)
+            if os.path.commonpath([dest, os.path.abspath(dest / f.path)]) != str(dest):
+                raise RegistryError(f"refusing artifact path {f.path!r}: it escapes {dest}")
+        clash = set(extras) & {f.path for f in version.files}
+        if clash:
+            raise RegistryError(f"extra files would overwrite artifact files: {sorted(clash)}")
+        if self._reusable(dest, version):
+            return FetchResult(version=version, path=dest, reused=True)
+        if dest.exists() and not dest.is_dir():
+            raise RegistryError(f"cannot fetch into {dest}: it is a file")
+        if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+            with self._read() as conn:
+                ours = conn.execute("SELECT 1 FROM fetches WHERE dest = ?", (str(dest),)).fetchone()
+            if not ours:
+                raise RegistryError(f"{dest} already holds files that did not come from the registry; pass overwrite (--force) to replace them")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+        progress = _Progress(version.size, f"fetching {version.ref}")
+        try:
+            staging.mkdir()
+            for f in version.files:
+                obj = self.object_path(f.digest)
+                target = staging / f.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not obj.is_file():
+                    raise IntegrityError(f"{version.ref}: stored object for {f.path} is missing ({obj}); run `artifacts verify`")
+                if not _copy_verified(obj, target, f.digest, progress):
+                    raise IntegrityError(
+                        f"{version.ref}: {f.path} does not match its recorded sha256 {f.digest[:12]}...: "
+                        f"the stored object {obj} was modified; run `artifacts verify`"
+                    )
+            for path, data in extras.items():
+                (staging / path).parent.mkdir(parents=True, exist_ok=True)
+                (staging / path).write_bytes(data)
+            if dest.exists():
+                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                os.rename(staging, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, dest)
+        finally:
+            progress.close()
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        with self._write() as conn:
+            vid = self._resolve_row(conn, version.ref, None)["id"]
+            conn.execute(
+                "INSERT INTO fetches (dest, version_id, digest, snapshot, verified_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (dest) DO UPDATE SET version_id = excluded.version_id, digest = excluded.digest,"
+                " snapshot = excluded.snapshot, verified_at = excluded.verified_at",
+                (str(dest), vid, version.digest, json.dumps(self._snapshot(dest)), _now()),
+            )
+        return FetchResult(version=version, path=dest, reused=False)
+
+    # -- integrity ---------------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Re-hash every stored object; name the versions each bad object affects."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT f.digest, f.size, f.path, v.name, v.version FROM files f JOIN versions v ON v.id = f.version_id"
+            ).fetchall()
+        users: dict[str, list[str]] = {}
+        sizes: dict[str, int] = {}
+        for r in rows:
+            users.setdefault(r["sha256"], []).append(f"{r['name']}:v{r['version']} ({r['path']})")
+            sizes[r["sha256"]] = r["size"]
+        corrupt, missing, checked = {}, {}, 0
+        progress = _Progress(sum(sizes.values()), "verifying objects")
+        try:
+            for sha, affected in sorted(users.items()):
+                obj = self.object_path(sha)
+                if not obj.is_file():
+                    missing[sha] = sorted(affected)
+                    continue
+                actual, size = hash_file(obj)
+                checked += size
+                progress.update(size)
+                if actual != sha:
+                    corrupt[sha] = sorted(affected)
+        finally:
+            progress.close()
+        return VerifyReport(objects_checked=len(users), bytes_checked=checked, corrupt=corrupt, missing=missing)
+
+    # -- runs --------------------------------------------------------------------------------
+    def start_run(self, run: TrackedRun) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO runs (id, project, job_type, run_group, status, config, started_at, wandb_dir, mode)"
+                " VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET status = 'running', ended_at = NULL, wandb_dir = excluded.wandb_dir",
+                (run.id, run.project, run.job_type, run.group, json.dumps(redact(run.config)), _now(),
+                 str(run.wandb_dir) if run.wandb_dir else None, run.mode),
+            )
+
+    def finish_run(self, run: TrackedRun, status: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, summary = ?, ended_at = ? WHERE id = ?",
+                (status, json.dumps(redact(run.summary), default=str), _now(), run.id),
+            )
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RefError(f"no run {run_id!r} recorded in {self.root}")
+            out = dict(row)
+            out["config"] = json.loads(out["config"])
+            out["summary"] = json.loads(out["summary"])
+            out["produced"] = [
+                f"{r[0]}:v{r[1]}" for r in conn.execute("SELECT name, version FROM versions WHERE run_id = ? ORDER BY id", (run_id,))
+            ]
+            out["consumed"] = [
+                f"{r[0]}:v{r[1]}"
+                for r in conn.execute(
+                    "SELECT v.name, v.version FROM usage u JOIN versions v ON v.id = u.version_id WHERE u.run_id = ? ORDER BY u.used_at",
+                    (run_id,),
+                )
+            ]
+            return out

@@ -1,0 +1,187 @@
+"""The W&B registry (online mode): artifacts, aliases and lineage live in W&B itself.
+
+The calls are few and plain: `run.use_artifact`, `run.log_artifact`, `Api().artifact`,
+`artifact.aliases` + `save()`, `artifact.download` + `verify`, and `run.link_artifact` when a
+W&B Registry is configured. W&B dedupes by digest server-side, keeps `latest`, and moves an
+alias off the old version when it is added to a new one, the same rules as the local registry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.redact import redact
+from pipeline.refs import parse_ref, validate_alias, validate_name
+from pipeline.registry.base import ArtifactVersion, FetchResult, FileEntry, PublishResult, check_artifact_path, collect_files
+
+if TYPE_CHECKING:
+    from pipeline.tracking import TrackedRun
+
+
+def make_wandb_artifact(name: str, type: str, files: Mapping[str, Path], metadata: Mapping[str, Any],
+                        *, immutable: bool):
+    """A `wandb.Artifact` holding `files` under their artifact paths.
+
+    ``immutable=True`` makes W&B reference the files where they lie instead of copying them into
+    its staging folder: right for the local registry's read-only objects (wandb#7066).
+    """
+    import wandb
+
+    art = wandb.Artifact(name, type=type, metadata=redact(dict(metadata)))
+    for path, local in sorted(files.items()):
+        art.add_file(os.path.abspath(local), name=check_artifact_path(path),
+                     policy="immutable" if immutable else "mutable")
+    return art
+
+
+class WandbRegistry:
+    kind = "wandb"
+
+    def __init__(self, project: str, entity: str | None = None, link_registry: str | None = None):
+        import wandb
+
+        self.api = wandb.Api()
+        self.project = project
+        self.entity = entity or self.api.default_entity
+        self.link_registry = link_registry
+
+    def qualify(self, ref: str) -> str:
+        r = parse_ref(ref)
+        return f"{r.entity or self.entity}/{r.project or self.project}/{r.name}:{r.tag}"
+
+    @staticmethod
+    def to_version(art: Any) -> ArtifactVersion:
+        producer = None
+        try:
+            run = art.logged_by()
+            producer = run.id if run else None
+        except Exception:  # lineage is best effort for listings; `show` asks again
+            pass
+        return ArtifactVersion(
+            name=art.name.split(":")[0],
+            version=int(str(art.version).lstrip("v")),
+            type=art.type,
+            digest=art.digest,
+            size=int(art.size or 0),
+            metadata=dict(art.metadata or {}),
+            aliases=[a for a in art.aliases],
+            created_at=str(art.created_at),
+            produced_by=producer,
+            files=[FileEntry(e.path, e.digest, int(e.size or 0)) for e in art.manifest.entries.values()],
+            qualified_name=art.qualified_name,
+        )
+
+    def _artifact(self, ref: str, type: str | None = None):
+        import wandb
+
+        q = self.qualify(ref)
+        try:
+            return self.api.artifact(q, type=type)
+        except (wandb.errors.CommError, ValueError) as e:
+            raise RefError(f"cannot resolve {q} in W&B: {e}") from None
+
+    def resolve(self, ref: str, type: str | None = None) -> ArtifactVersion:
+        return self.to_version(self._artifact(ref, type))
+
+    def use(self, ref: str, run: TrackedRun | None, type: str | None = None) -> ArtifactVersion:
+        if run is None or run.wandb_run is None:
+            return self.resolve(ref, type)
+        import wandb
+
+        q = self.qualify(ref)
+        try:
+            art = run.wandb_run.use_artifact(q, type=type)
+        except (wandb.errors.CommError, ValueError) as e:
+            raise RefError(f"cannot use {q} from W&B: {e}") from None
+        version = self.to_version(art)
+        run.note_consumed(version.ref)
+        return version
+
+    def fetch(self, version: ArtifactVersion, dest: Path | None = None, *, overwrite: bool = False,
+              extras: Mapping[str, bytes] | None = None) -> FetchResult:
+        from wandb.sdk.lib.hashutil import md5_file_b64
+
+        art = self._artifact(version.qualified_name or version.ref)
+        dest = Path(os.path.abspath(dest or Path("artifacts") / version.name / f"v{version.version}"))
+        for f in version.files:
+            check_artifact_path(f.path)
+        if dest.is_dir() and all((dest / f.path).is_file() and md5_file_b64(dest / f.path) == f.digest for f in version.files):
+            return FetchResult(version=version, path=dest, reused=True)
+        if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+            raise RegistryError(f"{dest} already holds other files; pass overwrite (--force) to replace them")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            art.download(root=str(staging))
+            try:
+                art.verify(root=str(staging))
+            except ValueError as e:
+                raise IntegrityError(f"{version.ref}: downloaded files fail verification: {e}") from None
+            for path, data in (extras or {}).items():
+                (staging / check_artifact_path(path)).write_bytes(data)
+            if dest.exists():
+                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                os.rename(staging, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return FetchResult(version=version, path=dest, reused=False)
+
+    def publish(self, name: str, type: str, files: Path | Mapping[str, Path], *,
+                metadata: Mapping[str, Any] | None = None, aliases: tuple[str, ...] | list[str] = (),
+                run: TrackedRun | None = None) -> PublishResult:
+        validate_name(name)
+        aliases = [validate_alias(a) for a in aliases if a != "latest"]
+        if run is None or run.wandb_run is None:
+            raise RegistryError("publishing to W&B needs a tracked run (artifacts are logged by runs)")
+        entries = collect_files(files)
+        art = make_wandb_artifact(name, type, entries, metadata or {}, immutable=False)
+        try:
+            before = self._artifact(f"{name}:latest", type).version
+        except RefError:
+            before = None
+        logged = run.wandb_run.log_artifact(art, aliases=["latest", *aliases])
+        logged.wait()
+        final = self._artifact(f"{name}:{logged.version}", type)
+        if self.link_registry and type == "model":
+            run.wandb_run.link_artifact(final, f"wandb-registry-{self.link_registry}/{name}", aliases=aliases or None)
+        version = self.to_version(final)
+        created = before is None or int(str(before).lstrip("v")) < version.version
+        run.note_produced(version.ref)
+        return PublishResult(version=version, created=created, bytes_stored=version.size if created else 0)
+
+    def set_alias(self, ref: str, alias: str) -> ArtifactVersion:
+        validate_alias(alias)
+        if alias == "latest":
+            raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+        art = self._artifact(ref)
+        if alias not in art.aliases:
+            art.aliases.append(alias)
+            art.save()
+        return self.to_version(art)
+
+    def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]:
+        out = []
+        for t in self.api.artifact_types(project=f"{self.entity}/{self.project}"):
+            if type and t.name != type:
+                continue
+            for coll in t.collections():
+                if name and coll.name != name:
+                    continue
+                out.extend(self.to_version(a) for a in coll.artifacts())
+        return sorted(out, key=lambda v: (v.name, v.version))
+
+    def start_run(self, run: TrackedRun) -> None:
+        """W&B records the run itself."""
+
+    def finish_run(self, run: TrackedRun, status: str) -> None:
+        """W&B records the run's end and exit code itself."""

@@ -1,0 +1,59 @@
+"""The result file an orchestrator reads (``--result-json PATH``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.redact import redact
+
+STATUSES = ("ok", "failed", "gate_failed", "unchanged")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str = "ok"
+    run_id: str | None = None
+    consumed: list[str] = field(default_factory=list)  # exact name:vN references
+    produced: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    message: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+        return redact(
+            {
+                "stage": self.stage,
+                "status": self.status,
+                "run_id": self.run_id,
+                "consumed": list(self.consumed),
+                "produced": list(self.produced),
+                "metrics": {k: float(v) for k, v in self.metrics.items()},
+                "paths": {k: str(v) for k, v in self.paths.items()},
+                "message": self.message,
+                **({"details": self.details} if self.details else {}),
+            }
+        )
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(redact(data), f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

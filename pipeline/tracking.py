@@ -1,0 +1,227 @@
+"""Tracked runs: one W&B run per stage invocation, closed on every path.
+
+`tracked_run` opens the run (offline, online or disabled), records it in the registry, and on
+exit marks it finished, failed (an exception) or killed (Ctrl-C or SIGTERM) both in W&B and in
+the registry, then re-raises so the command exits non-zero. Secrets are masked in everything
+it hands to W&B or the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import secrets as _secrets
+import signal
+import string
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from pipeline.errors import ConfigError
+from pipeline.redact import redact
+
+if TYPE_CHECKING:
+    from pipeline.config import Config, TrackingConfig
+    from pipeline.registry.base import ArtifactVersion, Registry
+
+log = logging.getLogger(__name__)
+
+_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def has_wandb_credentials() -> bool:
+    """A W&B key in the environment or in ~/.netrc for the configured host (never read out)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def resolve_mode(configured: str = "auto") -> str:
+    """``online``, ``offline`` or ``disabled``: the config when set, else ``WANDB_MODE``, else by credentials."""
+    if configured != "auto":
+        return configured
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env not in _MODES:
+            raise ConfigError(f"WANDB_MODE={env!r} is not one of online, offline, disabled (or run, dryrun)")
+        return _MODES[env]
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled"
+    return "online" if has_wandb_credentials() else "offline"
+
+
+def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project: str | None = None,
+                  entity: str | None = None) -> Registry:
+    """The registry for this mode: W&B when online (unless configured local), else local."""
+    mode = mode or resolve_mode(tracking.mode)
+    kind = tracking.registry
+    if kind == "auto":
+        kind = "wandb" if mode == "online" else "local"
+    if kind == "wandb":
+        if mode != "online":
+            raise ConfigError(f"tracking.registry=wandb needs online mode, but the mode is {mode}")
+        from pipeline.registry.wandb_registry import WandbRegistry
+
+        return WandbRegistry(project=project, entity=entity, link_registry=tracking.link_registry)
+    from pipeline.registry.local import LocalRegistry
+
+    return LocalRegistry(Path(tracking.dir) / "registry")
+
+
+def new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(_secrets.choice(alphabet) for _ in range(8))
+
+
+@dataclass
+class TrackedRun:
+    """The handle a stage gets: log metrics, set summary values, and the registry to use."""
+
+    id: str
+    project: str
+    job_type: str
+    group: str | None
+    mode: str
+    config: dict[str, Any]
+    registry: Registry
+    wandb_run: Any = None
+    wandb_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    consumed: list[str] = field(default_factory=list)
+    produced: list[str] = field(default_factory=list)
+
+    def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(data), step=step)
+
+    def set_summary(self, **values: Any) -> None:
+        values = redact(values)
+        self.summary.update(values)
+        if self.wandb_run is not None:
+            for k, v in values.items():
+                self.wandb_run.summary[k] = v
+
+    def note_consumed(self, ref: str) -> None:
+        if ref not in self.consumed:
+            self.consumed.append(ref)
+            # W&B cannot record inputs of an offline run; the summary keeps them visible.
+            self.set_summary(**{"artifacts/consumed": list(self.consumed)})
+
+    def note_produced(self, ref: str) -> None:
+        if ref not in self.produced:
+            self.produced.append(ref)
+            self.set_summary(**{"artifacts/produced": list(self.produced)})
+
+    def log_artifact_files(self, version: ArtifactVersion, files: Mapping[str, Path]) -> None:
+        """Log a locally stored version into this (offline) W&B run so `wandb sync` carries it.
+
+        Files are added with ``policy="immutable"``: W&B points at the registry's read-only
+        objects instead of copying them into its staging folder (wandb#7066).
+        """
+        if self.wandb_run is None or self.mode == "disabled":
+            return
+        from pipeline.registry.wandb_registry import make_wandb_artifact
+
+        metadata = {**version.metadata, "registry": {"ref": version.ref, "digest": version.digest}}
+        art = make_wandb_artifact(version.name, version.type, files, metadata, immutable=True)
+        self.wandb_run.log_artifact(art, aliases=sorted(version.aliases))
+
+
+def _wandb_settings(mode: str):
+    import wandb
+
+    # The console capture and code saving could copy secrets from argv or stdout into files.
+    return wandb.Settings(mode=mode, silent=True, console="off", save_code=False, x_disable_meta=True)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def tracked_run(
+    config: Config,
+    job_type: str,
+    *,
+    group: str | None = None,
+    tags: list[str] | tuple[str, ...] = (),
+    notes: str | None = None,
+    run_id: str | None = None,
+    resume: bool = False,
+    registry: Registry | None = None,
+) -> Iterator[TrackedRun]:
+    """Open one W&B run for a stage and close it on every path.
+
+    Success marks it finished; an exception marks it failed (exit code 1); Ctrl-C or SIGTERM
+    marks it killed (exit code 130). The exception is re-raised either way.
+    """
+    mode = resolve_mode(config.tracking.mode)
+    registry = registry or open_registry(config.tracking, mode, project=config.project, entity=config.entity)
+    resolved = redact(config.to_dict())
+    run = TrackedRun(
+        id=run_id or new_run_id(),
+        project=config.project,
+        job_type=job_type,
+        group=group or config.tracking.group,
+        mode=mode,
+        config=resolved,
+        registry=registry,
+    )
+    import wandb
+
+    wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
+    Path(wandb_root).mkdir(parents=True, exist_ok=True)
+    run.wandb_run = wandb.init(
+        project=config.project,
+        entity=config.entity,
+        job_type=job_type,
+        group=run.group,
+        tags=list(dict.fromkeys([*config.tracking.tags, *tags])) or None,
+        notes=redact(notes or config.tracking.notes),
+        config=resolved,
+        id=run.id,
+        resume="allow" if resume else None,
+        dir=wandb_root,
+        settings=_wandb_settings(mode),
+        reinit="create_new",
+    )
+    if mode != "disabled":
+        run.wandb_dir = Path(run.wandb_run.dir).parent.resolve()
+    registry.start_run(run)
+    status, exit_code = "failed", 1
+    try:
+        with _sigterm_as_interrupt():
+            yield run
+        status, exit_code = "finished", 0
+    except KeyboardInterrupt:
+        status, exit_code = "killed", 130
+        raise
+    finally:
+        try:
+            registry.finish_run(run, status)
+        finally:
+            run.wandb_run.finish(exit_code=exit_code)
+            log.info("run %s (%s) %s", run.id, job_type, status)
