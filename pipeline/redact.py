@@ -28,8 +28,16 @@ _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^/@:\s]+
 _MIN_SECRET_LEN = 8  # shorter values would mask ordinary words
 
 
+_SECRET_ENV_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "APIKEY", "CREDENTIAL", "CREDENTIALS"}
+
+
 def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(str(key)))
+
+
+def is_secret_env(name: str) -> bool:
+    """Environment variables are named loosely (``MY_SERVICE_TOKEN``, ``AWS_SECRET_ACCESS_KEY``)."""
+    return is_secret_key(name) or bool(_SECRET_ENV_WORDS & set(name.upper().split("_")))
 
 
 def _netrc_passwords() -> list[str]:
@@ -46,7 +54,7 @@ def secret_values() -> list[str]:
     found = {
         value
         for name, value in os.environ.items()
-        if (is_secret_key(name) or name in {"WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+        if is_secret_env(name)
         and len(value) >= _MIN_SECRET_LEN
     }
     found.update(v for v in _netrc_passwords() if len(v) >= _MIN_SECRET_LEN)

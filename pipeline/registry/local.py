@@ -42,7 +42,6 @@ from pipeline.registry.base import (
 if TYPE_CHECKING:
     from pipeline.tracking import TrackedRun
 
-_CHUNK = 1 << 20
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -120,6 +119,21 @@ def hash_file(path: Path) -> tuple[str, int]:
         return digest, f.tell()
 
 
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _copy_object(src: Path, dst: Path) -> None:
+    """Kernel-side copy of a source file that was just hashed, made durable before it is named."""
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Progress:
     """A tqdm bar on a terminal for big transfers; silent otherwise."""
 
@@ -140,19 +154,12 @@ class _Progress:
 
 
 def _copy_verified(src: Path, dst: Path, expected_sha256: str, progress: _Progress | None = None) -> bool:
-    """Copy while hashing; True when the bytes written hash to `expected_sha256`."""
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while n := fin.readinto(buf):
-            h.update(view[:n])
-            fout.write(view[:n])
-            if progress:
-                progress.update(n)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return h.hexdigest() == expected_sha256
+    """Copy (in the kernel), then hash the copy itself: True when what landed in `dst` is right."""
+    shutil.copyfile(src, dst)
+    digest, size = hash_file(dst)
+    if progress:
+        progress.update(size)
+    return digest == expected_sha256
 
 
 class LocalRegistry:
@@ -332,6 +339,7 @@ class LocalRegistry:
         total = sum(p.stat().st_size for p in entries.values())
         progress = _Progress(total, f"hashing {name}")
         hashed: dict[str, tuple[str, int]] = {}
+        stats = {path: _stat_key(src) for path, src in entries.items()}
         try:
             for path, src in entries.items():
                 hashed[path] = hash_file(src)
@@ -345,7 +353,7 @@ class LocalRegistry:
             with self._read() as conn:
                 known = conn.execute("SELECT 1 FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
             if not known:  # same digest as an existing version: not one byte is copied
-                created_objects = self._store_objects(entries, hashed, name)
+                created_objects = self._store_objects(entries, hashed, stats, name)
             result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects)
         except BaseException:
             self._discard_unreferenced(created_objects)
@@ -358,8 +366,13 @@ class LocalRegistry:
             )
         return result
 
-    def _store_objects(self, entries: Mapping[str, Path], hashed: Mapping[str, tuple[str, int]], name: str) -> list[str]:
-        """Copy the objects the store lacks; returns the ones this call created."""
+    def _store_objects(self, entries: Mapping[str, Path], hashed: Mapping[str, tuple[str, int]],
+                       stats: Mapping[str, tuple[int, int, int]], name: str) -> list[str]:
+        """Copy the objects the store lacks; returns the ones this call created.
+
+        A source whose size, mtime or inode moved since it was hashed is refused, so a file
+        rewritten mid-publish can never be stored under the hash of its old content.
+        """
         missing = {}
         for path, src in entries.items():
             sha = hashed[path][0]
@@ -373,7 +386,9 @@ class LocalRegistry:
                 final.parent.mkdir(exist_ok=True)
                 tmp = self.tmp / f"{sha}.{uuid.uuid4().hex}"
                 try:
-                    if not _copy_verified(src, tmp, sha, progress):
+                    _copy_object(src, tmp)
+                    progress.update(hashed[path][1])
+                    if _stat_key(src) != stats[path] or tmp.stat().st_size != hashed[path][1]:
                         raise RegistryError(f"{src} changed while it was being published ({path}); publish again")
                     os.chmod(tmp, 0o444)
                     os.replace(tmp, final)
@@ -550,7 +565,7 @@ class LocalRegistry:
         """Re-hash every stored object; name the versions each bad object affects."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT f.digest, f.size, f.path, v.name, v.version FROM files f JOIN versions v ON v.id = f.version_id"
+                "SELECT f.sha256, f.size, f.path, v.name, v.version FROM files f JOIN versions v ON v.id = f.version_id"
             ).fetchall()
         users: dict[str, list[str]] = {}
         sizes: dict[str, int] = {}

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch, tmp_path):
+    """Every test runs offline with no W&B credentials, whatever the machine has."""
+    for var in list(os.environ):
+        if var.startswith("WANDB_") or var in ("HF_TOKEN", "NETRC"):
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(*overrides: str) -> Config:
+        base = [
+            "dataset.name=tickets",
+            f"dataset.source={tmp_path / 'data.csv'}",
+            "model.name=clf",
+            f"tracking.dir={tmp_path / 'track'}",
+        ]
+        return load_config(None, [*base, *overrides])
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def inspect_summary(run_dir: Path) -> dict:
+    """What an offline run recorded, read back the way a user would."""
+    wandb_bin = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(wandb_bin), "leet", "inspect", str(run_dir), "--summary", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def inspect_records(run_dir: Path) -> list[dict]:
+    wandb_bin = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(wandb_bin), "leet", "inspect", str(run_dir), "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -1,0 +1,59 @@
+"""The command line itself: start-up cost, help, and the artifacts commands end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pipeline.registry.local import LocalRegistry
+from tests.conftest import REPO, run_cli
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys, contextlib, io\n"
+        "from pipeline.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "    try: main(['artifacts', '--help'])\n"
+        "    except SystemExit: pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'wandb', 'datasets', 'pydantic') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_lists_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0 and "artifacts" in out.stdout
+
+
+def test_artifacts_list_show_json(tmp_path):
+    track = tmp_path / "track"
+    reg = LocalRegistry(track / "registry")
+    src = tmp_path / "f.txt"
+    src.write_text("hello")
+    reg.publish("ds", "dataset", {"data/f.txt": src}, metadata={"rows": 1}, aliases=["golden"])
+    s = ["--set", f"tracking.dir={track}"]
+    listed = run_cli("artifacts", "list", *s)
+    assert listed.returncode == 0
+    assert "ds:v0" in listed.stdout and "golden,latest" in listed.stdout
+    shown = json.loads(run_cli("artifacts", "show", "ds:golden", "--json", *s).stdout)
+    assert shown["ref"] == "ds:v0" and shown["metadata"] == {"rows": 1}
+    assert [f["path"] for f in shown["files"]] == ["data/f.txt"]
+    text = run_cli("artifacts", "show", "ds", *s).stdout
+    assert "ds:v0  (dataset" in text and "data/f.txt" in text
+    as_json = json.loads(run_cli("artifacts", "list", "--json", "--type", "dataset", *s).stdout)
+    assert [v["ref"] for v in as_json] == ["ds:v0"]
+
+
+def test_artifacts_show_unknown_reference(tmp_path):
+    track = tmp_path / "track"
+    LocalRegistry(track / "registry")
+    out = run_cli("artifacts", "show", "missing:v3", "--set", f"tracking.dir={track}")
+    assert out.returncode == 2 and "no artifact named 'missing'" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("artifacts", "show", "bad:", "--set", f"tracking.dir={track}")
+    assert out.returncode == 2 and "cannot parse artifact reference" in out.stderr

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config, load_tracking
+from pipeline.errors import ConfigError
+from tests.conftest import REPO, run_cli
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# python -m pipeline"), "each config starts with the command that runs it"
+
+
+def test_precedence_defaults_yaml_env_overrides(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("project: from-yaml\ndataset: {name: d, source: s}\nmodel: {name: m}\ntrain: {epochs: 2}\n")
+    cfg = load_config(p)
+    assert cfg.project == "from-yaml" and cfg.train.epochs == 2 and cfg.train.batch_size == 32
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    assert load_config(p).project == "from-env"
+    cfg = load_config(p, ["project=from-set", "train.epochs=5", "train.learning_rate=1e-4", "tracking.tags=[a, b]"])
+    assert cfg.project == "from-set" and cfg.train.epochs == 5
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.tracking.tags == ["a", "b"]
+
+
+def test_all_problems_reported_together_naming_each_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("dataset: {name: d}\nmodel: {name: m, colour: red}\ntrain: {epochs: three, batch_size: 0}\nextra_group: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["tracking.mode=sometimes"])
+    msg = str(e.value)
+    assert str(p) in msg
+    for expected in (
+        "dataset.source: missing required field",
+        "model.colour: unknown key",
+        "train.epochs:",
+        "train.batch_size:",
+        "extra_group: unknown key",
+        "tracking.mode:",
+    ):
+        assert expected in msg, msg
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("dataset:\n  name: [unclosed\nmodel: {name: m}\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml \(line \d+, column \d+\): invalid YAML"):
+        load_config(p)
+
+
+def test_bad_override_forms(make_config):
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        make_config("train.epochs")
+    with pytest.raises(ConfigError, match="train.epochs is a value, not a group"):
+        make_config("train.epochs=1", "train.epochs.x=1")
+    with pytest.raises(ConfigError, match="train.epochs: Input should be a valid number"):
+        make_config("train.epochs.x=1")
+    with pytest.raises(ConfigError, match="dataset.name"):
+        make_config("dataset.name=has space")
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+
+
+def test_tracking_only_without_config():
+    t = load_tracking(None, ["tracking.dir=/x"])
+    assert Path(t.dir) == Path("/x")
+    with pytest.raises(ConfigError, match="only tracking"):
+        load_tracking(None, ["train.epochs=1"])
+
+
+def test_resolved_config_is_plain_json_and_stable(make_config):
+    a, b = make_config(), make_config()
+    assert a.to_dict() == b.to_dict() and a.digest() == b.digest()
+    assert make_config("train.seed=1").digest() != a.digest()
+
+
+def test_cli_config_error_is_one_message_no_traceback(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("dataset: {name: d, source: s}\nmodel: {name: m}\ntrain: {epochs: -1}\n")
+    out = run_cli("artifacts", "list", "--config", str(p))
+    assert out.returncode == 2
+    assert "train.epochs" in out.stderr and "Traceback" not in out.stderr

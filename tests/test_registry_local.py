@@ -1,0 +1,316 @@
+"""Every registry rule of DESIGN.md, on the local implementation."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.registry import local as local_mod
+from pipeline.registry.local import LocalRegistry, manifest_digest
+from tests.conftest import REPO, run_cli
+
+
+@pytest.fixture
+def reg(tmp_path) -> LocalRegistry:
+    return LocalRegistry(tmp_path / "registry")
+
+
+def write(root: Path, files: dict[str, bytes | str]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+    return root
+
+
+def stored_bytes(reg: LocalRegistry) -> int:
+    return sum(p.stat().st_size for p in reg.objects.rglob("*") if p.is_file())
+
+
+def catalog(reg: LocalRegistry, sql: str) -> list[tuple]:
+    with sqlite3.connect(reg.db_path) as c:
+        return c.execute(sql).fetchall()
+
+
+def test_numbering_latest_and_lookup(reg, tmp_path):
+    refs = []
+    for i in range(3):
+        src = write(tmp_path / f"src{i}", {"data.txt": f"content {i}", "sub/x.bin": bytes([i]) * 10})
+        refs.append(reg.publish("ds", "dataset", src).ref)
+    assert refs == ["ds:v0", "ds:v1", "ds:v2"]
+    assert reg.resolve("ds").ref == "ds:v2" == reg.resolve("ds:latest").ref
+    assert reg.resolve("ds:v1").ref == "ds:v1"
+    assert reg.resolve("ds:v0").aliases == []
+    assert [v.ref for v in reg.list_versions()] == refs
+    # Versions are numbered per name.
+    other = write(tmp_path / "o", {"a": "a"})
+    assert reg.publish("other", "model", other).ref == "other:v0"
+    assert [v.ref for v in reg.list_versions(type="model")] == ["other:v0"]
+
+
+def test_digest_covers_paths_and_content(reg, tmp_path):
+    a = write(tmp_path / "a", {"x.txt": "same"})
+    b = write(tmp_path / "b", {"y.txt": "same"})  # same bytes, different path
+    va, vb = reg.publish("ds", "dataset", a), reg.publish("ds", "dataset", b)
+    assert va.created and vb.created and va.version.digest != vb.version.digest
+    assert vb.bytes_stored == 0  # the content object is shared
+    f = va.version.files[0]
+    assert va.version.digest == manifest_digest({f.path: f.digest})
+
+
+def test_dedupe_same_digest_same_version_no_new_bytes(reg, tmp_path):
+    src = write(tmp_path / "s", {"a.txt": "x" * 1000, "b/c.txt": "y" * 500})
+    first = reg.publish("ds", "dataset", src, metadata={"run": 1})
+    before_bytes = stored_bytes(reg)
+    before_files = sorted(reg.objects.rglob("*"))
+    mtimes = {p: p.stat().st_mtime_ns for p in before_files if p.is_file()}
+    # Same content from another folder, published with an extra alias.
+    copy = write(tmp_path / "copy", {"a.txt": "x" * 1000, "b/c.txt": "y" * 500})
+    again = reg.publish("ds", "dataset", copy, metadata={"run": 2}, aliases=["candidate"])
+    assert not again.created and again.ref == first.ref == "ds:v0"
+    assert again.bytes_stored == 0 and stored_bytes(reg) == before_bytes
+    assert sorted(reg.objects.rglob("*")) == before_files
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # not even rewritten
+    assert catalog(reg, "SELECT COUNT(*) FROM versions") == [(1,)]
+    assert reg.resolve("ds:candidate").ref == "ds:v0"
+    assert reg.resolve("ds:v0").metadata == {"run": 1}  # the stored version is unchanged
+
+
+def test_alias_moves_off_the_old_version(reg, tmp_path):
+    v0 = reg.publish("m", "model", write(tmp_path / "0", {"w": "0"}), aliases=["candidate"]).version
+    v1 = reg.publish("m", "model", write(tmp_path / "1", {"w": "1"}), aliases=["candidate"]).version
+    assert reg.resolve("m:v0").aliases == []
+    assert sorted(reg.resolve("m:v1").aliases) == ["candidate", "latest"]
+    reg.set_alias("m:v0", "production")
+    assert reg.resolve("m:production").ref == v0.ref
+    reg.set_alias(v1.ref, "production")
+    assert reg.resolve("m:production").ref == v1.ref and "production" not in reg.resolve("m:v0").aliases
+    assert catalog(reg, "SELECT COUNT(*) FROM aliases WHERE alias = 'production'") == [(1,)]
+    with pytest.raises(RegistryError, match="latest"):
+        reg.set_alias("m:v0", "latest")
+    with pytest.raises(RefError, match="versions, not aliases"):
+        reg.set_alias("m:v0", "v7")
+
+
+def test_unknown_name_version_alias_list_what_exists(reg, tmp_path):
+    with pytest.raises(RefError, match="registry is empty"):
+        reg.resolve("ds")
+    reg.publish("ds", "dataset", write(tmp_path / "a", {"f": "1"}), aliases=["golden"])
+    reg.publish("ds", "dataset", write(tmp_path / "b", {"f": "2"}))
+    with pytest.raises(RefError, match=r"no artifact named 'nope'.*known artifacts: ds"):
+        reg.resolve("nope:v0")
+    with pytest.raises(RefError, match=r"ds has no version 'v9'; versions: v0, v1; aliases: golden -> v0, latest -> v1"):
+        reg.resolve("ds:v9")
+    with pytest.raises(RefError, match=r"ds has no alias 'production'.*golden -> v0"):
+        reg.resolve("ds:production")
+    with pytest.raises(RefError, match="cannot parse"):
+        reg.resolve("ds:")
+    with pytest.raises(RefError, match="not a 'model' artifact"):
+        reg.resolve("ds", type="model")
+    with pytest.raises(RefError, match="only in the W&B registry"):
+        reg.resolve("team/proj/ds:v0")
+
+
+def test_type_is_fixed_per_name(reg, tmp_path):
+    reg.publish("ds", "dataset", write(tmp_path / "a", {"f": "1"}))
+    with pytest.raises(RegistryError, match="already exists with type 'dataset'"):
+        reg.publish("ds", "model", write(tmp_path / "b", {"f": "2"}))
+    assert catalog(reg, "SELECT COUNT(*) FROM versions") == [(1,)]
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b"])
+def test_publish_refuses_escaping_paths(reg, tmp_path, bad):
+    f = write(tmp_path, {"f": "1"}) / "f"
+    with pytest.raises(RegistryError, match="path"):
+        reg.publish("ds", "dataset", {bad: f})
+    assert catalog(reg, "SELECT COUNT(*) FROM versions") == [(0,)] and stored_bytes(reg) == 0
+
+
+def test_fetch_refuses_a_manifest_path_escaping_the_target(reg, tmp_path):
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"ok.txt": "fine"})).version
+    # Tamper with the catalog as an attacker with write access would.
+    with sqlite3.connect(reg.db_path) as c:
+        c.execute("UPDATE files SET path = '../escaped.txt'")
+    dest = tmp_path / "out" / "dest"
+    with pytest.raises(RegistryError, match=r"refusing artifact path '\.\./escaped\.txt'"):
+        reg.fetch(reg.resolve(v.ref), dest)
+    assert not (tmp_path / "out" / "escaped.txt").exists() and not dest.exists()
+
+
+def test_bad_input_changes_nothing(reg, tmp_path):
+    src = write(tmp_path / "s", {"f": "1"})
+    with pytest.raises(RegistryError, match="not a readable file"):
+        reg.publish("ds", "dataset", {"f": src / "f", "g": src / "missing"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegistryError, match="no files"):
+        reg.publish("ds", "dataset", tmp_path / "empty")
+    with pytest.raises(RefError, match="invalid artifact name"):
+        reg.publish("bad name", "dataset", src)
+    with pytest.raises(RegistryError, match="not plain JSON"):
+        reg.publish("ds", "dataset", src, metadata={"obj": object()})
+    assert catalog(reg, "SELECT COUNT(*) FROM versions") == [(0,)] and stored_bytes(reg) == 0
+
+
+def test_interrupted_publish_leaves_nothing(reg, tmp_path, monkeypatch):
+    src = write(tmp_path / "s", {f"f{i}.txt": f"file {i}" * 100 for i in range(5)})
+    reg.publish("ds", "dataset", write(tmp_path / "base", {"keep.txt": "kept"}))
+    before = stored_bytes(reg)
+    real_copy, calls = local_mod._copy_object, []
+
+    def copy_then_ctrl_c(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:  # two objects are already stored when Ctrl-C arrives
+            raise KeyboardInterrupt
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(local_mod, "_copy_object", copy_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        reg.publish("ds", "dataset", src)
+    monkeypatch.setattr(local_mod, "_copy_object", real_copy)
+    assert len(calls) == 3
+    assert [v.ref for v in reg.list_versions()] == ["ds:v0"] and reg.resolve("ds").ref == "ds:v0"
+    assert stored_bytes(reg) == before  # the two stored objects were taken back
+    assert not any(reg.tmp.iterdir())
+    # And the same publish then succeeds as the next version.
+    assert reg.publish("ds", "dataset", src).ref == "ds:v1"
+
+
+_KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from pipeline.registry.local import LocalRegistry
+LocalRegistry(sys.argv[1]).publish("big", "dataset", Path(sys.argv[2]))
+"""
+
+
+def test_killed_publish_leaves_no_version(reg, tmp_path):
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(40):
+        (src / f"part{i:02d}.bin").write_bytes(os.urandom(4 << 20))
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(reg.root), str(src)], cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(reg.objects.rglob("*/*")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(reg.objects.rglob("*/*")), "the publish was killed before it stored anything"
+    assert reg.list_versions() == []
+    assert catalog(reg, "PRAGMA integrity_check") == [("ok",)]
+    assert catalog(reg, "SELECT COUNT(*) FROM files") == [(0,)]
+    # The registry still works; the orphaned objects are simply reused.
+    assert reg.publish("big", "dataset", src).ref == "big:v0"
+
+
+def _publish_worker(args):
+    root, src, idx = args
+    from pipeline.registry.local import LocalRegistry
+
+    r = LocalRegistry(root)
+    return idx, r.publish("shared", "dataset", Path(src), metadata={"worker": idx}).ref
+
+
+def test_eight_concurrent_publishers_get_distinct_versions(tmp_path):
+    root = tmp_path / "registry"
+    jobs = []
+    for i in range(8):
+        src = write(tmp_path / f"w{i}", {"data.txt": f"worker {i}\n" * 1000, "common.txt": "same in all"})
+        jobs.append((str(root), str(src), i))
+    with mp.get_context("spawn").Pool(8) as pool:
+        results = dict(pool.map(_publish_worker, jobs))
+    refs = sorted(results.values(), key=lambda r: int(r.split(":v")[1]))
+    assert refs == [f"shared:v{i}" for i in range(8)]
+    reg = LocalRegistry(root)
+    assert catalog(reg, "PRAGMA integrity_check") == [("ok",)]
+    for idx, ref in results.items():
+        v = reg.resolve(ref)
+        assert v.metadata == {"worker": idx}
+        assert {f.path for f in v.files} == {"data.txt", "common.txt"}
+    assert reg.resolve("shared:latest").ref == "shared:v7"
+    assert catalog(reg, "SELECT COUNT(*) FROM aliases") == [(1,)]
+    assert reg.verify().ok and reg.verify().objects_checked == 9  # 8 distinct + 1 shared
+
+
+def test_fetch_verifies_and_reuses_a_verified_copy(reg, tmp_path):
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha", "d/b.txt": "beta"})).version
+    first = reg.fetch(v, tmp_path / "out")
+    assert not first.reused
+    assert (tmp_path / "out" / "d" / "b.txt").read_text() == "beta"
+    stamp = {p: p.stat().st_mtime_ns for p in first.path.rglob("*")}
+    second = reg.fetch(reg.resolve("ds:v0"), tmp_path / "out")
+    assert second.reused and {p: p.stat().st_mtime_ns for p in first.path.rglob("*")} == stamp
+    # A changed local copy is not reused: it is fetched (and verified) again.
+    (tmp_path / "out" / "a.txt").write_text("edited")
+    third = reg.fetch(v, tmp_path / "out")
+    assert not third.reused and (tmp_path / "out" / "a.txt").read_text() == "alpha"
+    # Default destination under the tracking dir.
+    assert reg.fetch(v).path == tmp_path / "artifacts" / "ds" / "v0"
+
+
+def test_fetch_will_not_clobber_foreign_files(reg, tmp_path):
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha"})).version
+    dest = write(tmp_path / "mine", {"precious.txt": "keep me"})
+    with pytest.raises(RegistryError, match="did not come from the registry"):
+        reg.fetch(v, dest)
+    assert (dest / "precious.txt").read_text() == "keep me"
+    assert reg.fetch(v, dest, overwrite=True).path == dest and not (dest / "precious.txt").exists()
+
+
+def test_tampered_object_is_detected_and_old_copy_kept(reg, tmp_path):
+    v0 = reg.publish("ds", "dataset", write(tmp_path / "a", {"w.bin": "original"})).version
+    v1 = reg.publish("ds", "dataset", write(tmp_path / "b", {"w.bin": "newer", "x": "x"})).version
+    dest = reg.fetch(v0, tmp_path / "deploy").path
+    target = reg.object_path(next(f.digest for f in v1.files if f.path == "w.bin"))
+    os.chmod(target, 0o644)
+    target.write_text("tampered")
+    with pytest.raises(IntegrityError, match=r"ds:v1: w.bin does not match its recorded sha256"):
+        reg.fetch(v1, dest)
+    assert (dest / "w.bin").read_text() == "original"  # the old copy is untouched
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".deploy")]
+    report = reg.verify()
+    assert not report.ok and report.affected_versions == ["ds:v1"]
+    assert list(report.corrupt.values()) == [["ds:v1 (w.bin)"]]
+    # A missing object is reported too, with the version it breaks.
+    missing = reg.object_path(v0.files[0].digest)
+    missing.unlink()
+    report = reg.verify()
+    assert report.missing == {v0.files[0].digest: ["ds:v0 (w.bin)"]}
+    assert report.affected_versions == ["ds:v0", "ds:v1"]
+
+
+def test_verify_cli_exit_codes(tmp_path):
+    track = tmp_path / "track"
+    reg = LocalRegistry(track / "registry")
+    v = reg.publish("ds", "dataset", write(tmp_path / "a", {"w.bin": "original"})).version
+    ok = run_cli("artifacts", "verify", "--set", f"tracking.dir={track}")
+    assert ok.returncode == 0 and "all objects match" in ok.stdout
+    obj = reg.object_path(v.files[0].digest)
+    os.chmod(obj, 0o644)
+    obj.write_text("bad")
+    bad = run_cli("artifacts", "verify", "--set", f"tracking.dir={track}")
+    assert bad.returncode == 1
+    assert "CORRUPT" in bad.stdout and "ds:v0 (w.bin)" in bad.stdout and "affected versions: ds:v0" in bad.stderr
+
+
+def test_lineage_edges_recorded(reg, tmp_path, make_config):
+    from pipeline.tracking import tracked_run
+
+    cfg = make_config()
+    with tracked_run(cfg, "dataset-publish", registry=reg) as producer:
+        reg.publish("ds", "dataset", write(tmp_path / "s", {"f": "1"}), run=producer)
+    with tracked_run(cfg, "finetune", registry=reg) as consumer:
+        reg.use("ds:latest", consumer)
+    v = reg.resolve("ds:v0")
+    assert v.produced_by == producer.id and v.used_by == [consumer.id]
+    assert reg.get_run(producer.id)["produced"] == ["ds:v0"]
+    assert reg.get_run(consumer.id)["consumed"] == ["ds:v0"]
+    assert reg.get_run(consumer.id)["status"] == "finished"

@@ -1,0 +1,185 @@
+"""Tracked runs: closed on every path, readable back from the offline run folder, no secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.registry.local import LocalRegistry
+from pipeline.results import StageResult, write_json_atomic
+from pipeline.tracking import open_registry, resolve_mode, tracked_run
+from tests.conftest import REPO, inspect_records, inspect_summary
+
+
+def test_successful_run_reads_back(make_config, tmp_path):
+    cfg = make_config("train.epochs=2")
+    with tracked_run(cfg, "dataset-publish", group="g-1", tags=["t1"], notes="hello") as run:
+        run.log({"train/loss": 0.5})
+        run.set_summary(**{"eval/accuracy": 0.75})
+    summary = inspect_summary(run.wandb_dir)
+    assert summary["state"] == "finished" and summary["run_id"] == run.id
+    assert summary["config"]["train"]["epochs"] == 2
+    assert summary["summary"]["eval/accuracy"] == 0.75 and summary["summary"]["train/loss"] == 0.5
+    assert summary["tags"] == ["t1"] and summary["notes"] == "hello"
+    record = next(r for r in inspect_records(run.wandb_dir) if r["type"] == "run")["run"]
+    assert record["job_type"] == "dataset-publish" and record["run_group"] == "g-1"
+    row = run.registry.get_run(run.id)
+    assert row["status"] == "finished" and row["job_type"] == "dataset-publish" and row["run_group"] == "g-1"
+    assert row["wandb_dir"] == str(run.wandb_dir) and row["ended_at"] and row["summary"]["eval/accuracy"] == 0.75
+
+
+def test_failing_stage_leaves_run_marked_failed(make_config):
+    cfg = make_config()
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracked_run(cfg, "finetune") as run:
+            run.log({"train/loss": 1.0})
+            raise RuntimeError("boom")
+    assert inspect_summary(run.wandb_dir)["state"] == "failed"
+    assert inspect_summary(run.wandb_dir)["exit_code"] == 1
+    assert run.registry.get_run(run.id)["status"] == "failed"
+
+
+def test_ctrl_c_marks_run_killed(make_config):
+    with pytest.raises(KeyboardInterrupt):
+        with tracked_run(make_config(), "finetune") as run:
+            raise KeyboardInterrupt
+    assert run.registry.get_run(run.id)["status"] == "killed"
+    assert inspect_summary(run.wandb_dir)["exit_code"] == 130
+
+
+_SIGTERM_SCRIPT = """
+import sys, time
+from pipeline.config import load_config
+from pipeline.tracking import tracked_run
+cfg = load_config(None, ["dataset.name=d", "dataset.source=s", "model.name=m", "tracking.dir=" + sys.argv[1]])
+with tracked_run(cfg, "finetune") as run:
+    print(run.id, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_sigterm_marks_run_killed_and_exits_nonzero(tmp_path):
+    track = tmp_path / "track"
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, str(track)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    run_id = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    row = LocalRegistry(track / "registry").get_run(run_id)
+    assert row["status"] == "killed"
+    assert inspect_summary(Path(row["wandb_dir"]))["exit_code"] == 130
+
+
+def test_disabled_mode_still_records_lineage(make_config, tmp_path):
+    cfg = make_config("tracking.mode=disabled")
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    with tracked_run(cfg, "dataset-publish") as run:
+        ref = run.registry.publish("ds", "dataset", {"f.txt": src}, run=run).ref
+    assert run.wandb_dir is None and run.mode == "disabled"
+    assert run.registry.get_run(run.id)["produced"] == [ref] == ["ds:v0"]
+    assert not (Path(cfg.tracking.dir) / "wandb").exists() or not any((Path(cfg.tracking.dir) / "wandb").glob("*run-*"))
+
+
+def test_mode_resolution(monkeypatch, tmp_path):
+    assert resolve_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert resolve_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="WANDB_MODE"):
+        resolve_mode()
+    monkeypatch.delenv("WANDB_MODE")
+    assert resolve_mode() == "offline"  # no key, no netrc
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    os.chmod(netrc, 0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert resolve_mode() == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert resolve_mode() == "offline"  # the key is for another host
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode() == "online"
+
+
+def test_registry_choice(make_config):
+    cfg = make_config()
+    assert isinstance(open_registry(cfg.tracking, "offline"), LocalRegistry)
+    assert isinstance(open_registry(cfg.tracking, "disabled"), LocalRegistry)
+    with pytest.raises(ConfigError, match="needs online mode"):
+        open_registry(make_config("tracking.registry=wandb").tracking, "offline")
+
+
+def test_artifact_logged_into_offline_run_without_staging_copy(make_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha" * 1000)
+    (src / "sub" / "b.txt").write_text("beta")
+    with tracked_run(make_config(), "dataset-publish") as run:
+        res = run.registry.publish("ds", "dataset", src, metadata={"rows": 3}, aliases=["candidate"], run=run)
+    art = next(r["artifact"] for r in inspect_records(run.wandb_dir) if r["type"] == "artifact")
+    assert art["name"] == "ds" and art["type"] == "dataset"
+    assert sorted(art["aliases"]) == ["candidate", "latest"]
+    meta = json.loads(art["metadata"])
+    assert meta["rows"] == 3 and meta["registry"] == {"ref": "ds:v0", "digest": res.version.digest}
+    entries = {e["path"]: e for e in art["manifest"]["contents"]}
+    assert set(entries) == {"a.txt", "sub/b.txt"}
+    reg = run.registry
+    for f in res.version.files:  # W&B points at the registry's objects: no second copy
+        assert entries[f.path]["local_path"] == str(reg.object_path(f.digest))
+    staged = [p for p in (tmp_path / "wandb-data").rglob("*") if p.is_file()]
+    staged += [p for p in (tmp_path / "wandb-cache").rglob("*") if p.is_file()]
+    assert staged == []
+    assert inspect_summary(run.wandb_dir)["summary"]["artifacts/produced"] == ["ds:v0"]
+
+
+SECRET = "planted-secret-7f3a9c1e55"
+WANDB_KEY = "w" * 20 + "planted-wandb-key"
+
+
+def test_planted_secret_appears_in_no_file(make_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)  # a key present, yet the mode is offline
+    cfg = make_config(
+        f"dataset.source=s3://alice:{SECRET}@bucket/tickets.csv",
+        f"tracking.notes=rotate {SECRET} later",
+        f"tracking.tags=[tag-{SECRET}]",
+    )
+    src = tmp_path / "f.txt"
+    src.write_text("data")
+    with tracked_run(cfg, "dataset-publish") as run:
+        import logging
+
+        from pipeline.redact import RedactingFilter
+
+        log_file = tmp_path / "track" / "stage.log"
+        handler = logging.FileHandler(log_file)
+        handler.addFilter(RedactingFilter())
+        logging.getLogger("pipeline").addHandler(handler)
+        logging.getLogger("pipeline").warning("connecting with %s and %s", SECRET, WANDB_KEY)
+        logging.getLogger("pipeline").removeHandler(handler)
+        handler.close()
+        run.log({"train/loss": 0.1})
+        run.set_summary(note=f"used {SECRET}", hf_token="hf_abcdefghijk")
+        res = run.registry.publish("ds", "dataset", {"f.txt": src}, run=run,
+                                   metadata={"source": cfg.dataset.source, "password": "hunter2hunter2", "api_key": WANDB_KEY})
+        write_json_atomic(tmp_path / "track" / "result.json",
+                          StageResult("dataset-publish", run_id=run.id, produced=[res.ref], message=f"via {SECRET}").to_dict())
+    files = [p for p in (tmp_path / "track").rglob("*") if p.is_file()]
+    assert len(files) > 5 and log_file in files
+    for p in files:
+        data = p.read_bytes()
+        for secret in (SECRET, WANDB_KEY, "hunter2hunter2", "hf_abcdefghijk"):
+            assert secret.encode() not in data, f"{secret!r} leaked into {p}"
+    # What was masked is still recognisable.
+    assert inspect_summary(run.wandb_dir)["config"]["dataset"]["source"] == "s3://alice:***@bucket/tickets.csv"
+    assert "***" in log_file.read_text()
