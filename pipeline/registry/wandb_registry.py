@@ -44,16 +44,28 @@ class WandbRegistry:
     kind = "wandb"
 
     def __init__(self, project: str, entity: str | None = None, link_registry: str | None = None):
-        import wandb
-
-        self.api = wandb.Api()
         self.project = project
-        self.entity = entity or self.api.default_entity
+        self._entity = entity
         self.link_registry = link_registry
+        self._api = None
+
+    @property
+    def api(self):
+        if self._api is None:  # the public API talks to the server: only when first needed
+            import wandb
+
+            self._api = wandb.Api()
+        return self._api
+
+    @property
+    def entity(self) -> str:
+        return self._entity or self.api.default_entity
 
     def qualify(self, ref: str) -> str:
+        """``entity/project/name:tag``: the configured entity and project fill what `ref` omits."""
         r = parse_ref(ref)
-        return f"{r.entity or self.entity}/{r.project or self.project}/{r.name}:{r.tag}"
+        entity = r.entity or self.entity
+        return f"{entity}/{r.project or self.project}/{r.name}:{r.tag}"
 
     @staticmethod
     def to_version(art: Any) -> ArtifactVersion:
