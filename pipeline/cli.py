@@ -15,6 +15,7 @@ from pipeline import __version__
 
 # name -> (module with add_arguments(parser) and main(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "dataset-publish": ("pipeline.commands.dataset_publish", "validate, split and publish raw labeled text as NAME:vN"),
     "artifacts": ("pipeline.commands.artifacts", "list, show and verify artifact versions in the registry"),
 }
 

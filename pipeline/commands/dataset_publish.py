@@ -1,0 +1,17 @@
+"""``pipeline dataset-publish --config C``: raw data -> NAME:vN."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.commands.stage import add_stage_arguments
+
+    add_stage_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.commands.stage import run_stage
+
+    return run_stage("pipeline.stages.dataset_publish", args)

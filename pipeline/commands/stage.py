@@ -1,0 +1,38 @@
+"""The shared command-line wrapper of a stage: config in, result file out, exit code by status."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# status -> exit code; gate_failed is distinct so an orchestrator can branch on it
+EXIT_CODES = {"ok": 0, "unchanged": 0, "failed": 1, "gate_failed": 3}
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.cli import add_config_arguments
+
+    add_config_arguments(p)
+    p.add_argument("--result-json", metavar="PATH", help="write the machine-readable result here")
+    p.add_argument("--group", help="W&B group shared with the other stages of one pipeline execution")
+
+
+def run_stage(module: str, args: argparse.Namespace, **kwargs) -> int:
+    from pipeline.config import load_config
+    from pipeline.results import StageResult, write_json_atomic
+
+    config = load_config(args.config, args.overrides)
+    stage = importlib.import_module(module)
+    try:
+        result = stage.run(config, group=args.group, **kwargs)
+    except BaseException as e:
+        if args.result_json:
+            write_json_atomic(args.result_json, StageResult(stage=stage.STAGE, status="failed", message=str(e)).to_dict())
+        raise
+    if args.result_json:
+        write_json_atomic(args.result_json, result.to_dict())
+    produced = ", ".join(result.produced) or "-"
+    print(f"{result.stage}: {result.status} ({produced})", file=sys.stderr)
+    print(", ".join(result.produced))
+    return EXIT_CODES[result.status]

@@ -1,0 +1,183 @@
+"""dataset-publish: raw labeled text -> a validated, split, versioned dataset artifact.
+
+Everything is read, validated and split before anything is written: a data problem stops
+the stage with a report naming file, row and problem, and no run, artifact or registry entry
+is created. The artifact holds one Parquet file per split and ``dataset.json`` (schema, label
+names in a fixed order, counts, source digests, split config). Its content is a pure
+function of the input bytes and the dataset config, so publishing unchanged data again
+gives status ``unchanged`` and the existing ``NAME:vN``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+from pipeline.data import Columns, DataError, format_problems, read_source, stratified_split, validate
+from pipeline.registry.local import hash_file
+from pipeline.results import StageResult
+from pipeline.tracking import tracked_run
+
+STAGE = "dataset-publish"
+SPLITS = ("train", "validation", "test")
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def _columns(config: Config) -> Columns:
+    d = config.dataset
+    return Columns(text=d.text_column, label=d.label_column, id=d.id_column, text_pair=d.text_pair_column)
+
+
+def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table | None]:
+    """Read, validate and split: (tables per split, dataset.json content, dropped rows)."""
+    d = config.dataset
+    cols = _columns(config)
+    if d.split_files:
+        parts = {s: read_source(getattr(d.split_files, s), cols) for s in SPLITS}
+        table = pa.concat_tables([t.append_column("_split", pa.array([s] * t.num_rows)) for s, (t, _) in parts.items()],
+                                 promote_options="permissive")
+        files = [f for _, fs in parts.values() for f in fs]
+        min_per_class = 1
+    else:
+        table, files = read_source(d.source, cols)
+        fractions = d.split.model_dump()
+        min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
+    checked = validate(table, cols, min_per_class)
+    if checked.problems and d.on_invalid == "error":
+        raise DataError(format_problems(checked.problems, d.source if not d.split_files else "split_files"))
+    clean = checked.table
+    if clean.num_rows == 0:
+        raise DataError(f"{d.source}: no valid rows left ({sum(checked.dropped.values())} dropped)")
+    labels = clean.column(cols.label).to_numpy(zero_copy_only=False)
+    label_names = sorted(set(labels.tolist()))  # sorted: a fixed order, whatever the input order
+    if len(label_names) < 2:
+        raise DataError(f"{d.source}: a classifier needs at least 2 labels, found {label_names}")
+
+    if d.split_files:
+        key = {(f, r): s for f, r, s in zip(table.column("_file").to_pylist(), table.column("_row").to_pylist(),
+                                            table.column("_split").to_pylist())}
+        assigned = np.array([key[(f, r)] for f, r in zip(clean.column("_file").to_pylist(), clean.column("_row").to_pylist())])
+        index = {s: np.flatnonzero(assigned == s) for s in SPLITS}
+    else:
+        index = stratified_split(labels, d.split.model_dump(), d.split.seed)
+
+    label_id = {name: i for i, name in enumerate(label_names)}
+    canonical = {"text": cols.text, "label": cols.label}
+    if cols.id:
+        canonical = {"id": cols.id, **canonical}
+    if cols.text_pair:
+        canonical = {**canonical, "text_pair": cols.text_pair}
+    ordered = ["id", "text", "text_pair", "label"]
+    out_cols = [c for c in ordered if c in canonical]
+    base = pa.table({c: clean.column(canonical[c]) for c in out_cols})
+    base = base.append_column("label_id", pa.array([label_id[x] for x in labels], pa.int32()))
+    tables = {s: base.take(pa.array(index[s], pa.int64())) for s in SPLITS}
+
+    counts = {s: {n: int(c) for n, c in zip(*np.unique(labels[index[s]], return_counts=True))} for s in SPLITS}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": d.name,
+        "columns": {c: canonical[c] for c in out_cols},  # artifact column -> column in the source
+        "schema": {f.name: str(f.type) for f in tables["train"].schema},
+        "label_names": label_names,
+        "num_rows": {s: tables[s].num_rows for s in SPLITS},
+        "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
+        "sources": [{"path": str(f), "sha256": hash_file(f)[0], "size": f.stat().st_size} for f in files],
+        "split": ({"files": d.split_files.model_dump()} if d.split_files else {"stratified": d.split.model_dump()}),
+        "on_invalid": d.on_invalid,
+        "dropped": dict(sorted(checked.dropped.items())),
+    }
+    dropped = checked.dropped_rows if checked.dropped else None
+    return tables, manifest, dropped
+
+
+def write_artifact_dir(tables: dict[str, pa.Table], manifest: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The artifact's files. Same tables and manifest -> byte-identical files."""
+    files = {}
+    for split, t in tables.items():
+        path = out / f"{split}.parquet"
+        pq.write_table(t, path, compression="zstd", row_group_size=1 << 20)
+        files[f"{split}.parquet"] = path
+    (out / "dataset.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    files["dataset.json"] = out / "dataset.json"
+    return files
+
+
+def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropped: pa.Table | None,
+               sample_rows: int, seed: int) -> None:
+    import wandb
+
+    counts = wandb.Table(columns=["split", "label", "count"],
+                         data=[[s, n, c] for s, per in manifest["label_counts"].items() for n, c in per.items()])
+    train_counts = wandb.Table(columns=["label", "count"], data=[[n, c] for n, c in manifest["label_counts"]["train"].items()])
+    lengths = np.concatenate([pc.utf8_length(t.column("text")).to_numpy(zero_copy_only=False) for t in tables.values()])
+    rng = np.random.default_rng(seed)
+    shown = lengths if len(lengths) <= 10_000 else rng.choice(lengths, 10_000, replace=False)
+    length_table = wandb.Table(columns=["text_length"], data=[[int(x)] for x in shown])
+    data: dict[str, Any] = {
+        "data/label_counts": counts,
+        "data/label_distribution": wandb.plot.bar(train_counts, "label", "count", title="Train label distribution"),
+        "data/text_length": wandb.plot.histogram(length_table, "text_length", title="Text length (characters)"),
+        "data/text_length_hist": wandb.Histogram(lengths),
+    }
+    for split, t in tables.items():
+        if sample_rows and t.num_rows:
+            take = np.sort(rng.choice(t.num_rows, min(sample_rows, t.num_rows), replace=False))
+            sample = t.take(pa.array(take)).to_pylist()
+            columns = [c for c in t.column_names]
+            data[f"samples/{split}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in sample])
+    if dropped is not None and dropped.num_rows:
+        keep = [c for c in dropped.column_names]
+        rows = dropped.slice(0, 1000).to_pylist()
+        data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[r[c] for c in keep] for r in rows])
+    run.log(data)
+    run.set_summary(
+        **{f"data/rows_{s}": n for s, n in manifest["num_rows"].items()},
+        **{"data/num_labels": len(manifest["label_names"])},
+        **{f"data/dropped_{k}": v for k, v in manifest["dropped"].items()},
+    )
+
+
+def run(config: Config, *, group: str | None = None) -> StageResult:
+    tables, manifest, dropped = prepare(config)
+    d = config.dataset
+    with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp:
+        files = write_artifact_dir(tables, manifest, Path(tmp))
+        with tracked_run(config, STAGE, group=group) as trun:
+            _log_stats(trun, tables, manifest, dropped, d.sample_rows, d.split.seed)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "label_names": manifest["label_names"],
+                "num_rows": manifest["num_rows"],
+                "dropped": manifest["dropped"],
+                "sources": manifest["sources"],
+                "config": trun.config,
+            }
+            published = trun.registry.publish(d.name, "dataset", files, metadata=metadata, run=trun)
+            status = "ok" if published.created else "unchanged"
+            trun.set_summary(**{"artifact": published.ref, "status": status})
+            if not published.created:
+                log.info("data unchanged: %s already holds it; no new version", published.ref)
+    return StageResult(
+        stage=STAGE,
+        status=status,
+        run_id=trun.id,
+        produced=[published.ref],
+        metrics={
+            **{f"rows_{s}": float(n) for s, n in manifest["num_rows"].items()},
+            "num_labels": float(len(manifest["label_names"])),
+            "dropped": float(sum(manifest["dropped"].values())),
+        },
+        paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
+        details={"dropped": manifest["dropped"], "digest": published.version.digest},
+    )
