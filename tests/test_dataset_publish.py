@@ -1,0 +1,234 @@
+"""dataset-publish: validation, drop accounting, splits, formats, dedupe, what the run records."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import DataError
+from pipeline.demo_data import write_csv
+from pipeline.registry.local import LocalRegistry
+from pipeline.stages import dataset_publish
+from tests.conftest import REPO, inspect_summary, run_cli
+
+LABELS = ["billing", "shipping", "tech"]
+
+
+def rows(n_per_label: int = 10) -> list[dict]:
+    out = []
+    for lbl in LABELS:
+        for i in range(n_per_label):
+            out.append({"id": f"{lbl}-{i}", "text": f"{lbl} question number {i}", "label": lbl})
+    return out
+
+
+def write_rows(path: Path, records: list[dict], fmt: str | None = None) -> Path:
+    fmt = fmt or path.suffix.lstrip(".")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("csv", "tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(records[0]), delimiter="\t" if fmt == "tsv" else ",")
+            w.writeheader()
+            w.writerows(records)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif fmt == "json":
+        path.write_text(json.dumps(records))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+@pytest.fixture
+def cfg_for(make_config):
+    def make(source: Path, *extra: str):
+        return make_config(f"dataset.source={source}", "dataset.id_column=id", "dataset.sample_rows=5", *extra)
+
+    return make
+
+
+def registry_of(cfg) -> LocalRegistry:
+    return LocalRegistry(Path(cfg.tracking.dir) / "registry")
+
+
+def artifact_files(cfg, ref: str, tmp_path: Path) -> dict[str, Path]:
+    reg = registry_of(cfg)
+    out = reg.fetch(reg.resolve(ref), tmp_path / "fetched" / ref.replace(":", "_")).path
+    return {p.name: p for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "parquet"])
+def test_every_format_publishes_the_same_dataset(tmp_path, cfg_for, fmt):
+    src = write_rows(tmp_path / f"data.{fmt}", rows())
+    result = dataset_publish.run(cfg_for(src))
+    assert result.status == "ok" and result.produced == ["tickets:v0"]
+    files = artifact_files(cfg_for(src), "tickets:v0", tmp_path)
+    assert set(files) == {"train.parquet", "validation.parquet", "test.parquet", "dataset.json"}
+    meta = json.loads(files["dataset.json"].read_text())
+    assert meta["label_names"] == LABELS
+    assert sum(meta["num_rows"].values()) == 30
+    assert meta["sources"][0]["path"] == str(src) and len(meta["sources"][0]["sha256"]) == 64
+    train = pq.read_table(files["train.parquet"])
+    assert train.column_names == ["id", "text", "label", "label_id"]
+    assert set(train.column("label").to_pylist()) == set(LABELS)
+
+
+def test_folder_input_with_one_schema(tmp_path, cfg_for):
+    records = rows()
+    write_rows(tmp_path / "in" / "a.csv", records[:15])
+    write_rows(tmp_path / "in" / "b.csv", records[15:])
+    result = dataset_publish.run(cfg_for(tmp_path / "in"))
+    meta = json.loads(artifact_files(cfg_for(tmp_path / "in"), result.produced[0], tmp_path)["dataset.json"].read_text())
+    assert [Path(s["path"]).name for s in meta["sources"]] == ["a.csv", "b.csv"]
+    assert sum(meta["num_rows"].values()) == 30
+
+
+def test_folder_with_mixed_formats_is_refused(tmp_path, cfg_for):
+    write_rows(tmp_path / "in" / "a.csv", rows())
+    write_rows(tmp_path / "in" / "b.jsonl", rows())
+    with pytest.raises(DataError, match="mixed file formats"):
+        dataset_publish.run(cfg_for(tmp_path / "in"))
+
+
+def test_splits_are_deterministic_and_stratified(tmp_path, cfg_for):
+    src = write_rows(tmp_path / "d.csv", rows(40))
+    a = dataset_publish.prepare(cfg_for(src))[0]
+    b = dataset_publish.prepare(cfg_for(src))[0]
+    assert all(a[s].equals(b[s]) for s in a)
+    da, db = tmp_path / "a", tmp_path / "b"
+    da.mkdir(), db.mkdir()
+    fa = dataset_publish.write_artifact_dir(a, {"x": 1}, da)
+    fb = dataset_publish.write_artifact_dir(b, {"x": 1}, db)
+    assert all(fa[k].read_bytes() == fb[k].read_bytes() for k in fa)  # byte-identical files
+    for split, expected in (("train", 32), ("validation", 4), ("test", 4)):
+        labels = a[split].column("label").to_pylist()
+        assert {lbl: labels.count(lbl) for lbl in LABELS} == {lbl: expected for lbl in LABELS}
+    ids = [set(a[s].column("id").to_pylist()) for s in a]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # no row in two splits
+    other = dataset_publish.prepare(cfg_for(src, "dataset.split.seed=7"))[0]
+    assert not other["test"].equals(a["test"])
+
+
+def test_users_own_split_files(tmp_path, cfg_for):
+    r = rows()
+    files = {s: write_rows(tmp_path / f"{s}.csv", part) for s, part in
+             (("train", r[0:8] + r[10:18] + r[20:28]), ("validation", [r[8], r[18], r[28]]), ("test", [r[9], r[19], r[29]]))}
+    cfg = cfg_for(tmp_path / "train.csv", *(f"dataset.split_files.{s}={p}" for s, p in files.items()))
+    tables = dataset_publish.prepare(cfg)[0]
+    assert {s: t.num_rows for s, t in tables.items()} == {"train": 24, "validation": 3, "test": 3}
+    assert tables["test"].column("id").to_pylist() == ["billing-9", "shipping-9", "tech-9"]
+
+
+def test_split_fractions_must_sum_to_one(cfg_for, tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sum to 1"):
+        cfg_for(tmp_path / "x.csv", "dataset.split.test=0.3")
+
+
+def _bad_rows() -> list[dict]:
+    r = rows()
+    r[1]["text"] = ""                         # empty text       -> data row 2
+    r[2]["label"] = ""                        # null label       -> data row 3
+    r[4]["id"] = r[3]["id"]                   # duplicate id     -> data row 5
+    r[11]["text"] = r[12]["text"]             # same text, same label: fine
+    r[21]["text"] = r[5]["text"]              # same text, conflicting labels -> rows 6 and 22
+    r.append({"id": "rare-0", "text": "a lonely one", "label": "rare"})  # too small to split
+    return r
+
+
+def test_each_validation_failure_is_reported_with_file_and_row(tmp_path, cfg_for):
+    src = write_rows(tmp_path / "bad.csv", _bad_rows())
+    cfg = cfg_for(src)
+    with pytest.raises(DataError) as e:
+        dataset_publish.run(cfg)
+    msg = str(e.value)
+    assert f"{src} row 2" in msg.split("empty_text")[1].split("\n")[0]
+    assert f"{src} row 3" in msg.split("null_label")[1].split("\n")[0]
+    assert f"{src} row 5" in msg.split("duplicate_id")[1].split("\n")[0]
+    conflict = msg.split("conflicting_label")[1].split("\n")[0]
+    assert f"{src} row 6" in conflict and f"{src} row 22" in conflict
+    assert "'rare'" in msg.split("class_too_small")[1].split("\n")[0]
+    assert "nothing was published" in msg
+    assert not (Path(cfg.tracking.dir) / "wandb").exists()
+    assert registry_of(cfg).list_versions() == []
+
+
+def test_undecodable_bytes_and_missing_column(tmp_path, cfg_for):
+    src = tmp_path / "latin1.csv"
+    body = "id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n" for r in rows())
+    src.write_bytes(body.encode() + b"x-1,caf\xe9 au lait,billing\n")
+    with pytest.raises(DataError, match=r"undecodable_text \(1 rows.*latin1.csv row 31"):
+        dataset_publish.run(cfg_for(src))
+    missing = write_rows(tmp_path / "nolabel.csv", [{"id": "1", "text": "t", "category": "x"}])
+    with pytest.raises(DataError, match=r"nolabel.csv: missing column\(s\) label; the file has: id, text, category"):
+        dataset_publish.run(cfg_for(missing))
+
+
+def test_drop_policy_counts_and_records_every_dropped_row(tmp_path, cfg_for):
+    src = write_rows(tmp_path / "bad.csv", _bad_rows())
+    cfg = cfg_for(src, "dataset.on_invalid=drop")
+    result = dataset_publish.run(cfg)
+    expected = {"empty_text": 1, "null_label": 1, "duplicate_id": 1, "conflicting_label": 2, "class_too_small": 1}
+    assert result.status == "ok" and result.details["dropped"] == expected
+    version = registry_of(cfg).resolve(result.produced[0])
+    assert version.metadata["dropped"] == expected
+    assert sum(version.metadata["num_rows"].values()) == 31 - 6
+    summary = inspect_summary(Path(result.paths["run_dir"]))
+    assert summary["summary"]["data/dropped_conflicting_label"] == 2
+    assert summary["summary"]["data/dropped_rows"]["_type"] == "table-file"
+    assert summary["summary"]["data/dropped_rows"]["nrows"] == 6
+
+
+def test_unchanged_data_is_not_published_twice(tmp_path, cfg_for):
+    src = write_rows(tmp_path / "d.csv", rows())
+    cfg = cfg_for(src)
+    first = dataset_publish.run(cfg)
+    reg = registry_of(cfg)
+    stored = sorted(p for p in reg.objects.rglob("*") if p.is_file())
+    again = dataset_publish.run(cfg_for(src, "train.epochs=9"))  # unrelated config changes nothing
+    assert again.status == "unchanged" and again.produced == first.produced == ["tickets:v0"]
+    assert sorted(p for p in reg.objects.rglob("*") if p.is_file()) == stored
+    changed = write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
+    assert dataset_publish.run(cfg_for(changed)).produced == ["tickets:v1"]
+
+
+def test_offline_run_holds_stats_and_sample_tables(tmp_path, cfg_for):
+    src = write_rows(tmp_path / "d.csv", rows())
+    result = dataset_publish.run(cfg_for(src))
+    summary = inspect_summary(Path(result.paths["run_dir"]))
+    s = summary["summary"]
+    assert summary["state"] == "finished"
+    assert (s["data/rows_train"], s["data/rows_validation"], s["data/rows_test"]) == (24, 3, 3)
+    assert s["data/num_labels"] == 3 and s["artifact"] == "tickets:v0"
+    for split in ("train", "validation", "test"):
+        assert s[f"samples/{split}"]["_type"] == "table-file"
+    assert s["samples/train"]["nrows"] == 5
+    assert s["data/label_counts"]["nrows"] == 9
+    assert s["data/text_length_hist"]["_type"] == "histogram"
+    assert summary["config"]["dataset"]["source"] == str(src)
+
+
+def test_cli_and_result_file(tmp_path):
+    src = write_rows(tmp_path / "d.csv", rows())
+    result_path = tmp_path / "out" / "result.json"
+    args = ["dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"dataset.source={src}",
+            "--set", "dataset.id_column=id", "--set", f"tracking.dir={tmp_path / 'track'}", "--result-json", str(result_path)]
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(result_path.read_text())
+    assert res["status"] == "ok" and res["produced"] == ["support-tickets:v0"] and res["run_id"]
+    again = run_cli(*args)
+    assert again.returncode == 0 and json.loads(result_path.read_text())["status"] == "unchanged"
+    bad = run_cli(*args[:-2], "--set", "dataset.text_column=body")
+    assert bad.returncode == 2 and "missing column(s) body" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_data_is_deterministic_and_committed(tmp_path):
+    made = write_csv(tmp_path / "demo.csv")
+    assert made.read_bytes() == (REPO / "data" / "demo" / "support_tickets.csv").read_bytes()
