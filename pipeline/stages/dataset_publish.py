@@ -58,8 +58,8 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
     clean = checked.table
     if clean.num_rows == 0:
         raise DataError(f"{d.source}: no valid rows left ({sum(checked.dropped.values())} dropped)")
-    labels = clean.column(cols.label).to_numpy(zero_copy_only=False)
-    label_names = sorted(set(labels.tolist()))  # sorted: a fixed order, whatever the input order
+    label_names = sorted(pc.unique(clean.column(cols.label)).to_pylist())  # sorted: a fixed order
+    labels = pc.index_in(clean.column(cols.label), value_set=pa.array(label_names)).to_numpy().astype(np.int32)
     if len(label_names) < 2:
         raise DataError(f"{d.source}: a classifier needs at least 2 labels, found {label_names}")
 
@@ -71,7 +71,6 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
     else:
         index = stratified_split(labels, d.split.model_dump(), d.split.seed)
 
-    label_id = {name: i for i, name in enumerate(label_names)}
     canonical = {"text": cols.text, "label": cols.label}
     if cols.id:
         canonical = {"id": cols.id, **canonical}
@@ -80,10 +79,10 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
     ordered = ["id", "text", "text_pair", "label"]
     out_cols = [c for c in ordered if c in canonical]
     base = pa.table({c: clean.column(canonical[c]) for c in out_cols})
-    base = base.append_column("label_id", pa.array([label_id[x] for x in labels], pa.int32()))
+    base = base.append_column("label_id", pa.array(labels, pa.int32()))
     tables = {s: base.take(pa.array(index[s], pa.int64())) for s in SPLITS}
 
-    counts = {s: {n: int(c) for n, c in zip(*np.unique(labels[index[s]], return_counts=True))} for s in SPLITS}
+    counts = {s: dict(zip(label_names, np.bincount(labels[index[s]], minlength=len(label_names)).tolist())) for s in SPLITS}
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": d.name,
