@@ -123,6 +123,21 @@ class Registry(Protocol):
     def finish_run(self, run: TrackedRun, status: str) -> None: ...
 
 
+def swap_into_place(staging: Path, dest: Path) -> None:
+    """Replace `dest` by the complete folder `staging` with renames: never a half-written `dest`."""
+    import os
+    import shutil
+    import uuid
+
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+        os.rename(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, dest)
+
+
 def check_artifact_path(path: str) -> str:
     """A manifest path must be relative, normalised, and stay inside the artifact."""
     if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:

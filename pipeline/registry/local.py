@@ -37,6 +37,7 @@ from pipeline.registry.base import (
     VerifyReport,
     check_artifact_path,
     collect_files,
+    swap_into_place,
 )
 
 if TYPE_CHECKING:
@@ -539,13 +540,7 @@ class LocalRegistry:
             for path, data in extras.items():
                 (staging / path).parent.mkdir(parents=True, exist_ok=True)
                 (staging / path).write_bytes(data)
-            if dest.exists():
-                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dest, old)
-                os.rename(staging, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(staging, dest)
+            swap_into_place(staging, dest)
         finally:
             progress.close()
             if staging.exists():

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import IntegrityError, RefError, RegistryError
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
-from pipeline.registry.base import ArtifactVersion, FetchResult, FileEntry, PublishResult, check_artifact_path, collect_files
+from pipeline.registry.base import (
+    ArtifactVersion,
+    FetchResult,
+    FileEntry,
+    PublishResult,
+    check_artifact_path,
+    collect_files,
+    swap_into_place,
+)
 
 if TYPE_CHECKING:
     from pipeline.tracking import TrackedRun
@@ -137,13 +145,7 @@ class WandbRegistry:
                 raise IntegrityError(f"{version.ref}: downloaded files fail verification: {e}") from None
             for path, data in (extras or {}).items():
                 (staging / check_artifact_path(path)).write_bytes(data)
-            if dest.exists():
-                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dest, old)
-                os.rename(staging, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(staging, dest)
+            swap_into_place(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return FetchResult(version=version, path=dest, reused=False)
