@@ -404,7 +404,8 @@ class LocalRegistry:
         return created
 
     def _commit(self, name, type, digest, hashed, meta_json, aliases, run, created_objects) -> PublishResult:
-        stored = sum(hashed[p][1] for p in hashed if hashed[p][0] in set(created_objects))
+        new = set(created_objects)
+        stored = sum({h: size for h, size in hashed.values() if h in new}.values())  # each new object once
         with self._write() as conn:
             types = {r[0] for r in conn.execute("SELECT DISTINCT type FROM versions WHERE name = ?", (name,))}
             if types and type not in types:
