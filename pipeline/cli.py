@@ -16,6 +16,7 @@ from pipeline import __version__
 # name -> (module with add_arguments(parser) and main(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "dataset-publish": ("pipeline.commands.dataset_publish", "validate, split and publish raw labeled text as NAME:vN"),
+    "finetune": ("pipeline.commands.finetune", "train a classifier on an exact dataset version and publish MODEL:vM"),
     "artifacts": ("pipeline.commands.artifacts", "list, show and verify artifact versions in the registry"),
 }
 

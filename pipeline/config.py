@@ -103,15 +103,55 @@ class ModelConfig(_Group):
     """Tokens kept per example."""
 
 
+METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
+
+
 class TrainConfig(_Group):
     epochs: float = Field(3, gt=0)
     """Training epochs (fractions allowed, as in ``TrainingArguments``)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps (overrides ``epochs``); unset: train for ``epochs``."""
     learning_rate: float = Field(5.0e-5, gt=0)
     """Peak learning rate."""
     batch_size: int = Field(32, gt=0)
-    """Per-device train batch size."""
+    """Per-device train batch size (the global batch is this x processes x accumulation)."""
+    eval_batch_size: int | None = Field(None, gt=0)
+    """Per-device evaluation batch size; unset: twice ``batch_size``."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    eval_strategy: Literal["epoch", "steps"] = "epoch"
+    """When to evaluate on the validation split (checkpoints are saved at the same points)."""
+    eval_steps: int | None = Field(None, gt=0)
+    """With ``eval_strategy: steps``: evaluate and checkpoint every this many steps."""
+    logging_steps: int = Field(10, gt=0)
+    """Log training metrics every this many steps."""
+    save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept on disk while training (the best one is always kept)."""
+    metric_for_best_model: Literal["accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"] = "macro_f1"
+    """Validation metric that picks the model kept at the end (loss: lowest, others: highest)."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations without improvement of that metric; unset: never."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU."""
+    misclassified_rows: int = Field(100, ge=0)
+    """Rows in each misclassification table (the highest-loss ones); 0 turns the tables off."""
+    dataloader_workers: int = Field(0, ge=0)
+    """Worker processes per dataloader."""
     seed: int = 42
     """Seed for data order, head initialisation and dropout."""
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> TrainConfig:
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("train.eval_steps is required when train.eval_strategy is 'steps'")
+        return self
+
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
 
 
 class GateConfig(_Group):

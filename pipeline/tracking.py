@@ -206,7 +206,9 @@ def tracked_run(
         resume="allow" if resume else None,
         dir=wandb_root,
         settings=_wandb_settings(mode),
-        reinit="create_new",
+        # One stage run at a time, and it must be the global `wandb.run`: transformers'
+        # WandbCallback logs through it (W&B does not support integrations with "create_new").
+        reinit="finish_previous",
     )
     if mode != "disabled":
         run.wandb_dir = Path(run.wandb_run.dir).parent.resolve()

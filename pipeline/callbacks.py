@@ -1,0 +1,121 @@
+"""Trainer pieces: metrics from the evaluation's own predictions, and the misclassification tables.
+
+`EvalCapture` is the Trainer's ``compute_metrics``: it scores the logits the evaluation loop
+already produced and keeps them. `MisclassificationCallback` then builds its table and
+confusion matrix from those same logits in ``on_evaluate``, so the tables cost no second pass
+over the evaluation set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+from pipeline.metrics import SUMMARY_KEYS, load_metric, log_softmax
+
+STEP_METRIC = "train/global_step"  # the x-axis transformers' WandbCallback defines
+
+
+class EvalCapture:
+    """``compute_metrics`` for the Trainer; remembers the last evaluation's logits and labels."""
+
+    def __init__(self, num_labels: int):
+        self.num_labels = num_labels
+        self.metric = load_metric()
+        self.logits: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.calls = 0
+
+    def __call__(self, eval_pred) -> dict[str, float]:
+        logits = eval_pred.predictions
+        if isinstance(logits, tuple):  # models that also return hidden states put logits first
+            logits = logits[0]
+        self.logits = np.asarray(logits, dtype=np.float32)
+        self.labels = np.asarray(eval_pred.label_ids, dtype=np.int64)
+        self.calls += 1
+        preds = self.logits.argmax(axis=-1)
+        out = self.metric.compute(predictions=preds, references=self.labels, num_labels=self.num_labels)
+        return {k: float(out[k]) for k in SUMMARY_KEYS}
+
+
+def misclassified_rows(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    label_names: Sequence[str],
+    texts: Sequence[str],
+    ids: Sequence[Any] | None = None,
+    text_pairs: Sequence[str] | None = None,
+    limit: int = 100,
+) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of the misclassified examples, highest loss first, at most `limit`."""
+    logp = log_softmax(logits)
+    probs = np.exp(logp)
+    preds = probs.argmax(axis=-1)
+    loss = -logp[np.arange(len(labels)), labels]
+    wrong = np.flatnonzero(preds != labels)
+    # stable sort on -loss: equal losses keep dataset order, so the table is deterministic
+    order = wrong[np.argsort(-loss[wrong], kind="stable")][:limit]
+    k = min(3, probs.shape[1])
+    columns = ["id", "text", *(["text_pair"] if text_pairs is not None else []), "label", "predicted", "confidence",
+               "top3", "loss"]
+    rows = []
+    for i in order:
+        top = np.argsort(-probs[i], kind="stable")[:k]
+        top3 = ", ".join(f"{label_names[j]} {probs[i, j]:.3f}" for j in top)
+        rows.append([
+            str(ids[i]) if ids is not None else str(i),
+            texts[i],
+            *([text_pairs[i]] if text_pairs is not None else []),
+            label_names[labels[i]],
+            label_names[preds[i]],
+            round(float(probs[i, preds[i]]), 6),
+            top3,
+            round(float(loss[i]), 6),
+        ])
+    return columns, rows
+
+
+class MisclassificationCallback(TrainerCallback):
+    """At every evaluation: a table of the worst misclassified rows and a confusion matrix.
+
+    Logged with the Trainer's ``train/global_step``, like its own metrics, so W&B keeps them on
+    the same x-axis and never drops them as a non-monotonic step.
+    """
+
+    def __init__(self, run, capture: EvalCapture, label_names: Sequence[str], texts: Sequence[str],
+                 ids: Sequence[Any] | None = None, text_pairs: Sequence[str] | None = None,
+                 max_rows: int = 100, prefix: str = "eval"):
+        self.run = run
+        self.capture = capture
+        self.label_names = list(label_names)
+        self.texts = texts
+        self.ids = ids
+        self.text_pairs = text_pairs
+        self.max_rows = max_rows
+        self.prefix = prefix
+        self.tables_logged = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero or self.run is None or self.capture.logits is None:
+            return
+        import wandb
+
+        logits, labels = self.capture.logits, self.capture.labels
+        if len(labels) != len(self.texts):
+            raise RuntimeError(f"evaluation returned {len(labels)} predictions for {len(self.texts)} validation rows")
+        columns, rows = misclassified_rows(logits, labels, self.label_names, self.texts, self.ids, self.text_pairs,
+                                           self.max_rows)
+        preds = logits.argmax(axis=-1)
+        self.run.log({
+            f"{self.prefix}/misclassified": wandb.Table(columns=columns, data=rows),
+            f"{self.prefix}/misclassified_count": int((preds != labels).sum()),
+            f"{self.prefix}/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=labels.tolist(), preds=preds.tolist(), class_names=self.label_names,
+                title=f"Confusion matrix ({self.prefix}, step {state.global_step})",
+            ),
+            STEP_METRIC: state.global_step,
+        })
+        self.tables_logged += 1

@@ -1,0 +1,23 @@
+"""``pipeline finetune --config C [--dataset NAME:REF] [--resume [RUN_ID]]``: dataset version -> MODEL:vM."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.commands.stage import add_stage_arguments
+
+    add_stage_arguments(p)
+    p.add_argument("--dataset", metavar="NAME:REF", help="dataset version to train on (default: <dataset.name>:latest)")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", metavar="RUN_ID",
+        help="continue an interrupted run from its last checkpoint, in the same W&B run "
+             "(default: the newest interrupted run of this model)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.commands.stage import run_stage
+
+    return run_stage("pipeline.stages.finetune", args, dataset=args.dataset, resume=args.resume)

@@ -1,0 +1,99 @@
+"""Classification metrics as an `evaluate` module defined in the package.
+
+``evaluate.load("accuracy")`` fetches a script from the Hugging Face hub, which fails offline;
+`ClassificationMetrics` is the same kind of module (an ``evaluate.Metric``) built here, so the
+finetune and evaluate stages compute accuracy, macro/micro/weighted F1, precision and recall
+with no network. The arithmetic lives in plain numpy functions that the module and the stages
+share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Keys the stages log, grouped by split as W&B users expect (eval/accuracy, test/macro_f1).
+SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1")
+
+
+def confusion(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> np.ndarray:
+    """Counts[true, predicted]."""
+    idx = np.asarray(references, dtype=np.int64) * num_labels + np.asarray(predictions, dtype=np.int64)
+    return np.bincount(idx, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # sklearn's zero_division=0: a class never predicted (or absent) scores 0, not NaN
+    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b != 0)
+
+
+def scores(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> dict[str, Any]:
+    """Accuracy, macro/micro/weighted F1, macro precision/recall and per-class arrays."""
+    cm = confusion(predictions, references, num_labels).astype(np.float64)
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    total = cm.sum()
+    present = support > 0  # macro averages over the classes the references contain, like sklearn's labels=None
+    present |= predicted > 0
+    accuracy = float(tp.sum() / total) if total else 0.0
+    return {
+        "accuracy": accuracy,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "micro_f1": accuracy,  # single-label classification: micro F1 equals accuracy
+        "weighted_f1": float((f1 * support).sum() / total) if total else 0.0,
+        "per_class": {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)},
+        "confusion_matrix": cm.astype(np.int64),
+    }
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _metric_class():
+    import datasets
+    import evaluate
+
+    class ClassificationMetrics(evaluate.Metric):
+        """Accuracy, macro-F1, macro precision and recall (and micro/weighted F1) for single-label classification."""
+
+        def _info(self):
+            return evaluate.MetricInfo(
+                description=__doc__ or "",
+                citation="",
+                inputs_description="predictions and references: class ids; num_labels: the number of classes",
+                features=datasets.Features(
+                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+                ),
+            )
+
+        def _compute(self, predictions, references, num_labels: int | None = None, per_class: bool = False):
+            p = np.asarray(predictions, dtype=np.int64)
+            r = np.asarray(references, dtype=np.int64)
+            n = num_labels or int(max(p.max(initial=0), r.max(initial=0)) + 1)
+            out = scores(p, r, n)
+            if not per_class:
+                return {k: out[k] for k in SUMMARY_KEYS}
+            return out
+
+    return ClassificationMetrics
+
+
+_CLASS = None
+
+
+def load_metric(**kwargs):
+    """A `ClassificationMetrics` instance (in memory: no cache files, no hub)."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _metric_class()
+    return _CLASS(keep_in_memory=True, **kwargs)

@@ -1,0 +1,91 @@
+"""The model card (``README.md`` in Hugging Face's format) that ships inside each model version.
+
+Its text is a pure function of what made the model (data version, base model, settings,
+metrics), never of the run or the clock, so retraining bit-identical weights reproduces the
+card byte for byte and the registry keeps one version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_digest: str, label_names: list[str],
+           num_rows: dict[str, int], train: dict[str, Any], max_length: int, metrics: dict[str, Any],
+           best_metric: str) -> str:
+    best = metrics.get("best", {})
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "base_model": base["id"],
+        "tags": ["text-classification", "wandb-finetune-pipeline"],
+        "model-index": [{
+            "name": model_name,
+            "results": [{
+                "task": {"type": "text-classification", "name": "Text Classification"},
+                "dataset": {"type": dataset_ref.split(":")[0], "name": dataset_ref, "split": "validation"},
+                "metrics": [
+                    {"type": k, "value": round(float(best[k]), 6), "name": f"validation {k}"}
+                    for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall") if k in best
+                ],
+            }],
+        }],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {model_name}",
+        "",
+        f"A {len(label_names)}-class text classifier fine-tuned from `{base['id']}` on the dataset "
+        f"version `{dataset_ref}` by the `finetune` stage of wandb-finetune-pipeline.",
+        "",
+        "## Intended use",
+        "",
+        f"Single-label classification of short texts like those in `{dataset_ref}` into: "
+        + ", ".join(f"`{n}`" for n in label_names) + ". "
+        "Every input gets one of these labels, so inputs unlike the training data still get a (possibly confident) "
+        "label: check the evaluation report and calibration before relying on the confidences, and keep a human in "
+        "the loop for decisions that matter.",
+        "",
+        "## Training data",
+        "",
+        f"- Dataset version: `{dataset_ref}` (digest `{dataset_digest}`)",
+        "- Rows: " + ", ".join(f"{split} {n}" for split, n in num_rows.items()),
+        "- Labels (id order): " + ", ".join(f"{i}={n}" for i, n in enumerate(label_names)),
+        "",
+        "## Training procedure",
+        "",
+        f"- Base model: `{base['id']}` ({base['source']}, digest `{base['digest']}`)",
+        f"- Max sequence length: {max_length} tokens",
+        *(f"- {k}: {v}" for k, v in train.items() if v is not None),
+        f"- Model kept: the checkpoint with the best validation `{best_metric}`",
+        "",
+        "## Validation metrics",
+        "",
+        "| metric | best checkpoint | final |",
+        "|---|---|---|",
+    ]
+    final = metrics.get("final", {})
+    for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"):
+        if k in best or k in final:
+            fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+            lines.append(f"| {k} | {fmt(best.get(k))} | {fmt(final.get(k))} |")
+    lines += [
+        "",
+        "Test-split metrics come from the `evaluate` stage and are recorded on this version when it runs.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classify = pipeline("text-classification", model="path/to/this/folder")',
+        'classify("my order never arrived")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""What a model version records about how it was made: code version, packages, base model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "wandb-finetune-pipeline", "torch", "transformers", "tokenizers", "safetensors", "datasets", "evaluate",
+    "accelerate", "wandb", "numpy", "pyarrow",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the pipeline's source and whether its tree had uncommitted changes.
+
+    ``git_commit`` is None when the package is not running from a git checkout (an installed
+    wheel); the package version then identifies the code.
+    """
+    src = Path(__file__).resolve().parent
+    info: dict[str, Any] = {"git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return info
+        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return info
+    info["git_commit"] = commit.stdout.strip()
+    info["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return info
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the sorted relative paths and contents of every file in `folder` (hidden ones skipped)."""
+    from pipeline.registry.local import hash_file, manifest_digest
+
+    hashes = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            hashes[rel.as_posix()] = hash_file(p)[0]
+    return manifest_digest(hashes)
+
+
+def digest_text(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()

@@ -1,0 +1,501 @@
+"""finetune: an exact dataset version + a base model -> a classifier published as MODEL:vM.
+
+Everything that can be wrong with the inputs (dataset reference, base model, max length,
+splits) is checked before a run opens or training starts. Training is a plain Hugging Face
+`Trainer` reporting to the stage's W&B run; a callback logs misclassification tables from
+the evaluation's own predictions. The published version holds weights, tokenizer, label map,
+training config, metrics and a model card, all of them pure functions of what made the model,
+and its metadata records the dataset reference and digest, base model digest, seed, code and
+package versions. Interrupted runs keep their checkpoints and continue with ``resume``.
+
+With several processes (``accelerate launch`` or ``torchrun``) the main process does every
+registry and W&B operation and shares what the others need; they only train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
+from pipeline.config import Config
+from pipeline.errors import ConfigError, PipelineError, RefError
+from pipeline.results import StageResult
+from pipeline.tracking import new_run_id, open_registry, tracked_run
+
+STAGE = "finetune"
+SPLITS = ("train", "validation", "test")
+TOKENIZE_FORMAT = 1  # bump when the tokenised layout changes, to retire old cache entries
+RESUME_FILE = "resume.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What a run will use, fixed and checked before anything starts."""
+
+    dataset_ref: str  # exact name:vN
+    dataset_digest: str
+    base: BaseModel
+    run_id: str
+    output_dir: Path  # this run's checkpoints
+    group: str | None
+    resume_from: Path | None = None
+
+
+# -- checks and planning ---------------------------------------------------------------------
+def _checkpoint_root(config: Config) -> Path:
+    return Path(config.tracking.dir).resolve() / "checkpoints" / config.model.name
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:])) if done else None
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: cfg.get(k) for k in ("dataset", "model", "train")}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any], Path]:
+    root = _checkpoint_root(config)
+    if run_id:
+        state_file = root / run_id / RESUME_FILE
+        if not state_file.is_file():
+            known = sorted(p.parent.name for p in root.glob(f"*/{RESUME_FILE}"))
+            raise RefError(f"no interrupted finetune run {run_id!r} of {config.model.name} under {root}; "
+                           f"resumable runs: {', '.join(known) or 'none'}")
+        candidates = [state_file]
+    else:
+        candidates = sorted(root.glob(f"*/{RESUME_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for state_file in candidates:
+        ckpt = _last_checkpoint(state_file.parent)
+        if ckpt is not None:
+            return json.loads(state_file.read_text(encoding="utf-8")), ckpt
+        if run_id:
+            raise PipelineError(f"run {run_id} stopped before its first checkpoint; start it again without --resume")
+    raise PipelineError(f"nothing to resume: no interrupted finetune run of {config.model.name} with a checkpoint "
+                        f"under {root}")
+
+
+def plan(config: Config, dataset: str | None = None, resume: str | None = None) -> Plan:
+    """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing."""
+    if resume is not None:
+        saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
+        now, then = _flat(_comparable(config.to_dict())), _flat(_comparable(saved["config"]))
+        changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+        if changed:
+            raise ConfigError(
+                f"cannot resume run {saved['run_id']}: the config differs from the interrupted run's in "
+                + ", ".join(f"{k} ({then.get(k)!r} -> {now.get(k)!r})" for k in changed)
+            )
+        if dataset is not None and dataset != saved["dataset"]:
+            raise ConfigError(f"cannot resume run {saved['run_id']} on {dataset}: it was training on {saved['dataset']}")
+        dataset = saved["dataset"]
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    ref = dataset or f"{config.dataset.name}:latest"
+    version = registry.resolve(ref, type="dataset")
+    rows = version.metadata.get("num_rows", {})
+    if rows and not rows.get("validation"):
+        raise ConfigError(f"{version.ref} has no validation rows; finetune evaluates on the validation split "
+                          "(set dataset.split.validation above 0 and publish again)")
+    base = resolve_base_model(config.model.base)
+    check_max_length(base, config.model.max_length)
+    _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
+    if resume is not None:
+        run_id, group = saved["run_id"], saved.get("group")
+        if saved.get("dataset_digest") and saved["dataset_digest"] != version.digest:
+            raise PipelineError(f"{version.ref} no longer has the digest run {run_id} trained on")
+    else:
+        run_id, group, ckpt = new_run_id(), None, None
+    return Plan(dataset_ref=version.ref, dataset_digest=version.digest, base=base, run_id=run_id,
+                output_dir=_checkpoint_root(config) / run_id, group=group, resume_from=ckpt)
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if not cuda:
+            return {}
+        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use auto, fp32 or bf16 on the CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+# -- data ------------------------------------------------------------------------------------
+def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: int, cache_root: Path) -> tuple[Path, bool]:
+    """Tokenised splits saved with ``save_to_disk``; (folder, reused from the cache)."""
+    from pipeline.provenance import digest_text
+
+    key = digest_text("tokenized", TOKENIZE_FORMAT, dataset_digest, base.tokenizer_digest, max_length)[:24]
+    out = cache_root / key
+    if (out / "dataset_dict.json").is_file():
+        return out, True
+    import datasets
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base.path, use_fast=True)
+    parts = {}
+    for split in SPLITS:
+        table = pq.read_table(data_dir / f"{split}.parquet")
+        keep = [c for c in ("text", "text_pair", "label_id") if c in table.column_names]
+        parts[split] = datasets.Dataset(table.select(keep))
+    dd = datasets.DatasetDict(parts)
+    pair = "text_pair" in dd["train"].column_names
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=max_length)
+        enc["labels"] = batch["label_id"]
+        return enc
+
+    dd = dd.map(encode, batched=True, batch_size=1000, remove_columns=dd["train"].column_names, desc="tokenizing")
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        dd.save_to_disk(str(tmp))
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process cached the same key first: theirs is identical
+            if not (out / "dataset_dict.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, False
+
+
+def _validation_rows(data_dir: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data_dir / "validation.parquet")
+    return {c: table.column(c).to_pylist() for c in ("id", "text", "text_pair") if c in table.column_names}
+
+
+# -- several processes -----------------------------------------------------------------------
+def _process_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=not _cuda_available())
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _share(state, payload: dict[str, Any] | None) -> dict[str, Any]:
+    """The main process hands `payload` to every other process (a no-op with one process)."""
+    if state.num_processes == 1:
+        return payload or {}
+    from accelerate.utils import broadcast_object_list
+
+    box = [payload]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+# -- training --------------------------------------------------------------------------------
+def _training_args(config: Config, output_dir: Path, run_id: str, report: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch(),
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=t.eval_strategy,  # checkpoints where evaluations are, so the best one can be kept
+        save_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=t.metric_for_best_model,
+        greater_is_better=t.metric_for_best_model != "loss",
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        report_to=["wandb"] if report else "none",
+        run_name=run_id,
+        seed=t.seed,
+        dataloader_num_workers=t.dataloader_workers,
+        use_cpu=not _cuda_available(),
+        **_precision_flags(t.precision),
+    )
+
+
+@contextlib.contextmanager
+def _trainer_model_upload_off():
+    """transformers' own ``WANDB_LOG_MODEL`` upload stays off: it would add optimizer state and
+    name artifacts by run id. This stage publishes the one model artifact itself."""
+    previous = os.environ.get("WANDB_LOG_MODEL")
+    if previous and previous.lower() not in ("false", "0", ""):
+        log.warning("WANDB_LOG_MODEL=%s is ignored: the finetune stage publishes the model artifact itself", previous)
+    os.environ["WANDB_LOG_MODEL"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("WANDB_LOG_MODEL", None)
+        else:
+            os.environ["WANDB_LOG_MODEL"] = previous
+
+
+def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks) -> tuple[Any, Any]:
+    import datasets
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        set_seed,
+    )
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.callbacks import EvalCapture, MisclassificationCallback
+
+    label_names = shared["label_names"]
+    tokenized = datasets.load_from_disk(shared["tokenized"])
+    tokenizer = AutoTokenizer.from_pretrained(shared["base_path"], use_fast=True)
+    set_seed(config.train.seed)  # before the head is initialised
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier weights": expected, we train them
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            shared["base_path"],
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a base that is already a classifier gets a new head
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    capture = EvalCapture(len(label_names))
+    callbacks = list(extra_callbacks)
+    if config.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
+    if run is not None and config.train.misclassified_rows > 0:
+        rows = shared["validation_rows"]
+        callbacks.append(MisclassificationCallback(
+            run, capture, label_names, rows["text"], ids=rows.get("id"), text_pairs=rows.get("text_pair"),
+            max_rows=config.train.misclassified_rows,
+        ))
+    args = _training_args(config, Path(shared["output_dir"]), shared["run_id"], report=run is not None)
+    with _trainer_model_upload_off():
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["validation"],
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=capture,
+            callbacks=callbacks,
+        )
+    return trainer, tokenizer
+
+
+def _define_summaries(run) -> None:
+    """Best validation accuracy and F1 as max, loss as min, on the Trainer's step axis."""
+    from pipeline.callbacks import STEP_METRIC
+
+    run.define_metric(STEP_METRIC)
+    for key in ("accuracy", "macro_f1"):
+        run.define_metric(f"eval/{key}", step_metric=STEP_METRIC, summary="max")
+    run.define_metric("eval/loss", step_metric=STEP_METRIC, summary="min")
+
+
+def _eval_history(state) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics of the kept checkpoint, metrics of the last evaluation), keys without ``eval_``."""
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    if not evals:
+        return {}, {}
+
+    def clean(h):
+        return {k[5:]: float(v) for k, v in h.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")} | {"step": h["step"]}
+
+    best_step = None
+    if state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+    best = next((h for h in reversed(evals) if h["step"] == best_step), evals[-1])
+    return clean(best), clean(evals[-1])
+
+
+def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan, label_names: list[str],
+                     num_rows: dict[str, int], metrics: dict[str, Any]) -> None:
+    """The version's files; none depends on the run id, the clock or a path."""
+    from pipeline import modelcard
+
+    trainer.model.save_pretrained(out)  # safetensors weights and config.json with id2label; no optimizer state
+    tokenizer.save_pretrained(out)
+    train = config.train.model_dump(mode="json")
+    (out / "labels.json").write_text(json.dumps(
+        {"label_names": label_names, "id2label": dict(enumerate(label_names))}, indent=2) + "\n", encoding="utf-8")
+    training = {
+        "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
+        "base_model": {k: v for k, v in plan_.base.to_dict().items() if k != "spec"},
+        "model": config.model.model_dump(mode="json"),
+        "train": train,
+    }
+    (out / "training_config.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = modelcard.render(
+        model_name=config.model.name, base=plan_.base.to_dict(), dataset_ref=plan_.dataset_ref,
+        dataset_digest=plan_.dataset_digest, label_names=label_names, num_rows=num_rows,
+        train={k: train[k] for k in ("epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
+                                     "warmup_ratio", "weight_decay", "seed")},
+        max_length=config.model.max_length, metrics=metrics, best_metric=config.train.metric_for_best_model,
+    )
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Main process, inside the run: record the input, fetch and tokenise. (shared, details)"""
+    registry = trun.registry
+    version = registry.use(plan_.dataset_ref, trun, type="dataset")
+    fetched = registry.fetch(version)
+    manifest = json.loads((fetched.path / "dataset.json").read_text(encoding="utf-8"))
+    label_names = list(manifest["label_names"])
+    cache_root = Path(config.tracking.dir).resolve() / "cache" / "tokenized"
+    tokenized, hit = tokenize(fetched.path, version.digest, plan_.base, config.model.max_length, cache_root)
+    log.info("%s: tokenised splits %s (%s)", version.ref, tokenized, "cached" if hit else "new")
+    plan_.output_dir.mkdir(parents=True, exist_ok=True)
+    state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
+             "config": trun.config, "group": trun.group}
+    (plan_.output_dir / RESUME_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    shared = {
+        "run_id": plan_.run_id,
+        "output_dir": str(plan_.output_dir),
+        "base_path": str(plan_.base.path),
+        "tokenized": str(tokenized),
+        "label_names": label_names,
+        "validation_rows": _validation_rows(fetched.path),
+        "resume_from": str(plan_.resume_from) if plan_.resume_from else None,
+    }
+    details = {"tokenize_cache": "hit" if hit else "miss", "num_rows": manifest["num_rows"], "data_dir": str(fetched.path)}
+    return shared, details
+
+
+def run(config: Config, *, group: str | None = None, dataset: str | None = None, resume: str | None = None,
+        callbacks: tuple = ()) -> StageResult:
+    """Train on an exact dataset version and publish the model; see the module docstring.
+
+    `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
+    model; a run id continues that run. `callbacks` are extra ``TrainerCallback`` objects.
+    """
+    state = _process_state()
+    if not state.is_main_process:
+        return _follow(config, state, callbacks)
+    try:
+        plan_ = plan(config, dataset, resume)
+    except BaseException as e:
+        _share(state, {"error": str(e)})
+        raise
+    tags = ["resumed"] if plan_.resume_from else []
+    with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, resume=plan_.resume_from is not None,
+                     tags=tags) as trun:
+        try:
+            shared, details = _prepare(config, plan_, trun)
+        except BaseException as e:
+            _share(state, {"error": str(e)})
+            raise
+        _share(state, shared)
+        trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
+                            "data/tokenize_cache": details["tokenize_cache"]})
+        trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run, callbacks)
+        if trun.wandb_run is not None:
+            _define_summaries(trun.wandb_run)
+        try:
+            output = trainer.train(resume_from_checkpoint=shared["resume_from"])
+        except BaseException:
+            log.error("finetune run %s stopped; its checkpoints are in %s. Continue it with: "
+                      "python -m pipeline finetune --config ... --resume %s", plan_.run_id, plan_.output_dir, plan_.run_id)
+            raise
+        best, final = _eval_history(trainer.state)
+        metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
+        published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics)
+        status = "ok" if published.created else "unchanged"
+        train_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
+        trun.set_summary(**{"artifact": published.ref, "status": status,
+                            **{f"best/{k}": v for k, v in best.items()}})
+    shutil.rmtree(plan_.output_dir, ignore_errors=True)  # the version holds the model; checkpoints were for resuming
+    return StageResult(
+        stage=STAGE,
+        status=status,
+        run_id=trun.id,
+        consumed=[plan_.dataset_ref],
+        produced=[published.ref],
+        metrics={
+            **{f"eval_{k}": v for k, v in best.items() if k != "step"},
+            **{k: train_metrics[k] for k in ("train_loss", "train_runtime", "train_samples_per_second") if k in train_metrics},
+        },
+        paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
+        details={**details, "best_step": best.get("step"), "final": final, "resumed_from": shared["resume_from"],
+                 "processes": state.num_processes, "digest": published.version.digest},
+    )
+
+
+def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics):
+    from pipeline.provenance import code_version, package_versions
+
+    label_names = shared["label_names"]
+    code = code_version()
+    if code.get("git_dirty"):
+        log.warning("the pipeline's source tree has uncommitted changes; the model records git_dirty=true")
+    metadata = {
+        "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
+        "base_model": plan_.base.to_dict(),
+        "label_names": label_names,
+        "metrics": metrics,
+        "seed": config.train.seed,
+        "config": trun.config,
+        "code": code,
+        "packages": package_versions(),
+        "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
+    }
+    with tempfile.TemporaryDirectory(prefix="model-", dir=plan_.output_dir) as tmp:
+        out = Path(tmp)
+        _write_model_dir(out, trainer, tokenizer, config, plan_, label_names, details["num_rows"], metrics)
+        return trun.registry.publish(config.model.name, "model", out, metadata=metadata, aliases=["candidate"], run=trun)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _follow(config: Config, state, callbacks) -> StageResult:
+    """A non-main process: wait for the main one to prepare, then train alongside it."""
+    shared = _share(state, None)
+    if "error" in shared:
+        raise PipelineError(f"the main process stopped before training: {shared['error']}")
+    trainer, _ = _build_trainer(config, shared, None, callbacks)
+    trainer.train(resume_from_checkpoint=shared["resume_from"])
+    return StageResult(stage=STAGE, status="ok", run_id=shared["run_id"], details={"process": state.process_index})

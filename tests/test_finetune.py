@@ -1,0 +1,278 @@
+"""finetune on a tiny BERT built from a config, offline: artifact, lineage, run contents, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, RefError
+from pipeline.provenance import folder_digest
+from pipeline.registry.local import LocalRegistry
+from pipeline.stages import dataset_publish, finetune
+from tests.conftest import inspect_records, inspect_summary, run_cli
+from tests.tiny import write_tickets, write_tiny_model
+
+TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
+         "train.misclassified_rows=5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture(scope="session")
+def tickets_csv(tmp_path_factory) -> Path:
+    return write_tickets(tmp_path_factory.mktemp("data") / "tickets.csv", rows=240)
+
+
+def make_cfg(tmp_path: Path, tiny_model: Path, tickets_csv: Path, *extra: str):
+    return load_config(None, [
+        "dataset.name=tickets", f"dataset.source={tickets_csv}", "dataset.id_column=ticket_id",
+        "model.name=clf", f"model.base={tiny_model}", "model.max_length=64", f"tracking.dir={tmp_path / 'track'}",
+        *TRAIN, *extra,
+    ])
+
+
+def registry_of(cfg) -> LocalRegistry:
+    return LocalRegistry(Path(cfg.tracking.dir) / "registry")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, tickets_csv):
+    """One publish + finetune shared by the read-only tests below."""
+    tmp = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var.startswith("WANDB_"):
+                mp.delenv(var)
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        cfg = make_cfg(tmp, tiny_model, tickets_csv)
+        data = dataset_publish.run(cfg)
+        result = finetune.run(cfg)
+    return cfg, data, result
+
+
+def test_model_artifact_carries_lineage_and_provenance(trained, tiny_model, tmp_path):
+    cfg, data, result = trained
+    reg = registry_of(cfg)
+    assert result.status == "ok" and result.produced == ["clf:v0"] and result.consumed == ["tickets:v0"]
+    model = reg.resolve("clf:candidate", type="model")
+    assert model.ref == "clf:v0" and set(model.aliases) == {"latest", "candidate"}
+    assert model.produced_by == result.run_id
+    dataset = reg.resolve("tickets:v0")
+    assert result.run_id in dataset.used_by  # the lineage edge dataset -> finetune run
+    run = reg.get_run(result.run_id)
+    assert run["status"] == "finished" and run["job_type"] == "finetune"
+    assert run["consumed"] == ["tickets:v0"] and run["produced"] == ["clf:v0"]
+
+    meta = model.metadata
+    assert meta["dataset"] == {"ref": "tickets:v0", "digest": dataset.digest}
+    assert meta["base_model"]["digest"] == folder_digest(tiny_model)
+    assert meta["base_model"]["source"] == "local"
+    assert meta["seed"] == 42 and meta["config"]["train"]["learning_rate"] == 3e-3
+    assert meta["packages"]["torch"] and meta["packages"]["transformers"]
+    assert set(meta["code"]) == {"git_commit", "git_dirty"}
+    assert meta["label_names"] == dataset.metadata["label_names"]
+    best, final = meta["metrics"]["best"], meta["metrics"]["final"]
+    assert {"accuracy", "macro_f1", "macro_precision", "macro_recall", "loss", "step"} <= set(best)
+    assert final["step"] >= best["step"]
+    assert result.metrics["eval_macro_f1"] == best["macro_f1"]
+
+    files = {f.path for f in model.files}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "labels.json", "training_config.json",
+            "metrics.json", "README.md"} <= files
+    assert not any(n in f for f in files for n in ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state"))
+
+    fetched = reg.fetch(model, tmp_path / "model").path
+    card = (fetched / "README.md").read_text()
+    assert card.startswith("---\n") and f"base_model: {tiny_model}" in card and "tickets:v0" in card
+    assert "Intended use" in card
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    clf = AutoModelForSequenceClassification.from_pretrained(fetched)
+    assert list(clf.config.id2label.values()) == meta["label_names"]
+    tok = AutoTokenizer.from_pretrained(fetched)
+    logits = clf(**tok(["my invoice shows a double charge"], return_tensors="pt")).logits
+    assert logits.shape == (1, len(meta["label_names"]))
+    # the checkpoints were only for resuming: gone once the version is published
+    assert not (Path(cfg.tracking.dir) / "checkpoints" / "clf" / result.run_id).exists()
+
+
+def test_offline_run_holds_misclassification_tables_and_summaries(trained):
+    cfg, data, result = trained
+    run_dir = Path(result.paths["run_dir"])
+    summary = inspect_summary(run_dir)["summary"]
+    assert summary["eval/accuracy"] == {"max": pytest.approx(max_eval(run_dir, "eval/accuracy"))}
+    assert set(summary["eval/macro_f1"]) == {"max"} and set(summary["eval/loss"]) == {"min"}
+    assert summary["artifact"] == "clf:v0" and summary["dataset"] == "tickets:v0"
+    assert "eval/confusion_matrix_table" in summary
+
+    tables = sorted((run_dir / "files" / "media" / "table" / "eval").glob("misclassified_*.table.json"),
+                    key=lambda p: int(p.name.split("_")[1]))
+    assert len(tables) == 3  # one per evaluation (3 epochs)
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["id", "text", "label", "predicted", "confidence", "top3", "loss"]
+    assert 0 < len(last["data"]) <= 5  # capped by train.misclassified_rows
+    losses = [row[-1] for row in last["data"]]
+    assert losses == sorted(losses, reverse=True)  # the worst rows first
+    for row in last["data"]:
+        assert row[2] != row[3] and row[0].startswith("T")
+        assert row[5].split(" ")[0] == row[3]  # top-3 starts with the prediction
+    # the tables ride on the Trainer's step axis
+    steps = [h["train/global_step"] for h in history(run_dir) if h.get("eval/misclassified._type") == "table-file"]
+    assert steps == sorted(steps) and len(steps) == 3
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [r["history"]["item"] for r in inspect_records(run_dir) if r["type"] == "history"]
+
+
+def max_eval(run_dir: Path, key: str) -> float:
+    return max(h[key] for h in history(run_dir) if key in h)
+
+
+class CountEvalForwards(TrainerCallback):
+    """Counts the model's forward calls made in eval mode (hooked at train start)."""
+
+    def __init__(self):
+        self.eval_forwards = 0
+        self.evaluations = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def hook(module, inputs, output):
+            if not module.training:
+                self.eval_forwards += 1
+
+        model.register_forward_hook(hook)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluations += 1
+
+
+def test_tables_reuse_the_evaluation_predictions(tmp_path, tiny_model, tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_batch_size=5")
+    dataset_publish.run(cfg)
+    counter = CountEvalForwards()
+    result = finetune.run(cfg, callbacks=(counter,))
+    n_val = registry_of(cfg).resolve("tickets:v0").metadata["num_rows"]["validation"]
+    assert counter.evaluations == 3
+    assert counter.eval_forwards == counter.evaluations * math.ceil(n_val / 5)  # no second pass for the tables
+    assert "eval/misclassified" in inspect_summary(Path(result.paths["run_dir"]))["summary"]
+
+
+def test_second_run_reuses_tokenisation_and_reproduces_the_same_version(trained):
+    cfg, data, first = trained
+    assert first.details["tokenize_cache"] == "miss"
+    again = finetune.run(cfg)
+    assert again.details["tokenize_cache"] == "hit"
+    # same data, base model, config and seed on the CPU: bit-identical files, so no new version
+    assert again.status == "unchanged" and again.produced == ["clf:v0"]
+    assert again.metrics == pytest.approx({**first.metrics, **{k: again.metrics[k] for k in ("train_runtime", "train_samples_per_second")}})
+    assert registry_of(cfg).resolve("clf:latest").ref == "clf:v0"
+
+
+class StopAt(TrainerCallback):
+    """Sends this process SIGTERM at a step, as an orchestrator stopping the task would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path, tiny_model, tickets_csv):
+    steps = ["train.eval_strategy=steps", "train.eval_steps=5"]
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *steps)
+    dataset_publish.run(cfg)
+    reg = registry_of(cfg)
+    uninterrupted = finetune.run(cfg)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(12),))
+    killed = [r for r in reg_runs(reg) if r["status"] == "killed"]
+    assert len(killed) == 1 and killed[0]["job_type"] == "finetune"
+    run_id = killed[0]["id"]
+    ckpts = sorted(p.name for p in (Path(cfg.tracking.dir) / "checkpoints" / "clf" / run_id).glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-10", "checkpoint-5"]
+    assert reg.resolve("clf:latest").ref == "clf:v0"  # nothing published by the stopped run
+
+    resumed = finetune.run(cfg, resume="latest")
+    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-10")
+    assert reg.get_run(run_id)["status"] == "finished"
+    wandb_dirs = list((Path(cfg.tracking.dir) / "wandb").glob(f"offline-run-*-{run_id}*"))
+    assert len(wandb_dirs) == 2  # the interrupted and the resumed part of one W&B run id
+    # the same metrics as the uninterrupted run, and bit-identical weights: the same version
+    for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
+        assert resumed.metrics[key] == uninterrupted.metrics[key]
+    assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
+
+
+def reg_runs(reg: LocalRegistry) -> list[dict]:
+    import sqlite3
+
+    with sqlite3.connect(reg.root / "catalog.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY started_at")]
+
+
+def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_model, tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(7),))
+    changed = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5",
+                       "train.learning_rate=0.01")
+    with pytest.raises(ConfigError, match=r"train.learning_rate \(0.003 -> 0.01\)"):
+        finetune.run(changed, resume="latest")
+    with pytest.raises(RefError, match="no interrupted finetune run 'nosuchrun'"):
+        finetune.run(cfg, resume="nosuchrun")
+
+
+@pytest.mark.parametrize("extra, dataset, message", [
+    ((), "tickets:v7", r"tickets has no version 'v7'; versions: v0"),
+    ((), "other:latest", r"no artifact named 'other'.*known artifacts: tickets"),
+    (("model.max_length=512",), None, r"model.max_length=512 is above what the base model .* accepts \(128 tokens\)"),
+    (("model.base=/no/such/model",), None, r"model.base='/no/such/model': no such folder"),
+])
+def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_model, tickets_csv, extra, dataset, message):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *extra)
+    dataset_publish.run(cfg)
+    with pytest.raises((ConfigError, RefError), match=message):
+        finetune.run(cfg, dataset=dataset)
+    reg = registry_of(cfg)
+    assert reg.list_versions(type="model") == []
+    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]  # no finetune run was opened
+    assert not (Path(cfg.tracking.dir) / "checkpoints").exists()
+
+
+def write_yaml(tmp_path: Path, cfg) -> Path:
+    import yaml
+
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
+    return path
+
+
+def test_cli_reports_bad_batch_size_and_unknown_reference(tmp_path, tiny_model, tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
+    dataset_publish.run(cfg)
+    config = write_yaml(tmp_path, cfg)
+    bad = run_cli("finetune", "--config", str(config), "--set", "train.batch_size=0")
+    assert bad.returncode == 2 and "train.batch_size: Input should be greater than 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run_cli("finetune", "--config", str(config), "--dataset", "tickets:v3", "--result-json", str(tmp_path / "r.json"))
+    assert missing.returncode == 2 and "tickets has no version 'v3'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
+    assert registry_of(cfg).list_versions(type="model") == []

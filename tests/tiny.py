@@ -1,0 +1,40 @@
+"""A tiny BERT and tokenizer built from a config (no download), and a small labeled dataset."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pipeline import demo_data
+
+
+def write_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, max_positions: int = 128) -> Path:
+    """A 2-layer BERT whose WordPiece vocabulary covers the demo tickets' words."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast, set_seed
+
+    words = set()
+    for r in demo_data.generate(rows=3000, seed=1):
+        words.update(re.findall(r"[a-z0-9]+", r["text"].lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True,
+                                  model_max_length=max_positions)
+    set_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=max_positions)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_tickets(path: Path, rows: int = 240, seed: int = 7) -> Path:
+    import csv
+
+    seen: dict[str, str] = {}
+    records = [r for r in demo_data.generate(rows=rows, seed=seed) if seen.setdefault(r["text"], r["label"]) == r["label"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["ticket_id", "text", "label"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(records)
+    return path
