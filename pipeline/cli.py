@@ -17,6 +17,10 @@ from pipeline import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "dataset-publish": ("pipeline.commands.dataset_publish", "validate, split and publish raw labeled text as NAME:vN"),
     "finetune": ("pipeline.commands.finetune", "train a classifier on an exact dataset version and publish MODEL:vM"),
+    "evaluate": ("pipeline.commands.evaluate", "score a model version on its test split and gate its promotion to production"),
+    "deploy-fetch": ("pipeline.commands.deploy_fetch", "fetch a model version into a folder, verified and smoke-tested"),
+    "run": ("pipeline.commands.run", "run dataset-publish, finetune, evaluate and deploy-fetch in order"),
+    "predict": ("pipeline.commands.predict", "classify text with a fetched or deployed model"),
     "artifacts": ("pipeline.commands.artifacts", "list, show and verify artifact versions in the registry"),
 }
 

@@ -159,13 +159,33 @@ class GateConfig(_Group):
     """The challenger must reach this test accuracy."""
     min_macro_f1: float = Field(0.0, ge=0, le=1)
     """The challenger must reach this test macro-F1."""
+    min_class_recall: float | dict[str, float] | None = None
+    """Optional minimum recall per class: one number for every class, or ``{label: minimum}``."""
     max_regression: float = Field(0.01, ge=0, le=1)
     """And be at most this much worse than production on the same data."""
+    regression_metrics: list[Literal["accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision",
+                                     "macro_recall"]] = Field(default_factory=lambda: ["accuracy", "macro_f1"])
+    """Metrics the ``max_regression`` check compares against production."""
+
+    @model_validator(mode="after")
+    def _check_recall(self) -> GateConfig:
+        values = self.min_class_recall.values() if isinstance(self.min_class_recall, dict) else [self.min_class_recall]
+        if any(v is not None and not 0 <= v <= 1 for v in values):
+            raise ValueError("evaluate.gate.min_class_recall values must be between 0 and 1")
+        return self
 
 
 class EvaluateConfig(_Group):
     gate: GateConfig = Field(default_factory=GateConfig)
     """Promotion thresholds."""
+    split: Literal["test", "validation"] = "test"
+    """Dataset split the models are scored on."""
+    batch_size: int = Field(64, gt=0)
+    """Rows per inference batch."""
+    calibration_bins: int = Field(10, gt=1)
+    """Equal-width confidence bins for the calibration error and the reliability diagram."""
+    misclassified_rows: int = Field(100, ge=0)
+    """Rows in the table of misclassified examples (the highest-loss ones)."""
 
 
 class DeployConfig(_Group):

@@ -97,3 +97,29 @@ def load_metric(**kwargs):
     if _CLASS is None:
         _CLASS = _metric_class()
     return _CLASS(keep_in_memory=True, **kwargs)
+
+
+def calibration(probs: np.ndarray, references: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins, and the reliability curve.
+
+    ECE = sum over bins of (rows in bin / rows) * |accuracy in bin - mean confidence in bin|.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    refs = np.asarray(references, dtype=np.int64)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == refs
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # right-closed bins, (lo, hi], with the first one closed on 0 as well
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    rows = []
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        acc = float(correct[mask].mean()) if n else 0.0
+        mean_conf = float(conf[mask].mean()) if n else 0.0
+        if n:
+            ece += n / len(conf) * abs(acc - mean_conf)
+        rows.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": n,
+                     "accuracy": acc, "confidence": mean_conf})
+    return {"ece": float(ece), "bins": rows}

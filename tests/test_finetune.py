@@ -276,3 +276,34 @@ def test_cli_reports_bad_batch_size_and_unknown_reference(tmp_path, tiny_model, 
     assert "Traceback" not in missing.stderr
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
     assert registry_of(cfg).list_versions(type="model") == []
+
+
+def torchrun(*args: str, cwd: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tiny_model, tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=2")
+    dataset_publish.run(cfg)
+    config = write_yaml(tmp_path, cfg)
+    done = torchrun("finetune", "--config", str(config), "--result-json", str(tmp_path / "r.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["status"] == "ok" and result["produced"] == ["clf:v0"]
+    assert result["details"]["processes"] == 2
+    train_rows = registry_of(cfg).resolve("tickets:v0").metadata["num_rows"]["train"]
+    assert result["details"]["final"]["step"] == 2 * math.ceil(train_rows / (16 * 2))  # each process takes half a batch set
+    assert result["metrics"]["eval_loss"] < 2.5  # a per-example mean, not multiplied by the process count
+    reg = registry_of(cfg)
+    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish", "finetune"]  # one run, from the main process
+    assert len(list((Path(cfg.tracking.dir) / "wandb").glob(f"offline-run-*-{result['run_id']}*"))) == 1
+    assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"]
+    assert reg.resolve("clf:v0").metadata["training"]["processes"] == 2
+    # a bad reference stops both processes with the main one's message, instead of leaving one waiting
+    bad = torchrun("finetune", "--config", str(config), "--dataset", "tickets:v9", cwd=tmp_path)
+    assert bad.returncode != 0 and "tickets has no version 'v9'" in bad.stderr

@@ -467,6 +467,18 @@ class LocalRegistry:
             self._move_alias(conn, row["name"], alias, row["id"])
             return self._load(conn, row)
 
+    def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion:
+        """Merge `patch` into a version's metadata (top-level keys). Content and digest stay as they are."""
+        with self._write() as conn:
+            row = self._resolve_row(conn, ref, None)
+            meta = {**json.loads(row["metadata"]), **redact(dict(patch))}
+            try:
+                meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise RegistryError(f"metadata for {ref!r} is not plain JSON: {e}") from None
+            conn.execute("UPDATE versions SET metadata = ? WHERE id = ?", (meta_json, row["id"]))
+            return self._load(conn, conn.execute("SELECT * FROM versions WHERE id = ?", (row["id"],)).fetchone())
+
     # -- fetching ----------------------------------------------------------------------------
     def default_fetch_dir(self, version: ArtifactVersion) -> Path:
         return self.root.parent / "artifacts" / version.name / f"v{version.version}"

@@ -183,6 +183,12 @@ class WandbRegistry:
             art.save()
         return self.to_version(art)
 
+    def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion:
+        art = self._artifact(ref)
+        art.metadata.update(redact(dict(patch)))
+        art.save()
+        return self.to_version(art)
+
     def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]:
         out = []
         for t in self.api.artifact_types(project=f"{self.entity}/{self.project}"):

@@ -229,6 +229,9 @@ def _training_args(config: Config, output_dir: Path, run_id: str, report: bool):
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch(),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # Token-count averaging is for token-level losses; with a per-example classification loss it
+        # would report the loss multiplied by the number of processes.
+        average_tokens_across_devices=False,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
         eval_strategy=t.eval_strategy,

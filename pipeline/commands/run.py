@@ -1,0 +1,35 @@
+"""``pipeline run --config C``: dataset-publish, finetune, evaluate and deploy-fetch in order."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.commands.stage import add_stage_arguments
+
+    add_stage_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    import sys
+
+    from pipeline.commands.stage import EXIT_CODES
+    from pipeline.config import load_config
+    from pipeline.results import write_json_atomic
+    from pipeline.runner import PipelineResult, run_all
+    from pipeline.tracking import new_run_id
+
+    config = load_config(args.config, args.overrides)
+    outcome = PipelineResult(group=args.group or config.tracking.group or f"pipeline-{new_run_id()}")
+
+    def report(stage_result) -> None:
+        print(f"{stage_result.stage}: {stage_result.status} ({', '.join(stage_result.produced) or '-'})", file=sys.stderr)
+
+    try:
+        run_all(config, on_stage=report, result=outcome)
+    finally:
+        if args.result_json:  # also when a stage failed: the file says which, and what came before
+            write_json_atomic(args.result_json, outcome.to_dict())
+    print(outcome.message or outcome.status, file=sys.stderr)
+    return EXIT_CODES[outcome.status]

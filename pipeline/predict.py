@@ -1,0 +1,85 @@
+"""Use a model version: load a fetched or deployed folder and classify text.
+
+    from pipeline.predict import load
+    classifier = load("deploy/intent-classifier")
+    classifier.predict(["my parcel never arrived"])   # [[("shipping", 0.97), ...]]
+
+The evaluate stage scores test splits with the same class, so what is measured is what runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class Prediction:
+    label: str
+    confidence: float
+    top: list[tuple[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "confidence": self.confidence, "top": [{"label": n, "score": p} for n, p in self.top]}
+
+
+class Classifier:
+    def __init__(self, model_dir: str | Path, max_length: int | None = None, device: str | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.dir = Path(model_dir)
+        if not (self.dir / "config.json").is_file():
+            raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.dir)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        cfg = self.model.config
+        self.label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
+        self.max_length = max_length or self._trained_max_length()
+
+    def _trained_max_length(self) -> int:
+        try:
+            return int(json.loads((self.dir / "training_config.json").read_text())["model"]["max_length"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return min(512, int(getattr(self.tokenizer, "model_max_length", 512) or 512))
+
+    def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                pair = list(text_pairs[i:i + batch_size]) if text_pairs is not None else None
+                enc = self.tokenizer(list(texts[i:i + batch_size]), pair, truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt").to(self.device)
+                out.append(self.model(**enc).logits.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
+
+    def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, top_k: int = 3) -> list[Prediction]:
+        from pipeline.metrics import log_softmax
+
+        probs = np.exp(log_softmax(self.logits(texts, text_pairs)))
+        preds = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:top_k]
+            top = [(self.label_names[j], float(row[j])) for j in order]
+            preds.append(Prediction(label=top[0][0], confidence=top[0][1], top=top))
+        return preds
+
+
+def load(model_dir: str | Path, **kwargs) -> Classifier:
+    return Classifier(model_dir, **kwargs)
+
+
+def predict(model_dir: str | Path, texts: Sequence[str], top_k: int = 3) -> list[Prediction]:
+    """One call: load the folder and classify `texts`."""
+    return load(model_dir).predict(texts, top_k=top_k)

@@ -1,0 +1,80 @@
+"""``pipeline run``: the four stages in order under one W&B group, handing exact references on.
+
+Each stage gets the exact ``name:vN`` the previous one produced (never an alias that another
+run could move in between). The first stage that fails stops the run with its exit code; a
+gate that says no stops it with ``gate_failed`` before anything is deployed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.results import StageResult
+from pipeline.tracking import new_run_id
+
+log = logging.getLogger(__name__)
+ORDER = ("dataset-publish", "finetune", "evaluate", "deploy-fetch")
+
+
+@dataclass
+class PipelineResult:
+    group: str
+    stages: list[StageResult] = field(default_factory=list)
+    status: str = "ok"
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        produced = [r for s in self.stages for r in s.produced]
+        consumed = [r for s in self.stages for r in s.consumed if r not in produced]
+        metrics = {f"{s.stage}/{k}": v for s in self.stages for k, v in s.metrics.items()}
+        paths = {f"{s.stage}/{k}": v for s in self.stages for k, v in s.paths.items()}
+        out = StageResult(stage="run", status=self.status, run_id=None, consumed=list(dict.fromkeys(consumed)),
+                          produced=produced, metrics=metrics, paths=paths, message=self.message).to_dict()
+        out["group"] = self.group
+        out["stages"] = [s.to_dict() for s in self.stages]
+        return out
+
+
+def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[StageResult], None] | None = None,
+            result: PipelineResult | None = None) -> PipelineResult:
+    """Run the stages; `result` (made here when not given) is filled in as they finish, also on failure."""
+    from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
+
+    if result is None:
+        result = PipelineResult(group=group or config.tracking.group or f"pipeline-{new_run_id()}")
+    group = result.group
+
+    def step(name: str, fn, **kwargs) -> StageResult:
+        log.info("== %s (group %s)", name, group)
+        try:
+            r = fn(config, group=group, **kwargs)
+        except BaseException as e:
+            result.status = "failed"
+            result.message = f"{name} failed: {e}"
+            result.stages.append(StageResult(stage=name, status="failed", message=str(e)))
+            if on_stage:
+                on_stage(result.stages[-1])
+            raise
+        result.stages.append(r)
+        if on_stage:
+            on_stage(r)
+        return r
+
+    data = step("dataset-publish", dataset_publish.run)
+    model = step("finetune", finetune.run, dataset=data.produced[0])
+    verdict = step("evaluate", evaluate.run, model=model.produced[0])
+    if verdict.status == "gate_failed":
+        result.status = "gate_failed"
+        result.message = verdict.message
+        return result
+    production = verdict.details.get("production")
+    if not production:
+        raise PipelineError(f"evaluate passed {model.produced[0]} but no production version is set")
+    step("deploy-fetch", deploy_fetch.run, model=production)
+    result.message = f"{production} deployed at {result.stages[-1].paths['model_dir']}"
+    return result

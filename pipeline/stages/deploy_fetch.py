@@ -1,0 +1,112 @@
+"""deploy-fetch: a verified local copy of a model version (default ``<model.name>:production``).
+
+The version is first fetched into the registry's own verified copy and smoke-tested there (a
+prediction must load the weights and give a known label with probabilities summing to one).
+Only then is it copied into the target folder: built next to it, every file's hash checked,
+and renamed into place with ``manifest.json``, so the target is never half-written and a
+tampered or broken version leaves the old deployment untouched. The same verified version
+already in place means no copy at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import StageFailed
+from pipeline.results import StageResult
+from pipeline.tracking import open_registry, tracked_run
+
+STAGE = "deploy-fetch"
+MANIFEST = "manifest.json"
+SMOKE_TEXT = "hello, I need some help with my account"
+log = logging.getLogger(__name__)
+
+
+def smoke_test(model_dir: Path, label_names: list[str]) -> dict[str, Any]:
+    from pipeline.predict import load
+
+    try:
+        prediction = load(model_dir).predict([SMOKE_TEXT], top_k=len(label_names) or 3)[0]
+    except Exception as e:  # noqa: BLE001 - any failure to load or run the model fails the smoke test
+        raise StageFailed(f"smoke prediction failed on {model_dir}: {type(e).__name__}: {e}", exit_code=1) from e
+    total = sum(p for _, p in prediction.top)
+    if label_names and prediction.label not in label_names:
+        raise StageFailed(f"smoke prediction gave unknown label {prediction.label!r}; expected one of {label_names}", exit_code=1)
+    if label_names and len(prediction.top) == len(label_names) and abs(total - 1.0) > 1e-3:
+        raise StageFailed(f"smoke prediction probabilities sum to {total:.4f}, not 1", exit_code=1)
+    return {"text": SMOKE_TEXT, "label": prediction.label, "confidence": round(prediction.confidence, 6)}
+
+
+def _is_our_deployment(dest: Path, name: str) -> bool:
+    try:
+        manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("name") == name and "digest" in manifest
+
+
+def run(config: Config, *, group: str | None = None, model: str | None = None, to: str | Path | None = None,
+        force: bool = False) -> StageResult:
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    version = registry.resolve(model or f"{config.model.name}:production", type="model")
+    dest = Path(to or config.deploy.dir).resolve()
+    with tracked_run(config, STAGE, group=group) as trun:
+        reg = trun.registry
+        version = reg.use(version.ref, trun, type="model")
+        label_names = list(version.metadata.get("label_names") or [])
+        # replacing an earlier deployment of this model needs no --force; anything else does
+        overwrite = force or _is_our_deployment(dest, version.name)
+        evaluation = version.metadata.get("evaluation") or {}
+        existing = _current(dest)
+        if existing and existing.get("digest") == version.digest and existing.get("smoke"):
+            smoke = existing["smoke"]  # these exact bytes passed the smoke test when first deployed
+        else:
+            verified = reg.fetch(version)  # the registry's verified copy: smoke-test it before deploying
+            smoke = smoke_test(verified.path, label_names)
+        manifest = {
+            "ref": version.ref,
+            "name": version.name,
+            "version": f"v{version.version}",
+            "digest": version.digest,
+            "aliases": sorted(version.aliases),
+            "dataset": version.metadata.get("dataset"),
+            "training_run": version.produced_by,
+            "evaluation": {k: evaluation.get(k) for k in ("run_id", "dataset", "split", "metrics", "gate")} if evaluation else None,
+            "base_model": (version.metadata.get("base_model") or {}).get("id"),
+            "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "deploy_run": trun.id,
+            "smoke": smoke,
+            "files": [{"path": f.path, "sha256": f.digest, "size": f.size} for f in version.files],
+        }
+        # A verified copy of this version already in place is reused as it is (manifest included).
+        fetched = reg.fetch(version, dest, overwrite=overwrite, extras={MANIFEST: _manifest_bytes(manifest)})
+        trun.set_summary(**{"deployed": version.ref, "deploy/reused": fetched.reused, "deploy/smoke_label": smoke and smoke.get("label")})
+        log.info("%s %s %s", version.ref, "already in place at" if fetched.reused else "deployed to", dest)
+    return StageResult(
+        stage=STAGE,
+        status="ok",
+        run_id=trun.id,
+        consumed=[version.ref],
+        metrics={f"test_{k}": v for k, v in (evaluation.get("metrics") or {}).items() if isinstance(v, (int, float))},
+        paths={"model_dir": str(dest), "manifest": str(dest / MANIFEST),
+               "run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
+        message=f"{version.ref} {'already in place' if fetched.reused else 'deployed'} at {dest}",
+        details={"reused": fetched.reused, "digest": version.digest, "smoke": smoke},
+    )
+
+
+def _current(dest: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2) + "\n").encode("utf-8")

@@ -1,0 +1,239 @@
+"""evaluate: score a model version on its own dataset's test split and gate its promotion.
+
+The challenger (default ``<model.name>:candidate``) is scored on the test split of the exact
+dataset version it was trained on, read from its lineage. The current ``production`` version,
+when there is one, is scored on the same rows in the same run (champion vs challenger). The
+gate checks the configured minimums and the largest allowed regression against production;
+when it passes, ``production`` moves to the challenger in one registry write. The decision
+and its reasons go into the run summary, the model version's metadata and the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, GateConfig
+from pipeline.errors import ConfigError, RefError
+from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, scores
+from pipeline.results import StageResult
+from pipeline.tracking import open_registry, tracked_run
+
+STAGE = "evaluate"
+PRODUCTION = "production"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    ref: str
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    confusion: np.ndarray
+    calibration: dict[str, Any]
+    probs: np.ndarray
+
+
+@dataclass
+class Decision:
+    passed: bool
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c["reason"] for c in self.checks]
+
+    @property
+    def failed(self) -> list[str]:
+        return [c["reason"] for c in self.checks if not c["passed"]]
+
+
+def _check(name: str, value: float, op: str, threshold: float) -> dict[str, Any]:
+    ok = value >= threshold
+    mark = ">=" if ok else "<"
+    return {"check": name, "value": round(value, 6), "threshold": round(threshold, 6), "passed": ok,
+            "reason": f"{name} {value:.4f} {mark} {threshold:.4f}" + ("" if ok else f" ({op})")}
+
+
+def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_names: list[str]) -> Decision:
+    """Every configured check, passed or not, with a sentence saying why."""
+    m = challenger.metrics
+    checks = [
+        _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
+        _check("macro_f1", m["macro_f1"], "below evaluate.gate.min_macro_f1", gate.min_macro_f1),
+    ]
+    if gate.min_class_recall is not None:
+        wanted = gate.min_class_recall if isinstance(gate.min_class_recall, dict) else dict.fromkeys(label_names, gate.min_class_recall)
+        unknown = sorted(set(wanted) - set(label_names))
+        if unknown:
+            raise ConfigError(f"evaluate.gate.min_class_recall names labels the model does not have: {unknown}; "
+                              f"labels: {label_names}")
+        for label, minimum in wanted.items():
+            checks.append(_check(f"recall[{label}]", challenger.per_class[label]["recall"],
+                                 "below evaluate.gate.min_class_recall", minimum))
+    if champion is not None:
+        for key in gate.regression_metrics:
+            floor = champion.metrics[key] - gate.max_regression
+            c = _check(f"{key} vs production", m[key], f"more than evaluate.gate.max_regression={gate.max_regression} "
+                       f"below production {champion.ref} ({champion.metrics[key]:.4f})", floor)
+            c["champion"] = round(champion.metrics[key], 6)
+            checks.append(c)
+    return Decision(passed=all(c["passed"] for c in checks), checks=checks)
+
+
+def score(model_dir: Path, rows: dict[str, list], label_names: list[str], batch_size: int, bins: int, ref: str) -> Scored:
+    from pipeline.predict import load
+
+    classifier = load(model_dir)
+    if classifier.label_names != label_names:
+        raise ConfigError(f"{ref} predicts labels {classifier.label_names}, but the dataset's labels are {label_names}")
+    logits = classifier.logits(rows["text"], rows.get("text_pair"), batch_size=batch_size)
+    logp = log_softmax(logits)
+    probs = np.exp(logp)
+    refs = np.asarray(rows["label_id"], dtype=np.int64)
+    s = scores(probs.argmax(axis=1), refs, len(label_names))
+    cal = calibration(probs, refs, bins)
+    metrics = {k: float(s[k]) for k in SUMMARY_KEYS}
+    metrics["loss"] = float(-logp[np.arange(len(refs)), refs].mean()) if len(refs) else 0.0
+    metrics["ece"] = cal["ece"]
+    pc = s["per_class"]
+    per_class = {name: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
+                        "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
+                 for i, name in enumerate(label_names)}
+    return Scored(ref=ref, metrics=metrics, per_class=per_class, confusion=s["confusion_matrix"], calibration=cal, probs=probs)
+
+
+def _read_split(data_dir: Path, split: str) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data_dir / f"{split}.parquet")
+    if table.num_rows == 0:
+        raise ConfigError(f"the {split} split of {data_dir.name} is empty; nothing to evaluate on "
+                          "(set evaluate.split or the dataset's split fractions)")
+    return {c: table.column(c).to_pylist() for c in ("id", "text", "text_pair", "label", "label_id") if c in table.column_names}
+
+
+def _log(run, prefix: str, s: Scored, label_names: list[str], rows: dict[str, list], max_rows: int) -> None:
+    import wandb
+
+    from pipeline.callbacks import misclassified_rows
+
+    data = {f"{prefix}/{k}": v for k, v in s.metrics.items()}
+    per_class = wandb.Table(columns=["label", "precision", "recall", "f1", "support"],
+                            data=[[n, v["precision"], v["recall"], v["f1"], v["support"]] for n, v in s.per_class.items()])
+    data[f"{prefix}/per_class"] = per_class
+    labels = np.asarray(rows["label_id"])
+    preds = s.probs.argmax(axis=1)
+    data[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
+        y_true=labels.tolist(), preds=preds.tolist(), class_names=label_names, title=f"Confusion matrix ({s.ref})")
+    bins = [b for b in s.calibration["bins"] if b["count"]]
+    reliability = wandb.Table(columns=["confidence", "accuracy", "count", "lower", "upper"],
+                              data=[[b["confidence"], b["accuracy"], b["count"], b["lower"], b["upper"]] for b in bins])
+    data[f"{prefix}/calibration"] = reliability
+    data[f"{prefix}/reliability_diagram"] = wandb.plot.line(
+        reliability, "confidence", "accuracy", title=f"Reliability diagram ({s.ref}, ECE {s.metrics['ece']:.3f}); "
+                                                     "perfect calibration is the diagonal")
+    if max_rows:
+        cols, table_rows = misclassified_rows(np.log(np.clip(s.probs, 1e-12, None)), labels, label_names, rows["text"],
+                                              rows.get("id"), rows.get("text_pair"), max_rows)
+        data[f"{prefix}/misclassified"] = wandb.Table(columns=cols, data=table_rows)
+    run.log(data)
+
+
+def run(config: Config, *, group: str | None = None, model: str | None = None, dataset: str | None = None,
+        promote: bool = True) -> StageResult:
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    challenger = registry.resolve(model or f"{config.model.name}:candidate", type="model")
+    recorded = (challenger.metadata.get("dataset") or {}).get("ref")
+    ds_ref = dataset or recorded
+    if not ds_ref:
+        raise RefError(f"{challenger.ref} does not record the dataset it was trained on; pass --dataset NAME:vN")
+    try:
+        ds = registry.resolve(ds_ref, type="dataset")
+    except RefError as e:
+        raise RefError(f"{challenger.ref} was trained on {ds_ref}, which cannot be found: {e}") from None
+    label_names = list(challenger.metadata.get("label_names") or [])
+    if ds.metadata.get("label_names") and label_names and ds.metadata["label_names"] != label_names:
+        raise ConfigError(f"{challenger.ref} predicts {label_names}, but {ds.ref} has labels {ds.metadata['label_names']}")
+    try:
+        champion = registry.resolve(f"{challenger.name}:{PRODUCTION}", type="model")
+    except RefError:
+        champion = None  # no production version yet: the first one passes on the minimums alone
+    already = champion is not None and champion.ref == challenger.ref
+    gate = config.evaluate.gate
+    split = config.evaluate.split
+
+    with tracked_run(config, STAGE, group=group) as trun:
+        reg = trun.registry
+        reg.use(challenger.ref, trun, type="model")
+        reg.use(ds.ref, trun, type="dataset")
+        rows = _read_split(reg.fetch(ds).path, split)
+        label_names = label_names or list(ds.metadata["label_names"])
+        e = config.evaluate
+        ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)
+        _log(trun, split, ch, label_names, rows, e.misclassified_rows)
+        cp = None
+        if champion is not None and not already:
+            reg.use(champion.ref, trun, type="model")
+            cp = score(reg.fetch(champion).path, rows, label_names, e.batch_size, e.calibration_bins, champion.ref)
+            _log(trun, f"champion/{split}", cp, label_names, rows, 0)
+            _log_comparison(trun, ch, cp)
+        decision = decide(gate, ch, cp, label_names)
+        if already:
+            outcome = "already production"
+        elif not decision.passed:
+            outcome = "rejected"
+        elif promote:
+            reg.set_alias(challenger.ref, PRODUCTION)
+            outcome = "promoted"
+        else:
+            outcome = "passed (not promoted: --no-promote)"
+        status = "ok" if decision.passed or already else "gate_failed"
+        record = {
+            "run_id": trun.id,
+            "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": ds.ref,
+            "split": split,
+            "metrics": ch.metrics,
+            "per_class": ch.per_class,
+            "champion": {"ref": cp.ref, "metrics": cp.metrics} if cp else None,
+            "gate": {"passed": decision.passed, "outcome": outcome, "checks": decision.checks},
+        }
+        history = list(challenger.metadata.get("evaluations") or [])[-19:]  # keep the last 20
+        reg.update_metadata(challenger.ref, {"evaluation": record, "evaluations": [*history, record]})
+        trun.set_summary(**{
+            "gate/passed": decision.passed,
+            "gate/outcome": outcome,
+            "gate/reasons": decision.reasons,
+            "challenger": challenger.ref,
+            "champion": cp.ref if cp else (champion.ref if champion else None),
+            "status": status,
+        })
+        (log.info if decision.passed else log.warning)(
+            "%s: %s (%s)", challenger.ref, outcome, "; ".join(decision.failed or decision.reasons))
+    return StageResult(
+        stage=STAGE,
+        status=status,
+        run_id=trun.id,
+        consumed=[challenger.ref, ds.ref, *([cp.ref] if cp else [])],
+        produced=[],
+        metrics={**{f"{split}_{k}": v for k, v in ch.metrics.items()},
+                 **({f"champion_{split}_{k}": v for k, v in cp.metrics.items()} if cp else {})},
+        paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
+        message=f"{challenger.ref}: {outcome}" + (f" ({'; '.join(decision.failed)})" if decision.failed else ""),
+        details={"model": challenger.ref, "production": challenger.ref if outcome in ("promoted", "already production")
+                 else (champion.ref if champion else None), "gate": record["gate"], "per_class": ch.per_class},
+    )
+
+
+def _log_comparison(run, ch: Scored, cp: Scored) -> None:
+    import wandb
+
+    rows = [[k, ch.metrics[k], cp.metrics[k], ch.metrics[k] - cp.metrics[k]] for k in (*SUMMARY_KEYS, "loss", "ece")]
+    run.log({"gate/comparison": wandb.Table(columns=["metric", f"challenger {ch.ref}", f"production {cp.ref}", "delta"],
+                                            data=rows)})

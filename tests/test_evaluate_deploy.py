@@ -1,0 +1,284 @@
+"""evaluate (gate, champion/challenger), deploy-fetch, predict, run and the orchestrator chain, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.predict import load as load_classifier
+from pipeline.registry.local import LocalRegistry
+from pipeline.runner import run_all
+from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
+from tests.conftest import REPO, inspect_summary, run_cli
+from tests.tiny import write_tickets, write_tiny_model
+
+# 10 epochs of a 2-layer, 32-wide BERT learn these tickets well (about 0.9 validation accuracy)
+GOOD = ["train.epochs=10", "train.batch_size=16", "train.learning_rate=3e-3", "train.warmup_ratio=0",
+        "train.misclassified_rows=3"]
+BAD = ["train.max_steps=1", "train.learning_rate=1e-6"]  # an untrained head: a clear regression
+
+
+def overrides(root: Path, model_dir: Path, csv: Path) -> list[str]:
+    return ["dataset.name=tickets", f"dataset.source={csv}", "dataset.id_column=ticket_id", "model.name=clf",
+            f"model.base={model_dir}", "model.max_length=64", f"tracking.dir={root / 'track'}",
+            f"deploy.dir={root / 'deploy'}", *GOOD]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A tracking dir holding tickets:v0 and a well-trained clf:v0 (candidate), built once."""
+    root = tmp_path_factory.mktemp("template")
+    model_dir = write_tiny_model(root / "bert")
+    csv = write_tickets(root / "tickets.csv", rows=480)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var.startswith("WANDB_"):
+                mp.delenv(var)
+        mp.setenv("WANDB_MODE", "offline")
+        cfg = load_config(None, overrides(root, model_dir, csv))
+        dataset_publish.run(cfg)
+        finetune.run(cfg)
+    return root, model_dir, csv
+
+
+@pytest.fixture
+def env(template, tmp_path):
+    root, model_dir, csv = template
+    shutil.copytree(root / "track", tmp_path / "track", ignore=shutil.ignore_patterns("wandb", "artifacts"))
+
+    def cfg(*extra: str):
+        return load_config(None, [*overrides(tmp_path, model_dir, csv), *extra])
+
+    return cfg
+
+
+def registry(cfg) -> LocalRegistry:
+    return LocalRegistry(Path(cfg.tracking.dir) / "registry")
+
+
+def test_gate_pass_promotes_and_records_the_decision_everywhere(env):
+    cfg = env()
+    result = evaluate.run(cfg)
+    reg = registry(cfg)
+    assert result.status == "ok" and result.details["production"] == "clf:v0"
+    assert reg.resolve("clf:production").ref == "clf:v0"
+    assert result.consumed == ["clf:v0", "tickets:v0"]  # the exact dataset version from the model's lineage
+
+    # the metrics are what the model really scores on the test split
+    data_dir = reg.fetch(reg.resolve("tickets:v0")).path
+    test = pq.read_table(data_dir / "test.parquet").to_pydict()
+    clf = load_classifier(reg.fetch(reg.resolve("clf:v0")).path)
+    preds = clf.logits(test["text"]).argmax(axis=1)
+    assert result.metrics["test_accuracy"] == pytest.approx(float(np.mean(preds == np.array(test["label_id"]))))
+    assert result.metrics["test_accuracy"] > 0.6
+    assert 0 <= result.metrics["test_ece"] <= 1
+    assert set(result.details["per_class"]) == set(reg.resolve("clf:v0").metadata["label_names"])
+
+    meta = reg.resolve("clf:v0").metadata["evaluation"]
+    assert meta["gate"]["passed"] and meta["gate"]["outcome"] == "promoted"
+    assert meta["run_id"] == result.run_id and meta["dataset"] == "tickets:v0"
+    summary = inspect_summary(Path(result.paths["run_dir"]))["summary"]
+    assert summary["gate/passed"] is True and summary["gate/outcome"] == "promoted"
+    assert summary["test/accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+    for key in ("test/per_class", "test/confusion_matrix_table", "test/calibration", "test/reliability_diagram_table",
+                "test/misclassified"):
+        assert summary[key]["_type"] == "table-file", key
+
+    again = evaluate.run(cfg)  # already production: nothing to move, still exit 0
+    assert again.status == "ok" and "already production" in again.message
+    assert len(reg.resolve("clf:v0").metadata["evaluations"]) == 2
+
+
+def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
+    cfg = env()
+    evaluate.run(cfg)  # clf:v0 -> production
+    worse = finetune.run(env(*BAD))
+    assert worse.produced == ["clf:v1"]
+    result = evaluate.run(cfg)  # the candidate is now clf:v1
+    reg = registry(cfg)
+    assert result.status == "gate_failed"
+    assert reg.resolve("clf:production").ref == "clf:v0"
+    assert reg.resolve("clf:candidate").ref == "clf:v1"
+    # champion and challenger scored on the same rows in the same run
+    assert result.consumed == ["clf:v1", "tickets:v0", "clf:v0"]
+    assert result.metrics["champion_test_accuracy"] > result.metrics["test_accuracy"] + 0.01
+    failed = [c for c in result.details["gate"]["checks"] if not c["passed"]]
+    assert any(c["check"] == "accuracy vs production" for c in failed)
+    assert "below production clf:v0" in result.message
+    gate = reg.resolve("clf:v1").metadata["evaluation"]["gate"]
+    assert gate["outcome"] == "rejected" and not gate["passed"]
+    summary = inspect_summary(Path(result.paths["run_dir"]))["summary"]
+    assert summary["gate/passed"] is False and summary["champion"] == "clf:v0"
+    assert summary["champion/test/accuracy"] == pytest.approx(result.metrics["champion_test_accuracy"])
+    assert summary["gate/comparison"]["_type"] == "table-file"
+
+    # the command line gives gate_failed its own exit code, for an orchestrator to branch on
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    cli = run_cli("evaluate", "--config", str(config), "--result-json", str(tmp_path / "r.json"))
+    assert cli.returncode == 3, cli.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "gate_failed"
+    assert reg.resolve("clf:production").ref == "clf:v0"
+
+
+def test_thresholds_and_no_promote(env):
+    strict = env("evaluate.gate.min_accuracy=0.99", "evaluate.gate.min_class_recall=0.99")
+    result = evaluate.run(strict)
+    assert result.status == "gate_failed"
+    reasons = [c["check"] for c in result.details["gate"]["checks"] if not c["passed"]]
+    assert "accuracy" in reasons and any(r.startswith("recall[") for r in reasons)
+    with pytest.raises(RefError, match="no alias 'production'"):
+        registry(strict).resolve("clf:production")
+    passed = evaluate.run(env(), promote=False)
+    assert passed.status == "ok" and "not promoted" in passed.message
+    with pytest.raises(RefError, match="no alias 'production'"):
+        registry(strict).resolve("clf:production")
+    with pytest.raises(Exception, match="labels the model does not have: \\['nonsense'\\]"):
+        evaluate.run(env("evaluate.gate.min_class_recall={nonsense: 0.5}"))
+
+
+def test_evaluate_bad_references(env):
+    cfg = env()
+    with pytest.raises(RefError, match="clf has no version 'v9'; versions: v0; aliases: candidate -> v0, latest -> v0"):
+        evaluate.run(cfg, model="clf:v9")
+    with pytest.raises(RefError, match="is a 'dataset' artifact, not a 'model'"):
+        evaluate.run(cfg, model="tickets:v0")
+
+
+def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
+    cfg = env()
+    with pytest.raises(RefError, match="no alias 'production'; versions: v0; aliases: candidate -> v0, latest -> v0"):
+        deploy_fetch.run(cfg)
+    evaluate.run(cfg)
+    first = deploy_fetch.run(cfg)
+    dest = tmp_path / "deploy"
+    assert first.status == "ok" and not first.details["reused"] and first.consumed == ["clf:v0"]
+    reg = registry(cfg)
+    version = reg.resolve("clf:v0")
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["ref"] == "clf:v0" and manifest["digest"] == version.digest
+    assert manifest["dataset"]["ref"] == "tickets:v0" and manifest["training_run"] == version.produced_by
+    assert manifest["evaluation"]["metrics"]["accuracy"] == version.metadata["evaluation"]["metrics"]["accuracy"]
+    assert manifest["smoke"]["label"] in version.metadata["label_names"] and manifest["fetched_at"]
+    from pipeline.registry.local import hash_file
+
+    for f in version.files:
+        assert hash_file(dest / f.path)[0] == f.digest
+    before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+
+    second = deploy_fetch.run(cfg)  # same verified version in place: no copy, manifest untouched
+    assert second.details["reused"] and {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == before
+
+    # a tampered stored object fails verification and leaves the old deployment as it was
+    finetune.run(env("train.seed=7"))  # clf:v1
+    reg.set_alias("clf:v1", "production")
+    v1 = reg.resolve("clf:v1")
+    obj = reg.object_path(next(f.digest for f in v1.files if f.path == "model.safetensors"))
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00tampered")
+    shutil.rmtree(Path(cfg.tracking.dir) / "artifacts" / "clf" / "v1", ignore_errors=True)
+    with pytest.raises(IntegrityError, match="clf:v1: model.safetensors does not match"):
+        deploy_fetch.run(cfg)
+    assert json.loads((dest / "manifest.json").read_text())["ref"] == "clf:v0"
+    assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == before
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".deploy")]  # no staging left behind
+
+    # a folder holding something else is never overwritten without --force
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RegistryError, match="already holds files"):
+        deploy_fetch.run(cfg, model="clf:v0", to=other)
+    assert (other / "notes.txt").read_text() == "mine"
+    forced = deploy_fetch.run(cfg, model="clf:v0", to=other, force=True)
+    assert forced.status == "ok" and not (other / "notes.txt").exists()
+
+
+def test_predict_command_and_function(env, tmp_path):
+    cfg = env()
+    evaluate.run(cfg)
+    deploy_fetch.run(cfg)
+    dest = tmp_path / "deploy"
+    labels = registry(cfg).resolve("clf:v0").metadata["label_names"]
+    from pipeline.predict import predict
+
+    preds = predict(dest, ["i was charged twice for my invoice", "tracking for my order has not updated since monday"], top_k=3)
+    assert all(p.label in labels and 0 < p.confidence <= 1 and len(p.top) == 3 for p in preds)
+    assert [p.label for p in preds] == ["billing", "shipping"]
+    out = run_cli("predict", "--model-dir", str(dest), "i was charged twice for my invoice")
+    assert out.returncode == 0, out.stderr
+    label, score, text = out.stdout.strip().split("\t")
+    assert label == "billing" and 0 < float(score) <= 1 and text == "i was charged twice for my invoice"
+    js = run_cli("predict", "--model-dir", str(dest), "--json", "--top-k", "2", "tracking for my order has not updated since monday")
+    row = json.loads(js.stdout)
+    assert row["label"] == "shipping" and len(row["top"]) == 2
+    missing = run_cli("predict", "--model-dir", str(tmp_path / "nothing"), "x")
+    assert missing.returncode == 2 and "not a model folder" in missing.stderr
+
+
+def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
+    cfg = env()
+    shutil.rmtree(Path(cfg.tracking.dir))  # a clean start
+    result = run_all(cfg)
+    assert [s.stage for s in result.stages] == ["dataset-publish", "finetune", "evaluate", "deploy-fetch"]
+    assert [s.status for s in result.stages] == ["ok"] * 4 and result.status == "ok"
+    with sqlite3.connect(Path(cfg.tracking.dir) / "registry" / "catalog.db") as conn:
+        groups = {r[0] for r in conn.execute("SELECT run_group FROM runs")}
+    assert groups == {result.group}
+    assert (tmp_path / "deploy" / "manifest.json").is_file()
+    out = result.to_dict()
+    assert out["stage"] == "run" and out["produced"] == ["tickets:v0", "clf:v0"] and len(out["stages"]) == 4
+
+    # a gate that says no stops the run with its exit code before deploy-fetch
+    config = tmp_path / "strict.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", "train.seed=3").to_dict()))
+    cli = run_cli("run", "--config", str(config), "--result-json", str(tmp_path / "run.json"))
+    assert cli.returncode == 3, cli.stderr[-2000:]
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["status"] == "gate_failed" and [s["stage"] for s in data["stages"]] == ["dataset-publish", "finetune", "evaluate"]
+    assert data["stages"][0]["status"] == "unchanged"
+
+
+@pytest.mark.slow
+def test_orchestrator_chain_through_result_files(env, tmp_path):
+    import yaml
+
+    cfg = env()
+    shutil.rmtree(Path(cfg.tracking.dir))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    work = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "orchestrate.py"), "--config", str(config),
+                           "--workdir", str(work)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads((work / f).read_text()) for f in
+             ("1-dataset-publish.json", "2-finetune.json", "3-evaluate.json", "4-deploy-fetch.json")]
+    assert [s["status"] for s in steps] == ["ok"] * 4
+    assert steps[1]["consumed"] == steps[0]["produced"] == ["tickets:v0"]
+    assert steps[2]["consumed"][0] == steps[1]["produced"][0] == "clf:v0"
+    assert steps[3]["consumed"] == ["clf:v0"]
+    assert "--dataset tickets:v0" in done.stdout and "--model clf:v0" in done.stdout
+    # the gate branch: exit 3, nothing deployed
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", "train.seed=5").to_dict()))
+    gated = subprocess.run([sys.executable, str(REPO / "scripts" / "orchestrate.py"), "--config", str(strict),
+                            "--workdir", str(tmp_path / "r2")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert gated.returncode == 3 and "gate said no" in gated.stdout
+    assert not (tmp_path / "r2" / "4-deploy-fetch.json").exists()
