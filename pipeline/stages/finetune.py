@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -437,7 +438,9 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         if trun.wandb_run is not None:
             _define_summaries(trun.wandb_run)
         try:
-            output = trainer.train(resume_from_checkpoint=shared["resume_from"])
+            # The Trainer prints its log lines to stdout; keep stdout for what programs read.
+            with contextlib.redirect_stdout(sys.stderr):
+                output = trainer.train(resume_from_checkpoint=shared["resume_from"])
         except BaseException:
             log.error("finetune run %s stopped; its checkpoints are in %s. Continue it with: "
                       "python -m pipeline finetune --config ... --resume %s", plan_.run_id, plan_.output_dir, plan_.run_id)
@@ -500,5 +503,6 @@ def _follow(config: Config, state, callbacks) -> StageResult:
     if "error" in shared:
         raise PipelineError(f"the main process stopped before training: {shared['error']}")
     trainer, _ = _build_trainer(config, shared, None, callbacks)
-    trainer.train(resume_from_checkpoint=shared["resume_from"])
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train(resume_from_checkpoint=shared["resume_from"])
     return StageResult(stage=STAGE, status="ok", run_id=shared["run_id"], details={"process": state.process_index})
