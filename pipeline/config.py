@@ -306,6 +306,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_format_errors(e, origin)) from None
 
 
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                     origin: str = "recorded config") -> Config:
+    """Validate a config held as data (a model version's recorded config), with ``--set`` overrides."""
+    data = json.loads(json.dumps(data))  # a deep copy of plain JSON
+    for item in overrides:
+        _apply_override(data, item)
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
 def load_tracking(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config | TrackingConfig:
     """For commands that only need the registry (``artifacts``): a full config when a file is
     given, else the tracking defaults (plus ``tracking.*`` overrides)."""

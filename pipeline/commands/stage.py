@@ -19,11 +19,12 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", help="W&B group shared with the other stages of one pipeline execution")
 
 
-def run_stage(module: str, args: argparse.Namespace, **kwargs) -> int:
+def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -> int:
     from pipeline.config import load_config
     from pipeline.results import StageResult, write_json_atomic
 
-    config = load_config(args.config, args.overrides)
+    if config is None:
+        config = load_config(args.config, args.overrides)
     stage = importlib.import_module(module)
     # Under accelerate launch / torchrun only the main process reports; the others just train.
     main_process = os.environ.get("RANK", "0") == "0"
@@ -38,6 +39,7 @@ def run_stage(module: str, args: argparse.Namespace, **kwargs) -> int:
     if args.result_json:
         write_json_atomic(args.result_json, result.to_dict())
     produced = ", ".join(result.produced) or "-"
-    print(f"{result.stage}: {result.status} ({produced})", file=sys.stderr)
+    print(f"{result.stage}: {result.status} ({produced})" + (f": {result.message}" if result.message else ""),
+          file=sys.stderr)
     print(", ".join(result.produced))
     return EXIT_CODES[result.status]

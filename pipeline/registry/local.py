@@ -626,6 +626,11 @@ class LocalRegistry:
             out["produced"] = [
                 f"{r[0]}:v{r[1]}" for r in conn.execute("SELECT name, version FROM versions WHERE run_id = ? ORDER BY id", (run_id,))
             ]
+            # A run that published content an earlier version already held made no new version,
+            # but it did produce that version: its summary says so.
+            for ref in out["summary"].get("artifacts/produced") or []:
+                if ref not in out["produced"]:
+                    out["produced"].append(ref)
             out["consumed"] = [
                 f"{r[0]}:v{r[1]}"
                 for r in conn.execute(

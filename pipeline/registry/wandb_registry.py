@@ -77,11 +77,12 @@ class WandbRegistry:
 
     @staticmethod
     def to_version(art: Any) -> ArtifactVersion:
-        producer = None
+        producer, users = None, []
         try:
             run = art.logged_by()
             producer = run.id if run else None
-        except Exception:  # lineage is best effort for listings; `show` asks again
+            users = [r.id for r in art.used_by()]
+        except Exception:  # lineage is best effort for listings; `lineage` asks again
             pass
         return ArtifactVersion(
             name=art.name.split(":")[0],
@@ -93,6 +94,7 @@ class WandbRegistry:
             aliases=[a for a in art.aliases],
             created_at=str(art.created_at),
             produced_by=producer,
+            used_by=users,
             files=[FileEntry(e.path, e.digest, int(e.size or 0)) for e in art.manifest.entries.values()],
             qualified_name=art.qualified_name,
         )
@@ -199,6 +201,22 @@ class WandbRegistry:
                     continue
                 out.extend(self.to_version(a) for a in coll.artifacts())
         return sorted(out, key=lambda v: (v.name, v.version))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """A run as lineage needs it, from W&B (``used_artifacts``, ``logged_artifacts``)."""
+        import wandb
+
+        try:
+            r = self.api.run(f"{self.entity}/{self.project}/{run_id}")
+        except (wandb.errors.CommError, ValueError) as e:
+            raise RefError(f"no run {run_id!r} in W&B project {self.entity}/{self.project}: {e}") from None
+        return {
+            "id": r.id, "project": self.project, "job_type": r.job_type, "run_group": r.group, "status": r.state,
+            "config": dict(r.config), "summary": {k: v for k, v in dict(r.summary).items() if not k.startswith("_")},
+            "started_at": str(r.created_at), "ended_at": None, "mode": "online", "wandb_dir": None,
+            "produced": [a.name for a in r.logged_artifacts()],
+            "consumed": [a.name for a in r.used_artifacts()],
+        }
 
     def start_run(self, run: TrackedRun) -> None:
         """W&B records the run itself."""

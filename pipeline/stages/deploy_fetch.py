@@ -85,7 +85,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
         }
         # A verified copy of this version already in place is reused as it is (manifest included).
         fetched = reg.fetch(version, dest, overwrite=overwrite, extras={MANIFEST: _manifest_bytes(manifest)})
-        trun.set_summary(**{"deployed": version.ref, "deploy/reused": fetched.reused, "deploy/smoke_label": smoke and smoke.get("label")})
+        trun.set_summary(**{"deployed": version.ref, "deploy/reused": fetched.reused, "deploy/dir": str(dest), "deploy/smoke_label": smoke and smoke.get("label")})
         log.info("%s %s %s", version.ref, "already in place at" if fetched.reused else "deployed to", dest)
     return StageResult(
         stage=STAGE,

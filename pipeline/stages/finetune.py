@@ -409,11 +409,14 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
 
 
 def run(config: Config, *, group: str | None = None, dataset: str | None = None, resume: str | None = None,
-        callbacks: tuple = ()) -> StageResult:
+        callbacks: tuple = (), aliases: tuple[str, ...] = ("candidate",), tags: tuple[str, ...] = (),
+        summary: dict[str, Any] | None = None) -> StageResult:
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
-    model; a run id continues that run. `callbacks` are extra ``TrainerCallback`` objects.
+    model; a run id continues that run. `callbacks` are extra ``TrainerCallback`` objects;
+    `aliases` go on the published version (besides ``latest``); `tags` and `summary` are added
+    to the W&B run.
     """
     state = _process_state()
     if not state.is_main_process:
@@ -423,9 +426,11 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     except BaseException as e:
         _share(state, {"error": str(e)})
         raise
-    tags = ["resumed"] if plan_.resume_from else []
+    tags = [*tags, *(["resumed"] if plan_.resume_from else [])]
     with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, resume=plan_.resume_from is not None,
                      tags=tags) as trun:
+        if summary:
+            trun.set_summary(**summary)
         try:
             shared, details = _prepare(config, plan_, trun)
         except BaseException as e:
@@ -447,7 +452,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             raise
         best, final = _eval_history(trainer.state)
         metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
-        published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics)
+        published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, aliases)
         status = "ok" if published.created else "unchanged"
         train_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
         trun.set_summary(**{"artifact": published.ref, "status": status,
@@ -469,7 +474,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     )
 
 
-def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics):
+def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics, aliases):
     from pipeline.provenance import code_version, package_versions
 
     label_names = shared["label_names"]
@@ -490,7 +495,7 @@ def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, deta
     with tempfile.TemporaryDirectory(prefix="model-", dir=plan_.output_dir) as tmp:
         out = Path(tmp)
         _write_model_dir(out, trainer, tokenizer, config, plan_, label_names, details["num_rows"], metrics)
-        return trun.registry.publish(config.model.name, "model", out, metadata=metadata, aliases=["candidate"], run=trun)
+        return trun.registry.publish(config.model.name, "model", out, metadata=metadata, aliases=list(aliases), run=trun)
 
 
 def _world_size() -> int:

@@ -1,0 +1,36 @@
+"""``pipeline reproduce MODEL_REF [--check] [--tolerance X]``: retrain a model version and compare."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.cli import add_config_arguments
+
+    p.add_argument("model", metavar="MODEL_REF", help="the model version to rebuild, e.g. intent-classifier:v3")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when the rebuild's metrics or test predictions differ beyond --tolerance")
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
+                   help="largest allowed absolute metric difference (default 0: exactly equal, as on the CPU "
+                        "with the same package versions)")
+    add_config_arguments(p, required=False)
+    p.add_argument("--result-json", metavar="PATH", help="write the machine-readable result (every comparison) here")
+    p.add_argument("--group", help="W&B group for the reproduction run")
+
+
+def main(args: argparse.Namespace) -> int:
+
+    from pipeline.commands.stage import run_stage
+    from pipeline.config import load_tracking
+    from pipeline.errors import PipelineError
+
+    if args.tolerance < 0:
+        raise PipelineError("--tolerance must be 0 or more")
+    # --config only says where the registry is; --set tracking.* does too, and every --set also
+    # changes the recorded config of the rebuild on purpose.
+    tracking_only = [o for o in args.overrides if o.startswith("tracking.")]
+    config = load_tracking(args.config, tracking_only)
+    code = run_stage("pipeline.reproduce", args, config=config, model=args.model, overrides=tuple(args.overrides),
+                     check=args.check, tolerance=args.tolerance)
+    return code

@@ -1,0 +1,206 @@
+"""Lineage of an artifact version: who made it from what (upstream) and who used it for what (downstream).
+
+The graph is read from the registry, never assumed: a version names the run that produced
+it, a run names the versions it consumed and produced, and a version lists the runs that
+used it. Offline that is the local registry's catalog; online the same questions go to W&B
+(``logged_by``, ``used_by``, ``used_artifacts``, ``logged_artifacts``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import RefError
+from pipeline.registry.base import ArtifactVersion, Registry
+
+
+@dataclass
+class Graph:
+    root: str
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    edges: list[tuple[str, str]] = field(default_factory=list)  # ("artifact:x:v0", "run:id") = input, reverse = output
+    upstream: list[dict[str, Any]] = field(default_factory=list)  # trees for text output
+    downstream: list[dict[str, Any]] = field(default_factory=list)
+
+    def edge(self, src: str, dst: str) -> None:
+        if (src, dst) not in self.edges:
+            self.edges.append((src, dst))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "artifacts": list(self.artifacts.values()),
+            "runs": list(self.runs.values()),
+            "edges": [{"from": a, "to": b, "kind": "input" if a.startswith("artifact:") else "output"} for a, b in self.edges],
+            "upstream": self.upstream,
+            "downstream": self.downstream,
+        }
+
+
+def _run_summary(run: dict[str, Any]) -> str:
+    cfg, summary = run.get("config") or {}, run.get("summary") or {}
+    job = run.get("job_type")
+    if job == "dataset-publish":
+        return f"source={(cfg.get('dataset') or {}).get('source')}"
+    if job == "finetune":
+        t, m = cfg.get("train") or {}, cfg.get("model") or {}
+        parts = [f"base={m.get('base')}", f"epochs={t.get('epochs')}", f"lr={t.get('learning_rate')}",
+                 f"batch={t.get('batch_size')}", f"seed={t.get('seed')}"]
+        if "reproduces" in summary:
+            parts.append(f"reproduces={summary['reproduces']}")
+        return ", ".join(parts)
+    if job == "evaluate":
+        return f"gate: {summary.get('gate/outcome', '?')}"
+    if job == "deploy-fetch":
+        return f"deployed to {summary.get('deploy/dir', '?')}"
+    return ""
+
+
+class _Walker:
+    def __init__(self, registry: Registry, graph: Graph):
+        self.registry = registry
+        self.graph = graph
+        self._runs: dict[str, dict[str, Any] | None] = {}
+        self._versions: dict[str, ArtifactVersion] = {}
+
+    def version(self, ref: str) -> ArtifactVersion:
+        if ref not in self._versions:
+            v = self.registry.resolve(ref)
+            self._versions[ref] = v
+            self.graph.artifacts.setdefault(v.ref, {
+                "ref": v.ref, "type": v.type, "aliases": sorted(v.aliases), "digest": v.digest,
+                "created_at": v.created_at, "produced_by": v.produced_by, "used_by": list(v.used_by),
+            })
+        return self._versions[ref]
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        if run_id not in self._runs:
+            try:
+                r = self.registry.get_run(run_id)
+            except RefError:
+                r = None  # a run the registry never recorded (e.g. logged elsewhere)
+            self._runs[run_id] = r
+            if r is not None:
+                self.graph.runs[run_id] = {
+                    "id": run_id, "job_type": r.get("job_type"), "status": r.get("status"), "group": r.get("run_group"),
+                    "started_at": r.get("started_at"), "summary": _run_summary(r),
+                    "consumed": list(r.get("consumed") or []), "produced": list(r.get("produced") or []),
+                }
+        return self._runs[run_id]
+
+    def up(self, ref: str, depth: int) -> list[dict[str, Any]]:
+        v = self.version(ref)
+        if depth <= 0 or not v.produced_by:
+            return []
+        run = self.run(v.produced_by)
+        self.graph.edge(f"run:{v.produced_by}", f"artifact:{v.ref}")
+        node = {"run": v.produced_by, "inputs": []}
+        for inp in (run or {}).get("consumed") or []:
+            iv = self.version(inp)
+            self.graph.edge(f"artifact:{iv.ref}", f"run:{v.produced_by}")
+            node["inputs"].append({"artifact": iv.ref, "upstream": self.up(iv.ref, depth - 1)})
+        return [node]
+
+    def down(self, ref: str, depth: int) -> list[dict[str, Any]]:
+        v = self.version(ref)
+        if depth <= 0:
+            return []
+        out = []
+        for run_id in v.used_by:
+            run = self.run(run_id)
+            self.graph.edge(f"artifact:{v.ref}", f"run:{run_id}")
+            node = {"run": run_id, "outputs": []}
+            for produced in (run or {}).get("produced") or []:
+                pv = self.version(produced)
+                self.graph.edge(f"run:{run_id}", f"artifact:{pv.ref}")
+                node["outputs"].append({"artifact": pv.ref, "downstream": self.down(pv.ref, depth - 1)})
+            out.append(node)
+        return out
+
+
+def build(registry: Registry, ref: str, depth: int = 5) -> Graph:
+    root = registry.resolve(ref)
+    graph = Graph(root=root.ref)
+    walker = _Walker(registry, graph)
+    walker.version(root.ref)
+    graph.upstream = walker.up(root.ref, depth)
+    graph.downstream = walker.down(root.ref, depth)
+    return graph
+
+
+# -- output ----------------------------------------------------------------------------------
+def _artifact_line(g: Graph, ref: str) -> str:
+    a = g.artifacts[ref]
+    aliases = f"  aliases: {', '.join(a['aliases'])}" if a["aliases"] else ""
+    return f"{ref}  {a['type']}{aliases}  digest {a['digest'][:12]}"
+
+
+def _run_line(g: Graph, run_id: str) -> str:
+    r = g.runs.get(run_id)
+    if r is None:
+        return f"run {run_id}  (not recorded in this registry)"
+    group = f"  group {r['group']}" if r.get("group") else ""
+    extra = f"  {r['summary']}" if r.get("summary") else ""
+    return f"run {run_id}  {r['job_type']}  {r['status']}{group}{extra}"
+
+
+def to_text(g: Graph) -> str:
+    lines = [_artifact_line(g, g.root)]
+
+    def tree(items: list[tuple[str, Any]], prefix: str) -> None:
+        for i, (label, children) in enumerate(items):
+            last = i == len(items) - 1
+            lines.append(f"{prefix}{'└─ ' if last else '├─ '}{label}")
+            tree(children, prefix + ("   " if last else "│  "))
+
+    def up_items(nodes) -> list[tuple[str, Any]]:
+        return [(_run_line(g, n["run"]), [(_artifact_line(g, i["artifact"]), up_items(i["upstream"])) for i in n["inputs"]])
+                for n in nodes]
+
+    def down_items(nodes) -> list[tuple[str, Any]]:
+        return [(_run_line(g, n["run"]), [(_artifact_line(g, o["artifact"]), down_items(o["downstream"]))
+                                          for o in n["outputs"]]) for n in nodes]
+
+    lines.append("upstream (made from)")
+    if g.upstream:
+        tree(up_items(g.upstream), "")
+    else:
+        lines.append("   (nothing recorded: published outside a run)")
+    lines.append("downstream (used by)")
+    if g.downstream:
+        tree(down_items(g.downstream), "")
+    else:
+        lines.append("   (not used by any run yet)")
+    return "\n".join(lines) + "\n"
+
+
+def _mid(node: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", node)
+
+
+def to_mermaid(g: Graph) -> str:
+    lines = ["flowchart LR"]
+    for ref, a in g.artifacts.items():
+        aliases = f"<br/>{', '.join(a['aliases'])}" if a["aliases"] else ""
+        lines.append(f'  {_mid("artifact:" + ref)}[("{ref}<br/>{a["type"]}{aliases}")]')
+    for run_id, r in g.runs.items():
+        lines.append(f'  {_mid("run:" + run_id)}(["{r["job_type"]}<br/>run {run_id}<br/>{r["status"]}"])')
+    for src, dst in g.edges:
+        for node in (src, dst):
+            if node.startswith("run:") and node[4:] not in g.runs:
+                lines.append(f'  {_mid(node)}(["run {node[4:]}"])')
+        lines.append(f"  {_mid(src)} --> {_mid(dst)}")
+    lines.append(f"  style {_mid('artifact:' + g.root)} stroke-width:3px")
+    return "\n".join(dict.fromkeys(lines)) + "\n"
+
+
+def render(g: Graph, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(g.to_dict(), indent=2) + "\n"
+    if fmt == "mermaid":
+        return to_mermaid(g)
+    return to_text(g)

@@ -1,0 +1,180 @@
+"""Rebuild a model version from what it recorded, and say how close the rebuild came.
+
+The model version's metadata holds the resolved config, the exact dataset version and its
+digest, the base model and its digest, the seed, the code version and the package versions.
+`reproduce` checks that the inputs still exist and are the same bytes, re-runs finetune on
+that exact dataset version (never ``latest``) as a new run tagged as a reproduction, and
+compares config, inputs, code, packages, validation metrics and test-split predictions with
+the original. Bit-identical weights give the same digest, so the registry keeps one version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, TrackingConfig, config_from_dict
+from pipeline.errors import ConfigError, PipelineError, RefError
+from pipeline.results import StageResult
+from pipeline.tracking import open_registry
+
+STAGE = "reproduce"
+log = logging.getLogger(__name__)
+COMPARED_GROUPS = ("dataset", "model", "train")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Keys of the groups that shape a model whose values differ: {key: {"original", "reproduction"}}."""
+    a = _flat({g: before.get(g) for g in COMPARED_GROUPS})
+    b = _flat({g: after.get(g) for g in COMPARED_GROUPS})
+    return {k: {"original": a.get(k), "reproduction": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _metric_diff(original: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k in sorted(original.keys() & new.keys()):
+        if k == "step" or not isinstance(original[k], (int, float)):
+            continue
+        out[k] = {"original": float(original[k]), "reproduction": float(new[k]), "delta": float(new[k]) - float(original[k])}
+    return out
+
+
+def reproduction_config(registry, ref: str, tracking: dict[str, Any], overrides: tuple[str, ...] = ()) -> tuple[Any, Config]:
+    """(model version, the config to retrain it with): its recorded config, today's tracking, and overrides."""
+    model = registry.resolve(ref)
+    if model.type != "model":
+        raise RefError(f"{model.ref} is a {model.type!r} artifact; reproduce takes a model version")
+    recorded = model.metadata.get("config")
+    if not isinstance(recorded, dict) or not model.metadata.get("dataset"):
+        raise RefError(f"{model.ref} does not record the config and dataset that made it, so it cannot be rebuilt")
+    return model, config_from_dict({**recorded, "tracking": tracking}, overrides, origin=f"the config recorded by {model.ref}")
+
+
+def run(config: Config | TrackingConfig, *, group: str | None = None, model: str, overrides: tuple[str, ...] = (),
+        check: bool = False, tolerance: float = 0.0) -> StageResult:
+    """Reproduce `model`. `config` supplies the tracking settings (a full config, or just tracking);
+    `overrides` change the recorded config on purpose (``--set train.seed=1``)."""
+    from pipeline.basemodel import resolve_base_model
+    from pipeline.provenance import code_version, package_versions
+    from pipeline.stages import finetune
+
+    if isinstance(config, Config):
+        tracking, project, entity = config.tracking, config.project, config.entity
+    else:
+        tracking, project, entity = config, os.environ.get("WANDB_PROJECT") or Config.model_fields["project"].default, \
+            os.environ.get("WANDB_ENTITY")
+    registry = open_registry(tracking, project=project, entity=entity)
+    original, cfg = reproduction_config(registry, model, tracking.model_dump(mode="json"), overrides)
+    meta = original.metadata
+    ds_ref, ds_digest = meta["dataset"]["ref"], meta["dataset"].get("digest")
+    try:
+        dataset = registry.resolve(ds_ref, type="dataset")
+    except RefError as e:
+        raise RefError(f"{original.ref} was trained on {ds_ref}, which is gone: {e}") from None
+    if ds_digest and dataset.digest != ds_digest:
+        raise PipelineError(f"{ds_ref} has digest {dataset.digest[:12]} now, but {original.ref} was trained on "
+                            f"{ds_digest[:12]}: the recorded data is not there to rebuild from")
+    recorded_base = meta.get("base_model") or {}
+    try:
+        base = resolve_base_model(cfg.model.base)
+    except ConfigError as e:
+        raise ConfigError(f"the base model {original.ref} recorded ({recorded_base.get('id', cfg.model.base)}) "
+                          f"cannot be found: {e}") from None
+
+    warnings = []
+    code_then, code_now = meta.get("code") or {}, code_version()
+    if code_then.get("git_commit") != code_now.get("git_commit"):
+        warnings.append(f"code version differs: {original.ref} was made at commit {code_then.get('git_commit')}, "
+                        f"this is {code_now.get('git_commit')}")
+    if code_then.get("git_dirty"):
+        warnings.append(f"{original.ref} was made from a tree with uncommitted changes: its code cannot be pinned exactly")
+    if code_now.get("git_dirty"):
+        warnings.append("this tree has uncommitted changes")
+    pk_then, pk_now = meta.get("packages") or {}, package_versions()
+    packages = {k: {"original": pk_then.get(k), "reproduction": pk_now.get(k)}
+                for k in sorted(pk_then.keys() | pk_now.keys()) if pk_then.get(k) != pk_now.get(k)}
+    if packages:
+        warnings.append("package versions differ: " + ", ".join(f"{k} {v['original']} -> {v['reproduction']}" for k, v in packages.items()))
+    if recorded_base.get("digest") and recorded_base["digest"] != base.digest:
+        warnings.append(f"base model {base.id} has different files now (digest {recorded_base['digest'][:12]} -> {base.digest[:12]})")
+    diff = config_diff(meta["config"], cfg.to_dict())
+    for w in warnings:
+        log.warning(w)
+
+    new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(),
+                       tags=("reproduction",), summary={"reproduces": original.ref})
+    rebuilt = registry.resolve(new.produced[0])
+    same_weights = rebuilt.digest == original.digest
+    validation = _metric_diff((meta.get("metrics") or {}).get("best") or {},
+                              (rebuilt.metadata.get("metrics") or {}).get("best") or {})
+    test = _compare_test(registry, dataset, original, rebuilt, cfg)
+    worst = max([abs(v["delta"]) for v in validation.values()] + [abs(v["delta"]) for v in test["metrics"].values()],
+                default=0.0)
+    matches = worst <= tolerance and (tolerance > 0 or test["predictions_differ"] == 0)
+    status = "failed" if check and not matches else "ok"
+    if same_weights:
+        summary = f"{rebuilt.ref} reproduces {original.ref} bit for bit: same digest, so the registry kept one version"
+    elif matches:
+        summary = f"{rebuilt.ref} matches {original.ref} within {tolerance} (weights differ: new version {rebuilt.ref})"
+    else:
+        summary = (f"{rebuilt.ref} differs from {original.ref}: largest metric difference {worst:.6g} > {tolerance}; "
+                   f"{test['predictions_differ']} of {test['rows']} test predictions differ")
+    return StageResult(
+        stage=STAGE,
+        status=status,
+        run_id=new.run_id,
+        consumed=[original.ref, dataset.ref],
+        produced=new.produced,
+        metrics={"max_abs_metric_delta": worst, "test_predictions_differ": float(test["predictions_differ"]),
+                 **{f"reproduction_eval_{k}": v["reproduction"] for k, v in validation.items()}},
+        paths=new.paths,
+        message=summary,
+        details={
+            "original": original.ref,
+            "reproduction": rebuilt.ref,
+            "same_weights": same_weights,
+            "matches": matches,
+            "tolerance": tolerance,
+            "config_diff": diff,
+            "dataset": {"ref": dataset.ref, "recorded_digest": ds_digest, "digest": dataset.digest,
+                        "same": ds_digest == dataset.digest},
+            "base_model": {"id": base.id, "recorded_digest": recorded_base.get("digest"), "digest": base.digest,
+                           "same": recorded_base.get("digest") == base.digest},
+            "code": {"original": code_then, "reproduction": code_now},
+            "packages_differ": packages,
+            "validation_metrics": validation,
+            "test": test,
+            "warnings": warnings,
+        },
+    )
+
+
+def _compare_test(registry, dataset, original, rebuilt, cfg: Config) -> dict[str, Any]:
+    """Both models on the dataset's test split: metrics and how many predictions differ."""
+    from pipeline.stages.evaluate import _read_split, score
+
+    rows = _read_split(registry.fetch(dataset).path, "test")
+    labels = list(original.metadata.get("label_names") or dataset.metadata["label_names"])
+    e = cfg.evaluate
+    a = score(registry.fetch(original).path, rows, labels, e.batch_size, e.calibration_bins, original.ref)
+    b = a if rebuilt.ref == original.ref else score(registry.fetch(rebuilt).path, rows, labels, e.batch_size,
+                                                    e.calibration_bins, rebuilt.ref)
+    differ = int((a.probs.argmax(axis=1) != b.probs.argmax(axis=1)).sum())
+    return {
+        "rows": len(rows["text"]),
+        "predictions_differ": differ,
+        "max_abs_probability_delta": float(np.abs(a.probs - b.probs).max()) if len(a.probs) else 0.0,
+        "metrics": _metric_diff(a.metrics, b.metrics),
+    }

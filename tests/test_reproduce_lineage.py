@@ -1,0 +1,153 @@
+"""reproduce a model from its version, and lineage over a publish -> finetune -> evaluate -> deploy chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import reproduce
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, RefError
+from pipeline.lineage import build, render
+from pipeline.registry.local import LocalRegistry
+from pipeline.runner import run_all
+from tests.conftest import run_cli
+from tests.tiny import write_tickets, write_tiny_model
+
+TRAIN = ["train.epochs=4", "train.batch_size=16", "train.learning_rate=3e-3", "train.warmup_ratio=0",
+         "train.misclassified_rows=2"]
+
+
+def overrides(root: Path, model_dir: Path, csv: Path) -> list[str]:
+    return ["dataset.name=tickets", f"dataset.source={csv}", "model.name=clf", f"model.base={model_dir}",
+            "model.max_length=64", f"tracking.dir={root / 'track'}", f"deploy.dir={root / 'deploy'}", *TRAIN]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """publish -> finetune -> evaluate -> deploy-fetch, once: tickets:v0, clf:v0 in production."""
+    root = tmp_path_factory.mktemp("chain")
+    model_dir = write_tiny_model(root / "bert")
+    csv = write_tickets(root / "tickets.csv", rows=240)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var.startswith("WANDB_"):
+                mp.delenv(var)
+        mp.setenv("WANDB_MODE", "offline")
+        result = run_all(load_config(None, overrides(root, model_dir, csv)))
+    assert result.status == "ok"
+    return root, model_dir, csv, result
+
+
+@pytest.fixture
+def env(chain, tmp_path):
+    root, model_dir, csv, result = chain
+    shutil.copytree(root / "track", tmp_path / "track", ignore=shutil.ignore_patterns("wandb", "artifacts", "cache"))
+
+    def cfg(*extra: str):
+        return load_config(None, [*overrides(tmp_path, model_dir, csv), *extra])
+
+    return cfg, result
+
+
+def registry(cfg) -> LocalRegistry:
+    return LocalRegistry(Path(cfg.tracking.dir) / "registry")
+
+
+def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
+    make, _ = env
+    cfg = make()
+    result = reproduce.run(cfg, model="clf:v0", check=True)
+    d = result.details
+    assert result.status == "ok" and d["matches"] and d["same_weights"]
+    assert result.produced == ["clf:v0"] and [v.ref for v in registry(cfg).list_versions(type="model")] == ["clf:v0"]
+    assert "bit for bit" in result.message and "registry kept one version" in result.message
+    assert d["config_diff"] == {} and d["dataset"]["same"] and d["base_model"]["same"]
+    assert d["test"]["predictions_differ"] == 0 and d["test"]["max_abs_probability_delta"] == 0.0
+    assert all(v["delta"] == 0.0 for v in d["validation_metrics"].values()) and d["validation_metrics"]
+    run = registry(cfg).get_run(result.run_id)
+    assert run["job_type"] == "finetune" and run["summary"]["reproduces"] == "clf:v0"
+    assert run["consumed"] == ["tickets:v0"]  # the exact recorded version, not latest
+
+
+def test_changed_config_is_reported_and_check_fails(env, tmp_path):
+    make, _ = env
+    cfg = make()
+    result = reproduce.run(cfg, model="clf:v0", overrides=("train.learning_rate=0.01",), check=True)
+    assert result.status == "failed" and not result.details["matches"]
+    assert result.details["config_diff"] == {"train.learning_rate": {"original": 0.003, "reproduction": 0.01}}
+    assert result.produced == ["clf:v1"] and "differs from clf:v0" in result.message
+    assert registry(cfg).resolve("clf:production").ref == "clf:v0"  # a reproduction moves no alias but latest
+    # the command line: exit 1 under --check, and the result file carries every comparison
+    cli = run_cli("reproduce", "clf:v0", "--check", "--set", f"tracking.dir={cfg.tracking.dir}", "--set", "train.seed=9",
+                  "--result-json", str(tmp_path / "r.json"))
+    assert cli.returncode == 1, cli.stderr[-2000:]
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "failed" and data["details"]["config_diff"]["train.seed"] == {"original": 42, "reproduction": 9}
+    assert {"dataset", "base_model", "code", "packages_differ", "validation_metrics", "test", "warnings"} <= set(data["details"])
+
+
+def test_missing_inputs_are_named_and_nothing_is_published(env):
+    make, _ = env
+    cfg = make()
+    reg = registry(cfg)
+    with pytest.raises(RefError, match="tickets:v0 is a 'dataset' artifact; reproduce takes a model version"):
+        reproduce.run(cfg, model="tickets:v0")
+    dataset = reg.resolve("clf:v0").metadata["dataset"]
+    reg.update_metadata("clf:v0", {"dataset": {**dataset, "ref": "tickets:v5"}})
+    with pytest.raises(RefError, match="clf:v0 was trained on tickets:v5, which is gone: tickets has no version 'v5'"):
+        reproduce.run(cfg, model="clf:v0")
+    reg.update_metadata("clf:v0", {"dataset": dataset})
+    with pytest.raises(ConfigError, match="the base model clf:v0 recorded .* cannot be found: model.base='/gone/bert': no such folder"):
+        reproduce.run(cfg, model="clf:v0", overrides=("model.base=/gone/bert",))
+    assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"]
+    with pytest.raises(RefError, match="no artifact named 'nothing'"):
+        reproduce.run(cfg, model="nothing:v0")
+
+
+def test_lineage_in_three_formats(env):
+    make, result = env
+    cfg = make()
+    reg = registry(cfg)
+    runs = {s.stage: s.run_id for s in result.stages}
+    g = build(reg, "clf:production")
+    assert g.root == "clf:v0"
+    data = json.loads(render(g, "json"))
+    kinds = {(e["from"], e["to"]): e["kind"] for e in data["edges"]}
+    assert kinds[(f"run:{runs['dataset-publish']}", "artifact:tickets:v0")] == "output"
+    assert kinds[("artifact:tickets:v0", f"run:{runs['finetune']}")] == "input"
+    assert kinds[(f"run:{runs['finetune']}", "artifact:clf:v0")] == "output"
+    assert kinds[("artifact:clf:v0", f"run:{runs['evaluate']}")] == "input"
+    assert kinds[("artifact:clf:v0", f"run:{runs['deploy-fetch']}")] == "input"
+    jobs = {r["id"]: r["job_type"] for r in data["runs"]}
+    assert jobs == {runs["dataset-publish"]: "dataset-publish", runs["finetune"]: "finetune",
+                    runs["evaluate"]: "evaluate", runs["deploy-fetch"]: "deploy-fetch"}
+    assert {a["ref"] for a in data["artifacts"]} == {"clf:v0", "tickets:v0"}
+    assert "production" in next(a for a in data["artifacts"] if a["ref"] == "clf:v0")["aliases"]
+
+    text = render(g, "text")
+    lines = text.splitlines()
+    assert lines[0].startswith("clf:v0  model  aliases: candidate, latest, production")
+    assert any(f"run {runs['finetune']}  finetune  finished" in ln and "lr=0.003" in ln for ln in lines)
+    assert any("tickets:v0  dataset" in ln for ln in lines)
+    assert any(f"run {runs['dataset-publish']}  dataset-publish" in ln and "source=" in ln for ln in lines)
+    assert any(f"run {runs['evaluate']}  evaluate" in ln and "gate: promoted" in ln for ln in lines)
+    assert any(f"run {runs['deploy-fetch']}  deploy-fetch" in ln and "deployed to" in ln for ln in lines)
+
+    mermaid = render(g, "mermaid")
+    assert mermaid.startswith("flowchart LR\n")
+    assert f"run_{runs['finetune']} --> artifact_clf_v0" in mermaid
+    assert f"artifact_tickets_v0 --> run_{runs['finetune']}" in mermaid
+    assert "style artifact_clf_v0" in mermaid
+
+    # depth limits the walk; the dataset's downstream reaches the model through the finetune run
+    shallow = json.loads(render(build(reg, "tickets:v0", depth=1), "json"))
+    assert {a["ref"] for a in shallow["artifacts"]} == {"tickets:v0", "clf:v0"}
+    cli = run_cli("lineage", "clf:v0", "--format", "mermaid", "--set", f"tracking.dir={cfg.tracking.dir}")
+    assert cli.returncode == 0 and cli.stdout == mermaid
+    bad = run_cli("lineage", "clf:v7", "--set", f"tracking.dir={cfg.tracking.dir}")
+    assert bad.returncode == 2 and "clf has no version 'v7'" in bad.stderr
