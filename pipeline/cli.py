@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipeline.commands.evaluate", "score a model version on its test split and gate its promotion to production"),
     "deploy-fetch": ("pipeline.commands.deploy_fetch", "fetch a model version into a folder, verified and smoke-tested"),
     "run": ("pipeline.commands.run", "run dataset-publish, finetune, evaluate and deploy-fetch in order"),
+    "sweep": ("pipeline.commands.sweep", "search finetune hyperparameters with a W&B sweep config (online or offline)"),
     "reproduce": ("pipeline.commands.reproduce", "retrain a model version from what it recorded and compare"),
     "lineage": ("pipeline.commands.lineage", "show what a version was made from and what used it (text, json, mermaid)"),
     "predict": ("pipeline.commands.predict", "classify text with a fetched or deployed model"),

@@ -103,7 +103,7 @@ class ModelConfig(_Group):
     """Tokens kept per example."""
 
 
-METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
+METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1", "loss")
 
 
 class TrainConfig(_Group):
@@ -131,7 +131,8 @@ class TrainConfig(_Group):
     """Log training metrics every this many steps."""
     save_total_limit: int = Field(2, gt=0)
     """Checkpoints kept on disk while training (the best one is always kept)."""
-    metric_for_best_model: Literal["accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"] = "macro_f1"
+    metric_for_best_model: Literal["accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1",
+                                   "loss"] = "macro_f1"
     """Validation metric that picks the model kept at the end (loss: lowest, others: highest)."""
     early_stopping_patience: int | None = Field(None, gt=0)
     """Stop after this many evaluations without improvement of that metric; unset: never."""

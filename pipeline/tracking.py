@@ -161,6 +161,25 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_root, mode):
+    return wandb.init(
+        project=config.project,
+        entity=config.entity,
+        job_type=job_type,
+        group=run.group,
+        tags=redact(list(dict.fromkeys([*config.tracking.tags, *tags]))) or None,
+        notes=redact(notes or config.tracking.notes),
+        config=resolved,
+        id=run.id,
+        resume="allow" if resume else None,
+        dir=wandb_root,
+        settings=_wandb_settings(mode),
+        # One stage run at a time, and it must be the global `wandb.run`: transformers'
+        # WandbCallback logs through it (W&B does not support integrations with "create_new").
+        reinit="finish_previous",
+    )
+
+
 @contextmanager
 def tracked_run(
     config: Config,
@@ -172,11 +191,13 @@ def tracked_run(
     run_id: str | None = None,
     resume: bool = False,
     registry: Registry | None = None,
+    adopt: bool = False,
 ) -> Iterator[TrackedRun]:
     """Open one W&B run for a stage and close it on every path.
 
     Success marks it finished; an exception marks it failed (exit code 1); Ctrl-C or SIGTERM
-    marks it killed (exit code 130). The exception is re-raised either way.
+    marks it killed (exit code 130). The exception is re-raised either way. With `adopt`, the
+    W&B run already open in this process (a sweep agent's) is used and its id kept.
     """
     mode = resolve_mode(config.tracking.mode)
     registry = registry or open_registry(config.tracking, mode, project=config.project, entity=config.entity)
@@ -194,22 +215,12 @@ def tracked_run(
 
     wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
     Path(wandb_root).mkdir(parents=True, exist_ok=True)
-    run.wandb_run = wandb.init(
-        project=config.project,
-        entity=config.entity,
-        job_type=job_type,
-        group=run.group,
-        tags=redact(list(dict.fromkeys([*config.tracking.tags, *tags]))) or None,
-        notes=redact(notes or config.tracking.notes),
-        config=resolved,
-        id=run.id,
-        resume="allow" if resume else None,
-        dir=wandb_root,
-        settings=_wandb_settings(mode),
-        # One stage run at a time, and it must be the global `wandb.run`: transformers'
-        # WandbCallback logs through it (W&B does not support integrations with "create_new").
-        reinit="finish_previous",
-    )
+    if adopt and wandb.run is not None:
+        run.id = wandb.run.id
+        run.wandb_run = wandb.run
+        run.wandb_run.config.update(resolved, allow_val_change=True)
+    else:
+        run.wandb_run = _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_root, mode)
     if mode != "disabled":
         run.wandb_dir = Path(run.wandb_run.dir).parent.resolve()
     registry.start_run(run)

@@ -410,13 +410,16 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
 
 def run(config: Config, *, group: str | None = None, dataset: str | None = None, resume: str | None = None,
         callbacks: tuple = (), aliases: tuple[str, ...] = ("candidate",), tags: tuple[str, ...] = (),
-        summary: dict[str, Any] | None = None) -> StageResult:
+        summary: dict[str, Any] | None = None, keep_model: Path | None = None,
+        adopt_wandb_run: bool = False) -> StageResult:
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
     model; a run id continues that run. `callbacks` are extra ``TrainerCallback`` objects;
     `aliases` go on the published version (besides ``latest``); `tags` and `summary` are added
-    to the W&B run.
+    to the W&B run. With `keep_model` (a folder) nothing is published: the version's files go
+    there, and its metadata to ``metadata.json`` beside them, for a sweep to publish its best.
+    `adopt_wandb_run`: log into the W&B run already open (a sweep agent's) instead of a new one.
     """
     state = _process_state()
     if not state.is_main_process:
@@ -428,7 +431,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         raise
     tags = [*tags, *(["resumed"] if plan_.resume_from else [])]
     with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, resume=plan_.resume_from is not None,
-                     tags=tags) as trun:
+                     tags=tags, adopt=adopt_wandb_run) as trun:
         if summary:
             trun.set_summary(**summary)
         try:
@@ -452,39 +455,46 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             raise
         best, final = _eval_history(trainer.state)
         metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
-        published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, aliases)
-        status = "ok" if published.created else "unchanged"
+        metadata = _metadata(config, plan_, trun, shared, metrics)
+        if keep_model is not None:
+            _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
+            status, produced, digest = "ok", [], None
+            trun.set_summary(status="ok", kept_model=str(keep_model))
+        else:
+            published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases)
+            status = "ok" if published.created else "unchanged"
+            produced, digest = [published.ref], published.version.digest
+            trun.set_summary(**{"artifact": published.ref, "status": status})
+        trun.set_summary(**{f"best/{k}": v for k, v in best.items()})
         train_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
-        trun.set_summary(**{"artifact": published.ref, "status": status,
-                            **{f"best/{k}": v for k, v in best.items()}})
     shutil.rmtree(plan_.output_dir, ignore_errors=True)  # the version holds the model; checkpoints were for resuming
     return StageResult(
         stage=STAGE,
         status=status,
         run_id=trun.id,
         consumed=[plan_.dataset_ref],
-        produced=[published.ref],
+        produced=produced,
         metrics={
             **{f"eval_{k}": v for k, v in best.items() if k != "step"},
             **{k: train_metrics[k] for k in ("train_loss", "train_runtime", "train_samples_per_second") if k in train_metrics},
         },
-        paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
+        paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else "",
+               **({"model_dir": str(keep_model)} if keep_model is not None else {})},
         details={**details, "best_step": best.get("step"), "final": final, "resumed_from": shared["resume_from"],
-                 "processes": state.num_processes, "digest": published.version.digest},
+                 "processes": state.num_processes, "digest": digest, "stopped_early": trainer.state.global_step < trainer.state.max_steps},
     )
 
 
-def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics, aliases):
+def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, Any]:
     from pipeline.provenance import code_version, package_versions
 
-    label_names = shared["label_names"]
     code = code_version()
     if code.get("git_dirty"):
         log.warning("the pipeline's source tree has uncommitted changes; the model records git_dirty=true")
-    metadata = {
+    return {
         "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
         "base_model": plan_.base.to_dict(),
-        "label_names": label_names,
+        "label_names": shared["label_names"],
         "metrics": metrics,
         "seed": config.train.seed,
         "config": trun.config,
@@ -492,10 +502,29 @@ def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, deta
         "packages": package_versions(),
         "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
     }
+
+
+def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases):
     with tempfile.TemporaryDirectory(prefix="model-", dir=plan_.output_dir) as tmp:
         out = Path(tmp)
-        _write_model_dir(out, trainer, tokenizer, config, plan_, label_names, details["num_rows"], metrics)
+        _write_model_dir(out, trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics)
         return trun.registry.publish(config.model.name, "model", out, metadata=metadata, aliases=list(aliases), run=trun)
+
+
+def _keep(dest: Path, trainer, tokenizer, config, plan_, shared, details, metrics, metadata) -> None:
+    """Write the version's files to `dest/model` and its metadata to `dest/metadata.json`, atomically."""
+    from pipeline.registry.base import swap_into_place
+    from pipeline.results import write_json_atomic
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        (staging / "model").mkdir(parents=True)
+        _write_model_dir(staging / "model", trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics)
+        write_json_atomic(staging / "metadata.json", metadata)
+        swap_into_place(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _world_size() -> int:

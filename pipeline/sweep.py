@@ -1,0 +1,679 @@
+"""Hyperparameter sweeps of the finetune stage, from W&B's own sweep config format.
+
+    method: random | grid | bayes
+    metric: {name: val/loss, goal: minimize, target: 0.2}
+    parameters: {learning_rate: {distribution: log_uniform_values, min: 1e-5, max: 1e-2}, batch_size: {values: [32, 64]}}
+    early_terminate: {type: hyperband, min_iter: 1, eta: 3}
+    run_cap: 20
+
+Online, ``wandb.sweep`` creates the sweep and ``wandb.agent`` runs the finetune stage in-process
+for each trial. Offline, a local engine with the same semantics runs on Optuna: its study
+(kept in SQLite beside the local registry) holds every trial, so ``sweep --resume ID`` goes on
+where an interrupted sweep stopped; ``bayes`` is Optuna's TPE sampler, hyperband early
+termination is Optuna's ``HyperbandPruner`` fed the validation metric at every evaluation;
+``random`` draws from W&B's distributions exactly as documented, ``grid`` walks the cartesian
+product of the ``values`` in order and stops when it is exhausted.
+
+Every trial is a finetune run in the sweep's group on the same pinned dataset version. Trials
+publish nothing (no artifact bloat) unless asked; the best trial's model is published at the end
+with aliases ``candidate`` and ``sweep-<id>-best``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from pipeline.config import Config, TrainConfig, config_from_dict
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random", "grid", "bayes")
+DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform", "log_uniform_values",
+                 "q_log_uniform", "q_log_uniform_values", "inv_log_uniform", "inv_log_uniform_values", "normal", "q_normal",
+                 "log_normal", "q_log_normal")
+STAGE_METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1", "loss")
+_PREFIXES = ("eval", "val", "valid", "validation")
+_ALIASES = {"f1": "macro_f1", "acc": "accuracy", "precision": "macro_precision", "recall": "macro_recall"}
+
+
+@dataclass
+class Param:
+    name: str  # as written in the sweep file
+    key: str  # the config key it sets, e.g. train.learning_rate
+    distribution: str
+    spec: dict[str, Any]
+
+
+@dataclass
+class SweepSpec:
+    method: str
+    metric_name: str  # as written, e.g. val/loss
+    metric: str  # the finetune metric, e.g. loss
+    goal: str  # minimize | maximize
+    target: float | None
+    params: list[Param]
+    hyperband: dict[str, Any] | None
+    run_cap: int | None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def maximize(self) -> bool:
+        return self.goal == "maximize"
+
+    def grid(self) -> list[dict[str, Any]]:
+        names = [p.key for p in self.params]
+        choices = [p.spec["values"] if p.distribution == "categorical" else [p.spec["value"]] for p in self.params]
+        return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+# -- reading and checking the sweep file -----------------------------------------------------------
+def _config_keys(model=Config, prefix: str = "") -> dict[str, Any]:
+    """Every settable leaf key of the config, with its field info."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            out.update(_config_keys(sub, key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def map_metric(name: str) -> str:
+    raw = name.strip()
+    for sep in ("/", "_"):
+        head, _, tail = raw.partition(sep)
+        if tail and head.lower() in _PREFIXES:
+            raw = tail
+            break
+    raw = _ALIASES.get(raw.lower(), raw.lower())
+    if raw not in STAGE_METRICS:
+        raise ConfigError(
+            f"sweep metric.name {name!r} is not logged by the finetune stage; use one of "
+            + ", ".join(f"eval/{m}" for m in STAGE_METRICS) + " (val/..., validation/... and eval_... work too)"
+        )
+    return raw
+
+
+def _infer_distribution(name: str, spec: dict[str, Any]) -> str:
+    if "distribution" in spec:
+        return spec["distribution"]
+    if "values" in spec:
+        return "categorical"
+    if "value" in spec:
+        return "constant"
+    if "min" in spec and "max" in spec:
+        both_int = all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("min", "max"))
+        return "int_uniform" if both_int else "uniform"
+    if "mu" in spec or "sigma" in spec:
+        return "normal"
+    raise ConfigError(f"sweep parameters.{name}: give value, values, min/max or a distribution")
+
+
+def _check_param(name: str, spec: Any, keys: dict[str, Any]) -> Param:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep parameters.{name}: expected a mapping (value, values, distribution, min, max, ...)")
+    key = name if "." in name else f"train.{name}"
+    if key not in keys:
+        near = [k for k in keys if k.endswith("." + name.split(".")[-1])]
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; bare names map onto train.* ({', '.join(sorted(TrainConfig.model_fields))})"
+        raise ConfigError(f"sweep parameters.{name}: maps to config key {key!r}, which does not exist{hint}")
+    dist = _infer_distribution(name, spec)
+    if dist not in DISTRIBUTIONS:
+        raise ConfigError(f"sweep parameters.{name}: unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
+    known = {"distribution", "value", "values", "probabilities", "min", "max", "mu", "sigma", "q"}
+    extra = sorted(set(spec) - known)
+    if extra:
+        raise ConfigError(f"sweep parameters.{name}: unknown keys {extra}")
+    if dist == "constant" and "value" not in spec:
+        raise ConfigError(f"sweep parameters.{name}: constant needs value")
+    if dist == "categorical":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep parameters.{name}: values must be a non-empty list")
+        probs = spec.get("probabilities")
+        if probs is not None:
+            if not isinstance(probs, list) or len(probs) != len(values) or any(not isinstance(p, (int, float)) or p < 0 for p in probs):
+                raise ConfigError(f"sweep parameters.{name}: probabilities must be {len(values)} non-negative numbers")
+            if not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ConfigError(f"sweep parameters.{name}: probabilities sum to {sum(probs)}, not 1")
+    if dist in ("int_uniform", "uniform", "q_uniform", "log_uniform", "log_uniform_values", "q_log_uniform",
+                "q_log_uniform_values", "inv_log_uniform", "inv_log_uniform_values"):
+        if "min" not in spec or "max" not in spec:
+            raise ConfigError(f"sweep parameters.{name}: {dist} needs min and max")
+        lo, hi = spec["min"], spec["max"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+            raise ConfigError(f"sweep parameters.{name}: min and max must be numbers")
+        if lo > hi:
+            raise ConfigError(f"sweep parameters.{name}: min ({lo}) is above max ({hi})")
+        if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
+            raise ConfigError(f"sweep parameters.{name}: int_uniform needs integer min and max")
+        if dist.endswith("_values") and lo <= 0:
+            raise ConfigError(f"sweep parameters.{name}: {dist} needs min above 0 (got {lo})")
+    if dist in ("normal", "q_normal", "log_normal", "q_log_normal"):
+        if spec.get("sigma", 1) <= 0:
+            raise ConfigError(f"sweep parameters.{name}: sigma must be above 0")
+    if "q" in spec and not (isinstance(spec["q"], (int, float)) and spec["q"] > 0):
+        raise ConfigError(f"sweep parameters.{name}: q must be a number above 0")
+    return Param(name=name, key=key, distribution=dist, spec=dict(spec))
+
+
+def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
+    """Check a W&B sweep config completely, before any trial; one ConfigError naming the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping (method, metric, parameters, ...)")
+    known = {"method", "metric", "parameters", "early_terminate", "run_cap", "name", "description", "program",
+             "command", "project", "entity"}
+    extra = sorted(set(raw) - known)
+    if extra:
+        raise ConfigError(f"{source}: unknown keys {extra}; a sweep config has {', '.join(sorted(known))}")
+    method = raw.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"{source}: method {method!r} is not one of {', '.join(METHODS)}")
+    metric = raw.get("metric")
+    if not isinstance(metric, dict) or "name" not in metric:
+        raise ConfigError(f"{source}: metric.name is required (e.g. metric: {{name: val/loss, goal: minimize}})")
+    goal = metric.get("goal", "minimize")
+    if goal not in ("minimize", "maximize"):
+        raise ConfigError(f"{source}: metric.goal must be minimize or maximize, not {goal!r}")
+    mapped = map_metric(str(metric["name"]))
+    target = metric.get("target")
+    if target is not None and not isinstance(target, (int, float)):
+        raise ConfigError(f"{source}: metric.target must be a number")
+    params_raw = raw.get("parameters")
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise ConfigError(f"{source}: parameters must map at least one parameter name to its values")
+    keys = _config_keys()
+    params = [_check_param(str(n), s, keys) for n, s in params_raw.items()]
+    dup = sorted({p.key for p in params if [q.key for q in params].count(p.key) > 1})
+    if dup:
+        raise ConfigError(f"{source}: several parameters set {dup}")
+    if method == "grid":
+        bad = [p.name for p in params if p.distribution not in ("categorical", "constant")]
+        if bad:
+            raise ConfigError(f"{source}: grid search needs value or values for every parameter; {bad} have distributions")
+    if method == "bayes":
+        bad = [p.name for p in params if p.distribution in ("normal", "q_normal", "log_normal", "q_log_normal")]
+        if bad:
+            raise ConfigError(f"{source}: the offline bayes engine (Optuna TPE) needs bounded parameters; "
+                              f"{bad} are unbounded normals (use random, or min/max distributions)")
+    hyperband = None
+    et = raw.get("early_terminate")
+    if et is not None:
+        if not isinstance(et, dict) or et.get("type") != "hyperband":
+            raise ConfigError(f"{source}: early_terminate.type must be hyperband")
+        unknown = sorted(set(et) - {"type", "min_iter", "max_iter", "s", "eta", "strict"})
+        if unknown:
+            raise ConfigError(f"{source}: early_terminate has unknown keys {unknown}")
+        if "min_iter" not in et and "max_iter" not in et:
+            raise ConfigError(f"{source}: early_terminate needs min_iter or max_iter")
+        for k in ("min_iter", "max_iter", "s", "eta"):
+            if k in et and not (isinstance(et[k], int) and et[k] > 0):
+                raise ConfigError(f"{source}: early_terminate.{k} must be a positive integer")
+        hyperband = dict(et)
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and not (isinstance(run_cap, int) and run_cap > 0):
+        raise ConfigError(f"{source}: run_cap must be a positive integer")
+    return SweepSpec(method=method, metric_name=str(metric["name"]), metric=mapped, goal=goal, target=target,
+                     params=params, hyperband=hyperband, run_cap=run_cap, raw=raw)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read sweep file {p}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    return parse_sweep(raw, str(p))
+
+
+# -- sampling --------------------------------------------------------------------------------
+def sample_random(param: Param, rng) -> Any:
+    """One draw from a W&B sweep distribution, as W&B documents them."""
+    s, d = param.spec, param.distribution
+    q = s.get("q", 1)
+
+    def quant(x):
+        v = round(x / q) * q
+        return int(v) if isinstance(q, int) else float(v)
+
+    if d == "constant":
+        return s["value"]
+    if d == "categorical":
+        i = rng.choice(len(s["values"]), p=s.get("probabilities"))
+        return s["values"][int(i)]
+    if d == "int_uniform":
+        return int(rng.integers(s["min"], s["max"] + 1))
+    if d == "uniform":
+        return float(rng.uniform(s["min"], s["max"]))
+    if d == "q_uniform":
+        return quant(rng.uniform(s["min"], s["max"]))
+    if d == "log_uniform":  # min and max are natural-log exponents
+        return float(math.exp(rng.uniform(s["min"], s["max"])))
+    if d == "q_log_uniform":
+        return quant(math.exp(rng.uniform(s["min"], s["max"])))
+    if d == "log_uniform_values":
+        return float(math.exp(rng.uniform(math.log(s["min"]), math.log(s["max"]))))
+    if d == "q_log_uniform_values":
+        return quant(math.exp(rng.uniform(math.log(s["min"]), math.log(s["max"]))))
+    if d == "inv_log_uniform":  # log(1/X) uniform between min and max
+        return float(math.exp(-rng.uniform(s["min"], s["max"])))
+    if d == "inv_log_uniform_values":  # 1/X log-uniform between 1/max and 1/min
+        return float(1.0 / math.exp(rng.uniform(math.log(1 / s["max"]), math.log(1 / s["min"]))))
+    mu, sigma = s.get("mu", 0.0), s.get("sigma", 1.0)
+    x = rng.normal(mu, sigma)
+    if d == "normal":
+        return float(x)
+    if d == "q_normal":
+        return quant(x)
+    if d == "log_normal":
+        return float(math.exp(x))
+    return quant(math.exp(x))  # q_log_normal
+
+
+def suggest_bayes(param: Param, trial) -> Any:
+    """The same parameter as an Optuna suggestion, for TPE."""
+    s, d = param.spec, param.distribution
+    if d == "constant":
+        return s["value"]
+    if d == "categorical":
+        return trial.suggest_categorical(param.key, s["values"])
+    if d == "int_uniform":
+        return trial.suggest_int(param.key, s["min"], s["max"])
+    if d == "uniform":
+        return trial.suggest_float(param.key, s["min"], s["max"])
+    if d == "q_uniform":
+        return trial.suggest_float(param.key, s["min"], s["max"], step=s.get("q", 1))
+    if d in ("log_uniform", "q_log_uniform"):
+        return trial.suggest_float(param.key, math.exp(s["min"]), math.exp(s["max"]), log=True)
+    if d in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values"):
+        return trial.suggest_float(param.key, s["min"], s["max"], log=True)
+    if d == "inv_log_uniform":
+        return trial.suggest_float(param.key, math.exp(-s["max"]), math.exp(-s["min"]), log=True)
+    raise ConfigError(f"bayes cannot sample {param.name} ({d})")
+
+
+# -- trials ----------------------------------------------------------------------------------
+def trial_config(base: Config, params: dict[str, Any], spec: SweepSpec) -> Config:
+    data = base.to_dict()
+    for key, value in params.items():
+        group, *rest = key.split(".")
+        node = data.setdefault(group, {})
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = value
+    # keep the checkpoint that is best by the sweep's own metric
+    data["train"]["metric_for_best_model"] = spec.metric
+    return config_from_dict(data, origin="sweep trial " + json.dumps(params, default=str))
+
+
+class SweepMetricCallback(TrainerCallback):
+    """At every evaluation: report the sweep metric to the pruner (hyperband) and stop the trial
+    when it says so; online, also log the metric under the sweep file's own name for W&B's controller."""
+
+    def __init__(self, metric: str, prune_trial=None, alias: str | None = None, run=None):
+        self.metric, self.prune_trial, self.alias, self.run = metric, prune_trial, alias, run
+        self.evaluations = 0
+        self.pruned = False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = float((metrics or {}).get(f"eval_{self.metric}", float("nan")))
+        self.evaluations += 1
+        if self.run is not None and self.alias and self.alias != f"eval/{self.metric}":
+            self.run.log({self.alias: value, "train/global_step": state.global_step})
+        if self.prune_trial is not None:
+            self.prune_trial.report(value, step=self.evaluations)
+            if self.prune_trial.should_prune():
+                self.pruned = True
+                control.should_training_stop = True
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    params: dict[str, Any]
+    state: str  # complete | pruned | failed
+    value: float | None = None
+    run_id: str | None = None
+    produced: list[str] = field(default_factory=list)
+    error: str | None = None
+    evaluations: int | None = None  # validation passes the trial ran (fewer when hyperband stopped it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial": self.number, "state": self.state, "value": self.value, "params": self.params,
+                "run_id": self.run_id, "produced": self.produced, "evaluations": self.evaluations, "error": self.error}
+
+
+def better(spec: SweepSpec, value: float | None, than: float | None) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if than is None:
+        return True
+    return value > than if spec.maximize else value < than
+
+
+def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, Any], *, dataset_ref: str, group: str,
+                sweep_id: str, keep: Path | None, prune_trial=None, callbacks: tuple = (), adopt: bool = False,
+                run=None) -> TrialOutcome:
+    """One trial: the finetune stage with `params` on the pinned dataset version."""
+    from pipeline.stages import finetune
+
+    try:
+        cfg = trial_config(config, params, spec)
+    except ConfigError as e:
+        log.warning("sweep %s trial %d: invalid parameters, skipped: %s", sweep_id, number, e)
+        return TrialOutcome(number, params, "failed", error=str(e))
+    metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run)
+    try:
+        result = finetune.run(cfg, group=group, dataset=dataset_ref, callbacks=(metric_cb, *callbacks), aliases=(),
+                              tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt,
+                              summary={"sweep/id": sweep_id, "sweep/trial": number,
+                                       **{f"sweep/{k}": v for k, v in params.items()}})
+    except (PipelineError, RuntimeError, ValueError) as e:  # one bad trial does not end the sweep
+        log.warning("sweep %s trial %d failed: %s", sweep_id, number, e)
+        return TrialOutcome(number, params, "failed", error=str(e))
+    value = result.metrics.get(f"eval_{spec.metric}")
+    outcome = TrialOutcome(number, params, "pruned" if metric_cb.pruned else "complete", value=value,
+                           run_id=result.run_id, produced=list(result.produced), evaluations=metric_cb.evaluations)
+    log.info("sweep %s trial %d: %s=%s (%s) %s", sweep_id, number, spec.metric_name, value, outcome.state, params)
+    return outcome
+
+
+def keep_if_best(spec: SweepSpec, outcome: TrialOutcome, best_value: float | None, keep: Path | None, best_dir: Path) -> None:
+    """Only the best trial's model stays on disk (as `best_dir`); the others are removed."""
+    if keep is None or not keep.exists():
+        return
+    if better(spec, outcome.value, best_value):
+        shutil.rmtree(best_dir, ignore_errors=True)
+        best_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(keep, best_dir)
+        (best_dir / "trial.json").write_text(json.dumps(outcome.to_dict(), default=str) + "\n", encoding="utf-8")
+    else:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def _target_reached(spec: SweepSpec, value: float | None) -> bool:
+    if spec.target is None or value is None:
+        return False
+    return value >= spec.target if spec.maximize else value <= spec.target
+
+
+# -- the offline engine ----------------------------------------------------------------------
+def _storage(config: Config) -> str:
+    root = Path(config.tracking.dir).resolve() / "registry"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'sweeps.db'}"
+
+
+def _evaluations_per_trial(config: Config) -> int | None:
+    t = config.train
+    if t.eval_strategy == "epoch" and t.max_steps is None:
+        return max(1, math.ceil(t.epochs))
+    return None
+
+
+def _pruner(spec: SweepSpec, config: Config):
+    import optuna
+
+    if not spec.hyperband:
+        return optuna.pruners.NopPruner()
+    hb = spec.hyperband
+    # W&B counts hyperband iterations in logged metric values: here, evaluations of the validation split
+    return optuna.pruners.HyperbandPruner(min_resource=hb.get("min_iter", 1),
+                                          max_resource=hb.get("max_iter", _evaluations_per_trial(config) or "auto"),
+                                          reduction_factor=hb.get("eta", 3))
+
+
+def _sampler(spec: SweepSpec, seed: int):
+    import optuna
+
+    if spec.method == "bayes":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    return optuna.samplers.RandomSampler(seed=seed)  # bookkeeping only: random and grid draw W&B's way
+
+
+def _outcomes(study) -> list[TrialOutcome]:
+    import optuna
+
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        state = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned",
+                 optuna.trial.TrialState.FAIL: "failed"}.get(t.state, t.state.name.lower())
+        a = t.user_attrs
+        out.append(TrialOutcome(t.number, a.get("params") or {}, state, value=a.get("value"), run_id=a.get("run_id"),
+                                produced=a.get("produced") or [], error=a.get("error"), evaluations=a.get("evaluations")))
+    return out
+
+
+def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | None:
+    best = None
+    for o in outcomes:
+        if o.state in ("complete", "pruned") and better(spec, o.value, best.value if best else None):
+            best = o
+    return best
+
+
+def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
+        publish_trials: bool = False, callbacks: tuple = (), seed: int | None = None) -> SweepResult:
+    """Run up to `count` trials of a new sweep, or of sweep `resume`, with the offline engine."""
+    import numpy as np
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipeline.errors import RefError
+    from pipeline.tracking import new_run_id, open_registry
+
+    if count < 1:
+        raise ConfigError("--count must be at least 1")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _storage(config)
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    if resume:
+        try:
+            attrs = optuna.load_study(study_name=resume, storage=storage).user_attrs
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            raise RefError(f"no sweep {resume!r} under {config.tracking.dir}; sweeps: {', '.join(names) or 'none'}") from None
+        if attrs.get("sweep") != sweep.raw:
+            raise ConfigError(f"sweep {resume} was started with a different sweep config; resume it with the same file")
+        sweep_id, dataset_ref, seed = resume, attrs["dataset"], attrs["seed"]
+        study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
+                                  pruner=_pruner(sweep, config))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
+            log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
+    else:
+        # everything a trial needs is checked before the first one starts
+        dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+        for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
+            trial_config(config, combo, sweep)
+        sweep_id = new_run_id()
+        log.info("sweep %s started (continue it after an interruption with --resume %s)", sweep_id, sweep_id)
+        seed = config.train.seed if seed is None else seed
+        study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
+                                    pruner=_pruner(sweep, config),
+                                    direction="maximize" if sweep.maximize else "minimize")
+        for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict()}.items():
+            study.set_user_attr(k, v)
+    group = group or f"sweep-{sweep_id}"
+    work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
+    best_dir = work / "best"
+    grid = sweep.grid() if sweep.method == "grid" else None
+    stop_reason = f"count {count} done"
+    for _ in range(count):
+        outcomes = _outcomes(study)
+        best = best_of(sweep, outcomes)
+        finished = [o for o in outcomes if o.state in ("complete", "pruned", "failed")]
+        if sweep.run_cap is not None and len(finished) >= sweep.run_cap:
+            stop_reason = f"run_cap {sweep.run_cap} reached"
+            break
+        if best is not None and _target_reached(sweep, best.value):
+            stop_reason = f"metric target {sweep.target} reached by trial {best.number}"
+            break
+        if grid is not None:
+            done = {json.dumps(o.params, sort_keys=True) for o in outcomes if o.state in ("complete", "pruned")}
+            todo = [g for g in grid if json.dumps(g, sort_keys=True) not in done]
+            if not todo:
+                stop_reason = f"grid exhausted ({len(grid)} combinations)"
+                break
+        trial = study.ask()
+        if grid is not None:
+            params = todo[0]
+        elif sweep.method == "bayes":
+            params = {p.key: suggest_bayes(p, trial) for p in sweep.params}
+        else:
+            rng = np.random.default_rng([seed, trial.number])  # a trial's draw depends on the sweep seed and its number only
+            params = {p.key: sample_random(p, rng) for p in sweep.params}
+        trial.set_user_attr("params", params)
+        keep = None if publish_trials else work / f"trial-{trial.number}"
+        outcome = train_trial(config, sweep, trial.number, params, dataset_ref=dataset_ref, group=group, sweep_id=sweep_id,
+                              keep=keep, prune_trial=trial if sweep.hyperband else None, callbacks=callbacks)
+        for k in ("value", "run_id", "produced", "error", "evaluations"):
+            trial.set_user_attr(k, getattr(outcome, k))
+        keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
+        if outcome.state == "failed":
+            study.tell(trial, state=TrialState.FAIL)
+        elif outcome.state == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, outcome.value)
+    else:
+        if grid is not None and not [g for g in grid if json.dumps(g, sort_keys=True) not in
+                                     {json.dumps(o.params, sort_keys=True) for o in _outcomes(study) if o.state in ("complete", "pruned")}]:
+            stop_reason = f"grid exhausted ({len(grid)} combinations)"
+    return publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason)
+
+
+# -- online: W&B sweeps and agents -----------------------------------------------------------
+DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sweep config as a constant
+
+
+def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
+               publish_trials: bool = False) -> SweepResult:
+    """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process."""
+    import wandb
+
+    from pipeline.tracking import open_registry
+
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    if resume:
+        sweep_id = resume
+        api_sweep = wandb.Api().sweep(f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}")
+        dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
+    else:
+        dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+        for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
+            trial_config(config, combo, sweep)
+        raw = json.loads(json.dumps(sweep.raw))
+        raw["parameters"][DATASET_PARAM] = {"value": dataset_ref}
+        sweep_id = wandb.sweep(raw, project=config.project, entity=config.entity)
+    group = group or f"sweep-{sweep_id}"
+    work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
+    best_dir = work / "best"
+    by_name = {p.name: p.key for p in sweep.params}
+    outcomes: list[TrialOutcome] = []
+
+    def trial() -> None:
+        run = wandb.init(group=group, job_type="finetune")  # the agent hands this run its parameters
+        params = {by_name[k]: v for k, v in dict(run.config).items() if k in by_name}
+        keep = None if publish_trials else work / f"trial-{len(outcomes)}"
+        outcome = train_trial(config, sweep, len(outcomes), params, dataset_ref=dataset_ref, group=group,
+                              sweep_id=sweep_id, keep=keep, adopt=True, run=run)
+        best = best_of(sweep, outcomes)
+        keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
+        outcomes.append(outcome)
+        if outcome.value is not None:
+            run.summary[sweep.metric_name] = outcome.value
+
+    wandb.agent(sweep_id, function=trial, count=count, project=config.project, entity=config.entity)
+    return publish_best(config, sweep, sweep_id, group, dataset_ref, outcomes, best_dir, f"count {count} done")
+
+
+# -- the end of a sweep ----------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    sweep_id: str
+    status: str
+    best: TrialOutcome | None
+    best_config: dict[str, Any] | None
+    best_model: str | None
+    trials: list[TrialOutcome]
+    stop_reason: str
+    dataset: str
+    run_id: str | None = None
+    run_dir: str | None = None
+
+    def to_stage_result(self):
+        from pipeline.results import StageResult
+
+        return StageResult(
+            stage="sweep", status=self.status, run_id=self.run_id, consumed=[self.dataset],
+            produced=[self.best_model] if self.best_model else [],
+            metrics={"best_value": self.best.value} if self.best else {},
+            paths={"run_dir": self.run_dir or ""},
+            message=f"sweep {self.sweep_id}: {self.stop_reason}; "
+                    + (f"best trial {self.best.number} ({self.best.value}) -> {self.best_model}" if self.best else "no trial finished"),
+            details={"sweep_id": self.sweep_id, "stop_reason": self.stop_reason,
+                     "best_trial": self.best.number if self.best else None,
+                     "best_params": self.best.params if self.best else {}, "best_config": self.best_config,
+                     "best_model": self.best_model, "trials": [t.to_dict() for t in self.trials]},
+        )
+
+
+def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, dataset_ref: str,
+                 outcomes: list[TrialOutcome], best_dir: Path, stop_reason: str) -> SweepResult:
+    """A sweep run: the trials table, and the best trial's model published with its aliases."""
+    import wandb
+
+    from pipeline.tracking import tracked_run
+
+    best = best_of(sweep, outcomes)
+    best_model = None
+    with tracked_run(config, "sweep", group=group, tags=("sweep",)) as trun:
+        trun.registry.use(dataset_ref, trun, type="dataset")
+        keys = [p.key for p in sweep.params]
+        trun.log({"sweep/trials": wandb.Table(
+            columns=["trial", "state", sweep.metric_name, *keys, "run_id"],
+            data=[[o.number, o.state, o.value, *[_cell(o.params.get(k)) for k in keys], o.run_id] for o in outcomes])})
+        aliases = ["candidate", f"sweep-{sweep_id}-best"]
+        if best is not None and best.produced:  # trials published their own models: tag the best one
+            for alias in aliases:
+                trun.registry.set_alias(best.produced[0], alias)
+            best_model = best.produced[0]
+        elif best is not None and (best_dir / "model").is_dir():
+            meta = json.loads((best_dir / "metadata.json").read_text(encoding="utf-8"))
+            meta["sweep"] = {"id": sweep_id, "trial": best.number, "metric": sweep.metric_name, "value": best.value,
+                             "params": best.params}
+            best_model = trun.registry.publish(config.model.name, "model", best_dir / "model", metadata=meta,
+                                               aliases=aliases, run=trun).ref
+        trun.set_summary(**{"sweep/id": sweep_id, "sweep/best_trial": best.number if best else None,
+                            f"sweep/best/{sweep.metric_name}": best.value if best else None,
+                            "sweep/best_model": best_model, "sweep/stop_reason": stop_reason,
+                            "sweep/trials": len(outcomes)})
+    best_config = trial_config(config, best.params, sweep).to_dict() if best else None
+    return SweepResult(sweep_id=sweep_id, status="ok" if best else "failed", best=best, best_config=best_config,
+                       best_model=best_model, trials=outcomes, stop_reason=stop_reason, dataset=dataset_ref,
+                       run_id=trun.id, run_dir=str(trun.wandb_dir) if trun.wandb_dir else None)
+
+
+def _cell(v: Any) -> Any:
+    return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
