@@ -668,7 +668,7 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
         trun.set_summary(**{"sweep/id": sweep_id, "sweep/best_trial": best.number if best else None,
                             f"sweep/best/{sweep.metric_name}": best.value if best else None,
                             "sweep/best_model": best_model, "sweep/stop_reason": stop_reason,
-                            "sweep/trials": len(outcomes)})
+                            "sweep/trial_count": len(outcomes)})
     best_config = trial_config(config, best.params, sweep).to_dict() if best else None
     return SweepResult(sweep_id=sweep_id, status="ok" if best else "failed", best=best, best_config=best_config,
                        best_model=best_model, trials=outcomes, stop_reason=stop_reason, dataset=dataset_ref,

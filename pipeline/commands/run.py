@@ -12,6 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import contextlib
     import sys
 
     from pipeline.commands.stage import EXIT_CODES
@@ -27,9 +28,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"{stage_result.stage}: {stage_result.status} ({', '.join(stage_result.produced) or '-'})", file=sys.stderr)
 
     try:
-        run_all(config, on_stage=report, result=outcome)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the produced references
+            run_all(config, on_stage=report, result=outcome)
     finally:
         if args.result_json:  # also when a stage failed: the file says which, and what came before
             write_json_atomic(args.result_json, outcome.to_dict())
     print(outcome.message or outcome.status, file=sys.stderr)
+    print(", ".join(outcome.to_dict()["produced"]))
     return EXIT_CODES[outcome.status]

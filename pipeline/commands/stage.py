@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -29,7 +30,9 @@ def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -
     # Under accelerate launch / torchrun only the main process reports; the others just train.
     main_process = os.environ.get("RANK", "0") == "0"
     try:
-        result = stage.run(config, group=args.group, **kwargs)
+        # Libraries print progress and notices to stdout; stdout is kept for the reference(s) printed last.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = stage.run(config, group=args.group, **kwargs)
     except BaseException as e:
         if args.result_json and main_process:
             write_json_atomic(args.result_json, StageResult(stage=stage.STAGE, status="failed", message=str(e)).to_dict())

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import contextlib
     import sys
 
     from pipeline.commands.stage import EXIT_CODES
@@ -28,16 +29,17 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     spec = load_sweep(args.sweep)
     try:
-        if resolve_mode(config.tracking.mode) == "online" and config.tracking.registry != "local":
-            from pipeline.sweep import run_online
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the best model's reference
+            if resolve_mode(config.tracking.mode) == "online" and config.tracking.registry != "local":
+                from pipeline.sweep import run_online
 
-            outcome = run_online(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                                 publish_trials=args.publish_trials)
-        else:
-            from pipeline.sweep import run
+                outcome = run_online(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
+                                     publish_trials=args.publish_trials)
+            else:
+                from pipeline.sweep import run
 
-            outcome = run(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                          publish_trials=args.publish_trials)
+                outcome = run(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
+                              publish_trials=args.publish_trials)
     except BaseException as e:
         if args.result_json:
             write_json_atomic(args.result_json, StageResult(stage="sweep", status="failed", message=str(e)).to_dict())

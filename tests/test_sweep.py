@@ -1,0 +1,232 @@
+"""Sweeps offline: W&B's sweep format on the local engine, with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from transformers import TrainerCallback
+
+from pipeline import sweep as sweeps
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.registry.local import LocalRegistry
+from pipeline.stages import dataset_publish
+from tests.conftest import REPO, inspect_summary, run_cli
+from tests.tiny import write_tickets, write_tiny_model
+
+ISSUE_YAML = """
+method: random
+metric:
+  name: val/loss
+  goal: minimize
+parameters:
+  learning_rate:
+    distribution: log_uniform_values
+    min: 0.00001
+    max: 0.01
+  batch_size:
+    values: [32, 64, 128]
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-assets")
+    return write_tiny_model(root / "bert"), write_tickets(root / "tickets.csv", rows=240)
+
+
+@pytest.fixture
+def cfg(assets, tmp_path):
+    model_dir, csv = assets
+
+    def make(*extra: str):
+        return load_config(None, ["dataset.name=tickets", f"dataset.source={csv}", "model.name=clf",
+                                  f"model.base={model_dir}", "model.max_length=64", f"tracking.dir={tmp_path / 'track'}",
+                                  "train.epochs=2", "train.warmup_ratio=0", "train.misclassified_rows=0", *extra])
+
+    c = make()
+    dataset_publish.run(c)
+    return make
+
+
+def registry(c) -> LocalRegistry:
+    return LocalRegistry(Path(c.tracking.dir) / "registry")
+
+
+def test_the_issue_yaml_runs_verbatim_offline(cfg):
+    assert yaml.safe_load((REPO / "configs" / "sweep.yaml").read_text()) == yaml.safe_load(ISSUE_YAML)
+    c = cfg()
+    spec = sweeps.load_sweep(REPO / "configs" / "sweep.yaml")
+    assert spec.metric == "loss" and not spec.maximize
+    assert [p.key for p in spec.params] == ["train.learning_rate", "train.batch_size"]
+    out = sweeps.run(c, sweep=spec, count=3)
+    assert out.status == "ok" and out.stop_reason == "count 3 done" and len(out.trials) == 3
+    for t in out.trials:
+        assert t.state == "complete" and 1e-5 <= t.params["train.learning_rate"] <= 1e-2
+        assert t.params["train.batch_size"] in (32, 64, 128)
+    assert len({t.params["train.learning_rate"] for t in out.trials}) == 3
+    assert out.best.value == min(t.value for t in out.trials)
+
+    reg = registry(c)
+    # each trial is a finetune run in the sweep's group, on the pinned dataset version; none published
+    for t in out.trials:
+        run = reg.get_run(t.run_id)
+        assert run["job_type"] == "finetune" and run["run_group"] == f"sweep-{out.sweep_id}"
+        assert run["consumed"] == ["tickets:v0"] and run["produced"] == []
+        assert run["summary"]["sweep/trial"] == t.number
+    models = reg.list_versions(type="model")
+    assert [m.ref for m in models] == ["clf:v0"] and out.best_model == "clf:v0"
+    best = reg.resolve("clf:v0")
+    assert {"candidate", f"sweep-{out.sweep_id}-best", "latest"} == set(best.aliases)
+    assert best.metadata["sweep"]["trial"] == out.best.number and best.metadata["sweep"]["params"] == out.best.params
+    assert best.metadata["config"]["train"]["learning_rate"] == out.best.params["train.learning_rate"]
+    assert best.metadata["training"]["run_id"] == out.best.run_id
+    # the sweep run logs the trials table; the result names the best config and model
+    summary = inspect_summary(Path(out.run_dir))["summary"]
+    assert summary["sweep/trials"]["_type"] == "table-file" and summary["sweep/best_model"] == "clf:v0"
+    result = out.to_stage_result().to_dict()
+    assert result["produced"] == ["clf:v0"]
+    assert result["details"]["best_config"]["train"]["batch_size"] == out.best.params["train.batch_size"]
+    assert result["details"]["best_config"]["train"]["metric_for_best_model"] == "loss"
+    assert not list((Path(c.tracking.dir) / "sweeps" / out.sweep_id).glob("trial-*"))  # only the best model was kept
+
+
+def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},
+                                    "parameters": {"train.learning_rate": {"values": [0.003, 0.001]},
+                                                   "seed": {"value": 1}}}))
+    c = cfg()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(c.to_dict()))
+    cli = run_cli("sweep", "--config", str(config), "--sweep", str(path), "--count", "5",
+                  "--result-json", str(tmp_path / "r.json"))
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["details"]["stop_reason"] == "grid exhausted (2 combinations)"
+    assert [t["params"] for t in data["details"]["trials"]] == [{"train.learning_rate": 0.003, "train.seed": 1},
+                                                                  {"train.learning_rate": 0.001, "train.seed": 1}]
+    assert cli.stdout.strip() == data["produced"][0]
+
+
+class InterruptTrial(TrainerCallback):
+    """SIGTERM in the middle of the n-th trial this object sees (0-based)."""
+
+    def __init__(self, trial: int):
+        self.trial, self.seen = trial, -1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seen == self.trial and state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, assets, tmp_path):
+    import optuna
+
+    c = cfg()
+    spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 4})
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),))
+    storage = f"sqlite:///{Path(c.tracking.dir) / 'registry' / 'sweeps.db'}"
+    [summary] = optuna.get_all_study_summaries(storage)
+    sweep_id = summary.study_name
+    # new data arrives meanwhile: the sweep stays on the version it pinned
+    write_tickets(tmp_path / "more.csv", rows=300, seed=11)
+    dataset_publish.run(cfg(f"dataset.source={tmp_path / 'more.csv'}"))
+    assert registry(c).resolve("tickets:latest").ref == "tickets:v1"
+
+    out = sweeps.run(c, sweep=spec, count=5, resume=sweep_id)
+    states = [(t.number, t.state) for t in out.trials]
+    assert states == [(0, "complete"), (1, "failed"), (2, "complete"), (3, "complete")]
+    assert out.stop_reason == "run_cap 4 reached"  # the interrupted trial counts towards the cap
+    assert out.dataset == "tickets:v0"
+    for t in out.trials:
+        if t.run_id:
+            assert registry(c).get_run(t.run_id)["consumed"] == ["tickets:v0"]
+    with pytest.raises(ConfigError, match="different sweep config"):
+        sweeps.run(c, sweep=sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML)), count=1, resume=sweep_id)
+
+
+def test_hyperband_stops_weak_trials_early(cfg, tmp_path):
+    spec = sweeps.parse_sweep({
+        "method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},
+        "parameters": {"learning_rate": {"values": [0.003, 1e-7, 2e-7, 3e-7]}},
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "max_iter": 1, "eta": 2},
+    })
+    out = sweeps.run(cfg("train.epochs=4", "train.batch_size=8"), sweep=spec, count=4)
+    by_state = {}
+    for t in out.trials:
+        by_state.setdefault(t.state, []).append(t)
+    assert by_state["pruned"], [(t.state, t.value) for t in out.trials]
+    assert all(t.evaluations < 4 for t in by_state["pruned"])
+    assert all(t.evaluations == 4 for t in by_state["complete"])
+    assert out.best.params["train.learning_rate"] == 0.003
+
+
+def test_random_draws_follow_wandb_distributions():
+    params = {
+        "train.learning_rate": {"distribution": "log_uniform", "min": -3, "max": 0},
+        "train.weight_decay": {"distribution": "q_uniform", "min": 0, "max": 1, "q": 0.25},
+        "train.eval_strategy": {"values": ["epoch", "steps"], "probabilities": [1.0, 0.0]},
+        "train.epochs": {"min": 1, "max": 3},
+        "train.batch_size": {"distribution": "q_log_uniform_values", "min": 8, "max": 512, "q": 8},
+        "train.warmup_ratio": {"distribution": "normal", "mu": 0.05, "sigma": 0.0001},
+    }
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/accuracy", "goal": "maximize"}, "parameters": params})
+    assert [p.distribution for p in spec.params] == ["log_uniform", "q_uniform", "categorical", "int_uniform",
+                                                    "q_log_uniform_values", "normal"]
+    rng = np.random.default_rng(0)
+    draws = [{p.key: sweeps.sample_random(p, rng) for p in spec.params} for _ in range(300)]
+    lrs = [d["train.learning_rate"] for d in draws]
+    assert np.exp(-3) <= min(lrs) and max(lrs) <= 1.0
+    assert {d["train.weight_decay"] for d in draws} <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert {d["train.eval_strategy"] for d in draws} == {"epoch"}  # probability 0 is never drawn
+    assert {d["train.epochs"] for d in draws} == {1, 2, 3}
+    assert all(d["train.batch_size"] % 8 == 0 and 8 <= d["train.batch_size"] <= 512 for d in draws)
+    assert abs(np.mean([d["train.warmup_ratio"] for d in draws]) - 0.05) < 1e-3
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"method": "hill-climb"}, "method 'hill-climb' is not one of random, grid, bayes"),
+    ({"parameters": {"learning_rate": {"distribution": "zipf", "min": 1, "max": 2}}},
+     "parameters.learning_rate: unknown distribution 'zipf'"),
+    ({"parameters": {"learning_rate": {"distribution": "uniform", "min": 0.1, "max": 0.01}}},
+     r"parameters.learning_rate: min \(0.1\) is above max \(0.01\)"),
+    ({"parameters": {"dropout": {"values": [0.1, 0.2]}}},
+     "parameters.dropout: maps to config key 'train.dropout', which does not exist"),
+    ({"parameters": {"model.depth": {"values": [1]}}}, "maps to config key 'model.depth', which does not exist"),
+    ({"metric": {"name": "train/perplexity", "goal": "minimize"}},
+     "metric.name 'train/perplexity' is not logged by the finetune stage; use one of eval/accuracy"),
+    ({"method": "grid", "parameters": {"learning_rate": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
+     "grid search needs value or values"),
+    ({"early_terminate": {"type": "median"}}, "early_terminate.type must be hyperband"),
+])
+def test_bad_sweep_configs_are_refused_before_any_trial(cfg, tmp_path, raw, message):
+    base = yaml.safe_load(ISSUE_YAML)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base, **raw}))
+    with pytest.raises(ConfigError, match=message):
+        sweeps.load_sweep(path)
+    c = cfg()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(c.to_dict()))
+    cli = run_cli("sweep", "--config", str(config), "--sweep", str(path), "--count", "1")
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert registry(c).list_versions(type="model") == []
+    assert [r for r in registry(c).list_versions() if r.type == "dataset"]  # only the dataset from the fixture
+
+
+def test_a_sampled_value_the_config_rejects_is_caught_before_the_first_trial(cfg):
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss"},
+                               "parameters": {"batch_size": {"values": [16, 0]}}})
+    with pytest.raises(ConfigError, match="train.batch_size: Input should be greater than 0"):
+        sweeps.run(cfg(), sweep=spec, count=2)
