@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, TrackingConfig, config_from_dict
+from pipeline.config import Config, TrackingConfig, config_from_dict, flatten
 from pipeline.errors import ConfigError, PipelineError, RefError
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry
@@ -26,19 +26,10 @@ log = logging.getLogger(__name__)
 COMPARED_GROUPS = ("dataset", "model", "train")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
 def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Keys of the groups that shape a model whose values differ: {key: {"original", "reproduction"}}."""
-    a = _flat({g: before.get(g) for g in COMPARED_GROUPS})
-    b = _flat({g: after.get(g) for g in COMPARED_GROUPS})
+    a = flatten({g: before.get(g) for g in COMPARED_GROUPS})
+    b = flatten({g: after.get(g) for g in COMPARED_GROUPS})
     return {k: {"original": a.get(k), "reproduction": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,16 +15,28 @@ from pipeline.config import Config, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _go_offline(mp: pytest.MonkeyPatch, tmp: Path) -> None:
+    for var in list(os.environ):
+        if var.startswith("WANDB_") or var in ("HF_TOKEN", "NETRC"):
+            mp.delenv(var, raising=False)
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("NETRC", str(tmp / "no-netrc"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("WANDB_SILENT", "true")
+
+
 @pytest.fixture(autouse=True)
 def offline_env(monkeypatch, tmp_path):
     """Every test runs offline with no W&B credentials, whatever the machine has."""
-    for var in list(os.environ):
-        if var.startswith("WANDB_") or var in ("HF_TOKEN", "NETRC"):
-            monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    _go_offline(monkeypatch, tmp_path)
+
+
+@contextmanager
+def offline(tmp: Path) -> Iterator[None]:
+    """The same environment for module-scoped fixtures (which cannot use the autouse one)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _go_offline(mp, tmp)
+        yield
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pipeline.predict import load as load_classifier
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
 from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
-from tests.conftest import REPO, inspect_summary, run_cli
+from tests.conftest import offline, REPO, inspect_summary, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 # 10 epochs of a 2-layer, 32-wide BERT learn these tickets well (about 0.9 validation accuracy)
@@ -41,11 +41,7 @@ def template(tmp_path_factory):
     root = tmp_path_factory.mktemp("template")
     model_dir = write_tiny_model(root / "bert")
     csv = write_tickets(root / "tickets.csv", rows=480)
-    with pytest.MonkeyPatch.context() as mp:
-        for var in list(os.environ):
-            if var.startswith("WANDB_"):
-                mp.delenv(var)
-        mp.setenv("WANDB_MODE", "offline")
+    with offline(root):
         cfg = load_config(None, overrides(root, model_dir, csv))
         dataset_publish.run(cfg)
         finetune.run(cfg)

@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, RefError
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
-from tests.conftest import inspect_records, inspect_summary, run_cli
+from tests.conftest import offline, inspect_records, inspect_summary, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
@@ -49,12 +49,7 @@ def registry_of(cfg) -> LocalRegistry:
 def trained(tmp_path_factory, tiny_model, tickets_csv):
     """One publish + finetune shared by the read-only tests below."""
     tmp = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in list(os.environ):
-            if var.startswith("WANDB_"):
-                mp.delenv(var)
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("HF_HUB_OFFLINE", "1")
+    with offline(tmp):
         cfg = make_cfg(tmp, tiny_model, tickets_csv)
         data = dataset_publish.run(cfg)
         result = finetune.run(cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pipeline.errors import ConfigError, RefError
 from pipeline.lineage import build, render
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
-from tests.conftest import run_cli
+from tests.conftest import offline, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 TRAIN = ["train.epochs=4", "train.batch_size=16", "train.learning_rate=3e-3", "train.warmup_ratio=0",
@@ -33,11 +32,7 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     model_dir = write_tiny_model(root / "bert")
     csv = write_tickets(root / "tickets.csv", rows=240)
-    with pytest.MonkeyPatch.context() as mp:
-        for var in list(os.environ):
-            if var.startswith("WANDB_"):
-                mp.delenv(var)
-        mp.setenv("WANDB_MODE", "offline")
+    with offline(root):
         result = run_all(load_config(None, overrides(root, model_dir, csv)))
     assert result.status == "ok"
     return root, model_dir, csv, result
@@ -102,8 +97,10 @@ def test_missing_inputs_are_named_and_nothing_is_published(env):
     with pytest.raises(RefError, match="clf:v0 was trained on tickets:v5, which is gone: tickets has no version 'v5'"):
         reproduce.run(cfg, model="clf:v0")
     reg.update_metadata("clf:v0", {"dataset": dataset})
+    recorded = reg.resolve("clf:v0").metadata["config"]
+    reg.update_metadata("clf:v0", {"config": {**recorded, "model": {**recorded["model"], "base": "/gone/bert"}}})
     with pytest.raises(ConfigError, match="the base model clf:v0 recorded .* cannot be found: model.base='/gone/bert': no such folder"):
-        reproduce.run(cfg, model="clf:v0", overrides=("model.base=/gone/bert",))
+        reproduce.run(cfg, model="clf:v0")
     assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"]
     with pytest.raises(RefError, match="no artifact named 'nothing'"):
         reproduce.run(cfg, model="nothing:v0")

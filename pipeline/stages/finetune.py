@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
-from pipeline.config import Config
+from pipeline.config import Config, flatten
 from pipeline.errors import ConfigError, PipelineError, RefError
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
@@ -67,15 +67,6 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg.get(k) for k in ("dataset", "model", "train")}
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
 def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any], Path]:
     root = _checkpoint_root(config)
     if run_id:
@@ -101,7 +92,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
     """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing."""
     if resume is not None:
         saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
-        now, then = _flat(_comparable(config.to_dict())), _flat(_comparable(saved["config"]))
+        now, then = flatten(_comparable(config.to_dict())), flatten(_comparable(saved["config"]))
         changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
         if changed:
             raise ConfigError(
