@@ -75,7 +75,7 @@ class DatasetConfig(_Group):
     name: str = Field(pattern=NAME_PATTERN)
     """Dataset artifact name."""
     source: str
-    """A CSV, TSV, JSONL/JSON or Parquet file, a folder of them, or a hub dataset id (online)."""
+    """A CSV, TSV, JSONL/JSON or Parquet file, a folder of them (a path or a file://, s3://, gs:// URI)."""
     text_column: str = "text"
     """Column holding the text to classify."""
     label_column: str = "label"
@@ -92,6 +92,9 @@ class DatasetConfig(_Group):
     """Your own splits instead (``source`` is then only a label for the dataset)."""
     sample_rows: int = Field(20, ge=0)
     """Rows per split in the sample table logged to W&B."""
+    reference: str | None = Field(None, pattern=r"^(file|s3|gs)://.+")
+    """Reference mode for big corpora: a file://, s3:// or gs:// prefix. The split files are stored
+    there (content-addressed) and the artifact records their URIs and checksums instead of copies."""
 
 
 class ModelConfig(_Group):

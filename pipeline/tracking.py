@@ -122,7 +122,8 @@ class TrackedRun:
             self.produced.append(ref)
             self.set_summary(**{"artifacts/produced": list(self.produced)})
 
-    def log_artifact_files(self, version: ArtifactVersion, files: Mapping[str, Path]) -> None:
+    def log_artifact_files(self, version: ArtifactVersion, files: Mapping[str, Path],
+                           references: Mapping[str, str] | None = None) -> None:
         """Log a locally stored version into this (offline) W&B run so `wandb sync` carries it.
 
         Files are added with ``policy="immutable"``: W&B points at the registry's read-only
@@ -133,7 +134,7 @@ class TrackedRun:
         from pipeline.registry.wandb_registry import make_wandb_artifact
 
         metadata = {**version.metadata, "registry": {"ref": version.ref, "digest": version.digest}}
-        art = make_wandb_artifact(version.name, version.type, files, metadata, immutable=True)
+        art = make_wandb_artifact(version.name, version.type, files, metadata, immutable=True, references=references)
         self.wandb_run.log_artifact(art, aliases=sorted(version.aliases))
 
 

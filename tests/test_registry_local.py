@@ -314,3 +314,27 @@ def test_lineage_edges_recorded(reg, tmp_path, make_config):
     assert reg.get_run(producer.id)["produced"] == ["ds:v0"]
     assert reg.get_run(consumer.id)["consumed"] == ["ds:v0"]
     assert reg.get_run(consumer.id)["status"] == "finished"
+
+
+def test_a_schema_1_catalog_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    from pipeline.registry.local import LocalRegistry
+
+    root = tmp_path / "reg"
+    reg = LocalRegistry(root)
+    src = tmp_path / "a.txt"
+    src.write_text("hello")
+    reg.publish("thing", "dataset", {"a.txt": src})
+    with sqlite3.connect(root / "catalog.db") as conn:  # make it look like a catalog from before reference mode
+        conn.execute("CREATE TABLE files_old AS SELECT version_id, path, sha256, size FROM files")
+        conn.execute("DROP TABLE files")
+        conn.execute("ALTER TABLE files_old RENAME TO files")
+        conn.execute("PRAGMA user_version = 1")
+    again = LocalRegistry(root)
+    with sqlite3.connect(root / "catalog.db") as conn:
+        assert "ref" in {r[1] for r in conn.execute("PRAGMA table_info(files)")}
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    version = again.resolve("thing:v0")
+    assert [(f.path, f.ref) for f in version.files] == [("a.txt", None)]
+    assert again.fetch(version, tmp_path / "out").path.joinpath("a.txt").read_text() == "hello"

@@ -93,8 +93,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"checked {report.objects_checked} objects ({_size(report.bytes_checked)})")
         for label, bad in (("CORRUPT", report.corrupt), ("MISSING", report.missing)):
-            for sha, users in bad.items():
-                print(f"{label} object sha256:{sha[:16]}... used by: {'; '.join(users)}")
+            for key, users in bad.items():
+                what = f"reference {key}" if "://" in key else f"object sha256:{key[:16]}..."  # referenced files: by URI
+                print(f"{label} {what} used by: {'; '.join(users)}")
         if report.ok:
             print("all objects match their hashes")
         else:

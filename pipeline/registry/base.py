@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pipeline.errors import RegistryError
 
 if TYPE_CHECKING:
+    from pipeline.refstore import Reference
     from pipeline.tracking import TrackedRun
 
 
@@ -18,6 +19,7 @@ class FileEntry:
     path: str  # POSIX path inside the artifact
     digest: str  # sha256 hex locally; W&B's base64 MD5 online
     size: int
+    ref: str | None = None  # reference mode: the file:// s3:// gs:// URI holding the bytes (no copy stored)
 
 
 @dataclass
@@ -53,7 +55,8 @@ class ArtifactVersion:
             "produced_by": self.produced_by,
             "used_by": list(self.used_by),
             "metadata": self.metadata,
-            "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in self.files],
+            "files": [{"path": f.path, "digest": f.digest, "size": f.size, **({"ref": f.ref} if f.ref else {})}
+                      for f in self.files],
         }
 
 
@@ -112,6 +115,7 @@ class Registry(Protocol):
         metadata: Mapping[str, Any] | None = None,
         aliases: tuple[str, ...] | list[str] = (),
         run: TrackedRun | None = None,
+        references: Mapping[str, Reference] | None = None,
     ) -> PublishResult: ...
 
     def set_alias(self, ref: str, alias: str) -> ArtifactVersion: ...
@@ -152,9 +156,12 @@ def check_artifact_path(path: str) -> str:
     return str(p)
 
 
-def collect_files(files: Path | Mapping[str, Path]) -> dict[str, Path]:
+def collect_files(files: Path | Mapping[str, Path], references: Mapping[str, Reference] | None = None) -> dict[str, Path]:
     """Normalise a directory or a {artifact path: local file} mapping, checking every entry."""
     out: dict[str, Path] = {}
+    references = references or {}
+    for name in references:
+        check_artifact_path(name)
     if isinstance(files, (str, Path)):
         root = Path(files)
         if not root.is_dir():
@@ -168,6 +175,9 @@ def collect_files(files: Path | Mapping[str, Path]) -> dict[str, Path]:
             if not p.is_file():
                 raise RegistryError(f"cannot publish {name!r}: {p} is not a readable file")
             out[check_artifact_path(name)] = p
-    if not out:
+    if not out and not references:
         raise RegistryError("cannot publish an artifact with no files")
+    clash = sorted(set(out) & set(references))
+    if clash:
+        raise RegistryError(f"paths both stored and referenced: {clash}")
     return out

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import refstore
 from pipeline.errors import IntegrityError, RefError, RegistryError
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
@@ -41,9 +42,10 @@ from pipeline.registry.base import (
 )
 
 if TYPE_CHECKING:
+    from pipeline.refstore import Reference
     from pipeline.tracking import TrackedRun
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: files.ref (reference-mode entries)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     id INTEGER PRIMARY KEY,
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
+    ref TEXT,
     PRIMARY KEY (version_id, path)
 );
 CREATE INDEX IF NOT EXISTS files_by_object ON files (sha256);
@@ -224,6 +227,8 @@ class LocalRegistry:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
+            if "ref" not in {r[1] for r in conn.execute("PRAGMA table_info(files)")}:  # a schema 1 catalog
+                conn.execute("ALTER TABLE files ADD COLUMN ref TEXT")
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         finally:
@@ -240,8 +245,8 @@ class LocalRegistry:
         files = []
         if with_files:
             files = [
-                FileEntry(r["path"], r["sha256"], r["size"])
-                for r in conn.execute("SELECT path, sha256, size FROM files WHERE version_id = ? ORDER BY path", (vid,))
+                FileEntry(r["path"], r["sha256"], r["size"], r["ref"])
+                for r in conn.execute("SELECT path, sha256, size, ref FROM files WHERE version_id = ? ORDER BY path", (vid,))
             ]
         return ArtifactVersion(
             name=row["name"],
@@ -326,11 +331,19 @@ class LocalRegistry:
         metadata: Mapping[str, Any] | None = None,
         aliases: tuple[str, ...] | list[str] = (),
         run: TrackedRun | None = None,
+        references: Mapping[str, Reference] | None = None,
     ) -> PublishResult:
+        """Store `files` (a folder or {path: file}) as the next version of `name`.
+
+        `references` ({path: Reference}) are recorded by URI and checksum instead of copied
+        (reference mode): the digest covers them like stored files, and fetch reads and
+        verifies them from their URI.
+        """
         validate_name(name)
         validate_name(type)
         aliases = [validate_alias(a) for a in aliases if a != "latest"]
-        entries = collect_files(files)
+        references = dict(references or {})
+        entries = collect_files(files, references)
         meta = redact(dict(metadata or {}))
         try:
             meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
@@ -347,7 +360,7 @@ class LocalRegistry:
                 progress.update(hashed[path][1])
         finally:
             progress.close()
-        digest = manifest_digest({p: h for p, (h, _) in hashed.items()})
+        digest = manifest_digest({**{p: h for p, (h, _) in hashed.items()}, **{p: r.sha256 for p, r in references.items()}})
 
         created_objects: list[str] = []
         try:
@@ -355,7 +368,7 @@ class LocalRegistry:
                 known = conn.execute("SELECT 1 FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
             if not known:  # same digest as an existing version: not one byte is copied
                 created_objects = self._store_objects(entries, hashed, stats, name)
-            result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects)
+            result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects, references)
         except BaseException:
             self._discard_unreferenced(created_objects)
             raise
@@ -363,7 +376,8 @@ class LocalRegistry:
             run.note_produced(result.version.ref)
             run.log_artifact_files(
                 result.version,
-                {f.path: self.object_path(f.digest) for f in result.version.files},
+                {f.path: self.object_path(f.digest) for f in result.version.files if not f.ref},
+                references={f.path: f.ref for f in result.version.files if f.ref},
             )
         return result
 
@@ -403,7 +417,7 @@ class LocalRegistry:
             progress.close()
         return created
 
-    def _commit(self, name, type, digest, hashed, meta_json, aliases, run, created_objects) -> PublishResult:
+    def _commit(self, name, type, digest, hashed, meta_json, aliases, run, created_objects, references) -> PublishResult:
         new = set(created_objects)
         stored = sum({h: size for h, size in hashed.values() if h in new}.values())  # each new object once
         with self._write() as conn:
@@ -421,7 +435,7 @@ class LocalRegistry:
                 number = conn.execute(
                     "SELECT COALESCE(MAX(version) + 1, 0) FROM versions WHERE name = ?", (name,)
                 ).fetchone()[0]
-                size = sum(s for _, s in hashed.values())
+                size = sum(s for _, s in hashed.values()) + sum(r.size for r in references.values())
                 cur = conn.execute(
                     "INSERT INTO versions (name, version, type, digest, size, metadata, created_at, run_id)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -429,8 +443,9 @@ class LocalRegistry:
                 )
                 vid = cur.lastrowid
                 conn.executemany(
-                    "INSERT INTO files (version_id, path, sha256, size) VALUES (?, ?, ?, ?)",
-                    [(vid, p, h, s) for p, (h, s) in sorted(hashed.items())],
+                    "INSERT INTO files (version_id, path, sha256, size, ref) VALUES (?, ?, ?, ?, ?)",
+                    [(vid, p, h, s, None) for p, (h, s) in sorted(hashed.items())]
+                    + [(vid, p, r.sha256, r.size, r.uri) for p, r in sorted(references.items())],
                 )
                 self._move_alias(conn, name, "latest", vid)
             else:
@@ -543,6 +558,10 @@ class LocalRegistry:
                 obj = self.object_path(f.digest)
                 target = staging / f.path
                 target.parent.mkdir(parents=True, exist_ok=True)
+                if f.ref:  # reference mode: the bytes live at the URI; read and verify them there
+                    refstore.read_verified(refstore.Reference(f.ref, f.digest, f.size), target)
+                    progress.update(f.size)
+                    continue
                 if not obj.is_file():
                     raise IntegrityError(f"{version.ref}: stored object for {f.path} is missing ({obj}); run `artifacts verify`")
                 if not _copy_verified(obj, target, f.digest, progress):
@@ -573,15 +592,19 @@ class LocalRegistry:
         """Re-hash every stored object; name the versions each bad object affects."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT f.sha256, f.size, f.path, v.name, v.version FROM files f JOIN versions v ON v.id = f.version_id"
+                "SELECT f.sha256, f.size, f.path, f.ref, v.name, v.version FROM files f JOIN versions v ON v.id = f.version_id"
             ).fetchall()
         users: dict[str, list[str]] = {}
         sizes: dict[str, int] = {}
+        refs: dict[tuple[str, str, int], list[str]] = {}
         for r in rows:
+            if r["ref"]:
+                refs.setdefault((r["ref"], r["sha256"], r["size"]), []).append(f"{r['name']}:v{r['version']} ({r['path']})")
+                continue
             users.setdefault(r["sha256"], []).append(f"{r['name']}:v{r['version']} ({r['path']})")
             sizes[r["sha256"]] = r["size"]
         corrupt, missing, checked = {}, {}, 0
-        progress = _Progress(sum(sizes.values()), "verifying objects")
+        progress = _Progress(sum(sizes.values()) + sum(k[2] for k in refs), "verifying objects")
         try:
             for sha, affected in sorted(users.items()):
                 obj = self.object_path(sha)
@@ -593,9 +616,15 @@ class LocalRegistry:
                 progress.update(size)
                 if actual != sha:
                     corrupt[sha] = sorted(affected)
+            for (uri, sha, size), affected in sorted(refs.items()):  # referenced files: keyed by their URI
+                state = refstore.check(refstore.Reference(uri, sha, size))
+                checked += size
+                progress.update(size)
+                if state != "ok":
+                    (missing if state == "missing" else corrupt)[uri] = sorted(affected)
         finally:
             progress.close()
-        return VerifyReport(objects_checked=len(users), bytes_checked=checked, corrupt=corrupt, missing=missing)
+        return VerifyReport(objects_checked=len(users) + len(refs), bytes_checked=checked, corrupt=corrupt, missing=missing)
 
     # -- runs --------------------------------------------------------------------------------
     def start_run(self, run: TrackedRun) -> None:

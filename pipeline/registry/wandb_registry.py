@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
 
 def make_wandb_artifact(name: str, type: str, files: Mapping[str, Path], metadata: Mapping[str, Any],
-                        *, immutable: bool):
-    """A `wandb.Artifact` holding `files` under their artifact paths.
+                        *, immutable: bool, references: Mapping[str, str] | None = None, online: bool = False):
+    """A `wandb.Artifact` holding `files` under their artifact paths, and `references` ({path: URI}).
 
     ``immutable=True`` makes W&B reference the files where they lie instead of copying them into
     its staging folder: right for the local registry's read-only objects (wandb#7066).
+    References go in with ``add_reference``; offline, only ``file://`` ones are checksummed by W&B
+    (the others would need the cloud; the local registry holds their sha256).
     """
     import wandb
 
@@ -45,6 +47,8 @@ def make_wandb_artifact(name: str, type: str, files: Mapping[str, Path], metadat
     for path, local in sorted(files.items()):
         art.add_file(os.path.abspath(local), name=check_artifact_path(path),
                      policy="immutable" if immutable else "mutable")
+    for path, uri in sorted((references or {}).items()):
+        art.add_reference(uri, name=check_artifact_path(path), checksum=online or uri.startswith("file://"))
     return art
 
 
@@ -154,13 +158,17 @@ class WandbRegistry:
 
     def publish(self, name: str, type: str, files: Path | Mapping[str, Path], *,
                 metadata: Mapping[str, Any] | None = None, aliases: tuple[str, ...] | list[str] = (),
-                run: TrackedRun | None = None) -> PublishResult:
+                run: TrackedRun | None = None, references: Mapping[str, Any] | None = None) -> PublishResult:
         validate_name(name)
         aliases = [validate_alias(a) for a in aliases if a != "latest"]
         if run is None or run.wandb_run is None:
             raise RegistryError("publishing to W&B needs a tracked run (artifacts are logged by runs)")
-        entries = collect_files(files)
-        art = make_wandb_artifact(name, type, entries, metadata or {}, immutable=False)
+        entries = collect_files(files, references)
+        meta = dict(metadata or {})
+        if references:  # W&B checksums references by ETag/MD5; keep the sha256 the local registry verifies with
+            meta["reference_sha256"] = {p: r.sha256 for p, r in references.items()}
+        art = make_wandb_artifact(name, type, entries, meta, immutable=False,
+                                  references={p: r.uri for p, r in (references or {}).items()}, online=True)
         try:
             before = self._artifact(f"{name}:latest", type).version
         except RefError:

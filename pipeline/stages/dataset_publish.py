@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Config
 from pipeline.data import Columns, DataError, format_problems, read_source, stratified_split, validate
+from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
 from pipeline.tracking import tracked_run
@@ -40,6 +41,14 @@ def _columns(config: Config) -> Columns:
 
 def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table | None]:
     """Read, validate and split: (tables per split, dataset.json content, dropped rows)."""
+    if not is_uri(config.dataset.source):
+        return _prepare(config, config.dataset.source, None)
+    with tempfile.TemporaryDirectory(prefix="dataset-source-") as tmp:
+        local = materialize(config.dataset.source, Path(tmp))  # file:// as it is; s3:// and gs:// downloaded
+        return _prepare(config, str(local), (str(local), config.dataset.source.rstrip("/")))
+
+
+def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
     d = config.dataset
     cols = _columns(config)
     if d.split_files:
@@ -49,7 +58,7 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
         files = [f for _, fs in parts.values() for f in fs]
         min_per_class = 1
     else:
-        table, files = read_source(d.source, cols)
+        table, files = read_source(source, cols)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     checked = validate(table, cols, min_per_class)
@@ -91,13 +100,20 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
         "label_names": label_names,
         "num_rows": {s: tables[s].num_rows for s in SPLITS},
         "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
-        "sources": [{"path": str(f), "sha256": hash_file(f)[0], "size": f.stat().st_size} for f in files],
+        "sources": [{"path": _source_name(f, rename), "sha256": hash_file(f)[0], "size": f.stat().st_size} for f in files],
         "split": ({"files": d.split_files.model_dump()} if d.split_files else {"stratified": d.split.model_dump()}),
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
     }
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
+
+
+def _source_name(path: Path, rename: tuple[str, str] | None) -> str:
+    """A source file as the user named it: the URI for a downloaded remote source."""
+    if rename and str(path).startswith(rename[0]):
+        return rename[1] + str(path)[len(rename[0]):]
+    return str(path)
 
 
 def write_artifact_dir(tables: dict[str, pa.Table], manifest: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -147,6 +163,17 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
     )
 
 
+def _upload_references(files: dict[str, Path], root: str) -> dict[str, Reference]:
+    """Reference mode: the split files go to `root` (content-addressed); dataset.json stays a stored file."""
+    refs = {}
+    for name, path in files.items():
+        if name.endswith(".parquet"):
+            sha, _ = hash_file(path)
+            refs[name] = put(path, root, sha, suffix=".parquet")
+            log.info("%s -> %s", name, refs[name].uri)
+    return refs
+
+
 def run(config: Config, *, group: str | None = None) -> StageResult:
     tables, manifest, dropped = prepare(config)
     d = config.dataset
@@ -162,7 +189,11 @@ def run(config: Config, *, group: str | None = None) -> StageResult:
                 "sources": manifest["sources"],
                 "config": trun.config,
             }
-            published = trun.registry.publish(d.name, "dataset", files, metadata=metadata, run=trun)
+            references = _upload_references(files, d.reference) if d.reference else {}
+            if references:
+                files = {k: v for k, v in files.items() if k not in references}
+                metadata["reference"] = d.reference
+            published = trun.registry.publish(d.name, "dataset", files, metadata=metadata, run=trun, references=references)
             status = "ok" if published.created else "unchanged"
             trun.set_summary(**{"artifact": published.ref, "status": status})
             if not published.created:
