@@ -8,6 +8,7 @@ the happy path. Row numbers in messages are 1-based data rows (the CSV header ex
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,29 +116,72 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
 def read_source(source: str | Path, cols: Columns) -> tuple[pa.Table, list[Path]]:
     """One table of every input file with ``_file`` and ``_row``; columns checked per file."""
     files = list_input_files(source)
-    tables = []
-    for path in files:
-        t = _read_one(path, cols)
-        missing = [c for c in cols.required if c not in t.column_names]
-        if missing:
-            raise DataError(
-                f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(t.column_names) or 'none'}"
-                " (set dataset.text_column / label_column / id_column to match)"
-            )
-        t = t.select(cols.required)
-        for c in cols.text_columns:
-            if not pa.types.is_binary(t.schema.field(c).type):
-                t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), path, c))
-        t = t.append_column("_file", pa.array([str(path)] * t.num_rows, pa.string()))
-        t = t.append_column("_row", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int64)))
-        tables.append(t)
+    tables = [_normalise(_read_one(path, cols), str(path), cols) for path in files]
     try:
         return pa.concat_tables(tables, promote_options="permissive"), files
     except pa.ArrowInvalid as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
 
 
-def _to_binary(col: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
+def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
+    """Check and keep the configured columns, text as binary, plus ``_file`` and ``_row`` (1-based)."""
+    missing = [c for c in cols.required if c not in t.column_names]
+    if missing:
+        raise DataError(
+            f"{name}: missing column(s) {', '.join(missing)}; the file has: {', '.join(t.column_names) or 'none'}"
+            " (set dataset.text_column / label_column / id_column to match)"
+        )
+    t = t.select(cols.required)
+    for c in cols.text_columns:
+        if not pa.types.is_binary(t.schema.field(c).type):
+            t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
+    t = t.append_column("_file", pa.array([name] * t.num_rows, pa.string()))
+    return t.append_column("_row", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int64)))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    return bool(HUB_ID.match(source)) and not Path(source).exists() and Path(source).suffix.lower() not in SUFFIXES
+
+
+def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[dict]]:
+    """All splits of a Hugging Face ``DatasetDict`` as one table (class ids become their names)."""
+    tables, sources = [], []
+    for split in sorted(dataset_dict):
+        ds = dataset_dict[split]
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        feature = ds.features.get(cols.label)
+        if feature is not None and hasattr(feature, "names") and cols.label in table.column_names:
+            ids = table.column(cols.label).to_numpy(zero_copy_only=False)
+            names = np.array(feature.names, dtype=object)[np.clip(ids, 0, len(feature.names) - 1)]
+            names[ids < 0] = None  # -1: no label (test splits of some hub datasets)
+            table = table.set_column(table.schema.get_field_index(cols.label), cols.label, pa.array(names, pa.string()))
+        name = f"hf://datasets/{source}/{split}"
+        tables.append(_normalise(table, name, cols))
+        sources.append({"path": name, "fingerprint": ds._fingerprint, "rows": ds.num_rows})
+    return pa.concat_tables(tables, promote_options="permissive"), sources
+
+
+def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict]]:
+    """A hub dataset id (online, or cached by ``datasets``); a DataError that says so when it cannot be had."""
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(source)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the message is what matters
+        raise DataError(
+            f"dataset.source {source!r} is not a file or folder, and no Hugging Face hub dataset of that name could "
+            f"be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); hub ids need the network "
+            "or the datasets cache"
+        ) from None
+    if isinstance(dd, datasets.Dataset):
+        dd = datasets.DatasetDict({"train": dd})
+    return hub_table(dd, source, cols)
+
+
+def _to_binary(col: pa.ChunkedArray, path: Path | str, name: str) -> pa.ChunkedArray:
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return pc.cast(col, pa.binary())
     if pa.types.is_null(col.type):

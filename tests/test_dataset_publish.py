@@ -232,3 +232,53 @@ def test_cli_and_result_file(tmp_path):
 def test_demo_data_is_deterministic_and_committed(tmp_path):
     made = write_csv(tmp_path / "demo.csv")
     assert made.read_bytes() == (REPO / "data" / "demo" / "support_tickets.csv").read_bytes()
+
+
+def _hub_like_dataset():
+    import datasets
+
+    rows = demo_rows(60)
+    names = sorted({r["label"] for r in rows})
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    half = len(rows) // 2
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"text": [r["text"] for r in part], "label": [names.index(r["label"]) for r in part]},
+                                          features=features)
+        for split, part in (("train", rows[:half]), ("test", rows[half:]))
+    }), names
+
+
+def demo_rows(n: int) -> list[dict]:
+    from pipeline import demo_data
+
+    seen: dict[str, str] = {}
+    return [r for r in demo_data.generate(rows=n, seed=3) if seen.setdefault(r["text"], r["label"]) == r["label"]]
+
+
+def test_hub_dataset_source_is_read_with_its_class_names(cfg_for, tmp_path, monkeypatch):
+    import datasets
+
+    dd, names = _hub_like_dataset()
+    calls = []
+
+    def fake_load_dataset(path, *args, **kwargs):  # stands in for the hub download only
+        calls.append(path)
+        return dd
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = cfg_for(tmp_path / "unused.csv", "dataset.source=someorg/tickets", "dataset.id_column=null")
+    result = dataset_publish.run(cfg)
+    assert calls == ["someorg/tickets"] and result.status == "ok"
+    version = registry_of(cfg).resolve("tickets:v0")
+    assert version.metadata["label_names"] == names  # ClassLabel ids became their names
+    assert [s["path"] for s in version.metadata["sources"]] == ["hf://datasets/someorg/tickets/test",
+                                                                "hf://datasets/someorg/tickets/train"]
+    assert sum(version.metadata["num_rows"].values()) == dd["train"].num_rows + dd["test"].num_rows
+    assert dataset_publish.run(cfg).status == "unchanged"  # the same hub data publishes once
+
+
+def test_unreachable_hub_dataset_says_so(cfg_for, tmp_path):
+    cfg = cfg_for(tmp_path / "unused.csv", "dataset.source=nobody/no-such-dataset", "dataset.id_column=null")
+    with pytest.raises(DataError, match="'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset"):
+        dataset_publish.run(cfg)
+    assert not (Path(cfg.tracking.dir) / "registry").exists() or not registry_of(cfg).list_versions()

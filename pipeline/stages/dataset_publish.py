@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
-from pipeline.data import Columns, DataError, format_problems, read_source, stratified_split, validate
+from pipeline.data import (Columns, DataError, format_problems, load_hub_dataset, looks_like_hub_id, read_source,
+                           stratified_split, validate)
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
@@ -50,6 +51,7 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
 
 def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
     d = config.dataset
+    hub_sources: list[dict] = []
     cols = _columns(config)
     if d.split_files:
         parts = {s: read_source(getattr(d.split_files, s), cols) for s in SPLITS}
@@ -58,7 +60,11 @@ def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
         files = [f for _, fs in parts.values() for f in fs]
         min_per_class = 1
     else:
-        table, files = read_source(source, cols)
+        if looks_like_hub_id(source):  # a Hugging Face hub dataset id: all its splits, re-split like a file
+            table, hub_sources = load_hub_dataset(source, cols)
+            files = []
+        else:
+            table, files = read_source(source, cols)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     checked = validate(table, cols, min_per_class)
@@ -100,7 +106,8 @@ def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
         "label_names": label_names,
         "num_rows": {s: tables[s].num_rows for s in SPLITS},
         "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
-        "sources": [{"path": _source_name(f, rename), "sha256": hash_file(f)[0], "size": f.stat().st_size} for f in files],
+        "sources": [{"path": _source_name(f, rename), "sha256": hash_file(f)[0], "size": f.stat().st_size} for f in files]
+        or hub_sources,
         "split": ({"files": d.split_files.model_dump()} if d.split_files else {"stratified": d.split.model_dump()}),
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
