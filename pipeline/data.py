@@ -213,6 +213,30 @@ def _codes(arr: pa.Array) -> np.ndarray:
     return pc.fill_null(enc.indices, -1).to_numpy().astype(np.int64)
 
 
+def _first_occurrence(codes: np.ndarray) -> np.ndarray:
+    """True where a code appears for the first time.
+
+    ``dictionary_encode`` numbers values in order of first appearance, so a row holds a new value
+    exactly when its code is above every code before it: one pass, no sort and no hash table.
+    """
+    if not len(codes):
+        return np.zeros(0, dtype=bool)
+    seen_max = np.maximum.accumulate(codes)
+    prev = np.empty_like(seen_max)
+    prev[0] = -1
+    prev[1:] = seen_max[:-1]
+    return codes > prev
+
+
+def _distinct_per_group(groups: np.ndarray, values: np.ndarray, n_groups: int, n_values: int) -> np.ndarray:
+    """How many distinct values each group has (all arguments dense codes >= 0)."""
+    if n_groups * n_values <= 64_000_000:  # a (group, value) count table of at most 512 MB
+        seen = np.bincount(groups * n_values + values, minlength=n_groups * n_values).reshape(n_groups, n_values)
+        return np.count_nonzero(seen, axis=1)
+    pairs = np.unique(groups * n_values + values)
+    return np.bincount(pairs // n_values, minlength=n_groups)
+
+
 def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     """Find every problem, one reason per row (the first found). Vectorised: no loop per row."""
     n = table.num_rows
@@ -251,10 +275,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
 
     if cols.id:
         ids = _codes(pc.cast(table.column(cols.id), pa.string()))
-        _, first = np.unique(ids, return_index=True)
-        dup = np.ones(n, dtype=bool)
-        dup[first] = False
-        flag("duplicate_id", dup & (ids >= 0), f"the same {cols.id!r} appears on an earlier row")
+        flag("duplicate_id", (ids >= 0) & ~_first_occurrence(ids), f"the same {cols.id!r} appears on an earlier row")
 
     key = decoded[cols.text]
     if cols.text_pair:
@@ -262,8 +283,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     text_codes, label_codes = _codes(key), _codes(label)
     ok = reason == 0
     n_labels = int(label_codes.max()) + 1 if n else 1
-    pairs = np.unique(text_codes[ok] * n_labels + label_codes[ok])
-    labels_per_text = np.bincount(pairs // n_labels, minlength=int(text_codes.max()) + 1 if n else 0)
+    labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], int(text_codes.max()) + 1 if n else 0, n_labels)
     flag("conflicting_label", ok & (labels_per_text[text_codes] > 1), "the same text appears with different labels")
 
     ok = reason == 0
