@@ -282,3 +282,28 @@ def test_unreachable_hub_dataset_says_so(cfg_for, tmp_path):
     with pytest.raises(DataError, match="'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset"):
         dataset_publish.run(cfg)
     assert not (Path(cfg.tracking.dir) / "registry").exists() or not registry_of(cfg).list_versions()
+
+
+def test_duplicate_and_conflict_helpers_agree_with_sorting():
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.data import _codes, _distinct_per_group, _first_occurrence
+
+    rng = np.random.default_rng(0)
+    values = pa.array([f"v{x}" for x in rng.integers(0, 500, 5000)])
+    codes = _codes(values)
+    _, first = np.unique(codes, return_index=True)
+    expected = np.zeros(len(codes), dtype=bool)
+    expected[first] = True
+    assert np.array_equal(_first_occurrence(codes), expected)
+    assert pc.count_distinct(values).as_py() == int(_first_occurrence(codes).sum())
+
+    groups, labels = rng.integers(0, 300, 5000), rng.integers(0, 4, 5000)
+    pairs = np.unique(groups * 4 + labels)
+    reference = np.bincount(pairs // 4, minlength=300)
+    assert np.array_equal(_distinct_per_group(groups, labels, 300, 4), reference)
+    # the fallback for tables too large to count densely gives the same answer
+    big = 16_000_300  # above the 64M-cell dense limit with 4 labels
+    sparse_groups = groups * (big // 300)
+    assert np.array_equal(_distinct_per_group(sparse_groups, labels, big, 4)[sparse_groups], reference[groups])
