@@ -72,7 +72,8 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
             raise ConfigError(f"tracking.registry=wandb needs online mode, but the mode is {mode}")
         from pipeline.registry.wandb_registry import WandbRegistry
 
-        return WandbRegistry(project=project, entity=entity, link_registry=tracking.link_registry)
+        return WandbRegistry(project=project, entity=entity, link_registry=tracking.link_registry,
+                             fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
 
     return LocalRegistry(Path(tracking.dir) / "registry")

@@ -55,8 +55,10 @@ def make_wandb_artifact(name: str, type: str, files: Mapping[str, Path], metadat
 class WandbRegistry:
     kind = "wandb"
 
-    def __init__(self, project: str, entity: str | None = None, link_registry: str | None = None):
+    def __init__(self, project: str, entity: str | None = None, link_registry: str | None = None,
+                 fetch_root: Path | None = None):
         self.project = project
+        self.fetch_root = Path(fetch_root) if fetch_root else Path("artifacts")  # default fetch folders go here
         self._entity = entity
         self.link_registry = link_registry
         self._api = None
@@ -134,7 +136,7 @@ class WandbRegistry:
         from wandb.sdk.lib.hashutil import md5_file_b64
 
         art = self._artifact(version.qualified_name or version.ref)
-        dest = Path(os.path.abspath(dest or Path("artifacts") / version.name / f"v{version.version}"))
+        dest = Path(os.path.abspath(dest or self.fetch_root / version.name / f"v{version.version}"))
         for f in version.files:
             check_artifact_path(f.path)
         if dest.is_dir() and all((dest / f.path).is_file() and md5_file_b64(dest / f.path) == f.digest for f in version.files):
