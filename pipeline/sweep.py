@@ -330,13 +330,20 @@ class SweepMetricCallback(TrainerCallback):
     """At every evaluation: report the sweep metric to the pruner (hyperband) and stop the trial
     when it says so; online, also log the metric under the sweep file's own name for W&B's controller."""
 
-    def __init__(self, metric: str, prune_trial=None, alias: str | None = None, run=None):
-        self.metric, self.prune_trial, self.alias, self.run = metric, prune_trial, alias, run
+    def __init__(self, metric: str, prune_trial=None, alias: str | None = None, run=None, maximize: bool = False):
+        self.metric, self.prune_trial, self.alias, self.run, self.maximize = metric, prune_trial, alias, run, maximize
         self.evaluations = 0
         self.pruned = False
+        self.values: list[float] = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # W&B's controller reads the metric's summary: make it the trial's best, not its last value
+        if self.run is not None and self.alias and self.values:
+            self.run.summary[self.alias] = max(self.values) if self.maximize else min(self.values)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = float((metrics or {}).get(f"eval_{self.metric}", float("nan")))
+        self.values.append(value)
         self.evaluations += 1
         if self.run is not None and self.alias and self.alias != f"eval/{self.metric}":
             self.run.log({self.alias: value, "train/global_step": state.global_step})
@@ -382,7 +389,7 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
     except ConfigError as e:
         log.warning("sweep %s trial %d: invalid parameters, skipped: %s", sweep_id, number, e)
         return TrialOutcome(number, params, "failed", error=str(e))
-    metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run)
+    metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run, maximize=spec.maximize)
     try:
         result = finetune.run(cfg, group=group, dataset=dataset_ref, callbacks=(metric_cb, *callbacks), aliases=(),
                               tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt,
@@ -601,8 +608,6 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         best = best_of(sweep, outcomes)
         keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
         outcomes.append(outcome)
-        if outcome.value is not None:
-            run.summary[sweep.metric_name] = outcome.value
 
     wandb.agent(sweep_id, function=trial, count=count, project=config.project, entity=config.entity)
     return publish_best(config, sweep, sweep_id, group, dataset_ref, outcomes, best_dir, f"count {count} done")
