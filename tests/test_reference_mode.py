@@ -41,6 +41,8 @@ def test_reference_mode_records_uris_and_checksums_instead_of_copies(make_config
     manifest_sources = json.loads(Path(registry(cfg).fetch(version, tmp_path / "ds").path / "dataset.json").read_text())["sources"]
     assert manifest_sources[0]["path"] == f"file://{csv}"  # the source as the user named it
     assert version.metadata["reference"] == f"file://{store}"
+    shown = run_cli("artifacts", "show", "tickets:v0", "--set", f"tracking.dir={cfg.tracking.dir}")
+    assert "train.parquet" in shown.stdout and refs["train.parquet"].ref in shown.stdout
 
     # the offline W&B run carries the references too (W&B's add_reference)
     art = next(r["artifact"] for r in inspect_records(Path(result.paths["run_dir"])) if r["type"] == "artifact"

@@ -76,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"    {line}")
         print("  files:")
         for f in v.files:
-            print(f"    {f.path}  {_size(f.size)}  {f.digest[:16]}")
+            where = f"  -> {f.ref}" if f.ref else ""  # reference mode: the bytes live at this URI
+            print(f"    {f.path}  {_size(f.size)}  {f.digest[:16]}{where}")
         return 0
 
     # verify
