@@ -230,14 +230,23 @@ class Config(_Group):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"seed": 1}}`` -> ``{"train.seed": 1}``: config keys as ``--set`` writes them."""
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else k))
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
     return out
+
+
+MODEL_GROUPS = ("dataset", "model", "train")  # the config groups that decide what a model is
+
+
+def model_config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{"train.seed": (1, 2)}``: keys of the model-shaping groups whose values differ, as ``--set`` writes them."""
+    a = _flatten({g: before.get(g) for g in MODEL_GROUPS})
+    b = _flatten({g: after.get(g) for g in MODEL_GROUPS})
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -311,13 +320,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply_override(data, item)
     for group in ("dataset", "model"):  # so a missing group reports its missing fields by name
         data.setdefault(group, {})
-    origin = str(path) if path else "no config file"
-    if overrides:
-        origin += " with --set " + " ".join(overrides)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, origin)) from None
+    return _validate(data, str(path) if path else "no config file", overrides)
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
@@ -326,6 +329,10 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     data = json.loads(json.dumps(data))  # a deep copy of plain JSON
     for item in overrides:
         _apply_override(data, item)
+    return _validate(data, origin, overrides)
+
+
+def _validate(data: dict[str, Any], origin: str, overrides: list[str] | tuple[str, ...]) -> Config:
     if overrides:
         origin += " with --set " + " ".join(overrides)
     try:

@@ -16,21 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, TrackingConfig, config_from_dict, flatten
+from pipeline.config import Config, TrackingConfig, config_from_dict, model_config_diff
 from pipeline.errors import ConfigError, PipelineError, RefError
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry
 
 STAGE = "reproduce"
 log = logging.getLogger(__name__)
-COMPARED_GROUPS = ("dataset", "model", "train")
 
 
 def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Keys of the groups that shape a model whose values differ: {key: {"original", "reproduction"}}."""
-    a = flatten({g: before.get(g) for g in COMPARED_GROUPS})
-    b = flatten({g: after.get(g) for g in COMPARED_GROUPS})
-    return {k: {"original": a.get(k), "reproduction": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    return {k: {"original": a, "reproduction": b} for k, (a, b) in model_config_diff(before, after).items()}
 
 
 def _metric_diff(original: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -418,6 +418,12 @@ def keep_if_best(spec: SweepSpec, outcome: TrialOutcome, best_value: float | Non
         shutil.rmtree(keep, ignore_errors=True)
 
 
+def _grid_todo(grid: list[dict[str, Any]], outcomes: list[TrialOutcome]) -> list[dict[str, Any]]:
+    """The grid points no finished (or pruned) trial has covered yet, in order; failed ones are retried."""
+    done = {json.dumps(o.params, sort_keys=True) for o in outcomes if o.state in ("complete", "pruned")}
+    return [g for g in grid if json.dumps(g, sort_keys=True) not in done]
+
+
 def _target_reached(spec: SweepSpec, value: float | None) -> bool:
     if spec.target is None or value is None:
         return False
@@ -537,8 +543,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             stop_reason = f"metric target {sweep.target} reached by trial {best.number}"
             break
         if grid is not None:
-            done = {json.dumps(o.params, sort_keys=True) for o in outcomes if o.state in ("complete", "pruned")}
-            todo = [g for g in grid if json.dumps(g, sort_keys=True) not in done]
+            todo = _grid_todo(grid, outcomes)
             if not todo:
                 stop_reason = f"grid exhausted ({len(grid)} combinations)"
                 break
@@ -564,8 +569,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         else:
             study.tell(trial, outcome.value)
     else:
-        if grid is not None and not [g for g in grid if json.dumps(g, sort_keys=True) not in
-                                     {json.dumps(o.params, sort_keys=True) for o in _outcomes(study) if o.state in ("complete", "pruned")}]:
+        if grid is not None and not _grid_todo(grid, _outcomes(study)):
             stop_reason = f"grid exhausted ({len(grid)} combinations)"
     return publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason)
 

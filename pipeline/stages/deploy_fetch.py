@@ -42,14 +42,6 @@ def smoke_test(model_dir: Path, label_names: list[str]) -> dict[str, Any]:
     return {"text": SMOKE_TEXT, "label": prediction.label, "confidence": round(prediction.confidence, 6)}
 
 
-def _is_our_deployment(dest: Path, name: str) -> bool:
-    try:
-        manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("name") == name and "digest" in manifest
-
-
 def run(config: Config, *, group: str | None = None, model: str | None = None, to: str | Path | None = None,
         force: bool = False) -> StageResult:
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
@@ -59,10 +51,10 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
         reg = trun.registry
         version = reg.use(version.ref, trun, type="model")
         label_names = list(version.metadata.get("label_names") or [])
-        # replacing an earlier deployment of this model needs no --force; anything else does
-        overwrite = force or _is_our_deployment(dest, version.name)
         evaluation = version.metadata.get("evaluation") or {}
         existing = _current(dest)
+        # replacing an earlier deployment of this model needs no --force; anything else does
+        overwrite = force or bool(existing and existing.get("name") == version.name and "digest" in existing)
         if existing and existing.get("digest") == version.digest and existing.get("smoke"):
             smoke = existing["smoke"]  # these exact bytes passed the smoke test when first deployed
         else:

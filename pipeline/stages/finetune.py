@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
-from pipeline.config import Config, flatten
+from pipeline.config import Config, model_config_diff
 from pipeline.errors import ConfigError, PipelineError, RefError
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
@@ -63,10 +62,6 @@ def _last_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[11:])) if done else None
 
 
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: cfg.get(k) for k in ("dataset", "model", "train")}
-
-
 def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any], Path]:
     root = _checkpoint_root(config)
     if run_id:
@@ -92,12 +87,11 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
     """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing."""
     if resume is not None:
         saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
-        now, then = flatten(_comparable(config.to_dict())), flatten(_comparable(saved["config"]))
-        changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+        changed = model_config_diff(saved["config"], config.to_dict())
         if changed:
             raise ConfigError(
                 f"cannot resume run {saved['run_id']}: the config differs from the interrupted run's in "
-                + ", ".join(f"{k} ({then.get(k)!r} -> {now.get(k)!r})" for k in changed)
+                + ", ".join(f"{k} ({then!r} -> {now!r})" for k, (then, now) in changed.items())
             )
         if dataset is not None and dataset != saved["dataset"]:
             raise ConfigError(f"cannot resume run {saved['run_id']} on {dataset}: it was training on {saved['dataset']}")
@@ -437,9 +431,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         if trun.wandb_run is not None:
             _define_summaries(trun.wandb_run)
         try:
-            # The Trainer prints its log lines to stdout; keep stdout for what programs read.
-            with contextlib.redirect_stdout(sys.stderr):
-                output = trainer.train(resume_from_checkpoint=shared["resume_from"])
+            output = trainer.train(resume_from_checkpoint=shared["resume_from"])
         except BaseException:
             log.error("finetune run %s stopped; its checkpoints are in %s. Continue it with: "
                       "python -m pipeline finetune --config ... --resume %s", plan_.run_id, plan_.output_dir, plan_.run_id)
@@ -528,6 +520,5 @@ def _follow(config: Config, state, callbacks) -> StageResult:
     if "error" in shared:
         raise PipelineError(f"the main process stopped before training: {shared['error']}")
     trainer, _ = _build_trainer(config, shared, None, callbacks)
-    with contextlib.redirect_stdout(sys.stderr):
-        trainer.train(resume_from_checkpoint=shared["resume_from"])
+    trainer.train(resume_from_checkpoint=shared["resume_from"])
     return StageResult(stage=STAGE, status="ok", run_id=shared["run_id"], details={"process": state.process_index})
