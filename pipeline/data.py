@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,12 +114,11 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
 
 
-def read_source(source: str | Path, cols: Columns) -> tuple[pa.Table, list[Path]]:
-    """One table of every input file with ``_file`` and ``_row``; columns checked per file."""
-    files = list_input_files(source)
+def read_files(files: list[Path], cols: Columns, source: str | Path) -> pa.Table:
+    """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``."""
     tables = [_normalise(_read_one(path, cols), str(path), cols) for path in files]
     try:
-        return pa.concat_tables(tables, promote_options="permissive"), files
+        return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowInvalid as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
 
@@ -135,7 +135,8 @@ def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
     for c in cols.text_columns:
         if not pa.types.is_binary(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
-    t = t.append_column("_file", pa.array([name] * t.num_rows, pa.string()))
+    # One dictionary entry per file, not a string per row (a million-row file names itself once).
+    t = t.append_column("_file", pa.DictionaryArray.from_arrays(pa.array(np.zeros(t.num_rows, np.int32)), pa.array([name])))
     return t.append_column("_row", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int64)))
 
 
@@ -189,13 +190,12 @@ def _to_binary(col: pa.ChunkedArray, path: Path | str, name: str) -> pa.ChunkedA
     raise DataError(f"{path}: column {name!r} holds {col.type}, not text")
 
 
-def _decode(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+def _decode(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
     """Binary -> string; returns the strings (undecodable rows null) and a mask of undecodable rows."""
-    arr = col.combine_chunks()
-    try:
-        return pc.cast(arr, pa.string()), np.zeros(len(arr), dtype=bool)
+    try:  # chunk by chunk, no copy: the cast only checks the bytes
+        return pc.cast(col, pa.string()), np.zeros(len(col), dtype=bool)
     except pa.ArrowInvalid:
-        values = arr.to_pylist()
+        values = col.to_pylist()
         bad = np.zeros(len(values), dtype=bool)
         out = []
         for i, v in enumerate(values):
@@ -255,36 +255,42 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
             where = files.take(pa.array(idx[:SHOW])).to_pylist()
             problems.append(Problem(kind, [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])], detail, len(idx)))
 
-    decoded = {}
-    for c in cols.text_columns:
-        strings, bad = _decode(table.column(c))
-        decoded[c] = strings
-        flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8")
-    for c in cols.text_columns:
-        stripped = pc.utf8_trim_whitespace(decoded[c])
-        empty = pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), True).to_numpy(zero_copy_only=False)
-        flag("empty_text", empty, f"column {c!r} is empty or null")
-    label = table.column(cols.label).combine_chunks()
-    if pa.types.is_null(label.type):
-        label = pa.nulls(n, pa.string())
-    elif not (pa.types.is_string(label.type) or pa.types.is_large_string(label.type)):
-        label = pc.cast(label, pa.string())
-    label = pc.utf8_trim_whitespace(label)
-    flag("null_label", pc.fill_null(pc.equal(pc.utf8_length(label), 0), True).to_numpy(zero_copy_only=False),
-         f"column {cols.label!r} is empty or null")
+    ids = pc.cast(table.column(cols.id), pa.string()) if cols.id else None
+    # Hashing the ids runs on a second core while the texts are decoded, checked and hashed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-ids") as pool:
+        id_codes = pool.submit(_codes, ids) if ids is not None else None
+        decoded = {}
+        for c in cols.text_columns:
+            strings, bad = _decode(table.column(c))
+            decoded[c] = strings
+            flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8")
+        for c in cols.text_columns:
+            # utf8_is_space stops at the first other character; no trimmed copy of every text is made
+            blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), 0), pc.utf8_is_space(decoded[c]))
+            flag("empty_text", pc.fill_null(blank, True).to_numpy(zero_copy_only=False), f"column {c!r} is empty or null")
+        label = table.column(cols.label).combine_chunks()
+        if pa.types.is_null(label.type):
+            label = pa.nulls(n, pa.string())
+        elif not (pa.types.is_string(label.type) or pa.types.is_large_string(label.type)):
+            label = pc.cast(label, pa.string())
+        label = pc.utf8_trim_whitespace(label)
+        flag("null_label", pc.fill_null(pc.equal(pc.utf8_length(label), 0), True).to_numpy(zero_copy_only=False),
+             f"column {cols.label!r} is empty or null")
 
-    if cols.id:
-        ids = _codes(pc.cast(table.column(cols.id), pa.string()))
-        flag("duplicate_id", (ids >= 0) & ~_first_occurrence(ids), f"the same {cols.id!r} appears on an earlier row")
+        key = decoded[cols.text]
+        if cols.text_pair:
+            key = pc.binary_join_element_wise(key, decoded[cols.text_pair], "\x1f")
+        text_codes, label_codes = _codes(key), _codes(label)
+        if id_codes is not None:
+            codes = id_codes.result()
+            flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
 
-    key = decoded[cols.text]
-    if cols.text_pair:
-        key = pc.binary_join_element_wise(key, decoded[cols.text_pair], "\x1f")
-    text_codes, label_codes = _codes(key), _codes(label)
-    ok = reason == 0
     n_labels = int(label_codes.max()) + 1 if n else 1
-    labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], int(text_codes.max()) + 1 if n else 0, n_labels)
-    flag("conflicting_label", ok & (labels_per_text[text_codes] > 1), "the same text appears with different labels")
+    n_texts = int(text_codes.max()) + 1 if n else 0
+    if n_texts < n:  # some text repeats (or is null): look for repeats with different labels
+        ok = reason == 0
+        labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)
+        flag("conflicting_label", ok & (labels_per_text[text_codes] > 1), "the same text appears with different labels")
 
     ok = reason == 0
     per_label = np.bincount(label_codes[ok], minlength=n_labels)
@@ -296,7 +302,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
              f"label(s) {', '.join(map(repr, small))} have fewer than {min_per_class} rows, too few to split")
 
     clean = pa.table({
-        **({cols.id: pc.cast(table.column(cols.id), pa.string())} if cols.id else {}),
+        **({cols.id: ids} if cols.id else {}),
         cols.text: decoded[cols.text],
         **({cols.text_pair: decoded[cols.text_pair]} if cols.text_pair else {}),
         cols.label: label,
@@ -308,7 +314,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     dropped = clean.take(pa.array(dropped_idx)).append_column(
         "reason", pa.array([kinds[r - 1] for r in reason[dropped_idx]], pa.string()))
     return Validated(
-        table=clean.filter(pa.array(keep)),
+        table=clean if not len(dropped_idx) else clean.filter(pa.array(keep)),
         dropped={p.kind: p.count for p in problems},
         dropped_rows=dropped,
         problems=problems,

@@ -14,6 +14,7 @@ import os
 import secrets as _secrets
 import signal
 import string
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -146,6 +147,40 @@ def _wandb_settings(mode: str):
     return wandb.Settings(mode=mode, silent=True, console="off", save_code=False, x_disable_meta=True)
 
 
+_warm_up: threading.Thread | None = None
+
+
+def warm_up(config: Config) -> None:
+    """Import W&B and start its service on another thread while the caller prepares its data.
+
+    A cold ``import wandb`` plus its service start takes about a second of mostly Python work;
+    dataset-publish spends as long in Arrow code that releases the GIL, so the two overlap.
+    No run is opened here: a stage that stops on bad data still creates no run. Only the first
+    stage of a process gains, so later calls do nothing; `tracked_run` waits for it to finish.
+    """
+    global _warm_up
+    if _warm_up is not None or "wandb" in sys.modules:
+        return
+    mode = resolve_mode(config.tracking.mode)
+    if mode == "disabled":
+        return
+
+    def work() -> None:
+        try:
+            import importlib
+
+            import wandb
+
+            importlib.import_module("wandb.sdk.launch.inputs.internal")  # every wandb.init imports it
+            wandb.setup(_wandb_settings(mode))
+        except Exception:  # noqa: BLE001 - wandb.init reports any real problem when the run opens
+            log.debug("W&B warm-up failed", exc_info=True)
+
+    # Not a daemon: the interpreter waits for it before W&B's exit handlers run.
+    _warm_up = threading.Thread(target=work, name="wandb-warm-up")
+    _warm_up.start()
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside."""
@@ -213,6 +248,8 @@ def tracked_run(
         config=resolved,
         registry=registry,
     )
+    if _warm_up is not None:
+        _warm_up.join()
     import wandb
 
     wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)

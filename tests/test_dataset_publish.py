@@ -88,6 +88,21 @@ def test_folder_input_with_one_schema(tmp_path, cfg_for):
     assert sum(meta["num_rows"].values()) == 30
 
 
+def test_folder_input_names_the_file_that_holds_a_bad_row(tmp_path, cfg_for):
+    records = rows()
+    records[20]["text"] = "  \t\u00a0\u2003 "  # only whitespace (ASCII and Unicode): empty
+    records[21]["text"] = " padded but real "
+    write_rows(tmp_path / "in" / "a.csv", records[:15])
+    write_rows(tmp_path / "in" / "b.csv", records[15:])
+    cfg = cfg_for(tmp_path / "in")
+    with pytest.raises(DataError) as e:
+        dataset_publish.run(cfg)
+    assert f"empty_text (1 rows, column 'text' is empty or null): {tmp_path / 'in' / 'b.csv'} row 6" in str(e.value)
+    dropped = dataset_publish.prepare(cfg_for(tmp_path / "in", "dataset.on_invalid=drop"))[2]
+    assert dropped.to_pylist() == [{"id": "tech-0", "text": records[20]["text"], "label": "tech",
+                                    "_file": str(tmp_path / "in" / "b.csv"), "_row": 6, "reason": "empty_text"}]
+
+
 def test_folder_with_mixed_formats_is_refused(tmp_path, cfg_for):
     write_rows(tmp_path / "in" / "a.csv", rows())
     write_rows(tmp_path / "in" / "b.jsonl", rows())
@@ -227,6 +242,26 @@ def test_cli_and_result_file(tmp_path):
     assert again.returncode == 0 and json.loads(result_path.read_text())["status"] == "unchanged"
     bad = run_cli(*args[:-2], "--set", "dataset.text_column=body")
     assert bad.returncode == 2 and "missing column(s) body" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_refusing_bad_data_in_a_fresh_process_creates_nothing(tmp_path):
+    """The first stage of a process warms W&B up on another thread; bad data still opens no run."""
+    src = write_rows(tmp_path / "bad.csv", _bad_rows())
+    track = tmp_path / "track"
+    out = run_cli("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"dataset.source={src}",
+                  "--set", "dataset.id_column=id", "--set", f"tracking.dir={track}", timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "duplicate_id (1 rows" in out.stderr and "Traceback" not in out.stderr
+    assert not (track / "wandb").exists()
+    assert not (track / "registry").exists() or LocalRegistry(track / "registry").list_versions() == []
+
+
+def test_arrow_memory_pool_is_restored_after_the_stage(tmp_path, cfg_for):
+    before = pa.default_memory_pool().backend_name
+    dataset_publish.run(cfg_for(write_rows(tmp_path / "d.csv", rows())))
+    with pytest.raises(DataError):
+        dataset_publish.run(cfg_for(write_rows(tmp_path / "bad.csv", _bad_rows())))
+    assert pa.default_memory_pool().backend_name == before
 
 
 def test_demo_data_is_deterministic_and_committed(tmp_path):

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
-from pipeline.data import (Columns, DataError, format_problems, load_hub_dataset, looks_like_hub_id, read_source,
-                           stratified_split, validate)
+from pipeline.data import (Columns, DataError, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
+                           read_files, stratified_split, validate)
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
-from pipeline.tracking import tracked_run
+from pipeline.tracking import tracked_run, warm_up
 
 STAGE = "dataset-publish"
 SPLITS = ("train", "validation", "test")
@@ -51,20 +54,42 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
 
 def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
     d = config.dataset
-    hub_sources: list[dict] = []
     cols = _columns(config)
     if d.split_files:
-        parts = {s: read_source(getattr(d.split_files, s), cols) for s in SPLITS}
-        table = pa.concat_tables([t.append_column("_split", pa.array([s] * t.num_rows)) for s, (t, _) in parts.items()],
+        listed = {s: list_input_files(getattr(d.split_files, s)) for s in SPLITS}
+    elif looks_like_hub_id(source):  # a Hugging Face hub dataset id: all its splits, re-split like a file
+        listed = {}
+    else:
+        listed = {"all": list_input_files(source)}
+    files = [f for fs in listed.values() for f in fs]
+    # The source digests are read on a second core while Arrow parses the same (cached) bytes.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-digest") as pool:
+        digests = [pool.submit(hash_file, f) for f in files]
+        try:
+            tables, manifest, dropped = _prepare_tables(config, source, cols, listed)
+        except BaseException:
+            for job in digests:
+                job.cancel()
+            raise
+        manifest["sources"] = manifest["sources"] or [
+            {"path": _source_name(f, rename), "sha256": job.result()[0], "size": job.result()[1]}
+            for f, job in zip(files, digests)]
+    return tables, manifest, dropped
+
+
+def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]]):
+    d = config.dataset
+    hub_sources: list[dict] = []
+    if d.split_files:
+        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s)) for s in SPLITS}
+        table = pa.concat_tables([t.append_column("_split", pa.array([s] * t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
-        files = [f for _, fs in parts.values() for f in fs]
         min_per_class = 1
     else:
-        if looks_like_hub_id(source):  # a Hugging Face hub dataset id: all its splits, re-split like a file
+        if not listed:
             table, hub_sources = load_hub_dataset(source, cols)
-            files = []
         else:
-            table, files = read_source(source, cols)
+            table = read_files(listed["all"], cols, source)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     checked = validate(table, cols, min_per_class)
@@ -106,8 +131,7 @@ def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
         "label_names": label_names,
         "num_rows": {s: tables[s].num_rows for s in SPLITS},
         "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
-        "sources": [{"path": _source_name(f, rename), "sha256": hash_file(f)[0], "size": f.stat().st_size} for f in files]
-        or hub_sources,
+        "sources": hub_sources,  # or the source files' digests, filled in by _prepare
         "split": ({"files": d.split_files.model_dump()} if d.split_files else {"stratified": d.split.model_dump()}),
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
@@ -125,11 +149,13 @@ def _source_name(path: Path, rename: tuple[str, str] | None) -> str:
 
 def write_artifact_dir(tables: dict[str, pa.Table], manifest: dict[str, Any], out: Path) -> dict[str, Path]:
     """The artifact's files. Same tables and manifest -> byte-identical files."""
-    files = {}
-    for split, t in tables.items():
-        path = out / f"{split}.parquet"
-        pq.write_table(t, path, compression="zstd", row_group_size=1 << 20)
-        files[f"{split}.parquet"] = path
+    files = {f"{split}.parquet": out / f"{split}.parquet" for split in tables}
+
+    def write(split: str) -> None:
+        pq.write_table(tables[split], out / f"{split}.parquet", compression="zstd", row_group_size=1 << 20)
+
+    with ThreadPoolExecutor(max_workers=len(tables) or 1, thread_name_prefix="write-split") as pool:
+        list(pool.map(write, tables))  # each file on its own thread: Parquet encoding releases the GIL
     (out / "dataset.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     files["dataset.json"] = out / "dataset.json"
     return files
@@ -183,7 +209,35 @@ def _upload_references(files: dict[str, Path], root: str) -> dict[str, Reference
     return refs
 
 
+@contextmanager
+def _arrow_pool() -> Iterator[None]:
+    """Arrow allocations on jemalloc while the stage runs, where the pyarrow wheel has it.
+
+    Validation makes and drops several buffers the size of the text column; under the
+    default mimalloc pool every one is faulted in afresh, and validating a million rows took
+    1.35-2.5 s instead of 0.9 s (`scripts/bench_publish.py`). Buffers remember their pool,
+    so restoring the previous default afterwards is safe.
+    """
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # e.g. Windows wheels
+        yield
+        return
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
 def run(config: Config, *, group: str | None = None) -> StageResult:
+    warm_up(config)
+    with _arrow_pool():
+        return _run(config, group)
+
+
+def _run(config: Config, group: str | None) -> StageResult:
     tables, manifest, dropped = prepare(config)
     d = config.dataset
     with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp:
