@@ -70,6 +70,16 @@ class SplitFiles(_Group):
     test: str
     """File (or folder) holding the test rows."""
 
+    @model_validator(mode="after")
+    def _distinct(self) -> SplitFiles:
+        named = [(s, getattr(self, s)) for s in ("train", "validation", "test")]
+        for i, (a, pa_) in enumerate(named):
+            for b, pb in named[i + 1:]:
+                if os.path.normpath(pa_) == os.path.normpath(pb):
+                    raise ValueError(f"split_files.{a} and split_files.{b} name the same source {pa_!r}: "
+                                     "its rows would be in both splits")
+        return self
+
 
 class DatasetConfig(_Group):
     name: str = Field(pattern=NAME_PATTERN)

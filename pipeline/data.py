@@ -53,7 +53,7 @@ class Problem:
 
 @dataclass
 class Validated:
-    table: pa.Table  # clean rows: [id], text, [text_pair], label (string), _file, _row
+    table: pa.Table  # clean rows: [id], text, [text_pair], label (string), _file, _row[, _split]
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_rows: pa.Table | None = None  # the dropped rows with their reason
     problems: list[Problem] = field(default_factory=list)
@@ -135,9 +135,13 @@ def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
     for c in cols.text_columns:
         if not pa.types.is_binary(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
-    # One dictionary entry per file, not a string per row (a million-row file names itself once).
-    t = t.append_column("_file", pa.DictionaryArray.from_arrays(pa.array(np.zeros(t.num_rows, np.int32)), pa.array([name])))
+    t = t.append_column("_file", constant(name, t.num_rows))
     return t.append_column("_row", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int64)))
+
+
+def constant(value: str, n: int) -> pa.DictionaryArray:
+    """``value`` on every one of ``n`` rows, stored once (a dictionary), not as a string per row."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -308,6 +312,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         cols.label: label,
         "_file": files,
         "_row": table.column("_row"),
+        **({"_split": table.column("_split")} if "_split" in table.column_names else {}),  # the user's own splits
     })
     keep = reason == 0
     dropped_idx = np.flatnonzero(~keep)

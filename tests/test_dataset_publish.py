@@ -139,6 +139,31 @@ def test_users_own_split_files(tmp_path, cfg_for):
     assert tables["test"].column("id").to_pylist() == ["billing-9", "shipping-9", "tech-9"]
 
 
+def test_users_own_split_files_with_dropped_rows_keep_their_splits(tmp_path, cfg_for):
+    r = rows()
+    train = r[0:8] + r[10:18] + r[20:28]
+    train[3] = {**train[3], "text": " "}            # dropped from train
+    test = [r[9], r[19], r[29], {**r[29], "id": "tech-9b", "text": "another tech one"}]
+    test[1] = {**test[1], "id": train[0]["id"]}     # an id already used in train: dropped from test
+    files = {s: write_rows(tmp_path / f"{s}.csv", part) for s, part in
+             (("train", train), ("validation", [r[8], r[18], r[28]]), ("test", test))}
+    cfg = cfg_for(tmp_path / "train.csv", "dataset.on_invalid=drop", *(f"dataset.split_files.{s}={p}" for s, p in files.items()))
+    tables, manifest, dropped = dataset_publish.prepare(cfg)
+    assert {s: t.num_rows for s, t in tables.items()} == {"train": 23, "validation": 3, "test": 3}
+    assert tables["test"].column("id").to_pylist() == ["billing-9", "tech-9", "tech-9b"]
+    assert r[3]["id"] not in tables["train"].column("id").to_pylist()
+    assert manifest["dropped"] == {"duplicate_id": 1, "empty_text": 1}
+    assert sorted(dropped.column("_file").to_pylist()) == [str(files["test"]), str(files["train"])]
+
+
+def test_the_same_file_cannot_be_two_splits(cfg_for, tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="split_files.validation and split_files.test name the same source"):
+        cfg_for(tmp_path / "x.csv", f"dataset.split_files.train={tmp_path / 'a.csv'}",
+                f"dataset.split_files.validation={tmp_path / 'b.csv'}", f"dataset.split_files.test={tmp_path / '.' / 'b.csv'}")
+
+
 def test_split_fractions_must_sum_to_one(cfg_for, tmp_path):
     from pipeline.errors import ConfigError
 

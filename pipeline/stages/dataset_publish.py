@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
-from pipeline.data import (Columns, DataError, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
+from pipeline.data import (Columns, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
                            read_files, stratified_split, validate)
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
@@ -82,7 +82,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     hub_sources: list[dict] = []
     if d.split_files:
         parts = {s: read_files(listed[s], cols, getattr(d.split_files, s)) for s in SPLITS}
-        table = pa.concat_tables([t.append_column("_split", pa.array([s] * t.num_rows)) for s, t in parts.items()],
+        table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
         min_per_class = 1
     else:
@@ -104,10 +104,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         raise DataError(f"{d.source}: a classifier needs at least 2 labels, found {label_names}")
 
     if d.split_files:
-        key = {(f, r): s for f, r, s in zip(table.column("_file").to_pylist(), table.column("_row").to_pylist(),
-                                            table.column("_split").to_pylist())}
-        assigned = np.array([key[(f, r)] for f, r in zip(clean.column("_file").to_pylist(), clean.column("_row").to_pylist())])
-        index = {s: np.flatnonzero(assigned == s) for s in SPLITS}
+        assigned = pc.cast(clean.column("_split"), pa.string())
+        index = {s: np.flatnonzero(pc.equal(assigned, s).to_numpy(zero_copy_only=False)) for s in SPLITS}
     else:
         index = stratified_split(labels, d.split.model_dump(), d.split.seed)
 
