@@ -54,6 +54,19 @@ def test_all_problems_reported_together_naming_each_key(tmp_path):
         assert expected in msg, msg
 
 
+def test_misspelt_keys_get_a_suggestion():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["dataset.name=d", "dataset.source=x.csv", "model.name=m", "train.lerning_rate=1",
+                           "dataset.split.tset=0.2", "modle.base=minilm", "evaluate.gate.min_acuracy=0.5", "zzz=1"])
+    msg = str(e.value)
+    for expected in ("train.lerning_rate: unknown key (did you mean train.learning_rate?)",
+                     "dataset.split.tset: unknown key (did you mean dataset.split.test?)",
+                     "modle: unknown key (did you mean model?)",
+                     "evaluate.gate.min_acuracy: unknown key (did you mean evaluate.gate.min_accuracy?)",
+                     "  zzz: unknown key\n"):
+        assert expected in msg + "\n", msg
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("dataset:\n  name: [unclosed\nmodel: {name: m}\n")
