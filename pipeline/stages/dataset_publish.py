@@ -238,10 +238,13 @@ def run(config: Config, *, group: str | None = None) -> StageResult:
 def _run(config: Config, group: str | None) -> StageResult:
     tables, manifest, dropped = prepare(config)
     d = config.dataset
-    with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp:
-        files = write_artifact_dir(tables, manifest, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-artifact") as pool:
+        # The data is valid: the files are written while the run opens and logs its charts.
+        writing = pool.submit(write_artifact_dir, tables, manifest, Path(tmp))
         with tracked_run(config, STAGE, group=group) as trun:
             _log_stats(trun, tables, manifest, dropped, d.sample_rows, d.split.seed)
+            files = writing.result()
             metadata = {
                 "format_version": FORMAT_VERSION,
                 "label_names": manifest["label_names"],
