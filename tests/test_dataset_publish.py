@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -287,6 +290,20 @@ def test_arrow_memory_pool_is_restored_after_the_stage(tmp_path, cfg_for):
     with pytest.raises(DataError):
         dataset_publish.run(cfg_for(write_rows(tmp_path / "bad.csv", _bad_rows())))
     assert pa.default_memory_pool().backend_name == before
+
+
+def test_a_memory_pool_the_user_chose_is_kept(tmp_path):
+    """ARROW_DEFAULT_MEMORY_POOL=system: the stage allocates from the system pool, not jemalloc."""
+    code = (
+        "import pyarrow as pa, sys\n"
+        "from pipeline.stages import dataset_publish as dp\n"
+        "with dp._arrow_pool():\n"
+        "    print(pa.default_memory_pool().backend_name, pa.array(['x' * 64] * 1000).nbytes > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["system", "True"]
 
 
 def test_demo_data_is_deterministic_and_committed(tmp_path):
