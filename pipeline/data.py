@@ -82,16 +82,19 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
-            # Text as binary, so undecodable bytes are found row by row instead of failing the read.
-            return csv.read_csv(
-                path,
-                parse_options=csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True),
-                convert_options=csv.ConvertOptions(
-                    column_types={c: pa.binary() for c in cols.text_columns},
-                    strings_can_be_null=True,
-                    quoted_strings_can_be_null=False,
-                ),
-            )
+            parse = csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+            text_as_binary = {c: pa.binary() for c in cols.text_columns}
+            try:
+                # Only the configured columns are converted (other columns cost nothing and can hold
+                # anything); text as binary, so undecodable bytes are found row by row.
+                return csv.read_csv(path, parse_options=parse, convert_options=csv.ConvertOptions(
+                    include_columns=cols.required, column_types=text_as_binary,
+                    strings_can_be_null=True, quoted_strings_can_be_null=False))
+            except pa.ArrowKeyError as e:  # a configured column is not in the header: report what is
+                header = csv.open_csv(path, parse_options=parse, read_options=csv.ReadOptions(block_size=1 << 16),
+                                      convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
+                _check_columns(header, str(path), cols)
+                raise DataError(f"{path}: cannot read as {kind}: {e}") from None
         if kind == "jsonl":
             from pyarrow import json as pajson
 
@@ -105,7 +108,8 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
             return pa.Table.from_pylist(data)
         import pyarrow.parquet as pq
 
-        return pq.read_table(path)
+        _check_columns(pq.read_schema(path).names, str(path), cols)
+        return pq.read_table(path, columns=cols.required)  # only the configured columns are read
     except DataError:
         raise
     except UnicodeDecodeError as e:
@@ -123,14 +127,18 @@ def read_files(files: list[Path], cols: Columns, source: str | Path) -> pa.Table
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
 
 
-def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
-    """Check and keep the configured columns, text as binary, plus ``_file`` and ``_row`` (1-based)."""
-    missing = [c for c in cols.required if c not in t.column_names]
+def _check_columns(names: list[str], where: str, cols: Columns) -> None:
+    missing = [c for c in cols.required if c not in names]
     if missing:
         raise DataError(
-            f"{name}: missing column(s) {', '.join(missing)}; the file has: {', '.join(t.column_names) or 'none'}"
+            f"{where}: missing column(s) {', '.join(missing)}; the file has: {', '.join(names) or 'none'}"
             " (set dataset.text_column / label_column / id_column to match)"
         )
+
+
+def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
+    """Check and keep the configured columns, text as binary, plus ``_file`` and ``_row`` (1-based)."""
+    _check_columns(t.column_names, name, cols)
     t = t.select(cols.required)
     for c in cols.text_columns:
         if not pa.types.is_binary(t.schema.field(c).type):

@@ -81,6 +81,25 @@ def test_every_format_publishes_the_same_dataset(tmp_path, cfg_for, fmt):
     assert set(train.column("label").to_pylist()) == set(LABELS)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_wide_files_give_the_configured_columns_and_name_a_missing_one(tmp_path, cfg_for, fmt):
+    """Only the configured columns are read; a missing one is reported with the file's header."""
+    src = tmp_path / f"wide.{fmt}"
+    records = [{"id": r["id"], "count": i, "text": r["text"], "label": r["label"], "when": f"2026-11-{i % 28 + 1:02d}"}
+               for i, r in enumerate(rows())]
+    if fmt == "csv":
+        write_rows(src, records)
+    else:
+        pq.write_table(pa.Table.from_pylist([{**r, "tags": ["a", "b"]} for r in records]), src)
+    cfg = cfg_for(src)
+    result = dataset_publish.run(cfg)
+    assert result.status == "ok" and sum(result.metrics[f"rows_{s}"] for s in ("train", "validation", "test")) == 30
+    train = pq.read_table(artifact_files(cfg, result.produced[0], tmp_path)["train.parquet"])
+    assert train.column_names == ["id", "text", "label", "label_id"]
+    with pytest.raises(DataError, match=rf"wide.{fmt}: missing column\(s\) intent; the file has: id, count, text, label, when"):
+        dataset_publish.run(cfg_for(src, "dataset.label_column=intent"))
+
+
 def test_folder_input_with_one_schema(tmp_path, cfg_for):
     records = rows()
     write_rows(tmp_path / "in" / "a.csv", records[:15])
