@@ -72,9 +72,9 @@ def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
             for job in digests:
                 job.cancel()
             raise
-        manifest["sources"] = manifest["sources"] or [
-            {"path": _source_name(f, rename), "sha256": job.result()[0], "size": job.result()[1]}
-            for f, job in zip(files, digests)]
+        if files:  # a hub source has no files; _prepare_tables recorded its splits' fingerprints
+            manifest["sources"] = [{"path": _source_name(f, rename), "sha256": sha, "size": size}
+                                   for f, (sha, size) in zip(files, (job.result() for job in digests))]
     return tables, manifest, dropped
 
 
@@ -130,7 +130,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         "label_names": label_names,
         "num_rows": {s: tables[s].num_rows for s in SPLITS},
         "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
-        "sources": hub_sources,  # or the source files' digests, filled in by _prepare
+        "sources": hub_sources,  # a file source's digests replace these in _prepare
         "split": ({"files": d.split_files.model_dump()} if d.split_files else {"stratified": d.split.model_dump()}),
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
