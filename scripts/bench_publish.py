@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """dataset-publish on a large CSV against pyarrow's own CSV-to-Parquet conversion.
 
-    python scripts/bench_publish.py [--rows 1000000] [--repeat 3]
+    python scripts/bench_publish.py [--rows 1000000] [--small-rows 1000] [--repeat 3]
 
-Each measurement runs in a fresh child process so its peak RSS is its own; baseline and
-publish runs alternate, and each publish writes to a fresh tracking folder (a new version, not
-a dedupe hit). Prints the median wall time, peak RSS, and the ratio publish / pyarrow
-(target: <= 2x, peak RSS < 2 GB).
+Each measurement runs in a fresh child process so its peak RSS and CPU time are its own;
+baseline and publish runs alternate, and each publish writes to a fresh tracking folder (a new
+version, not a dedupe hit). Prints the median wall time, CPU time (user + system, the child's
+reaped children included), peak RSS, and the ratio publish / pyarrow (target: <= 2x, peak RSS
+< 2 GB).
+
+The same pair also runs on a `--small-rows` file, which measures the fixed cost that does not
+grow with the data (Python imports; W&B's import, service, run and exit). The per-row ratio is
+(publish(rows) - publish(small)) / (pyarrow(rows) - pyarrow(small)): what the data path costs
+against pyarrow once start-up is taken out. `--small-rows 0` skips it.
 """
 
 from __future__ import annotations
@@ -33,12 +39,12 @@ from pipeline.config import load_config
 from pipeline.stages import dataset_publish
 cfg = load_config(None, ["dataset.name=big", "dataset.source=" + sys.argv[1], "dataset.id_column=ticket_id",
                          "model.name=m", "tracking.dir=" + sys.argv[2], "dataset.on_invalid=drop"])
-print(dataset_publish.run(cfg).produced)
+dataset_publish.run(cfg)
 """
 
 
-def child(code: str, *args: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one child process."""
+def child(code: str, *args: str) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds) of one child process."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
     t = time.perf_counter()
     pid = os.fork()
@@ -48,41 +54,65 @@ def child(code: str, *args: str) -> tuple[float, float]:
     wall = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"child failed: {code[:60]!r}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+def write_csv(path: Path, rows: int) -> None:
+    from pipeline.demo_data import generate
+
+    base = generate(20_000, seed=5)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("ticket_id,text,label\n")
+        for i in range(rows):
+            r = base[i % len(base)]
+            # unique text per row (a row number in it), so no conflicting labels are created
+            f.write(f'B{i:08d},"{r["text"].replace(chr(34), "")} (ref {i})",{r["label"]}\n')
+
+
+def measure(src: Path, work: Path, repeat: int) -> dict[str, tuple[float, float, float]]:
+    """Medians (wall, CPU) and the peak RSS of `repeat` alternating runs of each."""
+    runs: dict[str, list[tuple[float, float, float]]] = {"pyarrow": [], "publish": []}
+    for i in range(repeat):
+        runs["pyarrow"].append(child(BASELINE, str(src), str(work / "out.parquet")))
+        runs["publish"].append(child(PUBLISH, str(src), str(work / f"track-{src.stem}-{i}")))
+    print(f"  runs (s) on {src.name}: pyarrow " + " ".join(f"{t:.2f}" for t, _, _ in runs["pyarrow"])
+          + " | publish " + " ".join(f"{t:.2f}" for t, _, _ in runs["publish"]))
+    return {k: (statistics.median(t for t, _, _ in v), max(r for _, r, _ in v), statistics.median(c for _, _, c in v))
+            for k, v in runs.items()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--small-rows", type=int, default=1000, help="rows of the fixed-cost run (0: skip it)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; medians are reported")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from pipeline.demo_data import generate
 
     work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
     try:
         src = work / "big.csv"
-        base = generate(20_000, seed=5)
-        with open(src, "w", encoding="utf-8") as f:
-            f.write("ticket_id,text,label\n")
-            for i in range(args.rows):
-                r = base[i % len(base)]
-                # unique text per row (a row number in it), so no conflicting labels are created
-                f.write(f'B{i:08d},"{r["text"].replace(chr(34), "")} (ref {i})",{r["label"]}\n')
-        size = src.stat().st_size
-        print(f"input: {args.rows:,} rows, {size / 2**20:.0f} MiB CSV")
-        base_runs, pub_runs = [], []
-        for i in range(args.repeat):
-            base_runs.append(child(BASELINE, str(src), str(work / "out.parquet")))
-            pub_runs.append(child(PUBLISH, str(src), str(work / f"track{i}")))
-        t_base, rss_base = statistics.median(t for t, _ in base_runs), max(r for _, r in base_runs)
-        t_pub, rss_pub = statistics.median(t for t, _ in pub_runs), max(r for _, r in pub_runs)
-        print("runs (s): pyarrow " + " ".join(f"{t:.2f}" for t, _ in base_runs)
-              + " | publish " + " ".join(f"{t:.2f}" for t, _ in pub_runs))
-        print(f"{'':<34}{'seconds':>9}{'peak RSS MiB':>14}")
-        print(f"{'pyarrow CSV -> Parquet (median)':<34}{t_base:>9.2f}{rss_base:>14.0f}")
-        print(f"{'dataset-publish (median)':<34}{t_pub:>9.2f}{rss_pub:>14.0f}")
-        print(f"ratio publish / pyarrow: {t_pub / t_base:.2f}x (target <= 2x); peak RSS {rss_pub / 1024:.2f} GiB (target < 2 GB)")
+        write_csv(src, args.rows)
+        print(f"input: {args.rows:,} rows, {src.stat().st_size / 2**20:.0f} MiB CSV")
+        big = measure(src, work, args.repeat)
+        print(f"{'':<34}{'wall s':>9}{'CPU s':>9}{'peak RSS MiB':>14}")
+        for label, key in (("pyarrow CSV -> Parquet (median)", "pyarrow"), ("dataset-publish (median)", "publish")):
+            wall, rss, cpu = big[key]
+            print(f"{label:<34}{wall:>9.2f}{cpu:>9.2f}{rss:>14.0f}")
+        (t_base, _, c_base), (t_pub, rss_pub, c_pub) = big["pyarrow"], big["publish"]
+        print(f"ratio publish / pyarrow: {t_pub / t_base:.2f}x wall, {c_pub / c_base:.2f}x CPU (target <= 2x); "
+              f"peak RSS {rss_pub / 1024:.2f} GiB (target < 2 GB)")
+        if args.small_rows:
+            small_src = work / "small.csv"
+            write_csv(small_src, args.small_rows)
+            small = measure(small_src, work, args.repeat)
+            (s_base, _, sc_base), (s_pub, _, sc_pub) = small["pyarrow"], small["publish"]
+            print(f"fixed cost ({args.small_rows:,} rows): publish {s_pub:.2f} s wall / {sc_pub:.2f} s CPU, "
+                  f"pyarrow {s_base:.2f} s / {sc_base:.2f} s; publish's fixed cost alone is {s_pub / t_base:.2f}x "
+                  f"pyarrow's whole time at {args.rows:,} rows")
+            if t_base > s_base and c_base > sc_base:
+                print(f"per-row ratio (fixed cost taken out): {(t_pub - s_pub) / (t_base - s_base):.2f}x wall, "
+                      f"{(c_pub - sc_pub) / (c_base - sc_base):.2f}x CPU")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
