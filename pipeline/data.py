@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -87,9 +89,13 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
             try:
                 # Only the configured columns are converted (other columns cost nothing and can hold
                 # anything); text as binary, so undecodable bytes are found row by row.
-                return csv.read_csv(path, parse_options=parse, convert_options=csv.ConvertOptions(
-                    include_columns=cols.required, column_types=text_as_binary,
-                    strings_can_be_null=True, quoted_strings_can_be_null=False))
+                convert = csv.ConvertOptions(include_columns=cols.required, column_types=text_as_binary,
+                                             strings_can_be_null=True, quoted_strings_can_be_null=False)
+                return csv.read_csv(path, parse_options=parse, convert_options=convert)
+            except pa.ArrowInvalid as e:
+                if "CSV parse error" not in str(e):
+                    raise
+                raise _locate_csv_error(path, kind, parse, convert, e) from None
             except pa.ArrowKeyError as e:  # a configured column is not in the header: report what is
                 header = csv.open_csv(path, parse_options=parse, read_options=csv.ReadOptions(block_size=1 << 16),
                                       convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
@@ -98,14 +104,26 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
         if kind == "jsonl":
             from pyarrow import json as pajson
 
-            return pajson.read_json(path)
+            try:
+                return pajson.read_json(path)
+            except pa.ArrowInvalid as e:
+                # Arrow numbers rows within its 1 MiB block, not within the file: find the line here.
+                raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
+                                or f"{path}: cannot read as jsonl: {_strip_block_row(e)}") from None
         if kind == "json":
             data = json.loads(path.read_bytes())
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
                 data = next(iter(data.values()))  # {"data": [...]} as some exports write
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines in a .jsonl file)")
-            return pa.Table.from_pylist(data)
+            stray = next((i for i, r in enumerate(data, 1) if not isinstance(r, dict)), None)
+            if stray is not None:  # from_pylist would make a row of nulls of it
+                raise DataError(f"{path} record {stray}: expected a JSON object, found a {_json_kind(data[stray - 1])}")
+            try:
+                return pa.Table.from_pylist(data)
+            except pa.ArrowException as e:  # mixed types in a column, or an entry that is not an object
+                raise DataError(_locate_json_error(enumerate(data, 1), str(path), "record")
+                                or f"{path}: cannot read as json: {e}") from None
         import pyarrow.parquet as pq
 
         _check_columns(pq.read_schema(path).names, str(path), cols)
@@ -114,8 +132,79 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
         raise
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: undecodable bytes at byte {e.start}: {e.reason}; save the file as UTF-8") from None
-    except (pa.ArrowInvalid, ValueError, OSError) as e:
+    except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
+
+
+def _locate_csv_error(path: Path, kind: str, parse, convert, error: Exception) -> DataError:
+    """The first malformed row of a CSV, found by a single-threaded re-read (the fast read cannot number rows)."""
+    from pyarrow import csv
+
+    found = []
+
+    def keep_first(row) -> str:
+        found.append(row)
+        return "error"
+
+    try:
+        csv.read_csv(path, read_options=csv.ReadOptions(use_threads=False), convert_options=convert,
+                     parse_options=csv.ParseOptions(delimiter=parse.delimiter, newlines_in_values=parse.newlines_in_values,
+                                                    invalid_row_handler=keep_first))
+    except pa.ArrowException:
+        pass
+    if found and found[0].number is not None:
+        row = found[0]
+        return DataError(f"{path} row {row.number - 1}: expected {row.expected_columns} fields, found "
+                         f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}")
+    return DataError(f"{path}: cannot read as {kind}: {error}")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; a DataError naming the line that does not parse."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {number}: undecodable bytes: {e.reason}; save the file as UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number}: not valid JSON: {e.msg} (character {e.colno})") from None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else "object"
+
+
+def _locate_json_error(records: Iterable[tuple[int, Any]], where: str, unit: str) -> str | None:
+    """Where JSON records stop fitting one table: an entry that is not an object, or a field whose type changes."""
+    first: dict[str, tuple[str, int]] = {}
+    for number, record in records:
+        if not isinstance(record, dict):
+            return f"{where} {unit} {number}: expected a JSON object, found a {_json_kind(record)}"
+        for key, value in record.items():
+            kind = _json_kind(value)
+            if kind == "null":
+                continue
+            seen_kind, seen_at = first.setdefault(key, (kind, number))
+            if seen_kind != kind:
+                return (f"{where} {unit} {number}: field {key!r} holds a {kind}, but a {seen_kind} on {unit} {seen_at}; "
+                        "one column needs one type (quote the values to make them all strings)")
+    return None
+
+
+def _strip_block_row(error: Exception) -> str:
+    """Arrow's JSON message without its ``in row N``, which counts from the start of a block, not the file."""
+    return re.sub(r"\s+in row \d+\s*$", "", str(error))
 
 
 def read_files(files: list[Path], cols: Columns, source: str | Path) -> pa.Table:

@@ -232,6 +232,51 @@ def test_undecodable_bytes_and_missing_column(tmp_path, cfg_for):
         dataset_publish.run(cfg_for(missing))
 
 
+def _many(n: int) -> list[dict]:
+    """Rows enough to span several of Arrow's 1 MiB blocks, whose own row numbers restart per block."""
+    return [{"id": f"r{i}", "text": f"question {i} " + "with some padding " * 4, "label": LABELS[i % 3]} for i in range(n)]
+
+
+def test_malformed_files_are_reported_at_the_right_line_or_row(tmp_path, cfg_for):
+    records = _many(30_000)
+    lines = [json.dumps(r) for r in records]
+    lines.insert(10, "")                               # a blank line: skipped, but it still counts as a line
+    lines[25_000] = '{"id": "r-bad", "text": oops}'    # line 25,001
+    jsonl = tmp_path / "broken.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON"):
+        dataset_publish.run(cfg_for(jsonl))
+
+    typed = [dict(r) for r in records]
+    typed[20_000]["label"] = 7                         # a number among strings: line 20,001, record 20,001
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in typed))
+    with pytest.raises(DataError, match=rf"^{mixed} line 20001: field 'label' holds a number, but a string on line 1"):
+        dataset_publish.run(cfg_for(mixed))
+    as_json = tmp_path / "mixed.json"
+    as_json.write_text(json.dumps(typed))
+    with pytest.raises(DataError, match=rf"^{as_json} record 20001: field 'label' holds a number"):
+        dataset_publish.run(cfg_for(as_json))
+    not_objects = tmp_path / "list.json"
+    not_objects.write_text(json.dumps([records[0], ["a", "list"]]))
+    with pytest.raises(DataError, match=rf"^{not_objects} record 2: expected a JSON object, found a list"):
+        dataset_publish.run(cfg_for(not_objects))
+
+    list_line = tmp_path / "list.jsonl"
+    list_line.write_text(json.dumps(records[0]) + '\n["a", "list"]\n')
+    with pytest.raises(DataError, match=rf"^{list_line} line 2: expected a JSON object, found a list"):
+        dataset_publish.run(cfg_for(list_line))
+
+    ragged = write_rows(tmp_path / "ragged.csv", records)
+    text = ragged.read_text().splitlines()
+    text[12_001] = "r-x,one field too many,billing,extra"  # data row 12,001 (the header is line 1)
+    ragged.write_text("\n".join(text) + "\n")
+    with pytest.raises(DataError, match=rf"^{ragged} row 12001: expected 3 fields, found 4"):
+        dataset_publish.run(cfg_for(ragged))
+    assert not (Path(cfg_for(ragged).tracking.dir) / "wandb").exists()
+    assert registry_of(cfg_for(ragged)).list_versions() == []
+
+
 def test_drop_policy_counts_and_records_every_dropped_row(tmp_path, cfg_for):
     src = write_rows(tmp_path / "bad.csv", _bad_rows())
     cfg = cfg_for(src, "dataset.on_invalid=drop")
