@@ -283,8 +283,14 @@ def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict]]:
     return hub_table(dd, source, cols)
 
 
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+               pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
+
+
 def _to_binary(col: pa.ChunkedArray, path: Path | str, name: str) -> pa.ChunkedArray:
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+    """Any Arrow text type as binary: large and view layouts, and dictionaries of text (pandas categoricals)."""
+    values = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    if any(is_type(values) for is_type in _TEXT_TYPES):
         return pc.cast(col, pa.binary())
     if pa.types.is_null(col.type):
         return pa.chunked_array([pa.nulls(len(col), pa.binary())])
@@ -372,7 +378,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         label = table.column(cols.label).combine_chunks()
         if pa.types.is_null(label.type):
             label = pa.nulls(n, pa.string())
-        elif not (pa.types.is_string(label.type) or pa.types.is_large_string(label.type)):
+        elif not pa.types.is_string(label.type):  # numbers, large or view strings, dictionaries: plain strings
             label = pc.cast(label, pa.string())
         label = pc.utf8_trim_whitespace(label)
         flag("null_label", pc.fill_null(pc.equal(pc.utf8_length(label), 0), True).to_numpy(zero_copy_only=False),

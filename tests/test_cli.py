@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -57,3 +58,17 @@ def test_artifacts_show_unknown_reference(tmp_path):
     assert out.returncode == 2 and "no artifact named 'missing'" in out.stderr and "Traceback" not in out.stderr
     out = run_cli("artifacts", "show", "bad:", "--set", f"tracking.dir={track}")
     assert out.returncode == 2 and "cannot parse artifact reference" in out.stderr
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
+    """`pipeline artifacts list | head`: the reader went away; no traceback, exit 141 as Unix tools."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "artifacts", "list", "--config", "configs/demo.yaml",
+                               "--set", f"tracking.dir={tmp_path}"],
+                              cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -81,6 +81,31 @@ def test_every_format_publishes_the_same_dataset(tmp_path, cfg_for, fmt):
     assert set(train.column("label").to_pylist()) == set(LABELS)
 
 
+@pytest.mark.parametrize("layout", ["dictionary", "large", "view", "large_binary"])
+def test_parquet_text_in_any_arrow_layout_gives_the_same_split_files(tmp_path, cfg_for, layout):
+    """pandas categoricals (dictionaries), large and view strings: the artifact holds plain strings."""
+    records = rows()
+    plain = write_rows(tmp_path / "plain" / "data.parquet", records)
+    columns = {c: pa.array([r[c] for r in records]) for c in ("id", "text", "label")}
+    if layout == "dictionary":
+        columns = {c: a.dictionary_encode() for c, a in columns.items()}
+    elif layout == "large_binary":
+        columns["text"] = pa.array([r["text"].encode() for r in records], pa.large_binary())
+    else:
+        kind = pa.large_string() if layout == "large" else pa.string_view()
+        columns = {c: a.cast(kind) for c, a in columns.items()}
+    other = tmp_path / layout / "data.parquet"
+    other.parent.mkdir()
+    pq.write_table(pa.table(columns), other)
+    dataset_publish.run(cfg_for(plain))
+    dataset_publish.run(cfg_for(other))
+    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
+    got = artifact_files(cfg_for(other), "tickets:v1", tmp_path)
+    for split in ("train.parquet", "validation.parquet", "test.parquet"):
+        assert got[split].read_bytes() == want[split].read_bytes()
+    assert pq.read_schema(got["train.parquet"]).types == [pa.string(), pa.string(), pa.string(), pa.int32()]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_wide_files_give_the_configured_columns_and_name_a_missing_one(tmp_path, cfg_for, fmt):
     """Only the configured columns are read; a missing one is reported with the file's header."""
