@@ -212,7 +212,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path) -> pa.Table
     tables = [_normalise(_read_one(path, cols), str(path), cols) for path in files]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowInvalid as e:
+    except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
 
 
@@ -232,6 +232,9 @@ def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
     for c in cols.text_columns:
         if not pa.types.is_binary(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
+    for c in (cols.id, cols.label):  # compared as strings: numeric ids in one file and text ids in the next agree
+        if c and not pa.types.is_string(t.schema.field(c).type):
+            t = t.set_column(t.schema.get_field_index(c), c, _to_string(t.column(c), name, c))
     t = t.append_column("_file", constant(name, t.num_rows))
     return t.append_column("_row", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int64)))
 
@@ -295,6 +298,20 @@ def _to_binary(col: pa.ChunkedArray, path: Path | str, name: str) -> pa.ChunkedA
     if pa.types.is_null(col.type):
         return pa.chunked_array([pa.nulls(len(col), pa.binary())])
     raise DataError(f"{path}: column {name!r} holds {col.type}, not text")
+
+
+def _to_string(col: pa.ChunkedArray, path: Path | str, name: str) -> pa.ChunkedArray:
+    """An id or label column as plain strings: numbers, booleans, dictionaries, large and view strings."""
+    if pa.types.is_null(col.type):
+        return pa.chunked_array([pa.nulls(len(col), pa.string())])
+    values = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    if not (any(is_type(values) for is_type in _TEXT_TYPES) or pa.types.is_integer(values)
+            or pa.types.is_floating(values) or pa.types.is_boolean(values) or pa.types.is_decimal(values)):
+        raise DataError(f"{path}: column {name!r} holds {col.type}, not text or numbers")
+    try:
+        return pc.cast(col, pa.string())
+    except pa.ArrowInvalid as e:  # binary that is not UTF-8
+        raise DataError(f"{path}: column {name!r} cannot be read as text: {e}") from None
 
 
 def _decode(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:

@@ -135,6 +135,24 @@ def test_folder_input_with_one_schema(tmp_path, cfg_for):
     assert sum(meta["num_rows"].values()) == 30
 
 
+def test_folder_files_may_differ_in_column_order_extras_and_id_type(tmp_path, cfg_for):
+    records = rows()
+    numeric = [{**r, "id": i} for i, r in enumerate(records[:15])]            # ids 0..14 read as integers
+    write_rows(tmp_path / "in" / "a.csv", numeric)
+    reordered = [{"label": r["label"], "note": "x", "text": r["text"], "id": r["id"]} for r in records[15:]]
+    write_rows(tmp_path / "in" / "b.csv", reordered)                          # text ids, other order, an extra column
+    result = dataset_publish.run(cfg_for(tmp_path / "in"))
+    files = artifact_files(cfg_for(tmp_path / "in"), result.produced[0], tmp_path)
+    ids = pa.concat_tables([pq.read_table(files[f"{s}.parquet"]) for s in ("train", "validation", "test")]).column("id")
+    assert ids.type == pa.string() and sorted(ids.to_pylist()) == sorted([str(i) for i in range(15)] +
+                                                                          [r["id"] for r in records[15:]])
+    # a column that holds objects is refused by name, not with a traceback
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text("".join(json.dumps({**r, "label": {"name": r["label"]}}) + "\n" for r in records))
+    with pytest.raises(DataError, match=rf"^{nested}: column 'label' holds struct<name: string>, not text or numbers"):
+        dataset_publish.run(cfg_for(nested))
+
+
 def test_folder_input_names_the_file_that_holds_a_bad_row(tmp_path, cfg_for):
     records = rows()
     records[20]["text"] = "  \t\u00a0\u2003 "  # only whitespace (ASCII and Unicode): empty
