@@ -7,6 +7,7 @@ the happy path. Row numbers in messages are 1-based data rows (the CSV header ex
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -85,25 +86,31 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
             from pyarrow import csv
 
             parse = csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+            encoding = _wide_encoding(path) or "utf8"  # Excel's "Unicode Text" export is UTF-16
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             try:
                 # Only the configured columns are converted (other columns cost nothing and can hold
                 # anything); text as binary, so undecodable bytes are found row by row.
                 convert = csv.ConvertOptions(include_columns=cols.required, column_types=text_as_binary,
                                              strings_can_be_null=True, quoted_strings_can_be_null=False)
-                return csv.read_csv(path, parse_options=parse, convert_options=convert)
+                return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
+                                    convert_options=convert)
             except pa.ArrowInvalid as e:
                 if "CSV parse error" not in str(e):
                     raise
-                raise _locate_csv_error(path, kind, parse, convert, e) from None
+                raise _locate_csv_error(path, kind, encoding, parse, convert, e) from None
             except pa.ArrowKeyError as e:  # a configured column is not in the header: report what is
-                header = csv.open_csv(path, parse_options=parse, read_options=csv.ReadOptions(block_size=1 << 16),
+                header = csv.open_csv(path, parse_options=parse,
+                                      read_options=csv.ReadOptions(block_size=1 << 16, encoding=encoding),
                                       convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
                 _check_columns(header, str(path), cols)
                 raise DataError(f"{path}: cannot read as {kind}: {e}") from None
         if kind == "jsonl":
             from pyarrow import json as pajson
 
+            if encoding := _wide_encoding(path):
+                raise DataError(f"{path}: the file is {encoding.upper()} (it starts with that byte-order mark); "
+                                "JSON Lines must be UTF-8: save it as UTF-8")
             try:
                 return pajson.read_json(path)
             except pa.ArrowInvalid as e:
@@ -136,7 +143,18 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
 
 
-def _locate_csv_error(path: Path, kind: str, parse, convert, error: Exception) -> DataError:
+def _wide_encoding(path: Path) -> str | None:
+    """``utf-16`` or ``utf-32`` when the file starts with that byte-order mark, else None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts with FF FE
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
+
+
+def _locate_csv_error(path: Path, kind: str, encoding: str, parse, convert, error: Exception) -> DataError:
     """The first malformed row of a CSV, found by a single-threaded re-read (the fast read cannot number rows)."""
     from pyarrow import csv
 
@@ -147,7 +165,7 @@ def _locate_csv_error(path: Path, kind: str, parse, convert, error: Exception) -
         return "error"
 
     try:
-        csv.read_csv(path, read_options=csv.ReadOptions(use_threads=False), convert_options=convert,
+        csv.read_csv(path, read_options=csv.ReadOptions(use_threads=False, encoding=encoding), convert_options=convert,
                      parse_options=csv.ParseOptions(delimiter=parse.delimiter, newlines_in_values=parse.newlines_in_values,
                                                     invalid_row_handler=keep_first))
     except pa.ArrowException:

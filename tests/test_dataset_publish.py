@@ -320,6 +320,28 @@ def test_malformed_files_are_reported_at_the_right_line_or_row(tmp_path, cfg_for
     assert registry_of(cfg_for(ragged)).list_versions() == []
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_unicode_text_exports_with_a_byte_order_mark_are_read(tmp_path, cfg_for, encoding):
+    """Excel's "Unicode Text" export is UTF-16 with a BOM; "CSV UTF-8" starts with a UTF-8 BOM."""
+    plain = write_rows(tmp_path / "plain" / "data.tsv", rows())
+    exported = tmp_path / encoding / "data.tsv"
+    exported.parent.mkdir()
+    exported.write_text(plain.read_text(encoding="utf-8"), encoding=encoding)
+    dataset_publish.run(cfg_for(plain))
+    dataset_publish.run(cfg_for(exported))
+    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
+    got = artifact_files(cfg_for(exported), "tickets:v1", tmp_path)
+    for split in ("train.parquet", "validation.parquet", "test.parquet"):
+        assert got[split].read_bytes() == want[split].read_bytes()
+
+
+def test_json_lines_must_be_utf8(tmp_path, cfg_for):
+    src = tmp_path / "wide.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows()), encoding="utf-16")
+    with pytest.raises(DataError, match=rf"^{src}: the file is UTF-16 .*save it as UTF-8"):
+        dataset_publish.run(cfg_for(src))
+
+
 def test_drop_policy_counts_and_records_every_dropped_row(tmp_path, cfg_for):
     src = write_rows(tmp_path / "bad.csv", _bad_rows())
     cfg = cfg_for(src, "dataset.on_invalid=drop")
