@@ -100,6 +100,8 @@ def resolve_base_model(spec: str) -> BaseModel:
     elif _looks_like_path(spec):
         folder, source = Path(os.path.expanduser(spec)).resolve(), "local"
         ident = str(folder)
+        if folder.is_file():
+            raise ConfigError(f"model.base={spec!r}: {folder} is a file; give the model's folder (config.json, weights, tokenizer)")
         if not folder.is_dir():
             raise ConfigError(f"model.base={spec!r}: no such folder ({folder})")
     else:

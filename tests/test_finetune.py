@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, RefError
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
-from tests.conftest import offline, inspect_records, inspect_summary, run_cli
+from tests.conftest import REPO, inspect_records, inspect_summary, offline, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
@@ -239,6 +239,7 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     ((), "other:latest", r"no artifact named 'other'.*known artifacts: tickets"),
     (("model.max_length=512",), None, r"model.max_length=512 is above what the base model .* accepts \(128 tokens\)"),
     (("model.base=/no/such/model",), None, r"model.base='/no/such/model': no such folder"),
+    ((f"model.base={REPO / 'pyproject.toml'}",), None, r"pyproject.toml is a file; give the model's folder"),
 ])
 def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_model, tickets_csv, extra, dataset, message):
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *extra)
