@@ -10,8 +10,8 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +88,12 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
             parse = csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
             encoding = _wide_encoding(path) or "utf8"  # Excel's "Unicode Text" export is UTF-16
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
+            # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
+            as_written = {**{c: pa.string() for c in (cols.id, cols.label) if c}, **text_as_binary}
             try:
                 # Only the configured columns are converted (other columns cost nothing and can hold
                 # anything); text as binary, so undecodable bytes are found row by row.
-                convert = csv.ConvertOptions(include_columns=cols.required, column_types=text_as_binary,
+                convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written,
                                              strings_can_be_null=True, quoted_strings_can_be_null=False)
                 return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
                                     convert_options=convert)
@@ -128,7 +130,7 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
                 raise DataError(f"{path} record {stray}: expected a JSON object, found a {_json_kind(data[stray - 1])}")
             try:
                 return pa.Table.from_pylist(data)
-            except pa.ArrowException as e:  # mixed types in a column, or an entry that is not an object
+            except pa.ArrowException as e:  # a field whose type changes from record to record
                 raise DataError(_locate_json_error(enumerate(data, 1), str(path), "record")
                                 or f"{path}: cannot read as json: {e}") from None
         import pyarrow.parquet as pq

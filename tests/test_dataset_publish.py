@@ -153,6 +153,18 @@ def test_folder_files_may_differ_in_column_order_extras_and_id_type(tmp_path, cf
         dataset_publish.run(cfg_for(nested))
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_csv_ids_and_labels_are_kept_as_written(tmp_path, cfg_for, fmt):
+    """Type inference would read "007" as 7: ids would change and labels "01" and "1" would merge."""
+    records = [{"id": f"00{i}", "text": f"first kind of question {i}", "label": "01"} for i in range(6)]
+    records += [{"id": f"0{i}", "text": f"second kind of question {i}", "label": "1"} for i in range(6)]
+    src = write_rows(tmp_path / f"codes.{fmt}", records)
+    tables, manifest, _ = dataset_publish.prepare(cfg_for(src))
+    assert manifest["label_names"] == ["01", "1"]
+    ids = [i for t in tables.values() for i in t.column("id").to_pylist()]
+    assert sorted(ids) == sorted(r["id"] for r in records)
+
+
 def test_folder_input_names_the_file_that_holds_a_bad_row(tmp_path, cfg_for):
     records = rows()
     records[20]["text"] = "  \t\u00a0\u2003 "  # only whitespace (ASCII and Unicode): empty
