@@ -165,6 +165,22 @@ def test_csv_ids_and_labels_are_kept_as_written(tmp_path, cfg_for, fmt):
     assert sorted(ids) == sorted(r["id"] for r in records)
 
 
+def test_labels_that_differ_only_in_case_or_spacing_are_kept_but_flagged(tmp_path, cfg_for, caplog):
+    records = rows()
+    for r in records[:5]:
+        r["label"] = "Billing"
+    for r in records[10:15]:
+        r["label"] = "shipping_"  # trailing separator: not the same string, but the same words
+    src = write_rows(tmp_path / "data.csv", records)
+    with caplog.at_level("WARNING", logger="pipeline.stages.dataset_publish"):
+        _, manifest, _ = dataset_publish.prepare(cfg_for(src))
+    assert manifest["label_names"] == ["Billing", "billing", "shipping", "shipping_", "tech"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("labels 'Billing', 'billing' differ only in case or spacing" in w for w in warned)
+    assert any("labels 'shipping', 'shipping_'" in w for w in warned)
+    assert not any("'tech'" in w for w in warned)
+
+
 def test_folder_input_names_the_file_that_holds_a_bad_row(tmp_path, cfg_for):
     records = rows()
     records[20]["text"] = "  \t\u00a0\u2003 "  # only whitespace (ASCII and Unicode): empty

@@ -103,6 +103,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     labels = pc.index_in(clean.column(cols.label), value_set=pa.array(label_names)).to_numpy().astype(np.int32)
     if len(label_names) < 2:
         raise DataError(f"{d.source}: a classifier needs at least 2 labels, found {label_names}")
+    _warn_about_lookalike_labels(label_names, d.source if not d.split_files else "split_files")
 
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
@@ -137,6 +138,17 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     }
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
+
+
+def _warn_about_lookalike_labels(label_names: list[str], source: str) -> None:
+    """Labels that differ only in case or spacing are kept apart, but are usually one class spelt two ways."""
+    groups: dict[str, list[str]] = {}
+    for name in label_names:
+        groups.setdefault(" ".join(name.casefold().replace("_", " ").replace("-", " ").split()), []).append(name)
+    for names in groups.values():
+        if len(names) > 1:
+            log.warning("%s: labels %s differ only in case or spacing; they are kept as %d classes",
+                        source, ", ".join(map(repr, names)), len(names))
 
 
 def _source_name(path: Path, rename: tuple[str, str] | None) -> str:
