@@ -118,7 +118,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
         summary = f"{rebuilt.ref} matches {original.ref} within {tolerance} (weights differ: new version {rebuilt.ref})"
     else:
         summary = (f"{rebuilt.ref} differs from {original.ref}: largest metric difference {worst:.6g} > {tolerance}; "
-                   f"{test['predictions_differ']} of {test['rows']} test predictions differ")
+                   f"{test['predictions_differ']} of {test['rows']} {test['split']} predictions differ")
     return StageResult(
         stage=STAGE,
         status=status,
@@ -150,10 +150,11 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
 
 
 def _compare_test(registry, dataset, original, rebuilt, cfg: Config) -> dict[str, Any]:
-    """Both models on the dataset's test split: metrics and how many predictions differ."""
+    """Both models on the dataset's test split (validation where it has no test rows): metrics and differing predictions."""
     from pipeline.stages.evaluate import _read_split, score
 
-    rows = _read_split(registry.fetch(dataset).path, "test")
+    split = "test" if (dataset.metadata.get("num_rows") or {}).get("test", 1) else "validation"
+    rows = _read_split(registry.fetch(dataset).path, split, dataset.ref)
     labels = list(original.metadata.get("label_names") or dataset.metadata["label_names"])
     e = cfg.evaluate
     a = score(registry.fetch(original).path, rows, labels, e.batch_size, e.calibration_bins, original.ref)
@@ -161,6 +162,7 @@ def _compare_test(registry, dataset, original, rebuilt, cfg: Config) -> dict[str
                                                     e.calibration_bins, rebuilt.ref)
     differ = int((a.probs.argmax(axis=1) != b.probs.argmax(axis=1)).sum())
     return {
+        "split": split,
         "rows": len(rows["text"]),
         "predictions_differ": differ,
         "max_abs_probability_delta": float(np.abs(a.probs - b.probs).max()) if len(a.probs) else 0.0,

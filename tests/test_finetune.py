@@ -252,6 +252,27 @@ def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_mo
     assert not (Path(cfg.tracking.dir) / "checkpoints").exists()
 
 
+def test_a_dataset_without_test_rows_trains_and_evaluate_says_what_to_do(tmp_path, tiny_model, tickets_csv):
+    """The test split is evaluate's: finetune needs train and validation only; reproduce compares on validation."""
+    from pipeline import reproduce
+    from pipeline.config import config_from_dict
+    from pipeline.stages import evaluate
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "dataset.split.train=0.85", "dataset.split.validation=0.15",
+                   "dataset.split.test=0", "train.epochs=1")
+    dataset_publish.run(cfg)
+    assert finetune.run(cfg).produced == ["clf:v0"]
+    reg = registry_of(cfg)
+    runs_before = len(reg_runs(reg))
+    with pytest.raises(ConfigError, match=r"the test split of tickets:v0 is empty; nothing to evaluate on \(set evaluate.split"):
+        evaluate.run(cfg)
+    assert len(reg_runs(reg)) == runs_before  # refused before a run was opened
+    assert evaluate.run(config_from_dict(cfg.to_dict(), ["evaluate.split=validation"])).status == "ok"
+    again = reproduce.run(cfg, model="clf:v0", check=True)
+    assert again.status == "ok" and again.details["test"]["split"] == "validation"
+    assert again.details["test"]["rows"] == reg.resolve("tickets:v0").metadata["num_rows"]["validation"]
+
+
 def write_yaml(tmp_path: Path, cfg) -> Path:
     import yaml
 

@@ -108,13 +108,17 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str], batch_
     return Scored(ref=ref, metrics=metrics, per_class=per_class, confusion=s["confusion_matrix"], calibration=cal, probs=probs)
 
 
-def _read_split(data_dir: Path, split: str) -> dict[str, list]:
+def _empty_split(ref: str, split: str) -> ConfigError:
+    return ConfigError(f"the {split} split of {ref} is empty; nothing to evaluate on "
+                       "(set evaluate.split, or publish the dataset with a dataset.split fraction for it)")
+
+
+def _read_split(data_dir: Path, split: str, ref: str) -> dict[str, list]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(data_dir / f"{split}.parquet")
     if table.num_rows == 0:
-        raise ConfigError(f"the {split} split of {data_dir.name} is empty; nothing to evaluate on "
-                          "(set evaluate.split or the dataset's split fractions)")
+        raise _empty_split(ref, split)
     return {c: table.column(c).to_pylist() for c in ("id", "text", "text_pair", "label", "label_id") if c in table.column_names}
 
 
@@ -160,6 +164,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     label_names = list(challenger.metadata.get("label_names") or [])
     if ds.metadata.get("label_names") and label_names and ds.metadata["label_names"] != label_names:
         raise ConfigError(f"{challenger.ref} predicts {label_names}, but {ds.ref} has labels {ds.metadata['label_names']}")
+    if (ds.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:  # refused before a run is opened
+        raise _empty_split(ds.ref, config.evaluate.split)
     try:
         champion = registry.resolve(f"{challenger.name}:{PRODUCTION}", type="model")
     except RefError:
@@ -172,7 +178,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         reg = trun.registry
         reg.use(challenger.ref, trun, type="model")
         reg.use(ds.ref, trun, type="dataset")
-        rows = _read_split(reg.fetch(ds).path, split)
+        rows = _read_split(reg.fetch(ds).path, split, ds.ref)
         label_names = label_names or list(ds.metadata["label_names"])
         e = config.evaluate
         ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)

@@ -32,8 +32,8 @@ from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
 STAGE = "finetune"
-SPLITS = ("train", "validation", "test")
-TOKENIZE_FORMAT = 1  # bump when the tokenised layout changes, to retire old cache entries
+TOKENIZE_FORMAT = 2  # bump when the tokenised layout changes, to retire old cache entries
+TRAINED_ON = ("train", "validation")  # the test split is evaluate's; it may be empty
 RESUME_FILE = "resume.json"
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _precision_flags(precision: str) -> dict[str, bool]:
 
 # -- data ------------------------------------------------------------------------------------
 def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: int, cache_root: Path) -> tuple[Path, bool]:
-    """Tokenised splits saved with ``save_to_disk``; (folder, reused from the cache)."""
+    """The train and validation splits tokenised and saved with ``save_to_disk``; (folder, reused from the cache)."""
     from pipeline.provenance import digest_text
 
     key = digest_text("tokenized", TOKENIZE_FORMAT, dataset_digest, base.tokenizer_digest, max_length)[:24]
@@ -144,7 +144,7 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
 
     tokenizer = AutoTokenizer.from_pretrained(base.path, use_fast=True)
     parts = {}
-    for split in SPLITS:
+    for split in TRAINED_ON:
         table = pq.read_table(data_dir / f"{split}.parquet")
         keep = [c for c in ("text", "text_pair", "label_id") if c in table.column_names]
         parts[split] = datasets.Dataset(table.select(keep))
