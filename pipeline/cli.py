@@ -73,6 +73,9 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if not sys.stderr.isatty():  # a log file or an orchestrator's pipe: no progress bars redrawn with \r
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers (the Trainer's bars: finetune)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' map and save_to_disk
     from pipeline.errors import PipelineError
 
     try:

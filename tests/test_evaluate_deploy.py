@@ -218,6 +218,7 @@ def test_predict_command_and_function(env, tmp_path):
     assert [p.label for p in preds] == ["billing", "shipping"]
     out = run_cli("predict", "--model-dir", str(dest), "i was charged twice for my invoice")
     assert out.returncode == 0, out.stderr
+    assert "Loading weights" not in out.stderr  # no progress bar for loading a model to classify one text
     label, score, text = out.stdout.strip().split("\t")
     assert label == "billing" and 0 < float(score) <= 1 and text == "i was charged twice for my invoice"
     js = run_cli("predict", "--model-dir", str(dest), "--json", "--top-k", "2", "tracking for my order has not updated since monday")
@@ -247,6 +248,8 @@ def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
     config.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", "train.seed=3").to_dict()))
     cli = run_cli("run", "--config", str(config), "--result-json", str(tmp_path / "run.json"))
     assert cli.returncode == 3, cli.stderr[-2000:]
+    # stderr is a pipe here, as in an orchestrator: a plain log, no progress bars redrawn with \r
+    assert "\r" not in cli.stderr and "it/s" not in cli.stderr and "'train_loss'" in cli.stderr
     data = json.loads((tmp_path / "run.json").read_text())
     assert data["status"] == "gate_failed" and [s["stage"] for s in data["stages"]] == ["dataset-publish", "finetune", "evaluate"]
     assert data["stages"][0]["status"] == "unchanged"

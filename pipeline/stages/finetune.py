@@ -204,6 +204,7 @@ def _share(state, payload: dict[str, Any] | None) -> dict[str, Any]:
 
 # -- training --------------------------------------------------------------------------------
 def _training_args(config: Config, output_dir: Path, run_id: str, report: bool):
+    from huggingface_hub.utils import are_progress_bars_disabled
     from transformers import TrainingArguments
 
     t = config.train
@@ -235,6 +236,7 @@ def _training_args(config: Config, output_dir: Path, run_id: str, report: bool):
         seed=t.seed,
         dataloader_num_workers=t.dataloader_workers,
         use_cpu=not _cuda_available(),
+        disable_tqdm=are_progress_bars_disabled(),  # off in logs (see cli.main) and with HF_HUB_DISABLE_PROGRESS_BARS
         **_precision_flags(t.precision),
     )
 
