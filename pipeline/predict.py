@@ -44,17 +44,32 @@ class Classifier:
         self.model.to(self.device).eval()
         cfg = self.model.config
         self.label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
-        self.max_length = max_length or self._trained_max_length()
-
-    def _trained_max_length(self) -> int:
+        training = self._training_config()
         try:
-            return int(json.loads((self.dir / "training_config.json").read_text())["model"]["max_length"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return min(512, int(getattr(self.tokenizer, "model_max_length", 512) or 512))
+            self.max_length = max_length or int(training["model"]["max_length"])
+        except (KeyError, TypeError, ValueError):
+            self.max_length = min(512, int(getattr(self.tokenizer, "model_max_length", 512) or 512))
+        # Sentence-pair models record their inputs (finetune writes them); single-text ones never had the key.
+        self.takes_pairs = training.get("inputs") == ["text", "text_pair"]
+
+    def _training_config(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.dir / "training_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _check_inputs(self, text_pairs: Sequence[str] | None) -> None:
+        if self.takes_pairs and text_pairs is None:
+            raise PipelineError(f"{self.dir} classifies text pairs (it was trained on text and text_pair); "
+                                "give a second text for each")
 
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64) -> np.ndarray:
         import torch
 
+        self._check_inputs(text_pairs)
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise PipelineError(f"{len(texts)} texts but {len(text_pairs)} second texts; give one pair per text")
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
@@ -80,6 +95,7 @@ def load(model_dir: str | Path, **kwargs) -> Classifier:
     return Classifier(model_dir, **kwargs)
 
 
-def predict(model_dir: str | Path, texts: Sequence[str], top_k: int = 3) -> list[Prediction]:
-    """One call: load the folder and classify `texts`."""
-    return load(model_dir).predict(texts, top_k=top_k)
+def predict(model_dir: str | Path, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
+            top_k: int = 3) -> list[Prediction]:
+    """One call: load the folder and classify `texts` (with `text_pairs` for a sentence-pair model)."""
+    return load(model_dir).predict(texts, text_pairs, top_k=top_k)

@@ -125,6 +125,30 @@ def test_wide_files_give_the_configured_columns_and_name_a_missing_one(tmp_path,
         dataset_publish.run(cfg_for(src, "dataset.label_column=intent"))
 
 
+def test_sentence_pairs_are_validated_and_published_as_pairs(tmp_path, cfg_for):
+    records = [{"id": f"p{i}", "text": f"question {i // 2}", "topic": LABELS[i % 3], "label": ["yes", "no"][i % 2]}
+               for i in range(30)]
+    # the same first text with different second texts and labels: not a conflict, the pair is the input
+    assert len({r["text"] for r in records}) < len(records)
+    src = write_rows(tmp_path / "pairs.csv", records)
+    result = dataset_publish.run(cfg_for(src, "dataset.text_pair_column=topic"))
+    files = artifact_files(cfg_for(src), result.produced[0], tmp_path)
+    train = pq.read_table(files["train.parquet"])
+    assert train.column_names == ["id", "text", "text_pair", "label", "label_id"]
+    meta = json.loads(files["dataset.json"].read_text())
+    assert meta["columns"]["text_pair"] == "topic" and meta["dropped"] == {}
+    assert sum(meta["num_rows"].values()) == 30
+
+    records[3] = {**records[1], "id": "p3-copy", "label": "yes"}   # the same pair as row 2, another label
+    records[6]["topic"] = ""                                        # an empty second text
+    bad = write_rows(tmp_path / "bad_pairs.csv", records)
+    with pytest.raises(DataError) as e:
+        dataset_publish.run(cfg_for(bad, "dataset.text_pair_column=topic"))
+    msg = str(e.value)
+    assert f"empty_text (1 rows, column 'topic' is empty or null): {bad} row 7" in msg
+    assert f"conflicting_label (2 rows, the same text appears with different labels): {bad} row 2; {bad} row 4" in msg
+
+
 def test_folder_input_with_one_schema(tmp_path, cfg_for):
     records = rows()
     write_rows(tmp_path / "in" / "a.csv", records[:15])

@@ -228,6 +228,51 @@ def test_predict_command_and_function(env, tmp_path):
     assert missing.returncode == 2 and "not a model folder" in missing.stderr
 
 
+def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
+    """A second text column travels through finetune, evaluate, the deploy smoke test and predict."""
+    import csv as csvlib
+
+    from pipeline.errors import PipelineError
+
+    root, model_dir, tickets = template
+    with open(tickets, newline="", encoding="utf-8") as f:
+        rows = list(csvlib.DictReader(f))[:240]
+    topics = sorted({r["label"] for r in rows})
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.writer(f)
+        w.writerow(["pid", "question", "topic", "verdict"])
+        for i, r in enumerate(rows):  # half the pairs name the ticket's topic, half another one
+            topic = r["label"] if i % 2 == 0 else topics[(topics.index(r["label"]) + 1 + i % 3) % len(topics)]
+            w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
+    cfg = load_config(None, [*overrides(tmp_path, model_dir, pairs), "dataset.name=pairs", "dataset.id_column=pid",
+                             "dataset.text_column=question", "dataset.text_pair_column=topic",
+                             "dataset.label_column=verdict", "model.name=pairclf", "train.epochs=2"])
+    result = run_all(cfg)
+    assert [s.status for s in result.stages] == ["ok"] * 4, result.to_dict()
+    assert result.stages[2].metrics["test_accuracy"] >= 0  # scored on pairs: the stage read text_pair
+    deployed = tmp_path / "deploy"
+    manifest = json.loads((deployed / "manifest.json").read_text())
+    assert manifest["smoke"]["text_pair"] == deploy_fetch.SMOKE_PAIR and manifest["smoke"]["label"] in ("match", "mismatch")
+    assert json.loads((deployed / "training_config.json").read_text())["inputs"] == ["text", "text_pair"]
+
+    classifier = load_classifier(deployed)
+    assert classifier.takes_pairs
+    with pytest.raises(PipelineError, match="classifies text pairs"):
+        classifier.predict(["where is my parcel"])
+    texts = ["where is my parcel", "i was charged twice"]
+    one = classifier.logits(texts, ["shipping", "billing"])
+    other = classifier.logits(texts, ["billing", "shipping"])
+    assert not np.allclose(one, other)  # the second text reaches the model
+
+    out = run_cli("predict", "--model-dir", str(deployed), "--json", "where is my parcel\tshipping")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["text"] == "where is my parcel" and row["text_pair"] == "shipping" and row["label"] in ("match", "mismatch")
+    unpaired = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
+    assert unpaired.returncode == 2 and "give each as TEXT<TAB>PAIR (input 1 has no tab)" in unpaired.stderr
+
+
 def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
     cfg = env()
     shutil.rmtree(Path(cfg.tracking.dir))  # a clean start

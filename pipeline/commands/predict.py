@@ -10,7 +10,9 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", required=True, metavar="DIR", help="a folder from deploy-fetch (or any fetched model version)")
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify; none or '-': one text per line on stdin")
+    p.add_argument("texts", nargs="*", metavar="TEXT",
+                   help="texts to classify; none or '-': one text per line on stdin. A sentence-pair model takes "
+                        "TEXT<TAB>PAIR")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="labels to show per text (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
 
@@ -22,14 +24,23 @@ def main(args: argparse.Namespace) -> int:
 
     texts = args.texts
     if not texts or texts == ["-"]:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise PipelineError("no text to classify: pass TEXT arguments or lines on stdin")
     if args.top_k < 1:
         raise PipelineError("--top-k must be at least 1")
-    for text, pred in zip(texts, load(args.model_dir).predict(texts, top_k=args.top_k)):
+    classifier = load(args.model_dir)
+    pairs = None
+    if classifier.takes_pairs:
+        unpaired = next((i for i, t in enumerate(texts, 1) if "\t" not in t), None)
+        if unpaired is not None:
+            raise PipelineError(f"{args.model_dir} classifies text pairs: give each as TEXT<TAB>PAIR "
+                                f"(input {unpaired} has no tab)")
+        texts, pairs = zip(*(t.split("\t", 1) for t in texts))
+    for i, pred in enumerate(classifier.predict(list(texts), list(pairs) if pairs else None, top_k=args.top_k)):
+        shown = {"text": texts[i], **({"text_pair": pairs[i]} if pairs else {})}
         if args.json:
-            print(json.dumps({"text": text, **pred.to_dict()}))
+            print(json.dumps({**shown, **pred.to_dict()}))
         else:
-            print("\t".join(f"{label}\t{score:.4f}" for label, score in pred.top) + f"\t{text}")
+            print("\t".join(f"{label}\t{score:.4f}" for label, score in pred.top) + "\t" + "\t".join(shown.values()))
     return 0

@@ -24,14 +24,18 @@ from pipeline.tracking import open_registry, tracked_run
 STAGE = "deploy-fetch"
 MANIFEST = "manifest.json"
 SMOKE_TEXT = "hello, I need some help with my account"
+SMOKE_PAIR = "account access"  # the second text, for a sentence-pair model
 log = logging.getLogger(__name__)
 
 
 def smoke_test(model_dir: Path, label_names: list[str]) -> dict[str, Any]:
     from pipeline.predict import load
 
+    pair = None
     try:
-        prediction = load(model_dir).predict([SMOKE_TEXT], top_k=len(label_names) or 3)[0]
+        classifier = load(model_dir)
+        pair = [SMOKE_PAIR] if classifier.takes_pairs else None
+        prediction = classifier.predict([SMOKE_TEXT], pair, top_k=len(label_names) or 3)[0]
     except Exception as e:  # noqa: BLE001 - any failure to load or run the model fails the smoke test
         raise StageFailed(f"smoke prediction failed on {model_dir}: {type(e).__name__}: {e}", exit_code=1) from e
     total = sum(p for _, p in prediction.top)
@@ -39,7 +43,8 @@ def smoke_test(model_dir: Path, label_names: list[str]) -> dict[str, Any]:
         raise StageFailed(f"smoke prediction gave unknown label {prediction.label!r}; expected one of {label_names}", exit_code=1)
     if label_names and len(prediction.top) == len(label_names) and abs(total - 1.0) > 1e-3:
         raise StageFailed(f"smoke prediction probabilities sum to {total:.4f}, not 1", exit_code=1)
-    return {"text": SMOKE_TEXT, "label": prediction.label, "confidence": round(prediction.confidence, 6)}
+    return {"text": SMOKE_TEXT, **({"text_pair": SMOKE_PAIR} if pair else {}), "label": prediction.label,
+            "confidence": round(prediction.confidence, 6)}
 
 
 def run(config: Config, *, group: str | None = None, model: str | None = None, to: str | Path | None = None,

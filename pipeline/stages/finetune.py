@@ -341,7 +341,7 @@ def _eval_history(state) -> tuple[dict[str, float], dict[str, float]]:
 
 
 def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan, label_names: list[str],
-                     num_rows: dict[str, int], metrics: dict[str, Any]) -> None:
+                     num_rows: dict[str, int], metrics: dict[str, Any], text_pair: bool) -> None:
     """The version's files; none depends on the run id, the clock or a path."""
     from pipeline import modelcard
 
@@ -356,6 +356,8 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
         "model": config.model.model_dump(mode="json"),
         "train": train,
     }
+    if text_pair:  # read by pipeline.predict; single-text models keep the files they always had
+        training["inputs"] = ["text", "text_pair"]
     (out / "training_config.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     card = modelcard.render(
@@ -492,7 +494,8 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, A
 def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases):
     with tempfile.TemporaryDirectory(prefix="model-", dir=plan_.output_dir) as tmp:
         out = Path(tmp)
-        _write_model_dir(out, trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics)
+        _write_model_dir(out, trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics,
+                         "text_pair" in shared["validation_rows"])
         return trun.registry.publish(config.model.name, "model", out, metadata=metadata, aliases=list(aliases), run=trun)
 
 
@@ -505,7 +508,8 @@ def _keep(dest: Path, trainer, tokenizer, config, plan_, shared, details, metric
     staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         (staging / "model").mkdir(parents=True)
-        _write_model_dir(staging / "model", trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics)
+        _write_model_dir(staging / "model", trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics,
+                         "text_pair" in shared["validation_rows"])
         write_json_atomic(staging / "metadata.json", metadata)
         swap_into_place(staging, dest)
     finally:
