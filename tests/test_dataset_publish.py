@@ -387,6 +387,13 @@ def test_unicode_text_exports_with_a_byte_order_mark_are_read(tmp_path, cfg_for,
         assert got[split].read_bytes() == want[split].read_bytes()
 
 
+def test_a_file_with_only_a_header_says_so(tmp_path, cfg_for):
+    src = tmp_path / "header.csv"
+    src.write_text("id,text,label\n")
+    with pytest.raises(DataError, match=rf"^{src}: no data rows"):
+        dataset_publish.run(cfg_for(src))
+
+
 def test_json_lines_must_be_utf8(tmp_path, cfg_for):
     src = tmp_path / "wide.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows()), encoding="utf-16")

@@ -93,6 +93,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
             table = read_files(listed["all"], cols, source)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
+    if table.num_rows == 0:
+        raise DataError(f"{d.source if not d.split_files else 'split_files'}: no data rows (only a header, or empty files)")
     checked = validate(table, cols, min_per_class)
     if checked.problems and d.on_invalid == "error":
         raise DataError(format_problems(checked.problems, d.source if not d.split_files else "split_files"))
