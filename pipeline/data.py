@@ -65,7 +65,9 @@ class Validated:
 def list_input_files(source: str | Path) -> list[Path]:
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        # Hidden entries are not data: .ipynb_checkpoints/ copies, macOS ._ files, editors' swap files.
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"{path}: no {', '.join(sorted(SUFFIXES))} files in this folder")
         kinds = {SUFFIXES[p.suffix.lower()] for p in files}

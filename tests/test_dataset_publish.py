@@ -153,6 +153,9 @@ def test_folder_input_with_one_schema(tmp_path, cfg_for):
     records = rows()
     write_rows(tmp_path / "in" / "a.csv", records[:15])
     write_rows(tmp_path / "in" / "b.csv", records[15:])
+    # hidden entries are skipped: a Jupyter checkpoint copy would duplicate every row, a ._ file is not CSV
+    write_rows(tmp_path / "in" / ".ipynb_checkpoints" / "a-checkpoint.csv", records[:15])
+    (tmp_path / "in" / "._a.csv").write_bytes(b"\x00\x05\x16\x07 not a csv")
     result = dataset_publish.run(cfg_for(tmp_path / "in"))
     meta = json.loads(artifact_files(cfg_for(tmp_path / "in"), result.produced[0], tmp_path)["dataset.json"].read_text())
     assert [Path(s["path"]).name for s in meta["sources"]] == ["a.csv", "b.csv"]
