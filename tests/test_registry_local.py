@@ -338,3 +338,15 @@ def test_a_schema_1_catalog_is_upgraded_in_place(tmp_path):
     version = again.resolve("thing:v0")
     assert [(f.path, f.ref) for f in version.files] == [("a.txt", None)]
     assert again.fetch(version, tmp_path / "out").path.joinpath("a.txt").read_text() == "hello"
+
+
+def test_an_unusable_registry_location_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RegistryError, match=rf"cannot open the local registry at {blocker}/registry .*Not a directory"):
+        LocalRegistry(blocker / "registry")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "catalog.db").write_bytes(b"this is not an SQLite database, only some text " * 4)
+    with pytest.raises(RegistryError, match=rf"cannot open the local registry at {damaged} .*file is not a database"):
+        LocalRegistry(damaged)

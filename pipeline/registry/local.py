@@ -174,9 +174,12 @@ class LocalRegistry:
         self.objects = self.root / "objects" / "sha256"
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "catalog.db"
-        for d in (self.objects, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
-        self._init_schema()
+        try:
+            for d in (self.objects, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+            self._init_schema()
+        except (OSError, sqlite3.Error) as e:  # a file where a folder should be, no space, a damaged catalog
+            raise RegistryError(f"cannot open the local registry at {self.root} (under tracking.dir): {e}") from None
 
     # -- catalog plumbing ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
