@@ -253,7 +253,11 @@ def tracked_run(
     import wandb
 
     wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
-    Path(wandb_root).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(wandb_root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "tracking.dir"
+        raise ConfigError(f"the W&B run folder {wandb_root} ({where}) cannot be created: {e.strerror}: {e.filename}") from None
     if adopt and wandb.run is not None:
         run.id = wandb.run.id
         run.wandb_run = wandb.run

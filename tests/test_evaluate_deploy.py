@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.errors import ConfigError, IntegrityError, RefError, RegistryError
 from pipeline.predict import load as load_classifier
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
@@ -203,6 +203,11 @@ def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
     assert (other / "notes.txt").read_text() == "mine"
     forced = deploy_fetch.run(cfg, model="clf:v0", to=other, force=True)
     assert forced.status == "ok" and not (other / "notes.txt").exists()
+    runs_before = len(registry(cfg).resolve("clf:v0").used_by)
+    with pytest.raises(ConfigError, match=rf"deploy folder {other}/notes.txt/deploy \(--to or deploy.dir\) cannot be created"):
+        (other / "notes.txt").write_text("a file where a folder would go")
+        deploy_fetch.run(cfg, model="clf:v0", to=other / "notes.txt" / "deploy")
+    assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
 
 
 def test_predict_command_and_function(env, tmp_path):

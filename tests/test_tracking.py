@@ -182,3 +182,18 @@ def test_planted_secret_appears_in_no_file(make_config, tmp_path, monkeypatch):
     # What was masked is still recognisable.
     assert inspect_summary(run.wandb_dir)["config"]["dataset"]["source"] == "s3://alice:***@bucket/tickets.csv"
     assert "***" in log_file.read_text()
+
+
+def test_an_unusable_run_folder_is_a_config_error_before_any_run(make_config, tmp_path, monkeypatch):
+    cfg = make_config()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("WANDB_DIR", str(blocker / "wandb"))
+    with pytest.raises(ConfigError, match=rf"the W&B run folder {blocker}/wandb \(WANDB_DIR\) cannot be created"):
+        with tracked_run(cfg, "test"):
+            raise AssertionError("the run must not open")
+    assert LocalRegistry(Path(cfg.tracking.dir) / "registry").list_versions() == []
+    import sqlite3
+
+    with sqlite3.connect(Path(cfg.tracking.dir) / "registry" / "catalog.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0  # no run recorded either

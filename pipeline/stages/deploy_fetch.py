@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import StageFailed
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry, tracked_run
 
@@ -52,6 +52,10 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     version = registry.resolve(model or f"{config.model.name}:production", type="model")
     dest = Path(to or config.deploy.dir).resolve()
+    try:  # where the copy is staged and renamed into place; checked before a run is opened
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"deploy folder {dest} (--to or deploy.dir) cannot be created: {e.strerror}: {e.filename}") from None
     with tracked_run(config, STAGE, group=group) as trun:
         reg = trun.registry
         version = reg.use(version.ref, trun, type="model")
