@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
 
     try:
+        if getattr(args, "result_json", None):
+            from pipeline.results import check_writable
+
+            check_writable(args.result_json)
         return int(importlib.import_module(args._module).main(args) or 0)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,22 @@ class StageResult:
         )
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse a result path that cannot be written, before any work: a stage's result is not lost at the end."""
+    from pipeline.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--result-json {path} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--result-json {path} cannot be written: {e.strerror}: {e.filename}") from None
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so a reader never sees half a file."""
     path = Path(path)

@@ -72,3 +72,18 @@ def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
         os.close(write_end)
     assert proc.returncode == 141
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_an_unwritable_result_path_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    track = tmp_path / "track"
+    out = run_cli("dataset-publish", "--config", "configs/demo.yaml", "--set", f"tracking.dir={track}",
+                  "--result-json", str(blocker / "result.json"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--result-json {blocker}/result.json cannot be written" in out.stderr
+    assert not track.exists()  # nothing was published whose result would then be lost
+    folder = run_cli("dataset-publish", "--config", "configs/demo.yaml", "--set", f"tracking.dir={track}",
+                     "--result-json", str(tmp_path))
+    assert folder.returncode == 2 and f"--result-json {tmp_path} is a folder" in folder.stderr
+    assert not track.exists()
