@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.refs import NAME_PATTERN
@@ -96,6 +96,9 @@ class DatasetConfig(_Group):
     """Optional column of unique row ids."""
     text_pair_column: str | None = None
     """Optional second text column for sentence-pair tasks."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV/TSV sources, e.g. ``cp1252`` for Excel's "CSV (Comma delimited)" on Windows.
+    UTF-16/32 files with a byte-order mark are recognised whatever this says; JSON is always UTF-8."""
     on_invalid: Literal["error", "drop"] = "error"
     """Invalid rows: ``error`` stops before anything is written; ``drop`` drops, counts and records them."""
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -107,6 +110,17 @@ class DatasetConfig(_Group):
     reference: str | None = Field(None, pattern=r"^(file|s3|gs)://.+")
     """Reference mode for big corpora: a file://, s3:// or gs:// prefix. The split files are stored
     there (content-addressed) and the artifact records their URIs and checksums instead of copies."""
+
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(value).name  # one spelling: "UTF8", "utf_8" -> "utf-8"
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, cp1252, latin-1)") from None
 
 
 class ModelConfig(_Group):
@@ -331,7 +345,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         elif kind == "missing":
             msg = "missing required field"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages, as written
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
         lines.append(f"  {loc}: {msg}")

@@ -81,14 +81,14 @@ def list_input_files(source: str | Path) -> list[Path]:
     return [path]
 
 
-def _read_one(path: Path, cols: Columns) -> pa.Table:
+def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
     kind = SUFFIXES[path.suffix.lower()]
     try:
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
             parse = csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
-            encoding = _wide_encoding(path) or "utf8"  # Excel's "Unicode Text" export is UTF-16
+            encoding = _wide_encoding(path) or encoding  # Excel's "Unicode Text" export is UTF-16
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
             as_written = {**{c: pa.string() for c in (cols.id, cols.label) if c}, **text_as_binary}
@@ -100,6 +100,9 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
                 return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
                                     convert_options=convert)
             except pa.ArrowInvalid as e:
+                if "invalid UTF8" in str(e):  # in an id or label column (text columns are checked row by row)
+                    raise DataError(f"{path}: {e}; a CSV saved in another encoding needs dataset.encoding, "
+                                    "e.g. cp1252") from None
                 if "CSV parse error" not in str(e):
                     raise
                 raise _locate_csv_error(path, kind, encoding, parse, convert, e) from None
@@ -112,8 +115,8 @@ def _read_one(path: Path, cols: Columns) -> pa.Table:
         if kind == "jsonl":
             from pyarrow import json as pajson
 
-            if encoding := _wide_encoding(path):
-                raise DataError(f"{path}: the file is {encoding.upper()} (it starts with that byte-order mark); "
+            if wide := _wide_encoding(path):
+                raise DataError(f"{path}: the file is {wide.upper()} (it starts with that byte-order mark); "
                                 "JSON Lines must be UTF-8: save it as UTF-8")
             try:
                 return pajson.read_json(path)
@@ -229,9 +232,12 @@ def _strip_block_row(error: Exception) -> str:
     return re.sub(r"\s+in row \d+\s*$", "", str(error))
 
 
-def read_files(files: list[Path], cols: Columns, source: str | Path) -> pa.Table:
-    """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``."""
-    tables = [_normalise(_read_one(path, cols), str(path), cols) for path in files]
+def read_files(files: list[Path], cols: Columns, source: str | Path, encoding: str = "utf-8") -> pa.Table:
+    """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``.
+
+    `encoding` is that of CSV/TSV files (JSON is UTF-8 by definition; Parquet stores UTF-8).
+    """
+    tables = [_normalise(_read_one(path, cols, encoding), str(path), cols) for path in files]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
@@ -409,7 +415,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         for c in cols.text_columns:
             strings, bad = _decode(table.column(c))
             decoded[c] = strings
-            flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8")
+            flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8; a CSV saved in another encoding needs dataset.encoding, e.g. cp1252")
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
             blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), 0), pc.utf8_is_space(decoded[c]))

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import DataError
+from pipeline.errors import ConfigError
 from pipeline.demo_data import write_csv
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
@@ -395,6 +396,31 @@ def test_a_file_with_only_a_header_says_so(tmp_path, cfg_for):
     src.write_text("id,text,label\n")
     with pytest.raises(DataError, match=rf"^{src}: no data rows"):
         dataset_publish.run(cfg_for(src))
+
+
+def test_a_declared_encoding_reads_windows_excel_csv(tmp_path, cfg_for):
+    records = rows()
+    records[4]["text"] = "café crème – “smart quotes” and €uro"  # all in cp1252, none of it ASCII
+    src = tmp_path / "excel.csv"
+    src.write_bytes(write_rows(tmp_path / "utf8.csv", records).read_text(encoding="utf-8").encode("cp1252"))
+    with pytest.raises(DataError, match=r"undecodable_text \(1 rows, .*needs dataset.encoding, e.g. cp1252\)"):
+        dataset_publish.run(cfg_for(src))
+    cfg = cfg_for(src, "dataset.encoding=CP1252")
+    assert cfg.dataset.encoding == "cp1252"
+    _, manifest, _ = dataset_publish.prepare(cfg)
+    assert manifest["encoding"] == "cp1252" and "encoding" not in dataset_publish.prepare(cfg_for(tmp_path / "utf8.csv"))[1]
+    tables = dataset_publish.prepare(cfg)[0]
+    texts = [t for table in tables.values() for t in table.column("text").to_pylist()]
+    assert records[4]["text"] in texts
+    with pytest.raises(ConfigError, match="dataset.encoding: unknown text encoding 'klingon'"):
+        cfg_for(src, "dataset.encoding=klingon")
+    for r in records[20:]:
+        r["label"] = "técnico"  # in a label column the whole column is refused, with the same hint
+    labelled = tmp_path / "labels.csv"
+    labelled.write_bytes(write_rows(tmp_path / "labels-utf8.csv", records).read_text(encoding="utf-8").encode("cp1252"))
+    with pytest.raises(DataError, match=r"invalid UTF8 data; a CSV saved in another encoding needs dataset.encoding"):
+        dataset_publish.run(cfg_for(labelled))
+    assert "técnico" in dataset_publish.prepare(cfg_for(labelled, "dataset.encoding=cp1252"))[1]["label_names"]
 
 
 def test_json_lines_must_be_utf8(tmp_path, cfg_for):

@@ -82,7 +82,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     d = config.dataset
     hub_sources: list[dict] = []
     if d.split_files:
-        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s)) for s in SPLITS}
+        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), d.encoding) for s in SPLITS}
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
         min_per_class = 1
@@ -90,7 +90,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         if not listed:
             table, hub_sources = load_hub_dataset(source, cols)
         else:
-            table = read_files(listed["all"], cols, source)
+            table = read_files(listed["all"], cols, source, d.encoding)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
@@ -138,6 +138,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
     }
+    if d.encoding != "utf-8":  # recorded only when set, so UTF-8 data keeps the manifest it always had
+        manifest["encoding"] = d.encoding
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
 
