@@ -269,10 +269,21 @@ MODEL_GROUPS = ("dataset", "model", "train")  # the config groups that decide wh
 
 
 def model_config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{"train.seed": (1, 2)}``: keys of the model-shaping groups whose values differ, as ``--set`` writes them."""
-    a = _flatten({g: before.get(g) for g in MODEL_GROUPS})
-    b = _flatten({g: after.get(g) for g in MODEL_GROUPS})
+    """``{"train.seed": (1, 2)}``: keys of the model-shaping groups whose values differ, as ``--set`` writes them.
+
+    Both sides are read with today's defaults first, so a key added since `before` was recorded
+    (at its default) is not a difference.
+    """
+    a = _flatten({g: _with_defaults(before).get(g) for g in MODEL_GROUPS})
+    b = _flatten({g: _with_defaults(after).get(g) for g in MODEL_GROUPS})
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return config_from_dict(data).to_dict()
+    except ConfigError:  # recorded by a version whose keys no longer validate: compared as it is
+        return data
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,17 @@ def test_cli_config_error_is_one_message_no_traceback(tmp_path):
     out = run_cli("artifacts", "list", "--config", str(p))
     assert out.returncode == 2
     assert "train.epochs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_key_added_since_a_config_was_recorded_is_not_a_difference():
+    """Resuming or reproducing a model recorded before `dataset.encoding` existed sees no change."""
+    from pipeline.config import model_config_diff
+
+    now = load_config(None, ["dataset.name=a", "dataset.source=b", "model.name=m"]).to_dict()
+    recorded = json.loads(json.dumps(now))
+    del recorded["dataset"]["encoding"]
+    assert model_config_diff(recorded, now) == {}
+    recorded["train"]["seed"] = 1
+    assert model_config_diff(recorded, now) == {"train.seed": (1, 42)}
+    recorded["dataset"]["encoding"] = "cp1252"
+    assert model_config_diff(recorded, now)["dataset.encoding"] == ("cp1252", "utf-8")
