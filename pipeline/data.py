@@ -75,7 +75,8 @@ def list_input_files(source: str | Path) -> list[Path]:
             raise DataError(f"{path}: mixed file formats ({', '.join(sorted(kinds))}); use one format per folder")
         return files
     if not path.exists():
-        raise DataError(f"dataset source not found: {path}")
+        relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
+        raise DataError(f"dataset source not found: {path}{relative}")
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
     return [path]

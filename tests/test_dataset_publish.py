@@ -391,6 +391,15 @@ def test_unicode_text_exports_with_a_byte_order_mark_are_read(tmp_path, cfg_for,
         assert got[split].read_bytes() == want[split].read_bytes()
 
 
+def test_a_missing_source_names_where_a_relative_path_was_looked_for(tmp_path, cfg_for, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"dataset source not found: data/tickets.csv \(relative paths start from "
+                                        rf"the current directory: {tmp_path}\)"):
+        dataset_publish.run(cfg_for(Path("data/tickets.csv")))
+    with pytest.raises(DataError, match=rf"dataset source not found: {tmp_path}/gone.csv$"):
+        dataset_publish.run(cfg_for(tmp_path / "gone.csv"))
+
+
 def test_a_file_with_only_a_header_says_so(tmp_path, cfg_for):
     src = tmp_path / "header.csv"
     src.write_text("id,text,label\n")
