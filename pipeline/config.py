@@ -111,7 +111,6 @@ class DatasetConfig(_Group):
     """Reference mode for big corpora: a file://, s3:// or gs:// prefix. The split files are stored
     there (content-addressed) and the artifact records their URIs and checksums instead of copies."""
 
-
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:

@@ -80,6 +80,7 @@ def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
 
 def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]]):
     d = config.dataset
+    where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
     hub_sources: list[dict] = []
     if d.split_files:
         parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), d.encoding) for s in SPLITS}
@@ -94,18 +95,18 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
-        raise DataError(f"{d.source if not d.split_files else 'split_files'}: no data rows (only a header, or empty files)")
+        raise DataError(f"{where}: no data rows (only a header, or empty files)")
     checked = validate(table, cols, min_per_class)
     if checked.problems and d.on_invalid == "error":
-        raise DataError(format_problems(checked.problems, d.source if not d.split_files else "split_files"))
+        raise DataError(format_problems(checked.problems, where))
     clean = checked.table
     if clean.num_rows == 0:
-        raise DataError(f"{d.source}: no valid rows left ({sum(checked.dropped.values())} dropped)")
+        raise DataError(f"{where}: no valid rows left ({sum(checked.dropped.values())} dropped)")
     label_names = sorted(pc.unique(clean.column(cols.label)).to_pylist())  # sorted: a fixed order
     labels = pc.index_in(clean.column(cols.label), value_set=pa.array(label_names)).to_numpy().astype(np.int32)
     if len(label_names) < 2:
-        raise DataError(f"{d.source}: a classifier needs at least 2 labels, found {label_names}")
-    _warn_about_lookalike_labels(label_names, d.source if not d.split_files else "split_files")
+        raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
+    _warn_about_lookalike_labels(label_names, where)
 
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
