@@ -96,7 +96,9 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
             try:
                 # Only the configured columns are converted (other columns cost nothing and can hold
                 # anything); text as binary, so undecodable bytes are found row by row.
-                convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written,
+                # Only an empty cell is missing, as in JSON and Parquet: Arrow's default markers would turn a
+                # class named "N/A" or a text "NA" into nulls, reported as empty when the file holds a value.
+                convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
                                              strings_can_be_null=True, quoted_strings_can_be_null=False)
                 return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
                                     convert_options=convert)

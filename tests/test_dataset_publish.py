@@ -209,6 +209,24 @@ def test_labels_that_differ_only_in_case_or_spacing_are_kept_but_flagged(tmp_pat
     assert not any("'tech'" in w for w in warned)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_only_an_empty_cell_is_missing(tmp_path, cfg_for, caplog, fmt):
+    """A class named "N/A" and a text "NA" are values in every format (Arrow's CSV reader calls them null)."""
+    records = rows()
+    for r in records[:5]:
+        r["label"] = "N/A"  # a deliberate "not applicable" class
+    records[12]["text"] = "NA"
+    records[13]["text"] = ""  # really empty: the one missing text
+    src = write_rows(tmp_path / f"data.{fmt}", records)
+    with caplog.at_level("WARNING", logger="pipeline.stages.dataset_publish"):
+        tables, manifest, dropped = dataset_publish.prepare(cfg_for(src, "dataset.on_invalid=drop"))
+    assert "N/A" in manifest["label_names"] and manifest["dropped"] == {"empty_text": 1}
+    assert dropped.column("_row").to_pylist() == [14]
+    assert "NA" in [t for table in tables.values() for t in table.column("text").to_pylist()]
+    assert any("label(s) 'N/A' look like missing-value markers; they are kept as classes" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_folder_input_names_the_file_that_holds_a_bad_row(tmp_path, cfg_for):
     records = rows()
     records[20]["text"] = "  \t\u00a0\u2003 "  # only whitespace (ASCII and Unicode): empty

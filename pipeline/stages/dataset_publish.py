@@ -106,7 +106,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     labels = pc.index_in(clean.column(cols.label), value_set=pa.array(label_names)).to_numpy().astype(np.int32)
     if len(label_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
-    _warn_about_lookalike_labels(label_names, where)
+    _warn_about_suspicious_labels(label_names, where)
 
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
@@ -145,8 +145,16 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     return tables, manifest, dropped
 
 
-def _warn_about_lookalike_labels(label_names: list[str], source: str) -> None:
-    """Labels that differ only in case or spacing are kept apart, but are usually one class spelt two ways."""
+MISSING_MARKERS = {"na", "n/a", "#n/a", "nan", "null", "none", "nil", "-", "?"}
+
+
+def _warn_about_suspicious_labels(label_names: list[str], source: str) -> None:
+    """Labels that differ only in case or spacing are kept apart, but are usually one class spelt two ways;
+    a label spelt like a missing-value marker is kept as a class (only an empty cell is missing)."""
+    markers = [n for n in label_names if n.strip().casefold() in MISSING_MARKERS]
+    if markers:
+        log.warning("%s: label(s) %s look like missing-value markers; they are kept as classes (only an empty "
+                    "label is missing)", source, ", ".join(map(repr, markers)))
     groups: dict[str, list[str]] = {}
     for name in label_names:
         groups.setdefault(" ".join(name.casefold().replace("_", " ").replace("-", " ").split()), []).append(name)
