@@ -8,6 +8,7 @@ the happy path. Row numbers in messages are 1-based data rows (the CSV header ex
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -93,13 +94,18 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
             as_written = {**{c: pa.string() for c in (cols.id, cols.label) if c}, **text_as_binary}
+            # Only the configured columns are converted (other columns cost nothing and can hold anything);
+            # text as binary, so undecodable bytes are found row by row. Only an empty cell is missing, as
+            # in JSON and Parquet: Arrow's default markers would turn a class named "N/A" or a text "NA"
+            # into nulls, reported as empty when the file holds a value.
+            convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
+                                         strings_can_be_null=True, quoted_strings_can_be_null=False)
             try:
-                # Only the configured columns are converted (other columns cost nothing and can hold
-                # anything); text as binary, so undecodable bytes are found row by row.
-                # Only an empty cell is missing, as in JSON and Parquet: Arrow's default markers would turn a
-                # class named "N/A" or a text "NA" into nulls, reported as empty when the file holds a value.
-                convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
-                                             strings_can_be_null=True, quoted_strings_can_be_null=False)
+                # The header first (one 64 KiB block): a missing, misspelt or doubled column is named.
+                header = csv.open_csv(path, parse_options=parse,
+                                      read_options=csv.ReadOptions(block_size=1 << 16, encoding=encoding),
+                                      convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
+                _check_columns(header, str(path), cols)
                 return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
                                     convert_options=convert)
             except pa.ArrowInvalid as e:
@@ -109,12 +115,6 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
                 if "CSV parse error" not in str(e):
                     raise
                 raise _locate_csv_error(path, kind, encoding, parse, convert, e) from None
-            except pa.ArrowKeyError as e:  # a configured column is not in the header: report what is
-                header = csv.open_csv(path, parse_options=parse,
-                                      read_options=csv.ReadOptions(block_size=1 << 16, encoding=encoding),
-                                      convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
-                _check_columns(header, str(path), cols)
-                raise DataError(f"{path}: cannot read as {kind}: {e}") from None
         if kind == "jsonl":
             from pyarrow import json as pajson
 
@@ -248,12 +248,22 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, encoding: s
 
 
 def _check_columns(names: list[str], where: str, cols: Columns) -> None:
+    """Every configured column present once; a missing one names the file's columns and the likely match."""
     missing = [c for c in cols.required if c not in names]
     if missing:
+        near = {}
+        for c in missing:  # the same name but for case or spaces around it, else a close spelling
+            same = [n for n in names if n.strip().casefold() == c.strip().casefold()]
+            near[c] = (same or difflib.get_close_matches(c, names, n=1, cutoff=0.75) or [None])[0]
+        hint = "; ".join(f"{c!r} may be {n!r}" for c, n in near.items() if n is not None)
         raise DataError(
             f"{where}: missing column(s) {', '.join(missing)}; the file has: {', '.join(names) or 'none'}"
-            " (set dataset.text_column / label_column / id_column to match)"
+            + (f" ({hint})" if hint else "") + " (set dataset.text_column / label_column / id_column to match)"
         )
+    doubled = [c for c in cols.required if names.count(c) > 1]
+    if doubled:
+        raise DataError(f"{where}: column(s) {', '.join(doubled)} appear more than once in the header; rename "
+                        "all but one, so the configured column is not a guess")
 
 
 def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:

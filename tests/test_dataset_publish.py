@@ -457,6 +457,24 @@ def test_json_lines_must_be_utf8(tmp_path, cfg_for):
         dataset_publish.run(cfg_for(src))
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet"])
+def test_a_misspelt_or_doubled_column_is_named(tmp_path, cfg_for, fmt):
+    records = [{"id": r["id"], " Text ": r["text"], "labels": r["label"]} for r in rows()]
+    src = write_rows(tmp_path / f"spaced.{fmt}", records)
+    with pytest.raises(DataError, match=r"missing column\(s\) text, label; the file has: id,  Text , labels "
+                                        r"\('text' may be ' Text '; 'label' may be 'labels'\)"):
+        dataset_publish.run(cfg_for(src))
+    assert dataset_publish.prepare(cfg_for(src, 'dataset.text_column=" Text "', "dataset.label_column=labels"))[1]["columns"] \
+        == {"id": "id", "text": " Text ", "label": "labels"}
+    if fmt != "parquet":  # a header may repeat a name; Arrow would silently take the first
+        doubled = tmp_path / f"doubled.{fmt}"
+        sep = "\t" if fmt == "tsv" else ","
+        doubled.write_text(sep.join(["id", "text", "label", "text"]) + "\n"
+                           + "".join(sep.join([r["id"], r["text"], r["label"], "other"]) + "\n" for r in rows()))
+        with pytest.raises(DataError, match=rf"^{doubled}: column\(s\) text appear more than once in the header"):
+            dataset_publish.run(cfg_for(doubled))
+
+
 def test_drop_policy_counts_and_records_every_dropped_row(tmp_path, cfg_for):
     src = write_rows(tmp_path / "bad.csv", _bad_rows())
     cfg = cfg_for(src, "dataset.on_invalid=drop")
