@@ -14,7 +14,7 @@ import yaml
 
 def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_digest: str, label_names: list[str],
            num_rows: dict[str, int], train: dict[str, Any], max_length: int, metrics: dict[str, Any],
-           best_metric: str) -> str:
+           best_metric: str, text_pair: bool = False) -> str:
     best = metrics.get("best", {})
     front = {
         "library_name": "transformers",
@@ -84,7 +84,8 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "from transformers import pipeline",
         "",
         'classify = pipeline("text-classification", model="path/to/this/folder")',
-        'classify("my order never arrived")',
+        *(['classify({"text": "my order never arrived", "text_pair": "shipping"})  # a sentence-pair model']
+          if text_pair else ['classify("my order never arrived")']),
         "```",
         "",
     ]

@@ -260,6 +260,14 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     manifest = json.loads((deployed / "manifest.json").read_text())
     assert manifest["smoke"]["text_pair"] == deploy_fetch.SMOKE_PAIR and manifest["smoke"]["label"] in ("match", "mismatch")
     assert json.loads((deployed / "training_config.json").read_text())["inputs"] == ["text", "text_pair"]
+    # the model card's example for a pair model runs as written in plain transformers
+    card = (deployed / "README.md").read_text()
+    example = 'classify({"text": "my order never arrived", "text_pair": "shipping"})'
+    assert example in card
+    from transformers import pipeline as hf_pipeline
+
+    scored = hf_pipeline("text-classification", model=str(deployed))({"text": "my order never arrived", "text_pair": "shipping"})
+    assert scored["label"] in ("match", "mismatch")
 
     classifier = load_classifier(deployed)
     assert classifier.takes_pairs

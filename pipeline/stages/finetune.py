@@ -366,6 +366,7 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
         train={k: train[k] for k in ("epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
                                      "warmup_ratio", "weight_decay", "seed")},
         max_length=config.model.max_length, metrics=metrics, best_metric=config.train.metric_for_best_model,
+        text_pair=text_pair,
     )
     (out / "README.md").write_text(card, encoding="utf-8")
 
