@@ -87,7 +87,8 @@ class DatasetConfig(_Group):
     name: str = Field(pattern=NAME_PATTERN)
     """Dataset artifact name."""
     source: str
-    """A CSV, TSV, JSONL/JSON or Parquet file, a folder of them (a path or a file://, s3://, gs:// URI)."""
+    """A CSV, TSV, JSONL/JSON or Parquet file, a folder of them (a path or a file://, s3://, gs:// URI),
+    or a glob pattern of local files (``exports/**/part-*.csv``)."""
     text_column: str = "text"
     """Column holding the text to classify."""
     label_column: str = "label"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import glob
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -64,23 +65,31 @@ class Validated:
 
 
 def list_input_files(source: str | Path) -> list[Path]:
+    """The data files of a source: a file, a folder (searched recursively) or a glob pattern."""
     path = Path(source)
     if path.is_dir():
         # Hidden entries are not data: .ipynb_checkpoints/ copies, macOS ._ files, editors' swap files.
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise DataError(f"{path}: no {', '.join(sorted(SUFFIXES))} files in this folder")
-        kinds = {SUFFIXES[p.suffix.lower()] for p in files}
-        if len(kinds) > 1:
-            raise DataError(f"{path}: mixed file formats ({', '.join(sorted(kinds))}); use one format per folder")
-        return files
+        files = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        return _one_format(files, path, "in this folder")
+    if not path.exists() and any(c in str(source) for c in "*?["):  # data/*.csv, exports/**/part-*.parquet
+        files = [Path(p) for p in glob.glob(str(source), recursive=True)]  # glob skips hidden names itself
+        return _one_format(files, path, "match this pattern")
     if not path.exists():
         relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
         raise DataError(f"dataset source not found: {path}{relative}")
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
     return [path]
+
+
+def _one_format(candidates: list[Path], source: Path, where: str) -> list[Path]:
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise DataError(f"{source}: no {', '.join(sorted(SUFFIXES))} files {where}")
+    kinds = {SUFFIXES[p.suffix.lower()] for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"{source}: mixed file formats ({', '.join(sorted(kinds))}); use one format per source")
+    return files
 
 
 def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:

@@ -242,6 +242,24 @@ def test_folder_input_names_the_file_that_holds_a_bad_row(tmp_path, cfg_for):
                                     "_file": str(tmp_path / "in" / "b.csv"), "_row": 6, "reason": "empty_text"}]
 
 
+def test_a_glob_pattern_selects_the_files(tmp_path, cfg_for):
+    records = rows()
+    write_rows(tmp_path / "exports" / "2026-01" / "part-0.csv", records[:15])
+    write_rows(tmp_path / "exports" / "2026-02" / "part-0.csv", records[15:])
+    write_rows(tmp_path / "exports" / "2026-02" / "summary.csv", [{"id": "x", "text": "not data", "label": "y"}])
+    write_rows(tmp_path / "exports" / ".ipynb_checkpoints" / "part-0.csv", records[:15])
+    pattern = str(tmp_path / "exports" / "**" / "part-*.csv")
+    cfg = cfg_for(pattern)
+    result = dataset_publish.run(cfg)
+    version = registry_of(cfg).resolve(result.produced[0])
+    assert [Path(s["path"]).relative_to(tmp_path).as_posix() for s in version.metadata["sources"]] == [
+        "exports/2026-01/part-0.csv", "exports/2026-02/part-0.csv"]
+    assert sum(version.metadata["num_rows"].values()) == 30
+    assert dataset_publish.run(cfg).status == "unchanged"
+    with pytest.raises(DataError, match=r"no .* files match this pattern"):
+        dataset_publish.run(cfg_for(str(tmp_path / "exports" / "*.tsv")))
+
+
 def test_folder_with_mixed_formats_is_refused(tmp_path, cfg_for):
     write_rows(tmp_path / "in" / "a.csv", rows())
     write_rows(tmp_path / "in" / "b.jsonl", rows())
