@@ -271,11 +271,11 @@ MODEL_GROUPS = ("dataset", "model", "train")  # the config groups that decide wh
 def model_config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{"train.seed": (1, 2)}``: keys of the model-shaping groups whose values differ, as ``--set`` writes them.
 
-    Both sides are read with today's defaults first, so a key added since `before` was recorded
-    (at its default) is not a difference.
+    `before` (a recorded config) is read with today's defaults first, so a key added since it was
+    recorded (at its default) is not a difference; `after` is today's ``Config.to_dict()``.
     """
     a = _flatten({g: _with_defaults(before).get(g) for g in MODEL_GROUPS})
-    b = _flatten({g: _with_defaults(after).get(g) for g in MODEL_GROUPS})
+    b = _flatten({g: after.get(g) for g in MODEL_GROUPS})
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 

@@ -59,15 +59,12 @@ class Classifier:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _check_inputs(self, text_pairs: Sequence[str] | None) -> None:
-        if self.takes_pairs and text_pairs is None:
-            raise PipelineError(f"{self.dir} classifies text pairs (it was trained on text and text_pair); "
-                                "give a second text for each")
-
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64) -> np.ndarray:
         import torch
 
-        self._check_inputs(text_pairs)
+        if self.takes_pairs and text_pairs is None:
+            raise PipelineError(f"{self.dir} classifies text pairs (it was trained on text and text_pair); "
+                                "give a second text for each")
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise PipelineError(f"{len(texts)} texts but {len(text_pairs)} second texts; give one pair per text")
         out = []

@@ -66,6 +66,17 @@ def artifact_files(cfg, ref: str, tmp_path: Path) -> dict[str, Path]:
     return {p.name: p for p in out.iterdir()}
 
 
+def assert_same_split_files(cfg_for, plain: Path, other: Path, tmp_path: Path) -> dict[str, Path]:
+    """Publish `plain` then `other` (v0, v1): their split files are byte-identical. Returns v1's files."""
+    dataset_publish.run(cfg_for(plain))
+    dataset_publish.run(cfg_for(other))
+    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
+    got = artifact_files(cfg_for(other), "tickets:v1", tmp_path)
+    for split in ("train.parquet", "validation.parquet", "test.parquet"):
+        assert got[split].read_bytes() == want[split].read_bytes()
+    return got
+
+
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "parquet"])
 def test_every_format_publishes_the_same_dataset(tmp_path, cfg_for, fmt):
     src = write_rows(tmp_path / f"data.{fmt}", rows())
@@ -98,12 +109,7 @@ def test_parquet_text_in_any_arrow_layout_gives_the_same_split_files(tmp_path, c
     other = tmp_path / layout / "data.parquet"
     other.parent.mkdir()
     pq.write_table(pa.table(columns), other)
-    dataset_publish.run(cfg_for(plain))
-    dataset_publish.run(cfg_for(other))
-    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
-    got = artifact_files(cfg_for(other), "tickets:v1", tmp_path)
-    for split in ("train.parquet", "validation.parquet", "test.parquet"):
-        assert got[split].read_bytes() == want[split].read_bytes()
+    got = assert_same_split_files(cfg_for, plain, other, tmp_path)
     assert pq.read_schema(got["train.parquet"]).types == [pa.string(), pa.string(), pa.string(), pa.int32()]
 
 
@@ -419,12 +425,7 @@ def test_unicode_text_exports_with_a_byte_order_mark_are_read(tmp_path, cfg_for,
     exported = tmp_path / encoding / "data.tsv"
     exported.parent.mkdir()
     exported.write_text(plain.read_text(encoding="utf-8"), encoding=encoding)
-    dataset_publish.run(cfg_for(plain))
-    dataset_publish.run(cfg_for(exported))
-    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
-    got = artifact_files(cfg_for(exported), "tickets:v1", tmp_path)
-    for split in ("train.parquet", "validation.parquet", "test.parquet"):
-        assert got[split].read_bytes() == want[split].read_bytes()
+    assert_same_split_files(cfg_for, plain, exported, tmp_path)
 
 
 def test_a_missing_source_names_where_a_relative_path_was_looked_for(tmp_path, cfg_for, monkeypatch):
