@@ -62,6 +62,7 @@ class Classifier:
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64) -> np.ndarray:
         import torch
 
+        texts, text_pairs = _as_texts(texts, "texts"), None if text_pairs is None else _as_texts(text_pairs, "text_pairs")
         if self.takes_pairs and text_pairs is None:
             raise PipelineError(f"{self.dir} classifies text pairs (it was trained on text and text_pair); "
                                 "give a second text for each")
@@ -86,6 +87,17 @@ class Classifier:
             top = [(self.label_names[j], float(row[j])) for j in order]
             preds.append(Prediction(label=top[0][0], confidence=top[0][1], top=top))
         return preds
+
+
+def _as_texts(texts: str | Sequence[str], what: str) -> list[str]:
+    """A list of strings: one string is one text (not a sequence of characters); anything else is named."""
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise PipelineError(f"{what}[{bad}] is a {type(texts[bad]).__name__}, not a string")
+    return texts
 
 
 def load(model_dir: str | Path, **kwargs) -> Classifier:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, IntegrityError, RefError, RegistryError
+from pipeline.errors import ConfigError, IntegrityError, PipelineError, RefError, RegistryError
 from pipeline.predict import load as load_classifier
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
@@ -231,6 +231,25 @@ def test_predict_command_and_function(env, tmp_path):
     assert row["label"] == "shipping" and len(row["top"]) == 2
     missing = run_cli("predict", "--model-dir", str(tmp_path / "nothing"), "x")
     assert missing.returncode == 2 and "not a model folder" in missing.stderr
+
+    # One string is one text, not a sequence of characters; a non-string is named by its index.
+    [one] = predict(dest, "i was charged twice for my invoice")
+    assert one.label == "billing"
+    with pytest.raises(PipelineError, match=r"texts\[1\] is a NoneType, not a string"):
+        predict(dest, ["my parcel is late", None])
+
+    def stdin(data: bytes) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model-dir", str(dest)], input=data,
+                              capture_output=True, timeout=300, cwd=REPO, env=os.environ)
+
+    # stdin is UTF-8 (a BOM, as Windows editors write, and CRLF line ends are dropped); other bytes are named
+    ok = stdin("\ufeffi was charged twice for my invoice\r\n\ncaf\u00e9 order tracking\n".encode("utf-8"))
+    assert ok.returncode == 0, ok.stderr
+    assert [line.split(b"\t")[-1] for line in ok.stdout.splitlines()] == [
+        b"i was charged twice for my invoice", "caf\u00e9 order tracking".encode("utf-8")]
+    latin1 = stdin("fine\ncaf\u00e9 order\n".encode("latin-1"))
+    assert latin1.returncode == 2 and latin1.stdout == b""
+    assert b"stdin line 2 is not valid UTF-8" in latin1.stderr and b"Traceback" not in latin1.stderr
 
 
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):

@@ -22,9 +22,7 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.errors import PipelineError
     from pipeline.predict import load
 
-    texts = args.texts
-    if not texts or texts == ["-"]:
-        texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    texts = _read_texts(args.texts)
     if not texts:
         raise PipelineError("no text to classify: pass TEXT arguments or lines on stdin")
     if args.top_k < 1:
@@ -44,3 +42,26 @@ def main(args: argparse.Namespace) -> int:
         else:
             print("\t".join(f"{label}\t{score:.4f}" for label, score in pred.top) + "\t" + "\t".join(shown.values()))
     return 0
+
+
+def _read_texts(argv: list[str]) -> list[str]:
+    """The texts from the arguments, or one per non-blank line of stdin (UTF-8, a leading BOM dropped)."""
+    from pipeline.errors import PipelineError
+
+    if argv and argv != ["-"]:
+        for i, text in enumerate(argv, 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the locale could not decode arrive as surrogates
+                raise PipelineError(f"TEXT argument {i} is not valid UTF-8") from None
+        return argv
+    texts = []
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise PipelineError(f"stdin line {n} is not valid UTF-8 (byte {e.start + 1}: {e.reason}); "
+                                "convert the input to UTF-8, e.g. with iconv") from None
+        if line.strip():
+            texts.append(line.rstrip("\r\n"))
+    return texts
