@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, IntegrityError, PipelineError, RefError, RegistryError
+from pipeline.errors import ConfigError, IntegrityError, PipelineError, RefError
 from pipeline.predict import load as load_classifier
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
@@ -198,9 +198,14 @@ def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
     other = tmp_path / "elsewhere"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(RegistryError, match="already holds files"):
+    runs_before = len(registry(cfg).resolve("clf:v0").used_by)
+    with pytest.raises(ConfigError, match=rf"deploy folder {other} \(--to or deploy.dir\) already holds files that are "
+                                          r"not a deployment \(no manifest.json\); pass --force"):
         deploy_fetch.run(cfg, model="clf:v0", to=other)
     assert (other / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match=rf"deploy folder {other}/notes.txt \(--to or deploy.dir\) is a file"):
+        deploy_fetch.run(cfg, model="clf:v0", to=other / "notes.txt")
+    assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
     forced = deploy_fetch.run(cfg, model="clf:v0", to=other, force=True)
     assert forced.status == "ok" and not (other / "notes.txt").exists()
     runs_before = len(registry(cfg).resolve("clf:v0").used_by)

@@ -52,16 +52,12 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     version = registry.resolve(model or f"{config.model.name}:production", type="model")
     dest = Path(to or config.deploy.dir).resolve()
-    try:  # where the copy is staged and renamed into place; checked before a run is opened
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"deploy folder {dest} (--to or deploy.dir) cannot be created: {e.strerror}: {e.filename}") from None
+    existing = _check_destination(dest, force)
     with tracked_run(config, STAGE, group=group) as trun:
         reg = trun.registry
         version = reg.use(version.ref, trun, type="model")
         label_names = list(version.metadata.get("label_names") or [])
         evaluation = version.metadata.get("evaluation") or {}
-        existing = _current(dest)
         # replacing an earlier deployment of this model needs no --force; anything else does
         overwrite = force or bool(existing and existing.get("name") == version.name and "digest" in existing)
         if existing and existing.get("digest") == version.digest and existing.get("smoke"):
@@ -99,6 +95,24 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
         message=f"{version.ref} {'already in place' if fetched.reused else 'deployed'} at {dest}",
         details={"reused": fetched.reused, "digest": version.digest, "smoke": smoke},
     )
+
+
+def _check_destination(dest: Path, force: bool) -> dict[str, Any] | None:
+    """The deployment now in `dest` (its manifest), after the checks made before a run is opened:
+    its parent can be created, it is not a file, and a folder holding something other than a
+    deployment is replaced only with --force. A refusal here leaves no failed run in the model's lineage."""
+    where = f"deploy folder {dest} (--to or deploy.dir)"
+    try:  # where the copy is staged and renamed into place
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be created: {e.strerror}: {e.filename}") from None
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{where} is a file; name a folder")
+    existing = _current(dest)
+    if not force and existing is None and dest.is_dir() and any(dest.iterdir()):
+        raise ConfigError(f"{where} already holds files that are not a deployment (no {MANIFEST}); pass --force to "
+                          "replace them, or name another folder")
+    return existing
 
 
 def _current(dest: Path) -> dict[str, Any] | None:
