@@ -60,6 +60,19 @@ def _check(name: str, value: float, op: str, threshold: float) -> dict[str, Any]
             "reason": f"{name} {value:.4f} {mark} {threshold:.4f}" + ("" if ok else f" ({op})")}
 
 
+def class_recall_minimums(gate: GateConfig, label_names: list[str]) -> dict[str, float]:
+    """``evaluate.gate.min_class_recall`` per label; a label the model does not have is a config error."""
+    if gate.min_class_recall is None:
+        return {}
+    if not isinstance(gate.min_class_recall, dict):
+        return dict.fromkeys(label_names, gate.min_class_recall)
+    unknown = sorted(set(gate.min_class_recall) - set(label_names))
+    if unknown:
+        raise ConfigError(f"evaluate.gate.min_class_recall names labels the model does not have: {unknown}; "
+                          f"labels: {label_names}")
+    return dict(gate.min_class_recall)
+
+
 def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_names: list[str]) -> Decision:
     """Every configured check, passed or not, with a sentence saying why."""
     m = challenger.metrics
@@ -67,15 +80,9 @@ def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_
         _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
         _check("macro_f1", m["macro_f1"], "below evaluate.gate.min_macro_f1", gate.min_macro_f1),
     ]
-    if gate.min_class_recall is not None:
-        wanted = gate.min_class_recall if isinstance(gate.min_class_recall, dict) else dict.fromkeys(label_names, gate.min_class_recall)
-        unknown = sorted(set(wanted) - set(label_names))
-        if unknown:
-            raise ConfigError(f"evaluate.gate.min_class_recall names labels the model does not have: {unknown}; "
-                              f"labels: {label_names}")
-        for label, minimum in wanted.items():
-            checks.append(_check(f"recall[{label}]", challenger.per_class[label]["recall"],
-                                 "below evaluate.gate.min_class_recall", minimum))
+    for label, minimum in class_recall_minimums(gate, label_names).items():
+        checks.append(_check(f"recall[{label}]", challenger.per_class[label]["recall"],
+                             "below evaluate.gate.min_class_recall", minimum))
     if champion is not None:
         for key in gate.regression_metrics:
             floor = champion.metrics[key] - gate.max_regression
@@ -164,8 +171,10 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     label_names = list(challenger.metadata.get("label_names") or [])
     if ds.metadata.get("label_names") and label_names and ds.metadata["label_names"] != label_names:
         raise ConfigError(f"{challenger.ref} predicts {label_names}, but {ds.ref} has labels {ds.metadata['label_names']}")
-    if (ds.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:  # refused before a run is opened
+    # Refused before a run is opened: an empty split, a gate naming labels the model does not have.
+    if (ds.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:
         raise _empty_split(ds.ref, config.evaluate.split)
+    class_recall_minimums(config.evaluate.gate, label_names or list(ds.metadata.get("label_names") or []))
     try:
         champion = registry.resolve(f"{challenger.name}:{PRODUCTION}", type="model")
     except RefError:
