@@ -104,7 +104,11 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(),
                        tags=("reproduction",), summary={"reproduces": original.ref})
     rebuilt = registry.resolve(new.produced[0])
-    same_weights = rebuilt.digest == original.digest
+    same_digest = rebuilt.digest == original.digest
+    files_then, files_now = _files(original), _files(rebuilt)
+    differ = sorted(p for p in files_then.keys() | files_now.keys() if files_then.get(p) != files_now.get(p))
+    # e.g. a renamed model (--set model.name=...): the same weights, but training_config.json and the card differ
+    same_weights = any(p.endswith(WEIGHT_SUFFIXES) for p in files_then) and not any(p.endswith(WEIGHT_SUFFIXES) for p in differ)
     validation = _metric_diff((meta.get("metrics") or {}).get("best") or {},
                               (rebuilt.metadata.get("metrics") or {}).get("best") or {})
     test = _compare_test(registry, dataset, original, rebuilt, cfg)
@@ -112,8 +116,11 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
                 default=0.0)
     matches = worst <= tolerance and (tolerance > 0 or test["predictions_differ"] == 0)
     status = "failed" if check and not matches else "ok"
-    if same_weights:
+    if same_digest:
         summary = f"{rebuilt.ref} reproduces {original.ref} bit for bit: same digest, so the registry kept one version"
+    elif same_weights and matches:
+        summary = (f"{rebuilt.ref} has the same weights as {original.ref}, bit for bit; other files differ "
+                   f"({', '.join(differ)}), so it is a new version")
     elif matches:
         summary = f"{rebuilt.ref} matches {original.ref} within {tolerance} (weights differ: new version {rebuilt.ref})"
     else:
@@ -132,7 +139,9 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
         details={
             "original": original.ref,
             "reproduction": rebuilt.ref,
+            "same_digest": same_digest,
             "same_weights": same_weights,
+            "files_differ": differ,
             "matches": matches,
             "tolerance": tolerance,
             "config_diff": diff,
@@ -147,6 +156,14 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
             "warnings": warnings,
         },
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _files(version) -> dict[str, str]:
+    """A version's files, path -> content digest."""
+    return {f.path: f.digest for f in version.files}
 
 
 def _compare_test(registry, dataset, original, rebuilt, cfg: Config) -> dict[str, Any]:

@@ -69,6 +69,21 @@ def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
     assert run["consumed"] == ["tickets:v0"]  # the exact recorded version, not latest
 
 
+def test_a_renamed_rebuild_has_the_same_weights_in_a_new_version(env):
+    make, _ = env
+    cfg = make()
+    result = reproduce.run(cfg, model="clf:v0", overrides=("model.name=renamed",), check=True)
+    d = result.details
+    assert result.status == "ok" and result.produced == ["renamed:v0"]
+    assert d["same_weights"] and not d["same_digest"] and d["test"]["predictions_differ"] == 0
+    assert "model.safetensors" not in d["files_differ"] and "training_config.json" in d["files_differ"]
+    assert d["config_diff"] == {"model.name": {"original": "clf", "reproduction": "renamed"}}
+    assert "has the same weights as clf:v0, bit for bit; other files differ (" in result.message
+    reg = registry(cfg)
+    weights = {v: next(f.digest for f in reg.resolve(v).files if f.path == "model.safetensors") for v in ("clf:v0", "renamed:v0")}
+    assert weights["clf:v0"] == weights["renamed:v0"]
+
+
 def test_changed_config_is_reported_and_check_fails(env, tmp_path):
     make, _ = env
     cfg = make()
