@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers import TrainerCallback
 
 from pipeline.config import load_config
@@ -89,7 +90,10 @@ def test_model_artifact_carries_lineage_and_provenance(trained, tiny_model, tmp_
 
     fetched = reg.fetch(model, tmp_path / "model").path
     card = (fetched / "README.md").read_text()
-    assert card.startswith("---\n") and f"base_model: {tiny_model}" in card and "tickets:v0" in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert card.startswith("---\n") and "tickets:v0" in card and f"Base model: `{tiny_model}` (local" in card
+    assert "base_model" not in front  # the Hub takes a model id there, never a local folder's path
+    assert front["model-index"][0]["results"][0]["dataset"]["name"] == "tickets:v0"
     assert "Intended use" in card
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -324,3 +328,18 @@ def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tin
     # a bad reference stops both processes with the main one's message, instead of leaving one waiting
     bad = torchrun("finetune", "--config", str(config), "--dataset", "tickets:v9", cwd=tmp_path)
     assert bad.returncode != 0 and "tickets has no version 'v9'" in bad.stderr
+
+
+def test_model_card_names_a_hub_base_model_in_its_metadata():
+    from pipeline import modelcard
+
+    def front(source: str, ident: str) -> dict:
+        card = modelcard.render(model_name="clf", base={"id": ident, "source": source, "digest": "ab12"},
+                                dataset_ref="tickets:v3", dataset_digest="cd34", label_names=["a", "b"],
+                                num_rows={"train": 8, "validation": 2, "test": 2}, train={"epochs": 1}, max_length=32,
+                                metrics={"best": {"accuracy": 0.5}}, best_metric="macro_f1")
+        return yaml.safe_load(card.split("---\n")[1])
+
+    assert front("packaged", "sentence-transformers/all-MiniLM-L6-v2")["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert front("hub", "google-bert/bert-base-uncased")["base_model"] == "google-bert/bert-base-uncased"
+    assert "base_model" not in front("local", "/home/me/models/bert")
