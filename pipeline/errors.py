@@ -26,6 +26,14 @@ class RegistryError(PipelineError):
     """The registry refused an operation (bad name, path escaping the target, ...)."""
 
 
+class AliasMoved(RegistryError):
+    """A conditional alias move found the alias on another version than expected (a concurrent writer)."""
+
+    def __init__(self, message: str, current: str | None):
+        super().__init__(message)
+        self.current = current  # the exact name:vN the alias points at now; None when it is on no version
+
+
 class IntegrityError(PipelineError):
     """Stored bytes no longer match their recorded hash."""
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, IntegrityError, PipelineError, RefError
+from pipeline.errors import ConfigError, IntegrityError, PipelineError, RefError, StageFailed
 from pipeline.predict import load as load_classifier
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
@@ -128,6 +128,43 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
     assert cli.returncode == 3, cli.stderr[-2000:]
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "gate_failed"
     assert reg.resolve("clf:production").ref == "clf:v0"
+
+
+def test_promotion_compares_with_production_as_it_is_when_another_evaluation_moves_it(env, monkeypatch):
+    cfg = env("evaluate.gate.max_regression=1")  # every challenger passes: the test is about which one ends up in production
+    reg = registry(cfg)
+    reg.set_alias("clf:v0", "production")
+    assert finetune.run(env(*BAD, "train.seed=1")).produced == ["clf:v1"]
+    assert finetune.run(env(*BAD, "train.seed=2")).produced == ["clf:v2"]
+    other_process = registry(cfg)  # a concurrent `evaluate` promoting another version writes through its own registry
+    real_score = evaluate.score
+
+    def score_while_clf_v1_is_promoted(model_dir, rows, labels, batch_size, bins, ref):
+        if ref == "clf:v2" and other_process.resolve("clf:production").ref == "clf:v0":
+            other_process.set_alias("clf:v1", "production")
+        return real_score(model_dir, rows, labels, batch_size, bins, ref)
+
+    monkeypatch.setattr(evaluate, "score", score_while_clf_v1_is_promoted)
+    result = evaluate.run(cfg, model="clf:v2")
+    # compared with clf:v0, found production on clf:v1 when promoting, compared with clf:v1, then promoted
+    assert result.status == "ok" and reg.resolve("clf:production").ref == "clf:v2"
+    assert result.consumed == ["clf:v2", "tickets:v0", "clf:v0", "clf:v1"]
+    record = reg.resolve("clf:v2").metadata["evaluation"]
+    assert record["champion"]["ref"] == "clf:v1" and record["gate"]["outcome"] == "promoted"
+    assert any(c["check"] == "accuracy vs production" and c["champion"] == round(result.metrics["champion_test_accuracy"], 6)
+               for c in record["gate"]["checks"])
+
+    def score_while_production_keeps_moving(model_dir, rows, labels, batch_size, bins, ref):
+        scored = real_score(model_dir, rows, labels, batch_size, bins, ref)
+        if ref != "clf:v0":  # a champion was just scored: another evaluation moves production before this one promotes
+            other_process.set_alias("clf:v1" if ref == "clf:v2" else "clf:v2", "production")
+        return scored
+
+    monkeypatch.setattr(evaluate, "score", score_while_production_keeps_moving)
+    with pytest.raises(StageFailed, match="clf:v0 passed the gate, but production kept moving while it was compared"):
+        evaluate.run(cfg, model="clf:v0")
+    assert reg.resolve("clf:production").ref == "clf:v1"  # as the other evaluation left it, never the challenger
+    assert "evaluation" not in reg.resolve("clf:v0").metadata  # no decision recorded for a promotion that did not happen
 
 
 def test_thresholds_and_no_promote(env):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.errors import AliasMoved, IntegrityError, RefError, RegistryError
 from pipeline.registry import local as local_mod
 from pipeline.registry.local import LocalRegistry, manifest_digest
 from tests.conftest import REPO, run_cli
@@ -99,6 +99,34 @@ def test_alias_moves_off_the_old_version(reg, tmp_path):
         reg.set_alias("m:v0", "latest")
     with pytest.raises(RefError, match="versions, not aliases"):
         reg.set_alias("m:v0", "v7")
+
+
+def _promote_worker(job: tuple[str, str]) -> str:
+    root, ref = job
+    try:
+        LocalRegistry(Path(root)).set_alias(ref, "production", expected="m:v0")
+        return "moved"
+    except AliasMoved as e:
+        return f"refused: on {e.current}"
+
+
+def test_a_conditional_alias_move_happens_only_from_the_expected_version(reg, tmp_path):
+    for i in range(4):
+        reg.publish("m", "model", write(tmp_path / str(i), {"w": str(i)}))
+    with pytest.raises(AliasMoved, match=r"m:production is on no version now, not on m:v0; it was not moved") as e:
+        reg.set_alias("m:v1", "production", expected="m:v0")
+    assert e.value.current is None
+    reg.set_alias("m:v0", "production", expected=None)  # "nothing is production yet" is an expectation too
+    with pytest.raises(AliasMoved, match=r"m:production is on m:v0 now, not on m:v2") as e:
+        reg.set_alias("m:v1", "production", expected="m:v2")
+    assert e.value.current == "m:v0" and reg.resolve("m:production").ref == "m:v0"
+    # three processes each promote their version from m:v0 at once: exactly one moves the alias
+    with mp.get_context("spawn").Pool(3) as pool:
+        outcomes = pool.map(_promote_worker, [(str(reg.root), f"m:v{i}") for i in (1, 2, 3)])
+    winner = f"m:v{1 + outcomes.index('moved')}"
+    assert outcomes.count("moved") == 1 and [o for o in outcomes if o != "moved"] == [f"refused: on {winner}"] * 2
+    assert reg.resolve("m:production").ref == winner
+    assert catalog(reg, "SELECT COUNT(*) FROM aliases WHERE alias = 'production'") == [(1,)]
 
 
 def test_unknown_name_version_alias_list_what_exists(reg, tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import refstore
-from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.errors import AliasMoved, IntegrityError, RefError, RegistryError
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -475,13 +475,24 @@ class LocalRegistry:
                 if not conn.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
                     self.object_path(sha).unlink(missing_ok=True)
 
-    def set_alias(self, ref: str, alias: str) -> ArtifactVersion:
-        """Point `alias` at the version `ref` resolves to, taking it off any other version."""
+    def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
+        """Point `alias` at the version `ref` resolves to, taking it off any other version.
+
+        With `expected`, a compare-and-set: the check and the move are one write transaction, so
+        of two writers that both expect the same current version, exactly one moves the alias.
+        """
         validate_alias(alias)
         if alias == "latest":
             raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
         with self._write() as conn:
             row = self._resolve_row(conn, ref, None)
+            if expected is not ...:
+                now = conn.execute("SELECT v.version FROM aliases a JOIN versions v ON v.id = a.version_id "
+                                   "WHERE a.name = ? AND a.alias = ?", (row["name"], alias)).fetchone()
+                current = f"{row['name']}:v{now[0]}" if now else None
+                if current != expected:
+                    raise AliasMoved(f"{row['name']}:{alias} is on {current or 'no version'} now, not on "
+                                     f"{expected or 'no version'}; it was not moved", current)
             self._move_alias(conn, row["name"], alias, row["id"])
             return self._load(conn, row)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import IntegrityError, RefError, RegistryError
+from pipeline.errors import AliasMoved, IntegrityError, RefError, RegistryError
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -185,11 +185,20 @@ class WandbRegistry:
         run.note_produced(version.ref)
         return PublishResult(version=version, created=created, bytes_stored=version.size if created else 0)
 
-    def set_alias(self, ref: str, alias: str) -> ArtifactVersion:
+    def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
         validate_alias(alias)
         if alias == "latest":
             raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
         art = self._artifact(ref)
+        if expected is not ...:
+            # W&B has no conditional alias write: this check narrows the race to the moment before save().
+            try:
+                current = self.resolve(f"{art.name.split(':')[0]}:{alias}").ref
+            except RefError:
+                current = None
+            if current != expected:
+                raise AliasMoved(f"{art.name.split(':')[0]}:{alias} is on {current or 'no version'} now, not on "
+                                 f"{expected or 'no version'}; it was not moved", current)
         if alias not in art.aliases:
             art.aliases.append(alias)
             art.save()

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, GateConfig
-from pipeline.errors import ConfigError, RefError
+from pipeline.errors import AliasMoved, ConfigError, RefError, StageFailed
 from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, scores
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry, tracked_run
 
 STAGE = "evaluate"
 PRODUCTION = "production"
+MAX_PROMOTION_ATTEMPTS = 3  # comparisons with a production version that another evaluation keeps moving
 log = logging.getLogger(__name__)
 
 
@@ -192,22 +193,38 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         e = config.evaluate
         ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)
         _log(trun, split, ch, label_names, rows, e.misclassified_rows)
-        cp = None
-        if champion is not None and not already:
-            reg.use(champion.ref, trun, type="model")
-            cp = score(reg.fetch(champion).path, rows, label_names, e.batch_size, e.calibration_bins, champion.ref)
-            _log(trun, f"champion/{split}", cp, label_names, rows, 0)
-            _log_comparison(trun, ch, cp)
-        decision = decide(gate, ch, cp, label_names)
-        if already:
-            outcome = "already production"
-        elif not decision.passed:
-            outcome = "rejected"
-        elif promote:
-            reg.set_alias(challenger.ref, PRODUCTION)
-            outcome = "promoted"
-        else:
-            outcome = "passed (not promoted: --no-promote)"
+        scored: list[str] = []  # every production version this challenger was compared with
+        for attempt in range(1, MAX_PROMOTION_ATTEMPTS + 1):
+            cp = None
+            if champion is not None and not already:
+                reg.use(champion.ref, trun, type="model")
+                cp = score(reg.fetch(champion).path, rows, label_names, e.batch_size, e.calibration_bins, champion.ref)
+                scored.append(cp.ref)
+                _log(trun, f"champion/{split}", cp, label_names, rows, 0)
+                _log_comparison(trun, ch, cp)
+            decision = decide(gate, ch, cp, label_names)
+            if already:
+                outcome = "already production"
+            elif not decision.passed:
+                outcome = "rejected"
+            elif not promote:
+                outcome = "passed (not promoted: --no-promote)"
+            else:
+                # Moved only if production is still the version compared against: another evaluation
+                # promoting in the meantime must not be overwritten by a challenger it never faced.
+                try:
+                    reg.set_alias(challenger.ref, PRODUCTION, expected=champion.ref if champion else None)
+                    outcome = "promoted"
+                except AliasMoved as moved:
+                    if attempt == MAX_PROMOTION_ATTEMPTS:
+                        raise StageFailed(f"{challenger.ref} passed the gate, but production kept moving while it was "
+                                          f"compared ({moved}); nothing was promoted: run evaluate again") from None
+                    log.warning("production moved to %s while %s was evaluated; comparing with it now",
+                                moved.current or "no version", challenger.ref)
+                    champion = reg.resolve(moved.current, type="model") if moved.current else None
+                    already = champion is not None and champion.ref == challenger.ref
+                    continue
+            break
         status = "ok" if decision.passed or already else "gate_failed"
         record = {
             "run_id": trun.id,
@@ -235,7 +252,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         stage=STAGE,
         status=status,
         run_id=trun.id,
-        consumed=[challenger.ref, ds.ref, *([cp.ref] if cp else [])],
+        consumed=[challenger.ref, ds.ref, *scored],
         produced=[],
         metrics={**{f"{split}_{k}": v for k, v in ch.metrics.items()},
                  **({f"champion_{split}_{k}": v for k, v in cp.metrics.items()} if cp else {})},
