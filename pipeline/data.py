@@ -475,6 +475,17 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         flag("class_too_small", ok & np.isin(label_codes, small_codes),
              f"label(s) {', '.join(map(repr, small))} have fewer than {min_per_class} rows, too few to split")
 
+    if "_split" in table.column_names:  # the user's own splits: every label must have train rows to learn from
+        ok = reason == 0
+        is_train = pc.equal(pc.cast(table.column("_split"), pa.string()), "train").to_numpy(zero_copy_only=False)
+        in_train = np.bincount(label_codes[ok & is_train], minlength=n_labels) > 0
+        untrainable = ok & ~is_train & ~in_train[label_codes]
+        if untrainable.any():
+            names = pc.dictionary_encode(label).dictionary.to_pylist()
+            missing = sorted({names[i] for i in np.unique(label_codes[untrainable])})
+            flag("label_not_in_train", untrainable,
+                 f"label(s) {', '.join(map(repr, missing))} have no rows in the train split, so a model cannot learn them")
+
     clean = pa.table({
         **({cols.id: ids} if cols.id else {}),
         cols.text: decoded[cols.text],

@@ -319,6 +319,22 @@ def test_users_own_split_files_with_dropped_rows_keep_their_splits(tmp_path, cfg
     assert sorted(dropped.column("_file").to_pylist()) == [str(files["test"]), str(files["train"])]
 
 
+def test_users_own_split_files_need_every_label_in_train(tmp_path, cfg_for):
+    r = rows()  # billing 0-9, shipping 10-19, tech 20-29
+    files = {s: write_rows(tmp_path / f"{s}.csv", part) for s, part in
+             (("train", r[0:8] + r[20:28]), ("validation", [r[8], r[18], r[28]]), ("test", [r[9], r[19], r[29], r[10]]))}
+    overrides = [f"dataset.split_files.{s}={p}" for s, p in files.items()]
+    with pytest.raises(DataError) as e:
+        dataset_publish.prepare(cfg_for(files["train"], *overrides))
+    msg = str(e.value)
+    assert "label_not_in_train (3 rows, label(s) 'shipping' have no rows in the train split" in msg
+    assert f"{files['validation']} row 2; {files['test']} row 2; {files['test']} row 4" in msg
+    tables, manifest, dropped = dataset_publish.prepare(cfg_for(files["train"], "dataset.on_invalid=drop", *overrides))
+    assert manifest["label_names"] == ["billing", "tech"] and manifest["dropped"] == {"label_not_in_train": 3}
+    assert {s: t.num_rows for s, t in tables.items()} == {"train": 16, "validation": 2, "test": 2}
+    assert sorted(dropped.column("id").to_pylist()) == ["shipping-0", "shipping-8", "shipping-9"]
+
+
 def test_the_same_file_cannot_be_two_splits(cfg_for, tmp_path):
     from pipeline.errors import ConfigError
 
