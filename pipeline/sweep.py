@@ -33,7 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from pipeline.config import Config, TrainConfig, config_from_dict
+from pipeline.config import Config, TrainConfig, config_from_dict, model_config_diff
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -508,6 +508,14 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             raise RefError(f"no sweep {resume!r} under {config.tracking.dir}; sweeps: {', '.join(names) or 'none'}") from None
         if attrs.get("sweep") != sweep.raw:
             raise ConfigError(f"sweep {resume} was started with a different sweep config; resume it with the same file")
+        # Trials of one sweep differ only in the swept parameters (the data is pinned by version, so dataset.* may move).
+        swept = {p.key for p in sweep.params}
+        changed = {k: v for k, v in model_config_diff(attrs.get("config") or config.to_dict(), config.to_dict()).items()
+                   if not k.startswith("dataset.") and k not in swept}
+        if changed:
+            raise ConfigError(f"cannot resume sweep {resume}: the config differs from the one it started with in "
+                              + ", ".join(f"{k} ({then!r} -> {now!r})" for k, (then, now) in changed.items())
+                              + "; its trials would not be comparable")
         sweep_id, dataset_ref, seed = resume, attrs["dataset"], attrs["seed"]
         study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                   pruner=_pruner(sweep, config))

@@ -154,6 +154,15 @@ def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, a
             assert registry(c).get_run(t.run_id)["consumed"] == ["tickets:v0"]
     with pytest.raises(ConfigError, match="different sweep config"):
         sweeps.run(c, sweep=sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML)), count=1, resume=sweep_id)
+    trials_before = len(out.trials)
+    with pytest.raises(ConfigError, match=rf"cannot resume sweep {sweep_id}: the config differs from the one it started "
+                                          r"with in train.weight_decay \(0.01 -> 0.2\); its trials would not be comparable"):
+        sweeps.run(cfg("train.weight_decay=0.2"), sweep=spec, count=1, resume=sweep_id)
+    assert len(sweeps._outcomes(optuna.load_study(study_name=sweep_id, storage=storage))) == trials_before
+    # a swept key's base value, and the data source (the sweep is pinned to tickets:v0), may change
+    again = sweeps.run(cfg("train.learning_rate=0.5", f"dataset.source={tmp_path / 'more.csv'}"), sweep=spec, count=1,
+                       resume=sweep_id)
+    assert again.stop_reason == "run_cap 4 reached" and again.dataset == "tickets:v0"
 
 
 def test_hyperband_stops_weak_trials_early(cfg, tmp_path):
