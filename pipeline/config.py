@@ -64,6 +64,15 @@ class SplitConfig(_Group):
         return self
 
 
+def _readable_location(value: str) -> str:
+    """A path, glob or hub id as it is; a URL only with a scheme the stage reads (file, s3, gs)."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme.lower() not in ("file", "s3", "gs"):
+        raise ValueError(f"{scheme}:// is not read directly; use a local path, a file://, s3:// or gs:// "
+                         "URI, or a Hugging Face hub dataset id (download other URLs first)")
+    return value
+
+
 class SplitFiles(_Group):
     train: str
     """File (or folder) holding the training rows."""
@@ -71,6 +80,11 @@ class SplitFiles(_Group):
     """File (or folder) holding the validation rows."""
     test: str
     """File (or folder) holding the test rows."""
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        return _readable_location(value)
 
     @model_validator(mode="after")
     def _distinct(self) -> SplitFiles:
@@ -111,6 +125,11 @@ class DatasetConfig(_Group):
     reference: str | None = Field(None, pattern=r"^(file|s3|gs)://.+")
     """Reference mode for big corpora: a file://, s3:// or gs:// prefix. The split files are stored
     there (content-addressed) and the artifact records their URIs and checksums instead of copies."""
+
+    @field_validator("source")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        return _readable_location(value)
 
     @field_validator("encoding")
     @classmethod

@@ -119,7 +119,7 @@ def check(ref: Reference) -> str:
     return "ok" if h.hexdigest() == ref.sha256 else "corrupt"
 
 
-def materialize(uri: str, dest: Path) -> Path:
+def materialize(uri: str, dest: Path, what: str = "dataset.source") -> Path:
     """A local path for a source URI: ``file://`` as it is, a remote file or prefix downloaded under `dest`."""
     import pyarrow.fs as pafs
 
@@ -133,7 +133,7 @@ def materialize(uri: str, dest: Path) -> Path:
     elif info.type == pafs.FileType.Directory:
         files = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
     else:
-        raise ConfigError(f"dataset.source {uri} does not exist")
+        raise ConfigError(f"{what} {uri} does not exist")
     base = dest / Path(path).name
     for i in files:
         local = base if i.path == path else base / os.path.relpath(i.path, path)

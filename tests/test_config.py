@@ -86,6 +86,17 @@ def test_bad_override_forms(make_config):
         make_config("dataset.name=has space")
 
 
+def test_a_source_url_the_stage_cannot_read_is_refused_by_name(make_config):
+    with pytest.raises(ConfigError, match=r"dataset.source: https:// is not read directly; use a local path, a file://, "
+                                          r"s3:// or gs:// URI, or a Hugging Face hub dataset id"):
+        make_config("dataset.source=https://example.com/tickets.csv")
+    with pytest.raises(ConfigError, match=r"dataset.split_files.test: hf:// is not read directly"):
+        make_config("dataset.split_files.train=a.csv", "dataset.split_files.validation=b.csv",
+                    "dataset.split_files.test=hf://datasets/org/name/test.csv")
+    for fine in ("S3://bucket/key.csv", "file:///data/t.csv", "org/dataset-id", "exports/**/part-*.csv"):
+        assert make_config(f"dataset.source={fine}").dataset.source == fine
+
+
 def test_missing_file_and_non_mapping(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -124,3 +124,26 @@ def test_a_missing_s3_source_is_named(s3, tmp_path):
     with pytest.raises(ConfigError, match=f"dataset.source s3://{bucket}/nothing/here.csv does not exist"):
         dataset_publish.run(cfg)
     assert not (Path(cfg.tracking.dir) / "wandb").exists()
+
+
+def test_split_files_on_s3_are_read_and_the_source_label_is_not(s3, tmp_path):
+    client, bucket = s3
+    lines = write_tickets(tmp_path / "tickets.csv", rows=240).read_text().splitlines(keepends=True)
+    header, body = lines[0], lines[1:]
+    parts = {"train/part-0.csv": body[:90], "train/part-1.csv": body[90:180], "validation.csv": body[180:210],
+             "test.csv": body[210:]}
+    for key, rows in parts.items():
+        client.put_object(Bucket=bucket, Key=f"splits/{key}", Body=(header + "".join(rows)).encode())
+    split_files = [f"dataset.split_files.train=s3://{bucket}/splits/train/",
+                   f"dataset.split_files.validation=s3://{bucket}/splits/validation.csv",
+                   f"dataset.split_files.test=s3://{bucket}/splits/test.csv"]
+    # with split files, dataset.source only names the dataset: nothing is fetched from it
+    cfg = config(tmp_path, f"dataset.source=s3://{bucket}/never/fetched.csv", *split_files)
+    result = dataset_publish.run(cfg)
+    version = LocalRegistry(Path(cfg.tracking.dir) / "registry").resolve(result.produced[0])
+    assert version.metadata["num_rows"] == {"train": 180, "validation": 30, "test": len(body) - 210}
+    assert [s["path"] for s in version.metadata["sources"]] == [f"s3://{bucket}/splits/{k}" for k in parts]
+    missing = config(tmp_path, "dataset.source=tickets", *split_files[:2],
+                     f"dataset.split_files.test=s3://{bucket}/splits/gone.csv")
+    with pytest.raises(ConfigError, match=f"dataset.split_files.test s3://{bucket}/splits/gone.csv does not exist"):
+        dataset_publish.run(missing)

@@ -46,34 +46,42 @@ def _columns(config: Config) -> Columns:
 
 def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table | None]:
     """Read, validate and split: (tables per split, dataset.json content, dropped rows)."""
-    if not is_uri(config.dataset.source):
-        return _prepare(config, config.dataset.source, None)
+    d = config.dataset
+    # What is read: the user's split files (then `source` is only a label), else the source.
+    wanted = {s: getattr(d.split_files, s) for s in SPLITS} if d.split_files else {"all": d.source}
+    where = {s: f"dataset.split_files.{s}" for s in SPLITS} if d.split_files else {"all": "dataset.source"}
     with tempfile.TemporaryDirectory(prefix="dataset-source-") as tmp:
-        local = materialize(config.dataset.source, Path(tmp))  # file:// as it is; s3:// and gs:// downloaded
-        return _prepare(config, str(local), (str(local), config.dataset.source.rstrip("/")))
+        local, renames = {}, []
+        for part, source in wanted.items():
+            if is_uri(source):  # file:// as it is; s3:// and gs:// downloaded
+                local[part] = str(materialize(source, Path(tmp) / part, where[part]))
+                renames.append((local[part], source.rstrip("/")))
+            else:
+                local[part] = source
+        return _prepare(config, local, renames)
 
 
-def _prepare(config: Config, source: str, rename: tuple[str, str] | None):
+def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, str]]):
     d = config.dataset
     cols = _columns(config)
     if d.split_files:
-        listed = {s: list_input_files(getattr(d.split_files, s)) for s in SPLITS}
-    elif looks_like_hub_id(source):  # a Hugging Face hub dataset id: all its splits, re-split like a file
+        listed = {s: list_input_files(sources[s]) for s in SPLITS}
+    elif looks_like_hub_id(sources["all"]):  # a Hugging Face hub dataset id: all its splits, re-split like a file
         listed = {}
     else:
-        listed = {"all": list_input_files(source)}
+        listed = {"all": list_input_files(sources["all"])}
     files = [f for fs in listed.values() for f in fs]
     # The source digests are read on a second core while Arrow parses the same (cached) bytes.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-digest") as pool:
         digests = [pool.submit(hash_file, f) for f in files]
         try:
-            tables, manifest, dropped = _prepare_tables(config, source, cols, listed)
+            tables, manifest, dropped = _prepare_tables(config, sources.get("all", d.source), cols, listed)
         except BaseException:
             for job in digests:
                 job.cancel()
             raise
         if files:  # a hub source has no files; _prepare_tables recorded its splits' fingerprints
-            manifest["sources"] = [{"path": _source_name(f, rename), "sha256": sha, "size": size}
+            manifest["sources"] = [{"path": _source_name(f, renames), "sha256": sha, "size": size}
                                    for f, (sha, size) in zip(files, (job.result() for job in digests))]
     return tables, manifest, dropped
 
@@ -164,10 +172,11 @@ def _warn_about_suspicious_labels(label_names: list[str], source: str) -> None:
                         source, ", ".join(map(repr, names)), len(names))
 
 
-def _source_name(path: Path, rename: tuple[str, str] | None) -> str:
+def _source_name(path: Path, renames: list[tuple[str, str]]) -> str:
     """A source file as the user named it: the URI for a downloaded remote source."""
-    if rename and str(path).startswith(rename[0]):
-        return rename[1] + str(path)[len(rename[0]):]
+    for local, uri in renames:
+        if str(path) == local or str(path).startswith(local.rstrip("/") + "/"):
+            return uri + str(path)[len(local):]
     return str(path)
 
 
