@@ -114,6 +114,9 @@ class DatasetConfig(_Group):
     encoding: str = "utf-8"
     """Text encoding of CSV/TSV sources, e.g. ``cp1252`` for Excel's "CSV (Comma delimited)" on Windows.
     UTF-16/32 files with a byte-order mark are recognised whatever this says; JSON is always UTF-8."""
+    delimiter: str | None = None
+    """Field separator of CSV/TSV sources, e.g. ``;`` (Excel's CSV in many European locales); unset: a comma
+    for ``.csv`` and a tab for ``.tsv``."""
     on_invalid: Literal["error", "drop"] = "error"
     """Invalid rows: ``error`` stops before anything is written; ``drop`` drops, counts and records them."""
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -130,6 +133,13 @@ class DatasetConfig(_Group):
     @classmethod
     def _location(cls, value: str) -> str:
         return _readable_location(value)
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 1 or value in "\"\r\n"):
+            raise ValueError("the delimiter is one character other than a quote or a line break, e.g. ';' or '|'")
+        return value
 
     @field_validator("encoding")
     @classmethod

@@ -92,13 +92,17 @@ def _one_format(candidates: list[Path], source: Path, where: str) -> list[Path]:
     return files
 
 
-def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
+LIKELY_DELIMITERS = (";", "\t", "|", ",")
+
+
+def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str | None = None) -> pa.Table:
     kind = SUFFIXES[path.suffix.lower()]
     try:
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
-            parse = csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+            delimiter = delimiter or ("\t" if kind == "tsv" else ",")
+            parse = csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
             encoding = _wide_encoding(path) or encoding  # Excel's "Unicode Text" export is UTF-16
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
@@ -109,6 +113,10 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
             # into nulls, reported as empty when the file holds a value.
             convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
                                          strings_can_be_null=True, quoted_strings_can_be_null=False)
+            # A header without the delimiter is one column, so the configured columns cannot all be there.
+            if (seen := _other_delimiter(path, encoding, delimiter)) is not None:
+                raise DataError(f"{path}: the header has no {delimiter!r}, but it has {seen!r}: set dataset.delimiter={seen!r} "
+                                "for a file separated by it")
             try:
                 # The header first (one 64 KiB block): a missing, misspelt or doubled column is named.
                 header = csv.open_csv(path, parse_options=parse,
@@ -160,6 +168,18 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8") -> pa.Table:
         raise DataError(f"{path}: undecodable bytes at byte {e.start}: {e.reason}; save the file as UTF-8") from None
     except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
+
+
+def _other_delimiter(path: Path, encoding: str, delimiter: str) -> str | None:
+    """Another likely separator, when the first line has it and not `delimiter` (Excel writes ';' in many locales)."""
+    try:
+        with open(path, encoding=encoding, errors="replace", newline="") as f:
+            first = f.readline(1 << 16)
+    except (OSError, LookupError):
+        return None  # the reader reports it
+    if delimiter in first:
+        return None
+    return next((d for d in LIKELY_DELIMITERS if d != delimiter and d in first), None)
 
 
 def _wide_encoding(path: Path) -> str | None:
@@ -244,12 +264,14 @@ def _strip_block_row(error: Exception) -> str:
     return re.sub(r"\s+in row \d+\s*$", "", str(error))
 
 
-def read_files(files: list[Path], cols: Columns, source: str | Path, encoding: str = "utf-8") -> pa.Table:
+def read_files(files: list[Path], cols: Columns, source: str | Path, encoding: str = "utf-8",
+               delimiter: str | None = None) -> pa.Table:
     """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``.
 
-    `encoding` is that of CSV/TSV files (JSON is UTF-8 by definition; Parquet stores UTF-8).
+    `encoding` and `delimiter` are those of CSV/TSV files (JSON is UTF-8 by definition; Parquet
+    stores UTF-8); no delimiter means a comma for .csv and a tab for .tsv.
     """
-    tables = [_normalise(_read_one(path, cols, encoding), str(path), cols) for path in files]
+    tables = [_normalise(_read_one(path, cols, encoding, delimiter), str(path), cols) for path in files]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:

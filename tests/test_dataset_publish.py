@@ -485,6 +485,29 @@ def test_a_declared_encoding_reads_windows_excel_csv(tmp_path, cfg_for):
     assert "técnico" in dataset_publish.prepare(cfg_for(labelled, "dataset.encoding=cp1252"))[1]["label_names"]
 
 
+def test_a_declared_delimiter_reads_semicolon_csv(tmp_path, cfg_for):
+    records = rows()
+    records[3]["text"] = "a text with a , comma and a ; semicolon in quotes"
+    plain = write_rows(tmp_path / "plain.csv", records)
+    semi = tmp_path / "excel-de.csv"
+    with open(semi, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "text", "label"], delimiter=";")
+        w.writeheader()
+        w.writerows(records)
+    with pytest.raises(DataError, match=rf"{semi}: the header has no ',', but it has ';': set dataset.delimiter=';'"):
+        dataset_publish.prepare(cfg_for(semi))
+    dataset_publish.run(cfg_for(plain))
+    dataset_publish.run(cfg_for(semi, "dataset.delimiter=;"))
+    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
+    got = artifact_files(cfg_for(semi), "tickets:v1", tmp_path)
+    for split in ("train.parquet", "validation.parquet", "test.parquet"):
+        assert got[split].read_bytes() == want[split].read_bytes()
+    assert json.loads(got["dataset.json"].read_text())["delimiter"] == ";"
+    assert "delimiter" not in json.loads(want["dataset.json"].read_text())  # recorded only when set
+    with pytest.raises(ConfigError, match="dataset.delimiter: the delimiter is one character other than a quote"):
+        cfg_for(semi, "dataset.delimiter=;;")
+
+
 def test_json_lines_must_be_utf8(tmp_path, cfg_for):
     src = tmp_path / "wide.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows()), encoding="utf-16")

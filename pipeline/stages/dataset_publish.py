@@ -91,7 +91,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
     hub_sources: list[dict] = []
     if d.split_files:
-        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), d.encoding) for s in SPLITS}
+        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), d.encoding, d.delimiter) for s in SPLITS}
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
         min_per_class = 1
@@ -99,7 +99,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         if not listed:
             table, hub_sources = load_hub_dataset(source, cols)
         else:
-            table = read_files(listed["all"], cols, source, d.encoding)
+            table = read_files(listed["all"], cols, source, d.encoding, d.delimiter)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
@@ -149,6 +149,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     }
     if d.encoding != "utf-8":  # recorded only when set, so UTF-8 data keeps the manifest it always had
         manifest["encoding"] = d.encoding
+    if d.delimiter is not None:  # likewise
+        manifest["delimiter"] = d.delimiter
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
 
