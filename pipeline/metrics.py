@@ -28,29 +28,68 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b != 0)
 
 
-def scores(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> dict[str, Any]:
-    """Accuracy, macro/micro/weighted F1, macro precision/recall and per-class arrays."""
-    cm = confusion(predictions, references, num_labels).astype(np.float64)
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
+def _from_confusion(cm: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(summary metrics, per-class arrays) of confusion matrices ``[..., true, predicted]``, batched over leading axes."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support = cm.sum(axis=-1)
+    predicted = cm.sum(axis=-2)
     precision = _safe_div(tp, predicted)
     recall = _safe_div(tp, support)
     f1 = _safe_div(2 * precision * recall, precision + recall)
-    total = cm.sum()
-    present = support > 0  # macro averages over the classes the references contain, like sklearn's labels=None
-    present |= predicted > 0
-    accuracy = float(tp.sum() / total) if total else 0.0
-    return {
+    total = cm.sum(axis=(-2, -1))
+    # macro averages over the classes the references contain or the predictions use, like sklearn's labels=None
+    present = (support > 0) | (predicted > 0)
+    n_present = present.sum(axis=-1)
+
+    def macro(values: np.ndarray) -> np.ndarray:
+        return _safe_div((values * present).sum(axis=-1), n_present.astype(np.float64))
+
+    accuracy = _safe_div(tp.sum(axis=-1), total)
+    summary = {
         "accuracy": accuracy,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
-        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": macro(f1),
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
         "micro_f1": accuracy,  # single-label classification: micro F1 equals accuracy
-        "weighted_f1": float((f1 * support).sum() / total) if total else 0.0,
-        "per_class": {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)},
-        "confusion_matrix": cm.astype(np.int64),
+        "weighted_f1": _safe_div((f1 * support).sum(axis=-1), total),
     }
+    return summary, {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
+
+
+def scores(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> dict[str, Any]:
+    """Accuracy, macro/micro/weighted F1, macro precision/recall and per-class arrays."""
+    cm = confusion(predictions, references, num_labels)
+    summary, per_class = _from_confusion(cm)
+    return {**{k: float(v) for k, v in summary.items()}, "per_class": per_class, "confusion_matrix": cm}
+
+
+def paired_bootstrap(predictions_a: np.ndarray, predictions_b: np.ndarray, references: np.ndarray, num_labels: int,
+                     keys: tuple[str, ...] = SUMMARY_KEYS, resamples: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile interval of ``metric(a) - metric(b)`` over the rows resampled with replacement.
+
+    Both models are scored on the same resampled rows each time (a paired bootstrap), so the
+    interval reflects how much the difference depends on which rows the test split happens to
+    hold. Seeded: the same predictions give the same interval.
+    """
+    refs = np.asarray(references, dtype=np.int64)
+    n = len(refs)
+    if n == 0:
+        return {k: [0.0, 0.0] for k in keys}
+    cells = num_labels * num_labels
+    cell_a = refs * num_labels + np.asarray(predictions_a, dtype=np.int64)
+    cell_b = refs * num_labels + np.asarray(predictions_b, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    cm_a = np.empty((resamples, cells), dtype=np.int64)
+    cm_b = np.empty((resamples, cells), dtype=np.int64)
+    for r in range(resamples):
+        rows = rng.integers(0, n, n)
+        cm_a[r] = np.bincount(cell_a[rows], minlength=cells)
+        cm_b[r] = np.bincount(cell_b[rows], minlength=cells)
+    shape = (resamples, num_labels, num_labels)
+    a, _ = _from_confusion(cm_a.reshape(shape))
+    b, _ = _from_confusion(cm_b.reshape(shape))
+    return {k: [float(np.percentile(a[k] - b[k], 2.5)), float(np.percentile(a[k] - b[k], 97.5))] for k in keys}
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -110,7 +110,12 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
     assert result.consumed == ["clf:v1", "tickets:v0", "clf:v0"]
     assert result.metrics["champion_test_accuracy"] > result.metrics["test_accuracy"] + 0.01
     failed = [c for c in result.details["gate"]["checks"] if not c["passed"]]
-    assert any(c["check"] == "accuracy vs production" for c in failed)
+    [acc] = [c for c in failed if c["check"] == "accuracy vs production"]
+    # with the paired bootstrap's 95% interval of the difference, around the measured difference
+    delta = result.metrics["test_accuracy"] - result.metrics["champion_test_accuracy"]
+    lo, hi = acc["delta_ci95"]
+    assert acc["delta"] == pytest.approx(delta, abs=1e-6) and lo <= delta <= hi and hi < 0
+    assert f"difference {delta:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f}" in acc["reason"]
     assert "below production clf:v0" in result.message
     gate = reg.resolve("clf:v1").metadata["evaluation"]["gate"]
     assert gate["outcome"] == "rejected" and not gate["passed"]
@@ -118,6 +123,12 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
     assert summary["gate/passed"] is False and summary["champion"] == "clf:v0"
     assert summary["champion/test/accuracy"] == pytest.approx(result.metrics["champion_test_accuracy"])
     assert summary["gate/comparison"]["_type"] == "table-file"
+    [table] = (Path(result.paths["run_dir"]) / "files").glob("media/table/gate/comparison_*.table.json")
+    comparison = json.loads(table.read_text())
+    assert comparison["columns"] == ["metric", "challenger clf:v1", "production clf:v0", "delta", "delta 95% CI low",
+                                     "delta 95% CI high"]
+    accuracy_row = next(r for r in comparison["data"] if r[0] == "accuracy")
+    assert accuracy_row[4:] == pytest.approx([lo, hi], abs=1e-6)
 
     # the command line gives gate_failed its own exit code, for an orchestrator to branch on
     config = tmp_path / "c.yaml"

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.config import Config, GateConfig
 from pipeline.errors import AliasMoved, ConfigError, RefError, StageFailed
-from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, scores
+from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, paired_bootstrap, scores
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry, tracked_run
 
@@ -74,8 +74,11 @@ def class_recall_minimums(gate: GateConfig, label_names: list[str]) -> dict[str,
     return dict(gate.min_class_recall)
 
 
-def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_names: list[str]) -> Decision:
-    """Every configured check, passed or not, with a sentence saying why."""
+def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_names: list[str],
+           intervals: dict[str, list[float]] | None = None) -> Decision:
+    """Every configured check, passed or not, with a sentence saying why. `intervals` (the paired
+    bootstrap's 95% interval of challenger - production per metric) are reported with the
+    regression checks; the decision itself is on the measured values."""
     m = challenger.metrics
     checks = [
         _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
@@ -90,6 +93,11 @@ def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_
             c = _check(f"{key} vs production", m[key], f"more than evaluate.gate.max_regression={gate.max_regression} "
                        f"below production {champion.ref} ({champion.metrics[key]:.4f})", floor)
             c["champion"] = round(champion.metrics[key], 6)
+            c["delta"] = round(m[key] - champion.metrics[key], 6)
+            if intervals and key in intervals:
+                lo, hi = intervals[key]
+                c["delta_ci95"] = [round(lo, 6), round(hi, 6)]
+                c["reason"] += f"; difference {c['delta']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f}"
             checks.append(c)
     return Decision(passed=all(c["passed"] for c in checks), checks=checks)
 
@@ -195,14 +203,16 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         _log(trun, split, ch, label_names, rows, e.misclassified_rows)
         scored: list[str] = []  # every production version this challenger was compared with
         for attempt in range(1, MAX_PROMOTION_ATTEMPTS + 1):
-            cp = None
+            cp, intervals = None, None
             if champion is not None and not already:
                 reg.use(champion.ref, trun, type="model")
                 cp = score(reg.fetch(champion).path, rows, label_names, e.batch_size, e.calibration_bins, champion.ref)
                 scored.append(cp.ref)
                 _log(trun, f"champion/{split}", cp, label_names, rows, 0)
-                _log_comparison(trun, ch, cp)
-            decision = decide(gate, ch, cp, label_names)
+                intervals = paired_bootstrap(ch.probs.argmax(axis=1), cp.probs.argmax(axis=1), rows["label_id"],
+                                             len(label_names))
+                _log_comparison(trun, ch, cp, intervals)
+            decision = decide(gate, ch, cp, label_names, intervals)
             if already:
                 outcome = "already production"
             elif not decision.passed:
@@ -263,9 +273,10 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     )
 
 
-def _log_comparison(run, ch: Scored, cp: Scored) -> None:
+def _log_comparison(run, ch: Scored, cp: Scored, intervals: dict[str, list[float]]) -> None:
     import wandb
 
-    rows = [[k, ch.metrics[k], cp.metrics[k], ch.metrics[k] - cp.metrics[k]] for k in (*SUMMARY_KEYS, "loss", "ece")]
-    run.log({"gate/comparison": wandb.Table(columns=["metric", f"challenger {ch.ref}", f"production {cp.ref}", "delta"],
-                                            data=rows)})
+    rows = [[k, ch.metrics[k], cp.metrics[k], ch.metrics[k] - cp.metrics[k], *(intervals.get(k) or [None, None])]
+            for k in (*SUMMARY_KEYS, "loss", "ece")]
+    columns = ["metric", f"challenger {ch.ref}", f"production {cp.ref}", "delta", "delta 95% CI low", "delta 95% CI high"]
+    run.log({"gate/comparison": wandb.Table(columns=columns, data=rows)})
