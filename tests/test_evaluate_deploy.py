@@ -178,6 +178,36 @@ def test_promotion_compares_with_production_as_it_is_when_another_evaluation_mov
     assert "evaluation" not in reg.resolve("clf:v0").metadata  # no decision recorded for a promotion that did not happen
 
 
+def test_a_new_class_is_compared_with_production_on_the_classes_it_knows(env, template, tmp_path):
+    cfg = env()
+    evaluate.run(cfg)  # clf:v0 (six labels) -> production
+    _, _, csv = template
+    grown = tmp_path / "grown.csv"
+    extra = "".join(f"refund-{i},please refund my last payment of {i} euros,refund_request\n" for i in range(40))
+    grown.write_text(csv.read_text() + extra)
+    dataset_publish.run(env(f"dataset.source={grown}"))  # tickets:v1 has a seventh label
+    assert finetune.run(env(f"dataset.source={grown}", *BAD)).produced == ["clf:v1"]
+    result = evaluate.run(cfg)  # was: "clf:v0 predicts labels [...], but the dataset's labels are [...]", exit 2
+    reg = registry(cfg)
+    record = reg.resolve("clf:v1").metadata["evaluation"]
+    assert record["dataset"] == "tickets:v1" and result.consumed == ["clf:v1", "tickets:v1", "clf:v0"]
+    # production is scored on the test rows whose label it knows, and the challenger on the same rows
+    test = pq.read_table(reg.fetch(reg.resolve("tickets:v1")).path / "test.parquet").to_pydict()
+    old_labels = reg.resolve("clf:v0").metadata["label_names"]
+    known = [i for i, label in enumerate(test["label"]) if label in old_labels]
+    assert 0 < len(known) < len(test["label"])
+    champion = record["champion"]
+    assert champion["ref"] == "clf:v0" and champion["rows"] == len(known) and champion["labels"] == old_labels
+    production = load_classifier(reg.fetch(reg.resolve("clf:v0")).path)
+    preds = production.logits([test["text"][i] for i in known]).argmax(axis=1)
+    expected = np.mean([old_labels[p] == test["label"][i] for p, i in zip(preds, known)])
+    assert champion["metrics"]["accuracy"] == pytest.approx(expected)
+    regression = [c for c in record["gate"]["checks"] if c["check"].endswith("vs production")]
+    assert regression and all(c["rows"] == len(known) for c in regression)
+    assert f"(on the {len(known)} of {len(test['label'])} rows whose labels production knows)" in regression[0]["reason"]
+    assert result.status in ("ok", "gate_failed")  # decided, like any challenger
+
+
 def test_thresholds_and_no_promote(env):
     strict = env("evaluate.gate.min_accuracy=0.99", "evaluate.gate.min_class_recall=0.99")
     result = evaluate.run(strict)

@@ -37,7 +37,32 @@ class Scored:
     per_class: dict[str, dict[str, float]]
     confusion: np.ndarray
     calibration: dict[str, Any]
-    probs: np.ndarray
+    logp: np.ndarray  # log-probabilities over `label_names`, one row per scored row
+    refs: np.ndarray  # the true label of each row, as an index into `label_names`
+    label_names: list[str]
+
+    @property
+    def probs(self) -> np.ndarray:
+        return np.exp(self.logp)
+
+
+@dataclass
+class Comparison:
+    """The challenger and production on the same rows: all of them, or those whose label production knows."""
+
+    challenger: Scored  # on the compared rows
+    champion: Scored
+    rows: dict[str, list]
+    total: int  # rows in the split
+    intervals: dict[str, list[float]]
+
+    @property
+    def partial(self) -> bool:
+        return len(self.rows["label"]) < self.total
+
+    def describe(self) -> str:
+        return (f"on the {len(self.rows['label'])} of {self.total} rows whose labels production knows"
+                if self.partial else "")
 
 
 @dataclass
@@ -74,11 +99,12 @@ def class_recall_minimums(gate: GateConfig, label_names: list[str]) -> dict[str,
     return dict(gate.min_class_recall)
 
 
-def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_names: list[str],
-           intervals: dict[str, list[float]] | None = None) -> Decision:
-    """Every configured check, passed or not, with a sentence saying why. `intervals` (the paired
-    bootstrap's 95% interval of challenger - production per metric) are reported with the
-    regression checks; the decision itself is on the measured values."""
+def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, label_names: list[str]) -> Decision:
+    """Every configured check, passed or not, with a sentence saying why.
+
+    The minimums are on the challenger's whole split; the regression checks on the comparison's
+    rows, with the paired bootstrap's 95% interval of the difference reported (the decision is on
+    the measured values)."""
     m = challenger.metrics
     checks = [
         _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
@@ -87,31 +113,41 @@ def decide(gate: GateConfig, challenger: Scored, champion: Scored | None, label_
     for label, minimum in class_recall_minimums(gate, label_names).items():
         checks.append(_check(f"recall[{label}]", challenger.per_class[label]["recall"],
                              "below evaluate.gate.min_class_recall", minimum))
-    if champion is not None:
+    if comparison is not None:
+        mine, theirs = comparison.challenger.metrics, comparison.champion.metrics
+        where = comparison.describe()
         for key in gate.regression_metrics:
-            floor = champion.metrics[key] - gate.max_regression
-            c = _check(f"{key} vs production", m[key], f"more than evaluate.gate.max_regression={gate.max_regression} "
-                       f"below production {champion.ref} ({champion.metrics[key]:.4f})", floor)
-            c["champion"] = round(champion.metrics[key], 6)
-            c["delta"] = round(m[key] - champion.metrics[key], 6)
-            if intervals and key in intervals:
-                lo, hi = intervals[key]
-                c["delta_ci95"] = [round(lo, 6), round(hi, 6)]
-                c["reason"] += f"; difference {c['delta']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f}"
+            floor = theirs[key] - gate.max_regression
+            c = _check(f"{key} vs production", mine[key], f"more than evaluate.gate.max_regression={gate.max_regression} "
+                       f"below production {comparison.champion.ref} ({theirs[key]:.4f})", floor)
+            c["champion"] = round(theirs[key], 6)
+            c["delta"] = round(mine[key] - theirs[key], 6)
+            lo, hi = comparison.intervals[key]
+            c["delta_ci95"] = [round(lo, 6), round(hi, 6)]
+            c["reason"] += f"; difference {c['delta']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f}" + (f" ({where})" if where else "")
+            if where:
+                c["rows"] = len(comparison.rows["label"])
             checks.append(c)
     return Decision(passed=all(c["passed"] for c in checks), checks=checks)
 
 
-def score(model_dir: Path, rows: dict[str, list], label_names: list[str], batch_size: int, bins: int, ref: str) -> Scored:
+def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None, batch_size: int, bins: int,
+          ref: str) -> Scored:
+    """The model's metrics on `rows` (whose labels it must know). With `label_names`, the model must
+    predict exactly those labels in that order (a challenger on its own dataset); with None, its own."""
     from pipeline.predict import load
 
     classifier = load(model_dir)
-    if classifier.label_names != label_names:
+    if label_names is not None and classifier.label_names != label_names:
         raise ConfigError(f"{ref} predicts labels {classifier.label_names}, but the dataset's labels are {label_names}")
+    index = {name: i for i, name in enumerate(classifier.label_names)}
+    refs = np.asarray([index[name] for name in rows["label"]], dtype=np.int64)
     logits = classifier.logits(rows["text"], rows.get("text_pair"), batch_size=batch_size)
-    logp = log_softmax(logits)
+    return _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
+
+
+def _scored(ref: str, logp: np.ndarray, refs: np.ndarray, label_names: list[str], bins: int) -> Scored:
     probs = np.exp(logp)
-    refs = np.asarray(rows["label_id"], dtype=np.int64)
     s = scores(probs.argmax(axis=1), refs, len(label_names))
     cal = calibration(probs, refs, bins)
     metrics = {k: float(s[k]) for k in SUMMARY_KEYS}
@@ -121,7 +157,30 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str], batch_
     per_class = {name: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
                         "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
                  for i, name in enumerate(label_names)}
-    return Scored(ref=ref, metrics=metrics, per_class=per_class, confusion=s["confusion_matrix"], calibration=cal, probs=probs)
+    return Scored(ref=ref, metrics=metrics, per_class=per_class, confusion=s["confusion_matrix"], calibration=cal,
+                  logp=logp, refs=refs, label_names=list(label_names))
+
+
+def compare(ch: Scored, champion_dir: Path, champion_ref: str, champion_labels: list[str], rows: dict[str, list],
+            batch_size: int, bins: int) -> Comparison | None:
+    """Production scored on the rows whose label it knows (all of them, unless the label set changed),
+    the challenger on the same rows, and the paired bootstrap of the difference. None: no row in common."""
+    known = set(champion_labels)
+    keep = np.asarray([name in known for name in rows["label"]], dtype=bool)
+    if not keep.any():
+        return None
+    if keep.all():
+        same_rows, mine = rows, ch
+    else:
+        same_rows = {k: [v for v, kept in zip(values, keep) if kept] for k, values in rows.items()}
+        mine = _scored(ch.ref, ch.logp[keep], ch.refs[keep], ch.label_names, bins)
+    theirs = score(champion_dir, same_rows, None, batch_size, bins, champion_ref)
+    # Both models' predictions as names, then as indices into one list of every name either can predict.
+    names = ch.label_names + [n for n in theirs.label_names if n not in ch.label_names]
+    where = {n: i for i, n in enumerate(names)}
+    their_preds = np.asarray([where[theirs.label_names[j]] for j in theirs.logp.argmax(axis=1)], dtype=np.int64)
+    intervals = paired_bootstrap(mine.logp.argmax(axis=1), their_preds, mine.refs, len(names))
+    return Comparison(challenger=mine, champion=theirs, rows=same_rows, total=len(rows["label"]), intervals=intervals)
 
 
 def _empty_split(ref: str, split: str) -> ConfigError:
@@ -138,7 +197,7 @@ def _read_split(data_dir: Path, split: str, ref: str) -> dict[str, list]:
     return {c: table.column(c).to_pylist() for c in ("id", "text", "text_pair", "label", "label_id") if c in table.column_names}
 
 
-def _log(run, prefix: str, s: Scored, label_names: list[str], rows: dict[str, list], max_rows: int) -> None:
+def _log(run, prefix: str, s: Scored, rows: dict[str, list], max_rows: int) -> None:
     import wandb
 
     from pipeline.callbacks import misclassified_rows
@@ -147,10 +206,10 @@ def _log(run, prefix: str, s: Scored, label_names: list[str], rows: dict[str, li
     per_class = wandb.Table(columns=["label", "precision", "recall", "f1", "support"],
                             data=[[n, v["precision"], v["recall"], v["f1"], v["support"]] for n, v in s.per_class.items()])
     data[f"{prefix}/per_class"] = per_class
-    labels = np.asarray(rows["label_id"])
+    labels = s.refs
     preds = s.probs.argmax(axis=1)
     data[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
-        y_true=labels.tolist(), preds=preds.tolist(), class_names=label_names, title=f"Confusion matrix ({s.ref})")
+        y_true=labels.tolist(), preds=preds.tolist(), class_names=s.label_names, title=f"Confusion matrix ({s.ref})")
     bins = [b for b in s.calibration["bins"] if b["count"]]
     reliability = wandb.Table(columns=["confidence", "accuracy", "count", "lower", "upper"],
                               data=[[b["confidence"], b["accuracy"], b["count"], b["lower"], b["upper"]] for b in bins])
@@ -159,7 +218,7 @@ def _log(run, prefix: str, s: Scored, label_names: list[str], rows: dict[str, li
         reliability, "confidence", "accuracy", title=f"Reliability diagram ({s.ref}, ECE {s.metrics['ece']:.3f}); "
                                                      "perfect calibration is the diagonal")
     if max_rows:
-        cols, table_rows = misclassified_rows(np.log(np.clip(s.probs, 1e-12, None)), labels, label_names, rows["text"],
+        cols, table_rows = misclassified_rows(s.logp, labels, s.label_names, rows["text"],
                                               rows.get("id"), rows.get("text_pair"), max_rows)
         data[f"{prefix}/misclassified"] = wandb.Table(columns=cols, data=table_rows)
     run.log(data)
@@ -200,19 +259,19 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         label_names = label_names or list(ds.metadata["label_names"])
         e = config.evaluate
         ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)
-        _log(trun, split, ch, label_names, rows, e.misclassified_rows)
+        _log(trun, split, ch, rows, e.misclassified_rows)
         scored: list[str] = []  # every production version this challenger was compared with
         for attempt in range(1, MAX_PROMOTION_ATTEMPTS + 1):
-            cp, intervals = None, None
+            cmp = None
             if champion is not None and not already:
                 reg.use(champion.ref, trun, type="model")
-                cp = score(reg.fetch(champion).path, rows, label_names, e.batch_size, e.calibration_bins, champion.ref)
-                scored.append(cp.ref)
-                _log(trun, f"champion/{split}", cp, label_names, rows, 0)
-                intervals = paired_bootstrap(ch.probs.argmax(axis=1), cp.probs.argmax(axis=1), rows["label_id"],
-                                             len(label_names))
-                _log_comparison(trun, ch, cp, intervals)
-            decision = decide(gate, ch, cp, label_names, intervals)
+                cmp = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e)
+                scored.append(champion.ref)
+                if cmp is not None:
+                    _log(trun, f"champion/{split}", cmp.champion, cmp.rows, 0)
+                    _log_comparison(trun, cmp)
+            cp = cmp.champion if cmp else None
+            decision = decide(gate, ch, cmp, label_names)
             if already:
                 outcome = "already production"
             elif not decision.passed:
@@ -243,7 +302,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "split": split,
             "metrics": ch.metrics,
             "per_class": ch.per_class,
-            "champion": {"ref": cp.ref, "metrics": cp.metrics} if cp else None,
+            "champion": ({"ref": cp.ref, "metrics": cp.metrics, "rows": len(cmp.rows["label"]),
+                          **({"labels": cp.label_names} if cp.label_names != label_names else {})} if cp else None),
             "gate": {"passed": decision.passed, "outcome": outcome, "checks": decision.checks},
         }
         history = list(challenger.metadata.get("evaluations") or [])[-19:]  # keep the last 20
@@ -273,10 +333,23 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     )
 
 
-def _log_comparison(run, ch: Scored, cp: Scored, intervals: dict[str, list[float]]) -> None:
+def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str], e) -> Comparison | None:
+    """`compare`, saying so when production predicts other labels than the challenger."""
+    theirs = list(champion.metadata.get("label_names") or label_names)
+    if set(theirs) != set(label_names):
+        log.warning("production %s predicts labels %s; the challenger predicts %s: the regression checks compare "
+                    "them on the rows whose labels production knows", champion.ref, theirs, label_names)
+    cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins)
+    if cmp is None:
+        log.warning("production %s knows none of the labels in this split; no regression check is possible", champion.ref)
+    return cmp
+
+
+def _log_comparison(run, cmp: Comparison) -> None:
     import wandb
 
-    rows = [[k, ch.metrics[k], cp.metrics[k], ch.metrics[k] - cp.metrics[k], *(intervals.get(k) or [None, None])]
-            for k in (*SUMMARY_KEYS, "loss", "ece")]
-    columns = ["metric", f"challenger {ch.ref}", f"production {cp.ref}", "delta", "delta 95% CI low", "delta 95% CI high"]
-    run.log({"gate/comparison": wandb.Table(columns=columns, data=rows)})
+    ch, cp = cmp.challenger.metrics, cmp.champion.metrics
+    rows = [[k, ch[k], cp[k], ch[k] - cp[k], *(cmp.intervals.get(k) or [None, None])] for k in (*SUMMARY_KEYS, "loss", "ece")]
+    columns = ["metric", f"challenger {cmp.challenger.ref}", f"production {cmp.champion.ref}", "delta",
+               "delta 95% CI low", "delta 95% CI high"]
+    run.log({"gate/comparison": wandb.Table(columns=columns, data=rows), "gate/compared_rows": len(cmp.rows["label"])})
