@@ -141,6 +141,9 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None,
     if label_names is not None and classifier.label_names != label_names:
         raise ConfigError(f"{ref} predicts labels {classifier.label_names}, but the dataset's labels are {label_names}")
     index = {name: i for i, name in enumerate(classifier.label_names)}
+    unknown = sorted(set(rows["label"]) - set(index))
+    if unknown:
+        raise ConfigError(f"{ref} predicts labels {classifier.label_names}; the rows to score also hold {unknown}")
     refs = np.asarray([index[name] for name in rows["label"]], dtype=np.int64)
     logits = classifier.logits(rows["text"], rows.get("text_pair"), batch_size=batch_size)
     return _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
