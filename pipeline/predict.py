@@ -59,7 +59,13 @@ class Classifier:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64) -> np.ndarray:
+    def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64,
+               sort_by_length: bool = True) -> np.ndarray:
+        """One row of logits per text, in input order.
+
+        Texts are batched in order of length (characters), so each batch pads to a similar length
+        instead of to the longest text of a random mix; the rows are put back in input order.
+        """
         import torch
 
         texts, text_pairs = _as_texts(texts, "texts"), None if text_pairs is None else _as_texts(text_pairs, "text_pairs")
@@ -68,14 +74,19 @@ class Classifier:
                                 "give a second text for each")
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise PipelineError(f"{len(texts)} texts but {len(text_pairs)} second texts; give one pair per text")
-        out = []
+        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
+        order = np.arange(len(texts))
+        if sort_by_length:
+            chars = [len(t) + (len(text_pairs[i]) if text_pairs is not None else 0) for i, t in enumerate(texts)]
+            order = np.argsort(np.asarray(chars, dtype=np.int64), kind="stable")
         with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                pair = list(text_pairs[i:i + batch_size]) if text_pairs is not None else None
-                enc = self.tokenizer(list(texts[i:i + batch_size]), pair, truncation=True, max_length=self.max_length,
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                pair = [text_pairs[i] for i in rows] if text_pairs is not None else None
+                enc = self.tokenizer([texts[i] for i in rows], pair, truncation=True, max_length=self.max_length,
                                      padding=True, return_tensors="pt").to(self.device)
-                out.append(self.model(**enc).logits.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
+                out[rows] = self.model(**enc).logits.float().cpu().numpy()
+        return out
 
     def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, top_k: int = 3) -> list[Prediction]:
         from pipeline.metrics import log_softmax

@@ -317,6 +317,15 @@ def test_predict_command_and_function(env, tmp_path):
     missing = run_cli("predict", "--model-dir", str(tmp_path / "nothing"), "x")
     assert missing.returncode == 2 and "not a model folder" in missing.stderr
 
+    # Batches go in order of length; the rows come back in input order, with the same logits.
+    classifier = load_classifier(dest)
+    texts = ["refund", "my parcel has not arrived and the tracking page has said in transit for nine days now",
+             "i was charged twice for my invoice", "", "login fails " * 20, "where is my order"]
+    in_order = classifier.logits(texts, batch_size=2, sort_by_length=False)
+    assert np.allclose(classifier.logits(texts, batch_size=2), in_order, atol=1e-5)
+    longer_first = ["tracking for my order has not updated since monday", "i was charged twice for my invoice"]
+    assert [p.label for p in classifier.predict(longer_first)] == ["shipping", "billing"]
+
     # One string is one text, not a sequence of characters; a non-string is named by its index.
     [one] = predict(dest, "i was charged twice for my invoice")
     assert one.label == "billing"
