@@ -403,6 +403,25 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     unpaired = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
     assert unpaired.returncode == 2 and "give each as TEXT<TAB>PAIR (input 1 has no tab)" in unpaired.stderr
 
+    # A single-text challenger for the same labels cannot be scored on production's inputs (pairs): the
+    # gate decides on the minimums and says why (it was a "classifies text pairs" failure of the stage).
+    joined = tmp_path / "joined.csv"
+    with open(pairs, newline="", encoding="utf-8") as src, open(joined, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.writer(f)
+        w.writerow(["pid", "question", "verdict"])
+        w.writerows([r["pid"], f"{r['question']} | {r['topic']}", r["verdict"]] for r in csvlib.DictReader(src))
+    single = load_config(None, [*overrides(tmp_path, model_dir, joined), "dataset.name=joined", "dataset.id_column=pid",
+                                "dataset.text_column=question", "dataset.label_column=verdict", "model.name=pairclf",
+                                "train.max_steps=2"])
+    dataset_publish.run(single)
+    assert finetune.run(single).produced == ["pairclf:v1"]
+    outcome = evaluate.run(single)
+    record = reg.resolve("pairclf:v1").metadata["evaluation"]
+    assert record["champion"] == {"ref": "pairclf:v0", "not_compared": "production pairclf:v0 classifies sentence pairs, "
+                                                                      "the challenger single texts"}
+    assert not any(c["check"].endswith("vs production") for c in record["gate"]["checks"])
+    assert outcome.consumed == ["pairclf:v1", "joined:v0", "pairclf:v0"]
+
 
 def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
     cfg = env()

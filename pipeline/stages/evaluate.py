@@ -265,14 +265,16 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         _log(trun, split, ch, rows, e.misclassified_rows)
         scored: list[str] = []  # every production version this challenger was compared with
         for attempt in range(1, MAX_PROMOTION_ATTEMPTS + 1):
-            cmp = None
+            cmp, skipped = None, None
             if champion is not None and not already:
                 reg.use(champion.ref, trun, type="model")
-                cmp = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e)
+                cmp, skipped = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e)
                 scored.append(champion.ref)
                 if cmp is not None:
                     _log(trun, f"champion/{split}", cmp.champion, cmp.rows, 0)
                     _log_comparison(trun, cmp)
+                else:
+                    log.warning("%s: no regression check is possible; the gate decides on the minimums alone", skipped)
             cp = cmp.champion if cmp else None
             decision = decide(gate, ch, cmp, label_names)
             if already:
@@ -306,7 +308,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "metrics": ch.metrics,
             "per_class": ch.per_class,
             "champion": ({"ref": cp.ref, "metrics": cp.metrics, "rows": len(cmp.rows["label"]),
-                          **({"labels": cp.label_names} if cp.label_names != label_names else {})} if cp else None),
+                          **({"labels": cp.label_names} if cp.label_names != label_names else {})} if cp else
+                         {"ref": champion.ref, "not_compared": skipped} if skipped else None),
             "gate": {"passed": decision.passed, "outcome": outcome, "checks": decision.checks},
         }
         history = list(challenger.metadata.get("evaluations") or [])[-19:]  # keep the last 20
@@ -336,16 +339,23 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     )
 
 
-def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str], e) -> Comparison | None:
-    """`compare`, saying so when production predicts other labels than the challenger."""
+def _takes_pairs(version) -> bool:
+    """Whether a model version was trained on sentence pairs (every version records its dataset config)."""
+    return bool(((version.metadata.get("config") or {}).get("dataset") or {}).get("text_pair_column"))
+
+
+def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str],
+                  e) -> tuple[Comparison | None, str | None]:
+    """`compare`, or why production cannot be compared with the challenger on these rows."""
+    if _takes_pairs(champion) != ("text_pair" in rows):
+        kinds = ("sentence pairs", "single texts") if _takes_pairs(champion) else ("single texts", "sentence pairs")
+        return None, f"production {champion.ref} classifies {kinds[0]}, the challenger {kinds[1]}"
     theirs = list(champion.metadata.get("label_names") or label_names)
     if set(theirs) != set(label_names):
         log.warning("production %s predicts labels %s; the challenger predicts %s: the regression checks compare "
                     "them on the rows whose labels production knows", champion.ref, theirs, label_names)
     cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins)
-    if cmp is None:
-        log.warning("production %s knows none of the labels in this split; no regression check is possible", champion.ref)
-    return cmp
+    return cmp, None if cmp else f"production {champion.ref} knows none of the labels in this split"
 
 
 def _log_comparison(run, cmp: Comparison) -> None:
