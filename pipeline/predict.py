@@ -38,8 +38,15 @@ class Classifier:
         self.dir = Path(model_dir)
         if not (self.dir / "config.json").is_file():
             raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.dir)
+        from safetensors import SafetensorError
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.dir)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or damaged files
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PipelineError(f"{self.dir}: the model does not load ({type(e).__name__}: {reason})"
+                                + _compared_with_manifest(self.dir)) from e
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         cfg = self.model.config
@@ -98,6 +105,33 @@ class Classifier:
             top = [(self.label_names[j], float(row[j])) for j in order]
             preds.append(Prediction(label=top[0][0], confidence=top[0][1], top=top))
         return preds
+
+
+def _compared_with_manifest(folder: Path) -> str:
+    """For a deploy-fetch folder: which files differ from what was deployed, and how to restore them."""
+    import hashlib
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        files = {f["path"]: f["sha256"] for f in manifest["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    changed = []
+    for path, sha in sorted(files.items()):
+        target = folder / path
+        if not target.is_file():
+            changed.append(f"{path} missing")
+            continue
+        digest = hashlib.sha256()
+        with open(target, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != sha:
+            changed.append(f"{path} changed")
+    if not changed:
+        return ""
+    return (f"; since deploy-fetch put {manifest.get('ref', 'it')} here: {', '.join(changed)}. "
+            f"Run deploy-fetch --model {manifest.get('ref', 'NAME:vN')} --to {folder} again to restore it")
 
 
 def _as_texts(texts: str | Sequence[str], what: str) -> list[str]:

@@ -326,6 +326,17 @@ def test_predict_command_and_function(env, tmp_path):
     longer_first = ["tracking for my order has not updated since monday", "i was charged twice for my invoice"]
     assert [p.label for p in classifier.predict(longer_first)] == ["shipping", "billing"]
 
+    # A damaged deployment is one message naming what changed since deploy-fetch, and how to restore it.
+    with open(dest / "model.safetensors", "r+b") as fh:
+        fh.write(b"\xff" * 16)  # the safetensors header length: now absurd
+    damaged = run_cli("predict", "--model-dir", str(dest), "where is my parcel")
+    assert damaged.returncode == 2 and "Traceback" not in damaged.stderr, damaged.stderr[-2000:]
+    assert "the model does not load (SafetensorError" in damaged.stderr
+    assert f"since deploy-fetch put clf:v0 here: model.safetensors changed. Run deploy-fetch --model clf:v0 --to {dest}" \
+        in damaged.stderr
+    deploy_fetch.run(env(), model="clf:v0", to=dest)  # as the message says: the verified copy is back
+    assert [p.label for p in predict(dest, ["i was charged twice for my invoice"])] == ["billing"]
+
     # One string is one text, not a sequence of characters; a non-string is named by its index.
     [one] = predict(dest, "i was charged twice for my invoice")
     assert one.label == "billing"
