@@ -109,7 +109,7 @@ class Classifier:
 
 def _compared_with_manifest(folder: Path) -> str:
     """For a deploy-fetch folder: which files differ from what was deployed, and how to restore them."""
-    import hashlib
+    from pipeline.registry.local import hash_file
 
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
@@ -122,11 +122,7 @@ def _compared_with_manifest(folder: Path) -> str:
         if not target.is_file():
             changed.append(f"{path} missing")
             continue
-        digest = hashlib.sha256()
-        with open(target, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != sha:
+        if hash_file(target)[0] != sha:
             changed.append(f"{path} changed")
     if not changed:
         return ""
