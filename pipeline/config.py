@@ -225,6 +225,10 @@ class GateConfig(_Group):
     regression_metrics: list[Literal["accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision",
                                      "macro_recall"]] = Field(default_factory=lambda: ["accuracy", "macro_f1"])
     """Metrics the ``max_regression`` check compares against production."""
+    regression_test: Literal["point", "non_inferiority"] = "point"
+    """``point``: the challenger's measured value may be at most ``max_regression`` below production's.
+    ``non_inferiority``: the lower end of the paired-bootstrap 95% interval of the difference must be above
+    ``-max_regression``, so the test split must show, not just suggest, that the challenger is no worse."""
 
     @model_validator(mode="after")
     def _check_recall(self) -> GateConfig:

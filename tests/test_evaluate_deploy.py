@@ -130,6 +130,13 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
     accuracy_row = next(r for r in comparison["data"] if r[0] == "accuracy")
     assert accuracy_row[4:] == pytest.approx([lo, hi], abs=1e-6)
 
+    # the non-inferiority test judges the interval's lower end: here too far below, so rejected again
+    strict = evaluate.run(env("evaluate.gate.regression_test=non_inferiority"), promote=False)
+    [acc] = [c for c in strict.details["gate"]["checks"] if c["check"] == "accuracy vs production"]
+    assert strict.status == "gate_failed" and acc["test"] == "non_inferiority" and not acc["passed"]
+    assert acc["value"] == acc["delta_ci95"][0] and acc["threshold"] == -0.01
+    assert acc["reason"].startswith("accuracy vs production: lower 95% bound of the difference")
+
     # the command line gives gate_failed its own exit code, for an orchestrator to branch on
     config = tmp_path / "c.yaml"
     import yaml
@@ -206,6 +213,34 @@ def test_a_new_class_is_compared_with_production_on_the_classes_it_knows(env, te
     assert regression and all(c["rows"] == len(known) for c in regression)
     assert f"(on the {len(known)} of {len(test['label'])} rows whose labels production knows)" in regression[0]["reason"]
     assert result.status in ("ok", "gate_failed")  # decided, like any challenger
+
+
+def test_non_inferiority_needs_the_whole_interval_within_max_regression():
+    from pipeline.config import GateConfig
+    from pipeline.stages.evaluate import Comparison, Scored, decide
+
+    def scored(ref: str, accuracy: float) -> Scored:
+        metrics = {"accuracy": accuracy, "macro_f1": accuracy}
+        return Scored(ref=ref, metrics=metrics, per_class={}, confusion=np.zeros((2, 2)), calibration={},
+                      logp=np.zeros((0, 2)), refs=np.zeros(0, dtype=np.int64), label_names=["a", "b"])
+
+    rows = {"label": ["a"] * 200}
+    # 0.5 points below production, on a split too small to tell: [-4, +3] points
+    close = Comparison(challenger=scored("m:v2", 0.895), champion=scored("m:v1", 0.900), rows=rows, total=200,
+                       intervals={"accuracy": [-0.04, 0.03], "macro_f1": [-0.04, 0.03]})
+    point = decide(GateConfig(max_regression=0.01), close.challenger, close, ["a", "b"])
+    assert point.passed  # measured: within 0.01
+    shown = decide(GateConfig(max_regression=0.01, regression_test="non_inferiority"), close.challenger, close, ["a", "b"])
+    assert not shown.passed and shown.failed == [
+        "accuracy vs production: lower 95% bound of the difference -0.0400 < -0.0100 (not shown to be within "
+        "evaluate.gate.max_regression=0.01 of production m:v1 (0.9000)); difference -0.0050, 95% CI -0.0400 to +0.0300",
+        "macro_f1 vs production: lower 95% bound of the difference -0.0400 < -0.0100 (not shown to be within "
+        "evaluate.gate.max_regression=0.01 of production m:v1 (0.9000)); difference -0.0050, 95% CI -0.0400 to +0.0300"]
+    # a large split narrows the interval: the same difference is then shown to be within 0.01
+    narrow = Comparison(challenger=close.challenger, champion=close.champion, rows=rows, total=200,
+                        intervals={"accuracy": [-0.009, -0.001], "macro_f1": [-0.009, -0.001]})
+    assert decide(GateConfig(max_regression=0.01, regression_test="non_inferiority"), narrow.challenger, narrow,
+                  ["a", "b"]).passed
 
 
 def test_thresholds_and_no_promote(env):

@@ -103,8 +103,9 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
     """Every configured check, passed or not, with a sentence saying why.
 
     The minimums are on the challenger's whole split; the regression checks on the comparison's
-    rows, with the paired bootstrap's 95% interval of the difference reported (the decision is on
-    the measured values)."""
+    rows, with the paired bootstrap's 95% interval of the difference: reported with the measured
+    values (``regression_test: point``), or itself the test (``non_inferiority``: its lower end
+    must be above ``-max_regression``)."""
     m = challenger.metrics
     checks = [
         _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
@@ -117,12 +118,19 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
         mine, theirs = comparison.challenger.metrics, comparison.champion.metrics
         where = comparison.describe()
         for key in gate.regression_metrics:
-            floor = theirs[key] - gate.max_regression
-            c = _check(f"{key} vs production", mine[key], f"more than evaluate.gate.max_regression={gate.max_regression} "
-                       f"below production {comparison.champion.ref} ({theirs[key]:.4f})", floor)
+            lo, hi = comparison.intervals[key]
+            if gate.regression_test == "non_inferiority":
+                c = _check(f"{key} vs production: lower 95% bound of the difference", lo,
+                           f"not shown to be within evaluate.gate.max_regression={gate.max_regression} of production "
+                           f"{comparison.champion.ref} ({theirs[key]:.4f})", -gate.max_regression)
+                c["check"] = f"{key} vs production"
+            else:
+                c = _check(f"{key} vs production", mine[key], f"more than evaluate.gate.max_regression="
+                           f"{gate.max_regression} below production {comparison.champion.ref} ({theirs[key]:.4f})",
+                           theirs[key] - gate.max_regression)
+            c["test"] = gate.regression_test
             c["champion"] = round(theirs[key], 6)
             c["delta"] = round(mine[key] - theirs[key], 6)
-            lo, hi = comparison.intervals[key]
             c["delta_ci95"] = [round(lo, 6), round(hi, 6)]
             c["reason"] += f"; difference {c['delta']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f}" + (f" ({where})" if where else "")
             if where:
