@@ -312,6 +312,11 @@ def model_config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
+def describe_diff(changed: dict[str, tuple[Any, Any]]) -> str:
+    """``train.seed (1 -> 2), model.max_length (64 -> 128)``: a `model_config_diff` for a message."""
+    return ", ".join(f"{k} ({then!r} -> {now!r})" for k, (then, now) in changed.items())
+
+
 def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     try:
         return config_from_dict(data).to_dict()

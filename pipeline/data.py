@@ -405,8 +405,13 @@ def _decode(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
 
 def _codes(arr: pa.Array) -> np.ndarray:
     """Dense integer codes of the values (nulls get -1): equal values, equal codes."""
+    return _encode(arr)[0]
+
+
+def _encode(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(`_codes` of the values, the distinct values in code order)."""
     enc = pc.dictionary_encode(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
-    return pc.fill_null(enc.indices, -1).to_numpy().astype(np.int64)
+    return pc.fill_null(enc.indices, -1).to_numpy().astype(np.int64), enc.dictionary
 
 
 def _first_occurrence(codes: np.ndarray) -> np.ndarray:
@@ -476,7 +481,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         key = decoded[cols.text]
         if cols.text_pair:
             key = pc.binary_join_element_wise(key, decoded[cols.text_pair], "\x1f")
-        text_codes, label_codes = _codes(key), _codes(label)
+        text_codes, (label_codes, label_values) = _codes(key), _encode(label)
         if id_codes is not None:
             codes = id_codes.result()
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
@@ -492,8 +497,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     per_label = np.bincount(label_codes[ok], minlength=n_labels)
     small_codes = np.flatnonzero((per_label > 0) & (per_label < min_per_class))
     if len(small_codes):
-        names = pc.dictionary_encode(label).dictionary.to_pylist()
-        small = sorted(names[i] for i in small_codes)
+        small = sorted(label_values.take(pa.array(small_codes)).to_pylist())
         flag("class_too_small", ok & np.isin(label_codes, small_codes),
              f"label(s) {', '.join(map(repr, small))} have fewer than {min_per_class} rows, too few to split")
 
@@ -503,8 +507,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         in_train = np.bincount(label_codes[ok & is_train], minlength=n_labels) > 0
         untrainable = ok & ~is_train & ~in_train[label_codes]
         if untrainable.any():
-            names = pc.dictionary_encode(label).dictionary.to_pylist()
-            missing = sorted({names[i] for i in np.unique(label_codes[untrainable])})
+            missing = sorted(label_values.take(pa.array(np.unique(label_codes[untrainable]))).to_pylist())
             flag("label_not_in_train", untrainable,
                  f"label(s) {', '.join(map(repr, missing))} have no rows in the train split, so a model cannot learn them")
 

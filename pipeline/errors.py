@@ -29,8 +29,9 @@ class RegistryError(PipelineError):
 class AliasMoved(RegistryError):
     """A conditional alias move found the alias on another version than expected (a concurrent writer)."""
 
-    def __init__(self, message: str, current: str | None):
-        super().__init__(message)
+    def __init__(self, name: str, alias: str, current: str | None, expected: str | None):
+        super().__init__(f"{name}:{alias} is on {current or 'no version'} now, not on {expected or 'no version'}; "
+                         "it was not moved")
         self.current = current  # the exact name:vN the alias points at now; None when it is on no version
 
 

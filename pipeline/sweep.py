@@ -33,7 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from pipeline.config import Config, TrainConfig, config_from_dict, model_config_diff
+from pipeline.config import Config, TrainConfig, config_from_dict, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -514,7 +514,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                    if not k.startswith("dataset.") and k not in swept}
         if changed:
             raise ConfigError(f"cannot resume sweep {resume}: the config differs from the one it started with in "
-                              + ", ".join(f"{k} ({then!r} -> {now!r})" for k, (then, now) in changed.items())
+                              + describe_diff(changed)
                               + "; its trials would not be comparable")
         sweep_id, dataset_ref, seed = resume, attrs["dataset"], attrs["seed"]
         study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),

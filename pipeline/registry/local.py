@@ -491,8 +491,7 @@ class LocalRegistry:
                                    "WHERE a.name = ? AND a.alias = ?", (row["name"], alias)).fetchone()
                 current = f"{row['name']}:v{now[0]}" if now else None
                 if current != expected:
-                    raise AliasMoved(f"{row['name']}:{alias} is on {current or 'no version'} now, not on "
-                                     f"{expected or 'no version'}; it was not moved", current)
+                    raise AliasMoved(row["name"], alias, current, expected)
             self._move_alias(conn, row["name"], alias, row["id"])
             return self._load(conn, row)
 

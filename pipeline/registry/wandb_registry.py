@@ -192,13 +192,13 @@ class WandbRegistry:
         art = self._artifact(ref)
         if expected is not ...:
             # W&B has no conditional alias write: this check narrows the race to the moment before save().
+            name = art.name.split(":")[0]
             try:
-                current = self.resolve(f"{art.name.split(':')[0]}:{alias}").ref
+                current = self.resolve(f"{name}:{alias}").ref
             except RefError:
                 current = None
             if current != expected:
-                raise AliasMoved(f"{art.name.split(':')[0]}:{alias} is on {current or 'no version'} now, not on "
-                                 f"{expected or 'no version'}; it was not moved", current)
+                raise AliasMoved(name, alias, current, expected)
         if alias not in art.aliases:
             art.aliases.append(alias)
             art.save()

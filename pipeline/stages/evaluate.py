@@ -218,7 +218,7 @@ def _log(run, prefix: str, s: Scored, rows: dict[str, list], max_rows: int) -> N
                             data=[[n, v["precision"], v["recall"], v["f1"], v["support"]] for n, v in s.per_class.items()])
     data[f"{prefix}/per_class"] = per_class
     labels = s.refs
-    preds = s.probs.argmax(axis=1)
+    preds = s.logp.argmax(axis=1)
     data[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
         y_true=labels.tolist(), preds=preds.tolist(), class_names=s.label_names, title=f"Confusion matrix ({s.ref})")
     bins = [b for b in s.calibration["bins"] if b["count"]]
@@ -355,9 +355,10 @@ def _takes_pairs(version) -> bool:
 def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str],
                   e) -> tuple[Comparison | None, str | None]:
     """`compare`, or why production cannot be compared with the challenger on these rows."""
-    if _takes_pairs(champion) != ("text_pair" in rows):
-        kinds = ("sentence pairs", "single texts") if _takes_pairs(champion) else ("single texts", "sentence pairs")
-        return None, f"production {champion.ref} classifies {kinds[0]}, the challenger {kinds[1]}"
+    theirs_pairs, mine_pairs = _takes_pairs(champion), "text_pair" in rows
+    if theirs_pairs != mine_pairs:
+        kind = {True: "sentence pairs", False: "single texts"}
+        return None, f"production {champion.ref} classifies {kind[theirs_pairs]}, the challenger {kind[mine_pairs]}"
     theirs = list(champion.metadata.get("label_names") or label_names)
     if set(theirs) != set(label_names):
         log.warning("production %s predicts labels %s; the challenger predicts %s: the regression checks compare "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
-from pipeline.config import Config, model_config_diff
+from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, PipelineError, RefError
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
@@ -91,7 +91,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
         if changed:
             raise ConfigError(
                 f"cannot resume run {saved['run_id']}: the config differs from the interrupted run's in "
-                + ", ".join(f"{k} ({then!r} -> {now!r})" for k, (then, now) in changed.items())
+                + describe_diff(changed)
             )
         if dataset is not None and dataset != saved["dataset"]:
             raise ConfigError(f"cannot resume run {saved['run_id']} on {dataset}: it was training on {saved['dataset']}")
@@ -340,10 +340,13 @@ def _eval_history(state) -> tuple[dict[str, float], dict[str, float]]:
     return clean(best), clean(evals[-1])
 
 
-def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan, label_names: list[str],
-                     num_rows: dict[str, int], metrics: dict[str, Any], text_pair: bool) -> None:
+def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan, shared: dict[str, Any],
+                     num_rows: dict[str, int], metrics: dict[str, Any]) -> None:
     """The version's files; none depends on the run id, the clock or a path."""
     from pipeline import modelcard
+
+    label_names = shared["label_names"]
+    text_pair = "text_pair" in shared["validation_rows"]  # trained on sentence pairs
 
     trainer.model.save_pretrained(out)  # safetensors weights and config.json with id2label; no optimizer state
     tokenizer.save_pretrained(out)
@@ -495,8 +498,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, A
 def _publish(config: Config, plan_: Plan, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases):
     with tempfile.TemporaryDirectory(prefix="model-", dir=plan_.output_dir) as tmp:
         out = Path(tmp)
-        _write_model_dir(out, trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics,
-                         "text_pair" in shared["validation_rows"])
+        _write_model_dir(out, trainer, tokenizer, config, plan_, shared, details["num_rows"], metrics)
         return trun.registry.publish(config.model.name, "model", out, metadata=metadata, aliases=list(aliases), run=trun)
 
 
@@ -509,8 +511,7 @@ def _keep(dest: Path, trainer, tokenizer, config, plan_, shared, details, metric
     staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         (staging / "model").mkdir(parents=True)
-        _write_model_dir(staging / "model", trainer, tokenizer, config, plan_, shared["label_names"], details["num_rows"], metrics,
-                         "text_pair" in shared["validation_rows"])
+        _write_model_dir(staging / "model", trainer, tokenizer, config, plan_, shared, details["num_rows"], metrics)
         write_json_atomic(staging / "metadata.json", metadata)
         swap_into_place(staging, dest)
     finally:
