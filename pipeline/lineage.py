@@ -69,11 +69,12 @@ class _Walker:
 
     def version(self, ref: str) -> ArtifactVersion:
         if ref not in self._versions:
-            v = self.registry.resolve(ref)
+            v = self.registry.resolve(ref, include_deleted=True)  # a deleted version is still part of the history
             self._versions[ref] = v
             self.graph.artifacts.setdefault(v.ref, {
                 "ref": v.ref, "type": v.type, "aliases": sorted(v.aliases), "digest": v.digest,
                 "created_at": v.created_at, "produced_by": v.produced_by, "used_by": list(v.used_by),
+                **({"deleted_at": v.deleted_at} if v.deleted_at else {}),
             })
         return self._versions[ref]
 
@@ -123,7 +124,7 @@ class _Walker:
 
 
 def build(registry: Registry, ref: str, depth: int = 5) -> Graph:
-    root = registry.resolve(ref)
+    root = registry.resolve(ref, include_deleted=True)
     graph = Graph(root=root.ref)
     walker = _Walker(registry, graph)
     walker.version(root.ref)
@@ -136,7 +137,8 @@ def build(registry: Registry, ref: str, depth: int = 5) -> Graph:
 def _artifact_line(g: Graph, ref: str) -> str:
     a = g.artifacts[ref]
     aliases = f"  aliases: {', '.join(a['aliases'])}" if a["aliases"] else ""
-    return f"{ref}  {a['type']}{aliases}  digest {a['digest'][:12]}"
+    deleted = f"  DELETED {a['deleted_at'][:19]}" if a.get("deleted_at") else ""
+    return f"{ref}  {a['type']}{aliases}  digest {a['digest'][:12]}{deleted}"
 
 
 def _run_line(g: Graph, run_id: str) -> str:
@@ -186,6 +188,7 @@ def to_mermaid(g: Graph) -> str:
     lines = ["flowchart LR"]
     for ref, a in g.artifacts.items():
         aliases = f"<br/>{', '.join(a['aliases'])}" if a["aliases"] else ""
+        aliases += "<br/>deleted" if a.get("deleted_at") else ""
         lines.append(f'  {_mid("artifact:" + ref)}[("{ref}<br/>{a["type"]}{aliases}")]')
     for run_id, r in g.runs.items():
         lines.append(f'  {_mid("run:" + run_id)}(["{r["job_type"]}<br/>run {run_id}<br/>{r["status"]}"])')

@@ -343,3 +343,34 @@ def test_model_card_names_a_hub_base_model_in_its_metadata():
     assert front("packaged", "sentence-transformers/all-MiniLM-L6-v2")["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert front("hub", "google-bert/bert-base-uncased")["base_model"] == "google-bert/bert-base-uncased"
     assert "base_model" not in front("local", "/home/me/models/bert")
+
+
+def test_deleting_a_dataset_version_takes_its_cached_copies_and_a_republish_starts_afresh(tmp_path, tiny_model,
+                                                                                         tickets_csv):
+    with offline(tmp_path):
+        cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1")
+        dataset_publish.run(cfg)
+        first = finetune.run(cfg)
+        track = Path(cfg.tracking.dir)
+        entries = [p.parent for p in (track / "cache" / "tokenized").glob(f"*/{finetune.CACHE_SOURCE}")]
+        fetched = track / "artifacts" / "tickets" / "v0"
+        assert len(entries) == 1 and fetched.is_dir() and first.details["tokenize_cache"] == "miss"
+        cli = ("--set", f"tracking.dir={track}")
+
+        refused = run_cli("artifacts", "delete", "tickets:v0", *cli)
+        assert refused.returncode == 2 and "tickets:v0 is what clf:v0 were made from" in refused.stderr
+        assert entries[0].is_dir() and fetched.is_dir()
+        model = run_cli("artifacts", "delete", "clf:v0", "--delete-aliases", "--json", *cli)
+        assert model.returncode == 0, model.stderr
+        assert json.loads(model.stdout)["aliases_removed"] == ["candidate"]
+        data = run_cli("artifacts", "delete", "tickets:v0", *cli)
+        assert data.returncode == 0, data.stderr
+        assert f"local copies removed: {fetched}, {entries[0]}" in data.stdout
+        assert not entries[0].exists() and not fetched.exists()
+
+        with pytest.raises(RefError, match="tickets has no alias 'latest'; versions: v0 \\(deleted\\)"):
+            finetune.run(cfg)
+        assert dataset_publish.run(cfg).produced == ["tickets:v1"]  # the same content, a new number
+        again = finetune.run(cfg)
+    assert again.details["tokenize_cache"] == "miss" and again.produced == ["clf:v1"]
+    assert registry_of(cfg).resolve("clf:v1").metadata["dataset"]["ref"] == "tickets:v1"

@@ -362,7 +362,7 @@ def test_a_schema_1_catalog_is_upgraded_in_place(tmp_path):
     again = LocalRegistry(root)
     with sqlite3.connect(root / "catalog.db") as conn:
         assert "ref" in {r[1] for r in conn.execute("PRAGMA table_info(files)")}
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     version = again.resolve("thing:v0")
     assert [(f.path, f.ref) for f in version.files] == [("a.txt", None)]
     assert again.fetch(version, tmp_path / "out").path.joinpath("a.txt").read_text() == "hello"

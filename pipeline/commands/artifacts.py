@@ -1,10 +1,11 @@
-"""``pipeline artifacts list | show REF | verify``."""
+"""``pipeline artifacts list | show REF | verify | delete REF | prune NAME --keep N``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,19 +18,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="one version: metadata, files, producing and consuming runs")
     show.add_argument("ref", metavar="REF", help="name, name:vN or name:ALIAS")
     verify = sub.add_parser("verify", help="re-hash every stored object; exit 1 on any corruption")
-    for q in (ls, show, verify):
+    delete = sub.add_parser("delete", help="delete one version's files (its record stays for lineage)",
+                            description="Delete one artifact version. Its files go (stored objects that no other "
+                            "version shares are removed); its record, lineage and number stay, and the number is "
+                            "never used again. `latest` moves back to the newest remaining version.")
+    delete.add_argument("ref", metavar="REF", help="name:vN (or name:ALIAS)")
+    prune = sub.add_parser("prune", help="delete all but the newest versions of an artifact",
+                           description="Delete the versions of NAME older than the newest --keep ones. Versions that "
+                           "hold an alias (production, ...) and versions other live versions were made from are kept.")
+    prune.add_argument("name", metavar="NAME", help="artifact name")
+    prune.add_argument("--keep", type=int, required=True, metavar="N", help="newest versions to keep (at least 1)")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    for q in (delete, prune):
+        q.add_argument("--delete-aliases", action="store_true",
+                       help="also delete versions that hold aliases other than latest, and those aliases")
+        q.add_argument("--force", action="store_true",
+                       help="also delete versions that live versions were made from (they can no longer be reproduced)")
+    for q in (ls, show, verify, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def _open(args: argparse.Namespace):
+    """(registry, tracking.dir)."""
     from pipeline.config import Config, load_tracking
     from pipeline.tracking import open_registry
 
     cfg = load_tracking(args.config, args.overrides)
     if isinstance(cfg, Config):
-        return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity)
-    return open_registry(cfg)
+        return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity), cfg.tracking.dir
+    return open_registry(cfg), cfg.dir
+
+
+def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False):
+    """Delete one version; a dataset's tokenised copies go with its content's last live version."""
+    result = registry.delete(ref, delete_aliases=args.delete_aliases, force=args.force, dry_run=dry_run)
+    v = result.version
+    if not dry_run and v.type == "dataset" and not any(o.digest == v.digest for o in registry.list_versions(type="dataset")):
+        from pipeline.stages.finetune import drop_tokenized
+
+        result.copies_removed += [str(p) for p in drop_tokenized(Path(tracking_dir).resolve() / "cache" / "tokenized",
+                                                                  v.digest)]
+    return result
 
 
 def _size(n: int) -> str:
@@ -41,7 +71,7 @@ def _size(n: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    registry = _open(args)
+    registry, tracking_dir = _open(args)
     if args.action == "list":
         versions = registry.list_versions(name=args.name, type=args.type)
         if args.json:
@@ -60,8 +90,19 @@ def main(args: argparse.Namespace) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         return 0
 
+    if args.action == "delete":
+        result = _delete(registry, tracking_dir, args.ref, args)
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            print(_deleted_line(result))
+        return 0
+
+    if args.action == "prune":
+        return _prune(registry, tracking_dir, args)
+
     if args.action == "show":
-        v = registry.resolve(args.ref)
+        v = registry.resolve(args.ref, include_deleted=True)
         if args.json:
             print(json.dumps(v.to_dict(), indent=2))
             return 0
@@ -69,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"  digest:      {v.digest}")
         print(f"  aliases:     {', '.join(sorted(v.aliases)) or '-'}")
         print(f"  created:     {v.created_at}")
+        if v.deleted_at:
+            print(f"  deleted:     {v.deleted_at} (its files are gone)")
         print(f"  produced by: {v.produced_by or '-'}")
         print(f"  used by:     {', '.join(v.used_by) or '-'}")
         print("  metadata:")
@@ -102,3 +145,50 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(f"affected versions: {', '.join(report.affected_versions)}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _deleted_line(result) -> str:
+    parts = [f"deleted {result.version.ref}"]
+    if result.bytes_freed:
+        parts.append(f"freed {_size(result.bytes_freed)}")
+    if result.aliases_removed:
+        parts.append(f"aliases removed: {', '.join(result.aliases_removed)}")
+    if result.copies_removed:
+        parts.append(f"local copies removed: {', '.join(result.copies_removed)}")
+    parts.append(f"latest is {result.latest_now}" if result.latest_now else f"no version of {result.version.name} is left")
+    return "; ".join(parts)
+
+
+def _prune(registry, tracking_dir, args: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError, RegistryError
+
+    if args.keep < 1:
+        raise ConfigError(f"--keep {args.keep}: keep at least 1 version (delete a version by name to go below)")
+    versions = sorted(registry.list_versions(name=args.name), key=lambda v: v.version, reverse=True)
+    if not versions:
+        registry.resolve(args.name)  # the RefError that lists the names there are
+    old = versions[args.keep:]
+    deleted, kept = [], []
+    for v in reversed(old):  # oldest first
+        held = [a for a in v.aliases if a != "latest"]
+        if held and not args.delete_aliases:
+            kept.append({"ref": v.ref, "reason": f"holds {', '.join(held)}"})
+            continue
+        try:
+            result = _delete(registry, tracking_dir, v.ref, args, dry_run=args.dry_run)
+        except RegistryError as e:  # live versions were made from it, or an alias arrived since the listing
+            kept.append({"ref": v.ref, "reason": str(e)})
+            continue
+        deleted.append({"ref": v.ref, "size": v.size, "bytes_freed": result.bytes_freed})
+    if args.json:
+        print(json.dumps({"name": args.name, "kept_newest": [v.ref for v in versions[:args.keep]], "dry_run": args.dry_run,
+                          "deleted": deleted, "kept": kept}, indent=2))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for d in deleted:
+        freed = f"  (freed {_size(d['bytes_freed'])})" if d["bytes_freed"] and not args.dry_run else ""
+        print(f"{verb} {d['ref']}{freed}")
+    for k in kept:
+        print(f"kept {k['ref']}: {k['reason']}")
+    print(f"{len(deleted)} {verb}, {len(kept)} kept besides the newest {min(args.keep, len(versions))}")
+    return 0

@@ -36,6 +36,7 @@ class ArtifactVersion:
     used_by: list[str] = field(default_factory=list)  # run ids
     files: list[FileEntry] = field(default_factory=list)
     qualified_name: str | None = None  # entity/project/name:vN online
+    deleted_at: str | None = None  # set on a deleted version's record (lineage keeps it; its files are gone)
 
     @property
     def ref(self) -> str:
@@ -57,6 +58,7 @@ class ArtifactVersion:
             "metadata": self.metadata,
             "files": [{"path": f.path, "digest": f.digest, "size": f.size, **({"ref": f.ref} if f.ref else {})}
                       for f in self.files],
+            **({"deleted_at": self.deleted_at} if self.deleted_at else {}),
         }
 
 
@@ -76,6 +78,19 @@ class FetchResult:
     version: ArtifactVersion
     path: Path
     reused: bool  # True: a verified copy was already there; nothing copied
+
+
+@dataclass
+class DeleteResult:
+    version: ArtifactVersion  # the deleted version's record (``deleted_at`` set)
+    aliases_removed: list[str]  # aliases it held, `latest` excepted (that one moves to the newest live version)
+    latest_now: str | None  # where `latest` of the name points afterwards (None: no live version left)
+    bytes_freed: int  # object-store bytes removed (content no other version shares)
+    copies_removed: list[str] = field(default_factory=list)  # local copies removed: the registry's fetched copy, tokenised caches
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deleted": self.version.ref, "aliases_removed": self.aliases_removed, "latest": self.latest_now,
+                "bytes_freed": self.bytes_freed, "copies_removed": self.copies_removed}
 
 
 @dataclass
@@ -100,7 +115,7 @@ class Registry(Protocol):
 
     kind: str
 
-    def resolve(self, ref: str, type: str | None = None) -> ArtifactVersion: ...
+    def resolve(self, ref: str, type: str | None = None, *, include_deleted: bool = False) -> ArtifactVersion: ...
 
     def use(self, ref: str, run: TrackedRun | None, type: str | None = None) -> ArtifactVersion: ...
 
@@ -126,6 +141,14 @@ class Registry(Protocol):
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion: ...
 
     def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]: ...
+
+    def delete(self, ref: str, *, delete_aliases: bool = False, force: bool = False, dry_run: bool = False) -> DeleteResult:
+        """Delete a version's files; its record stays for lineage and its number is never reused.
+
+        Refused when it holds aliases other than `latest` (unless `delete_aliases`), and when live
+        versions were made from it, which could then not be rebuilt (unless `force`). `dry_run`
+        makes the same checks and reports what would happen, changing nothing."""
+        ...
 
     def get_run(self, run_id: str) -> dict[str, Any]: ...
 

@@ -32,6 +32,7 @@ from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
     ArtifactVersion,
+    DeleteResult,
     FetchResult,
     FileEntry,
     PublishResult,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from pipeline.refstore import Reference
     from pipeline.tracking import TrackedRun
 
-_SCHEMA_VERSION = 2  # 2: files.ref (reference-mode entries)
+_SCHEMA_VERSION = 3  # 2: files.ref (reference-mode entries); 3: versions.deleted_at
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     id INTEGER PRIMARY KEY,
@@ -57,9 +58,11 @@ CREATE TABLE IF NOT EXISTS versions (
     metadata TEXT NOT NULL,
     created_at TEXT NOT NULL,
     run_id TEXT,
-    UNIQUE (name, version),
-    UNIQUE (name, digest)
+    deleted_at TEXT,
+    UNIQUE (name, version)
 );
+-- one live version per content: a deleted version's digest may be published again (as a new number)
+CREATE UNIQUE INDEX IF NOT EXISTS versions_live_digest ON versions (name, digest) WHERE deleted_at IS NULL;
 CREATE TABLE IF NOT EXISTS files (
     version_id INTEGER NOT NULL REFERENCES versions(id),
     path TEXT NOT NULL,
@@ -220,6 +223,9 @@ class LocalRegistry:
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
+            # Off for this connection only, so an older catalog's versions table can be rebuilt
+            # (SQLite's documented procedure); the references are checked before the commit.
+            conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("BEGIN IMMEDIATE")
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             if current > _SCHEMA_VERSION:
@@ -227,15 +233,37 @@ class LocalRegistry:
                 raise RegistryError(
                     f"{self.db_path} was written by a newer version of the pipeline (schema {current}); upgrade"
                 )
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(versions)")}
+            rebuilt = bool(columns) and "deleted_at" not in columns  # a schema 1 or 2 catalog
+            if rebuilt:
+                self._rebuild_versions_table(conn)
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
             if "ref" not in {r[1] for r in conn.execute("PRAGMA table_info(files)")}:  # a schema 1 catalog
                 conn.execute("ALTER TABLE files ADD COLUMN ref TEXT")
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall() if rebuilt else []
+            if broken:
+                conn.execute("ROLLBACK")
+                raise RegistryError(f"{self.db_path}: {len(broken)} catalog rows point at versions that do not exist")
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         finally:
             conn.close()
+
+    @staticmethod
+    def _rebuild_versions_table(conn: sqlite3.Connection) -> None:
+        """Schema 3: versions gain ``deleted_at``, and a digest is unique among live versions only.
+
+        SQLite cannot drop a table constraint, so the table is copied into the new layout inside
+        the caller's transaction (ids kept, so files, aliases, usage and fetches still match).
+        """
+        table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS versions"):_SCHEMA.index(";")]
+        conn.execute(table.replace("IF NOT EXISTS versions", "versions_rebuilt"))
+        kept = "id, name, version, type, digest, size, metadata, created_at, run_id"
+        conn.execute(f"INSERT INTO versions_rebuilt ({kept}) SELECT {kept} FROM versions")
+        conn.execute("DROP TABLE versions")
+        conn.execute("ALTER TABLE versions_rebuilt RENAME TO versions")
 
     def object_path(self, sha256: str) -> Path:
         return self.objects / sha256[:2] / sha256
@@ -263,9 +291,11 @@ class LocalRegistry:
             produced_by=row["run_id"],
             used_by=used_by,
             files=files,
+            deleted_at=row["deleted_at"],
         )
 
-    def _resolve_row(self, conn: sqlite3.Connection, ref: str, type: str | None) -> sqlite3.Row:
+    def _resolve_row(self, conn: sqlite3.Connection, ref: str, type: str | None,
+                     include_deleted: bool = False) -> sqlite3.Row:
         r = parse_ref(ref)
         if r.entity or r.project:
             raise RefError(
@@ -279,6 +309,9 @@ class LocalRegistry:
             raise RefError(f"no artifact named {r.name!r} in {self.root}; known artifacts: {known}")
         if r.version is not None:
             row = next((v for v in versions if v["version"] == r.version), None)
+            if row is not None and row["deleted_at"] and not include_deleted:
+                raise RefError(f"{r.name}:v{r.version} was deleted ({row['deleted_at'][:19]} UTC); its files are gone, "
+                               "its record stays for lineage")
         else:
             hit = conn.execute("SELECT version_id FROM aliases WHERE name = ? AND alias = ?", (r.name, r.tag)).fetchone()
             row = next((v for v in versions if hit and v["id"] == hit[0]), None)
@@ -288,7 +321,7 @@ class LocalRegistry:
                 "WHERE a.name = ? ORDER BY a.alias",
                 (r.name,),
             ).fetchall()
-            vs = ", ".join(f"v{v['version']}" for v in versions)
+            vs = ", ".join(f"v{v['version']}" + (" (deleted)" if v["deleted_at"] else "") for v in versions)
             al = ", ".join(f"{a[0]} -> v{a[1]}" for a in alias_rows) or "none"
             what = "version" if r.version is not None else "alias"
             raise RefError(f"{r.name} has no {what} {r.tag!r}; versions: {vs}; aliases: {al}")
@@ -296,12 +329,14 @@ class LocalRegistry:
             raise RefError(f"{r.name}:v{row['version']} is a {row['type']!r} artifact, not a {type!r} artifact")
         return row
 
-    def resolve(self, ref: str, type: str | None = None) -> ArtifactVersion:
+    def resolve(self, ref: str, type: str | None = None, *, include_deleted: bool = False) -> ArtifactVersion:
+        """The version `ref` names. A deleted version is a RefError saying so, unless `include_deleted`
+        (lineage): then its record comes back with ``deleted_at`` set and no files."""
         with self._read() as conn:
-            return self._load(conn, self._resolve_row(conn, ref, type))
+            return self._load(conn, self._resolve_row(conn, ref, type, include_deleted))
 
     def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]:
-        sql, args = "SELECT * FROM versions WHERE 1=1", []
+        sql, args = "SELECT * FROM versions WHERE deleted_at IS NULL", []
         if name:
             sql, args = sql + " AND name = ?", [*args, name]
         if type:
@@ -368,7 +403,8 @@ class LocalRegistry:
         created_objects: list[str] = []
         try:
             with self._read() as conn:
-                known = conn.execute("SELECT 1 FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
+                known = conn.execute("SELECT 1 FROM versions WHERE name = ? AND digest = ? AND deleted_at IS NULL",
+                                     (name, digest)).fetchone()
             if not known:  # same digest as an existing version: not one byte is copied
                 created_objects = self._store_objects(entries, hashed, stats, name)
             result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects, references)
@@ -427,7 +463,8 @@ class LocalRegistry:
             types = {r[0] for r in conn.execute("SELECT DISTINCT type FROM versions WHERE name = ?", (name,))}
             if types and type not in types:
                 raise RegistryError(f"{name!r} already exists with type {types.pop()!r}; cannot add a {type!r} version")
-            row = conn.execute("SELECT * FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
+            row = conn.execute("SELECT * FROM versions WHERE name = ? AND digest = ? AND deleted_at IS NULL",
+                               (name, digest)).fetchone()
             created = row is None
             if created:
                 # A concurrent clean-up may have removed an object we found present earlier:
@@ -466,14 +503,86 @@ class LocalRegistry:
             (name, alias, version_id, _now()),
         )
 
-    def _discard_unreferenced(self, shas: list[str]) -> None:
-        """Remove objects a failed publish created, unless a committed version uses them."""
+    def _discard_unreferenced(self, shas: list[str]) -> int:
+        """Remove these objects unless a committed version uses them; returns the bytes removed.
+
+        Under the write lock: a publish that found an object present and commits later sees it
+        gone in its own check (`_commit`) and fails, rather than naming a missing object.
+        """
         if not shas:
-            return
+            return 0
+        freed = 0
         with self._write() as conn:
-            for sha in shas:
-                if not conn.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
-                    self.object_path(sha).unlink(missing_ok=True)
+            for sha in dict.fromkeys(shas):
+                if not conn.execute("SELECT 1 FROM files WHERE sha256 = ? AND ref IS NULL LIMIT 1", (sha,)).fetchone():
+                    obj = self.object_path(sha)
+                    try:
+                        size = obj.stat().st_size
+                        obj.unlink()
+                    except FileNotFoundError:
+                        continue
+                    freed += size
+        return freed
+
+    def delete(self, ref: str, *, delete_aliases: bool = False, force: bool = False, dry_run: bool = False) -> DeleteResult:
+        """Delete a version (see `Registry.delete`); stored objects no other version names are removed.
+
+        The catalog change is one transaction (the version's files and aliases go, `deleted_at` is
+        set, `latest` moves back); the objects are removed after it, so a crash in between leaves
+        unreferenced objects, never a live version without its bytes.
+        """
+        with self._write() as conn:
+            row = self._resolve_row(conn, ref, None)
+            version = self._load(conn, row)
+            held = [a for a in version.aliases if a != "latest"]
+            if held and not delete_aliases:
+                raise RegistryError(f"{version.ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
+                                    "--delete-aliases to delete the version and its aliases")
+            dependents = [f"{r[0]}:v{r[1]}" for r in conn.execute(
+                "SELECT DISTINCT p.name, p.version FROM usage u JOIN versions p ON p.run_id = u.run_id "
+                "WHERE u.version_id = ? AND p.id != ? AND p.deleted_at IS NULL ORDER BY p.name, p.version",
+                (row["id"], row["id"]))]
+            if dependents and not force:
+                raise RegistryError(f"{version.ref} is what {', '.join(dependents)} were made from: without it they "
+                                    "cannot be reproduced; delete them first, or pass --force")
+            objects = [f.digest for f in version.files if not f.ref]
+            if dry_run:  # the same checks, and what would be freed: content no other version names
+                alone = conn.execute(
+                    "SELECT sha256, MAX(size) FROM files WHERE version_id = ? AND ref IS NULL AND sha256 NOT IN "
+                    "(SELECT sha256 FROM files WHERE version_id != ? AND ref IS NULL) GROUP BY sha256",
+                    (row["id"], row["id"])).fetchall()
+                newest = conn.execute("SELECT version FROM versions WHERE name = ? AND deleted_at IS NULL AND id != ? "
+                                      "ORDER BY version DESC LIMIT 1", (row["name"], row["id"])).fetchone()
+                return DeleteResult(version=version, aliases_removed=held, bytes_freed=sum(r[1] for r in alone),
+                                    latest_now=f"{row['name']}:v{newest[0]}" if newest else None)
+            conn.execute("DELETE FROM files WHERE version_id = ?", (row["id"],))
+            conn.execute("DELETE FROM aliases WHERE version_id = ?", (row["id"],))
+            conn.execute("UPDATE versions SET deleted_at = ? WHERE id = ?", (_now(), row["id"]))
+            newest = conn.execute("SELECT id, version FROM versions WHERE name = ? AND deleted_at IS NULL "
+                                  "ORDER BY version DESC LIMIT 1", (row["name"],)).fetchone()
+            if newest is not None and "latest" in version.aliases:
+                self._move_alias(conn, row["name"], "latest", newest["id"])
+            copies = [r[0] for r in conn.execute("SELECT dest FROM fetches WHERE version_id = ?", (row["id"],))]
+            record = self._load(conn, conn.execute("SELECT * FROM versions WHERE id = ?", (row["id"],)).fetchone())
+        freed = self._discard_unreferenced(objects)
+        # The registry's own fetched copy (tracking.dir/artifacts/NAME/vN) is a cache of the deleted
+        # bytes: it goes too, if it is as fetched. Folders fetched elsewhere (a deployment) stay.
+        removed = []
+        default = str(self.default_fetch_dir(version))
+        for dest in copies:
+            if dest == default and Path(dest).is_dir() and self._reusable_snapshot(Path(dest), dest):
+                shutil.rmtree(dest, ignore_errors=True)
+                with self._write() as conn:
+                    conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (dest, row["id"]))
+                removed.append(dest)
+        return DeleteResult(version=record, aliases_removed=held, latest_now=f"{row['name']}:v{newest['version']}"
+                            if newest is not None else None, bytes_freed=freed, copies_removed=removed)
+
+    def _reusable_snapshot(self, path: Path, dest: str) -> bool:
+        """The folder is exactly as the registry last wrote it there."""
+        with self._read() as conn:
+            row = conn.execute("SELECT snapshot FROM fetches WHERE dest = ?", (dest,)).fetchone()
+        return bool(row) and json.loads(row["snapshot"]) == self._snapshot(path)
 
     def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
         """Point `alias` at the version `ref` resolves to, taking it off any other version.
@@ -576,6 +685,7 @@ class LocalRegistry:
                     progress.update(f.size)
                     continue
                 if not obj.is_file():
+                    self.resolve(version.ref)  # a RefError saying so when the version was deleted meanwhile
                     raise IntegrityError(f"{version.ref}: stored object for {f.path} is missing ({obj}); run `artifacts verify`")
                 if not _copy_verified(obj, target, f.digest, progress):
                     raise IntegrityError(

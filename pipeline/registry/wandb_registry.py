@@ -2,7 +2,7 @@
 
 The calls are few and plain: `run.use_artifact`, `run.log_artifact`, `Api().artifact`,
 `artifact.aliases` + `save()`, `artifact.download` + `verify`, and `run.link_artifact` when a
-W&B Registry is configured. W&B dedupes by digest server-side, keeps `latest`, and moves an
+W&B Registry is configured, and `artifact.delete`. W&B dedupes by digest server-side, keeps `latest`, and moves an
 alias off the old version when it is added to a new one, the same rules as the local registry.
 """
 
@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
     ArtifactVersion,
+    DeleteResult,
     FetchResult,
     FileEntry,
     PublishResult,
@@ -114,7 +116,8 @@ class WandbRegistry:
         except (wandb.errors.CommError, ValueError) as e:
             raise RefError(f"cannot resolve {q} in W&B: {e}") from None
 
-    def resolve(self, ref: str, type: str | None = None) -> ArtifactVersion:
+    def resolve(self, ref: str, type: str | None = None, *, include_deleted: bool = False) -> ArtifactVersion:
+        """`include_deleted` has no effect: W&B's API does not return deleted versions."""
         return self.to_version(self._artifact(ref, type))
 
     def use(self, ref: str, run: TrackedRun | None, type: str | None = None) -> ArtifactVersion:
@@ -220,6 +223,30 @@ class WandbRegistry:
                     continue
                 out.extend(self.to_version(a) for a in coll.artifacts())
         return sorted(out, key=lambda v: (v.name, v.version))
+
+    def delete(self, ref: str, *, delete_aliases: bool = False, force: bool = False, dry_run: bool = False) -> DeleteResult:
+        """W&B soft-deletes the version and collects its files later; the same refusals as the local registry."""
+        art = self._artifact(ref)
+        version = self.to_version(art)
+        held = [a for a in version.aliases if a != "latest"]
+        if held and not delete_aliases:
+            raise RegistryError(f"{version.ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
+                                "--delete-aliases to delete the version and its aliases")
+        dependents = sorted({f"{a.name.split(':')[0]}:{a.version}" for run in art.used_by()
+                             for a in run.logged_artifacts() if a.id != art.id})
+        if dependents and not force:
+            raise RegistryError(f"{version.ref} is what {', '.join(dependents)} were made from: without it they "
+                                "cannot be reproduced; delete them first, or pass --force")
+        if dry_run:
+            return DeleteResult(version=version, aliases_removed=held, latest_now=None, bytes_freed=0)
+        art.delete(delete_aliases=True)  # W&B counts `latest` as an alias too; the others were checked above
+        version.deleted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            latest = self.resolve(f"{version.name}:latest").ref
+        except RefError:
+            latest = None
+        # W&B's garbage collection frees the storage later, and only for files no other version shares.
+        return DeleteResult(version=version, aliases_removed=held, latest_now=latest, bytes_freed=0)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """A run as lineage needs it, from W&B (``used_artifacts``, ``logged_artifacts``)."""

@@ -33,6 +33,7 @@ from pipeline.tracking import new_run_id, open_registry, tracked_run
 
 STAGE = "finetune"
 TOKENIZE_FORMAT = 2  # bump when the tokenised layout changes, to retire old cache entries
+CACHE_SOURCE = "made_from.json"  # in each tokenised cache entry: the dataset digest, tokenizer and length
 TRAINED_ON = ("train", "validation")  # the test split is evaluate's; it may be empty
 RESUME_FILE = "resume.json"
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         dd.save_to_disk(str(tmp))
+        # What the entry was made from, so deleting a dataset version can drop its tokenised copies.
+        (tmp / CACHE_SOURCE).write_text(json.dumps({"dataset_digest": dataset_digest, "tokenizer_digest": base.tokenizer_digest,
+                                                    "max_length": max_length, "format": TOKENIZE_FORMAT}) + "\n")
         try:
             os.rename(tmp, out)
         except OSError:  # another process cached the same key first: theirs is identical
@@ -169,6 +173,20 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, False
+
+
+def drop_tokenized(cache_root: Path, dataset_digest: str) -> list[Path]:
+    """Remove the cached tokenisations of one dataset content (any tokenizer or length); returns them."""
+    removed = []
+    for marker in sorted(Path(cache_root).glob(f"*/{CACHE_SOURCE}")):
+        try:
+            made_from = json.loads(marker.read_text()).get("dataset_digest")
+        except (OSError, ValueError):
+            continue  # a damaged marker: leave the entry, it is re-made when it is needed
+        if made_from == dataset_digest:
+            shutil.rmtree(marker.parent, ignore_errors=True)
+            removed.append(marker.parent)
+    return removed
 
 
 def _validation_rows(data_dir: Path) -> dict[str, list]:
