@@ -211,3 +211,23 @@ def test_a_version_deleted_after_it_was_resolved_is_reported_as_deleted_when_fet
     with pytest.raises(RefError, match="m:v0 was deleted"):
         reg.fetch(v, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_publish_that_counted_on_a_version_deleted_meanwhile_fails_and_the_next_one_stores_it(reg, tmp_path,
+                                                                                              monkeypatch):
+    src = write(tmp_path / "a", {"w.bin": "weights"})
+    reg.publish("m", "model", src)
+    other = LocalRegistry(reg.root)  # another process's handle on the same registry
+    commit = LocalRegistry._commit
+
+    def delete_first(self, *args, **kwargs):  # the delete lands between this publish's checks and its commit
+        monkeypatch.setattr(LocalRegistry, "_commit", commit)
+        other.delete("m:v0")
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalRegistry, "_commit", delete_first)
+    with pytest.raises(RegistryError, match=r"objects vanished during publish of 'm' \(1\); publish again"):
+        reg.publish("m", "model", src)  # it found the content stored as m:v0 and copied nothing
+    assert [v.ref for v in reg.list_versions()] == []
+    again = reg.publish("m", "model", src)
+    assert again.ref == "m:v1" and again.created and reg.verify().ok
