@@ -12,11 +12,12 @@ import difflib
 import glob
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +96,9 @@ def _one_format(candidates: list[Path], source: Path, where: str) -> list[Path]:
 LIKELY_DELIMITERS = (";", "\t", "|", ",")
 
 
-def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str | None = None) -> pa.Table:
+def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str | None = None,
+              from_folders: Collection[str] = ()) -> pa.Table:
+    """One file's configured columns; those in `from_folders` may be absent (a ``key=value`` folder gives them)."""
     kind = SUFFIXES[path.suffix.lower()]
     try:
         if kind in ("csv", "tsv"):
@@ -122,7 +125,10 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str
                 header = csv.open_csv(path, parse_options=parse,
                                       read_options=csv.ReadOptions(block_size=1 << 16, encoding=encoding),
                                       convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
-                _check_columns(header, str(path), cols)
+                elsewhere = [c for c in from_folders if c not in header]
+                _check_columns(header + elsewhere, str(path), cols)
+                if elsewhere:
+                    convert.include_columns = [c for c in cols.required if c not in elsewhere]
                 return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
                                     convert_options=convert)
             except pa.ArrowInvalid as e:
@@ -160,8 +166,10 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str
                                 or f"{path}: cannot read as json: {e}") from None
         import pyarrow.parquet as pq
 
-        _check_columns(pq.read_schema(path).names, str(path), cols)
-        return pq.read_table(path, columns=cols.required)  # only the configured columns are read
+        names = pq.read_schema(path).names
+        elsewhere = [c for c in from_folders if c not in names]
+        _check_columns(names + elsewhere, str(path), cols)
+        return pq.read_table(path, columns=[c for c in cols.required if c not in elsewhere])  # only the configured columns
     except DataError:
         raise
     except UnicodeDecodeError as e:
@@ -271,11 +279,57 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, encoding: s
     `encoding` and `delimiter` are those of CSV/TSV files (JSON is UTF-8 by definition; Parquet
     stores UTF-8); no delimiter means a comma for .csv and a tab for .tsv.
     """
-    tables = [_normalise(_read_one(path, cols, encoding, delimiter), str(path), cols) for path in files]
+    root = _static_root(source)
+    tables = []
+    for path in files:
+        folders = {k: v for k, v in hive_partitions(path, root).items() if k in cols.required}
+        t = _read_one(path, cols, encoding, delimiter, folders)
+        for key, value in folders.items():  # Spark/Hive partitionBy: the column is in the folder name, not the file
+            if key not in t.column_names:
+                t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))
+        tables.append(_normalise(t, str(path), cols))
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
+
+
+HIVE_FOLDER = re.compile(r"^([^=]+)=(.*)$")
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark and Hive name the folder of null values
+
+
+def hive_partitions(path: Path, root: Path | None) -> dict[str, str | None]:
+    """The ``key=value`` folders between `root` and the file, as ``partitionBy`` in Spark or Hive writes them.
+
+    Values are URL-escaped in folder names (``a%2Fb``); the null folder gives None.
+    """
+    if root is None:
+        return {}
+    try:
+        between = Path(path).parent.relative_to(root).parts
+    except ValueError:
+        return {}
+    out: dict[str, str | None] = {}
+    for part in between:
+        if m := HIVE_FOLDER.match(part):
+            value = unquote(m[2])
+            out[unquote(m[1])] = None if value == HIVE_NULL else value
+    return out
+
+
+def _static_root(source: str | Path) -> Path | None:
+    """The folder a source's files are found under: the folder itself, or a glob pattern's fixed part."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if not path.exists() and any(c in str(source) for c in "*?["):
+        fixed = []
+        for part in path.parts:
+            if any(c in part for c in "*?["):
+                break
+            fixed.append(part)
+        return Path(*fixed) if fixed else Path(".")
+    return None
 
 
 def _check_columns(names: list[str], where: str, cols: Columns) -> None:

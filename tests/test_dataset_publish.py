@@ -266,6 +266,36 @@ def test_a_glob_pattern_selects_the_files(tmp_path, cfg_for):
         dataset_publish.run(cfg_for(str(tmp_path / "exports" / "*.tsv")))
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_spark_partitioned_folders_give_the_label_from_the_folder_name(tmp_path, cfg_for, fmt):
+    """`df.write.partitionBy("label")`: label=VALUE folders (values URL-escaped), no label column in the files."""
+    records = [{**r, "label": "tech/it" if r["label"] == "tech" else r["label"]} for r in rows()]
+    plain = write_rows(tmp_path / "plain" / f"data.{fmt}", records)
+    spark = tmp_path / "spark"
+    for folder, label in (("label=billing", "billing"), ("label=shipping", "shipping"), ("label=tech%2Fit", "tech/it")):
+        part = [{k: v for k, v in r.items() if k != "label"} for r in records if r["label"] == label]
+        write_rows(spark / folder / f"part-00000-1f2e.c000.snappy.{fmt}", part)
+    (spark / "_SUCCESS").write_text("")
+    (spark / "label=billing" / ".part-00000-1f2e.c000.snappy.parquet.crc").write_bytes(b"crc")
+
+    got = assert_same_split_files(cfg_for, plain, spark, tmp_path)  # byte-identical to the file with the column
+    assert json.loads(got["dataset.json"].read_text())["label_names"] == ["billing", "shipping", "tech/it"]
+    # A glob pattern reads the folders below its fixed part the same way: the same files, the same version.
+    assert dataset_publish.run(cfg_for(str(spark / "label=*" / f"*.{fmt}"))).produced == ["tickets:v1"]
+
+    # Spark's folder for null values is a missing label, reported like an empty cell.
+    write_rows(spark / "label=__HIVE_DEFAULT_PARTITION__" / f"part-00001.{fmt}", [{"id": "n-1", "text": "no label here"}])
+    with pytest.raises(DataError, match=r"null_label \(1 rows.*label=__HIVE_DEFAULT_PARTITION__/part-00001\.\w+ row 1"):
+        dataset_publish.run(cfg_for(spark))
+    # A column the files hold wins over a folder of the same name; a folder that names no configured column is ignored.
+    mixed = tmp_path / "mixed"
+    write_rows(mixed / "label=wrong" / "region=eu" / f"part-0.{fmt}", records)
+    ref = dataset_publish.run(cfg_for(mixed)).produced[0]
+    assert ref == "tickets:v2"
+    want, again = artifact_files(cfg_for(plain), "tickets:v0", tmp_path), artifact_files(cfg_for(mixed), ref, tmp_path)
+    assert all(again[f].read_bytes() == want[f].read_bytes() for f in ("train.parquet", "validation.parquet", "test.parquet"))
+
+
 def test_folder_with_mixed_formats_is_refused(tmp_path, cfg_for):
     write_rows(tmp_path / "in" / "a.csv", rows())
     write_rows(tmp_path / "in" / "b.jsonl", rows())
