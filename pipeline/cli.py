@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("pipeline.commands.reproduce", "retrain a model version from what it recorded and compare"),
     "lineage": ("pipeline.commands.lineage", "show what a version was made from and what used it (text, json, mermaid)"),
     "predict": ("pipeline.commands.predict", "classify text with a fetched or deployed model"),
-    "artifacts": ("pipeline.commands.artifacts", "list, show and verify artifact versions in the registry"),
+    "artifacts": ("pipeline.commands.artifacts", "list, show, verify, delete and prune artifact versions"),
 }
 
 
@@ -73,6 +73,8 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    # A log handler that cannot write (a full disk under W&B's debug log) must not print a traceback per record.
+    logging.raiseExceptions = False
     if not sys.stderr.isatty():  # a log file or an orchestrator's pipe: no progress bars redrawn with \r
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers (the Trainer's bars: finetune)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' map and save_to_disk
@@ -93,3 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
         return 141
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: the disk is full{where}: free space (tracking.dir holds the registry, runs and caches; "
+              "`artifacts prune` deletes old versions) and run again. The registry publishes a version only once "
+              "all its files are stored, so nothing half-written was published", file=sys.stderr)
+        return 1
+
+
+def _disk_full(e: BaseException) -> bool:
+    """No space or quota left, as an OSError or as SQLite reports it, here or in what caused it."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(e).__module__ == "sqlite3" and "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -266,9 +266,9 @@ def tracked_run(
         run.wandb_run = _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_root, mode)
     if mode != "disabled":
         run.wandb_dir = Path(run.wandb_run.dir).parent.resolve()
-    registry.start_run(run)
     status, exit_code = "failed", 1
     try:
+        registry.start_run(run)  # inside: a registry that cannot record the run (a full disk) still closes it
         with _sigterm_as_interrupt():
             yield run
         status, exit_code = "finished", 0
@@ -278,6 +278,12 @@ def tracked_run(
     finally:
         try:
             registry.finish_run(run, status)
+        except Exception:
+            if status == "finished":
+                status, exit_code = "failed", 1  # the stage fails with this error; W&B must not say finished
+                raise
+            # The stage's own error is the one to report; this one would only hide it.
+            log.warning("run %s could not be recorded as %s in the registry", run.id, status, exc_info=True)
         finally:
             run.wandb_run.finish(exit_code=exit_code)
             log.info("run %s (%s) %s", run.id, job_type, status)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.registry.local import LocalRegistry
 from tests.conftest import REPO, run_cli
 
@@ -87,3 +89,34 @@ def test_an_unwritable_result_path_is_refused_before_any_work(tmp_path):
                      "--result-json", str(tmp_path))
     assert folder.returncode == 2 and f"--result-json {tmp_path} is a folder" in folder.stderr
     assert not track.exists()
+
+
+@pytest.mark.parametrize("where", ["catalog", "split files"])
+def test_a_full_disk_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys, where):
+    """No space left, whether SQLite or a file write meets it: one message saying what to do, exit 1."""
+    import errno
+    import sqlite3
+
+    from pipeline import cli
+    from pipeline.stages import dataset_publish
+    from tests.tiny import write_tickets
+
+    if where == "catalog":
+        def full(self, run):
+            raise sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(LocalRegistry, "start_run", full)
+    else:
+        def full(tables, manifest, out):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.parquet"))
+        monkeypatch.setattr(dataset_publish, "write_artifact_dir", full)
+    monkeypatch.setattr("logging.raiseExceptions", True)  # cli.main turns it off; undone after the test
+    track = tmp_path / "track"
+    code = cli.main(["dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
+                     "--set", f"dataset.source={write_tickets(tmp_path / 't.csv')}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "Logging error" not in err
+    assert "error: the disk is full" in err and "nothing half-written was published" in err
+    if where == "split files":
+        assert "train.parquet)" in err
+    monkeypatch.undo()
+    assert LocalRegistry(track / "registry").list_versions() == []

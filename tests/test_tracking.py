@@ -197,3 +197,33 @@ def test_an_unusable_run_folder_is_a_config_error_before_any_run(make_config, tm
 
     with sqlite3.connect(Path(cfg.tracking.dir) / "registry" / "catalog.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0  # no run recorded either
+
+
+def test_a_registry_that_cannot_record_the_run_still_closes_it_as_failed(make_config, monkeypatch):
+    """A full disk fails the registry's first write, after W&B opened the run: the run must not stay open."""
+    import sqlite3
+
+    def disk_full(self, run):
+        raise sqlite3.OperationalError("database or disk is full")  # what SQLite says on a full disk
+
+    cfg = make_config()
+    monkeypatch.setattr(LocalRegistry, "start_run", disk_full)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        with tracked_run(cfg, "dataset-publish"):
+            pytest.fail("the stage must not start without its run recorded")
+    (run_dir,) = (Path(cfg.tracking.dir) / "wandb").glob("offline-run-*")
+    summary = inspect_summary(run_dir)
+    assert summary["state"] == "failed" and summary["exit_code"] == 1
+
+
+def test_a_run_the_registry_cannot_close_fails_in_wandb_too(make_config, monkeypatch):
+    import sqlite3
+
+    def disk_full(self, run, status):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(LocalRegistry, "finish_run", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        with tracked_run(make_config(), "dataset-publish") as run:
+            run.set_summary(done=1)
+    assert inspect_summary(run.wandb_dir)["exit_code"] == 1
