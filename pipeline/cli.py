@@ -96,24 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
         return 141
     except Exception as e:
-        if not _disk_full(e):
+        full = _no_space(e)
+        if full is None:
             raise
+        from pipeline.errors import DiskFull
+
         logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: the disk is full{where}: free space (tracking.dir holds the registry, runs and caches; "
-              "`artifacts prune` deletes old versions) and run again. The registry publishes a version only once "
-              "all its files are stored, so nothing half-written was published", file=sys.stderr)
-        return 1
+        print(f"error: {DiskFull(full.filename)}", file=sys.stderr)
+        return DiskFull.exit_code
 
 
-def _disk_full(e: BaseException) -> bool:
-    """No space or quota left, as an OSError or as SQLite reports it, here or in what caused it."""
+def _no_space(e: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error in this exception or in what caused it (a library may wrap it)."""
     import errno
 
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if type(e).__module__ == "sqlite3" and "database or disk is full" in str(e):
-            return True
+            return e
         e = e.__cause__ or e.__context__
-    return False
+    return None

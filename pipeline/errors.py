@@ -35,6 +35,18 @@ class AliasMoved(RegistryError):
         self.current = current  # the exact name:vN the alias points at now; None when it is on no version
 
 
+class DiskFull(PipelineError):
+    """No space left where the pipeline writes; nothing half-written was published."""
+
+    exit_code = 1
+
+    def __init__(self, where: str | None = None):
+        super().__init__(
+            f"the disk is full{f' ({where})' if where else ''}: free space (tracking.dir holds the registry, runs and "
+            "caches; `artifacts prune` deletes old versions) and run again. The registry publishes a version only "
+            "once all its files are stored, so nothing half-written was published")
+
+
 class IntegrityError(PipelineError):
     """Stored bytes no longer match their recorded hash."""
 

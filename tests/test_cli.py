@@ -91,32 +91,64 @@ def test_an_unwritable_result_path_is_refused_before_any_work(tmp_path):
     assert not track.exists()
 
 
-@pytest.mark.parametrize("where", ["catalog", "split files"])
-def test_a_full_disk_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys, where):
-    """No space left, whether SQLite or a file write meets it: one message saying what to do, exit 1."""
+def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys):
+    """ENOSPC wherever a stage meets it (here writing the split files on a worker thread): one message, exit 1."""
     import errno
-    import sqlite3
 
     from pipeline import cli
     from pipeline.stages import dataset_publish
     from tests.tiny import write_tickets
 
-    if where == "catalog":
-        def full(self, run):
-            raise sqlite3.OperationalError("database or disk is full")
-        monkeypatch.setattr(LocalRegistry, "start_run", full)
-    else:
-        def full(tables, manifest, out):
-            raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.parquet"))
-        monkeypatch.setattr(dataset_publish, "write_artifact_dir", full)
+    def full(tables, manifest, out):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.parquet"))
+
+    monkeypatch.setattr(dataset_publish, "write_artifact_dir", full)
     monkeypatch.setattr("logging.raiseExceptions", True)  # cli.main turns it off; undone after the test
     track = tmp_path / "track"
     code = cli.main(["dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
                      "--set", f"dataset.source={write_tickets(tmp_path / 't.csv')}"])
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err and "Logging error" not in err
-    assert "error: the disk is full" in err and "nothing half-written was published" in err
-    if where == "split files":
-        assert "train.parquet)" in err
-    monkeypatch.undo()
+    assert code == 1 and "Traceback" not in err
+    assert "error: the disk is full (" in err and "train.parquet)" in err and "nothing half-written was published" in err
     assert LocalRegistry(track / "registry").list_versions() == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up (needs root, as on the CI machine)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("free_kib", [0, 100])
+def test_a_really_full_disk_is_one_message_and_the_registry_stays_whole(small_disk, tmp_path, free_kib):
+    import random
+
+    rng = random.Random(free_kib)
+    src = tmp_path / "t.csv"  # ~400 KB of text that does not compress much: it cannot fit in 100 KiB
+    src.write_text("ticket_id,text,label\n" + "".join(
+        f"t{i},{rng.randbytes(60).hex()},{('billing', 'shipping', 'tech')[i % 3]}\n" for i in range(3000)))
+    track = small_disk / "track"
+    cli = ("--config", "configs/demo.yaml", "--set", f"tracking.dir={track}", "--set", f"dataset.source={src}")
+    first = run_cli("dataset-publish", *cli, "--set", "dataset.split.seed=1")  # v0 fits
+    assert first.returncode == 0, first.stderr
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - free_kib * 1024))
+
+    full = run_cli("dataset-publish", *cli, "--set", "dataset.split.seed=2")  # other split files: a new version
+
+    assert full.returncode == 1, full.stderr
+    assert "error: the disk is full" in full.stderr and "Traceback" not in full.stderr, full.stderr
+    assert "Logging error" not in full.stderr and full.stdout == ""
+    filler.unlink()
+    check = run_cli("artifacts", "verify", "--set", f"tracking.dir={track}")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert [v.ref for v in LocalRegistry(track / "registry").list_versions()] == ["support-tickets:v0"]
+    again = run_cli("dataset-publish", *cli, "--set", "dataset.split.seed=2")
+    assert again.returncode == 0 and again.stdout.strip() == "support-tickets:v1"

@@ -378,3 +378,16 @@ def test_an_unusable_registry_location_is_one_clear_error(tmp_path):
     (damaged / "catalog.db").write_bytes(b"this is not an SQLite database, only some text " * 4)
     with pytest.raises(RegistryError, match=rf"cannot open the local registry at {damaged} .*file is not a database"):
         LocalRegistry(damaged)
+
+
+def test_sqlite_errors_of_a_full_disk_are_named_as_such(reg):
+    from pipeline.errors import DiskFull
+
+    with pytest.raises(DiskFull, match=r"the disk is full \(.*catalog.db\)"):
+        with reg._write():
+            raise sqlite3.OperationalError("database or disk is full")  # SQLITE_FULL, as SQLite words it
+    # An I/O error on a disk with room left is not called a full disk.
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        with reg._read():
+            raise sqlite3.OperationalError("disk I/O error")
+    assert reg.list_versions() == []  # the catalog is usable after both

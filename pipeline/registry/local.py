@@ -13,6 +13,7 @@ concurrent writers are serialised by SQLite (distinct version numbers, consisten
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import refstore
-from pipeline.errors import AliasMoved, IntegrityError, RefError, RegistryError
+from pipeline.errors import AliasMoved, DiskFull, IntegrityError, RefError, RegistryError
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -108,6 +109,21 @@ CREATE TABLE IF NOT EXISTS fetches (
 """
 
 
+def _disk_is_full(e: BaseException, where: Path) -> bool:
+    """No space left: said so (ENOSPC, SQLite's "database or disk is full"), or an I/O error on a disk that has
+    less than 1 MiB free (SQLite reports a shared-memory file it cannot grow as "disk I/O error")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if "database or disk is full" in str(e):
+        return True
+    if "disk I/O error" in str(e):
+        try:
+            return shutil.disk_usage(where).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -182,6 +198,8 @@ class LocalRegistry:
                 d.mkdir(parents=True, exist_ok=True)
             self._init_schema()
         except (OSError, sqlite3.Error) as e:  # a file where a folder should be, no space, a damaged catalog
+            if _disk_is_full(e, self.root):
+                raise DiskFull(str(self.db_path)) from e
             raise RegistryError(f"cannot open the local registry at {self.root} (under tracking.dir): {e}") from None
 
     # -- catalog plumbing ------------------------------------------------------------------
@@ -195,28 +213,42 @@ class LocalRegistry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction: all of it or none of it."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._full_disk_named():
+            conn = self._connect()
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A consistent snapshot for several queries."""
-        conn = self._connect()
+        with self._full_disk_named():
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+
+    @contextmanager
+    def _full_disk_named(self) -> Iterator[None]:
+        """SQLite's errors on a full disk as `DiskFull`. Even a read fails there ("disk I/O error"):
+        WAL mode creates its shared-memory file on the first connection."""
         try:
-            conn.execute("BEGIN")
-            yield conn
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+            yield
+        except sqlite3.OperationalError as e:
+            if _disk_is_full(e, self.root):
+                raise DiskFull(str(self.db_path)) from e
+            raise
 
     def _init_schema(self) -> None:
         conn = self._connect()
