@@ -96,22 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
         return 141
     except Exception as e:
-        full = _no_space(e)
-        if full is None:
+        from pipeline.errors import DiskFull, no_space_left
+
+        if not no_space_left(e):
             raise
-        from pipeline.errors import DiskFull
-
         logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
-        print(f"error: {DiskFull(full.filename)}", file=sys.stderr)
+        print(f"error: {DiskFull(getattr(e, 'filename', None))}", file=sys.stderr)
         return DiskFull.exit_code
-
-
-def _no_space(e: BaseException | None) -> OSError | None:
-    """The ENOSPC/EDQUOT error in this exception or in what caused it (a library may wrap it)."""
-    import errno
-
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
-        e = e.__cause__ or e.__context__
-    return None

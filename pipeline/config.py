@@ -23,8 +23,24 @@ from pipeline.errors import ConfigError
 from pipeline.refs import NAME_PATTERN
 
 
+SEED_MAX = 2**32 - 1  # what NumPy accepts (transformers' set_seed seeds it too)
+
+
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # inf and nan are no setting: `epochs: 1e400` would train forever and could not be recorded as JSON.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_for_a_number(cls, value: Any, info) -> Any:
+        """YAML reads yes/no/true/false as booleans, and pydantic would take them as 1 and 0: `batch_size: yes`
+        would train with a batch of one. A number field takes numbers only."""
+        if isinstance(value, bool):
+            kinds = typing.get_args(cls.model_fields[info.field_name].annotation) or (cls.model_fields[info.field_name].annotation,)
+            if bool not in kinds and any(k in (int, float) for k in kinds):
+                raise ValueError("expected a number, not yes/no or true/false")
+        return value
 
 
 class TrackingConfig(_Group):
@@ -51,7 +67,7 @@ class SplitConfig(_Group):
     """Fraction of rows for validation (model selection, early stopping)."""
     test: float = Field(0.1, ge=0, le=1)
     """Fraction of rows for the held-out test split (the evaluation gate)."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed of the stratified shuffle; the same input and seed give byte-identical splits."""
 
     @model_validator(mode="after")
@@ -201,7 +217,7 @@ class TrainConfig(_Group):
     """Rows in each misclassification table (the highest-loss ones); 0 turns the tables off."""
     dataloader_workers: int = Field(0, ge=0)
     """Worker processes per dataloader."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed for data order, head initialisation and dropout."""
 
     @model_validator(mode="after")

@@ -7,6 +7,10 @@ is a bug and keeps its full traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+
 
 class PipelineError(Exception):
     """A problem the user can fix; printed as one message, no traceback."""
@@ -45,6 +49,33 @@ class DiskFull(PipelineError):
             f"the disk is full{f' ({where})' if where else ''}: free space (tracking.dir holds the registry, runs and "
             "caches; `artifacts prune` deletes old versions) and run again. The registry publishes a version only "
             "once all its files are stored, so nothing half-written was published")
+
+
+# How libraries word ENOSPC/EDQUOT when they do not raise an OSError (safetensors' Rust errors, among others).
+_NO_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# Errors that do not say why, and mean a full disk when the disk has (almost) no room left: torch.save's
+# stream writer ("unexpected pos ...", "failed writing file"), SQLite's WAL shared memory ("disk I/O error").
+_UNSAID_WRITE_FAILURES = ("unexpected pos", "failed writing file", "disk I/O error")
+
+
+def no_space_left(e: BaseException | None, where: str | os.PathLike | None = None) -> bool:
+    """Whether `e` (or what caused it) is a full disk or quota. With `where`, a write failure that gives no
+    reason counts too when the disk holding `where` has less than 1 MiB free."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if any(w in text for w in _NO_SPACE_WORDS) or "database or disk is full" in text:
+            return True
+        if where is not None and any(w in text for w in _UNSAID_WRITE_FAILURES):
+            try:
+                return shutil.disk_usage(where).free < 1 << 20
+            except OSError:
+                return False
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class IntegrityError(PipelineError):

@@ -74,3 +74,23 @@ def inspect_records(run_dir: Path) -> list[dict]:
     out = subprocess.run([str(wandb_bin), "leet", "inspect", str(run_dir), "--json"],
                          capture_output=True, text=True, timeout=120, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up (needs root, as on the CI machine)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(mnt: Path, leave_kib: int) -> Path:
+    """A file that takes all but `leave_kib` KiB of the disk holding `mnt`."""
+    st = os.statvfs(mnt)
+    filler = mnt / "filler"
+    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave_kib * 1024))
+    return filler

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pipeline.registry.local import LocalRegistry
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, fill_disk, run_cli
 
 
 def test_help_imports_no_heavy_library():
@@ -113,18 +113,6 @@ def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_p
     assert LocalRegistry(track / "registry").list_versions() == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs: a disk that really fills up (needs root, as on the CI machine)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.mark.parametrize("free_kib", [0, 100])
 def test_a_really_full_disk_is_one_message_and_the_registry_stays_whole(small_disk, tmp_path, free_kib):
     import random
@@ -137,9 +125,7 @@ def test_a_really_full_disk_is_one_message_and_the_registry_stays_whole(small_di
     cli = ("--config", "configs/demo.yaml", "--set", f"tracking.dir={track}", "--set", f"dataset.source={src}")
     first = run_cli("dataset-publish", *cli, "--set", "dataset.split.seed=1")  # v0 fits
     assert first.returncode == 0, first.stderr
-    filler = small_disk / "filler"
-    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-    filler.write_bytes(b"\0" * max(0, free - free_kib * 1024))
+    filler = fill_disk(small_disk, free_kib)
 
     full = run_cli("dataset-publish", *cli, "--set", "dataset.split.seed=2")  # other split files: a new version
 

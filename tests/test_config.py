@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,26 @@ def test_a_key_added_since_a_config_was_recorded_is_not_a_difference():
     assert model_config_diff(recorded, now) == {"train.seed": (1, 42)}
     recorded["dataset"]["encoding"] = "cp1252"
     assert model_config_diff(recorded, now)["dataset.encoding"] == ("cp1252", "utf-8")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=1e400", "train.epochs: Input should be a finite number"),  # YAML reads it as inf
+    ("train.learning_rate=.nan", "train.learning_rate: Input should be a finite number"),
+    ("evaluate.gate.max_regression=.inf", "evaluate.gate.max_regression: Input should be a finite number"),
+    ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+    ("dataset.split.seed=4294967296", "dataset.split.seed: Input should be less than or equal to 4294967295"),
+])
+def test_values_no_stage_could_use_are_refused_at_load(make_config, override, message):
+    """inf/nan would be recorded as invalid JSON after the run opened; NumPy refuses seeds outside 0..2**32-1."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(override)
+    assert make_config("train.seed=4294967295").train.seed == 4294967295
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=yes", "train.epochs=true", "train.max_steps=on",
+                                      "evaluate.gate.min_class_recall=no"])
+def test_yes_or_no_is_not_taken_for_a_number(make_config, override):
+    """YAML reads yes/true/on as True, which pydantic would take as 1: a batch of one, silently."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: expected a number, not yes/no or true/false")):
+        make_config(override)

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError, RefError
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
-from tests.conftest import REPO, inspect_records, inspect_summary, offline, run_cli
+from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
@@ -374,3 +374,23 @@ def test_deleting_a_dataset_version_takes_its_cached_copies_and_a_republish_star
         again = finetune.run(cfg)
     assert again.details["tokenize_cache"] == "miss" and again.produced == ["clf:v1"]
     assert registry_of(cfg).resolve("clf:v1").metadata["dataset"]["ref"] == "tickets:v1"
+
+
+def test_a_full_disk_while_training_is_one_message_and_training_again_publishes(small_disk, tiny_model, tickets_csv):
+    """torch.save says only "unexpected pos" on a full disk; the stage says what it is."""
+    track = small_disk / "track"
+    cli = ("--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
+           "--set", f"dataset.source={tickets_csv}", "--set", f"model.base={tiny_model}", "--set", "model.max_length=32",
+           "--set", "train.epochs=1", "--set", "train.batch_size=16")
+    assert run_cli("dataset-publish", *cli).returncode == 0
+    filler = fill_disk(small_disk, 250)  # the data fits; a checkpoint (weights and optimizer state) does not
+
+    full = run_cli("finetune", *cli)
+
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert f"error: the disk is full ({track.resolve()}/checkpoints/" in full.stderr
+    assert LocalRegistry(track / "registry").list_versions(type="model") == []
+    filler.unlink()
+    again = run_cli("finetune", *cli)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "intent-classifier:v0"

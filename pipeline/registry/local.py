@@ -13,7 +13,6 @@ concurrent writers are serialised by SQLite (distinct version numbers, consisten
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import refstore
-from pipeline.errors import AliasMoved, DiskFull, IntegrityError, RefError, RegistryError
+from pipeline.errors import AliasMoved, DiskFull, IntegrityError, RefError, RegistryError, no_space_left
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -109,21 +108,6 @@ CREATE TABLE IF NOT EXISTS fetches (
 """
 
 
-def _disk_is_full(e: BaseException, where: Path) -> bool:
-    """No space left: said so (ENOSPC, SQLite's "database or disk is full"), or an I/O error on a disk that has
-    less than 1 MiB free (SQLite reports a shared-memory file it cannot grow as "disk I/O error")."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    if "database or disk is full" in str(e):
-        return True
-    if "disk I/O error" in str(e):
-        try:
-            return shutil.disk_usage(where).free < 1 << 20
-        except OSError:
-            return False
-    return False
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -198,7 +182,7 @@ class LocalRegistry:
                 d.mkdir(parents=True, exist_ok=True)
             self._init_schema()
         except (OSError, sqlite3.Error) as e:  # a file where a folder should be, no space, a damaged catalog
-            if _disk_is_full(e, self.root):
+            if no_space_left(e, self.root):
                 raise DiskFull(str(self.db_path)) from e
             raise RegistryError(f"cannot open the local registry at {self.root} (under tracking.dir): {e}") from None
 
@@ -246,7 +230,7 @@ class LocalRegistry:
         try:
             yield
         except sqlite3.OperationalError as e:
-            if _disk_is_full(e, self.root):
+            if no_space_left(e, self.root):
                 raise DiskFull(str(self.db_path)) from e
             raise
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
 from pipeline.config import Config, describe_diff, model_config_diff
-from pipeline.errors import ConfigError, PipelineError, RefError
+from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, no_space_left
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
@@ -458,9 +458,11 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             _define_summaries(trun.wandb_run)
         try:
             output = trainer.train(resume_from_checkpoint=shared["resume_from"])
-        except BaseException:
+        except BaseException as e:
             log.error("finetune run %s stopped; its checkpoints are in %s. Continue it with: "
                       "python -m pipeline finetune --config ... --resume %s", plan_.run_id, plan_.output_dir, plan_.run_id)
+            if isinstance(e, Exception) and no_space_left(e, plan_.output_dir):  # torch.save does not say so itself
+                raise DiskFull(str(plan_.output_dir)) from e
             raise
         best, final = _eval_history(trainer.state)
         metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
