@@ -37,7 +37,8 @@ class _Group(BaseModel):
         """YAML reads yes/no/true/false as booleans, and pydantic would take them as 1 and 0: `batch_size: yes`
         would train with a batch of one. A number field takes numbers only."""
         if isinstance(value, bool):
-            kinds = typing.get_args(cls.model_fields[info.field_name].annotation) or (cls.model_fields[info.field_name].annotation,)
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = typing.get_args(annotation) or (annotation,)
             if bool not in kinds and any(k in (int, float) for k in kinds):
                 raise ValueError("expected a number, not yes/no or true/false")
         return value
@@ -341,6 +342,38 @@ def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
         return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error: PyYAML keeps the last silently, so a
+    second ``train:`` block would drop every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    lines = f"lines {seen[key]} and {line}" if seen[key] != line else f"line {line}"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping ({lines}); merge them", key_node.start_mark)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error(path: str | Path, e: yaml.YAMLError) -> str:
+    """``PATH (line L, column C): invalid YAML: PROBLEM``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}"
+
+
+def safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load` that refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -349,14 +382,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
     except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" (line {mark.line + 1}, column {mark.column + 1})"
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+        raise ConfigError(yaml_error(path, e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -370,7 +398,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_unique(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep the text and let validation judge it
     parts = key.split(".")

@@ -33,7 +33,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from pipeline.config import Config, TrainConfig, config_from_dict, describe_diff, model_config_diff
+from pipeline.config import (Config, TrainConfig, config_from_dict, describe_diff, model_config_diff, safe_load_unique,
+                             yaml_error)
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -238,11 +239,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = safe_load_unique(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read sweep file {p}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        raise ConfigError(yaml_error(p, e)) from None
     return parse_sweep(raw, str(p))
 
 

@@ -163,3 +163,23 @@ def test_yes_or_no_is_not_taken_for_a_number(make_config, override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=re.escape(f"{key}: expected a number, not yes/no or true/false")):
         make_config(override)
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` block would silently reset epochs to 3."""
+    p = tmp_path / "c.yaml"
+    p.write_text("project: x\ndataset: {name: d, source: s}\nmodel: {name: m}\ntrain:\n  epochs: 7\ntrain:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{p} (line 6, column 1): invalid YAML: key 'train' appears twice "
+                                                    "in one mapping (lines 4 and 6); merge them")):
+        load_config(p)
+    p.write_text("project: x\ndataset: {name: d, source: s, name: e}\nmodel: {name: m}\n")
+    with pytest.raises(ConfigError, match="key 'name' appears twice in one mapping"):
+        load_config(p)
+    s = tmp_path / "sweep.yaml"
+    s.write_text("method: grid\nmetric: {name: eval/macro_f1, goal: maximize}\nparameters:\n"
+                 "  train.learning_rate: {values: [1e-4]}\n  train.learning_rate: {values: [2e-4]}\n")
+    from pipeline.sweep import load_sweep
+
+    with pytest.raises(ConfigError, match=re.escape("(line 5, column 3): invalid YAML: key 'train.learning_rate' appears "
+                                                    "twice in one mapping (lines 4 and 5)")):
+        load_sweep(s)
