@@ -63,6 +63,7 @@ class Validated:
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_rows: pa.Table | None = None  # the dropped rows with their reason
     problems: list[Problem] = field(default_factory=list)
+    texts: np.ndarray | None = None  # per clean row: a code of its text (and pair); equal texts, equal codes
 
 
 def list_input_files(source: str | Path) -> list[Path]:
@@ -548,12 +549,16 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         flag("conflicting_label", ok & (labels_per_text[text_codes] > 1), "the same text appears with different labels")
 
     ok = reason == 0
-    per_label = np.bincount(label_codes[ok], minlength=n_labels)
+    # Copies of a text stay in one split (`stratified_split`), so a label needs as many distinct texts as
+    # there are splits. After the conflict check each valid text has one label: count its first rows.
+    label_of_text = np.full(n_texts, -1, dtype=np.int64)
+    label_of_text[text_codes[ok]] = label_codes[ok]
+    per_label = np.bincount(label_of_text[label_of_text >= 0], minlength=n_labels)
     small_codes = np.flatnonzero((per_label > 0) & (per_label < min_per_class))
     if len(small_codes):
         small = sorted(label_values.take(pa.array(small_codes)).to_pylist())
         flag("class_too_small", ok & np.isin(label_codes, small_codes),
-             f"label(s) {', '.join(map(repr, small))} have fewer than {min_per_class} rows, too few to split")
+             f"label(s) {', '.join(map(repr, small))} have fewer than {min_per_class} distinct texts, too few to split")
 
     if "_split" in table.column_names:  # the user's own splits: every label must have train rows to learn from
         ok = reason == 0
@@ -583,6 +588,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         dropped={p.kind: p.count for p in problems},
         dropped_rows=dropped,
         problems=problems,
+        texts=text_codes[keep],
     )
 
 
@@ -597,22 +603,47 @@ def format_problems(problems: list[Problem], source: str) -> str:
     return "\n".join(lines)
 
 
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
+                     groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Row indices per split: every label split by the same fractions, a seeded shuffle.
 
-    Each split with a fraction above 0 gets at least one row of every label; the indices of
-    each split come back in input order, so the output depends only on the input and seed.
+    Rows with the same `groups` code (copies of one text) go to one split together, so no test
+    row is a copy of a train row; the fractions are then met as closely as whole groups allow.
+    With no repeated group this is a plain shuffle of the rows. Each split with a fraction above
+    0 gets at least one group of every label; the indices of each split come back in input
+    order, so the output depends only on the input and seed.
     """
     rng = np.random.default_rng(seed)
-    names = [s for s in ("train", "validation", "test")]
-    out: dict[str, list[np.ndarray]] = {s: [] for s in names}
+    out: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "validation", "test")}
     for lbl in np.unique(labels):  # sorted: the shuffle order never depends on input order
         idx = np.flatnonzero(labels == lbl)
-        idx = idx[rng.permutation(len(idx))]
         n = len(idx)
         n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0
         n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 else 0
-        out["test"].append(idx[:n_test])
-        out["validation"].append(idx[n_test:n_test + n_val])
-        out["train"].append(idx[n_test + n_val:])
+        if groups is None:  # every row its own group: the same split as below, without sorting groups
+            idx = idx[rng.permutation(n)]
+            out["test"].append(idx[:n_test])
+            out["validation"].append(idx[n_test:n_test + n_val])
+            out["train"].append(idx[n_test + n_val:])
+            continue
+        _, first, inverse, sizes = np.unique(groups[idx], return_index=True, return_inverse=True, return_counts=True)
+        order = np.argsort(first, kind="stable")  # the label's groups in input order
+        shuffled = order[rng.permutation(len(order))]
+        k_test = _groups_for(sizes[shuffled], n_test, leave=1 + (n_val > 0))
+        k_val = _groups_for(sizes[shuffled[k_test:]], n_val, leave=1)
+        position = np.empty(len(order), dtype=np.int64)
+        position[shuffled] = np.arange(len(order))
+        row_position = position[inverse.reshape(-1)]
+        out["test"].append(idx[row_position < k_test])
+        out["validation"].append(idx[(row_position >= k_test) & (row_position < k_test + k_val)])
+        out["train"].append(idx[row_position >= k_test + k_val])
     return {s: np.sort(np.concatenate(v)) if v else np.array([], dtype=np.int64) for s, v in out.items()}
+
+
+def _groups_for(sizes: np.ndarray, rows: int, leave: int) -> int:
+    """How many of these groups (in order) come closest to `rows` rows: at least one when rows are wanted,
+    and at most all but `leave`, so the splits after this one get a group each."""
+    if rows <= 0 or not len(sizes):
+        return 0
+    k = int(np.argmin(np.abs(np.cumsum(sizes) - rows))) + 1
+    return max(1, min(k, len(sizes) - leave))

@@ -350,7 +350,8 @@ class SweepMetricCallback(TrainerCallback):
             self.run.log({self.alias: value, "train/global_step": state.global_step})
         if self.prune_trial is not None:
             self.prune_trial.report(value, step=self.evaluations)
-            if self.prune_trial.should_prune():
+            # At the last evaluation there is nothing left to stop: the trial ran in full and is complete.
+            if state.global_step < state.max_steps and self.prune_trial.should_prune():
                 self.pruned = True
                 control.should_training_stop = True
 

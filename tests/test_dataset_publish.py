@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataError
+from pipeline.data import DataError, stratified_split
 from pipeline.errors import ConfigError
 from pipeline.demo_data import write_csv
 from pipeline.registry.local import LocalRegistry
@@ -320,6 +321,68 @@ def test_splits_are_deterministic_and_stratified(tmp_path, cfg_for):
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # no row in two splits
     other = dataset_publish.prepare(cfg_for(src, "dataset.split.seed=7"))[0]
     assert not other["test"].equals(a["test"])
+
+
+def _split_before_grouping(labels, fractions, seed):
+    """The split as every version before grouped splits made it (a plain shuffle of the rows per label)."""
+    rng = np.random.default_rng(seed)
+    out = {s: [] for s in ("train", "validation", "test")}
+    for lbl in np.unique(labels):
+        idx = np.flatnonzero(labels == lbl)
+        idx = idx[rng.permutation(len(idx))]
+        n = len(idx)
+        n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0
+        n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 else 0
+        out["test"].append(idx[:n_test])
+        out["validation"].append(idx[n_test:n_test + n_val])
+        out["train"].append(idx[n_test + n_val:])
+    return {s: np.sort(np.concatenate(v)) for s, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 42, 1234])
+def test_without_repeated_texts_the_split_is_the_one_published_before(seed):
+    """So data published by earlier versions publishes as `unchanged` now."""
+    labels = np.random.default_rng(seed).integers(0, 5, size=997)
+    for fractions in ({"train": 0.8, "validation": 0.1, "test": 0.1}, {"train": 0.7, "validation": 0.0, "test": 0.3}):
+        new = stratified_split(labels, fractions, seed, groups=np.arange(997) * 3)
+        old = _split_before_grouping(labels, fractions, seed)
+        assert all(np.array_equal(new[s], old[s]) for s in old)
+
+
+def test_copies_of_a_text_stay_in_one_split(tmp_path, cfg_for, caplog):
+    """A test row that is a copy of a train row measures memory, not generalisation."""
+    records = []
+    for r in rows(30):
+        copies = 1 + int(r["id"].rsplit("-", 1)[1]) % 4  # 1 to 4 copies of each text
+        records += [{**r, "id": f"{r['id']}-{c}"} for c in range(copies)]
+    src = write_rows(tmp_path / "d.csv", records)
+    caplog.set_level("INFO", logger="pipeline")
+    result = dataset_publish.run(cfg_for(src))
+    files = artifact_files(cfg_for(src), result.produced[0], tmp_path)
+    texts = {s: set(pq.read_table(files[f"{s}.parquet"]).column("text").to_pylist()) for s in ("train", "validation", "test")}
+    assert not (texts["train"] & texts["test"] or texts["train"] & texts["validation"] or texts["validation"] & texts["test"])
+    meta = json.loads(files["dataset.json"].read_text())
+    assert meta["repeated_texts"] == len(records) - 90
+    for split, share in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):  # as close as whole texts allow
+        for label in LABELS:
+            assert abs(meta["label_counts"][split][label] - share * len(records) / 3) <= 4
+    assert f"{len(records) - 90} rows repeat the text of an earlier row" in caplog.text
+
+    # A label needs as many distinct texts as there are splits, however many copies it has.
+    few = [*rows(10), *({"id": f"rare-{i}", "text": f"rare text {i % 2}", "label": "rare"} for i in range(6))]
+    with pytest.raises(DataError, match=r"label\(s\) 'rare' have fewer than 3 distinct texts, too few to split"):
+        dataset_publish.run(cfg_for(write_rows(tmp_path / "few.csv", few)))
+
+
+def test_users_own_splits_that_share_texts_with_train_are_warned_about(tmp_path, cfg_for, caplog):
+    r = rows()
+    files = {s: write_rows(tmp_path / f"{s}.csv", part) for s, part in
+             (("train", r[0:8] + r[10:18] + r[20:28]), ("validation", [r[8], r[18], r[28]]),
+              ("test", [r[9], {**r[0], "id": "copy-of-billing-0"}, r[29]]))}
+    cfg = cfg_for(tmp_path / "train.csv", *(f"dataset.split_files.{s}={p}" for s, p in files.items()))
+    manifest = dataset_publish.prepare(cfg)[1]
+    assert manifest["texts_also_in_train"] == {"validation": 0, "test": 1} and manifest["repeated_texts"] == 1
+    assert "1 test rows have a text that is also in the train split" in caplog.text
 
 
 def test_users_own_split_files(tmp_path, cfg_for):

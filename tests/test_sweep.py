@@ -239,3 +239,16 @@ def test_a_sampled_value_the_config_rejects_is_caught_before_the_first_trial(cfg
                                "parameters": {"batch_size": {"values": [16, 0]}}})
     with pytest.raises(ConfigError, match="train.batch_size: Input should be greater than 0"):
         sweeps.run(cfg(), sweep=spec, count=2)
+
+
+def test_a_trial_the_pruner_rejects_at_its_last_evaluation_ran_in_full_and_is_complete():
+    """Pruning stops a trial early; at the last evaluation there is nothing left to stop."""
+    import optuna
+    from transformers import TrainerControl, TrainerState
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.9))
+    for step, expect_pruned in ((5, True), (10, False)):  # the same weak value mid-way and at the end
+        cb = sweeps.SweepMetricCallback("accuracy", prune_trial=study.ask(), maximize=True)
+        state, control = TrainerState(global_step=step, max_steps=10), TrainerControl()
+        cb.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.2})
+        assert cb.pruned is expect_pruned and control.should_training_stop is expect_pruned

@@ -116,11 +116,21 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
     _warn_about_suspicious_labels(label_names, where)
 
+    repeats = int(len(checked.texts) - np.count_nonzero(np.bincount(checked.texts)))  # rows whose text an earlier row has
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
         index = {s: np.flatnonzero(pc.equal(assigned, s).to_numpy(zero_copy_only=False)) for s in SPLITS}
+        in_train = np.isin(checked.texts, checked.texts[index["train"]])
+        leaked = {s: int(in_train[index[s]].sum()) for s in ("validation", "test")}
+        if any(leaked.values()):
+            log.warning("%s: %s rows have a text that is also in the train split; they measure memory, not "
+                        "generalisation (let dataset.split make the splits to keep the copies of a text together)",
+                        where, " and ".join(f"{n} {s}" for s, n in leaked.items() if n))
     else:
-        index = stratified_split(labels, d.split.model_dump(), d.split.seed)
+        # Copies of one text go to one split together: a test row is never a copy of a train row.
+        index = stratified_split(labels, d.split.model_dump(), d.split.seed, groups=checked.texts if repeats else None)
+        if repeats:
+            log.info("%s: %d rows repeat the text of an earlier row; each text's copies are in one split", where, repeats)
 
     canonical = {"text": cols.text, "label": cols.label}
     if cols.id:
@@ -151,6 +161,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         manifest["encoding"] = d.encoding
     if d.delimiter is not None:  # likewise
         manifest["delimiter"] = d.delimiter
+    if repeats:  # likewise: data without repeated texts keeps the manifest (and the split) it always had
+        manifest["repeated_texts"] = repeats
+        if d.split_files and any(leaked.values()):
+            manifest["texts_also_in_train"] = leaked
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
 
