@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +391,26 @@ def test_predict_command_and_function(env, tmp_path):
     latin1 = stdin("fine\ncaf\u00e9 order\n".encode("latin-1"))
     assert latin1.returncode == 2 and latin1.stdout == b""
     assert b"stdin line 2 is not valid UTF-8" in latin1.stderr and b"Traceback" not in latin1.stderr
+
+    # stdin is classified 1,024 lines at a time: results come while the input is still open, in input order.
+    texts = [f"my order {i} has not arrived" if i % 3 else f"i was charged {i} times" for i in range(1030)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", "--model-dir", str(dest)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=os.environ)
+    guard = threading.Timer(240, proc.kill)  # a predict that waits for the end of input fails, not hangs
+    guard.start()
+    try:
+        proc.stdin.write("".join(t + "\n" for t in texts).encode())
+        proc.stdin.flush()
+        first = proc.stdout.readline()  # stdin is still open
+        proc.stdin.write(b"refund please\n")
+        proc.stdin.close()
+        rest = proc.stdout.read().splitlines()
+    finally:
+        guard.cancel()
+    assert proc.wait() == 0 and first, "no output before the end of input"
+    streamed = [line.decode().rstrip("\n").split("\t") for line in [first, *rest]]
+    assert [row[-1] for row in streamed] == [*texts, "refund please"]
+    assert [row[0] for row in streamed] == [p.label for p in predict(dest, [*texts, "refund please"])]
 
 
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
