@@ -586,19 +586,13 @@ class LocalRegistry:
         removed = []
         default = str(self.default_fetch_dir(version))
         for dest in copies:
-            if dest == default and Path(dest).is_dir() and self._reusable_snapshot(Path(dest), dest):
+            if dest == default and self._as_fetched(Path(dest)) is not None:
                 shutil.rmtree(dest, ignore_errors=True)
                 with self._write() as conn:
                     conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (dest, row["id"]))
                 removed.append(dest)
         return DeleteResult(version=record, aliases_removed=held, latest_now=f"{row['name']}:v{newest['version']}"
                             if newest is not None else None, bytes_freed=freed, copies_removed=removed)
-
-    def _reusable_snapshot(self, path: Path, dest: str) -> bool:
-        """The folder is exactly as the registry last wrote it there."""
-        with self._read() as conn:
-            row = conn.execute("SELECT snapshot FROM fetches WHERE dest = ?", (dest,)).fetchone()
-        return bool(row) and json.loads(row["snapshot"]) == self._snapshot(path)
 
     def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
         """Point `alias` at the version `ref` resolves to, taking it off any other version.
@@ -645,12 +639,16 @@ class LocalRegistry:
                 snap[p.relative_to(dest).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
         return snap
 
-    def _reusable(self, dest: Path, version: ArtifactVersion) -> bool:
+    def _as_fetched(self, dest: Path) -> str | None:
+        """The digest the registry last fetched into `dest`, if the folder is still exactly as it wrote it."""
         if not dest.is_dir():
-            return False
+            return None
         with self._read() as conn:
             row = conn.execute("SELECT digest, snapshot FROM fetches WHERE dest = ?", (str(dest),)).fetchone()
-        return bool(row) and row["digest"] == version.digest and json.loads(row["snapshot"]) == self._snapshot(dest)
+        return row["digest"] if row and json.loads(row["snapshot"]) == self._snapshot(dest) else None
+
+    def _reusable(self, dest: Path, version: ArtifactVersion) -> bool:
+        return self._as_fetched(dest) == version.digest
 
     def fetch(
         self,
