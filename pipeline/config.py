@@ -135,6 +135,9 @@ class DatasetConfig(_Group):
     delimiter: str | None = None
     """Field separator of CSV/TSV sources, e.g. ``;`` (Excel's CSV in many European locales); unset: a comma
     for ``.csv`` and a tab for ``.tsv``."""
+    column_names: list[str] | None = None
+    """Column names of CSV/TSV files that have no header row, in file order (Spark writes CSV without one by
+    default); unset: the first row is the header."""
     on_invalid: Literal["error", "drop"] = "error"
     """Invalid rows: ``error`` stops before anything is written; ``drop`` drops, counts and records them."""
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -157,6 +160,17 @@ class DatasetConfig(_Group):
     def _one_character(cls, value: str | None) -> str | None:
         if value is not None and (len(value) != 1 or value in "\"\r\n"):
             raise ValueError("the delimiter is one character other than a quote or a line break, e.g. ';' or '|'")
+        return value
+
+    @field_validator("column_names")
+    @classmethod
+    def _distinct_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value or any(not n.strip() for n in value):
+                raise ValueError("name every column of the file, none of them empty, e.g. [id, text, label]")
+            doubled = sorted({n for n in value if value.count(n) > 1})
+            if doubled:
+                raise ValueError(f"column name(s) {', '.join(map(repr, doubled))} appear more than once")
         return value
 
     @field_validator("encoding")

@@ -49,6 +49,20 @@ class Columns:
         return [c for c in (self.id, self.text, self.text_pair, self.label) if c]
 
 
+@dataclass(frozen=True)
+class CsvFormat:
+    """How CSV/TSV files are written (JSON is UTF-8 by definition; Parquet stores UTF-8 and its names)."""
+
+    encoding: str = "utf-8"
+    delimiter: str | None = None  # None: a comma for .csv, a tab for .tsv
+    column_names: tuple[str, ...] | None = None  # the columns of files without a header row; None: row 1 is it
+
+    def read_options(self, encoding: str, **kwargs):
+        from pyarrow import csv
+
+        return csv.ReadOptions(encoding=encoding, column_names=list(self.column_names or ()), **kwargs)
+
+
 @dataclass
 class Problem:
     kind: str
@@ -97,17 +111,16 @@ def _one_format(candidates: list[Path], source: Path, where: str) -> list[Path]:
 LIKELY_DELIMITERS = (";", "\t", "|", ",")
 
 
-def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str | None = None,
-              from_folders: Collection[str] = ()) -> pa.Table:
+def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_folders: Collection[str] = ()) -> pa.Table:
     """One file's configured columns; those in `from_folders` may be absent (a ``key=value`` folder gives them)."""
     kind = SUFFIXES[path.suffix.lower()]
     try:
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
-            delimiter = delimiter or ("\t" if kind == "tsv" else ",")
+            delimiter = fmt.delimiter or ("\t" if kind == "tsv" else ",")
             parse = csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-            encoding = _wide_encoding(path) or encoding  # Excel's "Unicode Text" export is UTF-16
+            encoding = _wide_encoding(path) or fmt.encoding  # Excel's "Unicode Text" export is UTF-16
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
             as_written = {**{c: pa.string() for c in (cols.id, cols.label) if c}, **text_as_binary}
@@ -117,20 +130,19 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str
             # into nulls, reported as empty when the file holds a value.
             convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
                                          strings_can_be_null=True, quoted_strings_can_be_null=False)
-            # A header without the delimiter is one column, so the configured columns cannot all be there.
+            # A first line without the delimiter is one column, so the configured columns cannot all be there.
             if (seen := _other_delimiter(path, encoding, delimiter)) is not None:
-                raise DataError(f"{path}: the header has no {delimiter!r}, but it has {seen!r}: set dataset.delimiter={seen!r} "
-                                "for a file separated by it")
+                raise DataError(f"{path}: the first line has no {delimiter!r}, but it has {seen!r}: set "
+                                f"dataset.delimiter={seen!r} for a file separated by it")
             try:
                 # The header first (one 64 KiB block): a missing, misspelt or doubled column is named.
-                header = csv.open_csv(path, parse_options=parse,
-                                      read_options=csv.ReadOptions(block_size=1 << 16, encoding=encoding),
+                header = csv.open_csv(path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=1 << 16),
                                       convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
                 elsewhere = [c for c in from_folders if c not in header]
                 _check_columns(header + elsewhere, str(path), cols)
                 if elsewhere:
                     convert.include_columns = [c for c in cols.required if c not in elsewhere]
-                return csv.read_csv(path, read_options=csv.ReadOptions(encoding=encoding), parse_options=parse,
+                return csv.read_csv(path, read_options=fmt.read_options(encoding), parse_options=parse,
                                     convert_options=convert)
             except pa.ArrowInvalid as e:
                 if "invalid UTF8" in str(e):  # in an id or label column (text columns are checked row by row)
@@ -138,7 +150,7 @@ def _read_one(path: Path, cols: Columns, encoding: str = "utf-8", delimiter: str
                                     "e.g. cp1252") from None
                 if "CSV parse error" not in str(e):
                     raise
-                raise _locate_csv_error(path, kind, encoding, parse, convert, e) from None
+                raise _locate_csv_error(path, kind, fmt.read_options(encoding, use_threads=False), parse, convert, e) from None
         if kind == "jsonl":
             from pyarrow import json as pajson
 
@@ -202,7 +214,7 @@ def _wide_encoding(path: Path) -> str | None:
     return None
 
 
-def _locate_csv_error(path: Path, kind: str, encoding: str, parse, convert, error: Exception) -> DataError:
+def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Exception) -> DataError:
     """The first malformed row of a CSV, found by a single-threaded re-read (the fast read cannot number rows)."""
     from pyarrow import csv
 
@@ -213,14 +225,15 @@ def _locate_csv_error(path: Path, kind: str, encoding: str, parse, convert, erro
         return "error"
 
     try:
-        csv.read_csv(path, read_options=csv.ReadOptions(use_threads=False, encoding=encoding), convert_options=convert,
+        csv.read_csv(path, read_options=read, convert_options=convert,
                      parse_options=csv.ParseOptions(delimiter=parse.delimiter, newlines_in_values=parse.newlines_in_values,
                                                     invalid_row_handler=keep_first))
     except pa.ArrowException:
         pass
     if found and found[0].number is not None:
         row = found[0]
-        return DataError(f"{path} row {row.number - 1}: expected {row.expected_columns} fields, found "
+        header_rows = 0 if read.column_names else 1  # rows are numbered as data rows
+        return DataError(f"{path} row {row.number - header_rows}: expected {row.expected_columns} fields, found "
                          f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}")
     return DataError(f"{path}: cannot read as {kind}: {error}")
 
@@ -273,18 +286,14 @@ def _strip_block_row(error: Exception) -> str:
     return re.sub(r"\s+in row \d+\s*$", "", str(error))
 
 
-def read_files(files: list[Path], cols: Columns, source: str | Path, encoding: str = "utf-8",
-               delimiter: str | None = None) -> pa.Table:
-    """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``.
-
-    `encoding` and `delimiter` are those of CSV/TSV files (JSON is UTF-8 by definition; Parquet
-    stores UTF-8); no delimiter means a comma for .csv and a tab for .tsv.
-    """
+def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFormat = CsvFormat()) -> pa.Table:
+    """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``;
+    `fmt` says how CSV/TSV files are written."""
     root = _static_root(source)
     tables = []
     for path in files:
         folders = {k: v for k, v in hive_partitions(path, root).items() if k in cols.required}
-        t = _read_one(path, cols, encoding, delimiter, folders)
+        t = _read_one(path, cols, fmt, folders)
         for key, value in folders.items():  # Spark/Hive partitionBy: the column is in the folder name, not the file
             if key not in t.column_names:
                 t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))

@@ -587,7 +587,7 @@ def test_a_declared_delimiter_reads_semicolon_csv(tmp_path, cfg_for):
         w = csv.DictWriter(f, fieldnames=["id", "text", "label"], delimiter=";")
         w.writeheader()
         w.writerows(records)
-    with pytest.raises(DataError, match=rf"{semi}: the header has no ',', but it has ';': set dataset.delimiter=';'"):
+    with pytest.raises(DataError, match=rf"{semi}: the first line has no ',', but it has ';': set dataset.delimiter=';'"):
         dataset_publish.prepare(cfg_for(semi))
     dataset_publish.run(cfg_for(plain))
     dataset_publish.run(cfg_for(semi, "dataset.delimiter=;"))
@@ -599,6 +599,34 @@ def test_a_declared_delimiter_reads_semicolon_csv(tmp_path, cfg_for):
     assert "delimiter" not in json.loads(want["dataset.json"].read_text())  # recorded only when set
     with pytest.raises(ConfigError, match="dataset.delimiter: the delimiter is one character other than a quote"):
         cfg_for(semi, "dataset.delimiter=;;")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_files_without_a_header_row_take_the_configured_column_names(tmp_path, cfg_for, fmt):
+    """Spark writes CSV without a header by default; dataset.column_names names the columns instead."""
+    records = rows()
+    plain = write_rows(tmp_path / f"plain.{fmt}", records)
+    bare = tmp_path / f"bare.{fmt}"
+    bare.write_text(plain.read_text(encoding="utf-8").split("\n", 1)[1], encoding="utf-8")  # no header row
+    named = "dataset.column_names=[id, text, label]"
+    dataset_publish.run(cfg_for(plain))
+    dataset_publish.run(cfg_for(bare, named))
+    want, got = artifact_files(cfg_for(plain), "tickets:v0", tmp_path), artifact_files(cfg_for(bare), "tickets:v1", tmp_path)
+    for split in ("train.parquet", "validation.parquet", "test.parquet"):
+        assert got[split].read_bytes() == want[split].read_bytes()  # the first line is a row, not a header
+    assert json.loads(got["dataset.json"].read_text())["column_names"] == ["id", "text", "label"]
+    assert "column_names" not in json.loads(want["dataset.json"].read_text())
+
+    # Rows are numbered from the first line; a row with another number of fields is named.
+    sep = "\t" if fmt == "tsv" else ","
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_text(f"a{sep}one text{sep}billing\nb{sep}two{sep}texts{sep}shipping\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{bad} row 2: expected 3 fields, found 4"):
+        dataset_publish.prepare(cfg_for(bad, named))
+    with pytest.raises(DataError, match=r"missing column\(s\) label; the file has: id, text, category"):
+        dataset_publish.prepare(cfg_for(bare, "dataset.column_names=[id, text, category]"))
+    with pytest.raises(ConfigError, match="dataset.column_names: column name\\(s\\) 'id' appear more than once"):
+        cfg_for(bare, "dataset.column_names=[id, text, id]")
 
 
 def test_json_lines_must_be_utf8(tmp_path, cfg_for):

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
-from pipeline.data import (Columns, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
+from pipeline.data import (Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
                            read_files, stratified_split, validate)
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
@@ -89,9 +89,10 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
 def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]]):
     d = config.dataset
     where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
+    fmt = CsvFormat(d.encoding, d.delimiter, tuple(d.column_names) if d.column_names else None)
     hub_sources: list[dict] = []
     if d.split_files:
-        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), d.encoding, d.delimiter) for s in SPLITS}
+        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), fmt) for s in SPLITS}
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
         min_per_class = 1
@@ -99,7 +100,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         if not listed:
             table, hub_sources = load_hub_dataset(source, cols)
         else:
-            table = read_files(listed["all"], cols, source, d.encoding, d.delimiter)
+            table = read_files(listed["all"], cols, source, fmt)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
@@ -161,6 +162,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         manifest["encoding"] = d.encoding
     if d.delimiter is not None:  # likewise
         manifest["delimiter"] = d.delimiter
+    if d.column_names:  # likewise
+        manifest["column_names"] = d.column_names
     if repeats:  # likewise: data without repeated texts keeps the manifest (and the split) it always had
         manifest["repeated_texts"] = repeats
         if d.split_files and any(leaked.values()):
