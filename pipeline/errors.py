@@ -69,13 +69,17 @@ def no_space_left(e: BaseException | None, where: str | os.PathLike | None = Non
         text = str(e)
         if any(w in text for w in _NO_SPACE_WORDS) or "database or disk is full" in text:
             return True
-        if where is not None and any(w in text for w in _UNSAID_WRITE_FAILURES):
-            try:
-                return shutil.disk_usage(where).free < 1 << 20
-            except OSError:
-                return False
+        if where is not None and any(w in text for w in _UNSAID_WRITE_FAILURES) and _nearly_full(where):
+            return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _nearly_full(where: str | os.PathLike) -> bool:
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
 
 
 class IntegrityError(PipelineError):

@@ -157,6 +157,18 @@ class Registry(Protocol):
     def finish_run(self, run: TrackedRun, status: str) -> None: ...
 
 
+def check_deletable(ref: str, aliases: list[str], dependents: list[str], *, delete_aliases: bool, force: bool) -> list[str]:
+    """The refusals of `Registry.delete`, the same in both registries; returns the aliases (not `latest`) that go."""
+    held = [a for a in aliases if a != "latest"]
+    if held and not delete_aliases:
+        raise RegistryError(f"{ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
+                            "--delete-aliases to delete the version and its aliases")
+    if dependents and not force:
+        raise RegistryError(f"{ref} is what {', '.join(dependents)} were made from: without it they "
+                            "cannot be reproduced; delete them first, or pass --force")
+    return held
+
+
 def swap_into_place(staging: Path, dest: Path) -> None:
     """Replace `dest` by the complete folder `staging` with renames: never a half-written `dest`."""
     import os

@@ -38,6 +38,7 @@ from pipeline.registry.base import (
     PublishResult,
     VerifyReport,
     check_artifact_path,
+    check_deletable,
     collect_files,
     swap_into_place,
 )
@@ -550,32 +551,25 @@ class LocalRegistry:
         with self._write() as conn:
             row = self._resolve_row(conn, ref, None)
             version = self._load(conn, row)
-            held = [a for a in version.aliases if a != "latest"]
-            if held and not delete_aliases:
-                raise RegistryError(f"{version.ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
-                                    "--delete-aliases to delete the version and its aliases")
             dependents = [f"{r[0]}:v{r[1]}" for r in conn.execute(
                 "SELECT DISTINCT p.name, p.version FROM usage u JOIN versions p ON p.run_id = u.run_id "
                 "WHERE u.version_id = ? AND p.id != ? AND p.deleted_at IS NULL ORDER BY p.name, p.version",
                 (row["id"], row["id"]))]
-            if dependents and not force:
-                raise RegistryError(f"{version.ref} is what {', '.join(dependents)} were made from: without it they "
-                                    "cannot be reproduced; delete them first, or pass --force")
+            held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force)
+            newest = conn.execute("SELECT id, version FROM versions WHERE name = ? AND deleted_at IS NULL AND id != ? "
+                                  "ORDER BY version DESC LIMIT 1", (row["name"], row["id"])).fetchone()
+            latest_now = f"{row['name']}:v{newest['version']}" if newest is not None else None
             objects = [f.digest for f in version.files if not f.ref]
             if dry_run:  # the same checks, and what would be freed: content no other version names
                 alone = conn.execute(
                     "SELECT sha256, MAX(size) FROM files WHERE version_id = ? AND ref IS NULL AND sha256 NOT IN "
                     "(SELECT sha256 FROM files WHERE version_id != ? AND ref IS NULL) GROUP BY sha256",
                     (row["id"], row["id"])).fetchall()
-                newest = conn.execute("SELECT version FROM versions WHERE name = ? AND deleted_at IS NULL AND id != ? "
-                                      "ORDER BY version DESC LIMIT 1", (row["name"], row["id"])).fetchone()
-                return DeleteResult(version=version, aliases_removed=held, bytes_freed=sum(r[1] for r in alone),
-                                    latest_now=f"{row['name']}:v{newest[0]}" if newest else None)
+                return DeleteResult(version=version, aliases_removed=held, latest_now=latest_now,
+                                    bytes_freed=sum(r[1] for r in alone))
             conn.execute("DELETE FROM files WHERE version_id = ?", (row["id"],))
             conn.execute("DELETE FROM aliases WHERE version_id = ?", (row["id"],))
             conn.execute("UPDATE versions SET deleted_at = ? WHERE id = ?", (_now(), row["id"]))
-            newest = conn.execute("SELECT id, version FROM versions WHERE name = ? AND deleted_at IS NULL "
-                                  "ORDER BY version DESC LIMIT 1", (row["name"],)).fetchone()
             if newest is not None and "latest" in version.aliases:
                 self._move_alias(conn, row["name"], "latest", newest["id"])
             copies = [r[0] for r in conn.execute("SELECT dest FROM fetches WHERE version_id = ?", (row["id"],))]
@@ -591,8 +585,8 @@ class LocalRegistry:
                 with self._write() as conn:
                     conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (dest, row["id"]))
                 removed.append(dest)
-        return DeleteResult(version=record, aliases_removed=held, latest_now=f"{row['name']}:v{newest['version']}"
-                            if newest is not None else None, bytes_freed=freed, copies_removed=removed)
+        return DeleteResult(version=record, aliases_removed=held, latest_now=latest_now, bytes_freed=freed,
+                            copies_removed=removed)
 
     def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
         """Point `alias` at the version `ref` resolves to, taking it off any other version.

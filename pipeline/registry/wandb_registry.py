@@ -1,9 +1,10 @@
 """The W&B registry (online mode): artifacts, aliases and lineage live in W&B itself.
 
 The calls are few and plain: `run.use_artifact`, `run.log_artifact`, `Api().artifact`,
-`artifact.aliases` + `save()`, `artifact.download` + `verify`, and `run.link_artifact` when a
-W&B Registry is configured, and `artifact.delete`. W&B dedupes by digest server-side, keeps `latest`, and moves an
-alias off the old version when it is added to a new one, the same rules as the local registry.
+`artifact.aliases` + `save()`, `artifact.download` + `verify`, `artifact.delete`, and
+`run.link_artifact` when a W&B Registry is configured. W&B dedupes by digest server-side, keeps
+`latest`, and moves an alias off the old version when it is added to a new one, the same rules as
+the local registry.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.registry.base import (
     FileEntry,
     PublishResult,
     check_artifact_path,
+    check_deletable,
     collect_files,
     swap_into_place,
 )
@@ -228,15 +230,9 @@ class WandbRegistry:
         """W&B soft-deletes the version and collects its files later; the same refusals as the local registry."""
         art = self._artifact(ref)
         version = self.to_version(art)
-        held = [a for a in version.aliases if a != "latest"]
-        if held and not delete_aliases:
-            raise RegistryError(f"{version.ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
-                                "--delete-aliases to delete the version and its aliases")
         dependents = sorted({f"{a.name.split(':')[0]}:{a.version}" for run in art.used_by()
                              for a in run.logged_artifacts() if a.id != art.id})
-        if dependents and not force:
-            raise RegistryError(f"{version.ref} is what {', '.join(dependents)} were made from: without it they "
-                                "cannot be reproduced; delete them first, or pass --force")
+        held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force)
         if dry_run:
             return DeleteResult(version=version, aliases_removed=held, latest_now=None, bytes_freed=0)
         art.delete(delete_aliases=True)  # W&B counts `latest` as an alias too; the others were checked above
