@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import arrow
 from pipeline.errors import PipelineError
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
@@ -372,12 +373,12 @@ def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
         if c and not pa.types.is_string(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_string(t.column(c), name, c))
     t = t.append_column("_file", constant(name, t.num_rows))
-    return t.append_column("_row", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int64)))
+    return t.append_column("_row", arrow.from_numpy(np.arange(1, t.num_rows + 1, dtype=np.int64)))
 
 
 def constant(value: str, n: int) -> pa.DictionaryArray:
     """``value`` on every one of ``n`` rows, stored once (a dictionary), not as a string per row."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+    return pa.DictionaryArray.from_arrays(arrow.from_numpy(np.zeros(n, np.int32)), arrow.strings([value]))
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -398,7 +399,7 @@ def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[
             ids = table.column(cols.label).to_numpy(zero_copy_only=False)
             names = np.array(feature.names, dtype=object)[np.clip(ids, 0, len(feature.names) - 1)]
             names[ids < 0] = None  # -1: no label (test splits of some hub datasets)
-            table = table.set_column(table.schema.get_field_index(cols.label), cols.label, pa.array(names, pa.string()))
+            table = table.set_column(table.schema.get_field_index(cols.label), cols.label, arrow.strings(names))
         name = f"hf://datasets/{source}/{split}"
         tables.append(_normalise(table, name, cols))
         sources.append({"path": name, "fingerprint": ds._fingerprint, "rows": ds.num_rows})
@@ -464,7 +465,7 @@ def _decode(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
             except UnicodeDecodeError:
                 bad[i] = True
                 out.append(None)
-        return pa.array(out, pa.string()), bad
+        return arrow.strings(out), bad
 
 
 def _codes(arr: pa.Array) -> np.ndarray:
@@ -475,7 +476,7 @@ def _codes(arr: pa.Array) -> np.ndarray:
 def _encode(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
     """(`_codes` of the values, the distinct values in code order)."""
     enc = pc.dictionary_encode(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
-    return pc.fill_null(enc.indices, -1).to_numpy().astype(np.int64), enc.dictionary
+    return arrow.to_numpy(enc.indices, fill=-1).astype(np.int64), enc.dictionary
 
 
 def _first_occurrence(codes: np.ndarray) -> np.ndarray:
@@ -506,7 +507,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     """Find every problem, one reason per row (the first found). Vectorised: no loop per row."""
     n = table.num_rows
     files = table.column("_file")
-    rows = table.column("_row").to_numpy()
+    rows = arrow.to_numpy(table.column("_row"))
     reason = np.zeros(n, dtype=np.int8)  # 0: valid; k: problems[k - 1]
     kinds: list[str] = []
     problems: list[Problem] = []
@@ -517,13 +518,18 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
             idx = np.flatnonzero(mask)
             kinds.append(kind)
             reason[idx] = len(kinds)
-            where = files.take(pa.array(idx[:SHOW])).to_pylist()
+            where = files.take(arrow.from_numpy(idx[:SHOW])).to_pylist()
             problems.append(Problem(kind, [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])], detail, len(idx)))
 
     ids = pc.cast(table.column(cols.id), pa.string()) if cols.id else None
-    # Hashing the ids runs on a second core while the texts are decoded, checked and hashed.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-ids") as pool:
-        id_codes = pool.submit(_codes, ids) if ids is not None else None
+    # Hashing the texts, the longest step, runs on a second core while the texts are decoded and checked
+    # and the labels and ids are hashed. It hashes the bytes as read: equal bytes are equal texts, and
+    # rows whose bytes do not decode are flagged below, whatever their code.
+    key = table.column(cols.text)
+    if cols.text_pair:
+        key = pc.binary_join_element_wise(key, table.column(cols.text_pair), arrow.scalar("\x1f", pa.binary()))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-texts") as pool:
+        text_job = pool.submit(_codes, key)
         decoded = {}
         for c in cols.text_columns:
             strings, bad = _decode(table.column(c))
@@ -531,24 +537,22 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
             flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8; a CSV saved in another encoding needs dataset.encoding, e.g. cp1252")
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
-            blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), 0), pc.utf8_is_space(decoded[c]))
-            flag("empty_text", pc.fill_null(blank, True).to_numpy(zero_copy_only=False), f"column {c!r} is empty or null")
+            blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
+            flag("empty_text", arrow.to_numpy(blank, fill=True), f"column {c!r} is empty or null")
         label = table.column(cols.label).combine_chunks()
         if pa.types.is_null(label.type):
             label = pa.nulls(n, pa.string())
         elif not pa.types.is_string(label.type):  # numbers, large or view strings, dictionaries: plain strings
             label = pc.cast(label, pa.string())
         label = pc.utf8_trim_whitespace(label)
-        flag("null_label", pc.fill_null(pc.equal(pc.utf8_length(label), 0), True).to_numpy(zero_copy_only=False),
+        flag("null_label", arrow.to_numpy(pc.equal(pc.utf8_length(label), arrow.scalar(0)), fill=True),
              f"column {cols.label!r} is empty or null")
 
-        key = decoded[cols.text]
-        if cols.text_pair:
-            key = pc.binary_join_element_wise(key, decoded[cols.text_pair], "\x1f")
-        text_codes, (label_codes, label_values) = _codes(key), _encode(label)
-        if id_codes is not None:
-            codes = id_codes.result()
+        label_codes, label_values = _encode(label)
+        if ids is not None:
+            codes = _codes(ids)
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
+        text_codes = text_job.result()
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
@@ -565,17 +569,17 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     per_label = np.bincount(label_of_text[label_of_text >= 0], minlength=n_labels)
     small_codes = np.flatnonzero((per_label > 0) & (per_label < min_per_class))
     if len(small_codes):
-        small = sorted(label_values.take(pa.array(small_codes)).to_pylist())
+        small = sorted(label_values.take(arrow.from_numpy(small_codes)).to_pylist())
         flag("class_too_small", ok & np.isin(label_codes, small_codes),
              f"label(s) {', '.join(map(repr, small))} have fewer than {min_per_class} distinct texts, too few to split")
 
     if "_split" in table.column_names:  # the user's own splits: every label must have train rows to learn from
         ok = reason == 0
-        is_train = pc.equal(pc.cast(table.column("_split"), pa.string()), "train").to_numpy(zero_copy_only=False)
+        is_train = arrow.to_numpy(pc.equal(pc.cast(table.column("_split"), pa.string()), arrow.scalar("train")))
         in_train = np.bincount(label_codes[ok & is_train], minlength=n_labels) > 0
         untrainable = ok & ~is_train & ~in_train[label_codes]
         if untrainable.any():
-            missing = sorted(label_values.take(pa.array(np.unique(label_codes[untrainable]))).to_pylist())
+            missing = sorted(label_values.take(arrow.from_numpy(np.unique(label_codes[untrainable]))).to_pylist())
             flag("label_not_in_train", untrainable,
                  f"label(s) {', '.join(map(repr, missing))} have no rows in the train split, so a model cannot learn them")
 
@@ -590,10 +594,10 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     })
     keep = reason == 0
     dropped_idx = np.flatnonzero(~keep)
-    dropped = clean.take(pa.array(dropped_idx)).append_column(
-        "reason", pa.array([kinds[r - 1] for r in reason[dropped_idx]], pa.string()))
+    dropped = clean.take(arrow.from_numpy(dropped_idx)).append_column(
+        "reason", arrow.strings(kinds).take(arrow.from_numpy(reason[dropped_idx].astype(np.int64) - 1)))
     return Validated(
-        table=clean if not len(dropped_idx) else clean.filter(pa.array(keep)),
+        table=clean if not len(dropped_idx) else clean.filter(arrow.from_numpy(keep)),
         dropped={p.kind: p.count for p in problems},
         dropped_rows=dropped,
         problems=problems,

@@ -172,6 +172,10 @@ def warm_up(config: Config) -> None:
             import wandb
 
             importlib.import_module("wandb.sdk.launch.inputs.internal")  # every wandb.init imports it
+            if importlib.util.find_spec("pandas") is not None:
+                # run.log imports pandas, when installed, to ask whether a value is a DataFrame: half a
+                # second. The caller's Arrow code is kept free of pandas (`pipeline.arrow`) so as not to wait for it.
+                importlib.import_module("pandas")
             wandb.setup(_wandb_settings(mode))
         except Exception:  # noqa: BLE001 - wandb.init reports any real problem when the run opens
             log.debug("W&B warm-up failed", exc_info=True)

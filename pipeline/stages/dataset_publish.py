@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import arrow
 from pipeline.config import Config
 from pipeline.data import (Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
                            read_files, stratified_split, validate)
@@ -112,7 +113,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     if clean.num_rows == 0:
         raise DataError(f"{where}: no valid rows left ({sum(checked.dropped.values())} dropped)")
     label_names = sorted(pc.unique(clean.column(cols.label)).to_pylist())  # sorted: a fixed order
-    labels = pc.index_in(clean.column(cols.label), value_set=pa.array(label_names)).to_numpy().astype(np.int32)
+    labels = arrow.to_numpy(pc.index_in(clean.column(cols.label), value_set=arrow.strings(label_names))).astype(np.int32)
     if len(label_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
     _warn_about_suspicious_labels(label_names, where)
@@ -120,7 +121,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     repeats = int(len(checked.texts) - np.count_nonzero(np.bincount(checked.texts)))  # rows whose text an earlier row has
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
-        index = {s: np.flatnonzero(pc.equal(assigned, s).to_numpy(zero_copy_only=False)) for s in SPLITS}
+        index = {s: np.flatnonzero(arrow.to_numpy(pc.equal(assigned, arrow.scalar(s)))) for s in SPLITS}
         in_train = np.isin(checked.texts, checked.texts[index["train"]])
         leaked = {s: int(in_train[index[s]].sum()) for s in ("validation", "test")}
         if any(leaked.values()):
@@ -141,8 +142,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     ordered = ["id", "text", "text_pair", "label"]
     out_cols = [c for c in ordered if c in canonical]
     base = pa.table({c: clean.column(canonical[c]) for c in out_cols})
-    base = base.append_column("label_id", pa.array(labels, pa.int32()))
-    tables = {s: base.take(pa.array(index[s], pa.int64())) for s in SPLITS}
+    base = base.append_column("label_id", arrow.from_numpy(labels.astype(np.int32)))
+    tables = {s: base.take(arrow.from_numpy(index[s].astype(np.int64))) for s in SPLITS}
 
     counts = {s: dict(zip(label_names, np.bincount(labels[index[s]], minlength=len(label_names)).tolist())) for s in SPLITS}
     manifest = {
@@ -217,15 +218,15 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
                sample_rows: int, seed: int) -> None:
     import wandb
 
-    counts = wandb.Table(columns=["split", "label", "count"],
-                         data=[[s, n, c] for s, per in manifest["label_counts"].items() for n, c in per.items()])
-    train_counts = wandb.Table(columns=["label", "count"], data=[[n, c] for n, c in manifest["label_counts"]["train"].items()])
-    lengths = np.concatenate([pc.utf8_length(t.column("text")).to_numpy(zero_copy_only=False) for t in tables.values()])
+    counts = _table(wandb, ["split", "label", "count"],
+                    [[s, n, c] for s, per in manifest["label_counts"].items() for n, c in per.items()])
+    train_counts = _table(wandb, ["label", "count"], [[n, c] for n, c in manifest["label_counts"]["train"].items()])
+    lengths = np.concatenate([arrow.to_numpy(pc.utf8_length(t.column("text"))) for t in tables.values()])
     rng = np.random.default_rng(seed)
     # Binned here: a chart of 30 bars instead of a table of every length (a million rows would crawl).
     hist, edges = np.histogram(lengths, bins=min(30, max(1, int(lengths.max(initial=0)) + 1)))
-    length_table = wandb.Table(columns=["text_length", "rows"],
-                               data=[[f"{int(edges[i])}-{int(edges[i + 1])}", int(c)] for i, c in enumerate(hist)])
+    length_table = _table(wandb, ["text_length", "rows"],
+                          [[f"{int(edges[i])}-{int(edges[i + 1])}", int(c)] for i, c in enumerate(hist)])
     data: dict[str, Any] = {
         "data/label_counts": counts,
         "data/label_distribution": wandb.plot.bar(train_counts, "label", "count", title="Train label distribution"),
@@ -235,19 +236,28 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
     for split, t in tables.items():
         if sample_rows and t.num_rows:
             take = np.sort(rng.choice(t.num_rows, min(sample_rows, t.num_rows), replace=False))
-            sample = t.take(pa.array(take)).to_pylist()
+            sample = t.take(arrow.from_numpy(take)).to_pylist()
             columns = [c for c in t.column_names]
-            data[f"samples/{split}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in sample])
+            data[f"samples/{split}"] = _table(wandb, columns, [[r[c] for c in columns] for r in sample])
     if dropped is not None and dropped.num_rows:
         keep = [c for c in dropped.column_names]
         rows = dropped.slice(0, 1000).to_pylist()
-        data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[r[c] for c in keep] for r in rows])
+        data["data/dropped_rows"] = _table(wandb, keep, [[r[c] for c in keep] for r in rows])
     run.log(data)
     run.set_summary(
         **{f"data/rows_{s}": n for s, n in manifest["num_rows"].items()},
         **{"data/num_labels": len(manifest["label_names"])},
         **{f"data/dropped_{k}": v for k, v in manifest["dropped"].items()},
     )
+
+
+def _table(wandb, columns: list[str], rows: list[list[Any]]):
+    """A ``wandb.Table`` filled row by row: given ``data=``, W&B imports pandas to ask whether the rows
+    are a DataFrame, half a second that nothing else in this stage needs (see `pipeline.arrow`)."""
+    table = wandb.Table(columns=columns)
+    for row in rows:
+        table.add_data(*row)
+    return table
 
 
 def _upload_references(files: dict[str, Path], root: str) -> dict[str, Reference]:
