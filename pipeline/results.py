@@ -26,6 +26,10 @@ class StageResult:
     message: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    def summary_line(self) -> str:
+        """What a person reads when the stage ends: ``evaluate: ok (-): clf:v4: promoted``."""
+        return f"{self.stage}: {self.status} ({', '.join(self.produced) or '-'})" + (f": {self.message}" if self.message else "")
+
     def to_dict(self) -> dict[str, Any]:
         if self.status not in STATUSES:
             raise ValueError(f"unknown status {self.status!r}")

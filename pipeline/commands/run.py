@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
     outcome = PipelineResult(group=args.group or config.tracking.group or f"pipeline-{new_run_id()}")
 
     def report(stage_result) -> None:
-        print(f"{stage_result.stage}: {stage_result.status} ({', '.join(stage_result.produced) or '-'})", file=sys.stderr)
+        print(stage_result.summary_line(), file=sys.stderr)  # as each stage's own command prints it
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the produced references

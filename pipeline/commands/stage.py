@@ -41,8 +41,6 @@ def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -
         return EXIT_CODES[result.status]
     if args.result_json:
         write_json_atomic(args.result_json, result.to_dict())
-    produced = ", ".join(result.produced) or "-"
-    print(f"{result.stage}: {result.status} ({produced})" + (f": {result.message}" if result.message else ""),
-          file=sys.stderr)
+    print(result.summary_line(), file=sys.stderr)
     print(", ".join(result.produced))
     return EXIT_CODES[result.status]
