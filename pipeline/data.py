@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import glob
+import io
 import json
 import re
 from collections.abc import Collection, Iterable, Iterator
@@ -27,6 +28,9 @@ from pipeline import arrow
 from pipeline.errors import PipelineError
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+# Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
+# readers decompress by the same suffixes. Parquet compresses inside the file.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 SHOW = 5  # examples of each kind of problem shown in a report
 
 
@@ -94,16 +98,31 @@ def list_input_files(source: str | Path) -> list[Path]:
     if not path.exists():
         relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
         raise DataError(f"dataset source not found: {path}{relative}")
-    if path.suffix.lower() not in SUFFIXES:
-        raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
+    if format_suffix(path) not in SUFFIXES:
+        raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))} (text "
+                        f"formats may be compressed: {', '.join(COMPRESSIONS)})")
     return [path]
 
 
+def format_suffix(path: Path) -> str:
+    """The suffix that names the data format: ``.csv`` for data.csv and for data.csv.gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS and SUFFIXES.get(suffixes[-2], "parquet") != "parquet":
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
+def _open(path: Path) -> io.BufferedReader:
+    """The file's bytes, decompressed when its name ends in a compression suffix."""
+    codec = COMPRESSIONS.get(path.suffix.lower()) if format_suffix(path) != path.suffix.lower() else None
+    return io.BufferedReader(pa.input_stream(str(path), compression=codec))
+
+
 def _one_format(candidates: list[Path], source: Path, where: str) -> list[Path]:
-    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in SUFFIXES)
+    files = sorted(p for p in candidates if p.is_file() and format_suffix(p) in SUFFIXES)
     if not files:
         raise DataError(f"{source}: no {', '.join(sorted(SUFFIXES))} files {where}")
-    kinds = {SUFFIXES[p.suffix.lower()] for p in files}
+    kinds = {SUFFIXES[format_suffix(p)] for p in files}
     if len(kinds) > 1:
         raise DataError(f"{source}: mixed file formats ({', '.join(sorted(kinds))}); use one format per source")
     return files
@@ -114,8 +133,15 @@ LIKELY_DELIMITERS = (";", "\t", "|", ",")
 
 def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_folders: Collection[str] = ()) -> pa.Table:
     """One file's configured columns; those in `from_folders` may be absent (a ``key=value`` folder gives them)."""
-    kind = SUFFIXES[path.suffix.lower()]
+    kind = SUFFIXES[format_suffix(path)]
     try:
+        if format_suffix(path) != path.suffix.lower():  # compressed: say so when it is not, rather than zlib's words
+            try:
+                with _open(path) as f:
+                    f.read(1)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{path}: not {COMPRESSIONS[path.suffix.lower()]}-compressed, though its name ends in "
+                                f"{path.suffix} ({e})") from None
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
@@ -165,7 +191,8 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                 raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
                                 or f"{path}: cannot read as jsonl: {_strip_block_row(e)}") from None
         if kind == "json":
-            data = json.loads(path.read_bytes())
+            with _open(path) as f:
+                data = json.loads(f.read())
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
                 data = next(iter(data.values()))  # {"data": [...]} as some exports write
             if not isinstance(data, list):
@@ -195,9 +222,9 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
 def _other_delimiter(path: Path, encoding: str, delimiter: str) -> str | None:
     """Another likely separator, when the first line has it and not `delimiter` (Excel writes ';' in many locales)."""
     try:
-        with open(path, encoding=encoding, errors="replace", newline="") as f:
+        with io.TextIOWrapper(_open(path), encoding=encoding, errors="replace", newline="") as f:
             first = f.readline(1 << 16)
-    except (OSError, LookupError):
+    except (OSError, LookupError, pa.ArrowException):
         return None  # the reader reports it
     if delimiter in first:
         return None
@@ -206,8 +233,11 @@ def _other_delimiter(path: Path, encoding: str, delimiter: str) -> str | None:
 
 def _wide_encoding(path: Path) -> str | None:
     """``utf-16`` or ``utf-32`` when the file starts with that byte-order mark, else None."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with _open(path) as f:
+            head = f.read(4)
+    except (OSError, pa.ArrowException):
+        return None  # the reader reports it
     if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts with FF FE
         return "utf-32"
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -241,7 +271,7 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line; a DataError naming the line that does not parse."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -385,7 +415,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def looks_like_hub_id(source: str) -> bool:
-    return bool(HUB_ID.match(source)) and not Path(source).exists() and Path(source).suffix.lower() not in SUFFIXES
+    return bool(HUB_ID.match(source)) and not Path(source).exists() and format_suffix(Path(source)) not in SUFFIXES
 
 
 def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[dict]]:

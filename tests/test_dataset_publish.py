@@ -94,6 +94,51 @@ def test_every_format_publishes_the_same_dataset(tmp_path, cfg_for, fmt):
     assert set(train.column("label").to_pylist()) == set(LABELS)
 
 
+@pytest.mark.parametrize("fmt,codec", [("csv", "gzip"), ("tsv", "bz2"), ("jsonl", "zstd"), ("json", "gzip"), ("csv", "lz4")])
+def test_compressed_text_files_publish_the_same_dataset(tmp_path, cfg_for, fmt, codec):
+    """data.csv.gz as pandas, Spark and database exports write it: read through the compression."""
+    plain = write_rows(tmp_path / "plain" / f"data.{fmt}", rows())
+    suffix = {"gzip": "gz", "bz2": "bz2", "zstd": "zst", "lz4": "lz4"}[codec]
+    packed = tmp_path / "packed" / f"part-00000.{fmt}.{suffix}"
+    packed.parent.mkdir()
+    with pa.CompressedOutputStream(str(packed), codec) as out:
+        out.write(plain.read_bytes())
+    got = assert_same_split_files(cfg_for, plain, packed, tmp_path)
+    assert json.loads(got["dataset.json"].read_text())["sources"][0]["path"] == str(packed)  # the file as stored
+    # a folder of compressed parts is one format with plain files of the same kind
+    with open(packed.parent / f"part-00001.{fmt}", "wb") as f:
+        f.write(plain.read_bytes())
+    assert dataset_publish.run(cfg_for(packed.parent, "dataset.on_invalid=drop")).status == "ok"
+
+
+def test_compressed_files_report_bad_rows_and_bad_compression(tmp_path, cfg_for):
+    import gzip
+
+    lines = write_rows(tmp_path / "plain.csv", _many(3000)).read_text().splitlines()
+    lines[2001] = "r-x,one field too many,billing,extra"  # data row 2,001
+    ragged = tmp_path / "ragged.csv.gz"
+    ragged.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(DataError, match=rf"^{ragged} row 2001: expected 3 fields, found 4"):
+        dataset_publish.run(cfg_for(ragged))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"id": "a", "text": "t", "label": "x"}\n{"id": oops}\n'))
+    with pytest.raises(DataError, match=rf"^{broken} line 2: not valid JSON"):
+        dataset_publish.run(cfg_for(broken))
+    not_gzip = tmp_path / "mislabelled.csv.gz"
+    not_gzip.write_bytes((tmp_path / "plain.csv").read_bytes())
+    with pytest.raises(DataError, match=rf"^{not_gzip}: not gzip-compressed, though its name ends in .gz \(.*\)$"):
+        dataset_publish.run(cfg_for(not_gzip))
+    truncated = tmp_path / "truncated.csv.gz"
+    truncated.write_bytes(ragged.read_bytes()[:5000])
+    with pytest.raises(DataError, match=rf"^{truncated}: cannot read as csv: .*"):
+        dataset_publish.run(cfg_for(truncated))
+    parquet_gz = tmp_path / "plain.parquet.gz"  # Parquet compresses inside the file
+    parquet_gz.write_bytes(gzip.compress(b"PAR1"))
+    with pytest.raises(DataError, match=r"unsupported format '.gz'.*text formats may be compressed: .gz, .bz2"):
+        dataset_publish.run(cfg_for(parquet_gz))
+    assert registry_of(cfg_for(ragged)).list_versions() == []
+
+
 @pytest.mark.parametrize("layout", ["dictionary", "large", "view", "large_binary"])
 def test_parquet_text_in_any_arrow_layout_gives_the_same_split_files(tmp_path, cfg_for, layout):
     """pandas categoricals (dictionaries), large and view strings: the artifact holds plain strings."""
