@@ -82,7 +82,11 @@ class Validated:
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_rows: pa.Table | None = None  # the dropped rows with their reason
     problems: list[Problem] = field(default_factory=list)
-    texts: np.ndarray | None = None  # per clean row: a code of its text (and pair); equal texts, equal codes
+    # per clean row: a code of its text (and pair) as `copy_key` compares them; copies, equal codes
+    texts: np.ndarray | None = None
+    # clean rows whose text is a copy (ignoring case and spacing) of a text with another label
+    mixed_label_copies: int = 0
+    mixed_label_examples: list[tuple[str, int]] = field(default_factory=list)  # the first few (file, 1-based row)
 
 
 def list_input_files(source: str | Path) -> list[Path]:
@@ -552,19 +556,15 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
             problems.append(Problem(kind, [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])], detail, len(idx)))
 
     ids = pc.cast(table.column(cols.id), pa.string()) if cols.id else None
-    # Hashing the texts, the longest step, runs on a second core while the texts are decoded and checked
-    # and the labels and ids are hashed. It hashes the bytes as read: equal bytes are equal texts, and
-    # rows whose bytes do not decode are flagged below, whatever their code.
-    key = table.column(cols.text)
-    if cols.text_pair:
-        key = pc.binary_join_element_wise(key, table.column(cols.text_pair), arrow.scalar("\x1f", pa.binary()))
+    decoded = {}
+    for c in cols.text_columns:
+        strings, bad = _decode(table.column(c))
+        decoded[c] = strings
+        flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8; a CSV saved in another encoding needs dataset.encoding, e.g. cp1252")
+    # Finding copies, the longest step, runs on a second core while the rows are checked and the labels
+    # and ids are hashed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-texts") as pool:
-        text_job = pool.submit(_codes, key)
-        decoded = {}
-        for c in cols.text_columns:
-            strings, bad = _decode(table.column(c))
-            decoded[c] = strings
-            flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8; a CSV saved in another encoding needs dataset.encoding, e.g. cp1252")
+        copies_job = pool.submit(lambda: _codes(copy_key(decoded, cols)))
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
             blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
@@ -582,21 +582,30 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         if ids is not None:
             codes = _codes(ids)
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
-        text_codes = text_job.result()
+        text_codes = copies_job.result()
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
-    if n_texts < n:  # some text repeats (or is null): look for repeats with different labels
+    mixed = np.zeros(n, dtype=bool)
+    if n_texts < n:  # some text repeats (or is null): look for copies with different labels
         ok = reason == 0
         labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)
-        flag("conflicting_label", ok & (labels_per_text[text_codes] > 1), "the same text appears with different labels")
+        mixed = ok & (labels_per_text[text_codes] > 1)
+        if mixed.any():  # a conflict is the very same text with two labels; only these few rows are compared as written
+            idx = np.flatnonzero(mixed)
+            exact = _codes(copy_key({c: v.take(arrow.from_numpy(idx)) for c, v in decoded.items()}, cols, as_written=True))
+            per_exact = _distinct_per_group(exact, label_codes[idx], int(exact.max()) + 1, n_labels)
+            conflict = np.zeros(n, dtype=bool)
+            conflict[idx] = per_exact[exact] > 1
+            flag("conflicting_label", conflict, "the same text appears with different labels")
+            ok = reason == 0
+            labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)
+            mixed = ok & (labels_per_text[text_codes] > 1)  # left: copies that differ in case or spacing
 
     ok = reason == 0
-    # Copies of a text stay in one split (`stratified_split`), so a label needs as many distinct texts as
-    # there are splits. After the conflict check each valid text has one label: count its first rows.
-    label_of_text = np.full(n_texts, -1, dtype=np.int64)
-    label_of_text[text_codes[ok]] = label_codes[ok]
-    per_label = np.bincount(label_of_text[label_of_text >= 0], minlength=n_labels)
+    # Copies of a text with one label stay in one split (`stratified_split`), so a label needs as many
+    # distinct texts as there are splits.
+    per_label = _distinct_per_group(label_codes[ok], text_codes[ok], n_labels, max(n_texts, 1))
     small_codes = np.flatnonzero((per_label > 0) & (per_label < min_per_class))
     if len(small_codes):
         small = sorted(label_values.take(arrow.from_numpy(small_codes)).to_pylist())
@@ -623,6 +632,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         **({"_split": table.column("_split")} if "_split" in table.column_names else {}),  # the user's own splits
     })
     keep = reason == 0
+    mixed &= keep
     dropped_idx = np.flatnonzero(~keep)
     dropped = clean.take(arrow.from_numpy(dropped_idx)).append_column(
         "reason", arrow.strings(kinds).take(arrow.from_numpy(reason[dropped_idx].astype(np.int64) - 1)))
@@ -632,7 +642,41 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         dropped_rows=dropped,
         problems=problems,
         texts=text_codes[keep],
+        mixed_label_copies=int(mixed.sum()),
+        mixed_label_examples=[(f, int(rows[i])) for f, i in
+                              zip(files.take(arrow.from_numpy(np.flatnonzero(mixed)[:SHOW])).to_pylist(), np.flatnonzero(mixed)[:SHOW])],
     )
+
+
+def copy_key(decoded: dict[str, pa.ChunkedArray], cols: Columns, as_written: bool = False) -> pa.ChunkedArray | pa.Array:
+    """What makes two rows copies: their text (and pair), compared ignoring case and spacing unless `as_written`.
+
+    Texts are compared after NFKC (full-width letters, non-breaking spaces), lower case, and runs of
+    whitespace as one space with none at either end: "Reset my password", "reset  my password " and
+    "RESET MY PASSWORD" are one text, so they are kept in one split. Only the few rows that need it
+    are rewritten; the common case (ASCII, single spaces) costs three scans of the column.
+    """
+    key = [decoded[c] if as_written else _fold(decoded[c]) for c in cols.text_columns]
+    return key[0] if len(key) == 1 else pc.binary_join_element_wise(*key, arrow.scalar("\x1f"))
+
+
+def _fold(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    wide = arrow.to_numpy(pc.invert(pc.string_is_ascii(texts)), fill=False)  # ASCII is its own NFKC form
+    if wide.any():
+        texts = _rewrite(texts, wide, lambda t: pc.utf8_lower(pc.utf8_normalize(t, "NFKC")))
+    texts = pc.ascii_lower(texts)  # leaves the non-ASCII rows, lowered above, as they are
+    # ASCII whitespace only: NFKC has already made other spaces (U+00A0, U+2003, ...) plain ones
+    odd = arrow.to_numpy(pc.match_substring_regex(texts, r"[\t\n\v\f\r]|  |^ | $"), fill=False)
+    if odd.any():
+        texts = _rewrite(texts, odd, lambda t: pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"[\t\n\v\f\r ]+", " ")))
+    return texts
+
+
+def _rewrite(texts: pa.ChunkedArray | pa.Array, rows: np.ndarray, how) -> pa.Array:
+    """`how` applied to the `rows` marked only: Unicode and regex kernels cost several scans of the column."""
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    mask = arrow.from_numpy(rows)
+    return pc.replace_with_mask(texts, mask, how(texts.filter(mask)))
 
 
 def format_problems(problems: list[Problem], source: str) -> str:

@@ -419,6 +419,59 @@ def test_copies_of_a_text_stay_in_one_split(tmp_path, cfg_for, caplog):
         dataset_publish.run(cfg_for(write_rows(tmp_path / "few.csv", few)))
 
 
+def test_copies_that_differ_in_case_spacing_or_width_stay_in_one_split(tmp_path, cfg_for, caplog):
+    variants = [lambda t: t, str.upper, lambda t: f"  {t} ", lambda t: t.replace(" ", "\t"), lambda t: t.replace(" ", "\u00a0"),
+                lambda t: t.replace(" ", "   "), lambda t: "".join(chr(ord(ch) + 0xFEE0) if ch.isascii() and ch.isalnum() else ch for ch in t)]
+    records = []
+    for r in rows(30):
+        k = int(r["id"].rsplit("-", 1)[1])
+        text = f"{r['text']} café" if k % 2 else r["text"]  # non-ASCII texts fold through Unicode lower case
+        records += [{**r, "id": f"{r['id']}-{v}", "text": variants[v](text)} for v in range(k % len(variants) + 1)]
+    src = write_rows(tmp_path / "d.csv", records)
+    caplog.set_level("INFO", logger="pipeline")
+    result = dataset_publish.run(cfg_for(src))
+    files = artifact_files(cfg_for(src), result.produced[0], tmp_path)
+    from pipeline.data import Columns, copy_key
+
+    def folded(split: str) -> set[str]:
+        texts = pq.read_table(files[f"{split}.parquet"]).column("text")
+        return set(copy_key({"text": texts}, Columns(text="text", label="label")).to_pylist())
+
+    train, validation, test = folded("train"), folded("validation"), folded("test")
+    assert not (train & test or train & validation or validation & test)
+    assert len(train | validation | test) == 90  # every variant folded onto its original
+    assert json.loads(files["dataset.json"].read_text())["repeated_texts"] == len(records) - 90
+    assert "ignoring case and spacing" in caplog.text
+
+
+def test_copies_with_another_label_are_a_conflict_only_when_written_the_same(tmp_path, cfg_for, caplog):
+    r = rows()
+    conflict = [*r, {"id": "x1", "text": r[0]["text"], "label": r[15]["label"]}]
+    with pytest.raises(DataError, match=r"conflicting_label \(2 rows"):
+        dataset_publish.run(cfg_for(write_rows(tmp_path / "conflict.csv", conflict)))
+
+    # the same words in another case with another label: kept (it may be meant), warned about, recorded
+    near = [*r, {"id": "x1", "text": r[0]["text"].upper(), "label": r[15]["label"]}]
+    src = write_rows(tmp_path / "near.csv", near)
+    result = dataset_publish.run(cfg_for(src))
+    assert sum(result.metrics[f"rows_{s}"] for s in ("train", "validation", "test")) == 31
+    assert f"2 rows have a text that differs only in case or spacing from a text with another label ({src} row 1; {src} row 31)" in caplog.text
+    manifest = json.loads(artifact_files(cfg_for(src), result.produced[0], tmp_path)["dataset.json"].read_text())
+    assert manifest["mixed_label_copies"] == 2 and manifest["repeated_texts"] == 1
+
+    # both: the rows written the same are the conflict, the other copy is kept
+    both = [*conflict, {"id": "x2", "text": r[0]["text"].lower() + "  ", "label": r[25]["label"]}]
+    checked = dataset_publish.prepare(cfg_for(write_rows(tmp_path / "both.csv", both), "dataset.on_invalid=drop"))[1]
+    assert checked["dropped"] == {"conflicting_label": 2} and "mixed_label_copies" not in checked
+
+
+def test_a_label_needs_distinct_texts_not_distinct_spellings(tmp_path, cfg_for):
+    spellings = ["Rare text", "rare text", "RARE TEXT", " rare  text", "another rare one"]
+    few = [*rows(10), *({"id": f"rare-{i}", "text": t, "label": "rare"} for i, t in enumerate(spellings))]
+    with pytest.raises(DataError, match=r"label\(s\) 'rare' have fewer than 3 distinct texts"):
+        dataset_publish.run(cfg_for(write_rows(tmp_path / "few.csv", few)))
+
+
 def test_users_own_splits_that_share_texts_with_train_are_warned_about(tmp_path, cfg_for, caplog):
     r = rows()
     files = {s: write_rows(tmp_path / f"{s}.csv", part) for s, part in

@@ -119,6 +119,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     _warn_about_suspicious_labels(label_names, where)
 
     repeats = int(len(checked.texts) - np.count_nonzero(np.bincount(checked.texts)))  # rows whose text an earlier row has
+    if checked.mixed_label_copies:
+        log.warning("%s: %d rows have a text that differs only in case or spacing from a text with another label "
+                    "(%s); they are kept, and each label's copies stay in one split", where, checked.mixed_label_copies,
+                    "; ".join(f"{f} row {r}" for f, r in checked.mixed_label_examples))
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
         index = {s: np.flatnonzero(arrow.to_numpy(pc.equal(assigned, arrow.scalar(s)))) for s in SPLITS}
@@ -132,7 +136,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         # Copies of one text go to one split together: a test row is never a copy of a train row.
         index = stratified_split(labels, d.split.model_dump(), d.split.seed, groups=checked.texts if repeats else None)
         if repeats:
-            log.info("%s: %d rows repeat the text of an earlier row; each text's copies are in one split", where, repeats)
+            log.info("%s: %d rows repeat the text of an earlier row (ignoring case and spacing); each text's copies "
+                     "are in one split", where, repeats)
 
     canonical = {"text": cols.text, "label": cols.label}
     if cols.id:
@@ -167,6 +172,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         manifest["column_names"] = d.column_names
     if repeats:  # likewise: data without repeated texts keeps the manifest (and the split) it always had
         manifest["repeated_texts"] = repeats
+        if checked.mixed_label_copies:
+            manifest["mixed_label_copies"] = checked.mixed_label_copies
         if d.split_files and any(leaked.values()):
             manifest["texts_also_in_train"] = leaked
     dropped = checked.dropped_rows if checked.dropped else None
