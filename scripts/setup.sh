@@ -15,9 +15,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
   else
-    # A local wheel (find-links) when the machine has one, else PyTorch's CPU index.
-    .venv/bin/python -m pip install --quiet --no-index "torch==2.13.0" 2>/dev/null \
-      || .venv/bin/python -m pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    # A local wheel (find-links) when the machine has one, its dependencies from the usual index
+    # (torch is then already satisfied, so no CUDA build is pulled); else PyTorch's CPU index.
+    if .venv/bin/python -m pip install --quiet --no-index --no-deps "torch==2.13.0" 2>/dev/null; then
+      .venv/bin/python -m pip install --quiet "torch==2.13.0"
+    else
+      .venv/bin/python -m pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    fi
   fi
 fi
 .venv/bin/python -m pip install --quiet -e ".${extras}"
