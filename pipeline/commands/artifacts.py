@@ -1,4 +1,4 @@
-"""``pipeline artifacts list | show REF | verify | delete REF | prune NAME --keep N``."""
+"""``pipeline artifacts list | show REF | diff A B | verify | delete REF | prune NAME --keep N``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="one version: metadata, files, producing and consuming runs")
     show.add_argument("ref", metavar="REF", help="name, name:vN or name:ALIAS")
     verify = sub.add_parser("verify", help="re-hash every stored object; exit 1 on any corruption")
+    diff = sub.add_parser("diff", help="what changed between two versions: files, metadata, and a dataset's rows",
+                          description="Compare two versions of one type: files by content hash, metadata key by key, "
+                          "and for datasets every row (matched by id, or by text when a version has no id): added, "
+                          "removed, relabelled, moved to another split.")
+    diff.add_argument("ref_a", metavar="A", help="the earlier version (name:vN or name:ALIAS)")
+    diff.add_argument("ref_b", metavar="B", help="the later version")
+    diff.add_argument("--show", type=int, default=5, metavar="N", help="example rows of each kind (default 5)")
     delete = sub.add_parser("delete", help="delete one version's files (its record stays for lineage)",
                             description="Delete one artifact version. Its files go (stored objects that no other "
                             "version shares are removed); its record, lineage and number stay, and the number is "
@@ -34,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="also delete versions that hold aliases other than latest, and those aliases")
         q.add_argument("--force", action="store_true",
                        help="also delete versions that live versions were made from (they can no longer be reproduced)")
-    for q in (ls, show, verify, delete, prune):
+    for q in (ls, show, verify, diff, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -100,6 +107,16 @@ def main(args: argparse.Namespace) -> int:
 
     if args.action == "prune":
         return _prune(registry, tracking_dir, args)
+
+    if args.action == "diff":
+        from pipeline.diff import diff_versions, format_diff
+
+        if args.show < 0:
+            print("error: --show must be 0 or more", file=sys.stderr)
+            return 2
+        d = diff_versions(registry, args.ref_a, args.ref_b, examples=args.show)
+        print(json.dumps(d.to_dict(), indent=2, default=str) if args.json else format_diff(d))
+        return 0
 
     if args.action == "show":
         v = registry.resolve(args.ref, include_deleted=True)

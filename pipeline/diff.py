@@ -1,0 +1,224 @@
+"""What changed between two artifact versions: files, metadata and, for datasets, rows.
+
+``pipeline artifacts diff A B`` answers the first question about a model that got better or worse
+than the one before: what changed in its data and config? Files are compared by content hash,
+metadata key by key (nested keys dotted: ``config.train.learning_rate``), and two dataset versions
+row by row from their verified split files: rows are matched by id when both versions have one,
+else by their text (and pair), and each match is unchanged, relabelled, moved to another split, or
+only on one side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.registry.base import ArtifactVersion
+
+SPLITS = ("train", "validation", "test")
+
+
+class DiffError(PipelineError):
+    """Two versions that cannot be compared (exit code 2)."""
+
+
+@dataclass
+class RowDiff:
+    key: str  # "id", or "text" when a version has no id column
+    counts: dict[str, int]  # added, removed, relabelled, moved, unchanged (and copies for text keys)
+    examples: dict[str, list[dict[str, Any]]]  # the first few of each kind but unchanged
+    label_counts: dict[str, tuple[int, int]]  # label -> (rows in a, rows in b), all splits
+
+
+@dataclass
+class Diff:
+    a: ArtifactVersion
+    b: ArtifactVersion
+    files: dict[str, list[str]] | None  # added, removed, changed paths (None: `skipped` says why)
+    metadata: list[tuple[str, Any, Any]]  # (dotted key, value in a, value in b); ABSENT where a side lacks it
+    rows: RowDiff | None = None  # two datasets with different content
+    skipped: str | None = None  # why files and rows were not compared
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a.ref,
+            "b": self.b.ref,
+            "type": self.a.type,
+            "same_content": self.a.digest == self.b.digest,
+            "files": self.files,
+            # a key one side lacks has no "a" (or "b") entry
+            "metadata": [{"key": k, **({"a": va} if va is not ABSENT else {}), **({"b": vb} if vb is not ABSENT else {})}
+                         for k, va, vb in self.metadata],
+            **({"rows": {"key": self.rows.key, "counts": self.rows.counts, "examples": self.rows.examples,
+                         "label_counts": {k: list(v) for k, v in self.rows.label_counts.items()}}} if self.rows else {}),
+            **({"skipped": self.skipped} if self.skipped else {}),
+        }
+
+
+def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
+    a, b = registry.resolve(ref_a, include_deleted=True), registry.resolve(ref_b, include_deleted=True)
+    if a.type != b.type:
+        raise DiffError(f"{a.ref} is a {a.type!r} artifact and {b.ref} a {b.type!r} artifact; compare versions of one type")
+    out = Diff(a=a, b=b, files=None, metadata=_dict_diff(a.metadata, b.metadata))
+    gone = [v.ref for v in (a, b) if v.deleted_at]
+    if gone:  # the record keeps metadata and lineage; files and rows went with the delete
+        out.skipped = f"{' and '.join(gone)} {'was deleted; its' if len(gone) == 1 else 'were deleted; their'} files are gone"
+        return out
+    files_a = {f.path: f.digest for f in a.files}
+    files_b = {f.path: f.digest for f in b.files}
+    out.files = {
+        "added": sorted(set(files_b) - set(files_a)),
+        "removed": sorted(set(files_a) - set(files_b)),
+        "changed": sorted(p for p in set(files_a) & set(files_b) if files_a[p] != files_b[p]),
+    }
+    if a.type == "dataset" and a.digest != b.digest:
+        out.rows = _row_diff(registry.fetch(a).path, registry.fetch(b).path, examples)
+    return out
+
+
+class _Absent:
+    """A key one version's metadata does not have."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+def _dict_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Differing leaves as (dotted key, a, b). A subtree only one side has is one entry, not one per leaf;
+    lists of records of equal length are compared record by record."""
+    changes = []
+    for key in sorted(set(a) | set(b), key=str):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            changes += _dict_diff(va, vb, name)
+        elif (isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb)
+              and all(isinstance(x, dict) and isinstance(y, dict) for x, y in zip(va, vb))):
+            for i, (x, y) in enumerate(zip(va, vb)):
+                changes += _dict_diff(x, y, f"{name}.{i}")
+        elif va != vb or type(va) is not type(vb):
+            changes.append((name, va, vb))
+    return changes
+
+
+def _read(folder) -> tuple[Any, list[str]]:
+    """All rows of a dataset version with a ``split`` column; the columns its rows are matched on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import constant
+
+    parts = []
+    for split in SPLITS:
+        table = pq.read_table(folder / f"{split}.parquet")
+        parts.append(table.append_column("split", constant(split, table.num_rows).cast(pa.string())))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    keys = ["id"] if "id" in table.column_names else [c for c in ("text", "text_pair") if c in table.column_names]
+    return table, keys
+
+
+def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
+    import pyarrow.compute as pc
+
+    from pipeline import arrow
+
+    table_a, keys_a = _read(folder_a)
+    table_b, keys_b = _read(folder_b)
+    keys = keys_a if keys_a == keys_b else [c for c in ("text", "text_pair") if c in keys_a + keys_b and
+                                            c in table_a.column_names and c in table_b.column_names]
+    shown = [c for c in ("id", "text", "text_pair") if c in keys or c == "text"]
+
+    def per_key(table):
+        # One row per key: an id is unique in a version; copies of a text share one label (a conflict is
+        # invalid at publish) and, split by dataset-publish, one split; `copies` counts them.
+        grouped = table.group_by(keys).aggregate([("label", "min"), ("split", "min"), ("label", "count"),
+                                                 *((c, "min") for c in shown if c not in keys)])
+        names = {"label_min": "label", "split_min": "split", "label_count": "copies", **{f"{c}_min": c for c in shown}}
+        return grouped.rename_columns([names.get(c, c) for c in grouped.column_names])
+
+    joined = per_key(table_a).join(per_key(table_b), keys=keys, join_type="full outer",
+                                   left_suffix="_a", right_suffix="_b", coalesce_keys=True)
+    joined = joined.sort_by([(k, "ascending") for k in keys])  # a hash join's order is not fixed; the examples are
+    in_a = arrow.to_numpy(pc.is_valid(joined.column("copies_a")))
+    in_b = arrow.to_numpy(pc.is_valid(joined.column("copies_b")))
+    both = in_a & in_b
+    same_label = arrow.to_numpy(pc.equal(joined.column("label_a"), joined.column("label_b")), fill=False)
+    same_split = arrow.to_numpy(pc.equal(joined.column("split_a"), joined.column("split_b")), fill=False)
+    same_copies = arrow.to_numpy(pc.equal(joined.column("copies_a"), joined.column("copies_b")), fill=False)
+    kinds = {
+        "added": in_b & ~in_a,
+        "removed": in_a & ~in_b,
+        "relabelled": both & ~same_label,
+        "moved": both & same_label & ~same_split,
+    }
+    if keys != ["id"]:
+        kinds["copies"] = both & same_label & same_split & ~same_copies
+    kinds["unchanged"] = both & same_label & same_split & same_copies
+
+    def value(row: dict, column: str) -> Any:
+        return row.get(column, row.get(f"{column}_a") if row.get(f"{column}_a") is not None else row.get(f"{column}_b"))
+
+    shown_examples: dict[str, list[dict[str, Any]]] = {}
+    for kind, mask in kinds.items():
+        if kind == "unchanged":
+            continue
+        rows = joined.take(arrow.from_numpy(mask.nonzero()[0][:examples])).to_pylist()
+        shown_examples[kind] = [
+            {**{c: value(r, c) for c in shown},
+             **({"label": r["label_b"], "split": r["split_b"]} if kind == "added" else
+                {"label": r["label_a"], "split": r["split_a"]} if kind == "removed" else
+                {"label": [r["label_a"], r["label_b"]], "split": [r["split_a"], r["split_b"]],
+                 **({"copies": [r["copies_a"], r["copies_b"]]} if kind == "copies" else {})})}
+            for r in rows]
+    label_a = pc.value_counts(table_a.column("label")).to_pylist()
+    label_b = pc.value_counts(table_b.column("label")).to_pylist()
+    ca = {d["values"]: d["counts"] for d in label_a}
+    cb = {d["values"]: d["counts"] for d in label_b}
+    label_counts = {label: (ca.get(label, 0), cb.get(label, 0)) for label in sorted(set(ca) | set(cb))}
+    return RowDiff(key="id" if keys == ["id"] else "+".join(keys), counts={k: int(v.sum()) for k, v in kinds.items()},
+                   examples=shown_examples, label_counts=label_counts)
+
+
+def format_diff(d: Diff, limit: int = 20) -> str:
+    lines = [f"{d.a.ref} -> {d.b.ref} ({d.a.type})"]
+    if d.a.digest == d.b.digest:
+        lines.append("  same content (equal digests)")
+    if d.files is None:
+        lines.append(f"  files and rows: not compared ({d.skipped})")
+    else:
+        changed = [f"{kind} {', '.join(paths)}" for kind, paths in d.files.items() if paths]
+        lines.append(f"  files: {'; '.join(changed) if changed else 'the same'}")
+    if d.metadata:
+        lines.append(f"  metadata ({len(d.metadata)} keys differ):")
+        for key, va, vb in d.metadata[:limit]:
+            lines.append(f"    {key}: {_short(va)} -> {_short(vb)}")
+        if len(d.metadata) > limit:
+            lines.append(f"    ... and {len(d.metadata) - limit} more (--json lists them all)")
+    else:
+        lines.append("  metadata: the same")
+    if d.rows:
+        r = d.rows
+        lines.append(f"  rows (matched by {r.key}): " + ", ".join(f"{n} {kind}" for kind, n in r.counts.items()))
+        for kind, rows in r.examples.items():
+            if rows:
+                lines.append(f"    {kind} (first {len(rows)}):")
+                for row in rows:
+                    lines.append("      " + "  ".join(f"{k}={_short(v, 60)}" for k, v in row.items()))
+        moved = [f"{label} {a} -> {b}" for label, (a, b) in r.label_counts.items() if a != b]
+        lines.append(f"  rows per label: {'; '.join(moved) if moved else 'the same'}")
+    return "\n".join(lines)
+
+
+def _short(value: Any, width: int = 80) -> str:
+    import json
+
+    if value is ABSENT:
+        return "(absent)"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, list) and len(value) == 2 and not isinstance(value[0], (dict, list)):
+        text = f"{_short(value[0], width // 2)} -> {_short(value[1], width // 2)}"
+    return text if len(text) <= width else text[: width - 3] + "..."

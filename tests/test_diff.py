@@ -1,0 +1,120 @@
+"""`artifacts diff`: files, metadata and rows that changed between two versions."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.diff import ABSENT, DiffError, _dict_diff, diff_versions
+from pipeline.registry.local import LocalRegistry
+from pipeline.stages import dataset_publish
+from tests.conftest import run_cli
+
+LABELS = ["billing", "shipping", "tech"]
+
+
+def tickets(n: int = 20) -> list[dict]:
+    return [{"id": f"{lbl}-{i}", "text": f"{lbl} question number {i}", "label": lbl} for lbl in LABELS for i in range(n)]
+
+
+def write(path: Path, records: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+    return path
+
+
+@pytest.fixture
+def publish(make_config, tmp_path):
+    def run(records: list[dict], name: str, *extra: str) -> str:
+        cfg = make_config(f"dataset.source={write(tmp_path / name, records)}", *extra)
+        return dataset_publish.run(cfg).produced[0]
+
+    return run
+
+
+def registry(tmp_path) -> LocalRegistry:
+    return LocalRegistry(tmp_path / "track" / "registry")
+
+
+def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_moved(publish, tmp_path):
+    before = tickets()
+    after = [dict(r) for r in before[3:]]                      # billing-0..2 removed
+    after[0]["label"] = "shipping"                             # billing-3 relabelled
+    after += [{"id": "new-1", "text": "a new question about my invoice", "label": "billing"},
+              {"id": "new-2", "text": "a new question about my parcel", "label": "shipping"}]
+    a = publish(before, "a.csv", "dataset.id_column=id")
+    b = publish(after, "b.csv", "dataset.id_column=id")
+    d = diff_versions(registry(tmp_path), a, b)
+
+    assert d.rows.key == "id"
+    counts = d.rows.counts
+    assert (counts["added"], counts["removed"], counts["relabelled"]) == (2, 3, 1)
+    assert counts["added"] + counts["relabelled"] + counts["moved"] + counts["unchanged"] == len(after)
+    assert [r["id"] for r in d.rows.examples["removed"]] == ["billing-0", "billing-1", "billing-2"]
+    assert [r["id"] for r in d.rows.examples["added"]] == ["new-1", "new-2"]
+    relabelled = d.rows.examples["relabelled"][0]
+    assert relabelled["id"] == "billing-3" and relabelled["label"] == ["billing", "shipping"]
+    assert d.rows.label_counts == {"billing": (20, 17), "shipping": (20, 22), "tech": (20, 20)}
+    assert d.files["changed"] == ["dataset.json", "test.parquet", "train.parquet", "validation.parquet"]
+    assert ("config.dataset.source", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")) in d.metadata
+    assert ("num_rows.train", 48, 47) in d.metadata
+
+    cli = run_cli("artifacts", "diff", a, b, "--show", "1", "--set", f"tracking.dir={tmp_path / 'track'}")
+    assert cli.returncode == 0, cli.stderr
+    assert f"{a} -> {b} (dataset)" in cli.stdout
+    assert "rows (matched by id): 2 added, 3 removed, 1 relabelled" in cli.stdout
+    assert "id=billing-3" in cli.stdout and "label=billing -> shipping" in cli.stdout and "id=billing-1  " not in cli.stdout
+    assert "rows per label: billing 20 -> 17; shipping 20 -> 22" in cli.stdout
+    as_json = json.loads(run_cli("artifacts", "diff", a, b, "--json", "--set", f"tracking.dir={tmp_path / 'track'}").stdout)
+    assert as_json["rows"]["counts"] == counts and as_json["same_content"] is False
+
+
+def test_without_ids_rows_are_matched_by_text_and_copies_are_counted(publish, tmp_path):
+    before = [{"text": r["text"], "label": r["label"]} for r in tickets()]
+    after = [*before, dict(before[5]), {"text": "a question never seen", "label": "tech"}]  # one more copy, one new
+    a, b = publish(before, "a.csv"), publish(after, "b.csv")
+    d = diff_versions(registry(tmp_path), a, b)
+    assert d.rows.key == "text"
+    assert (d.rows.counts["added"], d.rows.counts["removed"], d.rows.counts["copies"]) == (1, 0, 1)
+    assert d.rows.examples["copies"][0]["text"] == before[5]["text"]
+    assert d.rows.examples["copies"][0]["copies"] == [1, 2]
+
+
+def test_the_same_content_other_types_unknown_and_deleted_versions(publish, tmp_path):
+    a = publish(tickets(), "a.csv")
+    reg = registry(tmp_path)
+    same = diff_versions(reg, a, "tickets:latest")
+    assert same.rows is None and same.metadata == [] and same.files == {"added": [], "removed": [], "changed": []}
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    reg.publish("clf", "model", model_dir)
+    with pytest.raises(DiffError, match="tickets:v0 is a 'dataset' artifact and clf:v0 a 'model' artifact"):
+        diff_versions(reg, a, "clf:v0")
+    cli = run_cli("artifacts", "diff", a, "tickets:v9", "--set", f"tracking.dir={tmp_path / 'track'}")
+    assert cli.returncode == 2 and "tickets has no version 'v9'" in cli.stderr
+
+    b = publish(tickets(25), "b.csv")
+    reg.delete(a)
+    gone = diff_versions(reg, a, b)
+    assert gone.rows is None and gone.files is None and gone.skipped == f"{a} was deleted; its files are gone"
+    assert ("num_rows.train", 48, 63) in gone.metadata  # its record keeps the metadata
+
+
+def test_metadata_is_compared_leaf_by_leaf_and_a_one_sided_subtree_is_one_entry():
+    a = {"config": {"train": {"lr": 5e-5, "epochs": 3}}, "evaluation": {"gate": {"passed": True}},
+         "sources": [{"path": "a.csv", "sha256": "1"}], "tags": ["x"], "seed": 1}
+    b = {"config": {"train": {"lr": 1e-4, "epochs": 3}}, "sources": [{"path": "a.csv", "sha256": "2"}],
+         "tags": ["x", "y"], "seed": 1.0}
+    assert _dict_diff(a, b) == [
+        ("config.train.lr", 5e-5, 1e-4),
+        ("evaluation", {"gate": {"passed": True}}, ABSENT),
+        ("seed", 1, 1.0),
+        ("sources.0.sha256", "1", "2"),
+        ("tags", ["x"], ["x", "y"]),
+    ]
