@@ -202,7 +202,8 @@ def test_a_new_class_is_compared_with_production_on_the_classes_it_knows(env, te
     # production is scored on the test rows whose label it knows, and the challenger on the same rows
     test = pq.read_table(reg.fetch(reg.resolve("tickets:v1")).path / "test.parquet").to_pydict()
     old_labels = reg.resolve("clf:v0").metadata["label_names"]
-    known = [i for i, label in enumerate(test["label"]) if label in old_labels]
+    seen = trained_texts(reg, "tickets:v0")  # and on the rows it did not train on (tickets:v1 splits anew)
+    known = [i for i, label in enumerate(test["label"]) if label in old_labels and fold(test["text"][i]) not in seen]
     assert 0 < len(known) < len(test["label"])
     champion = record["champion"]
     assert champion["ref"] == "clf:v0" and champion["rows"] == len(known) and champion["labels"] == old_labels
@@ -212,8 +213,56 @@ def test_a_new_class_is_compared_with_production_on_the_classes_it_knows(env, te
     assert champion["metrics"]["accuracy"] == pytest.approx(expected)
     regression = [c for c in record["gate"]["checks"] if c["check"].endswith("vs production")]
     assert regression and all(c["rows"] == len(known) for c in regression)
-    assert f"(on the {len(known)} of {len(test['label'])} rows whose labels production knows)" in regression[0]["reason"]
+    assert f"(on the {len(known)} of {len(test['label'])} rows production did not train on and whose labels production " \
+           "knows)" in regression[0]["reason"]
     assert result.status in ("ok", "gate_failed")  # decided, like any challenger
+
+
+def fold(text: str) -> str:
+    """dataset-publish's comparison of copies, for ASCII text."""
+    return " ".join(text.lower().split())
+
+
+def trained_texts(reg: LocalRegistry, ref: str) -> set[str]:
+    folder = reg.fetch(reg.resolve(ref)).path
+    return {fold(t) for split in ("train", "validation") for t in pq.read_table(folder / f"{split}.parquet")["text"].to_pylist()}
+
+
+def test_production_is_not_compared_on_rows_it_trained_on(env, template, tmp_path, caplog):
+    """A new dataset version splits its rows anew: many of its test rows were production's train rows,
+    where production scores what it memorised. The regression checks leave them out."""
+    cfg = env()
+    evaluate.run(cfg)  # clf:v0, trained on tickets:v0 -> production
+    _, _, csv = template
+    fewer = tmp_path / "fewer.csv"
+    lines = csv.read_text().splitlines()
+    fewer.write_text("\n".join(lines[:1] + lines[6:]) + "\n")  # five rows fewer: each label's rows shuffle anew
+    dataset_publish.run(env(f"dataset.source={fewer}"))
+    assert finetune.run(env(f"dataset.source={fewer}", "train.max_steps=2")).produced == ["clf:v1"]
+    caplog.set_level("INFO", logger="pipeline")
+    evaluate.run(cfg)
+    reg = registry(cfg)
+    test = pq.read_table(reg.fetch(reg.resolve("tickets:v1")).path / "test.parquet").to_pydict()
+    seen = trained_texts(reg, "tickets:v0")
+    unseen = [i for i, t in enumerate(test["text"]) if fold(t) not in seen]
+    assert 0 < len(unseen) < len(test["text"]) // 2  # most of the new test split is production's training data
+    champion = reg.resolve("clf:v1").metadata["evaluation"]["champion"]
+    assert champion["seen_in_training"] == len(test["text"]) - len(unseen) and champion["rows"] == len(unseen)
+    production = load_classifier(reg.fetch(reg.resolve("clf:v0")).path)
+    labels = production.label_names
+    expected = np.mean([labels[p] == test["label"][i] for p, i in
+                        zip(production.logits([test["text"][i] for i in unseen]).argmax(axis=1), unseen)])
+    assert champion["metrics"]["accuracy"] == pytest.approx(expected)
+    assert f"{len(test['text']) - len(unseen)} of {len(test['text'])} rows of this split are texts production clf:v0 " \
+           "trained on" in caplog.text
+
+    # production's dataset deleted: which rows it trained on is unknown; every row is compared, and it says so
+    reg.delete("tickets:v0", force=True)
+    finetune.run(env(f"dataset.source={fewer}", "train.max_steps=3"))
+    evaluate.run(cfg)
+    champion = reg.resolve("clf:v2").metadata["evaluation"]["champion"]
+    assert "seen_in_training" not in champion and champion["rows"] == len(test["text"])
+    assert "the rows it trained on cannot be known (its dataset tickets:v0" in caplog.text
 
 
 def test_non_inferiority_needs_the_whole_interval_within_max_regression():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, GateConfig
-from pipeline.errors import AliasMoved, ConfigError, RefError, StageFailed
+from pipeline.errors import AliasMoved, ConfigError, RefError, RegistryError, StageFailed
 from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, paired_bootstrap, scores
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry, tracked_run
@@ -48,21 +48,26 @@ class Scored:
 
 @dataclass
 class Comparison:
-    """The challenger and production on the same rows: all of them, or those whose label production knows."""
+    """The challenger and production on the same rows: all of them, or those whose label production
+    knows and that production did not train on."""
 
     challenger: Scored  # on the compared rows
     champion: Scored
     rows: dict[str, list]
     total: int  # rows in the split
     intervals: dict[str, list[float]]
+    seen: int = 0  # rows of the split left out because production trained (or chose its checkpoint) on them
 
     @property
     def partial(self) -> bool:
         return len(self.rows["label"]) < self.total
 
     def describe(self) -> str:
-        return (f"on the {len(self.rows['label'])} of {self.total} rows whose labels production knows"
-                if self.partial else "")
+        if not self.partial:
+            return ""
+        why = [w for w, n in (("production did not train on", self.seen),
+                              ("whose labels production knows", self.total - self.seen - len(self.rows["label"]))) if n]
+        return f"on the {len(self.rows['label'])} of {self.total} rows {' and '.join(why)}"
 
 
 @dataclass
@@ -173,11 +178,13 @@ def _scored(ref: str, logp: np.ndarray, refs: np.ndarray, label_names: list[str]
 
 
 def compare(ch: Scored, champion_dir: Path, champion_ref: str, champion_labels: list[str], rows: dict[str, list],
-            batch_size: int, bins: int) -> Comparison | None:
-    """Production scored on the rows whose label it knows (all of them, unless the label set changed),
-    the challenger on the same rows, and the paired bootstrap of the difference. None: no row in common."""
+            batch_size: int, bins: int, seen: np.ndarray | None = None) -> Comparison | None:
+    """Production scored on the rows whose label it knows (all of them, unless the label set changed)
+    and that it did not see in training (`seen`), the challenger on the same rows, and the paired
+    bootstrap of the difference. None: no row in common."""
     known = set(champion_labels)
-    keep = np.asarray([name in known for name in rows["label"]], dtype=bool)
+    seen = np.zeros(len(rows["label"]), dtype=bool) if seen is None else seen
+    keep = np.asarray([name in known for name in rows["label"]], dtype=bool) & ~seen
     if not keep.any():
         return None
     if keep.all():
@@ -191,7 +198,8 @@ def compare(ch: Scored, champion_dir: Path, champion_ref: str, champion_labels: 
     where = {n: i for i, n in enumerate(names)}
     their_preds = np.asarray([where[theirs.label_names[j]] for j in theirs.logp.argmax(axis=1)], dtype=np.int64)
     intervals = paired_bootstrap(mine.logp.argmax(axis=1), their_preds, mine.refs, len(names))
-    return Comparison(challenger=mine, champion=theirs, rows=same_rows, total=len(rows["label"]), intervals=intervals)
+    return Comparison(challenger=mine, champion=theirs, rows=same_rows, total=len(rows["label"]), intervals=intervals,
+                      seen=int(seen.sum()))
 
 
 def _empty_split(ref: str, split: str) -> ConfigError:
@@ -276,7 +284,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             cmp, skipped = None, None
             if champion is not None and not already:
                 reg.use(champion.ref, trun, type="model")
-                cmp, skipped = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e)
+                cmp, skipped = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e, reg)
                 scored.append(champion.ref)
                 if cmp is not None:
                     _log(trun, f"champion/{split}", cmp.champion, cmp.rows, 0)
@@ -316,6 +324,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "metrics": ch.metrics,
             "per_class": ch.per_class,
             "champion": ({"ref": cp.ref, "metrics": cp.metrics, "rows": len(cmp.rows["label"]),
+                          **({"seen_in_training": cmp.seen} if cmp.seen else {}),
                           **({"labels": cp.label_names} if cp.label_names != label_names else {})} if cp else
                          {"ref": champion.ref, "not_compared": skipped} if skipped else None),
             "gate": {"passed": decision.passed, "outcome": outcome, "checks": decision.checks},
@@ -353,7 +362,7 @@ def _takes_pairs(version) -> bool:
 
 
 def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str],
-                  e) -> tuple[Comparison | None, str | None]:
+                  e, reg) -> tuple[Comparison | None, str | None]:
     """`compare`, or why production cannot be compared with the challenger on these rows."""
     theirs_pairs, mine_pairs = _takes_pairs(champion), "text_pair" in rows
     if theirs_pairs != mine_pairs:
@@ -363,8 +372,44 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
     if set(theirs) != set(label_names):
         log.warning("production %s predicts labels %s; the challenger predicts %s: the regression checks compare "
                     "them on the rows whose labels production knows", champion.ref, theirs, label_names)
-    cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins)
+    seen = _seen_in_training(reg, champion, rows)
+    if seen is not None and seen.all():
+        return None, f"every row of this split is a text production {champion.ref} trained on"
+    if seen is not None and seen.any():
+        log.info("%d of %d rows of this split are texts production %s trained on (or chose its checkpoint on); the "
+                 "regression checks leave them out", int(seen.sum()), len(seen), champion.ref)
+    cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen)
     return cmp, None if cmp else f"production {champion.ref} knows none of the labels in this split"
+
+
+def _seen_in_training(reg, champion, rows: dict[str, list]) -> np.ndarray | None:
+    """Which rows production trained on or chose its checkpoint on: texts (and pairs) in the train or
+    validation split of the dataset version it was trained on, compared as dataset-publish compares
+    copies (ignoring case and spacing). A later dataset version splits its rows anew, so a test row of
+    the challenger's data can be a train row of production's: scored on it, production would look
+    better than it is. None (with a warning) when that dataset version cannot be read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline import arrow
+    from pipeline.data import Columns, copy_key
+
+    recorded = (champion.metadata.get("dataset") or {}).get("ref")
+    try:
+        if not recorded:
+            raise RefError("it does not record one")
+        folder = reg.fetch(reg.resolve(recorded, type="dataset")).path
+    except (RefError, RegistryError) as e:
+        log.warning("production %s: the rows it trained on cannot be known (its dataset %s: %s); the regression "
+                    "checks use every row of the split", champion.ref, recorded or "-", e)
+        return None
+    cols = Columns(text="text", label="label", text_pair="text_pair" if "text_pair" in rows else None)
+    parts = [pq.read_table(folder / f"{split}.parquet", columns=cols.text_columns) for split in ("train", "validation")]
+    trained = pa.concat_tables(parts)
+    seen_keys = copy_key({c: trained.column(c) for c in cols.text_columns}, cols)
+    keys = copy_key({c: pa.chunked_array([arrow.strings(rows[c])]) for c in cols.text_columns}, cols)
+    return arrow.to_numpy(pc.is_in(keys, value_set=pa.chunked_array([seen_keys]).combine_chunks()), fill=False)
 
 
 def _log_comparison(run, cmp: Comparison) -> None:
