@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import glob
+import hashlib
 import io
 import json
 import re
@@ -84,6 +85,7 @@ class Validated:
     problems: list[Problem] = field(default_factory=list)
     # per clean row: a code of its text (and pair) as `copy_key` compares them; copies, equal codes
     texts: np.ndarray | None = None
+    text_values: pa.Array | None = None  # the texts as compared, in code order (`texts` indexes it)
     # clean rows whose text is a copy (ignoring case and spacing) of a text with another label
     mixed_label_copies: int = 0
     mixed_label_examples: list[tuple[str, int]] = field(default_factory=list)  # the first few (file, 1-based row)
@@ -564,7 +566,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     # Finding copies, the longest step, runs on a second core while the rows are checked and the labels
     # and ids are hashed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-texts") as pool:
-        copies_job = pool.submit(lambda: _codes(copy_key(decoded, cols)))
+        copies_job = pool.submit(lambda: _encode(copy_key(decoded, cols)))
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
             blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
@@ -582,7 +584,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         if ids is not None:
             codes = _codes(ids)
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
-        text_codes = copies_job.result()
+        text_codes, text_values = copies_job.result()
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
@@ -642,6 +644,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         dropped_rows=dropped,
         problems=problems,
         texts=text_codes[keep],
+        text_values=text_values,
         mixed_label_copies=int(mixed.sum()),
         mixed_label_examples=[(f, int(rows[i])) for f, i in
                               zip(files.take(arrow.from_numpy(np.flatnonzero(mixed)[:SHOW])).to_pylist(), np.flatnonzero(mixed)[:SHOW])],
@@ -690,36 +693,41 @@ def format_problems(problems: list[Problem], source: str) -> str:
     return "\n".join(lines)
 
 
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
-                     groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Row indices per split: every label split by the same fractions, a seeded shuffle.
+def split_order(texts: pa.Array, seed: int) -> np.ndarray:
+    """Where each text ranks when its label's rows are split: a 64-bit BLAKE2b hash of the text keyed
+    by the seed. It depends on the text and the seed alone, not on the other rows, so a text keeps
+    its place (and its split) from one dataset version to the next."""
+    key = seed.to_bytes(8, "little")
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest() for t in texts.to_pylist())
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
-    Rows with the same `groups` code (copies of one text) go to one split together, so no test
-    row is a copy of a train row; the fractions are then met as closely as whole groups allow.
-    With no repeated group this is a plain shuffle of the rows. Each split with a fraction above
-    0 gets at least one group of every label; the indices of each split come back in input
-    order, so the output depends only on the input and seed.
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.ndarray,
+                     groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Row indices per split: every label split by the same fractions, rows ranked by `order`.
+
+    Each label's texts are ranked by `order` (`split_order`: a hash of the text keyed by the seed);
+    the first go to test, the next to validation, the rest to train, as many as come closest to the
+    fractions. Rows with the same `groups` code (copies of one text, which share their `order`) go
+    to one split together, so no test row is a copy of a train row. A text's rank does not depend
+    on the other rows: adding or removing rows moves only the few texts next to a cut from one
+    split to the next, and a test row of one dataset version stays a test row in the next. Each
+    split with a fraction above 0 gets at least one text of every label; the indices of each split
+    come back in input order.
     """
-    rng = np.random.default_rng(seed)
+    groups = np.arange(len(labels)) if groups is None else groups
     out: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "validation", "test")}
-    for lbl in np.unique(labels):  # sorted: the shuffle order never depends on input order
+    for lbl in np.unique(labels):
         idx = np.flatnonzero(labels == lbl)
         n = len(idx)
         n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0
         n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 else 0
-        if groups is None:  # every row its own group: the same split as below, without sorting groups
-            idx = idx[rng.permutation(n)]
-            out["test"].append(idx[:n_test])
-            out["validation"].append(idx[n_test:n_test + n_val])
-            out["train"].append(idx[n_test + n_val:])
-            continue
         _, first, inverse, sizes = np.unique(groups[idx], return_index=True, return_inverse=True, return_counts=True)
-        order = np.argsort(first, kind="stable")  # the label's groups in input order
-        shuffled = order[rng.permutation(len(order))]
-        k_test = _groups_for(sizes[shuffled], n_test, leave=1 + (n_val > 0))
-        k_val = _groups_for(sizes[shuffled[k_test:]], n_val, leave=1)
-        position = np.empty(len(order), dtype=np.int64)
-        position[shuffled] = np.arange(len(order))
+        ranked = np.lexsort((first, order[idx][first]))  # by hash; a tie (2**-64) by first appearance
+        k_test = _groups_for(sizes[ranked], n_test, leave=1 + (n_val > 0))
+        k_val = _groups_for(sizes[ranked[k_test:]], n_val, leave=1)
+        position = np.empty(len(ranked), dtype=np.int64)
+        position[ranked] = np.arange(len(ranked))
         row_position = position[inverse.reshape(-1)]
         out["test"].append(idx[row_position < k_test])
         out["validation"].append(idx[(row_position >= k_test) & (row_position < k_test + k_val)])

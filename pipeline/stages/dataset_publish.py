@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline import arrow
 from pipeline.config import Config
 from pipeline.data import (Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
-                           read_files, stratified_split, validate)
+                           read_files, split_order, stratified_split, validate)
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
@@ -37,6 +37,8 @@ from pipeline.tracking import tracked_run, warm_up
 STAGE = "dataset-publish"
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
+# How each label's texts are ranked before the cuts (`split_order`), recorded in dataset.json
+SPLIT_ORDER = "blake2b-64 of the text as copies are compared (case and spacing folded), keyed by the seed"
 log = logging.getLogger(__name__)
 
 
@@ -134,7 +136,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
                         where, " and ".join(f"{n} {s}" for s, n in leaked.items() if n))
     else:
         # Copies of one text go to one split together: a test row is never a copy of a train row.
-        index = stratified_split(labels, d.split.model_dump(), d.split.seed, groups=checked.texts if repeats else None)
+        order = split_order(checked.text_values, d.split.seed)[checked.texts]
+        index = stratified_split(labels, d.split.model_dump(), order, groups=checked.texts)
         if repeats:
             log.info("%s: %d rows repeat the text of an earlier row (ignoring case and spacing); each text's copies "
                      "are in one split", where, repeats)
@@ -160,7 +163,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         "num_rows": {s: tables[s].num_rows for s in SPLITS},
         "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
         "sources": hub_sources,  # a file source's digests replace these in _prepare
-        "split": ({"files": d.split_files.model_dump()} if d.split_files else {"stratified": d.split.model_dump()}),
+        "split": ({"files": d.split_files.model_dump()} if d.split_files else
+                  {"stratified": d.split.model_dump(), "order": SPLIT_ORDER}),
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
     }

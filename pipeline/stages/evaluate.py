@@ -46,6 +46,11 @@ class Scored:
         return np.exp(self.logp)
 
 
+# Above this share of a split's rows being ones production trained on, the rest are too few to compare
+# on: every row is compared, as before, which favours production (it is scored on what it memorised).
+MAX_SEEN_SHARE = 0.5
+
+
 @dataclass
 class Comparison:
     """The challenger and production on the same rows: all of them, or those whose label production
@@ -57,6 +62,7 @@ class Comparison:
     total: int  # rows in the split
     intervals: dict[str, list[float]]
     seen: int = 0  # rows of the split left out because production trained (or chose its checkpoint) on them
+    seen_but_compared: int = 0  # such rows compared all the same: the others were too few (`MAX_SEEN_SHARE`)
 
     @property
     def partial(self) -> bool:
@@ -325,6 +331,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "per_class": ch.per_class,
             "champion": ({"ref": cp.ref, "metrics": cp.metrics, "rows": len(cmp.rows["label"]),
                           **({"seen_in_training": cmp.seen} if cmp.seen else {}),
+                          **({"seen_in_training_but_compared": cmp.seen_but_compared} if cmp.seen_but_compared else {}),
                           **({"labels": cp.label_names} if cp.label_names != label_names else {})} if cp else
                          {"ref": champion.ref, "not_compared": skipped} if skipped else None),
             "gate": {"passed": decision.passed, "outcome": outcome, "checks": decision.checks},
@@ -373,12 +380,19 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
         log.warning("production %s predicts labels %s; the challenger predicts %s: the regression checks compare "
                     "them on the rows whose labels production knows", champion.ref, theirs, label_names)
     seen = _seen_in_training(reg, champion, rows)
-    if seen is not None and seen.all():
-        return None, f"every row of this split is a text production {champion.ref} trained on"
+    favoured = 0
     if seen is not None and seen.any():
-        log.info("%d of %d rows of this split are texts production %s trained on (or chose its checkpoint on); the "
-                 "regression checks leave them out", int(seen.sum()), len(seen), champion.ref)
+        if seen.mean() > MAX_SEEN_SHARE:  # too few rows left to compare on: the old, cautious comparison
+            log.warning("%d of %d rows of this split are texts production %s trained on (or chose its checkpoint on): "
+                        "too few others to compare on, so the regression checks use every row, which favours "
+                        "production", int(seen.sum()), len(seen), champion.ref)
+            favoured, seen = int(seen.sum()), None
+        else:
+            log.info("%d of %d rows of this split are texts production %s trained on (or chose its checkpoint on); "
+                     "the regression checks leave them out", int(seen.sum()), len(seen), champion.ref)
     cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen)
+    if cmp is not None:
+        cmp.seen_but_compared = favoured
     return cmp, None if cmp else f"production {champion.ref} knows none of the labels in this split"
 
 
