@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import difflib
 import glob
-import hashlib
 import io
 import json
 import re
@@ -694,12 +693,14 @@ def format_problems(problems: list[Problem], source: str) -> str:
 
 
 def split_order(texts: pa.Array, seed: int) -> np.ndarray:
-    """Where each text ranks when its label's rows are split: a 64-bit BLAKE2b hash of the text keyed
-    by the seed. It depends on the text and the seed alone, not on the other rows, so a text keeps
-    its place (and its split) from one dataset version to the next."""
-    key = seed.to_bytes(8, "little")
-    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest() for t in texts.to_pylist())
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    """Where each text ranks when its label's rows are split: XXH3-64 of the text's UTF-8 bytes, seeded
+    with the split seed (XXH3's output is fixed by its specification, on every machine). It depends
+    on the text and the seed alone, not on the other rows, so a text keeps its place (and its split)
+    from one dataset version to the next."""
+    import xxhash
+
+    hash64 = xxhash.xxh3_64_intdigest
+    return np.fromiter((hash64(t.encode("utf-8"), seed) for t in texts.to_pylist()), dtype=np.uint64, count=len(texts))
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.ndarray,
@@ -715,14 +716,16 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
     split with a fraction above 0 gets at least one text of every label; the indices of each split
     come back in input order.
     """
-    groups = np.arange(len(labels)) if groups is None else groups
     out: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "validation", "test")}
     for lbl in np.unique(labels):
         idx = np.flatnonzero(labels == lbl)
         n = len(idx)
         n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0
         n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 else 0
-        _, first, inverse, sizes = np.unique(groups[idx], return_index=True, return_inverse=True, return_counts=True)
+        if groups is None:  # every row its own group: the same cuts, without finding groups
+            first, inverse, sizes = np.arange(n), np.arange(n), np.ones(n, dtype=np.int64)
+        else:
+            _, first, inverse, sizes = np.unique(groups[idx], return_index=True, return_inverse=True, return_counts=True)
         ranked = np.lexsort((first, order[idx][first]))  # by hash; a tie (2**-64) by first appearance
         k_test = _groups_for(sizes[ranked], n_test, leave=1 + (n_val > 0))
         k_val = _groups_for(sizes[ranked[k_test:]], n_val, leave=1)

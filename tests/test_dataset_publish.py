@@ -394,14 +394,12 @@ def test_rows_keep_their_split_when_rows_are_added_or_removed(tmp_path, cfg_for)
         {s: {i for i, x in split_of["before"].items() if x == s} for s in ("train", "validation", "test")}
 
 
-def test_the_split_order_is_a_keyed_hash_of_the_text():
+def test_the_split_order_is_a_seeded_hash_of_the_text():
     texts = pa.array(["reset my password", "where is my parcel", "reset my password"])
     a, b = split_order(texts, 42), split_order(texts, 7)
     assert a.dtype == np.uint64 and a[0] == a[2] and a[0] != a[1] and not np.array_equal(a, b)
-    import hashlib
-
-    want = int.from_bytes(hashlib.blake2b(b"where is my parcel", digest_size=8, key=(42).to_bytes(8, "little")).digest(), "little")
-    assert int(a[1]) == want  # the same on every machine and Python version
+    assert int(a[1]) == 0x86EBA303AF2B8D4D  # XXH3-64 is fixed by its specification: the same everywhere
+    assert int(split_order(pa.array([""]), 0)[0]) == 0x2D06800538D394C2  # the specification's empty-input value
 
 
 def test_copies_of_a_text_stay_in_one_split(tmp_path, cfg_for, caplog):

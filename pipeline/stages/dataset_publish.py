@@ -38,7 +38,7 @@ STAGE = "dataset-publish"
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 # How each label's texts are ranked before the cuts (`split_order`), recorded in dataset.json
-SPLIT_ORDER = "blake2b-64 of the text as copies are compared (case and spacing folded), keyed by the seed"
+SPLIT_ORDER = "xxh3-64 of the text as copies are compared (case and spacing folded), seeded with the split seed"
 log = logging.getLogger(__name__)
 
 
@@ -137,7 +137,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     else:
         # Copies of one text go to one split together: a test row is never a copy of a train row.
         order = split_order(checked.text_values, d.split.seed)[checked.texts]
-        index = stratified_split(labels, d.split.model_dump(), order, groups=checked.texts)
+        index = stratified_split(labels, d.split.model_dump(), order, groups=checked.texts if repeats else None)
         if repeats:
             log.info("%s: %d rows repeat the text of an earlier row (ignoring case and spacing); each text's copies "
                      "are in one split", where, repeats)
