@@ -26,7 +26,7 @@ class DiffError(PipelineError):
 @dataclass
 class RowDiff:
     key: str  # "id", or "text" when a version has no id column
-    counts: dict[str, int]  # added, removed, relabelled, moved, unchanged (and copies for text keys)
+    counts: dict[str, int]  # added, removed, relabelled, moved, unchanged; edited (by id) or copies (by text)
     examples: dict[str, list[dict[str, Any]]]  # the first few of each kind but unchanged
     label_counts: dict[str, tuple[int, int]]  # label -> (rows in a, rows in b), all splits
 
@@ -122,15 +122,16 @@ def _read(folder) -> tuple[Any, list[str]]:
 
 
 def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
+    import numpy as np
     import pyarrow.compute as pc
 
     from pipeline import arrow
 
     table_a, keys_a = _read(folder_a)
     table_b, keys_b = _read(folder_b)
-    keys = keys_a if keys_a == keys_b else [c for c in ("text", "text_pair") if c in keys_a + keys_b and
-                                            c in table_a.column_names and c in table_b.column_names]
-    shown = [c for c in ("id", "text", "text_pair") if c in keys or c == "text"]
+    keys = keys_a if keys_a == keys_b else [c for c in ("text", "text_pair") if c in table_a.column_names
+                                            and c in table_b.column_names]
+    shown = [c for c in ("id", "text", "text_pair") if c in table_a.column_names and c in table_b.column_names]
 
     def per_key(table):
         # One row per key: an id is unique in a version; copies of a text share one label (a conflict is
@@ -142,25 +143,36 @@ def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
 
     joined = per_key(table_a).join(per_key(table_b), keys=keys, join_type="full outer",
                                    left_suffix="_a", right_suffix="_b", coalesce_keys=True)
-    joined = joined.sort_by([(k, "ascending") for k in keys])  # a hash join's order is not fixed; the examples are
+    joined = joined.sort_by([(k, "ascending") for k in keys])  # a hash join's order is not fixed; sorted, the examples are
     in_a = arrow.to_numpy(pc.is_valid(joined.column("copies_a")))
     in_b = arrow.to_numpy(pc.is_valid(joined.column("copies_b")))
     both = in_a & in_b
     same_label = arrow.to_numpy(pc.equal(joined.column("label_a"), joined.column("label_b")), fill=False)
     same_split = arrow.to_numpy(pc.equal(joined.column("split_a"), joined.column("split_b")), fill=False)
     same_copies = arrow.to_numpy(pc.equal(joined.column("copies_a"), joined.column("copies_b")), fill=False)
-    kinds = {
+    same_text = np.ones(len(both), dtype=bool)  # matched by id, a row's text (or pair) can have been edited
+    for c in shown:
+        if c not in keys:
+            same_text &= arrow.to_numpy(pc.equal(joined.column(f"{c}_a"), joined.column(f"{c}_b")), fill=False)
+    kinds = {  # each row one kind, the first that applies
         "added": in_b & ~in_a,
         "removed": in_a & ~in_b,
         "relabelled": both & ~same_label,
-        "moved": both & same_label & ~same_split,
+        "edited": both & same_label & ~same_text,
+        "moved": both & same_label & same_text & ~same_split,
+        "copies": both & same_label & same_text & same_split & ~same_copies,
     }
-    if keys != ["id"]:
-        kinds["copies"] = both & same_label & same_split & ~same_copies
-    kinds["unchanged"] = both & same_label & same_split & same_copies
+    kinds["unchanged"] = both & same_label & same_text & same_split & same_copies
+    if keys == ["id"]:
+        del kinds["copies"]  # an id is on one row
+    else:
+        del kinds["edited"]  # the text is the key
 
     def value(row: dict, column: str) -> Any:
-        return row.get(column, row.get(f"{column}_a") if row.get(f"{column}_a") is not None else row.get(f"{column}_b"))
+        """A key column as it is; another (the text, matched by id) as `a` has it, or `b` for an added row."""
+        if column in row:
+            return row[column]
+        return row[f"{column}_a"] if row[f"{column}_a"] is not None else row[f"{column}_b"]
 
     shown_examples: dict[str, list[dict[str, Any]]] = {}
     for kind, mask in kinds.items():
@@ -172,7 +184,8 @@ def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
              **({"label": r["label_b"], "split": r["split_b"]} if kind == "added" else
                 {"label": r["label_a"], "split": r["split_a"]} if kind == "removed" else
                 {"label": [r["label_a"], r["label_b"]], "split": [r["split_a"], r["split_b"]],
-                 **({"copies": [r["copies_a"], r["copies_b"]]} if kind == "copies" else {})})}
+                 **({"copies": [r["copies_a"], r["copies_b"]]} if kind == "copies" else {}),
+                 **({c: [r[f"{c}_a"], r[f"{c}_b"]] for c in shown if c not in keys} if kind == "edited" else {})})}
             for r in rows]
     label_a = pc.value_counts(table_a.column("label")).to_pylist()
     label_b = pc.value_counts(table_b.column("label")).to_pylist()

@@ -45,6 +45,7 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
     before = tickets()
     after = [dict(r) for r in before[3:]]                      # billing-0..2 removed
     after[0]["label"] = "shipping"                             # billing-3 relabelled
+    after[1]["text"] = "billing question number four"          # billing-4 edited
     after += [{"id": "new-1", "text": "a new question about my invoice", "label": "billing"},
               {"id": "new-2", "text": "a new question about my parcel", "label": "shipping"}]
     a = publish(before, "a.csv", "dataset.id_column=id")
@@ -53,8 +54,10 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
 
     assert d.rows.key == "id"
     counts = d.rows.counts
-    assert (counts["added"], counts["removed"], counts["relabelled"]) == (2, 3, 1)
-    assert counts["added"] + counts["relabelled"] + counts["moved"] + counts["unchanged"] == len(after)
+    assert (counts["added"], counts["removed"], counts["relabelled"], counts["edited"]) == (2, 3, 1, 1)
+    assert sum(n for kind, n in counts.items() if kind != "removed") == len(after) and "copies" not in counts
+    edited = d.rows.examples["edited"][0]
+    assert edited["id"] == "billing-4" and edited["text"] == ["billing question number 4", "billing question number four"]
     assert [r["id"] for r in d.rows.examples["removed"]] == ["billing-0", "billing-1", "billing-2"]
     assert [r["id"] for r in d.rows.examples["added"]] == ["new-1", "new-2"]
     relabelled = d.rows.examples["relabelled"][0]
