@@ -399,9 +399,11 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
 def _seen_in_training(reg, champion, rows: dict[str, list]) -> np.ndarray | None:
     """Which rows production trained on or chose its checkpoint on: texts (and pairs) in the train or
     validation split of the dataset version it was trained on, compared as dataset-publish compares
-    copies (ignoring case and spacing). A later dataset version splits its rows anew, so a test row of
-    the challenger's data can be a train row of production's: scored on it, production would look
-    better than it is. None (with a warning) when that dataset version cannot be read."""
+    copies (ignoring case and spacing). dataset-publish keeps a row in its split from one version to the
+    next, but a version split another way (another seed or fractions, the user's own split files, or
+    published before splits were stable) can hold production's train rows in its test split: scored
+    on them, production would look better than it is. None (with a warning) when production's
+    dataset version cannot be read."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -423,7 +425,8 @@ def _seen_in_training(reg, champion, rows: dict[str, list]) -> np.ndarray | None
     trained = pa.concat_tables(parts)
     seen_keys = copy_key({c: trained.column(c) for c in cols.text_columns}, cols)
     keys = copy_key({c: pa.chunked_array([arrow.strings(rows[c])]) for c in cols.text_columns}, cols)
-    return arrow.to_numpy(pc.is_in(keys, value_set=pa.chunked_array([seen_keys]).combine_chunks()), fill=False)
+    value_set = seen_keys.combine_chunks() if isinstance(seen_keys, pa.ChunkedArray) else seen_keys
+    return arrow.to_numpy(pc.is_in(keys, value_set=value_set), fill=False)
 
 
 def _log_comparison(run, cmp: Comparison) -> None:
