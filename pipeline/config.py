@@ -69,7 +69,8 @@ class SplitConfig(_Group):
     test: float = Field(0.1, ge=0, le=1)
     """Fraction of rows for the held-out test split (the evaluation gate)."""
     seed: int = Field(42, ge=0, le=SEED_MAX)
-    """Seed of the stratified shuffle; the same input and seed give byte-identical splits."""
+    """Seed of the stratified split (it seeds the hash that ranks each label's texts); the same input and seed give
+    byte-identical splits."""
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
