@@ -117,10 +117,14 @@ def format_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _compression(path: Path) -> str | None:
+    """The codec of a compressed text file (data.csv.gz: gzip); None for any other file."""
+    return COMPRESSIONS.get(path.suffix.lower()) if format_suffix(path) != path.suffix.lower() else None
+
+
 def _open(path: Path) -> io.BufferedReader:
     """The file's bytes, decompressed when its name ends in a compression suffix."""
-    codec = COMPRESSIONS.get(path.suffix.lower()) if format_suffix(path) != path.suffix.lower() else None
-    return io.BufferedReader(pa.input_stream(str(path), compression=codec))
+    return io.BufferedReader(pa.input_stream(str(path), compression=_compression(path)))
 
 
 def _one_format(candidates: list[Path], source: Path, where: str) -> list[Path]:
@@ -140,13 +144,12 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
     """One file's configured columns; those in `from_folders` may be absent (a ``key=value`` folder gives them)."""
     kind = SUFFIXES[format_suffix(path)]
     try:
-        if format_suffix(path) != path.suffix.lower():  # compressed: say so when it is not, rather than zlib's words
+        if codec := _compression(path):  # say so when it is not compressed, rather than zlib's words
             try:
                 with _open(path) as f:
                     f.read(1)
             except (OSError, pa.ArrowException) as e:
-                raise DataError(f"{path}: not {COMPRESSIONS[path.suffix.lower()]}-compressed, though its name ends in "
-                                f"{path.suffix} ({e})") from None
+                raise DataError(f"{path}: not {codec}-compressed, though its name ends in {path.suffix} ({e})") from None
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
@@ -633,7 +636,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         **({"_split": table.column("_split")} if "_split" in table.column_names else {}),  # the user's own splits
     })
     keep = reason == 0
-    mixed &= keep
+    mixed_idx = np.flatnonzero(mixed & keep)
     dropped_idx = np.flatnonzero(~keep)
     dropped = clean.take(arrow.from_numpy(dropped_idx)).append_column(
         "reason", arrow.strings(kinds).take(arrow.from_numpy(reason[dropped_idx].astype(np.int64) - 1)))
@@ -644,9 +647,9 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         problems=problems,
         texts=text_codes[keep],
         text_values=text_values,
-        mixed_label_copies=int(mixed.sum()),
+        mixed_label_copies=len(mixed_idx),
         mixed_label_examples=[(f, int(rows[i])) for f, i in
-                              zip(files.take(arrow.from_numpy(np.flatnonzero(mixed)[:SHOW])).to_pylist(), np.flatnonzero(mixed)[:SHOW])],
+                              zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(), mixed_idx[:SHOW])],
     )
 
 
@@ -707,7 +710,7 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
                      groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Row indices per split: every label split by the same fractions, rows ranked by `order`.
 
-    Each label's texts are ranked by `order` (`split_order`: a hash of the text keyed by the seed);
+    Each label's texts are ranked by `order` (`split_order`: a hash of the text seeded with the seed);
     the first go to test, the next to validation, the rest to train, as many as come closest to the
     fractions. Rows with the same `groups` code (copies of one text, which share their `order`) go
     to one split together, so no test row is a copy of a train row. A text's rank does not depend

@@ -168,6 +168,7 @@ def warm_up(config: Config) -> None:
     def work() -> None:
         try:
             import importlib
+            import importlib.util
 
             import wandb
 

@@ -174,7 +174,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         manifest["delimiter"] = d.delimiter
     if d.column_names:  # likewise
         manifest["column_names"] = d.column_names
-    if repeats:  # likewise: data without repeated texts keeps the manifest (and the split) it always had
+    if repeats:  # likewise
         manifest["repeated_texts"] = repeats
         if checked.mixed_label_copies:
             manifest["mixed_label_copies"] = checked.mixed_label_copies
@@ -229,15 +229,15 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
                sample_rows: int, seed: int) -> None:
     import wandb
 
-    counts = _table(wandb, ["split", "label", "count"],
-                    [[s, n, c] for s, per in manifest["label_counts"].items() for n, c in per.items()])
-    train_counts = _table(wandb, ["label", "count"], [[n, c] for n, c in manifest["label_counts"]["train"].items()])
+    counts = wandb.Table(columns=["split", "label", "count"],
+                         data=[[s, n, c] for s, per in manifest["label_counts"].items() for n, c in per.items()])
+    train_counts = wandb.Table(columns=["label", "count"], data=[[n, c] for n, c in manifest["label_counts"]["train"].items()])
     lengths = np.concatenate([arrow.to_numpy(pc.utf8_length(t.column("text"))) for t in tables.values()])
     rng = np.random.default_rng(seed)
     # Binned here: a chart of 30 bars instead of a table of every length (a million rows would crawl).
     hist, edges = np.histogram(lengths, bins=min(30, max(1, int(lengths.max(initial=0)) + 1)))
-    length_table = _table(wandb, ["text_length", "rows"],
-                          [[f"{int(edges[i])}-{int(edges[i + 1])}", int(c)] for i, c in enumerate(hist)])
+    length_table = wandb.Table(columns=["text_length", "rows"],
+                               data=[[f"{int(edges[i])}-{int(edges[i + 1])}", int(c)] for i, c in enumerate(hist)])
     data: dict[str, Any] = {
         "data/label_counts": counts,
         "data/label_distribution": wandb.plot.bar(train_counts, "label", "count", title="Train label distribution"),
@@ -249,26 +249,17 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
             take = np.sort(rng.choice(t.num_rows, min(sample_rows, t.num_rows), replace=False))
             sample = t.take(arrow.from_numpy(take)).to_pylist()
             columns = [c for c in t.column_names]
-            data[f"samples/{split}"] = _table(wandb, columns, [[r[c] for c in columns] for r in sample])
+            data[f"samples/{split}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in sample])
     if dropped is not None and dropped.num_rows:
         keep = [c for c in dropped.column_names]
         rows = dropped.slice(0, 1000).to_pylist()
-        data["data/dropped_rows"] = _table(wandb, keep, [[r[c] for c in keep] for r in rows])
+        data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[r[c] for c in keep] for r in rows])
     run.log(data)
     run.set_summary(
         **{f"data/rows_{s}": n for s, n in manifest["num_rows"].items()},
         **{"data/num_labels": len(manifest["label_names"])},
         **{f"data/dropped_{k}": v for k, v in manifest["dropped"].items()},
     )
-
-
-def _table(wandb, columns: list[str], rows: list[list[Any]]):
-    """A ``wandb.Table`` filled row by row: given ``data=``, W&B imports pandas to ask whether the rows
-    are a DataFrame, half a second that nothing else in this stage needs (see `pipeline.arrow`)."""
-    table = wandb.Table(columns=columns)
-    for row in rows:
-        table.add_data(*row)
-    return table
 
 
 def _upload_references(files: dict[str, Path], root: str) -> dict[str, Reference]:
