@@ -85,6 +85,7 @@ class Validated:
     # per clean row: a code of its text (and pair) as `copy_key` compares them; copies, equal codes
     texts: np.ndarray | None = None
     text_values: pa.Array | None = None  # the texts as compared, in code order (`texts` indexes it)
+    order: np.ndarray | None = None  # per clean row: its text's `split_order` rank, when a split seed was given
     # clean rows whose text is a copy (ignoring case and spacing) of a text with another label
     mixed_label_copies: int = 0
     mixed_label_examples: list[tuple[str, int]] = field(default_factory=list)  # the first few (file, 1-based row)
@@ -541,8 +542,12 @@ def _distinct_per_group(groups: np.ndarray, values: np.ndarray, n_groups: int, n
     return np.bincount(pairs // n_values, minlength=n_groups)
 
 
-def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
-    """Find every problem, one reason per row (the first found). Vectorised: no loop per row."""
+def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int | None = None) -> Validated:
+    """Find every problem, one reason per row (the first found). Vectorised: no loop per row.
+
+    With `split_seed`, each clean row's `split_order` rank comes back too (`Validated.order`): it is
+    computed from the texts as compared while the other core encodes them.
+    """
     n = table.num_rows
     files = table.column("_file")
     rows = arrow.to_numpy(table.column("_row"))
@@ -568,7 +573,8 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
     # Finding copies, the longest step, runs on a second core while the rows are checked and the labels
     # and ids are hashed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-texts") as pool:
-        copies_job = pool.submit(lambda: _encode(copy_key(decoded, cols)))
+        key_job = pool.submit(copy_key, decoded, cols)
+        copies_job = pool.submit(lambda: _encode(key_job.result()))
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
             blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
@@ -586,6 +592,8 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         if ids is not None:
             codes = _codes(ids)
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
+        # The ranks (a loop in Python) are hashed here while the second core encodes the same texts (Arrow).
+        order = split_order(key_job.result(), split_seed) if split_seed is not None else None
         text_codes, text_values = copies_job.result()
 
     n_labels = int(label_codes.max()) + 1 if n else 1
@@ -647,6 +655,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int) -> Validated:
         problems=problems,
         texts=text_codes[keep],
         text_values=text_values,
+        order=order[keep] if order is not None else None,
         mixed_label_copies=len(mixed_idx),
         mixed_label_examples=[(f, int(rows[i])) for f, i in
                               zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(), mixed_idx[:SHOW])],
@@ -703,7 +712,8 @@ def split_order(texts: pa.Array, seed: int) -> np.ndarray:
     import xxhash
 
     hash64 = xxhash.xxh3_64_intdigest
-    return np.fromiter((hash64(t.encode("utf-8"), seed) for t in texts.to_pylist()), dtype=np.uint64, count=len(texts))
+    as_bytes = pc.cast(texts, pa.binary()).to_pylist()  # bytes straight from the buffer: no str to encode again
+    return np.fromiter((hash64(t or b"", seed) for t in as_bytes), dtype=np.uint64, count=len(texts))  # null: as ""
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.ndarray,
@@ -719,9 +729,12 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
     split with a fraction above 0 gets at least one text of every label; the indices of each split
     come back in input order.
     """
-    out: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "validation", "test")}
-    for lbl in np.unique(labels):
-        idx = np.flatnonzero(labels == lbl)
+    names = ("train", "validation", "test")
+    split_of = np.zeros(len(labels), dtype=np.int8)  # an index into `names`: every row starts in train
+    by_label = np.argsort(labels, kind="stable")  # each label's rows together, in input order
+    for idx in np.split(by_label, np.flatnonzero(np.diff(labels[by_label])) + 1):
+        if not len(idx):  # no rows at all
+            continue
         n = len(idx)
         n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0
         n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 else 0
@@ -735,10 +748,9 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
         position = np.empty(len(ranked), dtype=np.int64)
         position[ranked] = np.arange(len(ranked))
         row_position = position[inverse.reshape(-1)]
-        out["test"].append(idx[row_position < k_test])
-        out["validation"].append(idx[(row_position >= k_test) & (row_position < k_test + k_val)])
-        out["train"].append(idx[row_position >= k_test + k_val])
-    return {s: np.sort(np.concatenate(v)) if v else np.array([], dtype=np.int64) for s, v in out.items()}
+        split_of[idx[row_position < k_test]] = 2
+        split_of[idx[(row_position >= k_test) & (row_position < k_test + k_val)]] = 1
+    return {s: np.flatnonzero(split_of == i) for i, s in enumerate(names)}
 
 
 def _groups_for(sizes: np.ndarray, rows: int, leave: int) -> int:

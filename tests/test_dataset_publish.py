@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataError, split_order
+from pipeline.data import Columns, DataError, split_order, validate
 from pipeline.errors import ConfigError
 from pipeline.demo_data import write_csv
 from pipeline.registry.local import LocalRegistry
@@ -400,6 +400,20 @@ def test_the_split_order_is_a_seeded_hash_of_the_text():
     assert a.dtype == np.uint64 and a[0] == a[2] and a[0] != a[1] and not np.array_equal(a, b)
     assert int(a[1]) == 0x86EBA303AF2B8D4D  # XXH3-64 is fixed by its specification: the same everywhere
     assert int(split_order(pa.array([""]), 0)[0]) == 0x2D06800538D394C2  # the specification's empty-input value
+    assert int(split_order(pa.array([None, "x"]), 0)[0]) == 0x2D06800538D394C2  # a null ranks as ""
+
+
+def test_validate_ranks_each_clean_row_by_its_text_as_compared():
+    """validate hashes the rows' folded texts while the other core encodes them; each clean row gets the
+    rank of its text (copies, equal ranks), and dropped rows none."""
+    texts = ["Reset my password", "reset  my password ", "where is my parcel", "", "RESET MY PASSWORD", "a parcel"]
+    table = pa.table({"text": pa.array(texts, pa.binary()), "label": ["a", "a", "b", "b", "a", "b"],
+                      "_file": ["f.csv"] * 6, "_row": np.arange(1, 7)})
+    checked = validate(table, Columns(text="text", label="label"), 1, split_seed=42)
+    assert checked.table.column("_row").to_pylist() == [1, 2, 3, 5, 6]  # the empty text is dropped
+    assert np.array_equal(checked.order, split_order(checked.text_values, 42)[checked.texts])
+    assert len(set(checked.order[[0, 1, 3]].tolist())) == 1 and checked.order[0] != checked.order[2]
+    assert validate(table, Columns(text="text", label="label"), 1).order is None  # no seed: no ranks
 
 
 def test_copies_of_a_text_stay_in_one_split(tmp_path, cfg_for, caplog):

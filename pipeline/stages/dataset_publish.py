@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline import arrow
 from pipeline.config import Config
 from pipeline.data import (Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
-                           read_files, split_order, stratified_split, validate)
+                           read_files, stratified_split, validate)
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
@@ -108,7 +108,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
         raise DataError(f"{where}: no data rows (only a header, or empty files)")
-    checked = validate(table, cols, min_per_class)
+    checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed)
     if checked.problems and d.on_invalid == "error":
         raise DataError(format_problems(checked.problems, where))
     clean = checked.table
@@ -136,8 +136,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
                         where, " and ".join(f"{n} {s}" for s, n in leaked.items() if n))
     else:
         # Copies of one text go to one split together: a test row is never a copy of a train row.
-        order = split_order(checked.text_values, d.split.seed)[checked.texts]
-        index = stratified_split(labels, d.split.model_dump(), order, groups=checked.texts if repeats else None)
+        index = stratified_split(labels, d.split.model_dump(), checked.order, groups=checked.texts if repeats else None)
         if repeats:
             log.info("%s: %d rows repeat the text of an earlier row (ignoring case and spacing); each text's copies "
                      "are in one split", where, repeats)
