@@ -36,11 +36,15 @@ class _Group(BaseModel):
     def _no_yes_for_a_number(cls, value: Any, info) -> Any:
         """YAML reads yes/no/true/false as booleans, and pydantic would take them as 1 and 0: `batch_size: yes`
         would train with a batch of one. A number field takes numbers only."""
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = typing.get_args(annotation) or (annotation,)
         if isinstance(value, bool):
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = typing.get_args(annotation) or (annotation,)
             if bool not in kinds and any(k in (int, float) for k in kinds):
                 raise ValueError("expected a number, not yes/no or true/false")
+        elif isinstance(value, dict) and any(isinstance(v, bool) for v in value.values()):
+            # {label: number} settings likewise: `{billing: yes}` is not a weight of 1
+            if any(typing.get_origin(k) is dict and typing.get_args(k)[1] in (int, float) for k in kinds):
+                raise ValueError("expected numbers as the values, not yes/no or true/false")
         return value
 
 
@@ -231,15 +235,31 @@ class TrainConfig(_Group):
     """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU."""
     misclassified_rows: int = Field(100, ge=0)
     """Rows in each misclassification table (the highest-loss ones); 0 turns the tables off."""
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    """Weights of the classes in the training loss. ``none``: every row counts the same. ``balanced``: each
+    class weighs n_train / (classes x its train rows), so a rare class counts as much as a common one (the
+    mean weight per row stays 1). ``{label: weight}``: these labels weigh so much, the others 1."""
     dataloader_workers: int = Field(0, ge=0)
     """Worker processes per dataloader."""
     seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed for data order, head initialisation and dropout."""
 
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _one_of_the_forms(cls, value: Any) -> Any:
+        if not (value in ("none", "balanced") or isinstance(value, dict)):
+            raise ValueError("expected none, balanced or {label: weight}")
+        return value
+
     @model_validator(mode="after")
     def _check_steps(self) -> TrainConfig:
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("train.eval_steps is required when train.eval_strategy is 'steps'")
+        if isinstance(self.class_weights, dict):
+            bad = sorted(k for k, w in self.class_weights.items() if not w > 0)
+            if bad or not self.class_weights:
+                raise ValueError("train.class_weights needs a weight above 0 for each label it names"
+                                 + (f" (not {', '.join(f'{k}={self.class_weights[k]}' for k in bad)})" if bad else ""))
         return self
 
     def eval_batch(self) -> int:

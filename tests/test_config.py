@@ -165,6 +165,28 @@ def test_yes_or_no_is_not_taken_for_a_number(make_config, override):
         make_config(override)
 
 
+@pytest.mark.parametrize("override", ["evaluate.gate.min_class_recall={billing: yes}", "train.class_weights={billing: on}"])
+def test_yes_or_no_is_not_taken_for_a_number_in_a_label_mapping(make_config, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: expected numbers as the values, not yes/no or true/false")):
+        make_config(override)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.class_weights=sometimes", "train.class_weights: expected none, balanced or {label: weight} (got 'sometimes')"),
+    ("train.class_weights=2", "train.class_weights: expected none, balanced or {label: weight} (got 2)"),
+    ("train.class_weights={billing: 0, shipping: -1}",
+     "train.class_weights needs a weight above 0 for each label it names (not billing=0.0, shipping=-1.0)"),
+    ("train.class_weights={}", "train.class_weights needs a weight above 0 for each label it names"),
+])
+def test_class_weights_take_three_forms(make_config, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(override)
+    assert make_config("train.class_weights=balanced").train.class_weights == "balanced"
+    assert make_config("train.class_weights={billing: 2}").train.class_weights == {"billing": 2.0}
+    assert make_config().train.class_weights == "none"
+
+
 def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     """PyYAML keeps the last of two equal keys: a second `train:` block would silently reset epochs to 3."""
     p = tmp_path / "c.yaml"

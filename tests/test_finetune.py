@@ -89,6 +89,8 @@ def test_model_artifact_carries_lineage_and_provenance(trained, tiny_model, tmp_
     assert not any(n in f for f in files for n in ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state"))
 
     fetched = reg.fetch(model, tmp_path / "model").path
+    training = json.loads((fetched / "training_config.json").read_text())
+    assert "class_weights" not in training and "class_weights" not in training["train"] and "class_weights" not in meta
     card = (fetched / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert card.startswith("---\n") and "tickets:v0" in card and f"Base model: `{tiny_model}` (local" in card
@@ -244,6 +246,8 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     (("model.max_length=512",), None, r"model.max_length=512 is above what the base model .* accepts \(128 tokens\)"),
     (("model.base=/no/such/model",), None, r"model.base='/no/such/model': no such folder"),
     ((f"model.base={REPO / 'pyproject.toml'}",), None, r"pyproject.toml is a file; give the model's folder"),
+    (("train.class_weights={billing: 2, nosuch: 3}",), None,
+     r"train.class_weights names labels tickets:v0 does not have: \['nosuch'\]; labels: \['account_access'"),
 ])
 def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_model, tickets_csv, extra, dataset, message):
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *extra)
@@ -394,3 +398,67 @@ def test_a_full_disk_while_training_is_one_message_and_training_again_publishes(
     again = run_cli("finetune", *cli)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "intent-classifier:v0"
+
+
+def test_balanced_class_weights_come_from_the_train_counts_and_are_recorded(tmp_path, tiny_model, tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.class_weights=balanced")
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+        finetune.run(cfg)
+    reg = registry_of(cfg)
+    counts = json.loads((reg.fetch(reg.resolve("tickets:v0")).path / "dataset.json").read_text())["label_counts"]["train"]
+    n, k = sum(counts.values()), len(counts)
+    expected = {label: round(n / (k * c), 6) for label, c in counts.items()}
+    assert len(set(expected.values())) > 1  # the labels' counts differ, so the weights do
+    model = reg.resolve("clf:v0")
+    assert model.metadata["class_weights"] == expected
+    fetched = reg.fetch(model, tmp_path / "model").path
+    training = json.loads((fetched / "training_config.json").read_text())
+    assert training["class_weights"] == expected and training["train"]["class_weights"] == "balanced"
+    assert sum(expected[label] * c for label, c in counts.items()) == pytest.approx(n, rel=1e-5)  # mean weight 1 per row
+    assert "- class_weights: balanced (" in (fetched / "README.md").read_text()
+
+
+def test_a_class_weighed_almost_nothing_is_not_learnt(tmp_path, tiny_model):
+    """The weights reach the training loss: the tiny model learns every label of balanced tickets (see
+    test_evaluate_deploy's GOOD settings), except the one weighed 1e-4."""
+    from pipeline.predict import load
+
+    csv = write_tickets(tmp_path / "tickets.csv", rows=480)
+    cfg = make_cfg(tmp_path, tiny_model, csv, "train.epochs=20", "train.warmup_ratio=0",
+                   "train.class_weights={billing: 0.0001}")
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+        finetune.run(cfg)
+    reg = registry_of(cfg)
+    model = reg.resolve("clf:v0")
+    assert model.metadata["class_weights"] == {n: (0.0001 if n == "billing" else 1.0) for n in model.metadata["label_names"]}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(reg.fetch(reg.resolve("tickets:v0")).path / "train.parquet").to_pylist()
+    preds = load(reg.fetch(model).path).predict([r["text"] for r in rows])
+    recall = {label: sum(p.label == label for p, r in zip(preds, rows) if r["label"] == label)
+                     / sum(r["label"] == label for r in rows) for label in model.metadata["label_names"]}
+    assert recall["billing"] < 0.2, recall
+    assert min(v for label, v in recall.items() if label != "billing") > 0.7, recall
+
+
+def test_the_weighted_loss_is_a_per_row_mean_that_gradient_accumulation_adds_up():
+    import torch
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([0, 2, 1, 1])
+    weights = [0.5, 2.0, 1.0]
+    loss = finetune.weighted_loss(weights)
+    per_row = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    by_hand = sum(weights[y] * l for y, l in zip(labels.tolist(), per_row)) / 4
+    assert float(loss({"logits": logits}, labels)) == pytest.approx(float(by_hand))
+    # two micro-batches, each divided by the rows of the whole accumulated batch, add up to the full batch
+    halves = [loss({"logits": logits[i:i + 2]}, labels[i:i + 2], num_items_in_batch=torch.tensor(4)) for i in (0, 2)]
+    assert float(sum(halves)) == pytest.approx(float(by_hand))
+    assert float(finetune.weighted_loss([1.0, 1.0, 1.0])({"logits": logits}, labels)) == pytest.approx(float(per_row.mean()))
+    assert finetune.class_weights("none", ["a", "b"], {"a": 3, "b": 1}) is None
+    assert finetune.class_weights("balanced", ["a", "b"], {"a": 3, "b": 1}) == [4 / 6, 4 / 2]
+    assert finetune.class_weights({"b": 3.0}, ["a", "b"], {}) == [1.0, 3.0]
+    with pytest.raises(ConfigError, match=r"names labels the dataset does not have: \['c'\]"):
+        finetune.class_weights({"c": 2.0}, ["a", "b"], {})

@@ -104,6 +104,8 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
     if rows and not rows.get("validation"):
         raise ConfigError(f"{version.ref} has no validation rows; finetune evaluates on the validation split "
                           "(set dataset.split.validation above 0 and publish again)")
+    if isinstance(config.train.class_weights, dict) and version.metadata.get("label_names"):
+        class_weights(config.train.class_weights, version.metadata["label_names"], {}, version.ref)  # labels it lacks
     base = resolve_base_model(config.model.base)
     check_max_length(base, config.model.max_length)
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
@@ -194,6 +196,49 @@ def _validation_rows(data_dir: Path) -> dict[str, list]:
 
     table = pq.read_table(data_dir / "validation.parquet")
     return {c: table.column(c).to_pylist() for c in ("id", "text", "text_pair") if c in table.column_names}
+
+
+def class_weights(setting: str | dict[str, float], label_names: list[str], train_counts: dict[str, int],
+                  dataset: str = "the dataset") -> list[float] | None:
+    """Each label's weight in the training loss, in label-id order; None: unweighted (``none``).
+
+    ``balanced`` is scikit-learn's rule, n_train / (classes x the label's train rows): the mean weight
+    per train row is 1, so the loss keeps its scale. A dict weighs the labels it names, the others 1.
+    """
+    if setting == "none":
+        return None
+    if isinstance(setting, dict):
+        unknown = sorted(set(setting) - set(label_names))
+        if unknown:
+            raise ConfigError(f"train.class_weights names labels {dataset} does not have: {unknown}; labels: {label_names}")
+        return [float(setting.get(name, 1.0)) for name in label_names]
+    counts = [int(train_counts.get(name, 0)) for name in label_names]
+    total = sum(counts)
+    # a label without train rows (possible with the user's own split files) never appears in the loss
+    return [total / (len(counts) * c) if c else 0.0 for c in counts]
+
+
+def weighted_loss(weights: list[float]):
+    """A `Trainer` ``compute_loss_func``: cross-entropy with each row weighted by its label's weight.
+
+    Summed and divided by the number of rows in the whole accumulated batch when the Trainer gives it
+    (``num_items_in_batch``), as the Trainer expects of a loss function, so gradient accumulation gives
+    the gradient of the full batch; else the mean over the batch's rows.
+    """
+    import torch
+
+    table = torch.tensor(weights, dtype=torch.float32)
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        w = table.to(logits.device)
+        total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=w, reduction="sum")
+        rows = num_items_in_batch if num_items_in_batch is not None else labels.numel()
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(total.device)
+        return total / rows
+
+    return loss
 
 
 # -- several processes -----------------------------------------------------------------------
@@ -327,6 +372,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=capture,
             callbacks=callbacks,
+            compute_loss_func=weighted_loss(shared["class_weights"]) if shared.get("class_weights") else None,
         )
     return trainer, tokenizer
 
@@ -368,7 +414,8 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
 
     trainer.model.save_pretrained(out)  # safetensors weights and config.json with id2label; no optimizer state
     tokenizer.save_pretrained(out)
-    train = config.train.model_dump(mode="json")
+    weights = _weights_by_label(shared)
+    train = config.train.model_dump(mode="json", exclude=set() if weights else {"class_weights"})
     (out / "labels.json").write_text(json.dumps(
         {"label_names": label_names, "id2label": dict(enumerate(label_names))}, indent=2) + "\n", encoding="utf-8")
     training = {
@@ -379,17 +426,27 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
     }
     if text_pair:  # read by pipeline.predict; single-text models keep the files they always had
         training["inputs"] = ["text", "text_pair"]
+    if weights:  # likewise
+        training["class_weights"] = weights
     (out / "training_config.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    shown = {k: train[k] for k in ("epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
+                                   "warmup_ratio", "weight_decay", "seed")}
+    if weights:
+        how = train["class_weights"] if isinstance(train["class_weights"], str) else "by label"
+        shown["class_weights"] = f"{how} ({', '.join(f'{n} {w:.3g}' for n, w in weights.items())})"
     card = modelcard.render(
         model_name=config.model.name, base=plan_.base.to_dict(), dataset_ref=plan_.dataset_ref,
-        dataset_digest=plan_.dataset_digest, label_names=label_names, num_rows=num_rows,
-        train={k: train[k] for k in ("epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
-                                     "warmup_ratio", "weight_decay", "seed")},
+        dataset_digest=plan_.dataset_digest, label_names=label_names, num_rows=num_rows, train=shown,
         max_length=config.model.max_length, metrics=metrics, best_metric=config.train.metric_for_best_model,
         text_pair=text_pair,
     )
     (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def _weights_by_label(shared: dict[str, Any]) -> dict[str, float] | None:
+    weights = shared.get("class_weights")
+    return {n: round(w, 6) for n, w in zip(shared["label_names"], weights)} if weights else None
 
 
 def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -414,7 +471,11 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
         "label_names": label_names,
         "validation_rows": _validation_rows(fetched.path),
         "resume_from": str(plan_.resume_from) if plan_.resume_from else None,
+        "class_weights": class_weights(config.train.class_weights, label_names, manifest["label_counts"]["train"]),
     }
+    if shared["class_weights"]:
+        log.info("class weights in the loss: %s",
+                 ", ".join(f"{n} {w:.3g}" for n, w in zip(label_names, shared["class_weights"])))
     details = {"tokenize_cache": "hit" if hit else "miss", "num_rows": manifest["num_rows"], "data_dir": str(fetched.path)}
     return shared, details
 
@@ -512,6 +573,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, A
         "code": code,
         "packages": package_versions(),
         "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
+        **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
     }
 
 
