@@ -704,6 +704,9 @@ def format_problems(problems: list[Problem], source: str) -> str:
     return "\n".join(lines)
 
 
+SPLIT_ORDER_SLICE = 1 << 16
+
+
 def split_order(texts: pa.Array, seed: int) -> np.ndarray:
     """Where each text ranks when its label's rows are split: XXH3-64 of the text's UTF-8 bytes, seeded
     with the split seed (XXH3's output is fixed by its specification, on every machine). It depends
@@ -712,8 +715,14 @@ def split_order(texts: pa.Array, seed: int) -> np.ndarray:
     import xxhash
 
     hash64 = xxhash.xxh3_64_intdigest
-    as_bytes = pc.cast(texts, pa.binary()).to_pylist()  # bytes straight from the buffer: no str to encode again
-    return np.fromiter((hash64(t or b"", seed) for t in as_bytes), dtype=np.uint64, count=len(texts))  # null: as ""
+    as_bytes = pc.cast(texts, pa.binary())  # bytes straight from the buffer: no str to encode again
+    out = np.empty(len(texts), dtype=np.uint64)
+    # A slice's Python objects at a time: the memory of one is reused for the next (a third faster at 1M
+    # rows than making every object at once, which is mostly the kernel handing out fresh pages).
+    for start in range(0, len(texts), SPLIT_ORDER_SLICE):
+        part = as_bytes.slice(start, SPLIT_ORDER_SLICE).to_pylist()
+        out[start:start + len(part)] = np.fromiter((hash64(t or b"", seed) for t in part), dtype=np.uint64, count=len(part))
+    return out  # a null ranks as ""
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.ndarray,
