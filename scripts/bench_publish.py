@@ -5,7 +5,8 @@
 
 Each measurement runs in a fresh child process so its peak RSS and CPU time are its own;
 baseline and publish runs alternate, and each publish writes to a fresh tracking folder (a new
-version, not a dedupe hit). Prints the median wall time, CPU time (user + system, the child's
+version, not a dedupe hit). The publish is the command users run, `python -m pipeline
+dataset-publish --config ...` (offline W&B), from start to exit. Prints the median wall time, CPU time (user + system, the child's
 reaped children included), peak RSS, and the ratio publish / pyarrow (target: <= 2x, peak RSS
 < 2 GB).
 
@@ -18,6 +19,7 @@ against pyarrow once start-up is taken out. `--small-rows 0` skips it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -33,27 +35,26 @@ import sys, pyarrow.csv as csv, pyarrow.parquet as pq
 pq.write_table(csv.read_csv(sys.argv[1]), sys.argv[2], compression="zstd")
 """
 
-PUBLISH = """
-import sys
-from pipeline.config import load_config
-from pipeline.stages import dataset_publish
-cfg = load_config(None, ["dataset.name=big", "dataset.source=" + sys.argv[1], "dataset.id_column=ticket_id",
-                         "model.name=m", "tracking.dir=" + sys.argv[2], "dataset.on_invalid=drop"])
-dataset_publish.run(cfg)
+CONFIG = """project: bench
+dataset: {{name: big, source: {source}, id_column: ticket_id, on_invalid: drop}}
+model: {{name: m}}
 """
 
 
-def child(code: str, *args: str) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS in MiB, CPU seconds) of one child process."""
+def child(argv: list[str], log: Path) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds) of one child process; its output goes to `log`."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
-    t = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        os.execve(sys.executable, [sys.executable, "-c", code, *args], env)
-    _, status, usage = os.wait4(pid, 0)
-    wall = time.perf_counter() - t
+    with open(log, "wb") as out:
+        t = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+            os.execve(sys.executable, [sys.executable, *argv], env)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"child failed: {code[:60]!r}")
+        raise SystemExit(f"child failed: {' '.join(argv)[:200]}\n{log.read_text(errors='replace')[-3000:]}")
     return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
@@ -72,9 +73,13 @@ def write_csv(path: Path, rows: int) -> None:
 def measure(src: Path, work: Path, repeat: int) -> dict[str, tuple[float, float, float]]:
     """Medians (wall, CPU) and the peak RSS of `repeat` alternating runs of each."""
     runs: dict[str, list[tuple[float, float, float]]] = {"pyarrow": [], "publish": []}
+    config = work / f"{src.stem}.yaml"
+    config.write_text(CONFIG.format(source=json.dumps(str(src))), encoding="utf-8")
+    log = work / "child.log"
     for i in range(repeat):
-        runs["pyarrow"].append(child(BASELINE, str(src), str(work / "out.parquet")))
-        runs["publish"].append(child(PUBLISH, str(src), str(work / f"track-{src.stem}-{i}")))
+        runs["pyarrow"].append(child(["-c", BASELINE, str(src), str(work / "out.parquet")], log))
+        runs["publish"].append(child(["-m", "pipeline", "dataset-publish", "--config", str(config),
+                                      "--set", f"tracking.dir={work / f'track-{src.stem}-{i}'}"], log))
     print(f"  runs (s) on {src.name}: pyarrow " + " ".join(f"{t:.2f}" for t, _, _ in runs["pyarrow"])
           + " | publish " + " ".join(f"{t:.2f}" for t, _, _ in runs["publish"]))
     return {k: (statistics.median(t for t, _, _ in v), max(r for _, r, _ in v), statistics.median(c for _, _, c in v))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,22 @@ def test_artifacts_list_show_json(tmp_path):
     assert "ds:v0  (dataset" in text and "data/f.txt" in text
     as_json = json.loads(run_cli("artifacts", "list", "--json", "--type", "dataset", *s).stdout)
     assert [v["ref"] for v in as_json] == ["ds:v0"]
+
+
+def test_the_console_script_ends_like_python_m_pipeline(tmp_path):
+    """Both go through `cli.run`: main's exit code, and what the command wrote is all there."""
+    script = Path(sys.executable).parent / "pipeline"
+    track = tmp_path / "track"
+    src = tmp_path / "f.txt"
+    src.write_text("hello")
+    LocalRegistry(track / "registry").publish("ds", "dataset", {"f.txt": src})
+    for argv in ([str(script)], [sys.executable, "-m", "pipeline"]):
+        listed = subprocess.run([*argv, "artifacts", "list", "--json", "--set", f"tracking.dir={track}"],
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0 and [v["ref"] for v in json.loads(listed.stdout)] == ["ds:v0"]
+        missing = subprocess.run([*argv, "artifacts", "show", "missing:v3", "--set", f"tracking.dir={track}"],
+                                 capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 2 and "no artifact named 'missing'" in missing.stderr
 
 
 def test_artifacts_show_unknown_reference(tmp_path):
