@@ -165,19 +165,31 @@ def warm_up(config: Config) -> None:
     if mode == "disabled":
         return
 
-    def work() -> None:
+    def imports() -> None:
         try:
             import importlib
             import importlib.util
-
-            import wandb
 
             importlib.import_module("wandb.sdk.launch.inputs.internal")  # every wandb.init imports it
             if importlib.util.find_spec("pandas") is not None:
                 # run.log imports pandas, when installed, to ask whether a value is a DataFrame: half a
                 # second. The caller's Arrow code is kept free of pandas (`pipeline.arrow`) so as not to wait for it.
                 importlib.import_module("pandas")
-            wandb.setup(_wandb_settings(mode))
+        except Exception:  # noqa: BLE001 - imported again, and reported, where they are needed
+            log.debug("W&B warm-up imports failed", exc_info=True)
+
+    def work() -> None:
+        try:
+            import wandb
+
+            # wandb.setup starts W&B's service process and waits for it to listen (0.2 s with the GIL free):
+            # the modules a run needs are imported on another thread meanwhile.
+            side = threading.Thread(target=imports, name="wandb-warm-up-imports")
+            side.start()
+            try:
+                wandb.setup(_wandb_settings(mode))
+            finally:
+                side.join()
         except Exception:  # noqa: BLE001 - wandb.init reports any real problem when the run opens
             log.debug("W&B warm-up failed", exc_info=True)
 
