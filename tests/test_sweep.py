@@ -218,6 +218,8 @@ def test_random_draws_follow_wandb_distributions():
     ({"method": "grid", "parameters": {"learning_rate": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
      "grid search needs value or values"),
     ({"early_terminate": {"type": "median"}}, "early_terminate.type must be hyperband"),
+    ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"class_weights": {"values": ["none", "balanced"]}}},
+     "a sweep over class_weights cannot rank its trials by val/loss: each trial's validation loss is weighted"),
 ])
 def test_bad_sweep_configs_are_refused_before_any_trial(cfg, tmp_path, raw, message):
     base = yaml.safe_load(ISSUE_YAML)
@@ -232,6 +234,15 @@ def test_bad_sweep_configs_are_refused_before_any_trial(cfg, tmp_path, raw, mess
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert registry(c).list_versions(type="model") == []
     assert [r for r in registry(c).list_versions() if r.type == "dataset"]  # only the dataset from the fixture
+
+
+def test_class_weights_can_be_searched_when_trials_are_ranked_by_another_metric():
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/macro_f1", "goal": "maximize"},
+                               "parameters": {"class_weights": {"values": ["none", "balanced"]}}})
+    assert [g["train.class_weights"] for g in spec.grid()] == ["none", "balanced"]
+    # one weighting for every trial: their losses compare
+    assert sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss"},
+                               "parameters": {"class_weights": {"value": "balanced"}}}).params
 
 
 def test_a_sampled_value_the_config_rejects_is_caught_before_the_first_trial(cfg):
