@@ -919,11 +919,17 @@ def test_hub_dataset_source_is_read_with_its_class_names(cfg_for, tmp_path, monk
     assert dataset_publish.run(cfg).status == "unchanged"  # the same hub data publishes once
 
 
-def test_unreachable_hub_dataset_says_so(cfg_for, tmp_path):
-    cfg = cfg_for(tmp_path / "unused.csv", "dataset.source=nobody/no-such-dataset", "dataset.id_column=null")
-    with pytest.raises(DataError, match="'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset"):
-        dataset_publish.run(cfg)
-    assert not (Path(cfg.tracking.dir) / "registry").exists() or not registry_of(cfg).list_versions()
+def test_a_hub_dataset_that_cannot_be_loaded_says_so(tmp_path):
+    """Offline here (HF_HUB_OFFLINE), which fails at once; with the network blocked, the hub client's retries
+    take 20 s to fail the same way."""
+    track = tmp_path / "track"
+    out = run_cli("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"),
+                  "--set", "dataset.source=nobody/no-such-dataset", "--set", f"tracking.dir={track}",
+                  env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset" in out.stderr
+    assert "hub ids need the network or the datasets cache" in out.stderr
+    assert not (track / "registry").exists() or not LocalRegistry(track / "registry").list_versions()
 
 
 def test_duplicate_and_conflict_helpers_agree_with_sorting():
