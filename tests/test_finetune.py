@@ -462,3 +462,31 @@ def test_the_weighted_loss_is_a_per_row_mean_that_gradient_accumulation_adds_up(
     assert finetune.class_weights({"b": 3.0}, ["a", "b"], {}) == [1.0, 3.0]
     with pytest.raises(ConfigError, match=r"names labels the dataset does not have: \['c'\]"):
         finetune.class_weights({"c": 2.0}, ["a", "b"], {})
+
+
+def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv):
+    """Entries of an older layout (no marker, or another format) and day-old half-written ones go when an
+    entry is written; current entries, unreadable markers and fresh half-written ones stay."""
+    from pipeline.basemodel import resolve_base_model
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+    reg = registry_of(cfg)
+    version = reg.resolve("tickets:v0")
+    data = reg.fetch(version).path
+    base = resolve_base_model(str(tiny_model))
+    cache = tmp_path / "cache"
+    kept, _ = finetune.tokenize(data, version.digest, base, 32, cache)
+    planted = {name: cache / name for name in ("unmarked", "format1", "damaged", ".x.old.tmp", ".y.new.tmp")}
+    for folder in planted.values():
+        folder.mkdir()
+        (folder / "dataset_dict.json").write_text("{}")
+    (planted["format1"] / finetune.CACHE_SOURCE).write_text(json.dumps({"dataset_digest": "d", "format": 1}))
+    (planted["damaged"] / finetune.CACHE_SOURCE).write_text("{not json")
+    os.utime(planted[".x.old.tmp"], (0, 0))
+    assert finetune.tokenize(data, version.digest, base, 32, cache) == (kept, True)  # a hit writes nothing
+    assert all(f.is_dir() for f in planted.values())
+    made, hit = finetune.tokenize(data, version.digest, base, 48, cache)
+    assert not hit and made.is_dir() and kept.is_dir()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([kept.name, made.name, "damaged", ".y.new.tmp"])

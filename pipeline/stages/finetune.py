@@ -161,6 +161,7 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
 
     dd = dd.map(encode, batched=True, batch_size=1000, remove_columns=dd["train"].column_names, desc="tokenizing")
     cache_root.mkdir(parents=True, exist_ok=True)
+    _retire_stale_entries(cache_root)
     tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         dd.save_to_disk(str(tmp))
@@ -175,6 +176,35 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, False
+
+
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def _retire_stale_entries(cache_root: Path) -> None:
+    """Entries no version of this code reads again, removed when a new entry is written: those of an older
+    layout (`TOKENIZE_FORMAT`, or no `CACHE_SOURCE` marker: the marker goes in before an entry gets its
+    name) and a day-old half-written one (a process killed while saving)."""
+    import time
+
+    for entry in cache_root.iterdir():
+        if not entry.is_dir():
+            continue
+        if entry.name.startswith("."):
+            try:
+                stale = time.time() - entry.stat().st_mtime > STALE_TMP_SECONDS
+            except OSError:
+                continue
+        else:
+            try:
+                stale = json.loads((entry / CACHE_SOURCE).read_text()).get("format") != TOKENIZE_FORMAT
+            except FileNotFoundError:
+                stale = True
+            except (OSError, ValueError):
+                continue  # unreadable: left as it is
+        if stale:
+            log.info("removing a stale tokenised cache entry: %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def drop_tokenized(cache_root: Path, dataset_digest: str) -> list[Path]:
