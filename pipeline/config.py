@@ -360,7 +360,7 @@ def model_config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str
     `before` (a recorded config) is read with today's defaults first, so a key added since it was
     recorded (at its default) is not a difference; `after` is today's ``Config.to_dict()``.
     """
-    a = _flatten({g: _with_defaults(before).get(g) for g in MODEL_GROUPS})
+    a = _flatten({g: with_defaults(before).get(g) for g in MODEL_GROUPS})
     b = _flatten({g: after.get(g) for g in MODEL_GROUPS})
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
@@ -370,7 +370,8 @@ def describe_diff(changed: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} ({then!r} -> {now!r})" for k, (then, now) in changed.items())
 
 
-def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config as today's `Config.to_dict()` gives it: keys added since, at their defaults."""
     try:
         return config_from_dict(data).to_dict()
     except ConfigError:  # recorded by a version whose keys no longer validate: compared as it is

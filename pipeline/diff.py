@@ -60,7 +60,7 @@ def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
     a, b = registry.resolve(ref_a, include_deleted=True), registry.resolve(ref_b, include_deleted=True)
     if a.type != b.type:
         raise DiffError(f"{a.ref} is a {a.type!r} artifact and {b.ref} a {b.type!r} artifact; compare versions of one type")
-    out = Diff(a=a, b=b, files=None, metadata=_dict_diff(a.metadata, b.metadata))
+    out = Diff(a=a, b=b, files=None, metadata=_dict_diff(_configs_completed(a.metadata), _configs_completed(b.metadata)))
     gone = [v.ref for v in (a, b) if v.deleted_at]
     if gone:  # the record keeps metadata and lineage; files and rows went with the delete
         out.skipped = f"{' and '.join(gone)} {'was deleted; its' if len(gone) == 1 else 'were deleted; their'} files are gone"
@@ -75,6 +75,16 @@ def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
     if a.type == "dataset" and a.digest != b.digest:
         out.rows = _row_diff(registry.fetch(a).path, registry.fetch(b).path, examples)
     return out
+
+
+def _configs_completed(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The recorded config with the keys added since at their defaults: a version made before a setting
+    existed ran as its default does, so that is no change."""
+    from pipeline.config import with_defaults
+
+    if not isinstance(metadata.get("config"), dict):
+        return metadata
+    return {**metadata, "config": with_defaults(metadata["config"])}
 
 
 class _Absent:

@@ -77,6 +77,19 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
     assert as_json["rows"]["counts"] == counts and as_json["same_content"] is False
 
 
+def test_a_setting_added_since_a_version_was_made_is_no_change_at_its_default(publish, tmp_path):
+    reg = registry(tmp_path)
+    a = publish(tickets(), "a.csv")
+    older = json.loads(json.dumps(reg.resolve(a).metadata["config"]))
+    del older["train"]["class_weights"]  # recorded before the setting existed
+    reg.update_metadata(a, {"config": older})
+    b = publish(tickets(), "b.csv", "train.class_weights=balanced")
+    c = publish(tickets()[1:], "c.csv")
+    keys = {key for key, _, _ in diff_versions(reg, a, c).metadata}
+    assert "config.dataset.source" in keys and not any(k.startswith("config.train") for k in keys)
+    assert ("config.train.class_weights", "none", "balanced") in diff_versions(reg, a, b).metadata
+
+
 def test_without_ids_rows_are_matched_by_text_and_copies_are_counted(publish, tmp_path):
     before = [{"text": r["text"], "label": r["label"]} for r in tickets()]
     after = [*before, dict(before[5]), {"text": "a question never seen", "label": "tech"}]  # one more copy, one new
