@@ -8,14 +8,17 @@ over the evaluation set.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from transformers import TrainerCallback
 
+from pipeline.config import TABLE_ROWS
 from pipeline.metrics import SUMMARY_KEYS, load_metric, log_softmax
 
+log = logging.getLogger(__name__)
 STEP_METRIC = "train/global_step"  # the x-axis transformers' WandbCallback defines
 
 
@@ -78,6 +81,46 @@ def misclassified_rows(
     return columns, rows
 
 
+DENSE_CONFUSION = 100  # up to this many labels, the chart gets every cell, zeros too (100 x 100 = TABLE_ROWS)
+
+
+def confusion_chart(labels: np.ndarray, preds: np.ndarray, label_names: Sequence[str], title: str):
+    """W&B's confusion-matrix chart (``wandb/confusion_matrix/v1``) of label ids `labels` against `preds`.
+
+    `wandb.plot.confusion_matrix` writes a row for every cell: past 100 labels that is more than the
+    10,000 rows W&B keeps of a logged table, so the rows of the later labels were silently dropped
+    (and 1,000 labels took 23 s per chart). With more than `DENSE_CONFUSION` labels only the cells that
+    hold a prediction are written (the others show empty, not 0), at most one per row. Should even
+    those pass the limit, the correct cells and then the largest errors are kept, and a warning says
+    how many were left out.
+    """
+    import wandb
+
+    k = len(label_names)
+    labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    counts = np.bincount(labels * k + preds, minlength=k * k)
+    if k <= DENSE_CONFUSION:
+        cells = np.arange(k * k)
+    else:
+        cells = np.flatnonzero(counts)
+        if len(cells) > TABLE_ROWS:
+            on_diagonal = cells // k == cells % k
+            ranked = cells[np.lexsort((cells, -counts[cells], ~on_diagonal))]  # diagonal first, then by count
+            log.warning(
+                "%s: %d of %d non-empty cells of the confusion matrix left out (W&B keeps %d rows of a table); "
+                "the correct predictions and the largest errors are kept", title, len(cells) - TABLE_ROWS,
+                len(cells), TABLE_ROWS)
+            cells = np.sort(ranked[:TABLE_ROWS])
+    names = list(label_names)
+    data = [[names[c // k], names[c % k], int(counts[c])] for c in cells.tolist()]
+    return wandb.plot_table(
+        vega_spec_name="wandb/confusion_matrix/v1",
+        data_table=wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=data),
+        fields={"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+        string_fields={"title": title},
+    )
+
+
 class MisclassificationCallback(TrainerCallback):
     """At every evaluation: a table of the worst misclassified rows and a confusion matrix.
 
@@ -112,10 +155,8 @@ class MisclassificationCallback(TrainerCallback):
         self.run.log({
             f"{self.prefix}/misclassified": wandb.Table(columns=columns, data=rows),
             f"{self.prefix}/misclassified_count": int((preds != labels).sum()),
-            f"{self.prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-                y_true=labels.tolist(), preds=preds.tolist(), class_names=self.label_names,
-                title=f"Confusion matrix ({self.prefix}, step {state.global_step})",
-            ),
+            f"{self.prefix}/confusion_matrix": confusion_chart(
+                labels, preds, self.label_names, f"Confusion matrix ({self.prefix}, step {state.global_step})"),
             STEP_METRIC: state.global_step,
         })
         self.tables_logged += 1

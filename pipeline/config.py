@@ -24,6 +24,7 @@ from pipeline.refs import NAME_PATTERN
 
 
 SEED_MAX = 2**32 - 1  # what NumPy accepts (transformers' set_seed seeds it too)
+TABLE_ROWS = 10_000  # W&B keeps the first this many rows of a logged table (wandb.Table.MAX_ROWS) and drops the rest
 
 
 class _Group(BaseModel):
@@ -149,8 +150,8 @@ class DatasetConfig(_Group):
     """Stratified split of ``source`` into train/validation/test."""
     split_files: SplitFiles | None = None
     """Your own splits instead (``source`` is then only a label for the dataset)."""
-    sample_rows: int = Field(20, ge=0)
-    """Rows per split in the sample table logged to W&B."""
+    sample_rows: int = Field(20, ge=0, le=TABLE_ROWS)
+    """Rows per split in the sample table logged to W&B (W&B keeps at most 10,000 rows of a table)."""
     reference: str | None = Field(None, pattern=r"^(file|s3|gs)://.+")
     """Reference mode for big corpora: a file://, s3:// or gs:// prefix. The split files are stored
     there (content-addressed) and the artifact records their URIs and checksums instead of copies."""
@@ -233,8 +234,9 @@ class TrainConfig(_Group):
     """Stop after this many evaluations without improvement of that metric; unset: never."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU."""
-    misclassified_rows: int = Field(100, ge=0)
-    """Rows in each misclassification table (the highest-loss ones); 0 turns the tables off."""
+    misclassified_rows: int = Field(100, ge=0, le=TABLE_ROWS)
+    """Rows in each misclassification table (the highest-loss ones); 0 turns the tables off. At most 10,000,
+    the rows W&B keeps of a logged table."""
     class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
     """Weights of the classes in the training loss. ``none``: every row counts the same. ``balanced``: each
     class weighs n_train / (classes x its train rows), so a rare class counts as much as a common one (the
@@ -300,8 +302,9 @@ class EvaluateConfig(_Group):
     """Rows per inference batch."""
     calibration_bins: int = Field(10, gt=1)
     """Equal-width confidence bins for the calibration error and the reliability diagram."""
-    misclassified_rows: int = Field(100, ge=0)
-    """Rows in the table of misclassified examples (the highest-loss ones)."""
+    misclassified_rows: int = Field(100, ge=0, le=TABLE_ROWS)
+    """Rows in the table of misclassified examples (the highest-loss ones); at most 10,000, the rows W&B keeps
+    of a logged table."""
 
 
 class DeployConfig(_Group):

@@ -148,6 +148,10 @@ def test_a_key_added_since_a_config_was_recorded_is_not_a_difference():
     ("evaluate.gate.max_regression=.inf", "evaluate.gate.max_regression: Input should be a finite number"),
     ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
     ("dataset.split.seed=4294967296", "dataset.split.seed: Input should be less than or equal to 4294967295"),
+    # W&B keeps the first 10,000 rows of a logged table and drops the rest without a word
+    ("train.misclassified_rows=20000", "train.misclassified_rows: Input should be less than or equal to 10000"),
+    ("evaluate.misclassified_rows=10001", "evaluate.misclassified_rows: Input should be less than or equal to 10000"),
+    ("dataset.sample_rows=50000", "dataset.sample_rows: Input should be less than or equal to 10000"),
 ])
 def test_values_no_stage_could_use_are_refused_at_load(make_config, override, message):
     """inf/nan would be recorded as invalid JSON after the run opened; NumPy refuses seeds outside 0..2**32-1."""

@@ -490,3 +490,28 @@ def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_mode
     made, hit = finetune.tokenize(data, version.digest, base, 48, cache)
     assert not hit and made.is_dir() and kept.is_dir()
     assert sorted(p.name for p in cache.iterdir()) == sorted([kept.name, made.name, "damaged", ".y.new.tmp"])
+
+
+def test_a_confusion_matrix_of_120_labels_reaches_the_run_whole(tmp_path, tiny_model):
+    """W&B keeps 10,000 rows of a logged table; a cell for every pair of 120 labels is 14,400."""
+    import csv
+
+    words = ["invoice", "parcel", "password", "refund", "login", "order", "card", "delivery"]
+    path = tmp_path / "many.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ticket_id", "text", "label"])
+        for label in range(120):
+            for j in range(4):
+                w.writerow([f"T{label}-{j}", f"{words[label % 8]} {words[j]} question {label} {j}", f"intent_{label:03d}"])
+    cfg = make_cfg(tmp_path, tiny_model, path, "train.epochs=1", "dataset.split.train=0.5", "dataset.split.validation=0.25",
+                   "dataset.split.test=0.25")
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+        result = finetune.run(cfg)
+    n_val = registry_of(cfg).resolve("tickets:v0").metadata["num_rows"]["validation"]
+    tables = list((Path(result.paths["run_dir"]) / "files" / "media" / "table" / "eval").glob("confusion_matrix_table_*.table.json"))
+    assert len(tables) == 1
+    rows = json.loads(tables[0].read_text())["data"]
+    assert sum(n for _, _, n in rows) == n_val == 120  # one validation row per label, every one in the chart
+    assert {actual for actual, _, _ in rows} == {f"intent_{i:03d}" for i in range(120)}

@@ -57,3 +57,42 @@ def test_paired_bootstrap_interval_of_the_difference():
     assert narrow["accuracy"][1] - narrow["accuracy"][0] < (ci["accuracy"][1] - ci["accuracy"][0]) / 4
     assert narrow["accuracy"][0] > 0
     assert paired_bootstrap(a[:0], b[:0], refs[:0], 4, keys=("macro_f1",)) == {"macro_f1": [0.0, 0.0]}
+
+
+def test_the_confusion_chart_is_w_and_b_s_for_up_to_100_labels():
+    import wandb
+
+    from pipeline.callbacks import confusion_chart
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(7)]
+    y = rng.integers(0, 7, 500)
+    p = np.where(rng.random(500) < 0.7, y, rng.integers(0, 7, 500))
+    mine = confusion_chart(y, p, names, "t")
+    theirs = wandb.plot.confusion_matrix(y_true=y.tolist(), preds=p.tolist(), class_names=names, title="t")
+    assert mine.table.data == [[a, b, int(n)] for a, b, n in theirs.table.data]  # every cell, zeros too
+    assert vars(mine.spec) == vars(theirs.spec)
+
+
+def test_past_100_labels_the_confusion_chart_keeps_every_prediction_within_w_and_b_s_row_limit(monkeypatch, caplog):
+    """W&B keeps 10,000 rows of a logged table: a cell per pair of 150 labels (22,500 rows) lost the later labels."""
+    import pipeline.callbacks as callbacks
+
+    rng = np.random.default_rng(1)
+    names = [f"intent_{i}" for i in range(150)]
+    y = rng.integers(0, 150, 3000)
+    p = np.where(rng.random(3000) < 0.7, y, rng.integers(0, 150, 3000))
+    rows = callbacks.confusion_chart(y, p, names, "t").table.data
+    assert len(rows) == len({(a, b) for a, b in zip(y.tolist(), p.tolist())}) <= callbacks.TABLE_ROWS
+    assert sum(n for _, _, n in rows) == 3000 and all(n > 0 for _, _, n in rows)
+    cell = {(a, b): n for a, b, n in rows}
+    assert cell[("intent_149", "intent_149")] == int(((y == 149) & (p == 149)).sum())
+
+    monkeypatch.setattr(callbacks, "TABLE_ROWS", 160)  # more non-empty cells than a table keeps
+    kept = callbacks.confusion_chart(y, p, names, "few rows").table.data
+    assert len(kept) == 160
+    diagonal = [r for r in kept if r[0] == r[1]]
+    assert len(diagonal) == 150  # every correct cell first, then the largest errors
+    errors = sorted((n for a, b, n in rows if a != b), reverse=True)
+    assert sorted((n for a, b, n in kept if a != b), reverse=True) == errors[:10]
+    assert "few rows: " in caplog.text and "non-empty cells of the confusion matrix left out" in caplog.text

@@ -225,7 +225,7 @@ def _read_split(data_dir: Path, split: str, ref: str) -> dict[str, list]:
 def _log(run, prefix: str, s: Scored, rows: dict[str, list], max_rows: int) -> None:
     import wandb
 
-    from pipeline.callbacks import misclassified_rows
+    from pipeline.callbacks import confusion_chart, misclassified_rows
 
     data = {f"{prefix}/{k}": v for k, v in s.metrics.items()}
     per_class = wandb.Table(columns=["label", "precision", "recall", "f1", "support"],
@@ -233,8 +233,7 @@ def _log(run, prefix: str, s: Scored, rows: dict[str, list], max_rows: int) -> N
     data[f"{prefix}/per_class"] = per_class
     labels = s.refs
     preds = s.logp.argmax(axis=1)
-    data[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
-        y_true=labels.tolist(), preds=preds.tolist(), class_names=s.label_names, title=f"Confusion matrix ({s.ref})")
+    data[f"{prefix}/confusion_matrix"] = confusion_chart(labels, preds, s.label_names, f"Confusion matrix ({s.ref})")
     bins = [b for b in s.calibration["bins"] if b["count"]]
     reliability = wandb.Table(columns=["confidence", "accuracy", "count", "lower", "upper"],
                               data=[[b["confidence"], b["accuracy"], b["count"], b["lower"], b["upper"]] for b in bins])
