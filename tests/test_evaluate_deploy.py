@@ -322,6 +322,30 @@ def test_thresholds_and_no_promote(env):
     assert len(registry(strict).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
 
 
+def test_a_model_that_scores_nan_is_refused_and_production_stays(env, tmp_path):
+    """A model version whose outputs are not numbers (diverged weights) passes no gate: a minimum of 0 would
+    otherwise promote it, as an argmax over NaN is still a label."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = env()
+    evaluate.run(cfg)  # clf:v0 -> production
+    reg = registry(cfg)
+    v0 = reg.resolve("clf:v0")
+    broken = tmp_path / "broken"
+    shutil.copytree(reg.fetch(v0).path, broken)
+    weights = load_file(broken / "model.safetensors")
+    bias = next(k for k in weights if k.endswith("classifier.bias"))
+    weights[bias][:] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    reg.publish("clf", "model", broken, metadata=v0.metadata, aliases=["candidate"])
+    with offline(tmp_path):
+        with pytest.raises(StageFailed, match=r"clf:v1 gives scores that are not numbers \(NaN or infinite\) for "
+                                              r"(\d+) of \1 rows .* it cannot be evaluated or promoted"):
+            evaluate.run(cfg)
+    assert reg.resolve("clf:production").ref == "clf:v0"
+    assert reg.resolve("clf:v1").metadata == v0.metadata  # no evaluation record added
+
+
 def test_evaluate_bad_references(env):
     cfg = env()
     with pytest.raises(RefError, match="clf has no version 'v9'; versions: v0; aliases: candidate -> v0, latest -> v0"):

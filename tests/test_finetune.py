@@ -13,7 +13,7 @@ import yaml
 from transformers import TrainerCallback
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, RefError
+from pipeline.errors import ConfigError, RefError, StageFailed
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
@@ -515,3 +515,25 @@ def test_a_confusion_matrix_of_120_labels_reaches_the_run_whole(tmp_path, tiny_m
     rows = json.loads(tables[0].read_text())["data"]
     assert sum(n for _, _, n in rows) == n_val == 120  # one validation row per label, every one in the chart
     assert {actual for actual, _, _ in rows} == {f"intent_{i:03d}" for i in range(120)}
+
+
+def test_a_diverged_training_fails_clearly_and_publishes_nothing(tmp_path, tiny_model, tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.learning_rate=1e4", "train.epochs=2")
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+        with pytest.raises(StageFailed, match=r"the training diverged: the checkpoint it kept \(step \d+\) has "
+                                              r"validation loss nan; nothing was published. Lower train.learning_rate"):
+            finetune.run(cfg)
+    reg = registry_of(cfg)
+    assert reg.list_versions(type="model") == []
+    assert [r["status"] for r in reg_runs(reg) if r["job_type"] == "finetune"] == ["failed"]
+
+
+def test_values_that_are_not_numbers_after_the_kept_checkpoint_are_recorded_as_null(caplog):
+    best = {"accuracy": 0.9, "loss": 0.3, "step": 20}
+    final = {"accuracy": 0.1, "loss": float("nan"), "macro_f1": float("inf"), "step": 40}
+    finetune._check_finite(best, final)
+    assert final == {"accuracy": 0.1, "loss": None, "macro_f1": None, "step": 40} and best["loss"] == 0.3
+    assert "diverged after the checkpoint it kept (step 20): the last evaluation (step 40)" in caplog.text
+    with pytest.raises(StageFailed, match=r"step 20\) has validation loss inf"):
+        finetune._check_finite({**best, "loss": float("inf")}, {})

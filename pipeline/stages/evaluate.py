@@ -165,6 +165,10 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None,
         raise ConfigError(f"{ref} predicts labels {classifier.label_names}; the rows to score also hold {unknown}")
     refs = np.asarray([index[name] for name in rows["label"]], dtype=np.int64)
     logits = classifier.logits(rows["text"], rows.get("text_pair"), batch_size=batch_size)
+    broken = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if len(broken):  # a diverged model: its metrics would be meaningless, and NaN is no JSON to record
+        raise StageFailed(f"{ref} gives scores that are not numbers (NaN or infinite) for {len(broken)} of {len(refs)} "
+                          f"rows (the first: row {int(broken[0]) + 1} of the split); it cannot be evaluated or promoted")
     return _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from typing import Any
 
 from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
 from pipeline.config import Config, describe_diff, model_config_diff
-from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, no_space_left
+from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
@@ -434,6 +435,25 @@ def _eval_history(state) -> tuple[dict[str, float], dict[str, float]]:
     return clean(best), clean(evals[-1])
 
 
+def _check_finite(best: dict[str, float], final: dict[str, float]) -> None:
+    """A kept checkpoint with a validation metric that is not a number (NaN or infinite: the training
+    diverged) is no model to publish: a StageFailed that says so. A later evaluation's such values (it
+    diverged after the kept checkpoint, which is what is published) are recorded as null, with a warning."""
+    def bad(metrics):
+        return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+
+    if bad(best):
+        shown = ", ".join(f"{k} {best[k]}" for k in bad(best))
+        raise StageFailed(f"the training diverged: the checkpoint it kept (step {best.get('step')}) has validation "
+                          f"{shown}; nothing was published. Lower train.learning_rate, or train in fp32 "
+                          "(train.precision=fp32) if it ran in fp16")
+    if bad(final):
+        log.warning("the training diverged after the checkpoint it kept (step %s): the last evaluation (step %s) has "
+                    "validation %s, recorded as null; the kept checkpoint is the one published", best.get("step"),
+                    final.get("step"), ", ".join(f"{k} {final[k]}" for k in bad(final)))
+        final.update(dict.fromkeys(bad(final)))
+
+
 def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan, shared: dict[str, Any],
                      num_rows: dict[str, int], metrics: dict[str, Any]) -> None:
     """The version's files; none depends on the run id, the clock or a path."""
@@ -556,6 +576,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
                 raise DiskFull(str(plan_.output_dir)) from e
             raise
         best, final = _eval_history(trainer.state)
+        _check_finite(best, final)
         metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
         metadata = _metadata(config, plan_, trun, shared, metrics)
         if keep_model is not None:
