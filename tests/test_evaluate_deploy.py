@@ -344,6 +344,12 @@ def test_a_model_that_scores_nan_is_refused_and_production_stays(env, tmp_path):
             evaluate.run(cfg)
     assert reg.resolve("clf:production").ref == "clf:v0"
     assert reg.resolve("clf:v1").metadata == v0.metadata  # no evaluation record added
+    # nor does deploy-fetch put it in place: its smoke prediction is no number
+    with offline(tmp_path):
+        deploy_fetch.run(cfg)
+        with pytest.raises(StageFailed, match=r"smoke prediction gave probabilities that are not numbers \(nan\)"):
+            deploy_fetch.run(cfg, model="clf:v1")
+    assert json.loads((Path(cfg.deploy.dir) / "manifest.json").read_text())["ref"] == "clf:v0"
 
 
 def test_evaluate_bad_references(env):

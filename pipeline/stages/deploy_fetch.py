@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ def smoke_test(model_dir: Path, label_names: list[str]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any failure to load or run the model fails the smoke test
         raise StageFailed(f"smoke prediction failed on {model_dir}: {type(e).__name__}: {e}", exit_code=1) from e
     total = sum(p for _, p in prediction.top)
+    if not math.isfinite(total):  # NaN would pass every comparison below
+        raise StageFailed(f"smoke prediction gave probabilities that are not numbers ({total}): the weights are broken",
+                          exit_code=1)
     if label_names and prediction.label not in label_names:
         raise StageFailed(f"smoke prediction gave unknown label {prediction.label!r}; expected one of {label_names}", exit_code=1)
     if label_names and len(prediction.top) == len(label_names) and abs(total - 1.0) > 1e-3:
