@@ -172,14 +172,16 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                                 f"dataset.delimiter={seen!r} for a file separated by it")
             try:
                 # The header first (one 64 KiB block): a missing, misspelt or doubled column is named.
-                header = csv.open_csv(path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=1 << 16),
-                                      convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names
+                header = _growing_blocks(lambda block: csv.open_csv(
+                    path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=block),
+                    convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names, first=1 << 16)
                 elsewhere = [c for c in from_folders if c not in header]
                 _check_columns(header + elsewhere, str(path), cols)
                 if elsewhere:
                     convert.include_columns = [c for c in cols.required if c not in elsewhere]
-                return csv.read_csv(path, read_options=fmt.read_options(encoding), parse_options=parse,
-                                    convert_options=convert)
+                return _growing_blocks(lambda block: csv.read_csv(
+                    path, read_options=fmt.read_options(encoding, block_size=block), parse_options=parse,
+                    convert_options=convert))
             except pa.ArrowInvalid as e:
                 if "invalid UTF8" in str(e):  # in an id or label column (text columns are checked row by row)
                     raise DataError(f"{path}: {e}; a CSV saved in another encoding needs dataset.encoding, "
@@ -194,7 +196,7 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                 raise DataError(f"{path}: the file is {wide.upper()} (it starts with that byte-order mark); "
                                 "JSON Lines must be UTF-8: save it as UTF-8")
             try:
-                return pajson.read_json(path)
+                return _growing_blocks(lambda block: pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block)))
             except pa.ArrowInvalid as e:
                 # Arrow numbers rows within its 1 MiB block, not within the file: find the line here.
                 raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
@@ -226,6 +228,24 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         raise DataError(f"{path}: undecodable bytes at byte {e.start}: {e.reason}; save the file as UTF-8") from None
     except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
+
+
+BLOCK = 1 << 20  # Arrow's own default block for CSV and JSON Lines
+MAX_BLOCK = 1 << 30
+
+
+def _growing_blocks(read, first: int = BLOCK):
+    """``read(block_size)``, again with blocks 16 times larger while a row is longer than a block (Arrow
+    fails on it: "straddling object straddles two block boundaries"), up to 1 GiB. A ticket with a pasted
+    log can be megabytes long; the common file is read in 1 MiB blocks, as before."""
+    block = first
+    while True:
+        try:
+            return read(block)
+        except pa.ArrowInvalid as e:
+            if "straddling object" not in str(e) or block >= MAX_BLOCK:
+                raise
+            block = min(block * 16, MAX_BLOCK)
 
 
 def _other_delimiter(path: Path, encoding: str, delimiter: str) -> str | None:
