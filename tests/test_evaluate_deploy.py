@@ -421,6 +421,27 @@ def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
     assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
 
 
+def test_deploy_fetch_never_replaces_the_registry_the_current_or_the_home_folder(env, tmp_path, monkeypatch):
+    """Deploying replaces the target folder whole: with --force, `--to .` would have deleted the project."""
+    cfg = env()
+    track = Path(cfg.tracking.dir).resolve()
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("mine")
+    monkeypatch.chdir(project / "src")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    runs_before = len(registry(cfg).resolve("clf:v0").used_by)
+    for target, what in ((track, "the tracking folder"), (track.parent, "the tracking folder"),
+                         (project / "src", "the current folder"), (project, "the current folder"),
+                         (tmp_path / "home", "your home folder")):
+        with pytest.raises(ConfigError, match=rf"deploy folder {target} \(--to or deploy.dir\) is {what}"):
+            deploy_fetch.run(cfg, model="clf:v0", to=target, force=True)
+    assert (project / "src" / "train.py").read_text() == "mine" and registry(cfg).resolve("clf:v0").ref == "clf:v0"
+    assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
+    assert deploy_fetch.run(cfg, model="clf:v0", to=project / "src" / "deploy").status == "ok"  # a folder of its own
+
+
 def test_predict_command_and_function(env, tmp_path):
     cfg = env()
     evaluate.run(cfg)

@@ -56,7 +56,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     version = registry.resolve(model or f"{config.model.name}:production", type="model")
     dest = Path(to or config.deploy.dir).resolve()
-    existing = _check_destination(dest, force)
+    existing = _check_destination(dest, force, Path(config.tracking.dir).resolve())
     with tracked_run(config, STAGE, group=group) as trun:
         reg = trun.registry
         version = reg.use(version.ref, trun, type="model")
@@ -101,11 +101,18 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
     )
 
 
-def _check_destination(dest: Path, force: bool) -> dict[str, Any] | None:
+def _check_destination(dest: Path, force: bool, tracking_dir: Path) -> dict[str, Any] | None:
     """The deployment now in `dest` (its manifest), after the checks made before a run is opened:
-    its parent can be created, it is not a file, and a folder holding something other than a
-    deployment is replaced only with --force. A refusal here leaves no failed run in the model's lineage."""
+    it is not a folder whose replacement would take the registry, the current folder or the home
+    folder with it (not even with --force), its parent can be created, it is not a file, and a folder
+    holding something other than a deployment is replaced only with --force. A refusal here leaves no
+    failed run in the model's lineage."""
     where = f"deploy folder {dest} (--to or deploy.dir)"
+    for what, folder in (("the tracking folder (tracking.dir), which holds the registry", tracking_dir),
+                         ("the current folder", Path.cwd().resolve()), ("your home folder", Path.home().resolve())):
+        if dest == folder or dest in folder.parents:
+            raise ConfigError(f"{where} is {what}, or holds it; deploy-fetch replaces the whole folder it deploys to, "
+                              "so name a folder of its own, e.g. deploy/")
     try:  # where the copy is staged and renamed into place
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
