@@ -830,7 +830,11 @@ def test_offline_run_holds_stats_and_sample_tables(tmp_path, cfg_for):
     for split in ("train", "validation", "test"):
         assert s[f"samples/{split}"]["_type"] == "table-file"
     assert s["samples/train"]["nrows"] == 5
-    assert s["data/label_counts"]["nrows"] == 9
+    assert s["data/label_counts"]["nrows"] == 3  # a row per label, a column per split
+    [counts] = (Path(result.paths["run_dir"]) / "files" / "media" / "table" / "data").glob("label_counts_*.table.json")
+    table = json.loads(counts.read_text())
+    assert table["columns"] == ["label", "train", "validation", "test"]
+    assert table["data"] == [[lbl, 8, 1, 1] for lbl in sorted(LABELS)]
     assert s["data/text_length_hist"]["_type"] == "histogram"
     assert summary["config"]["dataset"]["source"] == str(src)
 

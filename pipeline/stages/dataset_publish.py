@@ -228,8 +228,11 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
                sample_rows: int, seed: int) -> None:
     import wandb
 
-    counts = wandb.Table(columns=["split", "label", "count"],
-                         data=[[s, n, c] for s, per in manifest["label_counts"].items() for n, c in per.items()])
+    # A row per label, a column per split: W&B keeps 10,000 rows of a table, so a row per (split, label)
+    # would lose labels past 3,333 of them.
+    per_split = manifest["label_counts"]
+    counts = wandb.Table(columns=["label", *per_split],
+                         data=[[n, *(per_split[s][n] for s in per_split)] for n in manifest["label_names"]])
     train_counts = wandb.Table(columns=["label", "count"], data=[[n, c] for n, c in manifest["label_counts"]["train"].items()])
     lengths = np.concatenate([arrow.to_numpy(pc.utf8_length(t.column("text"))) for t in tables.values()])
     rng = np.random.default_rng(seed)
