@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -524,6 +525,62 @@ def test_predict_command_and_function(env, tmp_path):
     assert [row[0] for row in streamed] == [p.label for p in predict(dest, [*texts, "refund please"])]
 
 
+def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_path):
+    cfg = env()
+    evaluate.run(cfg)
+    dest = tmp_path / "deploy"
+    deploy_fetch.run(cfg, to=dest)
+    from pipeline.predict import predict
+
+    bodies = ["i was charged twice for my invoice", "where is my parcel\nthe tracking has not moved", "",
+              *[f"my order {i} has not arrived" for i in range(1100)]]  # more rows than one chunk of 1,024
+    src = tmp_path / "tickets.csv"
+    with open(src, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["ticket", "body", "other"])
+        w.writerows([f"T{i}", b, "x"] for i, b in enumerate(bodies))
+    expected = predict(dest, bodies, top_k=2)
+    args = ["predict", "--model-dir", str(dest), "--input", str(src), "--text-column", "body", "--id-column", "ticket",
+            "--top-k", "2"]
+    for name in ("p.csv", "p.jsonl", "p.parquet"):
+        out = run_cli(*args, "--output", str(tmp_path / name))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"{len(bodies)} predictions written to {tmp_path / name}" in out.stderr
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["id", "text", "label", "confidence", "label_2", "score_2"]
+    assert [r["id"] for r in table] == [f"T{i}" for i in range(len(bodies))] and table[1]["text"] == bodies[1]
+    assert [(r["label"], r["label_2"]) for r in table] == [(p.top[0][0], p.top[1][0]) for p in expected]
+    assert [float(r["confidence"]) for r in table] == pytest.approx([p.confidence for p in expected], abs=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["label"] for r in records] == [p.label for p in expected] and len(records[0]["top"]) == 2
+    assert pq.read_table(tmp_path / "p.parquet").column("label").to_pylist() == [p.label for p in expected]
+    printed = run_cli(*args[:-2])  # to stdout: one line per row, line breaks in a text shown as spaces
+    lines = printed.stdout.splitlines()
+    assert len(lines) == len(bodies) and lines[1].split("\t") == ["T1", expected[1].label, lines[1].split("\t")[2],
+                                                                   "where is my parcel the tracking has not moved"]
+    by_row = run_cli("predict", "--model-dir", str(dest), "--input", str(src), "--text-column", "body", "--json")
+    assert json.loads(by_row.stdout.splitlines()[2])["id"] == f"{src}:3"  # no id column: the file and row
+
+    def refused(*extra: str) -> str:
+        out = run_cli("predict", "--model-dir", str(dest), *extra, "--output", str(tmp_path / "never.csv"))
+        assert out.returncode == 2 and "Traceback" not in out.stderr and not (tmp_path / "never.csv").exists()
+        return out.stderr
+
+    missing = refused("--input", str(src))
+    assert f"{src}: missing column(s) text; the file has: ticket, body, other" in missing
+    assert "(set --text-column / --text-pair-column / --id-column to match)" in missing
+    assert "not both" in refused("--input", str(src), "--text-column", "body", "some text")
+    assert "--id-column goes with --input" in refused("--id-column", "ticket", "some text")
+    assert "classifies single texts; --text-pair-column is for sentence-pair models" in refused(
+        "--input", str(src), "--text-column", "body", "--text-pair-column", "other")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(src.read_bytes().replace(b"T1050,my order", b"T1050,caf\xe9 order"))
+    assert "row 1051: column 'body' is not valid UTF-8" in refused("--input", str(bad), "--text-column", "body")
+    out = run_cli(*args, "--output", str(tmp_path / "p.xlsx"))
+    assert out.returncode == 2 and "name a .csv, .tsv, .jsonl, .parquet file" in out.stderr
+
+
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     """A second text column travels through finetune, evaluate, the deploy smoke test and predict."""
     import csv as csvlib
@@ -580,6 +637,18 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     assert row["text"] == "where is my parcel" and row["text_pair"] == "shipping" and row["label"] in ("match", "mismatch")
     unpaired = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
     assert unpaired.returncode == 2 and "give each as TEXT<TAB>PAIR (input 1 has no tab)" in unpaired.stderr
+    # a data file's two columns, the pairs in the order of the file
+    table = run_cli("predict", "--model-dir", str(deployed), "--input", str(pairs), "--text-column", "question",
+                    "--text-pair-column", "topic", "--id-column", "pid", "--output", str(tmp_path / "pairs.jsonl"))
+    assert table.returncode == 0, table.stderr[-2000:]
+    written = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    with open(pairs, newline="", encoding="utf-8") as f:
+        in_file = [(r["pid"], r["question"], r["topic"]) for r in csvlib.DictReader(f)]
+    assert [(r["id"], r["text"], r["text_pair"]) for r in written] == in_file
+    assert [r["label"] for r in written] == [p.label for p in classifier.predict([r["text"] for r in written],
+                                                                                 [r["text_pair"] for r in written])]
+    no_pair = run_cli("predict", "--model-dir", str(deployed), "--input", str(pairs), "--text-column", "question")
+    assert no_pair.returncode == 2 and "name the second text's column with --text-pair-column" in no_pair.stderr
 
     # A single-text challenger for the same labels cannot be scored on production's inputs (pairs): the
     # gate decides on the minimums and says why (it was a "classifies text pairs" failure of the stage).

@@ -1,4 +1,9 @@
-"""``pipeline predict --model-dir DIR TEXT...``: classify text with a fetched or deployed model."""
+"""``pipeline predict --model-dir DIR TEXT...``: classify text with a fetched or deployed model.
+
+Texts come from the arguments, from stdin (one per line), or from a data file (``--input``: any
+format dataset-publish reads, one text per row). Predictions are printed, or written to a CSV,
+TSV, JSON Lines or Parquet file (``--output``), which appears only once it is complete.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,12 @@ import itertools
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+OUTPUT_FORMATS = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none or '-': one text per line on stdin. A sentence-pair model takes "
                         "TEXT<TAB>PAIR")
+    p.add_argument("--input", metavar="PATH",
+                   help="classify the rows of a file, folder or glob pattern instead (CSV, TSV, JSON Lines, JSON or "
+                        "Parquet, compressed too, as dataset-publish reads them)")
+    p.add_argument("--text-column", default="text", metavar="NAME", help="with --input: the text column (default text)")
+    p.add_argument("--text-pair-column", metavar="NAME", help="with --input: the second text of a sentence-pair model")
+    p.add_argument("--id-column", metavar="NAME", help="with --input: a column to identify each row in the output "
+                                                      "(default: the file and row)")
+    p.add_argument("--output", metavar="PATH",
+                   help=f"write the predictions to this file ({', '.join(OUTPUT_FORMATS)}) instead of printing them")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="labels to show per text (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
 
@@ -24,45 +43,132 @@ CHUNK = 1024  # texts classified together: length-ordered batches within it, mem
 
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a bar for loading a small model is noise here
-    from pipeline.errors import PipelineError
+    from pipeline.errors import ConfigError, PipelineError
     from pipeline.predict import load
 
     if args.top_k < 1:
         raise PipelineError("--top-k must be at least 1")
-    texts = _texts(args.texts)
-    first = list(itertools.islice(texts, CHUNK))
+    if args.input and args.texts:
+        raise ConfigError("give texts either as TEXT arguments or with --input, not both")
+    for flag in ("text_pair_column", "id_column"):
+        if getattr(args, flag) and not args.input:
+            raise ConfigError(f"--{flag.replace('_', '-')} goes with --input")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output {output}: name a {', '.join(OUTPUT_FORMATS)} file")
+    rows = _file_rows(args) if args.input else _line_rows(args.texts)
+    first = list(itertools.islice(rows, CHUNK))
     if not first:
-        raise PipelineError("no text to classify: pass TEXT arguments or lines on stdin")
+        raise PipelineError("no text to classify: pass TEXT arguments, lines on stdin, or an --input file with rows")
     classifier = load(args.model_dir)
-    # stdin is classified CHUNK lines at a time, each chunk printed when done: a pipe sees results as they
-    # come and memory does not grow with the input. An error further in stops there, naming its line.
-    done = 0
-    for chunk in itertools.chain([first], iter(lambda: list(itertools.islice(texts, CHUNK)), [])):
-        _classify(classifier, chunk, args, done)
-        done += len(chunk)
-        sys.stdout.flush()
+    if args.input and classifier.takes_pairs != bool(args.text_pair_column):
+        raise ConfigError(f"{args.model_dir} classifies text pairs: name the second text's column with --text-pair-column"
+                          if classifier.takes_pairs else
+                          f"{args.model_dir} classifies single texts; --text-pair-column is for sentence-pair models")
+    chunks = itertools.chain([first], iter(lambda: list(itertools.islice(rows, CHUNK)), []))
+    # Each chunk is classified and passed on when done: a pipe sees results as they come, and memory does not
+    # grow with the input. An error further in stops there, naming its row or line.
+    if output is None:
+        for chunk in chunks:
+            for record in _classify(classifier, chunk, args):
+                _print(record, args)
+            sys.stdout.flush()
+        return 0
+    written = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args)), args.top_k)
+    print(f"{written} predictions written to {output}", file=sys.stderr)
     return 0
 
 
-def _classify(classifier, texts: list[str], args: argparse.Namespace, before: int) -> None:
+def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     from pipeline.errors import PipelineError
 
-    pairs = None
-    if classifier.takes_pairs:
-        unpaired = next((i for i, t in enumerate(texts, before + 1) if "\t" not in t), None)
+    if classifier.takes_pairs and not args.input:  # stdin and arguments carry the pair after a tab
+        unpaired = next((r["where"] for r in chunk if "\t" not in r["text"]), None)
         if unpaired is not None:
             raise PipelineError(f"{args.model_dir} classifies text pairs: give each as TEXT<TAB>PAIR "
-                                f"(input {unpaired} has no tab)")
-        texts, pairs = zip(*(t.split("\t", 1) for t in texts))
-    for i, pred in enumerate(classifier.predict(list(texts), list(pairs) if pairs else None, top_k=args.top_k)):
-        shown = {"text": texts[i], **({"text_pair": pairs[i]} if pairs else {})}
-        if args.json:
-            print(json.dumps({**shown, **pred.to_dict()}))
+                                f"({unpaired} has no tab)")
+        chunk = [{**r, **dict(zip(("text", "text_pair"), r["text"].split("\t", 1)))} for r in chunk]
+    pairs = [r["text_pair"] for r in chunk] if classifier.takes_pairs else None
+    predictions = classifier.predict([r["text"] for r in chunk], pairs, top_k=args.top_k)
+    out = []
+    for r, pred in zip(chunk, predictions):
+        shown = {"id": r["id"]} if "id" in r else {}
+        shown |= {"text": r["text"], **({"text_pair": r["text_pair"]} if pairs is not None else {})}
+        out.append({**shown, **pred.to_dict()})
+    return out
+
+
+def _print(record: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(record))
+        return
+    scores = "\t".join(f"{t['label']}\t{t['score']:.4f}" for t in record["top"])
+    # one line per text: a file's text may hold line breaks or tabs (--json and --output keep them)
+    texts = [_one_line(record["text"]), *([_one_line(record["text_pair"])] if "text_pair" in record else [])]
+    print("\t".join([*([str(record["id"])] if "id" in record else []), scores, *texts]))
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " ")
+
+
+def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int) -> int:
+    """The records as a table file, written beside `path` and renamed into place once complete."""
+    from pipeline.errors import PipelineError
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    kind = path.suffix.lower()
+    n = 0
+    try:
+        if kind == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            writer = None
+            try:
+                for batch in iter(lambda: list(itertools.islice(records, CHUNK)), []):
+                    table = pa.Table.from_pylist([_flat(r, top_k) for r in batch])
+                    writer = writer or pq.ParquetWriter(partial, table.schema, compression="zstd")
+                    writer.write_table(table)
+                    n += len(batch)
+            finally:
+                if writer is not None:
+                    writer.close()
         else:
-            print("\t".join(f"{label}\t{score:.4f}" for label, score in pred.top) + "\t" + "\t".join(shown.values()))
+            import csv
+
+            with open(partial, "w", newline="", encoding="utf-8") as f:
+                writer = None
+                for r in records:
+                    row = _flat(r, top_k)
+                    if kind == ".jsonl":
+                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    else:
+                        if writer is None:
+                            writer = csv.DictWriter(f, fieldnames=list(row), delimiter="\t" if kind == ".tsv" else ",",
+                                                    lineterminator="\n")
+                            writer.writeheader()
+                        writer.writerow(row)
+                    n += 1
+        os.replace(partial, path)
+    except OSError as e:
+        raise PipelineError(f"--output {path}: cannot write it: {e.strerror or e}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return n
 
 
-def _texts(argv: list[str]) -> Iterator[str]:
+def _flat(record: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """One table row: the texts, the label and its confidence, then the next labels and scores up to `top_k`."""
+    row = {k: record[k] for k in ("id", "text", "text_pair") if k in record}
+    row |= {"label": record["label"], "confidence": record["confidence"]}
+    for i, t in enumerate(record["top"][1:top_k], 2):
+        row |= {f"label_{i}": t["label"], f"score_{i}": t["score"]}
+    return row
+
+
+def _line_rows(argv: list[str]) -> Iterator[dict[str, Any]]:
     """The texts from the arguments, or one per non-blank line of stdin (UTF-8, a leading BOM dropped), as read."""
     from pipeline.errors import PipelineError
 
@@ -72,7 +178,7 @@ def _texts(argv: list[str]) -> Iterator[str]:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # bytes the locale could not decode arrive as surrogates
                 raise PipelineError(f"TEXT argument {i} is not valid UTF-8") from None
-        yield from argv
+        yield from ({"text": t, "where": f"input {i}"} for i, t in enumerate(argv, 1))
         return
     for n, raw in enumerate(sys.stdin.buffer, 1):
         try:
@@ -81,4 +187,31 @@ def _texts(argv: list[str]) -> Iterator[str]:
             raise PipelineError(f"stdin line {n} is not valid UTF-8 (byte {e.start + 1}: {e.reason}); "
                                 "convert the input to UTF-8, e.g. with iconv") from None
         if line.strip():
-            yield line.rstrip("\r\n")
+            yield {"text": line.rstrip("\r\n"), "where": f"input {n}"}
+
+
+def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The rows of `--input` as dataset-publish reads files: every row, in order; a missing text is ""."""
+    import pyarrow.compute as pc
+
+    from pipeline.data import Columns, DataError, _decode, list_input_files, read_files
+
+    cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
+                   settings="--text-column / --text-pair-column / --id-column")
+    table = read_files(list_input_files(args.input), cols, args.input)
+    texts = {}
+    for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):
+        if column:
+            decoded, bad = _decode(table.column(column))
+            if bad.any():
+                i = int(bad.argmax())
+                raise DataError(f"{table.column('_file')[i]} row {table.column('_row')[i]}: column {column!r} is not "
+                                "valid UTF-8")
+            texts[key] = pc.fill_null(decoded, "")
+    ids = table.column(cols.id) if cols.id else None
+    for start in range(0, table.num_rows, CHUNK):
+        part = {k: v.slice(start, CHUNK).to_pylist() for k, v in texts.items()}
+        where = zip(table.column("_file").slice(start, CHUNK).to_pylist(), table.column("_row").slice(start, CHUNK).to_pylist())
+        keys = ids.slice(start, CHUNK).to_pylist() if ids is not None else [f"{f}:{r}" for f, r in where]
+        for i, key in enumerate(keys):
+            yield {"id": key, **{k: v[i] for k, v in part.items()}}
