@@ -572,6 +572,7 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     assert "(set --text-column / --text-pair-column / --id-column to match)" in missing
     assert "not both" in refused("--input", str(src), "--text-column", "body", "some text")
     assert "--id-column goes with --input" in refused("--id-column", "ticket", "some text")
+    assert "--text-column goes with --input" in refused("--text-column", "body", "some text")
     assert "classifies single texts; --text-pair-column is for sentence-pair models" in refused(
         "--input", str(src), "--text-column", "body", "--text-pair-column", "other")
     bad = tmp_path / "bad.csv"

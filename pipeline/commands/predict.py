@@ -50,8 +50,8 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("--top-k must be at least 1")
     if args.input and args.texts:
         raise ConfigError("give texts either as TEXT arguments or with --input, not both")
-    for flag in ("text_pair_column", "id_column"):
-        if getattr(args, flag) and not args.input:
+    for flag in ("text_pair_column", "id_column", "text_column"):
+        if getattr(args, flag) not in (None, "text") and not args.input:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --input")
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
