@@ -92,8 +92,9 @@ class Validated:
     mixed_label_examples: list[tuple[str, int]] = field(default_factory=list)  # the first few (file, 1-based row)
 
 
-def list_input_files(source: str | Path) -> list[Path]:
-    """The data files of a source: a file, a folder (searched recursively) or a glob pattern."""
+def list_input_files(source: str | Path, what: str = "dataset source") -> list[Path]:
+    """The data files of a source: a file, a folder (searched recursively) or a glob pattern; `what` names
+    the source in a message."""
     path = Path(source)
     if path.is_dir():
         # Hidden entries are not data: .ipynb_checkpoints/ copies, macOS ._ files, editors' swap files.
@@ -104,7 +105,7 @@ def list_input_files(source: str | Path) -> list[Path]:
         return _one_format(files, path, "match this pattern")
     if not path.exists():
         relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
-        raise DataError(f"dataset source not found: {path}{relative}")
+        raise DataError(f"{what} not found: {path}{relative}")
     if format_suffix(path) not in SUFFIXES:
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))} (text "
                         f"formats may be compressed: {', '.join(COMPRESSIONS)})")

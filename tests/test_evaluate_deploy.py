@@ -351,6 +351,14 @@ def test_a_model_that_scores_nan_is_refused_and_production_stays(env, tmp_path):
         with pytest.raises(StageFailed, match=r"smoke prediction gave probabilities that are not numbers \(nan\)"):
             deploy_fetch.run(cfg, model="clf:v1")
     assert json.loads((Path(cfg.deploy.dir) / "manifest.json").read_text())["ref"] == "clf:v0"
+    # and a broken production is no bar to clear: a good challenger replaces it on the minimums alone
+    reg.set_alias("clf:v1", "production")
+    reg.set_alias("clf:v0", "candidate")
+    with offline(tmp_path):
+        result = evaluate.run(cfg)
+    assert result.status == "ok" and reg.resolve("clf:production").ref == "clf:v0"
+    skipped = reg.resolve("clf:v0").metadata["evaluation"]["champion"]
+    assert skipped["ref"] == "clf:v1" and "clf:v1 gives scores that are not numbers" in skipped["not_compared"]
 
 
 def test_evaluate_bad_references(env):
@@ -571,6 +579,7 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     assert f"{src}: missing column(s) text; the file has: ticket, body, other" in missing
     assert "(set --text-column / --text-pair-column / --id-column to match)" in missing
     assert "not both" in refused("--input", str(src), "--text-column", "body", "some text")
+    assert f"--input not found: {tmp_path / 'nowhere.csv'}" in refused("--input", str(tmp_path / "nowhere.csv"))
     assert "--id-column goes with --input" in refused("--id-column", "ticket", "some text")
     assert "--text-column goes with --input" in refused("--text-column", "body", "some text")
     assert "classifies single texts; --text-pair-column is for sentence-pair models" in refused(

@@ -198,7 +198,7 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column")
-    table = read_files(list_input_files(args.input), cols, args.input)
+    table = read_files(list_input_files(args.input, "--input"), cols, args.input)
     texts = {}
     for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):
         if column:

@@ -393,7 +393,10 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
         else:
             log.info("%d of %d rows of this split are texts production %s trained on (or chose its checkpoint on); "
                      "the regression checks leave them out", int(seen.sum()), len(seen), champion.ref)
-    cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen)
+    try:
+        cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen)
+    except StageFailed as broken:  # production's scores are not numbers: a broken production is no bar to clear
+        return None, f"production {champion.ref} cannot be compared with: {broken}"
     if cmp is not None:
         cmp.seen_but_compared = favoured
     return cmp, None if cmp else f"production {champion.ref} knows none of the labels in this split"
