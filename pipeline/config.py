@@ -37,15 +37,16 @@ class _Group(BaseModel):
     def _no_yes_for_a_number(cls, value: Any, info) -> Any:
         """YAML reads yes/no/true/false as booleans, and pydantic would take them as 1 and 0: `batch_size: yes`
         would train with a batch of one. A number field takes numbers only."""
+        in_dict = isinstance(value, dict) and any(isinstance(v, bool) for v in value.values())
+        if not (isinstance(value, bool) or in_dict):
+            return value
         annotation = cls.model_fields[info.field_name].annotation
         kinds = typing.get_args(annotation) or (annotation,)
-        if isinstance(value, bool):
-            if bool not in kinds and any(k in (int, float) for k in kinds):
-                raise ValueError("expected a number, not yes/no or true/false")
-        elif isinstance(value, dict) and any(isinstance(v, bool) for v in value.values()):
-            # {label: number} settings likewise: `{billing: yes}` is not a weight of 1
-            if any(typing.get_origin(k) is dict and typing.get_args(k)[1] in (int, float) for k in kinds):
-                raise ValueError("expected numbers as the values, not yes/no or true/false")
+        if not in_dict and bool not in kinds and any(k in (int, float) for k in kinds):
+            raise ValueError("expected a number, not yes/no or true/false")
+        # {label: number} settings likewise: `{billing: yes}` is not a weight of 1
+        if in_dict and any(typing.get_origin(k) is dict and typing.get_args(k)[1] in (int, float) for k in kinds):
+            raise ValueError("expected numbers as the values, not yes/no or true/false")
         return value
 
 

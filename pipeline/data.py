@@ -85,7 +85,6 @@ class Validated:
     problems: list[Problem] = field(default_factory=list)
     # per clean row: a code of its text (and pair) as `copy_key` compares them; copies, equal codes
     texts: np.ndarray | None = None
-    text_values: pa.Array | None = None  # the texts as compared, in code order (`texts` indexes it)
     order: np.ndarray | None = None  # per clean row: its text's `split_order` rank, when a split seed was given
     # clean rows whose text is a copy (ignoring case and spacing) of a text with another label
     mixed_label_copies: int = 0
@@ -596,7 +595,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
     # and ids are hashed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-texts") as pool:
         key_job = pool.submit(copy_key, decoded, cols)
-        copies_job = pool.submit(lambda: _encode(key_job.result()))
+        copies_job = pool.submit(lambda: _codes(key_job.result()))
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
             blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
@@ -616,7 +615,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
         # The ranks (a loop in Python) are hashed here while the second core encodes the same texts (Arrow).
         order = split_order(key_job.result(), split_seed) if split_seed is not None else None
-        text_codes, text_values = copies_job.result()
+        text_codes = copies_job.result()
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
@@ -676,7 +675,6 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         dropped_rows=dropped,
         problems=problems,
         texts=text_codes[keep],
-        text_values=text_values,
         order=order[keep] if order is not None else None,
         mixed_label_copies=len(mixed_idx),
         mixed_label_examples=[(f, int(rows[i])) for f, i in

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import Columns, DataError, split_order, validate
+from pipeline.data import Columns, DataError, copy_key, split_order, validate
 from pipeline.errors import ConfigError
 from pipeline.demo_data import write_csv
 from pipeline.registry.local import LocalRegistry
@@ -428,7 +428,8 @@ def test_validate_ranks_each_clean_row_by_its_text_as_compared():
                       "_file": ["f.csv"] * 6, "_row": np.arange(1, 7)})
     checked = validate(table, Columns(text="text", label="label"), 1, split_seed=42)
     assert checked.table.column("_row").to_pylist() == [1, 2, 3, 5, 6]  # the empty text is dropped
-    assert np.array_equal(checked.order, split_order(checked.text_values, 42)[checked.texts])
+    folded = copy_key({"text": checked.table.column("text")}, Columns(text="text", label="label"))
+    assert np.array_equal(checked.order, split_order(folded, 42))  # each row: the rank of its text as compared
     assert len(set(checked.order[[0, 1, 3]].tolist())) == 1 and checked.order[0] != checked.order[2]
     assert validate(table, Columns(text="text", label="label"), 1).order is None  # no seed: no ranks
 

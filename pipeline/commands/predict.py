@@ -211,7 +211,10 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     ids = table.column(cols.id) if cols.id else None
     for start in range(0, table.num_rows, CHUNK):
         part = {k: v.slice(start, CHUNK).to_pylist() for k, v in texts.items()}
-        where = zip(table.column("_file").slice(start, CHUNK).to_pylist(), table.column("_row").slice(start, CHUNK).to_pylist())
-        keys = ids.slice(start, CHUNK).to_pylist() if ids is not None else [f"{f}:{r}" for f, r in where]
+        if ids is not None:
+            keys = ids.slice(start, CHUNK).to_pylist()
+        else:
+            files, rows = (table.column(c).slice(start, CHUNK).to_pylist() for c in ("_file", "_row"))
+            keys = [f"{f}:{r}" for f, r in zip(files, rows)]
         for i, key in enumerate(keys):
             yield {"id": key, **{k: v[i] for k, v in part.items()}}

@@ -46,6 +46,10 @@ class Scored:
         return np.exp(self.logp)
 
 
+class BrokenScores(StageFailed):
+    """A model whose scores are not numbers (NaN or infinite weights)."""
+
+
 # Above this share of a split's rows being ones production trained on, the rest are too few to compare
 # on: every row is compared, as before, which favours production (it is scored on what it memorised).
 MAX_SEEN_SHARE = 0.5
@@ -167,7 +171,7 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None,
     logits = classifier.logits(rows["text"], rows.get("text_pair"), batch_size=batch_size)
     broken = np.flatnonzero(~np.isfinite(logits).all(axis=1))
     if len(broken):  # a diverged model: its metrics would be meaningless, and NaN is no JSON to record
-        raise StageFailed(f"{ref} gives scores that are not numbers (NaN or infinite) for {len(broken)} of {len(refs)} "
+        raise BrokenScores(f"{ref} gives scores that are not numbers (NaN or infinite) for {len(broken)} of {len(refs)} "
                           f"rows (the first: row {int(broken[0]) + 1} of the split); it cannot be evaluated or promoted")
     return _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
 
@@ -395,7 +399,7 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
                      "the regression checks leave them out", int(seen.sum()), len(seen), champion.ref)
     try:
         cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen)
-    except StageFailed as broken:  # production's scores are not numbers: a broken production is no bar to clear
+    except BrokenScores as broken:  # a broken production is no bar to clear
         return None, f"production {champion.ref} cannot be compared with: {broken}"
     if cmp is not None:
         cmp.seen_but_compared = favoured
