@@ -539,6 +539,33 @@ def _encode(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
     return arrow.to_numpy(enc.indices, fill=-1).astype(np.int64), enc.dictionary
 
 
+def _codes_by_hash(hashes: np.ndarray, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Dense codes of `values` (equal values, equal codes) from their 64-bit `hashes` (`split_order`).
+
+    Sorting the hashes takes a fraction of the time of Arrow's hash table over the strings. Distinct
+    hashes are distinct values, so all that is left to check is that the rows sharing a hash hold
+    the same value; where two different values share one (about 2**-64 per pair) the values are
+    encoded by Arrow instead. A null counts as the empty string, as in `split_order`.
+    """
+    n = len(hashes)
+    by_hash = np.argsort(hashes, kind="stable")  # stable: each hash's first row comes first
+    ranked = hashes[by_hash]
+    starts = np.empty(n, dtype=bool)
+    starts[:1] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=starts[1:])
+    codes = np.empty(n, dtype=np.int64)
+    codes[by_hash] = np.cumsum(starts) - 1
+    if starts.all():  # every hash once: every value once
+        return codes
+    shared = np.flatnonzero(~starts)  # positions (in hash order) of the rows whose hash an earlier row has
+    first = by_hash[np.flatnonzero(starts)[codes[by_hash[shared]]]]  # each one's first row with that hash
+    texts = pc.fill_null(values, arrow.scalar("")) if values.null_count else values
+    same = pc.equal(texts.take(arrow.from_numpy(by_hash[shared])), texts.take(arrow.from_numpy(first)))
+    if not pc.all(same).as_py():
+        return _codes(values)
+    return codes
+
+
 def _first_occurrence(codes: np.ndarray) -> np.ndarray:
     """True where a code appears for the first time.
 
@@ -591,11 +618,12 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         strings, bad = _decode(table.column(c))
         decoded[c] = strings
         flag("undecodable_text", bad, f"column {c!r} is not valid UTF-8; a CSV saved in another encoding needs dataset.encoding, e.g. cp1252")
-    # Finding copies, the longest step, runs on a second core while the rows are checked and the labels
-    # and ids are hashed.
+    # The second core folds the texts into the key copies are found by (then numbers them, without a split
+    # seed), then numbers the ids, while this thread checks the rows and hashes the keys into split ranks.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-texts") as pool:
         key_job = pool.submit(copy_key, decoded, cols)
-        copies_job = pool.submit(lambda: _codes(key_job.result()))
+        copies_job = pool.submit(lambda: _codes(key_job.result())) if split_seed is None else None
+        ids_job = pool.submit(_codes, ids) if ids is not None else None
         for c in cols.text_columns:
             # utf8_is_space stops at the first other character; no trimmed copy of every text is made
             blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
@@ -610,20 +638,29 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
              f"column {cols.label!r} is empty or null")
 
         label_codes, label_values = _encode(label)
-        if ids is not None:
-            codes = _codes(ids)
+        order = None
+        if split_seed is None:
+            text_codes = copies_job.result()
+        else:  # the ranks (a loop in Python) are hashed here while the second core numbers the ids (Arrow)
+            key = key_job.result()
+            order = split_order(key, split_seed)
+            text_codes = _codes_by_hash(order, key)
+        if ids_job is not None:
+            codes = ids_job.result()
             flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
-        # The ranks (a loop in Python) are hashed here while the second core encodes the same texts (Arrow).
-        order = split_order(key_job.result(), split_seed) if split_seed is not None else None
-        text_codes = copies_job.result()
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
+    def copies_with_other_labels(ok: np.ndarray) -> np.ndarray:
+        """The valid rows whose text (as compared) other valid rows have with another label."""
+        labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)
+        mixed = np.zeros(n, dtype=bool)
+        mixed[ok] = labels_per_text[text_codes[ok]] > 1  # only valid rows: a null text has no code (-1)
+        return mixed
+
     mixed = np.zeros(n, dtype=bool)
     if n_texts < n:  # some text repeats (or is null): look for copies with different labels
-        ok = reason == 0
-        labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)
-        mixed = ok & (labels_per_text[text_codes] > 1)
+        mixed = copies_with_other_labels(reason == 0)
         if mixed.any():  # a conflict is the very same text with two labels; only these few rows are compared as written
             idx = np.flatnonzero(mixed)
             exact = _codes(copy_key({c: v.take(arrow.from_numpy(idx)) for c, v in decoded.items()}, cols, as_written=True))
@@ -631,9 +668,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             conflict = np.zeros(n, dtype=bool)
             conflict[idx] = per_exact[exact] > 1
             flag("conflicting_label", conflict, "the same text appears with different labels")
-            ok = reason == 0
-            labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)
-            mixed = ok & (labels_per_text[text_codes] > 1)  # left: copies that differ in case or spacing
+            mixed = copies_with_other_labels(reason == 0)  # left: copies that differ in case or spacing
 
     ok = reason == 0
     # Copies of a text with one label stay in one split (`stratified_split`), so a label needs as many

@@ -973,3 +973,44 @@ def test_duplicate_and_conflict_helpers_agree_with_sorting():
     big = 16_000_300  # above the 64M-cell dense limit with 4 labels
     sparse_groups = groups * (big // 300)
     assert np.array_equal(_distinct_per_group(sparse_groups, labels, big, 4)[sparse_groups], reference[groups])
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two codings put the same rows together (the numbers themselves may differ)."""
+    return len(set(zip(a.tolist(), b.tolist()))) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_text_codes_from_the_split_ranks_group_exactly_the_equal_texts():
+    """validate numbers the texts by their split-rank hashes; rows sharing a hash are checked to be equal,
+    and where two different texts share one (forced here) the texts are numbered by Arrow instead."""
+    import pyarrow.compute as pc
+
+    from pipeline.data import _codes, _codes_by_hash
+
+    rng = np.random.default_rng(1)
+    values = pa.array([None if x == 0 else f"t{x}" for x in rng.integers(0, 300, 3000)])
+    hashes = split_order(values, 42)
+    codes = _codes_by_hash(hashes, values)
+    assert codes.min() == 0 and codes.max() + 1 == len(set(codes.tolist()))  # dense
+    # a null counts as "" (as it ranks): it is grouped with itself like any text
+    assert _same_partition(codes, _codes(pc.fill_null(values, "")))
+    unique = pa.array([f"u{i}" for i in range(50)])
+    assert np.array_equal(np.sort(_codes_by_hash(split_order(unique, 0), unique)), np.arange(50))
+    collided = np.zeros(len(values), dtype=np.uint64)  # every text the same hash: the check finds it
+    assert _same_partition(_codes_by_hash(collided, values), _codes(values))
+
+
+@pytest.mark.parametrize("own_splits", [False, True])
+@pytest.mark.parametrize("policy", ["error", "drop"])
+def test_a_text_column_with_no_text_at_all_is_reported(tmp_path, cfg_for, own_splits, policy):
+    """Every text empty (a column of empty cells) once failed with an IndexError inside validation."""
+    empty = [{"id": f"e{i}", "text": "", "label": LABELS[i % 3]} for i in range(6)]
+    src = write_rows(tmp_path / "empty.csv", empty)
+    extra = [f"dataset.on_invalid={policy}"]
+    if own_splits:
+        extra += [f"dataset.split_files.{s}={write_rows(tmp_path / f'{s}.csv', empty)}" for s in ("train", "validation", "test")]
+    cfg = cfg_for(src, *extra)
+    match = r"no valid rows left \(\d+ dropped\)" if policy == "drop" else r"empty_text \(\d+ rows, column 'text' is empty"
+    with pytest.raises(DataError, match=match):
+        dataset_publish.run(cfg)
+    assert registry_of(cfg).list_versions() == []
