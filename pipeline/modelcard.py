@@ -14,7 +14,7 @@ import yaml
 
 def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_digest: str, label_names: list[str],
            num_rows: dict[str, int], train: dict[str, Any], max_length: int, metrics: dict[str, Any],
-           best_metric: str, text_pair: bool = False) -> str:
+           best_metric: str, text_pair: bool = False, truncated: dict[str, int] | None = None) -> str:
     best = metrics.get("best", {})
     front = {
         "library_name": "transformers",
@@ -63,6 +63,10 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "",
         f"- Base model: `{base['id']}` ({base['source']}, digest `{base['digest']}`)",
         f"- Max sequence length: {max_length} tokens",
+        # only when texts were cut, so the card of a model whose texts all fit is what it always was
+        *(["- Texts longer than that, cut to it: " + ", ".join(f"{split} {n} of {num_rows.get(split, '?')}"
+                                                              for split, n in truncated.items())]
+          if truncated and any(truncated.values()) else []),
         *(f"- {k}: {v}" for k, v in train.items() if v is not None),
         f"- Model kept: the checkpoint with the best validation `{best_metric}`",
         "",

@@ -91,12 +91,13 @@ def test_model_artifact_carries_lineage_and_provenance(trained, tiny_model, tmp_
     fetched = reg.fetch(model, tmp_path / "model").path
     training = json.loads((fetched / "training_config.json").read_text())
     assert "class_weights" not in training and "class_weights" not in training["train"] and "class_weights" not in meta
+    assert meta["truncated"] == {"max_length": 64, "train": 0, "validation": 0}  # the tickets fit in 64 tokens
     card = (fetched / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert card.startswith("---\n") and "tickets:v0" in card and f"Base model: `{tiny_model}` (local" in card
     assert "base_model" not in front  # the Hub takes a model id there, never a local folder's path
     assert front["model-index"][0]["results"][0]["dataset"]["name"] == "tickets:v0"
-    assert "Intended use" in card
+    assert "Intended use" in card and "cut to it" not in card
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     clf = AutoModelForSequenceClassification.from_pretrained(fetched)
@@ -115,6 +116,7 @@ def test_offline_run_holds_misclassification_tables_and_summaries(trained):
     assert summary["eval/accuracy"] == {"max": pytest.approx(max_eval(run_dir, "eval/accuracy"))}
     assert set(summary["eval/macro_f1"]) == {"max"} and set(summary["eval/loss"]) == {"min"}
     assert summary["artifact"] == "clf:v0" and summary["dataset"] == "tickets:v0"
+    assert summary["data/truncated_train"] == 0 and summary["data/truncated_validation"] == 0
     assert "eval/confusion_matrix_table" in summary
 
     tables = sorted((run_dir / "files" / "media" / "table" / "eval").glob("misclassified_*.table.json"),
@@ -537,3 +539,31 @@ def test_values_that_are_not_numbers_after_the_kept_checkpoint_are_recorded_as_n
     assert "diverged after the checkpoint it kept (step 20): the last evaluation (step 40)" in caplog.text
     with pytest.raises(StageFailed, match=r"step 20\) has validation loss inf"):
         finetune._check_finite({**best, "loss": float("inf")}, {})
+
+
+def test_texts_cut_at_max_length_are_counted_reported_and_recorded(tmp_path, tiny_model, tickets_csv, caplog):
+    """A text longer than model.max_length is cut to it, so the model learns from its beginning only: the
+    stage counts those per split (from the tokenizer, also when the tokenised splits come from the cache),
+    warns, and records the counts in the run summary, the version's metadata and its model card."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "model.max_length=12", "train.max_steps=2")
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+        data = registry_of(cfg).fetch(registry_of(cfg).resolve("tickets:v0")).path
+        tok = AutoTokenizer.from_pretrained(tiny_model)
+        expected = {s: sum(len(ids) > 12 for ids in tok(pq.read_table(data / f"{s}.parquet").column("text").to_pylist())["input_ids"])
+                    for s in ("train", "validation")}
+        assert 0 < expected["train"] < len(pq.read_table(data / "train.parquet"))  # some texts fit, some do not
+        results = [finetune.run(cfg), finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "model.max_length=12",
+                                                                "train.max_steps=2", "train.seed=3"))]
+    assert [r.details["tokenize_cache"] for r in results] == ["miss", "hit"]
+    for result in results:
+        assert inspect_summary(Path(result.paths["run_dir"]))["summary"]["data/truncated_train"] == expected["train"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "model.max_length=12" in r.getMessage()]
+    assert len(warnings) == 2 and f"{expected['train']} of " in warnings[0] and "raise model.max_length" in warnings[0]
+    version = registry_of(cfg).resolve(results[0].produced[0])
+    assert version.metadata["truncated"] == {"max_length": 12, **expected}
+    card = (registry_of(cfg).fetch(version).path / "README.md").read_text()
+    assert f"cut to it: train {expected['train']} of " in card

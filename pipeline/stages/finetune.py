@@ -33,7 +33,7 @@ from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
 STAGE = "finetune"
-TOKENIZE_FORMAT = 2  # bump when the tokenised layout changes, to retire old cache entries
+TOKENIZE_FORMAT = 3  # bump when the tokenised layout changes, to retire old cache entries (3: truncation counts)
 CACHE_SOURCE = "made_from.json"  # in each tokenised cache entry: the dataset digest, tokenizer and length
 TRAINED_ON = ("train", "validation")  # the test split is evaluate's; it may be empty
 RESUME_FILE = "resume.json"
@@ -152,15 +152,21 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
         table = pq.read_table(data_dir / f"{split}.parquet")
         keep = [c for c in ("text", "text_pair", "label_id") if c in table.column_names]
         parts[split] = datasets.Dataset(table.select(keep))
-    dd = datasets.DatasetDict(parts)
-    pair = "text_pair" in dd["train"].column_names
+    pair = "text_pair" in parts["train"].column_names
+    truncated = dict.fromkeys(parts, 0)
 
-    def encode(batch):
+    def encode(batch, split):
         enc = tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=max_length)
+        # A fast tokenizer keeps what it cut off in each encoding's `overflowing`: empty when the text fit.
+        truncated[split] += sum(1 for e in enc.encodings if e.overflowing)
         enc["labels"] = batch["label_id"]
         return enc
 
-    dd = dd.map(encode, batched=True, batch_size=1000, remove_columns=dd["train"].column_names, desc="tokenizing")
+    dd = datasets.DatasetDict({
+        split: part.map(encode, fn_kwargs={"split": split}, batched=True, batch_size=1000,
+                        remove_columns=part.column_names, desc="tokenizing")
+        for split, part in parts.items()
+    })
     cache_root.mkdir(parents=True, exist_ok=True)
     _retire_stale_entries(cache_root)
     tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
@@ -168,7 +174,9 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
         dd.save_to_disk(str(tmp))
         # What the entry was made from, so deleting a dataset version can drop its tokenised copies.
         (tmp / CACHE_SOURCE).write_text(json.dumps({"dataset_digest": dataset_digest, "tokenizer_digest": base.tokenizer_digest,
-                                                    "max_length": max_length, "format": TOKENIZE_FORMAT}) + "\n")
+                                                    "max_length": max_length, "format": TOKENIZE_FORMAT,
+                                                    "rows": {s: len(d) for s, d in dd.items()},
+                                                    "truncated": truncated}) + "\n")
         try:
             os.rename(tmp, out)
         except OSError:  # another process cached the same key first: theirs is identical
@@ -177,6 +185,28 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, False
+
+
+def truncation(tokenized: Path) -> dict[str, dict[str, int]]:
+    """Per split of a tokenised cache entry: its rows, and how many of them were cut at the max length."""
+    made = json.loads((tokenized / CACHE_SOURCE).read_text(encoding="utf-8"))
+    return {s: {"rows": made["rows"][s], "truncated": made["truncated"][s]} for s in made["rows"]}
+
+
+def _report_truncation(counts: dict[str, dict[str, int]], max_length: int, base: BaseModel) -> None:
+    """Say how many texts were cut at `model.max_length`: a warning from 1% of the train texts, as the
+    model then learns from their beginnings only (and predicts from them too)."""
+    train = counts.get("train", {"rows": 0, "truncated": 0})
+    shown = ", ".join(f"{c['truncated']} of {c['rows']} {s}" for s, c in counts.items())
+    if train["rows"] and train["truncated"] / train["rows"] >= 0.01:
+        if base.max_positions is not None and max_length >= base.max_positions:
+            fix = f"it is the most {base.id} takes: shorten the texts, or split them, to classify all of each"
+        else:
+            fix = "raise model.max_length" + (f" ({base.id} takes up to {base.max_positions})" if base.max_positions else "")
+        log.warning("%s texts are longer than model.max_length=%d tokens and are cut to it (%.1f%% of train): the "
+                    "model sees only their beginning; %s", shown, max_length, 100 * train["truncated"] / train["rows"], fix)
+    elif any(c["truncated"] for c in counts.values()):
+        log.info("%s texts are longer than model.max_length=%d tokens and are cut to it", shown, max_length)
 
 
 STALE_TMP_SECONDS = 24 * 3600
@@ -489,7 +519,7 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
         model_name=config.model.name, base=plan_.base.to_dict(), dataset_ref=plan_.dataset_ref,
         dataset_digest=plan_.dataset_digest, label_names=label_names, num_rows=num_rows, train=shown,
         max_length=config.model.max_length, metrics=metrics, best_metric=config.train.metric_for_best_model,
-        text_pair=text_pair,
+        text_pair=text_pair, truncated=shared.get("truncated"),
     )
     (out / "README.md").write_text(card, encoding="utf-8")
 
@@ -509,6 +539,8 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     cache_root = Path(config.tracking.dir).resolve() / "cache" / "tokenized"
     tokenized, hit = tokenize(fetched.path, version.digest, plan_.base, config.model.max_length, cache_root)
     log.info("%s: tokenised splits %s (%s)", version.ref, tokenized, "cached" if hit else "new")
+    truncated = truncation(tokenized)
+    _report_truncation(truncated, config.model.max_length, plan_.base)
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
              "config": trun.config, "group": trun.group}
@@ -522,6 +554,7 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
         "validation_rows": _validation_rows(fetched.path),
         "resume_from": str(plan_.resume_from) if plan_.resume_from else None,
         "class_weights": class_weights(config.train.class_weights, label_names, manifest["label_counts"]["train"]),
+        "truncated": {s: c["truncated"] for s, c in truncated.items()},  # rows cut at model.max_length
     }
     if shared["class_weights"]:
         log.info("class weights in the loss: %s",
@@ -563,7 +596,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             raise
         _share(state, shared)
         trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
-                            "data/tokenize_cache": details["tokenize_cache"]})
+                            "data/tokenize_cache": details["tokenize_cache"],
+                            **{f"data/truncated_{s}": n for s, n in shared["truncated"].items()}})
         trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run, callbacks)
         if trun.wandb_run is not None:
             _define_summaries(trun.wandb_run)
@@ -625,6 +659,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, A
         "packages": package_versions(),
         "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
+        "truncated": {"max_length": config.model.max_length, **shared["truncated"]},  # rows cut to it, per split
     }
 
 
