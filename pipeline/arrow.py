@@ -3,12 +3,10 @@
 pyarrow imports pandas the first time it converts a Python or NumPy value (``pa.array``,
 ``pa.scalar``, a Python scalar passed to a compute function) or converts to NumPy
 (``to_numpy``): it asks whether the value is a pandas object, or sets up pandas' null values.
-That import costs about half a second. W&B needs pandas too (``run.log`` imports it to ask whether
-a value is a DataFrame), so `pipeline.tracking.warm_up` imports it on its own thread while
-dataset-publish reads, checks and splits the data; that overlap exists only if the data path
-never waits for the import itself. These helpers build arrays from their buffers and read
-buffers back, which asks nothing; ``tests/test_arrow.py`` checks that the data path leaves
-pandas unimported.
+That import costs about half a second (and W&B's own question, whether a logged value is a
+DataFrame, is answered without it: `pipeline.tracking`), so dataset-publish imports no pandas at
+all. These helpers build arrays from their buffers and read buffers back, which asks nothing;
+``tests/test_arrow.py`` checks that a whole publish leaves pandas unimported.
 """
 
 from __future__ import annotations

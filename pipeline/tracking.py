@@ -147,6 +147,23 @@ def _wandb_settings(mode: str):
     return wandb.Settings(mode=mode, silent=True, console="off", save_code=False, x_disable_meta=True)
 
 
+def _no_pandas_import_to_spot_a_dataframe() -> None:
+    """W&B asks of every logged value and table whether it is a pandas DataFrame, importing pandas to
+    ask (0.2-0.5 s) wherever it is installed. No object is a DataFrame while pandas is not imported,
+    so the question is answered from `sys.modules` instead; once anything imports pandas (datasets
+    does, in finetune) the answer is the same as W&B's own."""
+    import wandb.util
+
+    if getattr(wandb.util, "is_pandas_data_frame", None) is None:  # a W&B without the hook: nothing to change
+        return
+
+    def is_pandas_data_frame(obj: Any) -> bool:
+        frame = getattr(sys.modules.get("pandas"), "DataFrame", None)
+        return isinstance(frame, type) and isinstance(obj, frame)
+
+    wandb.util.is_pandas_data_frame = is_pandas_data_frame
+
+
 _warm_up: threading.Thread | None = None
 
 
@@ -168,20 +185,16 @@ def warm_up(config: Config) -> None:
     def imports() -> None:
         try:
             import importlib
-            import importlib.util
 
             importlib.import_module("wandb.sdk.launch.inputs.internal")  # every wandb.init imports it
-            if importlib.util.find_spec("pandas") is not None:
-                # run.log imports pandas, when installed, to ask whether a value is a DataFrame: half a
-                # second. The caller's Arrow code is kept free of pandas (`pipeline.arrow`) so as not to wait for it.
-                importlib.import_module("pandas")
-        except Exception:  # noqa: BLE001 - imported again, and reported, where they are needed
+        except Exception:  # noqa: BLE001 - imported again, and reported, where it is needed
             log.debug("W&B warm-up imports failed", exc_info=True)
 
     def work() -> None:
         try:
             import wandb
 
+            _no_pandas_import_to_spot_a_dataframe()
             # wandb.setup starts W&B's service process and waits for it to listen (0.2 s with the GIL free):
             # the modules a run needs are imported on another thread meanwhile.
             side = threading.Thread(target=imports, name="wandb-warm-up-imports")
@@ -268,6 +281,8 @@ def tracked_run(
     if _warm_up is not None:
         _warm_up.join()
     import wandb
+
+    _no_pandas_import_to_spot_a_dataframe()
 
     wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,27 @@ def test_reading_validating_and_splitting_leave_pandas_unimported(tmp_path):
     kept, dropped, repeated, pandas_imported = out.stdout.split()
     assert (int(kept) + int(dropped), pandas_imported) == (64, "False")
     assert int(dropped) >= 3 and int(repeated) > 0
+
+
+def test_a_whole_publish_imports_no_pandas_and_w_and_b_still_spots_a_dataframe(tmp_path):
+    """W&B asks of each logged value whether it is a DataFrame, importing pandas to ask; `pipeline.tracking`
+    answers from sys.modules instead, so a whole dataset-publish (run, tables, charts) imports no pandas,
+    while a real DataFrame, once pandas is imported, is still one to W&B (a Table can be made from it)."""
+    src = tmp_path / "data.csv"
+    src.write_text("text,label\n" + "".join(f"question {i},{'abc'[i % 3]}\n" for i in range(30)))
+    code = (
+        "import sys\n"
+        "from pipeline.config import load_config\n"
+        "from pipeline.stages import dataset_publish\n"
+        f"cfg = load_config(None, ['dataset.name=t', 'model.name=m', 'dataset.source={src}', 'tracking.dir={tmp_path / 'track'}'])\n"
+        "result = dataset_publish.run(cfg)\n"
+        "print(result.status, 'pandas' in sys.modules)\n"
+        "import pandas as pd, wandb, wandb.util\n"
+        "frame = pd.DataFrame({'label': ['a'], 'rows': [1]})\n"
+        "print(wandb.util.is_pandas_data_frame(frame), wandb.util.is_pandas_data_frame([frame]), "
+        "[[str(v) for v in row] for row in wandb.Table(dataframe=frame).data])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["ok False", "True False [['a', '1']]"]
