@@ -651,6 +651,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
+
     def copies_with_other_labels(ok: np.ndarray) -> np.ndarray:
         """The valid rows whose text (as compared) other valid rows have with another label."""
         labels_per_text = _distinct_per_group(text_codes[ok], label_codes[ok], n_texts, n_labels)

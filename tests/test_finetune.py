@@ -567,3 +567,7 @@ def test_texts_cut_at_max_length_are_counted_reported_and_recorded(tmp_path, tin
     assert version.metadata["truncated"] == {"max_length": 12, **expected}
     card = (registry_of(cfg).fetch(version).path / "README.md").read_text()
     assert f"cut to it: train {expected['train']} of " in card
+    entry = next((Path(cfg.tracking.dir) / "cache" / "tokenized").glob(f"*/{finetune.CACHE_SOURCE}")).parent
+    assert finetune.truncation(entry)["train"] == {"rows": len(pq.read_table(data / "train.parquet")), "truncated": expected["train"]}
+    (entry / finetune.CACHE_SOURCE).write_text("{damaged")  # not a reason to stop training: reported as unknown
+    assert finetune.truncation(entry) == {} and "cannot be read" in caplog.text

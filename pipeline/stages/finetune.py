@@ -188,9 +188,15 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
 
 
 def truncation(tokenized: Path) -> dict[str, dict[str, int]]:
-    """Per split of a tokenised cache entry: its rows, and how many of them were cut at the max length."""
-    made = json.loads((tokenized / CACHE_SOURCE).read_text(encoding="utf-8"))
-    return {s: {"rows": made["rows"][s], "truncated": made["truncated"][s]} for s in made["rows"]}
+    """Per split of a tokenised cache entry: its rows, and how many of them were cut at the max length
+    (empty when the entry's record of them cannot be read: a damaged marker does not stop training)."""
+    try:
+        made = json.loads((tokenized / CACHE_SOURCE).read_text(encoding="utf-8"))
+        return {s: {"rows": int(made["rows"][s]), "truncated": int(made["truncated"][s])} for s in made["rows"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: the record of how many texts were cut at model.max_length cannot be read (%s); "
+                    "they are not reported", tokenized, CACHE_SOURCE)
+        return {}
 
 
 def _report_truncation(counts: dict[str, dict[str, int]], max_length: int, base: BaseModel) -> None:
@@ -659,7 +665,8 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, A
         "packages": package_versions(),
         "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
-        "truncated": {"max_length": config.model.max_length, **shared["truncated"]},  # rows cut to it, per split
+        **({"truncated": {"max_length": config.model.max_length, **shared["truncated"]}}  # rows cut to it, per split
+           if shared["truncated"] else {}),
     }
 
 
