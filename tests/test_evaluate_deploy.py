@@ -554,6 +554,9 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
         out = run_cli(*args, "--output", str(tmp_path / name))
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"{len(bodies)} predictions written to {tmp_path / name}" in out.stderr
+        # the empty body (row 3) is classified like any row, and said to be empty
+        assert f"1 of {len(bodies)} rows have no text in column 'body' (empty, blank or missing; the first: {src} row 3)" \
+            in out.stderr
     with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["id", "text", "label", "confidence", "label_2", "score_2"]

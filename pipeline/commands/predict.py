@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 import sys
 import uuid
@@ -208,6 +209,13 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 raise DataError(f"{table.column('_file')[i]} row {table.column('_row')[i]}: column {column!r} is not "
                                 "valid UTF-8")
             texts[key] = pc.fill_null(decoded, "")
+            blank = pc.or_kleene(pc.equal(pc.binary_length(texts[key]), 0), pc.utf8_is_space(texts[key]))
+            if (n_blank := pc.sum(blank).as_py() or 0):
+                first = pc.index(blank, True).as_py()
+                logging.getLogger(__name__).warning(
+                    "%d of %d rows have no text in column %r (empty, blank or missing; the first: %s row %s): they are "
+                    "classified as the empty text, so their labels say nothing about them", n_blank, table.num_rows,
+                    column, table.column("_file")[first], table.column("_row")[first])
     ids = table.column(cols.id) if cols.id else None
     for start in range(0, table.num_rows, CHUNK):
         part = {k: v.slice(start, CHUNK).to_pylist() for k, v in texts.items()}
