@@ -691,6 +691,8 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             flag("label_not_in_train", untrainable,
                  f"label(s) {', '.join(map(repr, missing))} have no rows in the train split, so a model cannot learn them")
 
+    if mixed.any():  # as the rows kept have it: a copy with another label may since have been dropped (too small a class)
+        mixed = copies_with_other_labels(reason == 0)
     clean = pa.table({
         **({cols.id: ids} if cols.id else {}),
         cols.text: decoded[cols.text],

@@ -504,6 +504,13 @@ def test_copies_with_another_label_are_a_conflict_only_when_written_the_same(tmp
     checked = dataset_publish.prepare(cfg_for(write_rows(tmp_path / "both.csv", both), "dataset.on_invalid=drop"))[1]
     assert checked["dropped"] == {"conflicting_label": 2} and "mixed_label_copies" not in checked
 
+    # the copy with another label is dropped (its label is too small a class): nothing mixed is left to report
+    lonely = [*r, {"id": "x1", "text": r[0]["text"].upper(), "label": "rare"}]
+    caplog.clear()
+    manifest = dataset_publish.prepare(cfg_for(write_rows(tmp_path / "lonely.csv", lonely), "dataset.on_invalid=drop"))[1]
+    assert manifest["dropped"] == {"class_too_small": 1} and "mixed_label_copies" not in manifest
+    assert "differs only in case or spacing" not in caplog.text
+
 
 def test_a_label_needs_distinct_texts_not_distinct_spellings(tmp_path, cfg_for):
     spellings = ["Rare text", "rare text", "RARE TEXT", " rare  text", "another rare one"]
