@@ -262,7 +262,7 @@ def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_mo
     assert not (Path(cfg.tracking.dir) / "checkpoints").exists()
 
 
-def test_a_dataset_without_test_rows_trains_and_evaluate_says_what_to_do(tmp_path, tiny_model, tickets_csv):
+def test_a_dataset_without_test_rows_trains_and_evaluate_says_what_to_do(tmp_path, tiny_model, tickets_csv, caplog):
     """The test split is evaluate's: finetune needs train and validation only; reproduce compares on validation."""
     from pipeline import reproduce
     from pipeline.config import config_from_dict
@@ -278,6 +278,9 @@ def test_a_dataset_without_test_rows_trains_and_evaluate_says_what_to_do(tmp_pat
         evaluate.run(cfg)
     assert len(reg_runs(reg)) == runs_before  # refused before a run was opened
     assert evaluate.run(config_from_dict(cfg.to_dict(), ["evaluate.split=validation"])).status == "ok"
+    # the split the kept checkpoint was chosen on: allowed, with a warning that its scores there flatter it
+    assert "clf:v0 is the checkpoint that scored best (by macro_f1) on the validation split of tickets:v0, so its " \
+           "scores there are biased upward" in caplog.text
     again = reproduce.run(cfg, model="clf:v0", check=True)
     assert again.status == "ok" and again.details["test"]["split"] == "validation"
     assert again.details["test"]["rows"] == reg.resolve("tickets:v0").metadata["num_rows"]["validation"]

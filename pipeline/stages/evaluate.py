@@ -282,6 +282,13 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     already = champion is not None and champion.ref == challenger.ref
     gate = config.evaluate.gate
     split = config.evaluate.split
+    trained_on = (challenger.metadata.get("dataset") or {}).get("digest")
+    if split == "validation" and trained_on == ds.digest:
+        log.warning("evaluate.split=validation: %s is the checkpoint that scored best (by %s) on the validation split "
+                    "of %s, so its scores there are biased upward and the gate is easier to pass; the test split is "
+                    "the unbiased one", challenger.ref,
+                    ((challenger.metadata.get("config") or {}).get("train") or {}).get("metric_for_best_model", "its metric"),
+                    ds.ref)
 
     with tracked_run(config, STAGE, group=group) as trun:
         reg = trun.registry
