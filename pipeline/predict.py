@@ -95,6 +95,22 @@ class Classifier:
                 out[rows] = self.model(**enc).logits.float().cpu().numpy()
         return out
 
+    def count_truncated(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 1024) -> int:
+        """How many of `texts` (with their pairs) are longer than `max_length` tokens, so that only their
+        beginning is classified. A fast tokenizer keeps what it cuts off in each encoding's `overflowing`."""
+        texts, text_pairs = _as_texts(texts, "texts"), None if text_pairs is None else _as_texts(text_pairs, "text_pairs")
+        cut = 0
+        for start in range(0, len(texts), batch_size):
+            part = texts[start:start + batch_size]
+            pairs = text_pairs[start:start + batch_size] if text_pairs is not None else None
+            enc = self.tokenizer(part, pairs, truncation=True, max_length=self.max_length)
+            if enc.encodings is not None:
+                cut += sum(1 for e in enc.encodings if e.overflowing)
+            else:  # a slow (Python) tokenizer: measured whole
+                whole = self.tokenizer(part, pairs, truncation=False)["input_ids"]
+                cut += sum(1 for ids in whole if len(ids) > self.max_length)
+        return cut
+
     def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, top_k: int = 3) -> list[Prediction]:
         from pipeline.metrics import log_softmax
 

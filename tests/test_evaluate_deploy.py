@@ -465,6 +465,10 @@ def test_predict_command_and_function(env, tmp_path):
     out = run_cli("predict", "--model-dir", str(dest), "i was charged twice for my invoice")
     assert out.returncode == 0, out.stderr
     assert "Loading weights" not in out.stderr  # no progress bar for loading a model to classify one text
+    assert "longer than the model's max_length" not in out.stderr
+    long = run_cli("predict", "--model-dir", str(dest), "my parcel never arrived " * 60, "short one")
+    assert long.returncode == 0 and len(long.stdout.splitlines()) == 2
+    assert "1 of 2 texts are longer than the model's max_length" in long.stderr
     label, score, text = out.stdout.strip().split("\t")
     assert label == "billing" and 0 < float(score) <= 1 and text == "i was charged twice for my invoice"
     js = run_cli("predict", "--model-dir", str(dest), "--json", "--top-k", "2", "tracking for my order has not updated since monday")

@@ -574,3 +574,16 @@ def test_texts_cut_at_max_length_are_counted_reported_and_recorded(tmp_path, tin
     assert finetune.truncation(entry)["train"] == {"rows": len(pq.read_table(data / "train.parquet")), "truncated": expected["train"]}
     (entry / finetune.CACHE_SOURCE).write_text("{damaged")  # not a reason to stop training: reported as unknown
     assert finetune.truncation(entry) == {} and "cannot be read" in caplog.text
+
+    # evaluate scores the test texts as cut (as predict will classify them), and says how many were
+    from pipeline.predict import load
+    from pipeline.stages import evaluate
+
+    test_texts = pq.read_table(data / "test.parquet").column("text").to_pylist()
+    cut = sum(len(ids) > 12 for ids in tok(test_texts)["input_ids"])
+    assert cut > 0 and load(registry_of(cfg).fetch(version).path).count_truncated(test_texts) == cut
+    with offline(tmp_path):
+        scored = evaluate.run(cfg, model=version.ref)
+    assert registry_of(cfg).resolve(version.ref).metadata["evaluation"]["truncated"] == cut
+    assert inspect_summary(Path(scored.paths["run_dir"]))["summary"]["test/truncated"] == cut
+    assert f"{cut} of {len(test_texts)} test texts are longer than {version.ref}'s max_length (12 tokens)" in caplog.text

@@ -67,20 +67,26 @@ def main(args: argparse.Namespace) -> int:
                           if classifier.takes_pairs else
                           f"{args.model_dir} classifies single texts; --text-pair-column is for sentence-pair models")
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(rows, CHUNK)), []))
+    cut = [0, 0]  # texts longer than the model's max_length, texts classified
     # Each chunk is classified and passed on when done: a pipe sees results as they come, and memory does not
     # grow with the input. An error further in stops there, naming its row or line.
     if output is None:
         for chunk in chunks:
-            for record in _classify(classifier, chunk, args):
+            for record in _classify(classifier, chunk, args, cut):
                 _print(record, args)
             sys.stdout.flush()
-        return 0
-    written = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args)), args.top_k)
-    print(f"{written} predictions written to {output}", file=sys.stderr)
+    else:
+        written = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args, cut)),
+                         args.top_k)
+        print(f"{written} predictions written to {output}", file=sys.stderr)
+    if cut[0]:
+        logging.getLogger(__name__).warning(
+            "%d of %d texts are longer than the model's max_length (%d tokens): only their beginning was classified",
+            cut[0], cut[1], classifier.max_length)
     return 0
 
 
-def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace, cut: list[int]) -> list[dict[str, Any]]:
     from pipeline.errors import PipelineError
 
     if classifier.takes_pairs and not args.input:  # stdin and arguments carry the pair after a tab
@@ -90,7 +96,10 @@ def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace)
                                 f"({unpaired} has no tab)")
         chunk = [{**r, **dict(zip(("text", "text_pair"), r["text"].split("\t", 1)))} for r in chunk]
     pairs = [r["text_pair"] for r in chunk] if classifier.takes_pairs else None
-    predictions = classifier.predict([r["text"] for r in chunk], pairs, top_k=args.top_k)
+    texts = [r["text"] for r in chunk]
+    predictions = classifier.predict(texts, pairs, top_k=args.top_k)
+    cut[0] += classifier.count_truncated(texts, pairs)
+    cut[1] += len(texts)
     out = []
     for r, pred in zip(chunk, predictions):
         shown = {"id": r["id"]} if "id" in r else {}

@@ -40,6 +40,8 @@ class Scored:
     logp: np.ndarray  # log-probabilities over `label_names`, one row per scored row
     refs: np.ndarray  # the true label of each row, as an index into `label_names`
     label_names: list[str]
+    truncated: int = 0  # rows longer than the model's max_length: only their beginning was scored
+    max_length: int | None = None
 
     @property
     def probs(self) -> np.ndarray:
@@ -173,7 +175,10 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None,
     if len(broken):  # a diverged model: its metrics would be meaningless, and NaN is no JSON to record
         raise BrokenScores(f"{ref} gives scores that are not numbers (NaN or infinite) for {len(broken)} of {len(refs)} "
                           f"rows (the first: row {int(broken[0]) + 1} of the split); it cannot be evaluated or promoted")
-    return _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
+    scored = _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
+    scored.truncated = classifier.count_truncated(rows["text"], rows.get("text_pair"))
+    scored.max_length = classifier.max_length
+    return scored
 
 
 def _scored(ref: str, logp: np.ndarray, refs: np.ndarray, label_names: list[str], bins: int) -> Scored:
@@ -298,6 +303,10 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         label_names = label_names or list(ds.metadata["label_names"])
         e = config.evaluate
         ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)
+        if ch.truncated:
+            (log.warning if ch.truncated >= 0.01 * len(ch.refs) else log.info)(
+                "%d of %d %s texts are longer than %s's max_length (%d tokens): only their beginning was scored, as "
+                "predict will classify such texts", ch.truncated, len(ch.refs), split, challenger.ref, ch.max_length)
         _log(trun, split, ch, rows, e.misclassified_rows)
         scored: list[str] = []  # every production version this challenger was compared with
         for attempt in range(1, MAX_PROMOTION_ATTEMPTS + 1):
@@ -343,6 +352,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "split": split,
             "metrics": ch.metrics,
             "per_class": ch.per_class,
+            "truncated": ch.truncated,  # rows cut at the model's max_length
             "champion": ({"ref": cp.ref, "metrics": cp.metrics, "rows": len(cmp.rows["label"]),
                           **({"seen_in_training": cmp.seen} if cmp.seen else {}),
                           **({"seen_in_training_but_compared": cmp.seen_but_compared} if cmp.seen_but_compared else {}),
@@ -357,6 +367,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "gate/outcome": outcome,
             "gate/reasons": decision.reasons,
             "challenger": challenger.ref,
+            f"{split}/truncated": ch.truncated,
             "champion": cp.ref if cp else (champion.ref if champion else None),
             "status": status,
         })
