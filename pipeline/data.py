@@ -625,9 +625,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         copies_job = pool.submit(lambda: _codes(key_job.result())) if split_seed is None else None
         ids_job = pool.submit(_codes, ids) if ids is not None else None
         for c in cols.text_columns:
-            # utf8_is_space stops at the first other character; no trimmed copy of every text is made
-            blank = pc.or_kleene(pc.equal(pc.binary_length(decoded[c]), arrow.scalar(0)), pc.utf8_is_space(decoded[c]))
-            flag("empty_text", arrow.to_numpy(blank, fill=True), f"column {c!r} is empty or null")
+            flag("empty_text", arrow.to_numpy(is_blank(decoded[c]), fill=True), f"column {c!r} is empty or null")
         label = table.column(cols.label).combine_chunks()
         if pa.types.is_null(label.type):
             label = pa.nulls(n, pa.string())
@@ -669,7 +667,6 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             conflict = np.zeros(n, dtype=bool)
             conflict[idx] = per_exact[exact] > 1
             flag("conflicting_label", conflict, "the same text appears with different labels")
-            mixed = copies_with_other_labels(reason == 0)  # left: copies that differ in case or spacing
 
     ok = reason == 0
     # Copies of a text with one label stay in one split (`stratified_split`), so a label needs as many
@@ -691,7 +688,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             flag("label_not_in_train", untrainable,
                  f"label(s) {', '.join(map(repr, missing))} have no rows in the train split, so a model cannot learn them")
 
-    if mixed.any():  # as the rows kept have it: a copy with another label may since have been dropped (too small a class)
+    if mixed.any():  # left once the conflicts and the other problems are out: copies that differ in case or spacing
         mixed = copies_with_other_labels(reason == 0)
     clean = pa.table({
         **({cols.id: ids} if cols.id else {}),
@@ -718,6 +715,12 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         mixed_label_examples=[(f, int(rows[i])) for f, i in
                               zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(), mixed_idx[:SHOW])],
     )
+
+
+def is_blank(texts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """True where a text is empty or only whitespace (null where it is null). utf8_is_space stops at the first
+    other character: no trimmed copy of every text is made."""
+    return pc.or_kleene(pc.equal(pc.binary_length(texts), arrow.scalar(0)), pc.utf8_is_space(texts))
 
 
 def copy_key(decoded: dict[str, pa.ChunkedArray], cols: Columns, as_written: bool = False) -> pa.ChunkedArray | pa.Array:

@@ -51,6 +51,7 @@ class Classifier:
         self.model.to(self.device).eval()
         cfg = self.model.config
         self.label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
+        self.truncated = 0  # texts classified so far that were longer than max_length (their beginning was)
         training = self._training_config()
         try:
             self.max_length = max_length or int(training["model"]["max_length"])
@@ -90,26 +91,12 @@ class Classifier:
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
                 pair = [text_pairs[i] for i in rows] if text_pairs is not None else None
-                enc = self.tokenizer([texts[i] for i in rows], pair, truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt").to(self.device)
-                out[rows] = self.model(**enc).logits.float().cpu().numpy()
+                batch = [texts[i] for i in rows]
+                enc = self.tokenizer(batch, pair, truncation=True, max_length=self.max_length, padding=True,
+                                     return_tensors="pt")
+                self.truncated += count_cut(self.tokenizer, enc, batch, pair, self.max_length)
+                out[rows] = self.model(**enc.to(self.device)).logits.float().cpu().numpy()
         return out
-
-    def count_truncated(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 1024) -> int:
-        """How many of `texts` (with their pairs) are longer than `max_length` tokens, so that only their
-        beginning is classified. A fast tokenizer keeps what it cuts off in each encoding's `overflowing`."""
-        texts, text_pairs = _as_texts(texts, "texts"), None if text_pairs is None else _as_texts(text_pairs, "text_pairs")
-        cut = 0
-        for start in range(0, len(texts), batch_size):
-            part = texts[start:start + batch_size]
-            pairs = text_pairs[start:start + batch_size] if text_pairs is not None else None
-            enc = self.tokenizer(part, pairs, truncation=True, max_length=self.max_length)
-            if enc.encodings is not None:
-                cut += sum(1 for e in enc.encodings if e.overflowing)
-            else:  # a slow (Python) tokenizer: measured whole
-                whole = self.tokenizer(part, pairs, truncation=False)["input_ids"]
-                cut += sum(1 for ids in whole if len(ids) > self.max_length)
-        return cut
 
     def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, top_k: int = 3) -> list[Prediction]:
         from pipeline.metrics import log_softmax
@@ -121,6 +108,15 @@ class Classifier:
             top = [(self.label_names[j], float(row[j])) for j in order]
             preds.append(Prediction(label=top[0][0], confidence=top[0][1], top=top))
         return preds
+
+
+def count_cut(tokenizer, enc, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int) -> int:
+    """How many of the texts that `tokenizer` encoded into `enc` (with truncation) were longer than
+    `max_length` tokens. A fast tokenizer keeps what it cut off in each encoding's `overflowing` (empty
+    when the text fit); a slow one's texts are measured again, whole."""
+    if enc.encodings is not None:
+        return sum(1 for e in enc.encodings if e.overflowing)
+    return sum(1 for ids in tokenizer(list(texts), pairs, truncation=False)["input_ids"] if len(ids) > max_length)
 
 
 def _compared_with_manifest(folder: Path) -> str:

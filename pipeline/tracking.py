@@ -194,7 +194,6 @@ def warm_up(config: Config) -> None:
         try:
             import wandb
 
-            _no_pandas_import_to_spot_a_dataframe()
             # wandb.setup starts W&B's service process and waits for it to listen (0.2 s with the GIL free):
             # the modules a run needs are imported on another thread meanwhile.
             side = threading.Thread(target=imports, name="wandb-warm-up-imports")

@@ -67,26 +67,26 @@ def main(args: argparse.Namespace) -> int:
                           if classifier.takes_pairs else
                           f"{args.model_dir} classifies single texts; --text-pair-column is for sentence-pair models")
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(rows, CHUNK)), []))
-    cut = [0, 0]  # texts longer than the model's max_length, texts classified
     # Each chunk is classified and passed on when done: a pipe sees results as they come, and memory does not
     # grow with the input. An error further in stops there, naming its row or line.
     if output is None:
+        done = 0
         for chunk in chunks:
-            for record in _classify(classifier, chunk, args, cut):
+            for record in _classify(classifier, chunk, args):
                 _print(record, args)
+            done += len(chunk)
             sys.stdout.flush()
     else:
-        written = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args, cut)),
-                         args.top_k)
-        print(f"{written} predictions written to {output}", file=sys.stderr)
-    if cut[0]:
+        done = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args)), args.top_k)
+        print(f"{done} predictions written to {output}", file=sys.stderr)
+    if classifier.truncated:
         logging.getLogger(__name__).warning(
             "%d of %d texts are longer than the model's max_length (%d tokens): only their beginning was classified",
-            cut[0], cut[1], classifier.max_length)
+            classifier.truncated, done, classifier.max_length)
     return 0
 
 
-def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace, cut: list[int]) -> list[dict[str, Any]]:
+def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     from pipeline.errors import PipelineError
 
     if classifier.takes_pairs and not args.input:  # stdin and arguments carry the pair after a tab
@@ -96,10 +96,7 @@ def _classify(classifier, chunk: list[dict[str, Any]], args: argparse.Namespace,
                                 f"({unpaired} has no tab)")
         chunk = [{**r, **dict(zip(("text", "text_pair"), r["text"].split("\t", 1)))} for r in chunk]
     pairs = [r["text_pair"] for r in chunk] if classifier.takes_pairs else None
-    texts = [r["text"] for r in chunk]
-    predictions = classifier.predict(texts, pairs, top_k=args.top_k)
-    cut[0] += classifier.count_truncated(texts, pairs)
-    cut[1] += len(texts)
+    predictions = classifier.predict([r["text"] for r in chunk], pairs, top_k=args.top_k)
     out = []
     for r, pred in zip(chunk, predictions):
         shown = {"id": r["id"]} if "id" in r else {}
@@ -204,7 +201,7 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The rows of `--input` as dataset-publish reads files: every row, in order; a missing text is ""."""
     import pyarrow.compute as pc
 
-    from pipeline.data import Columns, DataError, _decode, list_input_files, read_files
+    from pipeline.data import Columns, DataError, _decode, is_blank, list_input_files, read_files
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column")
@@ -218,7 +215,7 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 raise DataError(f"{table.column('_file')[i]} row {table.column('_row')[i]}: column {column!r} is not "
                                 "valid UTF-8")
             texts[key] = pc.fill_null(decoded, "")
-            blank = pc.or_kleene(pc.equal(pc.binary_length(texts[key]), 0), pc.utf8_is_space(texts[key]))
+            blank = is_blank(texts[key])
             if (n_blank := pc.sum(blank).as_py() or 0):
                 first = pc.index(blank, True).as_py()
                 logging.getLogger(__name__).warning(

@@ -176,7 +176,7 @@ def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None,
         raise BrokenScores(f"{ref} gives scores that are not numbers (NaN or infinite) for {len(broken)} of {len(refs)} "
                           f"rows (the first: row {int(broken[0]) + 1} of the split); it cannot be evaluated or promoted")
     scored = _scored(ref, log_softmax(logits), refs, classifier.label_names, bins)
-    scored.truncated = classifier.count_truncated(rows["text"], rows.get("text_pair"))
+    scored.truncated = classifier.truncated
     scored.max_length = classifier.max_length
     return scored
 

@@ -146,6 +146,8 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
+    from pipeline.predict import count_cut
+
     tokenizer = AutoTokenizer.from_pretrained(base.path, use_fast=True)
     parts = {}
     for split in TRAINED_ON:
@@ -156,9 +158,9 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     truncated = dict.fromkeys(parts, 0)
 
     def encode(batch, split):
-        enc = tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=max_length)
-        # A fast tokenizer keeps what it cut off in each encoding's `overflowing`: empty when the text fit.
-        truncated[split] += sum(1 for e in enc.encodings if e.overflowing)
+        pairs = batch["text_pair"] if pair else None
+        enc = tokenizer(batch["text"], pairs, truncation=True, max_length=max_length)
+        truncated[split] += count_cut(tokenizer, enc, batch["text"], pairs, max_length)
         enc["labels"] = batch["label_id"]
         return enc
 
