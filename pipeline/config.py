@@ -136,6 +136,11 @@ class DatasetConfig(_Group):
     """Optional column of unique row ids."""
     text_pair_column: str | None = None
     """Optional second text column for sentence-pair tasks."""
+    labels: list[str] | None = None
+    """The label names in the order of the model's class ids, e.g. ``[negative, neutral, positive]``. A row
+    with a label not listed is invalid (``unknown_label``), and every listed label needs rows. Unset: the
+    labels found, in the order of a hub dataset's ``ClassLabel``, else in numeric order when all are
+    integers (``2`` before ``10``), else sorted."""
     encoding: str = "utf-8"
     """Text encoding of CSV/TSV sources, e.g. ``cp1252`` for Excel's "CSV (Comma delimited)" on Windows.
     UTF-16/32 files with a byte-order mark are recognised whatever this says; JSON is always UTF-8."""
@@ -178,6 +183,28 @@ class DatasetConfig(_Group):
             doubled = sorted({n for n in value if value.count(n) > 1})
             if doubled:
                 raise ValueError(f"column name(s) {', '.join(map(repr, doubled))} appear more than once")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _numbers_as_written(cls, value: Any) -> Any:
+        """YAML reads `[0, 1, 2]` as numbers; the label column is read as text."""
+        if isinstance(value, list):
+            if any(isinstance(n, bool) for n in value):
+                raise ValueError("YAML reads yes/no/true/false as booleans: quote label names, e.g. ['yes', 'no']")
+            return [str(n) if isinstance(n, (int, float)) else n for n in value]
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            value = [str(n).strip() for n in value]  # as the label column is read: trimmed
+            if len(value) < 2 or any(not n for n in value):
+                raise ValueError("list at least 2 label names, none of them empty, e.g. [negative, positive]")
+            doubled = sorted({n for n in value if value.count(n) > 1})
+            if doubled:
+                raise ValueError(f"label name(s) {', '.join(map(repr, doubled))} appear more than once")
         return value
 
     @field_validator("encoding")

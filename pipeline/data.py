@@ -448,25 +448,31 @@ def looks_like_hub_id(source: str) -> bool:
     return bool(HUB_ID.match(source)) and not Path(source).exists() and format_suffix(Path(source)) not in SUFFIXES
 
 
-def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[dict]]:
-    """All splits of a Hugging Face ``DatasetDict`` as one table (class ids become their names)."""
-    tables, sources = [], []
+def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[dict], list[str] | None]:
+    """All splits of a Hugging Face ``DatasetDict`` as one table (class ids become their names), their
+    sources, and the label column's ``ClassLabel`` names in id order (None when it has none)."""
+    tables, sources, class_names = [], [], None
     for split in sorted(dataset_dict):
         ds = dataset_dict[split]
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        name = f"hf://datasets/{source}/{split}"
         feature = ds.features.get(cols.label)
         if feature is not None and hasattr(feature, "names") and cols.label in table.column_names:
-            ids = table.column(cols.label).to_numpy(zero_copy_only=False)
-            names = np.array(feature.names, dtype=object)[np.clip(ids, 0, len(feature.names) - 1)]
+            class_names = class_names or [str(n) for n in feature.names]
+            ids = pc.fill_null(table.column(cols.label), -1).to_numpy(zero_copy_only=False)  # null: no label
+            beyond = np.flatnonzero(ids >= len(feature.names))
+            if len(beyond):
+                raise DataError(f"{name}: row {int(beyond[0]) + 1} has class id {int(ids[beyond[0]])} in column "
+                                f"{cols.label!r}, but its ClassLabel names only {len(feature.names)} classes")
+            names = np.array(feature.names, dtype=object)[np.maximum(ids, 0)]
             names[ids < 0] = None  # -1: no label (test splits of some hub datasets)
             table = table.set_column(table.schema.get_field_index(cols.label), cols.label, arrow.strings(names))
-        name = f"hf://datasets/{source}/{split}"
         tables.append(_normalise(table, name, cols))
         sources.append({"path": name, "fingerprint": ds._fingerprint, "rows": ds.num_rows})
-    return pa.concat_tables(tables, promote_options="permissive"), sources
+    return pa.concat_tables(tables, promote_options="permissive"), sources, class_names
 
 
-def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict]]:
+def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict], list[str] | None]:
     """A hub dataset id (online, or cached by ``datasets``); a DataError that says so when it cannot be had."""
     import datasets
 
@@ -590,8 +596,11 @@ def _distinct_per_group(groups: np.ndarray, values: np.ndarray, n_groups: int, n
     return np.bincount(pairs // n_values, minlength=n_groups)
 
 
-def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int | None = None) -> Validated:
+def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int | None = None,
+             labels: list[str] | None = None) -> Validated:
     """Find every problem, one reason per row (the first found). Vectorised: no loop per row.
+
+    With `labels` (``dataset.labels``), a row whose label is not one of them is an ``unknown_label``.
 
     With `split_seed`, each clean row's `split_order` rank comes back too (`Validated.order`): it is
     computed from the texts as compared while the other core encodes them.
@@ -634,6 +643,13 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         label = pc.utf8_trim_whitespace(label)
         flag("null_label", arrow.to_numpy(pc.equal(pc.utf8_length(label), arrow.scalar(0)), fill=True),
              f"column {cols.label!r} is empty or null")
+        if labels is not None:
+            unknown = arrow.to_numpy(pc.invert(pc.is_in(label, value_set=arrow.strings(labels))), fill=False)
+            unknown &= reason == 0
+            if unknown.any():
+                found = label.take(arrow.from_numpy(np.flatnonzero(unknown))).unique().to_pylist()
+                flag("unknown_label", unknown, f"label(s) {', '.join(map(repr, sorted(found)[:SHOW]))}"
+                     f"{' and more' if len(found) > SHOW else ''} are not in dataset.labels")
 
         label_codes, label_values = _encode(label)
         order = None

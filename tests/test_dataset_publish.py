@@ -905,7 +905,7 @@ def _hub_like_dataset():
     import datasets
 
     rows = demo_rows(60)
-    names = sorted({r["label"] for r in rows})
+    names = sorted({r["label"] for r in rows}, reverse=True)  # not sorted: the ClassLabel's order is kept
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     half = len(rows) // 2
     return datasets.DatasetDict({
@@ -942,6 +942,67 @@ def test_hub_dataset_source_is_read_with_its_class_names(cfg_for, tmp_path, monk
                                                                 "hf://datasets/someorg/tickets/train"]
     assert sum(version.metadata["num_rows"].values()) == dd["train"].num_rows + dd["test"].num_rows
     assert dataset_publish.run(cfg).status == "unchanged"  # the same hub data publishes once
+
+
+def test_a_hub_class_id_beyond_its_class_label_names_is_refused(cfg_for, tmp_path, monkeypatch):
+    import datasets
+
+    dd, names = _hub_like_dataset()
+    table = dd["train"].data.table
+    ids = table.column("label").to_pylist()
+    ids[3] = len(names)  # datasets refuses it when encoding; a dataset built from an Arrow table is not checked
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(ids, pa.int64()))
+    broken = datasets.Dataset(table, info=datasets.DatasetInfo(features=dd["train"].features))
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: datasets.DatasetDict({"train": broken}))
+    cfg = cfg_for(tmp_path / "unused.csv", "dataset.source=someorg/tickets", "dataset.id_column=null")
+    with pytest.raises(DataError, match=rf"^hf://datasets/someorg/tickets/train: row 4 has class id {len(names)} in "
+                                        rf"column 'label', but its ClassLabel names only {len(names)} classes"):
+        dataset_publish.run(cfg)
+    assert not registry_of(cfg).list_versions()
+
+
+def test_integer_labels_take_numeric_order(tmp_path, cfg_for):
+    """Labels 0..N-1 keep their ids, and 2 comes before 10; "01" is not an integer as written."""
+    records = [{"id": f"{lbl}-{i}", "text": f"question {i} of kind {lbl}", "label": lbl}
+               for lbl in (10, 2, 0, 1, 11, 9, 3, 4, 5, 6, 8, 7) for i in range(5)]
+    src = write_rows(tmp_path / "ints.csv", records)
+    tables, manifest, _ = dataset_publish.prepare(cfg_for(src))
+    assert manifest["label_names"] == [str(i) for i in range(12)]
+    for t in tables.values():  # class id i is label i
+        assert [int(label) for label in t.column("label").to_pylist()] == t.column("label_id").to_pylist()
+    negative = [{"id": f"n{i}", "text": f"negative {i}", "label": -3} for i in range(5)]
+    src = write_rows(tmp_path / "ints.jsonl", records[:15] + negative)  # numbers in JSON
+    assert dataset_publish.prepare(cfg_for(src))[1]["label_names"] == ["-3", "0", "2", "10"]
+    mixed = write_rows(tmp_path / "mixed.csv", records[:15] + [{"id": f"x{i}", "text": f"zero {i}", "label": "01"}
+                                                               for i in range(5)])
+    assert dataset_publish.prepare(cfg_for(mixed))[1]["label_names"] == ["0", "01", "10", "2"]
+
+
+def test_dataset_labels_set_the_order_and_refuse_other_labels(tmp_path, cfg_for):
+    src = write_rows(tmp_path / "d.csv", rows(6) + [{"id": "typo", "text": "a typo in the label", "label": "biling"},
+                                                    {"id": "typo2", "text": "another one", "label": "Tech "}])
+    listed = "dataset.labels=[tech, billing, shipping]"
+    with pytest.raises(DataError) as e:
+        dataset_publish.run(cfg_for(src, listed))
+    assert "unknown_label (2 rows, label(s) 'Tech', 'biling' are not in dataset.labels)" in str(e.value)
+    assert f"{src} row 19" in str(e.value) and not registry_of(cfg_for(src)).list_versions()
+
+    result = dataset_publish.run(cfg_for(src, listed, "dataset.on_invalid=drop"))
+    version = registry_of(cfg_for(src)).resolve(result.produced[0])
+    assert version.metadata["label_names"] == ["tech", "billing", "shipping"]
+    assert version.metadata["dropped"] == {"unknown_label": 2}
+    files = artifact_files(cfg_for(src), result.produced[0], tmp_path)
+    table = pq.read_table(files["train.parquet"])
+    assert {(r["label"], r["label_id"]) for r in table.to_pylist()} == {("tech", 0), ("billing", 1), ("shipping", 2)}
+
+    # a listed label no row has is an error (a class the model never sees), whatever the policy
+    with pytest.raises(DataError, match=r"no valid row has the label\(s\) 'refund' listed in dataset.labels"):
+        dataset_publish.run(cfg_for(src, "dataset.labels=[tech, billing, shipping, refund]", "dataset.on_invalid=drop"))
+    with pytest.raises(ConfigError, match=r"dataset.labels: label name\(s\) 'tech' appear more than once"):
+        cfg_for(src, "dataset.labels=[tech, billing, ' tech']")
+    with pytest.raises(ConfigError, match="quote label names"):
+        cfg_for(src, "dataset.labels=[yes, no]")
+    assert cfg_for(src, "dataset.labels=[2, 10, 1.5]").dataset.labels == ["2", "10", "1.5"]
 
 
 def test_a_hub_dataset_that_cannot_be_loaded_says_so(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +95,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
     fmt = CsvFormat(d.encoding, d.delimiter, tuple(d.column_names) if d.column_names else None)
     hub_sources: list[dict] = []
+    class_names = None  # a hub dataset's ClassLabel names
     if d.split_files:
         parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), fmt) for s in SPLITS}
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
@@ -101,20 +103,20 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         min_per_class = 1
     else:
         if not listed:
-            table, hub_sources = load_hub_dataset(source, cols)
+            table, hub_sources, class_names = load_hub_dataset(source, cols)
         else:
             table = read_files(listed["all"], cols, source, fmt)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
         raise DataError(f"{where}: no data rows (only a header, or empty files)")
-    checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed)
+    checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed, labels=d.labels)
     if checked.problems and d.on_invalid == "error":
         raise DataError(format_problems(checked.problems, where))
     clean = checked.table
     if clean.num_rows == 0:
         raise DataError(f"{where}: no valid rows left ({sum(checked.dropped.values())} dropped)")
-    label_names = sorted(pc.unique(clean.column(cols.label)).to_pylist())  # sorted: a fixed order
+    label_names = label_order(pc.unique(clean.column(cols.label)).to_pylist(), d.labels, class_names, where)
     labels = arrow.to_numpy(pc.index_in(clean.column(cols.label), value_set=arrow.strings(label_names))).astype(np.int32)
     if len(label_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
@@ -181,6 +183,29 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
             manifest["texts_also_in_train"] = leaked
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
+
+
+_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
+
+
+def label_order(found: list[str], listed: list[str] | None, class_names: list[str] | None, where: str) -> list[str]:
+    """The label names in class-id order: as `listed` (``dataset.labels``; each needs rows), else in the order
+    of a hub dataset's ClassLabel, else in numeric order when every one is an integer as written (so labels
+    0..N-1 keep their ids, and 2 comes before 10), else sorted."""
+    if listed is not None:
+        have = set(found)
+        missing = [n for n in listed if n not in have]
+        if missing:
+            raise DataError(f"{where}: no valid row has the label(s) {', '.join(map(repr, missing))} listed in "
+                            "dataset.labels; a model cannot learn a class it never sees (list only the labels "
+                            "the data has)")
+        return list(listed)
+    if class_names is not None:
+        rank = {n: i for i, n in enumerate(class_names)}
+        return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
+    if all(_INTEGER.fullmatch(n) for n in found):
+        return sorted(found, key=int)
+    return sorted(found)
 
 
 MISSING_MARKERS = {"na", "n/a", "#n/a", "nan", "null", "none", "nil", "-", "?"}
