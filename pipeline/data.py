@@ -44,7 +44,7 @@ class Columns:
     label: str | None  # None: texts to classify (`pipeline predict --input`), not a dataset
     id: str | None = None
     text_pair: str | None = None
-    settings: str = "dataset.text_column / label_column / id_column"  # what a missing column's message says to set
+    settings: str = "dataset.text_column / label_column / id_column to match"  # what a missing column's message says
 
     @property
     def text_columns(self) -> list[str]:
@@ -414,7 +414,7 @@ def _check_columns(names: list[str], where: str, cols: Columns) -> None:
         hint = "; ".join(f"{c!r} may be {n!r}" for c, n in near.items() if n is not None)
         raise DataError(
             f"{where}: missing column(s) {', '.join(missing)}; the file has: {', '.join(names) or 'none'}"
-            + (f" ({hint})" if hint else "") + f" (set {cols.settings} to match)"
+            + (f" ({hint})" if hint else "") + f" (set {cols.settings})"
         )
     doubled = [c for c in cols.required if names.count(c) > 1]
     if doubled:

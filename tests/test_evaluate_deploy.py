@@ -373,6 +373,11 @@ def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
     cfg = env()
     with pytest.raises(RefError, match="no alias 'production'; versions: v0; aliases: candidate -> v0, latest -> v0"):
         deploy_fetch.run(cfg)
+    candidate = tmp_path / "candidate"
+    deploy_fetch.run(cfg, model="clf:v0", to=candidate)  # deployed before its evaluation
+    early = json.loads((candidate / "manifest.json").read_text())
+    assert "production" not in early["aliases"] and early["evaluation"] is None
+    weights = (candidate / "model.safetensors").stat().st_mtime_ns
     evaluate.run(cfg)
     first = deploy_fetch.run(cfg)
     dest = tmp_path / "deploy"
@@ -381,6 +386,16 @@ def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
     version = reg.resolve("clf:v0")
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["ref"] == "clf:v0" and manifest["digest"] == version.digest
+    # the training data's columns, for predict --input
+    assert manifest["input_columns"] == {"text": "text", "id": "ticket_id"}
+
+    # deployed again once promoted: the files stay as they are, the manifest says what is true now
+    again = deploy_fetch.run(cfg, to=candidate)
+    refreshed = json.loads((candidate / "manifest.json").read_text())
+    assert again.details["reused"] and (candidate / "model.safetensors").stat().st_mtime_ns == weights
+    assert "production" in refreshed["aliases"] and refreshed["evaluation"] == manifest["evaluation"]
+    assert (refreshed["fetched_at"], refreshed["deploy_run"]) == (early["fetched_at"], early["deploy_run"])
+    assert deploy_fetch.run(cfg, to=candidate).details["reused"]  # still the registry's verified copy
     assert manifest["dataset"]["ref"] == "tickets:v0" and manifest["training_run"] == version.produced_by
     assert manifest["evaluation"]["metrics"]["accuracy"] == version.metadata["evaluation"]["metrics"]["accuracy"]
     assert manifest["smoke"]["label"] in version.metadata["label_names"] and manifest["fetched_at"]
@@ -584,7 +599,8 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
 
     missing = refused("--input", str(src))
     assert f"{src}: missing column(s) text; the file has: ticket, body, other" in missing
-    assert "(set --text-column / --text-pair-column / --id-column to match)" in missing
+    assert ("(set --text-column / --text-pair-column / --id-column to match; by default 'text', the columns of the "
+            "model's training data)") in missing
     assert "not both" in refused("--input", str(src), "--text-column", "body", "some text")
     assert f"--input not found: {tmp_path / 'nowhere.csv'}" in refused("--input", str(tmp_path / "nowhere.csv"))
     assert "--id-column goes with --input" in refused("--id-column", "ticket", "some text")
@@ -664,8 +680,18 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     assert [(r["id"], r["text"], r["text_pair"]) for r in written] == in_file
     assert [r["label"] for r in written] == [p.label for p in classifier.predict([r["text"] for r in written],
                                                                                  [r["text_pair"] for r in written])]
-    no_pair = run_cli("predict", "--model-dir", str(deployed), "--input", str(pairs), "--text-column", "question")
+    # unnamed, the columns are the training data's (deploy-fetch records them): the same predictions
+    assert manifest["input_columns"] == {"text": "question", "text_pair": "topic", "id": "pid"}
+    unnamed = run_cli("predict", "--model-dir", str(deployed), "--input", str(pairs), "--id-column", "pid", "--json")
+    assert unnamed.returncode == 0, unnamed.stderr[-2000:]
+    assert [json.loads(line) for line in unnamed.stdout.splitlines()] == written
+    # a model folder without them (copied by hand, or deployed before they were recorded) needs the flags
+    bare = tmp_path / "bare"
+    shutil.copytree(deployed, bare)
+    (bare / "manifest.json").unlink()
+    no_pair = run_cli("predict", "--model-dir", str(bare), "--input", str(pairs), "--text-column", "question")
     assert no_pair.returncode == 2 and "name the second text's column with --text-pair-column" in no_pair.stderr
+    assert "missing column(s) text;" in run_cli("predict", "--model-dir", str(bare), "--input", str(pairs)).stderr
 
     # A single-text challenger for the same labels cannot be scored on production's inputs (pairs): the
     # gate decides on the minimums and says why (it was a "classifies text pairs" failure of the stage).

@@ -284,6 +284,18 @@ def test_fetch_verifies_and_reuses_a_verified_copy(reg, tmp_path):
     assert reg.fetch(v).path == tmp_path / "artifacts" / "ds" / "v0"
 
 
+def test_a_reused_copy_gets_its_extra_files_up_to_date(reg, tmp_path):
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha"})).version
+    dest = tmp_path / "out"
+    reg.fetch(v, dest, extras={"manifest.json": b"old"})
+    stamp = (dest / "a.txt").stat().st_mtime_ns
+    again = reg.fetch(v, dest, extras={"manifest.json": b"new"})
+    assert again.reused and (dest / "manifest.json").read_bytes() == b"new"
+    assert (dest / "a.txt").stat().st_mtime_ns == stamp and sorted(p.name for p in dest.iterdir()) == ["a.txt", "manifest.json"]
+    # the registry knows the folder as it is now: still its verified copy, nothing copied
+    assert reg.fetch(v, dest, extras={"manifest.json": b"new"}).reused and (dest / "a.txt").stat().st_mtime_ns == stamp
+
+
 def test_fetch_will_not_clobber_foreign_files(reg, tmp_path):
     v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha"})).version
     dest = write(tmp_path / "mine", {"precious.txt": "keep me"})

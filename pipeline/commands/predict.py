@@ -29,8 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="PATH",
                    help="classify the rows of a file, folder or glob pattern instead (CSV, TSV, JSON Lines, JSON or "
                         "Parquet, compressed too, as dataset-publish reads them)")
-    p.add_argument("--text-column", default="text", metavar="NAME", help="with --input: the text column (default text)")
-    p.add_argument("--text-pair-column", metavar="NAME", help="with --input: the second text of a sentence-pair model")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="with --input: the text column (default: the column the model's training data had, as "
+                        "deploy-fetch records it in manifest.json; else text)")
+    p.add_argument("--text-pair-column", metavar="NAME",
+                   help="with --input: the second text of a sentence-pair model (default: the training data's, as "
+                        "for --text-column)")
     p.add_argument("--id-column", metavar="NAME", help="with --input: a column to identify each row in the output "
                                                       "(default: the file and row)")
     p.add_argument("--output", metavar="PATH",
@@ -52,8 +56,10 @@ def main(args: argparse.Namespace) -> int:
     if args.input and args.texts:
         raise ConfigError("give texts either as TEXT arguments or with --input, not both")
     for flag in ("text_pair_column", "id_column", "text_column"):
-        if getattr(args, flag) not in (None, "text") and not args.input:
+        if getattr(args, flag) is not None and not args.input:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --input")
+    if args.input:
+        _default_columns(args)
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: name a {', '.join(OUTPUT_FORMATS)} file")
@@ -197,6 +203,27 @@ def _line_rows(argv: list[str]) -> Iterator[dict[str, Any]]:
             yield {"text": line.rstrip("\r\n"), "where": f"input {n}"}
 
 
+def _default_columns(args: argparse.Namespace) -> None:
+    """Text columns not named take the names the model's training data had (``input_columns`` in the
+    manifest.json deploy-fetch writes), so a file shaped like that data needs no flags; else ``text``."""
+    try:
+        manifest = json.loads((Path(args.model_dir) / "manifest.json").read_text(encoding="utf-8"))
+        trained = manifest.get("input_columns") or {}
+    except (OSError, ValueError, AttributeError):
+        trained = {}
+    if not isinstance(trained, dict):
+        trained = {}
+    defaulted = []
+    if args.text_column is None:
+        args.text_column = trained.get("text") if isinstance(trained.get("text"), str) else "text"
+        defaulted.append(args.text_column)
+    if args.text_pair_column is None and isinstance(trained.get("text_pair"), str):
+        args.text_pair_column = trained["text_pair"]
+        defaulted.append(args.text_pair_column)
+    args.columns_from = (f"; by default {' and '.join(map(repr, defaulted))}, the columns of the model's training data"
+                         if trained and defaulted else "")
+
+
 def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The rows of `--input` as dataset-publish reads files: every row, in order; a missing text is ""."""
     import pyarrow.compute as pc
@@ -204,7 +231,7 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     from pipeline.data import Columns, DataError, _decode, is_blank, list_input_files, read_files
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
-                   settings="--text-column / --text-pair-column / --id-column")
+                   settings="--text-column / --text-pair-column / --id-column to match" + args.columns_from)
     table = read_files(list_input_files(args.input, "--input"), cols, args.input)
     texts = {}
     for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):

@@ -184,6 +184,30 @@ def swap_into_place(staging: Path, dest: Path) -> None:
         os.rename(staging, dest)
 
 
+def refresh_extras(dest: Path, extras: Mapping[str, bytes]) -> bool:
+    """Bring the extra files (a manifest) of a reused fetch up to date, each replaced whole by a rename;
+    True when any changed. The version's own files are not touched."""
+    import os
+    import uuid
+
+    changed = False
+    for path, data in extras.items():
+        target = dest / check_artifact_path(path)
+        try:
+            if target.read_bytes() == data:
+                continue
+        except OSError:
+            pass
+        partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        changed = True
+    return changed
+
+
 def check_artifact_path(path: str) -> str:
     """A manifest path must be relative, normalised, and stay inside the artifact."""
     if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:

@@ -40,6 +40,7 @@ from pipeline.registry.base import (
     check_artifact_path,
     check_deletable,
     collect_files,
+    refresh_extras,
     swap_into_place,
 )
 
@@ -671,6 +672,10 @@ class LocalRegistry:
         if clash:
             raise RegistryError(f"extra files would overwrite artifact files: {sorted(clash)}")
         if self._reusable(dest, version):
+            if refresh_extras(dest, extras):  # the version's files stay as verified; only what describes them moved on
+                with self._write() as conn:
+                    conn.execute("UPDATE fetches SET snapshot = ? WHERE dest = ?",
+                                 (json.dumps(self._snapshot(dest)), str(dest)))
             return FetchResult(version=version, path=dest, reused=True)
         if dest.exists() and not dest.is_dir():
             raise RegistryError(f"cannot fetch into {dest}: it is a file")

@@ -29,6 +29,7 @@ from pipeline.registry.base import (
     check_artifact_path,
     check_deletable,
     collect_files,
+    refresh_extras,
     swap_into_place,
 )
 
@@ -145,6 +146,7 @@ class WandbRegistry:
         for f in version.files:
             check_artifact_path(f.path)
         if dest.is_dir() and all((dest / f.path).is_file() and md5_file_b64(dest / f.path) == f.digest for f in version.files):
+            refresh_extras(dest, extras or {})  # the version's files stay as verified; only what describes them moved on
             return FetchResult(version=version, path=dest, reused=True)
         if dest.is_dir() and any(dest.iterdir()) and not overwrite:
             raise RegistryError(f"{dest} already holds other files; pass overwrite (--force) to replace them")

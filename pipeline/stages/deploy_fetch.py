@@ -64,7 +64,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
         evaluation = version.metadata.get("evaluation") or {}
         # replacing an earlier deployment of this model needs no --force; anything else does
         overwrite = force or bool(existing and existing.get("name") == version.name and "digest" in existing)
-        if existing and existing.get("digest") == version.digest and existing.get("smoke"):
+        in_place = bool(existing and existing.get("digest") == version.digest)  # this version, deployed before
+        if in_place and existing.get("smoke"):
             smoke = existing["smoke"]  # these exact bytes passed the smoke test when first deployed
         else:
             verified = reg.fetch(version)  # the registry's verified copy: smoke-test it before deploying
@@ -76,16 +77,23 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
             "digest": version.digest,
             "aliases": sorted(version.aliases),
             "dataset": version.metadata.get("dataset"),
+            "input_columns": _input_columns(reg, version),
             "training_run": version.produced_by,
             "evaluation": {k: evaluation.get(k) for k in ("run_id", "dataset", "split", "metrics", "gate")} if evaluation else None,
             "base_model": (version.metadata.get("base_model") or {}).get("id"),
             "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "deploy_run": trun.id,
+            **({k: existing[k] for k in ("fetched_at", "deploy_run") if existing.get(k)} if in_place else {}),
             "smoke": smoke,
             "files": [{"path": f.path, "sha256": f.digest, "size": f.size} for f in version.files],
         }
-        # A verified copy of this version already in place is reused as it is (manifest included).
+        # A verified copy of this version already in place is reused: its files as they are, its manifest brought
+        # up to date (aliases and evaluation move on after a deployment) but still saying when and by which run
+        # the files were fetched.
         fetched = reg.fetch(version, dest, overwrite=overwrite, extras={MANIFEST: _manifest_bytes(manifest)})
+        if in_place and not fetched.reused:  # changed by hand, so fetched again now
+            manifest |= {"fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "deploy_run": trun.id}
+            reg.fetch(version, dest, overwrite=True, extras={MANIFEST: _manifest_bytes(manifest)})  # only the manifest
         trun.set_summary(**{"deployed": version.ref, "deploy/reused": fetched.reused, "deploy/dir": str(dest), "deploy/smoke_label": smoke and smoke.get("label")})
         log.info("%s %s %s", version.ref, "already in place at" if fetched.reused else "deployed to", dest)
     return StageResult(
@@ -99,6 +107,28 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
         message=f"{version.ref} {'already in place' if fetched.reused else 'deployed'} at {dest}",
         details={"reused": fetched.reused, "digest": version.digest, "smoke": smoke},
     )
+
+
+def _input_columns(reg, version) -> dict[str, str] | None:
+    """The columns of the training data that held the model's inputs (and the row ids), read from its
+    dataset version: `predict --input` reads files of the same shape without naming them. None when the
+    version records no dataset, or it is gone or changed."""
+    from pipeline.errors import PipelineError
+
+    recorded = version.metadata.get("dataset") or {}
+    if not recorded.get("ref"):
+        return None
+    try:
+        dataset = reg.resolve(recorded["ref"], type="dataset")
+    except PipelineError:
+        log.info("%s: its dataset %s cannot be read; predict --input will need the column names", version.ref,
+                 recorded["ref"])
+        return None
+    published = (dataset.metadata.get("config") or {}).get("dataset")  # the config it was published with
+    if (recorded.get("digest") and dataset.digest != recorded["digest"]) or not isinstance(published, dict):
+        return None
+    columns = {k: published.get(f"{k}_column") for k in ("text", "text_pair", "id")}
+    return {k: v for k, v in columns.items() if isinstance(v, str)} or None
 
 
 def _check_destination(dest: Path, force: bool, tracking_dir: Path) -> dict[str, Any] | None:
