@@ -313,6 +313,11 @@ class GateConfig(_Group):
     ``non_inferiority``: the lower end of the paired-bootstrap 95% interval of the difference must be above
     ``-max_regression``, so the test split must show, not just suggest, that the challenger is no worse."""
 
+    better_than_chance: bool = True
+    """And its accuracy must be shown (one-sided 95%) to be above chance: the accuracy that predictions made
+    without looking at the text, in the same label shares, would reach (the agreement Cohen's kappa corrects
+    for). A model that collapsed to one label, or guesses, fails it whatever the minimums say."""
+
     @model_validator(mode="after")
     def _check_recall(self) -> GateConfig:
         values = self.min_class_recall.values() if isinstance(self.min_class_recall, dict) else [self.min_class_recall]

@@ -152,7 +152,8 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
 
 
 def test_promotion_compares_with_production_as_it_is_when_another_evaluation_moves_it(env, monkeypatch):
-    cfg = env("evaluate.gate.max_regression=1")  # every challenger passes: the test is about which one ends up in production
+    # every challenger passes: the test is about which one ends up in production
+    cfg = env("evaluate.gate.max_regression=1", "evaluate.gate.better_than_chance=false")
     reg = registry(cfg)
     reg.set_alias("clf:v0", "production")
     assert finetune.run(env(*BAD, "train.seed=1")).produced == ["clf:v1"]
@@ -275,6 +276,51 @@ def test_production_is_not_compared_on_rows_it_trained_on(env, template, tmp_pat
     assert champion["rows"] == reg.resolve("tickets:v2").metadata["num_rows"]["test"]
     assert not {"seen_in_training", "seen_in_training_but_compared"} & set(champion)
     assert "the rows it trained on cannot be known (its dataset tickets:v0" in caplog.text
+
+
+def test_chance_is_what_predictions_that_ignore_the_text_would_score():
+    from pipeline.stages.evaluate import Scored, chance_check
+
+    def check(refs: list[int], predicted: list[int], labels=("a", "b", "c", "d")) -> dict:
+        logp = np.full((len(predicted), len(labels)), -5.0)
+        logp[np.arange(len(predicted)), predicted] = -0.01
+        return chance_check(Scored(ref="m:v1", metrics={}, per_class={}, confusion=np.zeros((4, 4)), calibration={},
+                                   logp=logp, refs=np.asarray(refs), label_names=list(labels)))
+
+    # one label for everything: 70% accuracy on a 70/30 split, which a minimum accuracy of 0.6 would let through
+    collapsed = check([0] * 70 + [1] * 30, [0] * 100)
+    assert not collapsed["passed"] and collapsed["value"] == collapsed["chance"] == 0.7 and collapsed["kappa"] == 0
+    assert collapsed["reason"] == (
+        "better than chance: accuracy 0.7000 <= 0.7754, the one-sided 95% bound of chance 0.7000 (predictions that "
+        "ignore the text, in the same label shares); Cohen's kappa 0.000 on 100 rows; not shown to beat chance, 100% "
+        "of the rows predicted 'a' (evaluate.gate.better_than_chance)")
+    # guessing in the right shares
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 4, 1000)
+    assert not check(refs.tolist(), rng.integers(0, 4, 1000).tolist())["passed"]
+    # informative, though less accurate than always answering the majority label (0.9): it passes
+    refs = [0] * 90 + [1] * 10
+    minority_first = [1] * 20 + [0] * 70 + [1] * 10  # every minority row found, 20 majority rows mistaken for it
+    informative = check(refs, minority_first)
+    assert informative["passed"] and informative["value"] == 0.8 and informative["chance"] == pytest.approx(0.66)
+    assert informative["kappa"] == pytest.approx((0.8 - 0.66) / 0.34, abs=1e-6)
+
+
+def test_a_model_no_better_than_chance_is_not_promoted(env):
+    cfg = env()
+    assert finetune.run(env(*BAD)).produced == ["clf:v1"]  # an untrained head
+    result = evaluate.run(cfg)  # the first evaluation: no production to compare with, minimums of 0
+    assert result.status == "gate_failed"
+    [failed] = [c for c in result.details["gate"]["checks"] if not c["passed"]]
+    assert failed["check"] == "better than chance" and failed["value"] <= failed["threshold"]
+    assert abs(failed["kappa"]) < 0.1 and "not shown to beat chance" in result.message
+    with pytest.raises(RefError, match="no alias 'production'"):
+        registry(cfg).resolve("clf:production")
+    allowed = evaluate.run(env("evaluate.gate.better_than_chance=false"), promote=False)
+    assert allowed.status == "ok" and not any(c["check"] == "better than chance" for c in allowed.details["gate"]["checks"])
+    trained = evaluate.run(cfg, model="clf:v0")  # the well-trained one
+    [chance] = [c for c in trained.details["gate"]["checks"] if c["check"] == "better than chance"]
+    assert trained.status == "ok" and chance["passed"] and chance["kappa"] > 0.5
 
 
 def test_non_inferiority_needs_the_whole_interval_within_max_regression():
@@ -633,7 +679,8 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
             w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
     cfg = load_config(None, [*overrides(tmp_path, model_dir, pairs), "dataset.name=pairs", "dataset.id_column=pid",
                              "dataset.text_column=question", "dataset.text_pair_column=topic",
-                             "dataset.label_column=verdict", "model.name=pairclf", "train.epochs=2"])
+                             "dataset.label_column=verdict", "model.name=pairclf", "train.epochs=2",
+                             "evaluate.gate.better_than_chance=false"])  # a tiny model, two epochs: not the point here
     result = run_all(cfg)
     assert [s.status for s in result.stages] == ["ok"] * 4, result.to_dict()
     deployed = tmp_path / "deploy"

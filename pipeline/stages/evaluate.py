@@ -103,6 +103,34 @@ def _check(name: str, value: float, op: str, threshold: float) -> dict[str, Any]
             "reason": f"{name} {value:.4f} {mark} {threshold:.4f}" + ("" if ok else f" ({op})")}
 
 
+Z_ONE_SIDED_95 = 1.6449
+
+
+def chance_check(scored: Scored) -> dict[str, Any]:
+    """Is the accuracy shown to be above chance? Chance is the accuracy of predictions made without looking
+    at the inputs, in the shares the model predicts each label: sum_k p(predicted k) p(label k). Under that
+    null the accuracy on n rows has standard error sqrt(c (1 - c) / n) (the test of Cohen's kappa = 0); it
+    must be above c plus 1.645 of them. A constant prediction is exactly at chance (kappa 0), whatever the
+    label shares, so a model that collapsed to the majority label fails where a minimum accuracy would not."""
+    predicted = scored.logp.argmax(axis=1)
+    n, k = len(scored.refs), len(scored.label_names)
+    accuracy = float(np.mean(predicted == scored.refs))
+    chance = float(np.dot(np.bincount(predicted, minlength=k), np.bincount(scored.refs, minlength=k))) / n**2
+    bound = chance + Z_ONE_SIDED_95 * float(np.sqrt(chance * (1 - chance) / n))
+    kappa = (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
+    passed = accuracy > bound
+    reason = (f"better than chance: accuracy {accuracy:.4f} {'>' if passed else '<='} {bound:.4f}, the one-sided 95% "
+              f"bound of chance {chance:.4f} (predictions that ignore the text, in the same label shares); Cohen's kappa "
+              f"{kappa:.3f} on {n} rows")
+    if not passed:
+        shares = np.bincount(predicted, minlength=k) / n
+        top = int(shares.argmax())
+        reason += (f"; not shown to beat chance, {shares[top]:.0%} of the rows predicted {scored.label_names[top]!r} "
+                   "(evaluate.gate.better_than_chance)")
+    return {"check": "better than chance", "value": round(accuracy, 6), "threshold": round(bound, 6), "passed": passed,
+            "chance": round(chance, 6), "kappa": round(kappa, 6), "reason": reason}
+
+
 def class_recall_minimums(gate: GateConfig, label_names: list[str]) -> dict[str, float]:
     """``evaluate.gate.min_class_recall`` per label; a label the model does not have is a config error."""
     if gate.min_class_recall is None:
@@ -128,6 +156,8 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
         _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
         _check("macro_f1", m["macro_f1"], "below evaluate.gate.min_macro_f1", gate.min_macro_f1),
     ]
+    if gate.better_than_chance and len(challenger.refs):
+        checks.append(chance_check(challenger))
     for label, minimum in class_recall_minimums(gate, label_names).items():
         checks.append(_check(f"recall[{label}]", challenger.per_class[label]["recall"],
                              "below evaluate.gate.min_class_recall", minimum))
