@@ -998,6 +998,12 @@ def test_dataset_labels_set_the_order_and_refuse_other_labels(tmp_path, cfg_for)
     # a listed label no row has is an error (a class the model never sees), whatever the policy
     with pytest.raises(DataError, match=r"no valid row has the label\(s\) 'refund' listed in dataset.labels"):
         dataset_publish.run(cfg_for(src, "dataset.labels=[tech, billing, shipping, refund]", "dataset.on_invalid=drop"))
+    # ... and says where its rows went when they were dropped
+    few = write_rows(tmp_path / "few.csv", rows(6) + [{"id": f"r{i}", "text": f"refund {i}", "label": "refund"}
+                                                      for i in range(2)])
+    with pytest.raises(DataError, match=r"no valid row has the label\(s\) 'refund' listed in dataset.labels \(their "
+                                        r"rows were dropped: 2 class_too_small\)"):
+        dataset_publish.run(cfg_for(few, "dataset.labels=[tech, billing, shipping, refund]", "dataset.on_invalid=drop"))
     with pytest.raises(ConfigError, match=r"dataset.labels: label name\(s\) 'tech' appear more than once"):
         cfg_for(src, "dataset.labels=[tech, billing, ' tech']")
     with pytest.raises(ConfigError, match="quote label names"):

@@ -116,7 +116,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     clean = checked.table
     if clean.num_rows == 0:
         raise DataError(f"{where}: no valid rows left ({sum(checked.dropped.values())} dropped)")
-    label_names = label_order(pc.unique(clean.column(cols.label)).to_pylist(), d.labels, class_names, where)
+    label_names = label_order(pc.unique(clean.column(cols.label)).to_pylist(), d.labels, class_names, where,
+                              checked.dropped_rows if checked.dropped else None, cols.label)
     labels = arrow.to_numpy(pc.index_in(clean.column(cols.label), value_set=arrow.strings(label_names))).astype(np.int32)
     if len(label_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
@@ -188,16 +189,25 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
 _INTEGER = re.compile(r"0|-?[1-9][0-9]*")
 
 
-def label_order(found: list[str], listed: list[str] | None, class_names: list[str] | None, where: str) -> list[str]:
+def label_order(found: list[str], listed: list[str] | None, class_names: list[str] | None, where: str,
+                dropped: pa.Table | None = None, label_column: str = "label") -> list[str]:
     """The label names in class-id order: as `listed` (``dataset.labels``; each needs rows), else in the order
     of a hub dataset's ClassLabel, else in numeric order when every one is an integer as written (so labels
-    0..N-1 keep their ids, and 2 comes before 10), else sorted."""
+    0..N-1 keep their ids, and 2 comes before 10), else sorted. `dropped` (the rows dropped, with their
+    reason) says where a listed label's rows went."""
     if listed is not None:
         have = set(found)
         missing = [n for n in listed if n not in have]
         if missing:
+            why = ""
+            if dropped is not None and dropped.num_rows:
+                lost = dropped.filter(pc.is_in(dropped.column(label_column), value_set=arrow.strings(missing)))
+                reasons = {}
+                for reason in lost.column("reason").to_pylist():
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                why = f" (their rows were dropped: {', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})" if reasons else ""
             raise DataError(f"{where}: no valid row has the label(s) {', '.join(map(repr, missing))} listed in "
-                            "dataset.labels; a model cannot learn a class it never sees (list only the labels "
+                            f"dataset.labels{why}; a model cannot learn a class it never sees (list only the labels "
                             "the data has)")
         return list(listed)
     if class_names is not None:
