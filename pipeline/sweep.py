@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -535,8 +536,11 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
             trial_config(config, combo, sweep)
         sweep_id = new_run_id()
-        log.info("sweep %s started (continue it after an interruption with --resume %s)", sweep_id, sweep_id)
-        seed = config.train.seed if seed is None else seed
+        # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
+        # instead of repeating the first one's. The seed is recorded, and `--seed` draws a sweep's trials again.
+        seed = secrets.randbits(31) if seed is None else seed
+        log.info("sweep %s started with seed %d (continue it after an interruption with --resume %s)", sweep_id, seed,
+                 sweep_id)
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                     pruner=_pruner(sweep, config),
                                     direction="maximize" if sweep.maximize else "minimize")
@@ -586,7 +590,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     else:
         if grid is not None and not _grid_todo(grid, _outcomes(study)):
             stop_reason = f"grid exhausted ({len(grid)} combinations)"
-    return publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason)
+    return publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason, seed)
 
 
 # -- online: W&B sweeps and agents -----------------------------------------------------------
@@ -645,6 +649,7 @@ class SweepResult:
     dataset: str
     run_id: str | None = None
     run_dir: str | None = None
+    seed: int | None = None  # the offline engine's: the same seed draws the same trials
 
     def to_stage_result(self):
         from pipeline.results import StageResult
@@ -656,7 +661,7 @@ class SweepResult:
             paths={"run_dir": self.run_dir or ""},
             message=f"sweep {self.sweep_id}: {self.stop_reason}; "
                     + (f"best trial {self.best.number} ({self.best.value}) -> {self.best_model}" if self.best else "no trial finished"),
-            details={"sweep_id": self.sweep_id, "stop_reason": self.stop_reason,
+            details={"sweep_id": self.sweep_id, "stop_reason": self.stop_reason, "seed": self.seed,
                      "best_trial": self.best.number if self.best else None,
                      "best_params": self.best.params if self.best else {}, "best_config": self.best_config,
                      "best_model": self.best_model, "trials": [t.to_dict() for t in self.trials]},
@@ -664,7 +669,7 @@ class SweepResult:
 
 
 def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, dataset_ref: str,
-                 outcomes: list[TrialOutcome], best_dir: Path, stop_reason: str) -> SweepResult:
+                 outcomes: list[TrialOutcome], best_dir: Path, stop_reason: str, seed: int | None = None) -> SweepResult:
     """A sweep run: the trials table, and the best trial's model published with its aliases."""
     import wandb
 
@@ -692,11 +697,11 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
         trun.set_summary(**{"sweep/id": sweep_id, "sweep/best_trial": best.number if best else None,
                             f"sweep/best/{sweep.metric_name}": best.value if best else None,
                             "sweep/best_model": best_model, "sweep/stop_reason": stop_reason,
-                            "sweep/trial_count": len(outcomes)})
+                            "sweep/trial_count": len(outcomes), **({"sweep/seed": seed} if seed is not None else {})})
     best_config = trial_config(config, best.params, sweep).to_dict() if best else None
     return SweepResult(sweep_id=sweep_id, status="ok" if best else "failed", best=best, best_config=best_config,
                        best_model=best_model, trials=outcomes, stop_reason=stop_reason, dataset=dataset_ref,
-                       run_id=trun.id, run_dir=str(trun.wandb_dir) if trun.wandb_dir else None)
+                       run_id=trun.id, run_dir=str(trun.wandb_dir) if trun.wandb_dir else None, seed=seed)
 
 
 def _cell(v: Any) -> Any:

@@ -97,6 +97,27 @@ def test_the_issue_yaml_runs_verbatim_offline(cfg):
     assert not list((Path(c.tracking.dir) / "sweeps" / out.sweep_id).glob("trial-*"))  # only the best model was kept
 
 
+def test_each_sweep_draws_its_own_trials_and_a_seed_draws_them_again(cfg, tmp_path):
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-5,
+                                                                "max": 1e-2}},
+                               "run_cap": 1})
+    c = cfg("train.max_steps=1")
+    first, second = sweeps.run(c, sweep=spec, count=1), sweeps.run(c, sweep=spec, count=1)
+    assert first.seed != second.seed and first.trials[0].params != second.trials[0].params
+    assert first.to_stage_result().details["seed"] == first.seed
+    again = sweeps.run(c, sweep=spec, count=1, seed=first.seed)
+    assert again.trials[0].params == first.trials[0].params
+    # the command line takes --seed for a new sweep only
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(c.to_dict()))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec.raw))
+    cli = run_cli("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1", "--seed", "3",
+                  "--resume", first.sweep_id)
+    assert cli.returncode == 2 and "--seed goes with a new offline sweep: a resumed sweep keeps the seed it started " \
+                                   "with" in cli.stderr
+
+
 def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},
@@ -134,8 +155,8 @@ def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, a
 
     c = cfg()
     spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 4})
-    with pytest.raises(KeyboardInterrupt):
-        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),))
+    with pytest.raises(KeyboardInterrupt):  # seeded: trial 1 draws a batch size that gives it a step 2 to stop at
+        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),), seed=42)
     storage = f"sqlite:///{Path(c.tracking.dir) / 'registry' / 'sweeps.db'}"
     [summary] = optuna.get_all_study_summaries(storage)
     sweep_id = summary.study_name

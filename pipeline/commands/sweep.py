@@ -14,6 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="SWEEP_ID", help="continue this sweep (its trials count towards run_cap)")
     p.add_argument("--publish-trials", action="store_true",
                    help="publish every trial's model (default: only the best one, at the end)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="offline: draw a new sweep's trials from this seed, e.g. another sweep's (recorded in its "
+                        "result as details.seed) to draw its trials again; default: a new seed per sweep, as W&B "
+                        "draws each sweep anew")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -26,11 +30,19 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.sweep import load_sweep
     from pipeline.tracking import resolve_mode
 
+    from pipeline.errors import ConfigError
+
     config = load_config(args.config, args.overrides)
     spec = load_sweep(args.sweep)
+    online = resolve_mode(config.tracking.mode) == "online" and config.tracking.registry != "local"
+    if args.seed is not None and (args.resume or online):
+        raise ConfigError("--seed goes with a new offline sweep: " + ("a resumed sweep keeps the seed it started with"
+                          if args.resume else "W&B draws an online sweep's trials itself"))
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError("--seed must be between 0 and 2**32 - 1")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the best model's reference
-            if resolve_mode(config.tracking.mode) == "online" and config.tracking.registry != "local":
+            if online:
                 from pipeline.sweep import run_online
 
                 outcome = run_online(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
@@ -39,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
                 from pipeline.sweep import run
 
                 outcome = run(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                              publish_trials=args.publish_trials)
+                              publish_trials=args.publish_trials, seed=args.seed)
     except BaseException as e:
         if args.result_json:
             write_json_atomic(args.result_json, StageResult(stage="sweep", status="failed", message=str(e)).to_dict())
