@@ -49,6 +49,21 @@ class _Group(BaseModel):
             raise ValueError("expected numbers as the values, not yes/no or true/false")
         return value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _number_keys_as_written(cls, value: Any, info) -> Any:
+        """YAML reads `{0: 2.0}` with a number as the key; the labels of a {label: number} setting are text, as the
+        label column is read, so integer labels can be named as they are written."""
+        if not isinstance(value, dict) or not any(isinstance(k, (int, float)) for k in value):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = typing.get_args(annotation) or (annotation,)
+        if not any(typing.get_origin(k) is dict and typing.get_args(k)[0] is str for k in kinds):
+            return value
+        if any(isinstance(k, bool) for k in value):
+            raise ValueError("YAML reads yes/no/true/false as booleans: quote label names used as keys, e.g. {'yes': 2.0}")
+        return {str(k) if isinstance(k, (int, float)) else k: v for k, v in value.items()}
+
 
 class TrackingConfig(_Group):
     dir: Path = Path(".pipeline")

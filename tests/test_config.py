@@ -176,6 +176,17 @@ def test_yes_or_no_is_not_taken_for_a_number_in_a_label_mapping(make_config, ove
         make_config(override)
 
 
+def test_integer_labels_can_be_named_as_written_in_label_mappings(make_config):
+    """YAML reads {0: 2.0} with a number as the key; labels are text, as the label column is read."""
+    cfg = make_config("train.class_weights={0: 2.0, 10: 1.0}", "evaluate.gate.min_class_recall={1: 0.5}",
+                      "dataset.labels=[0, 1, 10]")
+    assert cfg.train.class_weights == {"0": 2.0, "10": 1.0} and cfg.evaluate.gate.min_class_recall == {"1": 0.5}
+    assert cfg.dataset.labels == ["0", "1", "10"]
+    with pytest.raises(ConfigError, match=re.escape("train.class_weights: YAML reads yes/no/true/false as booleans: "
+                                                    "quote label names used as keys")):
+        make_config("train.class_weights={yes: 2.0, no: 1.0}")
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.class_weights=sometimes", "train.class_weights: expected none, balanced or {label: weight} (got 'sometimes')"),
     ("train.class_weights=2", "train.class_weights: expected none, balanced or {label: weight} (got 2)"),
