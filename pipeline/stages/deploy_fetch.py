@@ -113,16 +113,14 @@ def _input_columns(reg, version) -> dict[str, str] | None:
     """The columns of the training data that held the model's inputs (and the row ids), read from its
     dataset version: `predict --input` reads files of the same shape without naming them. None when the
     version records no dataset, or it is gone or changed."""
-    from pipeline.errors import PipelineError
-
     recorded = version.metadata.get("dataset") or {}
     if not recorded.get("ref"):
         return None
     try:
         dataset = reg.resolve(recorded["ref"], type="dataset")
-    except PipelineError:
-        log.info("%s: its dataset %s cannot be read; predict --input will need the column names", version.ref,
-                 recorded["ref"])
+    except Exception as e:  # noqa: BLE001 - deleted, or W&B unreachable: a convenience, never a failed deployment
+        log.info("%s: its dataset %s cannot be read (%s); predict --input will need the column names", version.ref,
+                 recorded["ref"], e)
         return None
     published = (dataset.metadata.get("config") or {}).get("dataset")  # the config it was published with
     if (recorded.get("digest") and dataset.digest != recorded["digest"]) or not isinstance(published, dict):
