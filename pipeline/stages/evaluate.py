@@ -109,7 +109,7 @@ Z_ONE_SIDED_95 = 1.6449
 def chance_check(scored: Scored) -> dict[str, Any]:
     """Is the accuracy shown to be above chance? Chance is the accuracy of predictions made without looking
     at the inputs, in the shares the model predicts each label: sum_k p(predicted k) p(label k). Under that
-    null the accuracy on n rows has standard error sqrt(c (1 - c) / n) (the test of Cohen's kappa = 0); it
+    null the accuracy on n rows has standard error about sqrt(c (1 - c) / n) (binomial, c held fixed); it
     must be above c plus 1.645 of them. A constant prediction is exactly at chance (kappa 0), whatever the
     label shares, so a model that collapsed to the majority label fails where a minimum accuracy would not."""
     predicted = scored.logp.argmax(axis=1)
