@@ -279,7 +279,7 @@ def test_production_is_not_compared_on_rows_it_trained_on(env, template, tmp_pat
 
 
 def test_chance_is_what_predictions_that_ignore_the_text_would_score():
-    from pipeline.stages.evaluate import Scored, chance_check
+    from pipeline.stages.evaluate import Scored, chance_check, cohen_kappa
 
     def check(refs: list[int], predicted: list[int], labels=("a", "b", "c", "d")) -> dict:
         logp = np.full((len(predicted), len(labels)), -5.0)
@@ -304,6 +304,9 @@ def test_chance_is_what_predictions_that_ignore_the_text_would_score():
     informative = check(refs, minority_first)
     assert informative["passed"] and informative["value"] == 0.8 and informative["chance"] == pytest.approx(0.66)
     assert informative["kappa"] == pytest.approx((0.8 - 0.66) / 0.34, abs=1e-6)
+    # the evaluation reports kappa as a metric: observed 0.7, chance 0.5 (30x25 + 20x25 of 50x50) -> 0.4
+    assert cohen_kappa(np.array([[20, 5], [10, 15]])) == pytest.approx(0.4)
+    assert cohen_kappa(np.array([[70, 0], [30, 0]])) == 0 and cohen_kappa(np.array([[5]])) == 0
 
 
 def test_a_model_no_better_than_chance_is_not_promoted(env):
@@ -321,6 +324,7 @@ def test_a_model_no_better_than_chance_is_not_promoted(env):
     trained = evaluate.run(cfg, model="clf:v0")  # the well-trained one
     [chance] = [c for c in trained.details["gate"]["checks"] if c["check"] == "better than chance"]
     assert trained.status == "ok" and chance["passed"] and chance["kappa"] > 0.5
+    assert trained.metrics["test_kappa"] == pytest.approx(chance["kappa"], abs=1e-6)  # recorded with the metrics
 
 
 def test_non_inferiority_needs_the_whole_interval_within_max_regression():

@@ -106,6 +106,23 @@ def _check(name: str, value: float, op: str, threshold: float) -> dict[str, Any]
 Z_ONE_SIDED_95 = 1.6449
 
 
+def _chance(predicted_counts: np.ndarray, label_counts: np.ndarray) -> float:
+    """sum_k p(predicted k) p(label k): the accuracy of predictions that ignore the inputs, in these shares."""
+    n = float(label_counts.sum())
+    return float(np.dot(predicted_counts, label_counts)) / n**2 if n else 0.0
+
+
+def cohen_kappa(confusion: np.ndarray) -> float:
+    """Cohen's kappa from a confusion matrix (rows: labels, columns: predictions): accuracy above chance, as a
+    share of what is above chance. 0 when chance is 1 (one label, always predicted)."""
+    n = float(confusion.sum())
+    if not n:
+        return 0.0
+    accuracy = float(np.trace(confusion)) / n
+    chance = _chance(confusion.sum(axis=0), confusion.sum(axis=1))
+    return (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
+
+
 def chance_check(scored: Scored) -> dict[str, Any]:
     """Is the accuracy shown to be above chance? Chance is the accuracy of predictions made without looking
     at the inputs, in the shares the model predicts each label: sum_k p(predicted k) p(label k). Under that
@@ -115,7 +132,7 @@ def chance_check(scored: Scored) -> dict[str, Any]:
     predicted = scored.logp.argmax(axis=1)
     n, k = len(scored.refs), len(scored.label_names)
     accuracy = float(np.mean(predicted == scored.refs))
-    chance = float(np.dot(np.bincount(predicted, minlength=k), np.bincount(scored.refs, minlength=k))) / n**2
+    chance = _chance(np.bincount(predicted, minlength=k), np.bincount(scored.refs, minlength=k))
     bound = chance + Z_ONE_SIDED_95 * float(np.sqrt(chance * (1 - chance) / n))
     kappa = (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
     passed = accuracy > bound
@@ -218,6 +235,7 @@ def _scored(ref: str, logp: np.ndarray, refs: np.ndarray, label_names: list[str]
     metrics = {k: float(s[k]) for k in SUMMARY_KEYS}
     metrics["loss"] = float(-logp[np.arange(len(refs)), refs].mean()) if len(refs) else 0.0
     metrics["ece"] = cal["ece"]
+    metrics["kappa"] = cohen_kappa(s["confusion_matrix"])
     pc = s["per_class"]
     per_class = {name: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
                         "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
