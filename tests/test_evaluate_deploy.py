@@ -294,6 +294,11 @@ def test_chance_is_what_predictions_that_ignore_the_text_would_score():
         "better than chance: accuracy 0.7000 <= 0.7754, the one-sided 95% bound of chance 0.7000 (predictions that "
         "ignore the text, in the same label shares); Cohen's kappa 0.000 on 100 rows; not shown to beat chance, 100% "
         "of the rows predicted 'a' (evaluate.gate.better_than_chance)")
+    # a split of one label cannot show anything, and says so
+    one = check([2] * 30, [2] * 30)
+    assert not one["passed"] and one["value"] == one["chance"] == 1.0
+    assert one["reason"].endswith("the split's rows all have the label 'c', so no accuracy can show it: score on a "
+                                  "split with several labels, or set evaluate.gate.better_than_chance: false")
     # guessing in the right shares
     rng = np.random.default_rng(0)
     refs = rng.integers(0, 4, 1000)

@@ -139,7 +139,11 @@ def chance_check(scored: Scored) -> dict[str, Any]:
     reason = (f"better than chance: accuracy {accuracy:.4f} {'>' if passed else '<='} {bound:.4f}, the one-sided 95% "
               f"bound of chance {chance:.4f} (predictions that ignore the text, in the same label shares); Cohen's kappa "
               f"{kappa:.3f} on {n} rows")
-    if not passed:
+    present = np.flatnonzero(np.bincount(scored.refs, minlength=k))
+    if not passed and len(present) == 1:  # every row has one label: predicting it always is perfect, and chance
+        reason += (f"; the split's rows all have the label {scored.label_names[int(present[0])]!r}, so no accuracy can "
+                   "show it: score on a split with several labels, or set evaluate.gate.better_than_chance: false")
+    elif not passed:
         shares = np.bincount(predicted, minlength=k) / n
         top = int(shares.argmax())
         reason += (f"; not shown to beat chance, {shares[top]:.0%} of the rows predicted {scored.label_names[top]!r} "
