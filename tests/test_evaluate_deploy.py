@@ -332,6 +332,38 @@ def test_a_model_no_better_than_chance_is_not_promoted(env):
     assert trained.metrics["test_kappa"] == pytest.approx(chance["kappa"], abs=1e-6)  # recorded with the metrics
 
 
+def test_another_dataset_version_is_scored_by_label_name(env, template, tmp_path):
+    """A version whose labels are in another order (other class ids) scores the model as its own does; one
+    with a label the model cannot predict is refused before a run opens."""
+    import csv as csvlib
+
+    cfg = env()
+    own = evaluate.run(cfg, promote=False)
+    labels = registry(cfg).resolve("tickets:v0").metadata["label_names"]
+    reordered = dataset_publish.run(env(f"dataset.labels={json.dumps(labels[::-1])}"))
+    assert reordered.produced == ["tickets:v1"]
+    assert registry(cfg).resolve("tickets:v1").metadata["label_names"] == labels[::-1]
+    other = evaluate.run(cfg, dataset="tickets:v1", promote=False)  # the same rows in the same splits
+    assert other.status == own.status == "ok"
+    assert {k: other.metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_kappa")} == \
+        {k: own.metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_kappa")}
+
+    _, _, tickets = template
+    with open(tickets, newline="", encoding="utf-8") as f:
+        rows = list(csvlib.DictReader(f))
+    more = tmp_path / "more.csv"
+    with open(more, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + [{**rows[0], "ticket_id": f"R{i}", "text": f"please refund order {i}", "label": "refund"}
+                            for i in range(6)])
+    assert dataset_publish.run(env(f"dataset.source={more}")).produced == ["tickets:v2"]
+    runs_before = len(registry(cfg).resolve("clf:v0").used_by)
+    with pytest.raises(ConfigError, match=r"tickets:v2 has label\(s\) \['refund'\] that clf:v0 does not predict"):
+        evaluate.run(cfg, dataset="tickets:v2", promote=False)
+    assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before
+
+
 def test_non_inferiority_needs_the_whole_interval_within_max_regression():
     from pipeline.config import GateConfig
     from pipeline.stages.evaluate import Comparison, Scored, decide

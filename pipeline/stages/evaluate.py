@@ -326,8 +326,12 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     except RefError as e:
         raise RefError(f"{challenger.ref} was trained on {ds_ref}, which cannot be found: {e}") from None
     label_names = list(challenger.metadata.get("label_names") or [])
-    if ds.metadata.get("label_names") and label_names and ds.metadata["label_names"] != label_names:
-        raise ConfigError(f"{challenger.ref} predicts {label_names}, but {ds.ref} has labels {ds.metadata['label_names']}")
+    # Rows are matched to the model's labels by name: another dataset version may order them otherwise (its
+    # class ids differ) or hold fewer, but not hold a label the model cannot predict.
+    unknown = [n for n in ds.metadata.get("label_names") or [] if label_names and n not in label_names]
+    if unknown:
+        raise ConfigError(f"{ds.ref} has label(s) {unknown} that {challenger.ref} does not predict (it predicts "
+                          f"{label_names}); evaluate it on a dataset version with its labels")
     # Refused before a run is opened: an empty split, a gate naming labels the model does not have.
     if (ds.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:
         raise _empty_split(ds.ref, config.evaluate.split)
