@@ -133,7 +133,7 @@ def chance_check(scored: Scored) -> dict[str, Any]:
     n, k = len(scored.refs), len(scored.label_names)
     accuracy = float(np.mean(predicted == scored.refs))
     chance = _chance(np.bincount(predicted, minlength=k), np.bincount(scored.refs, minlength=k))
-    bound = chance + Z_ONE_SIDED_95 * float(np.sqrt(chance * (1 - chance) / n))
+    bound = chance + Z_ONE_SIDED_95 * float(np.sqrt(max(chance * (1 - chance), 0.0) / n))
     kappa = (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
     passed = accuracy > bound
     reason = (f"better than chance: accuracy {accuracy:.4f} {'>' if passed else '<='} {bound:.4f}, the one-sided 95% "
