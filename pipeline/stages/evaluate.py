@@ -140,7 +140,7 @@ def chance_check(scored: Scored) -> dict[str, Any]:
               f"bound of chance {chance:.4f} (predictions that ignore the text, in the same label shares); Cohen's kappa "
               f"{kappa:.3f} on {n} rows")
     present = np.flatnonzero(np.bincount(scored.refs, minlength=k))
-    if not passed and len(present) == 1:  # every row has one label: predicting it always is perfect, and chance
+    if not passed and len(present) == 1:  # one label in every row: always predicting it is perfect and is chance
         reason += (f"; the split's rows all have the label {scored.label_names[int(present[0])]!r}, so no accuracy can "
                    "show it: score on a split with several labels, or set evaluate.gate.better_than_chance: false")
     elif not passed:
