@@ -363,6 +363,21 @@ def test_another_dataset_version_is_scored_by_label_name(env, template, tmp_path
         evaluate.run(cfg, dataset="tickets:v2", promote=False)
     assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before
 
+    # fewer labels: scored; a recall minimum for the missing one cannot be checked, and says so
+    fewer = tmp_path / "fewer.csv"
+    with open(fewer, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["label"] != labels[0])
+    assert dataset_publish.run(env(f"dataset.source={fewer}")).produced == ["tickets:v3"]
+    assert evaluate.run(cfg, dataset="tickets:v3", promote=False).status == "ok"
+    strict = evaluate.run(env(f"evaluate.gate.min_class_recall={{{labels[0]}: 0.5}}"), dataset="tickets:v3",
+                          promote=False)
+    [failed] = [c for c in strict.details["gate"]["checks"] if not c["passed"]]
+    assert strict.status == "gate_failed" and failed["reason"] == (
+        f"recall[{labels[0]}] cannot be checked: the split has no row labelled '{labels[0]}' "
+        "(evaluate.gate.min_class_recall asks for 0.5000)")
+
 
 def test_non_inferiority_needs_the_whole_interval_within_max_regression():
     from pipeline.config import GateConfig

@@ -180,8 +180,12 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
     if gate.better_than_chance and len(challenger.refs):
         checks.append(chance_check(challenger))
     for label, minimum in class_recall_minimums(gate, label_names).items():
-        checks.append(_check(f"recall[{label}]", challenger.per_class[label]["recall"],
-                             "below evaluate.gate.min_class_recall", minimum))
+        check = _check(f"recall[{label}]", challenger.per_class[label]["recall"], "below evaluate.gate.min_class_recall",
+                       minimum)
+        if not challenger.per_class[label]["support"] and minimum > 0:  # another dataset version may lack the label
+            check |= {"passed": False, "reason": f"recall[{label}] cannot be checked: the split has no row labelled "
+                                                 f"{label!r} (evaluate.gate.min_class_recall asks for {minimum:.4f})"}
+        checks.append(check)
     if comparison is not None:
         mine, theirs = comparison.challenger.metrics, comparison.champion.metrics
         where = comparison.describe()
