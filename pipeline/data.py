@@ -647,8 +647,8 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             unknown = arrow.to_numpy(pc.invert(pc.is_in(label, value_set=arrow.strings(labels))), fill=False)
             unknown &= reason == 0
             if unknown.any():
-                found = label.take(arrow.from_numpy(np.flatnonzero(unknown))).unique().to_pylist()
-                flag("unknown_label", unknown, f"label(s) {', '.join(map(repr, sorted(found)[:SHOW]))}"
+                found = sorted(label.take(arrow.from_numpy(np.flatnonzero(unknown))).unique().to_pylist())
+                flag("unknown_label", unknown, f"label(s) {', '.join(_near_label(f, labels) for f in found[:SHOW])}"
                      f"{' and more' if len(found) > SHOW else ''} are not in dataset.labels")
 
         label_codes, label_values = _encode(label)
@@ -731,6 +731,14 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         mixed_label_examples=[(f, int(rows[i])) for f, i in
                               zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(), mixed_idx[:SHOW])],
     )
+
+
+def _near_label(found: str, listed: list[str]) -> str:
+    """`found`, quoted, with the listed label it is probably meant to be: the same but for case or spacing, else
+    a close spelling."""
+    same = [n for n in listed if " ".join(n.casefold().split()) == " ".join(found.casefold().split())]
+    near = same or difflib.get_close_matches(found, listed, n=1, cutoff=0.75)
+    return f"{found!r} (maybe {near[0]!r})" if near else repr(found)
 
 
 def is_blank(texts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:

@@ -984,7 +984,8 @@ def test_dataset_labels_set_the_order_and_refuse_other_labels(tmp_path, cfg_for)
     listed = "dataset.labels=[tech, billing, shipping]"
     with pytest.raises(DataError) as e:
         dataset_publish.run(cfg_for(src, listed))
-    assert "unknown_label (2 rows, label(s) 'Tech', 'biling' are not in dataset.labels)" in str(e.value)
+    assert ("unknown_label (2 rows, label(s) 'Tech' (maybe 'tech'), 'biling' (maybe 'billing') are not in "
+            "dataset.labels)") in str(e.value)
     assert f"{src} row 19" in str(e.value) and not registry_of(cfg_for(src)).list_versions()
 
     result = dataset_publish.run(cfg_for(src, listed, "dataset.on_invalid=drop"))
