@@ -60,9 +60,14 @@ class _Group(BaseModel):
         kinds = typing.get_args(annotation) or (annotation,)
         if not any(typing.get_origin(k) is dict and typing.get_args(k)[0] is str for k in kinds):
             return value
-        if any(isinstance(k, bool) for k in value):
-            raise ValueError("YAML reads yes/no/true/false as booleans: quote label names used as keys, e.g. {'yes': 2.0}")
-        return {str(k) if isinstance(k, (int, float)) else k: v for k, v in value.items()}
+        return dict(zip(_as_written(list(value), "label names used as keys, e.g. {'yes': 2.0}"), value.values()))
+
+
+def _as_written(names: list[Any], example: str) -> list[Any]:
+    """Label names as the label column reads them: YAML's numbers as text; its yes/no (booleans) refused."""
+    if any(isinstance(n, bool) for n in names):
+        raise ValueError(f"YAML reads yes/no/true/false as booleans: quote {example}")
+    return [str(n) if isinstance(n, (int, float)) else n for n in names]
 
 
 class TrackingConfig(_Group):
@@ -204,11 +209,7 @@ class DatasetConfig(_Group):
     @classmethod
     def _numbers_as_written(cls, value: Any) -> Any:
         """YAML reads `[0, 1, 2]` as numbers; the label column is read as text."""
-        if isinstance(value, list):
-            if any(isinstance(n, bool) for n in value):
-                raise ValueError("YAML reads yes/no/true/false as booleans: quote label names, e.g. ['yes', 'no']")
-            return [str(n) if isinstance(n, (int, float)) else n for n in value]
-        return value
+        return _as_written(value, "label names, e.g. ['yes', 'no']") if isinstance(value, list) else value
 
     @field_validator("labels")
     @classmethod

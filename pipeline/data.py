@@ -407,10 +407,7 @@ def _check_columns(names: list[str], where: str, cols: Columns) -> None:
     """Every configured column present once; a missing one names the file's columns and the likely match."""
     missing = [c for c in cols.required if c not in names]
     if missing:
-        near = {}
-        for c in missing:  # the same name but for case or spaces around it, else a close spelling
-            same = [n for n in names if n.strip().casefold() == c.strip().casefold()]
-            near[c] = (same or difflib.get_close_matches(c, names, n=1, cutoff=0.75) or [None])[0]
+        near = {c: likely_match(c, names) for c in missing}
         hint = "; ".join(f"{c!r} may be {n!r}" for c, n in near.items() if n is not None)
         raise DataError(
             f"{where}: missing column(s) {', '.join(missing)}; the file has: {', '.join(names) or 'none'}"
@@ -733,12 +730,16 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
     )
 
 
+def likely_match(name: str, candidates: list[str]) -> str | None:
+    """The candidate `name` probably means: the same but for case or spacing, else a close spelling."""
+    same = [c for c in candidates if " ".join(c.casefold().split()) == " ".join(name.casefold().split())]
+    return (same or difflib.get_close_matches(name, candidates, n=1, cutoff=0.75) or [None])[0]
+
+
 def _near_label(found: str, listed: list[str]) -> str:
-    """`found`, quoted, with the listed label it is probably meant to be: the same but for case or spacing, else
-    a close spelling."""
-    same = [n for n in listed if " ".join(n.casefold().split()) == " ".join(found.casefold().split())]
-    near = same or difflib.get_close_matches(found, listed, n=1, cutoff=0.75)
-    return f"{found!r} (maybe {near[0]!r})" if near else repr(found)
+    """`found`, quoted, with the listed label it is probably meant to be."""
+    near = likely_match(found, listed)
+    return f"{found!r} (maybe {near!r})" if near else repr(found)
 
 
 def is_blank(texts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:

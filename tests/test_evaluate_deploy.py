@@ -284,7 +284,9 @@ def test_chance_is_what_predictions_that_ignore_the_text_would_score():
     def check(refs: list[int], predicted: list[int], labels=("a", "b", "c", "d")) -> dict:
         logp = np.full((len(predicted), len(labels)), -5.0)
         logp[np.arange(len(predicted)), predicted] = -0.01
-        return chance_check(Scored(ref="m:v1", metrics={}, per_class={}, confusion=np.zeros((4, 4)), calibration={},
+        confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+        np.add.at(confusion, (np.asarray(refs), np.asarray(predicted)), 1)
+        return chance_check(Scored(ref="m:v1", metrics={}, per_class={}, confusion=confusion, calibration={},
                                    logp=logp, refs=np.asarray(refs), label_names=list(labels)))
 
     # one label for everything: 70% accuracy on a 70/30 split, which a minimum accuracy of 0.6 would let through

@@ -112,15 +112,20 @@ def _chance(predicted_counts: np.ndarray, label_counts: np.ndarray) -> float:
     return float(np.dot(predicted_counts, label_counts)) / n**2 if n else 0.0
 
 
+def _agreement(confusion: np.ndarray) -> tuple[int, float, float, float]:
+    """Rows, accuracy, chance and Cohen's kappa of a confusion matrix (rows: labels, columns: predictions)."""
+    n = int(confusion.sum())
+    if not n:
+        return 0, 0.0, 0.0, 0.0
+    accuracy = float(np.trace(confusion)) / n
+    chance = _chance(confusion.sum(axis=0), confusion.sum(axis=1))
+    return n, accuracy, chance, (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
+
+
 def cohen_kappa(confusion: np.ndarray) -> float:
     """Cohen's kappa from a confusion matrix (rows: labels, columns: predictions): accuracy above chance, as a
     share of what is above chance. 0 when chance is 1 (one label, always predicted)."""
-    n = float(confusion.sum())
-    if not n:
-        return 0.0
-    accuracy = float(np.trace(confusion)) / n
-    chance = _chance(confusion.sum(axis=0), confusion.sum(axis=1))
-    return (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
+    return _agreement(confusion)[3]
 
 
 def chance_check(scored: Scored) -> dict[str, Any]:
@@ -129,22 +134,18 @@ def chance_check(scored: Scored) -> dict[str, Any]:
     null the accuracy on n rows has standard error about sqrt(c (1 - c) / n) (binomial, c held fixed); it
     must be above c plus 1.645 of them. A constant prediction is exactly at chance (kappa 0), whatever the
     label shares, so a model that collapsed to the majority label fails where a minimum accuracy would not."""
-    predicted = scored.logp.argmax(axis=1)
-    n, k = len(scored.refs), len(scored.label_names)
-    accuracy = float(np.mean(predicted == scored.refs))
-    chance = _chance(np.bincount(predicted, minlength=k), np.bincount(scored.refs, minlength=k))
+    n, accuracy, chance, kappa = _agreement(scored.confusion)
     bound = chance + Z_ONE_SIDED_95 * float(np.sqrt(max(chance * (1 - chance), 0.0) / n))
-    kappa = (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
     passed = accuracy > bound
     reason = (f"better than chance: accuracy {accuracy:.4f} {'>' if passed else '<='} {bound:.4f}, the one-sided 95% "
               f"bound of chance {chance:.4f} (predictions that ignore the text, in the same label shares); Cohen's kappa "
               f"{kappa:.3f} on {n} rows")
-    present = np.flatnonzero(np.bincount(scored.refs, minlength=k))
+    present = np.flatnonzero(scored.confusion.sum(axis=1))
     if not passed and len(present) == 1:  # one label in every row: always predicting it is perfect and is chance
         reason += (f"; the split's rows all have the label {scored.label_names[int(present[0])]!r}, so no accuracy can "
                    "show it: score on a split with several labels, or set evaluate.gate.better_than_chance: false")
     elif not passed:
-        shares = np.bincount(predicted, minlength=k) / n
+        shares = scored.confusion.sum(axis=0) / n
         top = int(shares.argmax())
         reason += (f"; not shown to beat chance, {shares[top]:.0%} of the rows predicted {scored.label_names[top]!r} "
                    "(evaluate.gate.better_than_chance)")
@@ -177,7 +178,7 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
         _check("accuracy", m["accuracy"], "below evaluate.gate.min_accuracy", gate.min_accuracy),
         _check("macro_f1", m["macro_f1"], "below evaluate.gate.min_macro_f1", gate.min_macro_f1),
     ]
-    if gate.better_than_chance and len(challenger.refs):
+    if gate.better_than_chance and challenger.confusion.sum():
         checks.append(chance_check(challenger))
     for label, minimum in class_recall_minimums(gate, label_names).items():
         check = _check(f"recall[{label}]", challenger.per_class[label]["recall"], "below evaluate.gate.min_class_recall",
