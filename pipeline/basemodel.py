@@ -8,11 +8,14 @@ files (the tokenisation cache key).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PACKAGED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -77,8 +80,9 @@ def _max_positions(folder: Path) -> int | None:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cfg = {}
-    pos = cfg.get("max_position_embeddings")
-    if isinstance(pos, int) and pos > 0:
+    # GPT-2's configs call it n_positions (older ones n_ctx)
+    pos = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if isinstance(cfg.get(k), int)), None)
+    if pos is not None and pos > 0:
         limits.append(pos - 2 if cfg.get("model_type") in _OFFSET_POSITIONS else pos)
     try:
         tok = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -131,3 +135,35 @@ def check_max_length(base: BaseModel, max_length: int) -> None:
             f"model.max_length={max_length} is above what the base model {base.id} accepts ({base.max_positions} tokens); "
             f"set model.max_length to {base.max_positions} or less"
         )
+
+
+def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False):
+    """The base model's tokenizer, able to pad a batch.
+
+    A decoder model's tokenizer (GPT-2, Llama, Mistral, ...) usually has no padding token; such a
+    classifier reads its last real token, so it pads with its end-of-sequence token, as is usual
+    for these models (the model's ``pad_token_id`` is set to match in `match_padding`). A tokenizer
+    with neither is a ConfigError naming `base_id`. `announce` logs the choice.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(
+                f"model.base={base_id or str(path)!r}: its tokenizer has no padding token and no end-of-sequence token "
+                "to pad with, so texts of different lengths cannot be batched; add a pad_token to its "
+                "tokenizer_config.json (or special_tokens_map.json)"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        if announce:
+            log.info("the base model's tokenizer has no padding token; batches are padded with its end-of-sequence "
+                     "token %r, and the model reads the last token before it", tokenizer.eos_token)
+    return tokenizer
+
+
+def match_padding(model, tokenizer) -> None:
+    """Give the model the tokenizer's padding id when its config has none (a decoder model's classifier
+    reads the last token that is not padding, and cannot find it in a batch without that id)."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id

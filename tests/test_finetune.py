@@ -18,7 +18,7 @@ from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
 from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, run_cli
-from tests.tiny import write_tickets, write_tiny_model
+from tests.tiny import write_tickets, write_tiny_decoder, write_tiny_model
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
          "train.misclassified_rows=5"]
@@ -608,3 +608,44 @@ def test_texts_cut_are_counted_alike_by_fast_and_slow_tokenizers(tiny_model):
             enc = tokenizer(texts, p, truncation=True, max_length=8)
             whole = tokenizer(texts, p)["input_ids"]
             assert count_cut(tokenizer, enc, texts, p, 8) == sum(len(ids) > 8 for ids in whole) > 0
+
+
+def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_predicts_alike_in_batches(tmp_path, tickets_csv):
+    """GPT-2, Llama and the like have no padding token: training in batches failed mid-run in the collator."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from pipeline.predict import Classifier
+
+    base = write_tiny_decoder(tmp_path / "gpt2")
+    assert AutoTokenizer.from_pretrained(base).pad_token is None
+    cfg = make_cfg(tmp_path, base, tickets_csv)
+    dataset_publish.run(cfg)
+    result = finetune.run(cfg)
+    assert result.status == "ok" and result.metrics["eval_accuracy"] > 0
+    reg = registry_of(cfg)
+    model_dir = reg.fetch(reg.resolve(result.produced[0])).path
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["pad_token_id"] == saved["eos_token_id"] == 0  # the classifier finds the last real token by it
+    clf = Classifier(model_dir)
+    assert clf.tokenizer.pad_token == "<|endoftext|>"
+    texts = ["my parcel never arrived", "I was charged twice this month and nobody answers my emails", "reset password"]
+    batched = clf.logits(texts)  # padded to the longest
+    one_by_one = np.stack([clf.logits([t])[0] for t in texts])  # no padding at all
+    assert np.abs(batched - one_by_one).max() < 1e-5
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), r"its tokenizer has no padding token and no end-of-sequence token to pad with"),
+    # GPT-2's config names its positions n_positions; this tokenizer allows 1024
+    (("model.max_length=200",), r"model.max_length=200 is above what the base model .* accepts \(128 tokens\)"),
+])
+def test_a_decoder_base_that_cannot_work_fails_before_a_run_opens(tmp_path, tickets_csv, extra, message):
+    base = write_tiny_decoder(tmp_path / "gpt2", eos=bool(extra), tokenizer_limit=1024)  # the first case has no end token
+    cfg = make_cfg(tmp_path, base, tickets_csv, *extra)
+    dataset_publish.run(cfg)
+    with pytest.raises(ConfigError, match=message):
+        finetune.run(cfg)
+    reg = registry_of(cfg)
+    assert reg.list_versions(type="model") == []
+    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]

@@ -27,6 +27,32 @@ def write_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, max_pos
     return folder
 
 
+def write_tiny_decoder(folder: Path, *, eos: bool = True, hidden: int = 32, positions: int = 128,
+                       tokenizer_limit: int | None = None) -> Path:
+    """A 2-layer GPT-2 with a word-level tokenizer that, like GPT-2's own, has no padding token (and
+    with `eos`, an end-of-sequence token). The tokenizer's own length limit is `tokenizer_limit` (default
+    the model's `positions`)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast, set_seed
+
+    words = set()
+    for r in demo_data.generate(rows=3000, seed=1):
+        words.update(re.findall(r"[a-z0-9]+", r["text"].lower()))
+    vocab = ["<|endoftext|>", "<unk>", *sorted(words)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"} if eos else {}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=tokenizer_limit or positions,
+                                        **special)
+    folder.mkdir(parents=True, exist_ok=True)
+    set_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(vocab), n_embd=hidden, n_layer=2, n_head=2, n_positions=positions,
+                         bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_tickets(path: Path, rows: int = 240, seed: int = 7) -> Path:
     import csv
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.basemodel import BaseModel, check_max_length, resolve_base_model
+from pipeline.basemodel import BaseModel, check_max_length, load_tokenizer, match_padding, resolve_base_model
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
@@ -110,6 +110,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
     base = resolve_base_model(config.model.base)
     check_max_length(base, config.model.max_length)
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
+    load_tokenizer(base.path, base.id, announce=True)  # a tokenizer that cannot pad fails here, not mid-run
     if resume is not None:
         run_id, group = saved["run_id"], saved.get("group")
         if saved.get("dataset_digest") and saved["dataset_digest"] != version.digest:
@@ -144,11 +145,9 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
         return out, True
     import datasets
     import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
-
     from pipeline.predict import count_cut
 
-    tokenizer = AutoTokenizer.from_pretrained(base.path, use_fast=True)
+    tokenizer = load_tokenizer(base.path, base.id)
     parts = {}
     for split in TRAINED_ON:
         table = pq.read_table(data_dir / f"{split}.parquet")
@@ -394,7 +393,6 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
     import datasets
     from transformers import (
         AutoModelForSequenceClassification,
-        AutoTokenizer,
         DataCollatorWithPadding,
         EarlyStoppingCallback,
         Trainer,
@@ -406,7 +404,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
 
     label_names = shared["label_names"]
     tokenized = datasets.load_from_disk(shared["tokenized"])
-    tokenizer = AutoTokenizer.from_pretrained(shared["base_path"], use_fast=True)
+    tokenizer = load_tokenizer(shared["base_path"])
     set_seed(config.train.seed)  # before the head is initialised
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier weights": expected, we train them
@@ -420,6 +418,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    match_padding(model, tokenizer)
     capture = EvalCapture(len(label_names))
     callbacks = list(extra_callbacks)
     if config.train.early_stopping_patience:
