@@ -137,6 +137,25 @@ def check_max_length(base: BaseModel, max_length: int) -> None:
         )
 
 
+def check_architecture(base: BaseModel) -> None:
+    """The base model's type has a sequence-classification class in transformers (else training would
+    stop at the model's load, with the run already open)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(base.path)
+    except (OSError, ValueError) as e:  # an unknown model type, or code the folder wants run (trust_remote_code)
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"model.base={base.spec!r}: transformers cannot read its config.json ({reason})") from None
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ConfigError(
+            f"model.base={base.spec!r}: its model type {config.model_type!r} has no sequence-classification head in "
+            "transformers (AutoModelForSequenceClassification); use a text encoder such as BERT, RoBERTa or MiniLM, "
+            "or a decoder such as GPT-2 or Llama"
+        )
+
+
 def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False):
     """The base model's tokenizer, able to pad a batch.
 

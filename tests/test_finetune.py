@@ -649,3 +649,23 @@ def test_a_decoder_base_that_cannot_work_fails_before_a_run_opens(tmp_path, tick
     reg = registry_of(cfg)
     assert reg.list_versions(type="model") == []
     assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("clip_text_model", r"its model type 'clip_text_model' has no sequence-classification head in transformers"),
+    ("nosuchmodel", r"transformers cannot read its config.json \(.*model type `nosuchmodel`"),
+])
+def test_a_base_model_with_no_classification_head_fails_before_a_run_opens(tmp_path, tiny_model, tickets_csv,
+                                                                           model_type, message):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 100}))
+    cfg = make_cfg(tmp_path, base, tickets_csv)
+    dataset_publish.run(cfg)
+    with pytest.raises(ConfigError, match=message):
+        finetune.run(cfg)
+    reg = registry_of(cfg)
+    assert reg.list_versions(type="model") == []
+    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]

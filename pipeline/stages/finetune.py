@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.basemodel import BaseModel, check_max_length, load_tokenizer, match_padding, resolve_base_model
+from pipeline.basemodel import BaseModel, check_architecture, check_max_length, load_tokenizer, match_padding, resolve_base_model
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
@@ -110,6 +110,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
     base = resolve_base_model(config.model.base)
     check_max_length(base, config.model.max_length)
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
+    check_architecture(base)
     load_tokenizer(base.path, base.id, announce=True)  # a tokenizer that cannot pad fails here, not mid-run
     if resume is not None:
         run_id, group = saved["run_id"], saved.get("group")
