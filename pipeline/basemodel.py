@@ -162,11 +162,20 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
     A decoder model's tokenizer (GPT-2, Llama, Mistral, ...) usually has no padding token; such a
     classifier reads its last real token, so it pads with its end-of-sequence token, as is usual
     for these models (the model's ``pad_token_id`` is set to match in `match_padding`). A tokenizer
-    with neither is a ConfigError naming `base_id`. `announce` logs the choice.
+    with neither is a ConfigError naming `base_id`. `announce` logs the choices.
+
+    Padding goes on the right, whatever the tokenizer says (some decoders' say left, for
+    generation): padding on the left moves a text's tokens to later positions, so its logits would
+    depend on the longest text in its batch.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    if tokenizer.padding_side != "right":
+        if announce:
+            log.info("the base model's tokenizer pads on the %s; batches are padded on the right, so that a text's "
+                     "positions do not depend on the others in its batch", tokenizer.padding_side)
+        tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(

@@ -47,6 +47,8 @@ class Classifier:
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             raise PipelineError(f"{self.dir}: the model does not load ({type(e).__name__}: {reason})"
                                 + _compared_with_manifest(self.dir)) from e
+        # On the right, as finetune pads: on the left, a text's positions would depend on its batch.
+        self.tokenizer.padding_side = "right"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         cfg = self.model.config

@@ -610,15 +610,19 @@ def test_texts_cut_are_counted_alike_by_fast_and_slow_tokenizers(tiny_model):
             assert count_cut(tokenizer, enc, texts, p, 8) == sum(len(ids) > 8 for ids in whole) > 0
 
 
-def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_predicts_alike_in_batches(tmp_path, tickets_csv):
-    """GPT-2, Llama and the like have no padding token: training in batches failed mid-run in the collator."""
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_predicts_alike_in_batches(
+        tmp_path, tickets_csv, padding_side):
+    """GPT-2, Llama and the like have no padding token: training in batches failed mid-run in the collator.
+    Some decoders' tokenizers pad on the left, which moves a text's positions by its batch's longest text."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from pipeline.predict import Classifier
 
-    base = write_tiny_decoder(tmp_path / "gpt2")
+    base = write_tiny_decoder(tmp_path / "gpt2", padding_side=padding_side)
     assert AutoTokenizer.from_pretrained(base).pad_token is None
+    assert AutoTokenizer.from_pretrained(base).padding_side == padding_side
     cfg = make_cfg(tmp_path, base, tickets_csv)
     dataset_publish.run(cfg)
     result = finetune.run(cfg)
@@ -627,6 +631,7 @@ def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_pred
     model_dir = reg.fetch(reg.resolve(result.produced[0])).path
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["pad_token_id"] == saved["eos_token_id"] == 0  # the classifier finds the last real token by it
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["padding_side"] == "right"
     clf = Classifier(model_dir)
     assert clf.tokenizer.pad_token == "<|endoftext|>"
     texts = ["my parcel never arrived", "I was charged twice this month and nobody answers my emails", "reset password"]

@@ -28,10 +28,10 @@ def write_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, max_pos
 
 
 def write_tiny_decoder(folder: Path, *, eos: bool = True, hidden: int = 32, positions: int = 128,
-                       tokenizer_limit: int | None = None) -> Path:
+                       tokenizer_limit: int | None = None, padding_side: str = "right") -> Path:
     """A 2-layer GPT-2 with a word-level tokenizer that, like GPT-2's own, has no padding token (and
     with `eos`, an end-of-sequence token). The tokenizer's own length limit is `tokenizer_limit` (default
-    the model's `positions`)."""
+    the model's `positions`); it pads on `padding_side` (some decoders' tokenizers say left)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast, set_seed
 
@@ -44,7 +44,7 @@ def write_tiny_decoder(folder: Path, *, eos: bool = True, hidden: int = 32, posi
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"} if eos else {}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=tokenizer_limit or positions,
-                                        **special)
+                                        padding_side=padding_side, **special)
     folder.mkdir(parents=True, exist_ok=True)
     set_seed(0)
     GPT2Model(GPT2Config(vocab_size=len(vocab), n_embd=hidden, n_layer=2, n_head=2, n_positions=positions,
