@@ -674,3 +674,26 @@ def test_a_base_model_with_no_classification_head_fails_before_a_run_opens(tmp_p
     reg = registry_of(cfg)
     assert reg.list_versions(type="model") == []
     assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]
+
+
+def test_a_half_precision_checkpoint_is_trained_and_published_in_float32(tmp_path, tiny_model, tickets_csv):
+    """transformers keeps a checkpoint's own dtype (modern ones are often bf16): training bf16 weights loses
+    the optimizer's small steps, and fp16 mixed precision refuses fp16 gradients."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    base = tmp_path / "bf16"
+    shutil.copytree(tiny_model, base)
+    AutoModel.from_pretrained(tiny_model).to(torch.bfloat16).save_pretrained(base)
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    cfg = make_cfg(tmp_path, base, tickets_csv, "train.epochs=1")
+    dataset_publish.run(cfg)
+    result = finetune.run(cfg)
+    reg = registry_of(cfg)
+    model_dir = reg.fetch(reg.resolve(result.produced[0])).path
+    assert json.loads((model_dir / "config.json").read_text())["dtype"] == "float32"
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}

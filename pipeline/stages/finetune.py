@@ -392,6 +392,7 @@ def _trainer_model_upload_off():
 
 def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks) -> tuple[Any, Any]:
     import datasets
+    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
@@ -412,6 +413,10 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             shared["base_path"],
+            # float32 master weights, whatever the checkpoint stores (modern ones are often bf16 or fp16, which
+            # transformers would keep): optimizer steps below a half-precision weight's resolution are lost, and
+            # the Trainer's mixed precision (train.precision) refuses to unscale fp16 gradients.
+            dtype=torch.float32,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
