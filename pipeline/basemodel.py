@@ -156,6 +156,61 @@ def check_architecture(base: BaseModel) -> None:
         )
 
 
+def load_classifier(path: str | Path, label_names: list[str]):
+    """The base model with a classification head for `label_names`, in float32.
+
+    The weights are float32 whatever the checkpoint stores (recent ones are often bf16 or fp16,
+    which transformers would keep): optimizer steps below a half-precision weight's resolution are
+    lost, and the Trainer's fp16 mixed precision refuses to unscale fp16 gradients.
+
+    A base that is already a sequence classifier (a model this pipeline made, say, trained further
+    on a new dataset version) keeps its head when its labels are these, in this order. Otherwise the
+    head is made afresh, and the rows of the labels the base shares with `label_names` are copied
+    into it by name: transformers would keep a head of the same size as it is, row by row, so labels
+    in another order (or renamed) would start from each other's weights.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {n: i for i, n in enumerate(label_names)}}
+    base_config = AutoConfig.from_pretrained(path)
+    if not any(a.endswith("ForSequenceClassification") for a in (base_config.architectures or ())):
+        base_labels = None
+    else:
+        base_labels = [base_config.id2label[i] for i in range(base_config.num_labels)]
+    if base_labels is None or base_labels == list(label_names):
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, ignore_mismatched_sizes=True, **labels)
+    old = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    weights = old.state_dict()
+    backbone = old.base_model_prefix + "."
+    # The head's tensors with a row per label (a RoBERTa head's dense layer has none, and is kept)
+    per_label = {k for k, v in weights.items() if not k.startswith(backbone) and v.shape[:1] == (len(base_labels),)}
+    model = type(old).from_pretrained(None, config=AutoConfig.from_pretrained(path, **labels),
+                                      state_dict={k: v for k, v in weights.items() if k not in per_label},
+                                      dtype=torch.float32)
+    row = {n: i for i, n in enumerate(base_labels)}
+    kept = [(j, row[n]) for j, n in enumerate(label_names) if n in row]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in per_label:
+            if k in params and params[k].shape[1:] == weights[k].shape[1:]:
+                for j, i in kept:
+                    params[k][j] = weights[k][i]
+    del old, weights
+    new = [n for n in label_names if n not in row]
+    if kept:
+        log.info("the base model classifies %d labels; its head's rows for the %d this dataset has are kept (matched "
+                 "by name, in this dataset's label order)%s", len(base_labels), len(kept),
+                 f", and {len(new)} new label(s) start afresh: {', '.join(map(repr, new[:5]))}{' ...' if len(new) > 5 else ''}"
+                 if new else "")
+    else:
+        log.info("the base model classifies other labels (%s); its head is made afresh",
+                 ", ".join(map(repr, base_labels[:5])) + (" ..." if len(base_labels) > 5 else ""))
+    return model
+
+
 def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False):
     """The base model's tokenizer, able to pad a batch.
 

@@ -697,3 +697,54 @@ def test_a_half_precision_checkpoint_is_trained_and_published_in_float32(tmp_pat
     assert json.loads((model_dir / "config.json").read_text())["dtype"] == "float32"
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+
+
+@pytest.mark.parametrize("labels", [
+    ["c", "a", "b"],  # the base's labels in another order
+    ["b", "d", "a", "c"],  # and a new one
+    ["x", "y"],  # none of them
+])
+def test_a_classifier_base_keeps_its_head_rows_by_label_name(tmp_path, tiny_model, labels):
+    """Retraining a model this pipeline made on a dataset version whose labels are in another order
+    (numeric order, dataset.labels) started each label from another label's weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.basemodel import load_classifier
+
+    base_labels = ["a", "b", "c"]
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label=dict(enumerate(base_labels)), label2id={n: i for i, n in enumerate(base_labels)})
+    torch.nn.init.normal_(base.classifier.weight, std=1.0)
+    torch.nn.init.normal_(base.classifier.bias, std=1.0)
+    base.save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "base")
+
+    model = load_classifier(tmp_path / "base", labels).eval()
+    assert model.config.id2label == dict(enumerate(labels))
+    enc = AutoTokenizer.from_pretrained(tiny_model)(["my parcel never arrived", "reset my password"], padding=True,
+                                                   return_tensors="pt")
+    with torch.no_grad():
+        before, after = base.eval()(**enc).logits, model(**enc).logits
+    for j, name in enumerate(labels):
+        if name in base_labels:  # the same label scores the same
+            torch.testing.assert_close(after[:, j], before[:, base_labels.index(name)])
+        else:  # a new label starts afresh: a small initial row, not another label's
+            assert model.classifier.weight[j].abs().max() < 0.2 and model.classifier.bias[j] == 0
+    backbone = {k: v for k, v in base.state_dict().items() if k.startswith("bert.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.items())
+
+
+def test_a_classifier_base_with_the_same_labels_keeps_its_head(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.basemodel import load_classifier
+
+    names = ["a", "b", "c"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    base.save_pretrained(tmp_path / "base")
+    model = load_classifier(tmp_path / "base", names)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.state_dict().items())

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.basemodel import BaseModel, check_architecture, check_max_length, load_tokenizer, match_padding, resolve_base_model
+from pipeline.basemodel import (BaseModel, check_architecture, check_max_length, load_classifier, load_tokenizer, match_padding,
+                                resolve_base_model)
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
@@ -392,9 +393,7 @@ def _trainer_model_upload_off():
 
 def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks) -> tuple[Any, Any]:
     import datasets
-    import torch
     from transformers import (
-        AutoModelForSequenceClassification,
         DataCollatorWithPadding,
         EarlyStoppingCallback,
         Trainer,
@@ -411,17 +410,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier weights": expected, we train them
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            shared["base_path"],
-            # float32 master weights, whatever the checkpoint stores (modern ones are often bf16 or fp16, which
-            # transformers would keep): optimizer steps below a half-precision weight's resolution are lost, and
-            # the Trainer's mixed precision (train.precision) refuses to unscale fp16 gradients.
-            dtype=torch.float32,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            ignore_mismatched_sizes=True,  # a base that is already a classifier gets a new head
-        )
+        model = load_classifier(shared["base_path"], label_names)
     finally:
         hf_logging.set_verbosity(verbosity)
     match_padding(model, tokenizer)
