@@ -252,7 +252,11 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
      r"train.class_weights names labels tickets:v0 does not have: \['nosuch'\]; labels: \['account_access'"),
 ])
 def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_model, tickets_csv, extra, dataset, message):
-    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *extra)
+    refused_before_a_run(make_cfg(tmp_path, tiny_model, tickets_csv, *extra), message, dataset)
+
+
+def refused_before_a_run(cfg, message: str, dataset: str | None = None) -> None:
+    """finetune on a freshly published dataset fails with `message`, having opened no run and written nothing."""
     dataset_publish.run(cfg)
     with pytest.raises((ConfigError, RefError), match=message):
         finetune.run(cfg, dataset=dataset)
@@ -647,13 +651,7 @@ def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_pred
 ])
 def test_a_decoder_base_that_cannot_work_fails_before_a_run_opens(tmp_path, tickets_csv, extra, message):
     base = write_tiny_decoder(tmp_path / "gpt2", eos=bool(extra), tokenizer_limit=1024)  # the first case has no end token
-    cfg = make_cfg(tmp_path, base, tickets_csv, *extra)
-    dataset_publish.run(cfg)
-    with pytest.raises(ConfigError, match=message):
-        finetune.run(cfg)
-    reg = registry_of(cfg)
-    assert reg.list_versions(type="model") == []
-    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]
+    refused_before_a_run(make_cfg(tmp_path, base, tickets_csv, *extra), message)
 
 
 @pytest.mark.parametrize("model_type, message", [
@@ -667,13 +665,7 @@ def test_a_base_model_with_no_classification_head_fails_before_a_run_opens(tmp_p
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
     (base / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 100}))
-    cfg = make_cfg(tmp_path, base, tickets_csv)
-    dataset_publish.run(cfg)
-    with pytest.raises(ConfigError, match=message):
-        finetune.run(cfg)
-    reg = registry_of(cfg)
-    assert reg.list_versions(type="model") == []
-    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]
+    refused_before_a_run(make_cfg(tmp_path, base, tickets_csv), message)
 
 
 def test_a_half_precision_checkpoint_is_trained_and_published_in_float32(tmp_path, tiny_model, tickets_csv):
