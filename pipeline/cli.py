@@ -69,6 +69,39 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("urllib3", "filelock", "fsspec", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Made before the libraries (imported later) configure them, so that they take this class.
+    logging.setLoggerClass(_LibraryLogger)
+    try:
+        for library in _LIBRARIES:
+            logging.getLogger(library)
+    finally:
+        logging.setLoggerClass(logging.Logger)
+
+
+_LIBRARIES = ("huggingface_hub", "datasets", "transformers")
+
+
+class _LibraryLogger(logging.Logger):
+    """The root logger of a Hugging Face library, whose records go to the command's one handler.
+
+    huggingface_hub and datasets add a stderr handler of their own and also pass each record on,
+    so every warning was printed twice; transformers adds one and stops passing records on, so
+    its records were printed without the time and past the handler's secret masking. Here their
+    own stderr handler is not added, and records always pass on to the root handler.
+    """
+
+    def addHandler(self, hdlr: logging.Handler) -> None:  # noqa: N802 - logging's name
+        if type(hdlr) is logging.StreamHandler and hdlr.stream in (sys.stderr, sys.__stderr__):
+            return
+        super().addHandler(hdlr)
+
+    @property
+    def propagate(self) -> bool:
+        return True
+
+    @propagate.setter
+    def propagate(self, value: bool) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,32 @@ def test_help_imports_no_heavy_library():
     assert out.stdout.strip() == "[]"
 
 
+def test_hugging_face_library_logs_are_printed_once_with_the_time_and_secrets_masked():
+    """huggingface_hub and datasets printed every warning twice (their own handler, then the command's);
+    transformers printed its own way, past the masking of secrets."""
+    code = (
+        "import os\n"
+        "from pipeline.cli import _setup_logging\n"
+        "_setup_logging(False)\n"
+        "import huggingface_hub.utils.logging as hub, datasets.utils.logging as ds, transformers.utils.logging as tf\n"
+        "hub.get_logger('huggingface_hub.file_download').warning('retrying the hub')\n"
+        "ds.get_logger('datasets.load').warning('no cache for this dataset')\n"
+        "tf.get_logger('transformers.trainer').warning('token %s', os.environ['WANDB_API_KEY'])\n"
+        "tf.set_verbosity_error()\n"
+        "tf.get_logger('transformers.trainer').warning('below the verbosity asked for')\n"
+    )
+    key = "0123456789abcdef" * 2 + "01234567"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "WANDB_API_KEY": key})
+    lines = out.stderr.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "WARNING huggingface_hub.file_download: retrying the hub",
+        "WARNING datasets.load: no cache for this dataset",
+        "WARNING transformers.trainer: token ***",
+    ], out.stderr
+    assert key not in out.stderr
+
+
 def test_help_lists_commands():
     out = run_cli("--help")
     assert out.returncode == 0 and "artifacts" in out.stdout
