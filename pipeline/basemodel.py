@@ -175,7 +175,7 @@ def load_classifier(path: str | Path, label_names: list[str]):
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
               "label2id": {n: i for i, n in enumerate(label_names)}}
     base_config = AutoConfig.from_pretrained(path)
-    if not any(a.endswith("ForSequenceClassification") for a in (base_config.architectures or ())):
+    if not is_classifier(base_config):
         base_labels = None
     else:
         base_labels = [base_config.id2label[i] for i in range(base_config.num_labels)]
@@ -212,37 +212,51 @@ def load_classifier(path: str | Path, label_names: list[str]):
 
 
 def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False):
-    """The base model's tokenizer, able to pad a batch.
+    """The base model's tokenizer, padding as `set_padding` says; one with no padding token and no
+    end-of-sequence token is a ConfigError naming `base_id`. `announce` logs what was changed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    changes = set_padding(tokenizer)
+    if tokenizer.pad_token is None:
+        raise ConfigError(
+            f"model.base={base_id or str(path)!r}: its tokenizer has no padding token and no end-of-sequence token "
+            "to pad with, so texts of different lengths cannot be batched; add a pad_token to its "
+            "tokenizer_config.json (or special_tokens_map.json)"
+        )
+    if announce:
+        for change in changes:
+            log.info("the base model's %s", change)
+    return tokenizer
+
+
+def set_padding(tokenizer) -> list[str]:
+    """Make `tokenizer` pad a batch as finetune trains and predict scores: what it changed, in words.
 
     A decoder model's tokenizer (GPT-2, Llama, Mistral, ...) usually has no padding token; such a
     classifier reads its last real token, so it pads with its end-of-sequence token, as is usual
     for these models (the model's ``pad_token_id`` is set to match in `match_padding`). A tokenizer
-    with neither is a ConfigError naming `base_id`. `announce` logs the choices.
+    with neither is left without one.
 
     Padding goes on the right, whatever the tokenizer says (some decoders' say left, for
     generation): padding on the left moves a text's tokens to later positions, so its logits would
     depend on the longest text in its batch.
     """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    changes = []
     if tokenizer.padding_side != "right":
-        if announce:
-            log.info("the base model's tokenizer pads on the %s; batches are padded on the right, so that a text's "
-                     "positions do not depend on the others in its batch", tokenizer.padding_side)
+        changes.append(f"tokenizer pads on the {tokenizer.padding_side}; batches are padded on the right, so that a "
+                       "text's positions do not depend on the others in its batch")
         tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(
-                f"model.base={base_id or str(path)!r}: its tokenizer has no padding token and no end-of-sequence token "
-                "to pad with, so texts of different lengths cannot be batched; add a pad_token to its "
-                "tokenizer_config.json (or special_tokens_map.json)"
-            )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-        if announce:
-            log.info("the base model's tokenizer has no padding token; batches are padded with its end-of-sequence "
-                     "token %r, and the model reads the last token before it", tokenizer.eos_token)
-    return tokenizer
+        changes.append(f"tokenizer has no padding token; batches are padded with its end-of-sequence token "
+                       f"{tokenizer.eos_token!r}, and the model reads the last token before it")
+    return changes
+
+
+def is_classifier(config) -> bool:
+    """A transformers config of a sequence classifier (a head trained for labels, not a bare encoder)."""
+    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or ()))
 
 
 def match_padding(model, tokenizer) -> None:

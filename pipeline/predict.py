@@ -33,22 +33,33 @@ class Prediction:
 class Classifier:
     def __init__(self, model_dir: str | Path, max_length: int | None = None, device: str | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.dir = Path(model_dir)
         if not (self.dir / "config.json").is_file():
             raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
         from safetensors import SafetensorError
 
+        from pipeline.basemodel import is_classifier, match_padding, set_padding
+
         try:
+            config = AutoConfig.from_pretrained(self.dir)
+            if not is_classifier(config):  # its head would be made up on the spot: random predictions
+                raise PipelineError(
+                    f"{self.dir} is not a trained classifier (its config.json says {config.architectures or 'no architecture'}, "
+                    "not a ...ForSequenceClassification), so it has no head to predict labels with; give a folder "
+                    "from deploy-fetch, or fine-tune this model first (model.base)")
             self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
             self.model = AutoModelForSequenceClassification.from_pretrained(self.dir)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or damaged files
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             raise PipelineError(f"{self.dir}: the model does not load ({type(e).__name__}: {reason})"
                                 + _compared_with_manifest(self.dir)) from e
-        # On the right, as finetune pads: on the left, a text's positions would depend on its batch.
-        self.tokenizer.padding_side = "right"
+        set_padding(self.tokenizer)  # as finetune pads (a hub decoder classifier may have no padding token)
+        if self.tokenizer.pad_token is None:
+            raise PipelineError(f"{self.dir}: its tokenizer has no padding token and no end-of-sequence token to pad "
+                                "with, so texts of different lengths cannot be batched")
+        match_padding(self.model, self.tokenizer)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         cfg = self.model.config

@@ -570,7 +570,7 @@ def test_deploy_fetch_never_replaces_the_registry_the_current_or_the_home_folder
     assert deploy_fetch.run(cfg, model="clf:v0", to=project / "src" / "deploy").status == "ok"  # a folder of its own
 
 
-def test_predict_command_and_function(env, tmp_path):
+def test_predict_command_and_function(env, template, tmp_path):
     cfg = env()
     evaluate.run(cfg)
     deploy_fetch.run(cfg)
@@ -595,6 +595,8 @@ def test_predict_command_and_function(env, tmp_path):
     assert row["label"] == "shipping" and len(row["top"]) == 2
     missing = run_cli("predict", "--model-dir", str(tmp_path / "nothing"), "x")
     assert missing.returncode == 2 and "not a model folder" in missing.stderr
+    base = run_cli("predict", "--model-dir", str(template[1]), "x")  # the base encoder: no trained head
+    assert base.returncode == 2 and "is not a trained classifier (its config.json says ['BertModel']" in base.stderr
 
     # Batches go in order of length; the rows come back in input order, with the same logits.
     classifier = load_classifier(dest)

@@ -643,6 +643,18 @@ def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_pred
     one_by_one = np.stack([clf.logits([t])[0] for t in texts])  # no padding at all
     assert np.abs(batched - one_by_one).max() < 1e-5
 
+    # A decoder classifier made elsewhere (a hub one) may have no padding token either: predict pads the same way.
+    import shutil
+
+    hub_like = tmp_path / "hub-like"
+    shutil.copytree(model_dir, hub_like)
+    for name in ("config.json", "tokenizer_config.json"):
+        settings = json.loads((hub_like / name).read_text())
+        settings.pop("pad_token_id", None), settings.pop("pad_token", None)
+        settings["padding_side"] = "left"
+        (hub_like / name).write_text(json.dumps(settings))
+    assert np.abs(Classifier(hub_like).logits(texts) - batched).max() < 1e-5
+
 
 @pytest.mark.parametrize("extra, message", [
     ((), r"its tokenizer has no padding token and no end-of-sequence token to pad with"),
