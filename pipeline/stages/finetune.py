@@ -147,6 +147,7 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
         return out, True
     import datasets
     import pyarrow.parquet as pq
+
     from pipeline.predict import count_cut
 
     tokenizer = load_tokenizer(base.path, base.id)
