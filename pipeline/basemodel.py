@@ -60,7 +60,8 @@ def _hub_path(spec: str) -> tuple[Path, str | None]:
     except LocalEntryNotFoundError:
         raise ConfigError(
             f"model.base={spec!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
-            "reached (offline). Use model.base=minilm (packaged) or a local model folder"
+            "reached (offline). Use model.base=minilm (packaged), a local model folder, or a model version in the "
+            "registry (NAME:vN or NAME:ALIAS)"
         ) from None
     except RepositoryNotFoundError:
         raise ConfigError(f"model.base={spec!r}: no such model on the Hugging Face hub (or no access to it)") from None
@@ -94,8 +95,19 @@ def _max_positions(folder: Path) -> int | None:
     return min(limits) if limits else None
 
 
-def resolve_base_model(spec: str) -> BaseModel:
-    """The base model's local folder and digests; a clear ConfigError when it cannot be found."""
+def is_registry_ref(spec: str) -> bool:
+    """`model.base` names a model version in the registry: ``name:vN`` or ``name:ALIAS`` (a hub id has no
+    colon; a bare name would be a hub id, so the version or alias is always written)."""
+    return ":" in spec and spec not in PACKAGED and not _looks_like_path(spec)
+
+
+def resolve_base_model(spec: str, registry=None, pinned: str | None = None) -> BaseModel:
+    """The base model's local folder and digests; a clear ConfigError when it cannot be found.
+
+    A registry reference (`is_registry_ref`) is resolved in `registry` to its exact ``name:vN``
+    (the BaseModel's id) and fetched, verified; `pinned` is that exact reference, when it is
+    already known (a resumed run, a reproduction), so that a moved alias does not change the base.
+    """
     from pipeline.provenance import folder_digest
 
     revision = None
@@ -108,6 +120,16 @@ def resolve_base_model(spec: str) -> BaseModel:
             raise ConfigError(f"model.base={spec!r}: {folder} is a file; give the model's folder (config.json, weights, tokenizer)")
         if not folder.is_dir():
             raise ConfigError(f"model.base={spec!r}: no such folder ({folder})")
+    elif is_registry_ref(spec):
+        if registry is None:
+            raise ConfigError(f"model.base={spec!r} is a registry reference, and no registry was given to resolve it")
+        from pipeline.errors import RefError
+
+        try:
+            version = registry.resolve(pinned or spec, type="model")
+        except RefError as e:
+            raise RefError(f"model.base={spec!r}{f' (pinned to {pinned})' if pinned else ''}: {e}") from None
+        folder, source, ident = registry.fetch(version).path, "registry", version.ref
     else:
         folder, revision = _hub_path(spec)
         source, ident = "hub", spec

@@ -19,9 +19,9 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
     front = {
         "library_name": "transformers",
         "pipeline_tag": "text-classification",
-        # A hub id only: the Hub rejects a card whose base_model is not a model id (a local folder's path), as
-        # transformers' own cards leave it out for local folders. The text below still names the folder.
-        **({"base_model": base["id"]} if base.get("source") != "local" else {}),
+        # A hub id only: the Hub rejects a card whose base_model is not a model id (a local folder's path, a
+        # registry version), as transformers' own cards leave it out for local folders. The text below names it.
+        **({"base_model": base["id"]} if base.get("source") not in ("local", "registry") else {}),
         "tags": ["text-classification", "wandb-finetune-pipeline"],
         "model-index": [{
             "name": model_name,

@@ -75,10 +75,14 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
         raise PipelineError(f"{ds_ref} has digest {dataset.digest[:12]} now, but {original.ref} was trained on "
                             f"{ds_digest[:12]}: the recorded data is not there to rebuild from")
     recorded_base = meta.get("base_model") or {}
+    # A model version it was trained from further: that exact version, wherever the alias written in model.base is now
+    # (unless --set gave model.base another value)
+    same_spec = cfg.model.base == ((meta.get("config") or {}).get("model") or {}).get("base")
+    pinned = recorded_base.get("id") if recorded_base.get("source") == "registry" and same_spec else None
     try:
-        base = resolve_base_model(cfg.model.base)
-    except ConfigError as e:
-        raise ConfigError(f"the base model {original.ref} recorded ({recorded_base.get('id', cfg.model.base)}) "
+        base = resolve_base_model(cfg.model.base, registry, pinned=pinned)
+    except (ConfigError, RefError) as e:
+        raise type(e)(f"the base model {original.ref} recorded ({recorded_base.get('id', cfg.model.base)}) "
                           f"cannot be found: {e}") from None
 
     warnings = []
@@ -101,7 +105,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     for w in warnings:
         log.warning(w)
 
-    new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(),
+    new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned,
                        tags=("reproduction",), summary={"reproduces": original.ref})
     rebuilt = registry.resolve(new.produced[0])
     same_digest = rebuilt.digest == original.digest

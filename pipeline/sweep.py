@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from pipeline.config import (Config, TrainConfig, config_from_dict, describe_diff, model_config_diff, safe_load_unique,
                              yaml_error)
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, RefError
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +388,8 @@ def better(spec: SweepSpec, value: float | None, than: float | None) -> bool:
 
 def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, Any], *, dataset_ref: str, group: str,
                 sweep_id: str, keep: Path | None, prune_trial=None, callbacks: tuple = (), adopt: bool = False,
-                run=None) -> TrialOutcome:
-    """One trial: the finetune stage with `params` on the pinned dataset version."""
+                run=None, base_ref: str | None = None) -> TrialOutcome:
+    """One trial: the finetune stage with `params` on the pinned dataset version (and base model version)."""
     from pipeline.stages import finetune
 
     try:
@@ -399,7 +399,7 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
         return TrialOutcome(number, params, "failed", error=str(e))
     metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run, maximize=spec.maximize)
     try:
-        result = finetune.run(cfg, group=group, dataset=dataset_ref, callbacks=(metric_cb, *callbacks), aliases=(),
+        result = finetune.run(cfg, group=group, dataset=dataset_ref, base=base_ref, callbacks=(metric_cb, *callbacks), aliases=(),
                               tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt,
                               summary={"sweep/id": sweep_id, "sweep/trial": number,
                                        **{f"sweep/{k}": v for k, v in params.items()}})
@@ -500,7 +500,6 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.errors import RefError
     from pipeline.tracking import new_run_id, open_registry
 
     if count < 1:
@@ -524,7 +523,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             raise ConfigError(f"cannot resume sweep {resume}: the config differs from the one it started with in "
                               + describe_diff(changed)
                               + "; its trials would not be comparable")
-        sweep_id, dataset_ref, seed = resume, attrs["dataset"], attrs["seed"]
+        sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
         study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                   pruner=_pruner(sweep, config))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -533,6 +532,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     else:
         # everything a trial needs is checked before the first one starts
         dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+        base_ref = pinned_base(config, sweep, registry)
         for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
             trial_config(config, combo, sweep)
         sweep_id = new_run_id()
@@ -544,7 +544,8 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                     pruner=_pruner(sweep, config),
                                     direction="maximize" if sweep.maximize else "minimize")
-        for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict()}.items():
+        for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict(),
+                     **({"base": base_ref} if base_ref else {})}.items():
             study.set_user_attr(k, v)
     group = group or f"sweep-{sweep_id}"
     work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
@@ -577,7 +578,8 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         trial.set_user_attr("params", params)
         keep = None if publish_trials else work / f"trial-{trial.number}"
         outcome = train_trial(config, sweep, trial.number, params, dataset_ref=dataset_ref, group=group, sweep_id=sweep_id,
-                              keep=keep, prune_trial=trial if sweep.hyperband else None, callbacks=callbacks)
+                              keep=keep, prune_trial=trial if sweep.hyperband else None, callbacks=callbacks,
+                              base_ref=base_ref)
         for k in ("value", "run_id", "produced", "error", "evaluations"):
             trial.set_user_attr(k, getattr(outcome, k))
         keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
@@ -595,6 +597,21 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
 
 # -- online: W&B sweeps and agents -----------------------------------------------------------
 DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sweep config as a constant
+BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry (`pinned_base`)
+
+
+def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
+    """The exact ``name:vN`` of a base model given as a registry reference (``model.base: clf:production``), resolved
+    once for the whole sweep, so that every trial trains the same version even if the alias moves meanwhile;
+    None when the base is not a registry version, or is itself swept."""
+    from pipeline.basemodel import is_registry_ref
+
+    if "model.base" in {p.key for p in sweep.params} or not is_registry_ref(config.model.base):
+        return None
+    try:
+        return registry.resolve(config.model.base, type="model").ref
+    except RefError as e:
+        raise RefError(f"model.base={config.model.base!r}: {e}") from None
 
 
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
@@ -609,12 +626,16 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         sweep_id = resume
         api_sweep = wandb.Api().sweep(f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}")
         dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
+        base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:
         dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+        base_ref = pinned_base(config, sweep, registry)
         for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
             trial_config(config, combo, sweep)
         raw = json.loads(json.dumps(sweep.raw))
         raw["parameters"][DATASET_PARAM] = {"value": dataset_ref}
+        if base_ref:
+            raw["parameters"][BASE_PARAM] = {"value": base_ref}
         sweep_id = wandb.sweep(raw, project=config.project, entity=config.entity)
     group = group or f"sweep-{sweep_id}"
     work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
@@ -627,7 +648,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         params = {by_name[k]: v for k, v in dict(run.config).items() if k in by_name}
         keep = None if publish_trials else work / f"trial-{len(outcomes)}"
         outcome = train_trial(config, sweep, len(outcomes), params, dataset_ref=dataset_ref, group=group,
-                              sweep_id=sweep_id, keep=keep, adopt=True, run=run)
+                              sweep_id=sweep_id, keep=keep, adopt=True, run=run, base_ref=base_ref)
         best = best_of(sweep, outcomes)
         keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
         outcomes.append(outcome)
@@ -690,6 +711,9 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
             best_model = best.produced[0]
         elif best is not None and (best_dir / "model").is_dir():
             meta = json.loads((best_dir / "metadata.json").read_text(encoding="utf-8"))
+            base = meta.get("base_model") or {}
+            if base.get("source") == "registry":  # the model version the best trial trained further
+                trun.registry.use(base["id"], trun, type="model")
             meta["sweep"] = {"id": sweep_id, "trial": best.number, "metric": sweep.metric_name, "value": best.value,
                              "params": best.params}
             best_model = trun.registry.publish(config.model.name, "model", best_dir / "model", metadata=meta,

@@ -94,3 +94,12 @@ def fill_disk(mnt: Path, leave_kib: int) -> Path:
     filler = mnt / "filler"
     filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave_kib * 1024))
     return filler
+
+
+def reg_runs(reg) -> list[dict]:
+    """Every run a local registry's catalog records, oldest first."""
+    import sqlite3
+
+    with sqlite3.connect(reg.root / "catalog.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY started_at")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -147,6 +148,12 @@ def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_p
 
     monkeypatch.setattr(dataset_publish, "write_artifact_dir", full)
     monkeypatch.setattr("logging.raiseExceptions", True)  # cli.main turns it off; undone after the test
+    # cli.main sets up this process's logging; the later tests' keep theirs: the root handlers come back after
+    # the test, and the Hugging Face libraries' loggers exist already, so that they stay as the libraries make them.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    for library in cli._LIBRARIES:
+        logging.getLogger(library)
     track = tmp_path / "track"
     code = cli.main(["dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
                      "--set", f"dataset.source={write_tickets(tmp_path / 't.csv')}"])

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError, RefError, StageFailed
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
-from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, run_cli
+from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, reg_runs, run_cli
 from tests.tiny import write_tickets, write_tiny_decoder, write_tiny_model
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
@@ -221,14 +221,6 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
 
 
-def reg_runs(reg: LocalRegistry) -> list[dict]:
-    import sqlite3
-
-    with sqlite3.connect(reg.root / "catalog.db") as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY started_at")]
-
-
 def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_model, tickets_csv):
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
     dataset_publish.run(cfg)
@@ -374,7 +366,7 @@ def test_deleting_a_dataset_version_takes_its_cached_copies_and_a_republish_star
         cli = ("--set", f"tracking.dir={track}")
 
         refused = run_cli("artifacts", "delete", "tickets:v0", *cli)
-        assert refused.returncode == 2 and "tickets:v0 is what clf:v0 were made from" in refused.stderr
+        assert refused.returncode == 2 and "tickets:v0 is what clf:v0 was made from" in refused.stderr
         assert entries[0].is_dir() and fetched.is_dir()
         model = run_cli("artifacts", "delete", "clf:v0", "--delete-aliases", "--json", *cli)
         assert model.returncode == 0, model.stderr

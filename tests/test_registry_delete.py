@@ -95,8 +95,8 @@ def test_aliases_and_dependents_are_refused_and_nothing_changes(reg, tmp_path):
     with pytest.raises(RegistryError, match=r"m:v0 holds the alias\(es\) production; move them first, or pass "
                                             r"--delete-aliases"):
         reg.delete("m:v0")
-    with pytest.raises(RegistryError, match=r"ds:v0 is what m:v0 were made from: without it they cannot be "
-                                            r"reproduced; delete them first, or pass --force"):
+    with pytest.raises(RegistryError, match=r"ds:v0 is what m:v0 was made from, which could not be "
+                                            r"reproduced without it; delete m:v0 first, or pass --force"):
         reg.delete("ds:v0")
     assert objects(reg) == before
     assert reg.resolve("m:production").ref == "m:v0" and reg.resolve("ds:v0").files == data.files
@@ -178,8 +178,8 @@ def test_cli_delete_prune_show_and_lineage(reg, tmp_path):
 
     refused = run_cli("artifacts", "delete", "ds:v0", *cli)
     assert refused.returncode == 2
-    assert refused.stderr.strip() == ("error: ds:v0 is what m:v0 were made from: without it they cannot be reproduced; "
-                                      "delete them first, or pass --force")
+    assert refused.stderr.strip() == ("error: ds:v0 is what m:v0 was made from, which could not be reproduced without "
+                                      "it; delete m:v0 first, or pass --force")
 
     dry = run_cli("artifacts", "prune", "m", "--keep", "2", "--dry-run", "--json", *cli)
     assert dry.returncode == 0, dry.stderr

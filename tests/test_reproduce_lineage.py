@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError, RefError
 from pipeline.lineage import build, render
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
-from tests.conftest import offline, run_cli
+from tests.conftest import offline, reg_runs, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 TRAIN = ["train.epochs=4", "train.batch_size=16", "train.learning_rate=3e-3", "train.warmup_ratio=0",
@@ -164,3 +164,55 @@ def test_lineage_in_three_formats(env):
     assert cli.returncode == 0 and cli.stdout == mermaid
     bad = run_cli("lineage", "clf:v7", "--set", f"tracking.dir={cfg.tracking.dir}")
     assert bad.returncode == 2 and "clf has no version 'v7'" in bad.stderr
+
+
+def test_a_model_version_as_the_base_is_an_input_pinned_for_reproduction_and_kept_from_deletion(env):
+    """model.base: clf:production trains the production model further (on new data, say)."""
+    import yaml
+
+    from pipeline.errors import RegistryError
+    from pipeline.stages import finetune
+
+    make, _ = env
+    cfg = make("model.base=clf:production", "train.epochs=1")
+    reg = registry(cfg)
+    result = finetune.run(cfg)
+    assert result.produced == ["clf:v1"]
+    v0, v1 = reg.resolve("clf:v0"), reg.resolve("clf:v1")
+    base = v1.metadata["base_model"]
+    assert (base["source"], base["id"], base["spec"], base["digest"]) == ("registry", "clf:v0", "clf:production", v0.digest)
+    assert sorted(reg.get_run(result.run_id)["consumed"]) == ["clf:v0", "tickets:v0"]  # an input of the run
+    g = json.loads(render(build(reg, "clf:v1"), "json"))
+    assert {(e["from"], e["to"]) for e in g["edges"]} >= {("artifact:clf:v0", f"run:{result.run_id}"),
+                                                          (f"run:{result.run_id}", "artifact:clf:v1")}
+    card = reg.fetch(v1).path / "README.md"
+    front = yaml.safe_load(card.read_text().split("---")[1])
+    assert "base_model" not in front  # not a hub id: the Hub would reject the card
+
+    reg.set_alias("clf:v1", "production")  # the alias moves on; the reproduction still starts from clf:v0
+    rebuilt = reproduce.run(cfg, model="clf:v1", check=True)
+    assert rebuilt.details["same_digest"] and rebuilt.produced == ["clf:v1"]
+    assert rebuilt.details["base_model"] == {"id": "clf:v0", "recorded_digest": v0.digest, "digest": v0.digest,
+                                             "same": True}
+    with pytest.raises(RegistryError, match=r"clf:v0 is what clf:v1 was made from"):
+        reg.delete("clf:v0")
+    # --set model.base=... on purpose: that base, not the pinned one
+    other = reproduce.run(cfg, model="clf:v1", overrides=("model.base=clf:v1",))
+    assert other.details["base_model"]["id"] == "clf:v1" and not other.details["same_digest"]
+
+
+@pytest.mark.parametrize("base, message", [
+    ("nosuch:v0", r"model.base='nosuch:v0': no artifact named 'nosuch'"),
+    ("tickets:v0", r"model.base='tickets:v0': tickets:v0 is a 'dataset' artifact, not a 'model' artifact"),
+    ("clf:v7", r"model.base='clf:v7': clf has no version 'v7'"),
+])
+def test_a_base_model_reference_the_registry_lacks_fails_before_a_run_opens(env, base, message):
+    from pipeline.stages import finetune
+
+    make, _ = env
+    cfg = make(f"model.base={base}")
+    runs = len(reg_runs(registry(cfg)))
+    with pytest.raises(RefError, match=message):
+        finetune.run(cfg)
+    assert len(reg_runs(registry(cfg))) == runs  # no run opened
+    assert [v.ref for v in registry(cfg).list_versions(type="model")] == ["clf:v0"]

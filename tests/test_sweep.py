@@ -284,3 +284,33 @@ def test_a_trial_the_pruner_rejects_at_its_last_evaluation_ran_in_full_and_is_co
         state, control = TrainerState(global_step=step, max_steps=10), TrainerControl()
         cb.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.2})
         assert cb.pruned is expect_pruned and control.should_training_stop is expect_pruned
+
+
+class MoveAlias(TrainerCallback):
+    """Moves `alias` of `name` to the newest version when the first trial this object sees ends."""
+
+    def __init__(self, reg: LocalRegistry, name: str, alias: str):
+        self.reg, self.name, self.alias, self.done = reg, name, alias, False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.done:
+            self.done = True
+            newest = max(self.reg.list_versions(name=self.name), key=lambda v: v.version)
+            self.reg.set_alias(newest.ref, self.alias)
+
+
+def test_a_base_model_alias_is_pinned_for_the_whole_sweep(cfg):
+    from pipeline.stages import finetune
+
+    c = cfg()
+    reg = registry(c)
+    finetune.run(c, aliases=("production",))  # clf:v0
+    finetune.run(cfg("train.seed=7"))  # clf:v1, which the alias moves to during the sweep
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+                               "parameters": {"learning_rate": {"values": [0.001, 0.002]}}})
+    out = sweeps.run(cfg("model.base=clf:production"), sweep=spec, count=2, publish_trials=True,
+                     callbacks=(MoveAlias(reg, "clf", "production"),))
+    assert reg.resolve("clf:production").ref == "clf:v1"  # it moved after trial 0
+    bases = [reg.resolve(t.produced[0]).metadata["base_model"]["id"] for t in out.trials]
+    assert bases == ["clf:v0", "clf:v0"]
+    assert [reg.get_run(t.run_id)["consumed"] for t in out.trials] == [["tickets:v0", "clf:v0"]] * 2

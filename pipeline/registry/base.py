@@ -164,8 +164,9 @@ def check_deletable(ref: str, aliases: list[str], dependents: list[str], *, dele
         raise RegistryError(f"{ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
                             "--delete-aliases to delete the version and its aliases")
     if dependents and not force:
-        raise RegistryError(f"{ref} is what {', '.join(dependents)} were made from: without it they "
-                            "cannot be reproduced; delete them first, or pass --force")
+        names = ", ".join(dependents)
+        raise RegistryError(f"{ref} is what {names} {'was' if len(dependents) == 1 else 'were'} made from, which could "
+                            f"not be reproduced without it; delete {names} first, or pass --force")
     return held
 
 

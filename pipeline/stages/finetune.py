@@ -86,8 +86,10 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
                         f"under {root}")
 
 
-def plan(config: Config, dataset: str | None = None, resume: str | None = None) -> Plan:
-    """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing."""
+def plan(config: Config, dataset: str | None = None, resume: str | None = None, base: str | None = None) -> Plan:
+    """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing (but a
+    verified copy of a base model version from the registry). `base`: the exact ``name:vN`` a registry
+    reference in ``model.base`` is pinned to (a reproduction)."""
     if resume is not None:
         saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
         changed = model_config_diff(saved["config"], config.to_dict())
@@ -99,6 +101,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
         if dataset is not None and dataset != saved["dataset"]:
             raise ConfigError(f"cannot resume run {saved['run_id']} on {dataset}: it was training on {saved['dataset']}")
         dataset = saved["dataset"]
+        base = saved.get("base") or base  # the base version the run started from, wherever its alias is now
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     ref = dataset or f"{config.dataset.name}:latest"
     version = registry.resolve(ref, type="dataset")
@@ -108,7 +111,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None) 
                           "(set dataset.split.validation above 0 and publish again)")
     if isinstance(config.train.class_weights, dict) and version.metadata.get("label_names"):
         class_weights(config.train.class_weights, version.metadata["label_names"], {}, version.ref)  # labels it lacks
-    base = resolve_base_model(config.model.base)
+    base = resolve_base_model(config.model.base, registry, pinned=base)
     check_max_length(base, config.model.max_length)
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
     check_architecture(base)
@@ -536,6 +539,8 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     """Main process, inside the run: record the input, fetch and tokenise. (shared, details)"""
     registry = trun.registry
     version = registry.use(plan_.dataset_ref, trun, type="dataset")
+    if plan_.base.source == "registry":  # a model version this trains further: an input, in the lineage
+        registry.use(plan_.base.id, trun, type="model")
     fetched = registry.fetch(version)
     manifest = json.loads((fetched.path / "dataset.json").read_text(encoding="utf-8"))
     label_names = list(manifest["label_names"])
@@ -546,7 +551,8 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     _report_truncation(truncated, config.model.max_length, plan_.base)
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
-             "config": trun.config, "group": trun.group}
+             "config": trun.config, "group": trun.group,
+             **({"base": plan_.base.id} if plan_.base.source == "registry" else {})}
     (plan_.output_dir / RESUME_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     shared = {
         "run_id": plan_.run_id,
@@ -569,7 +575,7 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
 def run(config: Config, *, group: str | None = None, dataset: str | None = None, resume: str | None = None,
         callbacks: tuple = (), aliases: tuple[str, ...] = ("candidate",), tags: tuple[str, ...] = (),
         summary: dict[str, Any] | None = None, keep_model: Path | None = None,
-        adopt_wandb_run: bool = False) -> StageResult:
+        adopt_wandb_run: bool = False, base: str | None = None) -> StageResult:
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
@@ -578,12 +584,13 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     to the W&B run. With `keep_model` (a folder) nothing is published: the version's files go
     there, and its metadata to ``metadata.json`` beside them, for a sweep to publish its best.
     `adopt_wandb_run`: log into the W&B run already open (a sweep agent's) instead of a new one.
+    `base`: the exact ``name:vN`` that a registry reference in ``model.base`` stands for (`plan`).
     """
     state = _process_state()
     if not state.is_main_process:
         return _follow(config, state, callbacks)
     try:
-        plan_ = plan(config, dataset, resume)
+        plan_ = plan(config, dataset, resume, base)
     except BaseException as e:
         _share(state, {"error": str(e)})
         raise
