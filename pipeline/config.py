@@ -238,7 +238,8 @@ class ModelConfig(_Group):
     name: str = Field(pattern=NAME_PATTERN)
     """Model artifact name."""
     base: str = "minilm"
-    """``minilm`` (the packaged all-MiniLM-L6-v2), a hub id (online) or a local folder."""
+    """``minilm`` (the packaged all-MiniLM-L6-v2), a hub id (online), a local folder, or a model version in the
+    registry (``NAME:vN`` or ``NAME:ALIAS``, e.g. ``intent-classifier:production``) to train further."""
     max_length: int = Field(128, gt=0)
     """Tokens kept per example."""
 
