@@ -197,6 +197,9 @@ def load_classifier(path: str | Path, label_names: list[str]):
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
               "label2id": {n: i for i, n in enumerate(label_names)}}
     base_config = AutoConfig.from_pretrained(path)
+    if base_config.problem_type not in (None, "single_label_classification"):
+        # a multi-label or regression base would train with its loss (BCE, MSE) on these class ids
+        labels["problem_type"] = "single_label_classification"
     if not is_classifier(base_config):
         base_labels = None
     else:

@@ -49,6 +49,10 @@ class Classifier:
                     f"{self.dir} is not a trained classifier (its config.json says {config.architectures or 'no architecture'}, "
                     "not a ...ForSequenceClassification), so it has no head to predict labels with; give a folder "
                     "from deploy-fetch, or fine-tune this model first (model.base)")
+            if config.problem_type in ("multi_label_classification", "regression") or config.num_labels < 2:
+                raise PipelineError(
+                    f"{self.dir} is a {'regression' if config.num_labels < 2 or config.problem_type == 'regression' else 'multi-label'} "
+                    "model; predict gives one label per text, from a single-label classifier (as finetune makes)")
             self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
             self.model = AutoModelForSequenceClassification.from_pretrained(self.dir)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or damaged files

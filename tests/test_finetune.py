@@ -744,3 +744,36 @@ def test_a_classifier_base_with_the_same_labels_keeps_its_head(tmp_path, tiny_mo
     base.save_pretrained(tmp_path / "base")
     model = load_classifier(tmp_path / "base", names)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_multi_label_classifier_base_is_trained_as_a_single_label_one(tmp_path, tiny_model, tickets_csv):
+    """The base's problem_type came along with its config: BCE on class ids failed mid-training."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = tmp_path / "multi-label"
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=3, problem_type="multi_label_classification", id2label={0: "x", 1: "y", 2: "z"},
+        label2id={"x": 0, "y": 1, "z": 2}).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    cfg = make_cfg(tmp_path, base, tickets_csv, "train.epochs=1")
+    dataset_publish.run(cfg)
+    result = finetune.run(cfg)
+    reg = registry_of(cfg)
+    model_dir = reg.fetch(reg.resolve(result.produced[0])).path
+    assert json.loads((model_dir / "config.json").read_text())["problem_type"] == "single_label_classification"
+
+
+@pytest.mark.parametrize("settings, kind", [
+    ({"num_labels": 3, "problem_type": "multi_label_classification"}, "multi-label"),
+    ({"num_labels": 1}, "regression"),
+])
+def test_predict_refuses_a_model_that_does_not_give_one_label_per_text(tmp_path, tiny_model, settings, kind):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.errors import PipelineError
+    from pipeline.predict import Classifier
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, **settings).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "m")
+    with pytest.raises(PipelineError, match=f"is a {kind} model; predict gives one label per text"):
+        Classifier(tmp_path / "m")
