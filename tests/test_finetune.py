@@ -777,3 +777,21 @@ def test_predict_refuses_a_model_that_does_not_give_one_label_per_text(tmp_path,
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "m")
     with pytest.raises(PipelineError, match=f"is a {kind} model; predict gives one label per text"):
         Classifier(tmp_path / "m")
+
+
+def test_a_run_from_a_registry_base_resumes_from_the_same_version_after_its_alias_moved(tmp_path, tiny_model,
+                                                                                          tickets_csv):
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1")
+    dataset_publish.run(cfg)
+    reg = registry_of(cfg)
+    finetune.run(cfg, aliases=("production",))  # clf:v0
+    further = make_cfg(tmp_path, tiny_model, tickets_csv, "model.base=clf:production", "model.name=further", "train.epochs=1",
+                       "train.eval_strategy=steps", "train.eval_steps=5")
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(further, callbacks=(StopAt(7),))
+    finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.seed=9"), aliases=("production",))  # clf:v1
+    assert reg.resolve("clf:production").ref == "clf:v1"
+    resumed = finetune.run(further, resume="latest")
+    assert resumed.details["resumed_from"].endswith("checkpoint-5")
+    assert reg.resolve(resumed.produced[0]).metadata["base_model"]["id"] == "clf:v0"
+    assert sorted(reg.get_run(resumed.run_id)["consumed"]) == ["clf:v0", "tickets:v0"]
