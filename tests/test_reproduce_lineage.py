@@ -177,7 +177,7 @@ def test_a_model_version_as_the_base_is_an_input_pinned_for_reproduction_and_kep
     cfg = make("model.base=clf:production", "train.epochs=1")
     reg = registry(cfg)
     result = finetune.run(cfg)
-    assert result.produced == ["clf:v1"]
+    assert result.produced == ["clf:v1"] and result.consumed == ["tickets:v0", "clf:v0"]  # what an orchestrator reads
     v0, v1 = reg.resolve("clf:v0"), reg.resolve("clf:v1")
     base = v1.metadata["base_model"]
     assert (base["source"], base["id"], base["spec"], base["digest"]) == ("registry", "clf:v0", "clf:production", v0.digest)

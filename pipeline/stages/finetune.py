@@ -639,7 +639,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         stage=STAGE,
         status=status,
         run_id=trun.id,
-        consumed=[plan_.dataset_ref],
+        consumed=[plan_.dataset_ref, *([plan_.base.id] if plan_.base.source == "registry" else [])],
         produced=produced,
         metrics={
             **{f"eval_{k}": v for k, v in best.items() if k != "step"},
