@@ -89,7 +89,7 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
 def plan(config: Config, dataset: str | None = None, resume: str | None = None, base: str | None = None) -> Plan:
     """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing (but a
     verified copy of a base model version from the registry). `base`: the exact ``name:vN`` a registry
-    reference in ``model.base`` is pinned to (a reproduction)."""
+    reference in ``model.base`` is pinned to (a reproduction, a sweep's trials)."""
     if resume is not None:
         saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
         changed = model_config_diff(saved["config"], config.to_dict())
