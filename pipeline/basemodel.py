@@ -166,8 +166,13 @@ def check_architecture(base: BaseModel) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(base.path)
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
     except (OSError, ValueError) as e:  # an unknown model type, or code the folder wants run (trust_remote_code)
+        if "custom code" in str(e):
+            raise ConfigError(
+                f"model.base={base.spec!r}: its architecture is Python code shipped in the model's folder "
+                "(transformers' trust_remote_code), which this pipeline does not run; use a model that transformers "
+                "implements itself (BERT, RoBERTa, DeBERTa, ModernBERT, MiniLM, GPT-2, Llama, ...)") from None
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise ConfigError(f"model.base={base.spec!r}: transformers cannot read its config.json ({reason})") from None
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
@@ -196,7 +201,7 @@ def load_classifier(path: str | Path, label_names: list[str]):
 
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
               "label2id": {n: i for i, n in enumerate(label_names)}}
-    base_config = AutoConfig.from_pretrained(path)
+    base_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if base_config.problem_type not in (None, "single_label_classification"):
         # a multi-label or regression base would train with its loss (BCE, MSE) on these class ids
         labels["problem_type"] = "single_label_classification"
@@ -206,13 +211,13 @@ def load_classifier(path: str | Path, label_names: list[str]):
         base_labels = [base_config.id2label[i] for i in range(base_config.num_labels)]
     if base_labels is None or base_labels == list(label_names):
         return AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, ignore_mismatched_sizes=True, **labels)
-    old = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            path, dtype=torch.float32, ignore_mismatched_sizes=True, trust_remote_code=False, **labels)
+    old = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     weights = old.state_dict()
     backbone = old.base_model_prefix + "."
     # The head's tensors with a row per label (a RoBERTa head's dense layer has none, and is kept)
     per_label = {k for k, v in weights.items() if not k.startswith(backbone) and v.shape[:1] == (len(base_labels),)}
-    model = type(old).from_pretrained(None, config=AutoConfig.from_pretrained(path, **labels),
+    model = type(old).from_pretrained(None, config=AutoConfig.from_pretrained(path, trust_remote_code=False, **labels),
                                       state_dict={k: v for k, v in weights.items() if k not in per_label},
                                       dtype=torch.float32)
     row = {n: i for i, n in enumerate(base_labels)}
@@ -241,7 +246,7 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
     end-of-sequence token is a ConfigError naming `base_id`. `announce` logs what was changed."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)
     changes = set_padding(tokenizer)
     if tokenizer.pad_token is None:
         raise ConfigError(

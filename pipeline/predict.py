@@ -43,7 +43,7 @@ class Classifier:
         from pipeline.basemodel import is_classifier, match_padding, set_padding
 
         try:
-            config = AutoConfig.from_pretrained(self.dir)
+            config = AutoConfig.from_pretrained(self.dir, trust_remote_code=False)  # never a prompt, never their code
             if not is_classifier(config):  # its head would be made up on the spot: random predictions
                 raise PipelineError(
                     f"{self.dir} is not a trained classifier (its config.json says {config.architectures or 'no architecture'}, "
@@ -53,8 +53,8 @@ class Classifier:
                 raise PipelineError(
                     f"{self.dir} is a {'regression' if config.num_labels < 2 or config.problem_type == 'regression' else 'multi-label'} "
                     "model; predict gives one label per text, from a single-label classifier (as finetune makes)")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.dir, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.dir, trust_remote_code=False)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or damaged files
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             raise PipelineError(f"{self.dir}: the model does not load ({type(e).__name__}: {reason})"

@@ -658,18 +658,28 @@ def test_a_decoder_base_that_cannot_work_fails_before_a_run_opens(tmp_path, tick
     refused_before_a_run(make_cfg(tmp_path, base, tickets_csv, *extra), message)
 
 
-@pytest.mark.parametrize("model_type, message", [
-    ("clip_text_model", r"its model type 'clip_text_model' has no sequence-classification head in transformers"),
-    ("nosuchmodel", r"transformers cannot read its config.json \(.*model type `nosuchmodel`"),
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "clip_text_model"}, r"its model type 'clip_text_model' has no sequence-classification head"),
+    ({"model_type": "nosuchmodel"}, r"transformers cannot read its config.json \(.*model type `nosuchmodel`"),
+    # transformers asks "Do you wish to run the custom code? [y/N]" on a terminal unless told not to
+    ({"model_type": "custom_xyz", "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel"}},
+     r"its architecture is Python code shipped in the model's folder \(transformers' trust_remote_code\), which "
+     r"this pipeline does not run"),
 ])
 def test_a_base_model_with_no_classification_head_fails_before_a_run_opens(tmp_path, tiny_model, tickets_csv,
-                                                                           model_type, message):
+                                                                           config, message, capfd):
     import shutil
+
+    from pipeline.errors import PipelineError
+    from pipeline.predict import Classifier
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
-    (base / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 100}))
+    (base / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
     refused_before_a_run(make_cfg(tmp_path, base, tickets_csv), message)
+    with pytest.raises(PipelineError):  # nor does predict load it, or run its code
+        Classifier(base)
+    assert "Do you wish to run the custom code" not in capfd.readouterr().out
 
 
 def test_a_half_precision_checkpoint_is_trained_and_published_in_float32(tmp_path, tiny_model, tickets_csv):
