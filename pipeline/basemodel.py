@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RefError
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,6 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None) -> B
     elif is_registry_ref(spec):
         if registry is None:
             raise ConfigError(f"model.base={spec!r} is a registry reference, and no registry was given to resolve it")
-        from pipeline.errors import RefError
-
         try:
             version = registry.resolve(pinned or spec, type="model")
         except RefError as e:
