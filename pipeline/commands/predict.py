@@ -22,7 +22,8 @@ OUTPUT_FORMATS = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", required=True, metavar="DIR", help="a folder from deploy-fetch (or any fetched model version)")
+    p.add_argument("--model-dir", required=True, metavar="DIR", help="a folder from deploy-fetch (or any fetched model version, or a Hugging Face "
+                   "sequence classifier's folder)")
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none or '-': one text per line on stdin. A sentence-pair model takes "
                         "TEXT<TAB>PAIR")
