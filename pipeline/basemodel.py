@@ -101,6 +101,15 @@ def is_registry_ref(spec: str) -> bool:
     return ":" in spec and spec not in PACKAGED and not _looks_like_path(spec)
 
 
+def registry_base(spec: str, registry, pinned: str | None = None):
+    """The model version a registry reference in ``model.base`` names (`pinned`, its exact ``name:vN``, when
+    already known); a RefError that names ``model.base``."""
+    try:
+        return registry.resolve(pinned or spec, type="model")
+    except RefError as e:
+        raise RefError(f"model.base={spec!r}{f' (pinned to {pinned})' if pinned else ''}: {e}") from None
+
+
 def resolve_base_model(spec: str, registry=None, pinned: str | None = None) -> BaseModel:
     """The base model's local folder and digests; a clear ConfigError when it cannot be found.
 
@@ -123,10 +132,7 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None) -> B
     elif is_registry_ref(spec):
         if registry is None:
             raise ConfigError(f"model.base={spec!r} is a registry reference, and no registry was given to resolve it")
-        try:
-            version = registry.resolve(pinned or spec, type="model")
-        except RefError as e:
-            raise RefError(f"model.base={spec!r}{f' (pinned to {pinned})' if pinned else ''}: {e}") from None
+        version = registry_base(spec, registry, pinned)
         folder, source, ident = registry.fetch(version).path, "registry", version.ref
     else:
         folder, revision = _hub_path(spec)

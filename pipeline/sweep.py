@@ -604,14 +604,11 @@ def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
     """The exact ``name:vN`` of a base model given as a registry reference (``model.base: clf:production``), resolved
     once for the whole sweep, so that every trial trains the same version even if the alias moves meanwhile;
     None when the base is not a registry version, or is itself swept."""
-    from pipeline.basemodel import is_registry_ref
+    from pipeline.basemodel import is_registry_ref, registry_base
 
     if "model.base" in {p.key for p in sweep.params} or not is_registry_ref(config.model.base):
         return None
-    try:
-        return registry.resolve(config.model.base, type="model").ref
-    except RefError as e:
-        raise RefError(f"model.base={config.model.base!r}: {e}") from None
+    return registry_base(config.model.base, registry).ref
 
 
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,

@@ -46,6 +46,14 @@ def registry_of(cfg) -> LocalRegistry:
     return LocalRegistry(Path(cfg.tracking.dir) / "registry")
 
 
+def publish_and_train(cfg) -> tuple:
+    """dataset-publish then finetune with `cfg`: (finetune's result, the published model version's folder)."""
+    dataset_publish.run(cfg)
+    result = finetune.run(cfg)
+    reg = registry_of(cfg)
+    return result, reg.fetch(reg.resolve(result.produced[0])).path
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model, tickets_csv):
     """One publish + finetune shared by the read-only tests below."""
@@ -619,12 +627,8 @@ def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_pred
     base = write_tiny_decoder(tmp_path / "gpt2", padding_side=padding_side)
     assert AutoTokenizer.from_pretrained(base).pad_token is None
     assert AutoTokenizer.from_pretrained(base).padding_side == padding_side
-    cfg = make_cfg(tmp_path, base, tickets_csv)
-    dataset_publish.run(cfg)
-    result = finetune.run(cfg)
+    result, model_dir = publish_and_train(make_cfg(tmp_path, base, tickets_csv))
     assert result.status == "ok" and result.metrics["eval_accuracy"] > 0
-    reg = registry_of(cfg)
-    model_dir = reg.fetch(reg.resolve(result.produced[0])).path
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["pad_token_id"] == saved["eos_token_id"] == 0  # the classifier finds the last real token by it
     assert json.loads((model_dir / "tokenizer_config.json").read_text())["padding_side"] == "right"
@@ -695,11 +699,7 @@ def test_a_half_precision_checkpoint_is_trained_and_published_in_float32(tmp_pat
     shutil.copytree(tiny_model, base)
     AutoModel.from_pretrained(tiny_model).to(torch.bfloat16).save_pretrained(base)
     assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
-    cfg = make_cfg(tmp_path, base, tickets_csv, "train.epochs=1")
-    dataset_publish.run(cfg)
-    result = finetune.run(cfg)
-    reg = registry_of(cfg)
-    model_dir = reg.fetch(reg.resolve(result.produced[0])).path
+    _, model_dir = publish_and_train(make_cfg(tmp_path, base, tickets_csv, "train.epochs=1"))
     assert json.loads((model_dir / "config.json").read_text())["dtype"] == "float32"
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
@@ -765,11 +765,7 @@ def test_a_multi_label_classifier_base_is_trained_as_a_single_label_one(tmp_path
         tiny_model, num_labels=3, problem_type="multi_label_classification", id2label={0: "x", 1: "y", 2: "z"},
         label2id={"x": 0, "y": 1, "z": 2}).save_pretrained(base)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
-    cfg = make_cfg(tmp_path, base, tickets_csv, "train.epochs=1")
-    dataset_publish.run(cfg)
-    result = finetune.run(cfg)
-    reg = registry_of(cfg)
-    model_dir = reg.fetch(reg.resolve(result.produced[0])).path
+    _, model_dir = publish_and_train(make_cfg(tmp_path, base, tickets_csv, "train.epochs=1"))
     assert json.loads((model_dir / "config.json").read_text())["problem_type"] == "single_label_classification"
 
 
