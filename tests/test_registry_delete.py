@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RefError, RegistryError
+from pipeline.registry import local as local_mod
 from pipeline.registry.local import LocalRegistry
 from pipeline.tracking import TrackedRun
 from tests.conftest import run_cli
@@ -157,7 +158,7 @@ def test_a_schema_2_catalog_is_rebuilt_with_its_rows_and_can_delete(tmp_path):
     again = LocalRegistry(root)
 
     with sqlite3.connect(root / "catalog.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == local_mod._SCHEMA_VERSION
         assert "deleted_at" in {r[1] for r in conn.execute("PRAGMA table_info(versions)")}
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     v = again.resolve("thing:stable")

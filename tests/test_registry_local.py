@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -305,6 +306,49 @@ def test_fetch_will_not_clobber_foreign_files(reg, tmp_path):
     assert reg.fetch(v, dest, overwrite=True).path == dest and not (dest / "precious.txt").exists()
 
 
+def test_the_registrys_own_copies_stay_known_when_the_tracking_folder_moves(tmp_path):
+    """A project moved (mv: same files) reuses its fetched copies; copied elsewhere (cp -a: new files,
+    a team-mate's machine) it fetches them again. Either way it does not take its own cache for a
+    user's folder and refuse to fetch."""
+    reg = LocalRegistry(tmp_path / "one" / "registry")
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha", "d/b.txt": "beta"})).version
+    assert not reg.fetch(v).reused
+    (tmp_path / "one").rename(tmp_path / "two")
+    moved = LocalRegistry(tmp_path / "two" / "registry")
+    again = moved.fetch(moved.resolve("ds:v0"))
+    assert again.reused and again.path == tmp_path / "two" / "artifacts" / "ds" / "v0"
+    shutil.copytree(tmp_path / "two", tmp_path / "three", copy_function=shutil.copy2)
+    copied = LocalRegistry(tmp_path / "three" / "registry")
+    fetched = copied.fetch(copied.resolve("ds:v0"))
+    assert not fetched.reused and (fetched.path / "d" / "b.txt").read_text() == "beta"
+    assert copied.fetch(copied.resolve("ds:v0")).reused  # and known from then on
+    assert moved.fetch(moved.resolve("ds:v0")).reused  # the other copy of the folder is untouched
+
+
+def test_the_registrys_own_copy_is_a_cache_fetched_again_whatever_it_holds(reg, tmp_path):
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha"})).version
+    cache = write(reg.default_fetch_dir(v), {"a.txt": "edited", "stray.txt": "left here"})
+    fetched = reg.fetch(v)
+    assert fetched.path == cache and not fetched.reused
+    assert sorted(p.name for p in cache.iterdir()) == ["a.txt"] and (cache / "a.txt").read_text() == "alpha"
+
+
+def test_a_schema_3_catalog_names_its_fetched_copies_relative_to_the_tracking_folder(tmp_path):
+    reg = LocalRegistry(tmp_path / "registry")
+    v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha"})).version
+    reg.fetch(v)
+    deployed = reg.fetch(v, tmp_path.parent / f"{tmp_path.name}-deploy")
+    with sqlite3.connect(reg.db_path) as conn:  # the catalog as schema 3 wrote it: absolute paths
+        conn.execute("UPDATE fetches SET dest = ? WHERE dest = 'artifacts/ds/v0'", (str(reg.default_fetch_dir(v)),))
+        conn.execute("PRAGMA user_version = 3")
+    upgraded = LocalRegistry(tmp_path / "registry")
+    assert sorted(r[0] for r in catalog(upgraded, "SELECT dest FROM fetches")) == sorted(["artifacts/ds/v0", str(deployed.path)])
+    assert catalog(upgraded, "PRAGMA user_version") == [(local_mod._SCHEMA_VERSION,)]
+    assert upgraded.fetch(v).reused and upgraded.fetch(v, deployed.path).reused
+    # the registry's own copy of a deleted version still goes with it
+    assert upgraded.delete("ds:v0", force=True).copies_removed == [str(reg.default_fetch_dir(v))]
+
+
 def test_tampered_object_is_detected_and_old_copy_kept(reg, tmp_path):
     v0 = reg.publish("ds", "dataset", write(tmp_path / "a", {"w.bin": "original"})).version
     v1 = reg.publish("ds", "dataset", write(tmp_path / "b", {"w.bin": "newer", "x": "x"})).version
@@ -374,7 +418,7 @@ def test_a_schema_1_catalog_is_upgraded_in_place(tmp_path):
     again = LocalRegistry(root)
     with sqlite3.connect(root / "catalog.db") as conn:
         assert "ref" in {r[1] for r in conn.execute("PRAGMA table_info(files)")}
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == local_mod._SCHEMA_VERSION
     version = again.resolve("thing:v0")
     assert [(f.path, f.ref) for f in version.files] == [("a.txt", None)]
     assert again.fetch(version, tmp_path / "out").path.joinpath("a.txt").read_text() == "hello"

@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from pipeline.refstore import Reference
     from pipeline.tracking import TrackedRun
 
-_SCHEMA_VERSION = 3  # 2: files.ref (reference-mode entries); 3: versions.deleted_at
+# 2: files.ref (reference-mode entries); 3: versions.deleted_at; 4: fetches.dest relative to the tracking folder
+# for copies inside it (see `_fetch_key`)
+_SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     id INTEGER PRIMARY KEY,
@@ -260,6 +262,10 @@ class LocalRegistry:
                     conn.execute(stmt)
             if "ref" not in {r[1] for r in conn.execute("PRAGMA table_info(files)")}:  # a schema 1 catalog
                 conn.execute("ALTER TABLE files ADD COLUMN ref TEXT")
+            if 0 < current < 4:  # fetched copies under the tracking folder: named relative to it from now on
+                home = str(self.root.parent) + os.sep
+                conn.execute("UPDATE OR IGNORE fetches SET dest = substr(dest, ?) WHERE substr(dest, 1, ?) = ?",
+                             (len(home) + 1, len(home), home))
             broken = conn.execute("PRAGMA foreign_key_check").fetchall() if rebuilt else []
             if broken:
                 conn.execute("ROLLBACK")
@@ -579,13 +585,14 @@ class LocalRegistry:
         # The registry's own fetched copy (tracking.dir/artifacts/NAME/vN) is a cache of the deleted
         # bytes: it goes too, if it is as fetched. Folders fetched elsewhere (a deployment) stay.
         removed = []
-        default = str(self.default_fetch_dir(version))
-        for dest in copies:
-            if dest == default and self._as_fetched(Path(dest)) is not None:
+        default = self.default_fetch_dir(version)
+        for key in copies:
+            dest = self._fetch_path(key)
+            if dest == default and self._as_fetched(dest) is not None:
                 shutil.rmtree(dest, ignore_errors=True)
                 with self._write() as conn:
-                    conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (dest, row["id"]))
-                removed.append(dest)
+                    conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (key, row["id"]))
+                removed.append(str(dest))
         return DeleteResult(version=record, aliases_removed=held, latest_now=latest_now, bytes_freed=freed,
                             copies_removed=removed)
 
@@ -634,12 +641,24 @@ class LocalRegistry:
                 snap[p.relative_to(dest).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
         return snap
 
+    def _fetch_key(self, dest: Path) -> str:
+        """How the catalog names a fetched copy: relative to the tracking folder when it is inside it (the
+        registry's own copies under ``artifacts/``), so they stay known, and reusable, when the whole
+        folder is moved or copied to another place; by its absolute path elsewhere (a deployment)."""
+        try:
+            return dest.relative_to(self.root.parent).as_posix()
+        except ValueError:
+            return str(dest)
+
+    def _fetch_path(self, key: str) -> Path:
+        return Path(key) if os.path.isabs(key) else self.root.parent / key
+
     def _as_fetched(self, dest: Path) -> str | None:
         """The digest the registry last fetched into `dest`, if the folder is still exactly as it wrote it."""
         if not dest.is_dir():
             return None
         with self._read() as conn:
-            row = conn.execute("SELECT digest, snapshot FROM fetches WHERE dest = ?", (str(dest),)).fetchone()
+            row = conn.execute("SELECT digest, snapshot FROM fetches WHERE dest = ?", (self._fetch_key(dest),)).fetchone()
         return row["digest"] if row and json.loads(row["snapshot"]) == self._snapshot(dest) else None
 
     def _reusable(self, dest: Path, version: ArtifactVersion) -> bool:
@@ -675,13 +694,15 @@ class LocalRegistry:
             if refresh_extras(dest, extras):  # the version's files stay as verified; only what describes them moved on
                 with self._write() as conn:
                     conn.execute("UPDATE fetches SET snapshot = ? WHERE dest = ?",
-                                 (json.dumps(self._snapshot(dest)), str(dest)))
+                                 (json.dumps(self._snapshot(dest)), self._fetch_key(dest)))
             return FetchResult(version=version, path=dest, reused=True)
         if dest.exists() and not dest.is_dir():
             raise RegistryError(f"cannot fetch into {dest}: it is a file")
-        if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        # The registry's own copy (tracking.dir/artifacts/NAME/vN) is a cache, fetched again when it is not as
+        # fetched; any other folder is replaced only when the registry fetched into it before, or with `overwrite`.
+        if dest.is_dir() and any(dest.iterdir()) and not overwrite and dest != self.default_fetch_dir(version):
             with self._read() as conn:
-                ours = conn.execute("SELECT 1 FROM fetches WHERE dest = ?", (str(dest),)).fetchone()
+                ours = conn.execute("SELECT 1 FROM fetches WHERE dest = ?", (self._fetch_key(dest),)).fetchone()
             if not ours:
                 raise RegistryError(f"{dest} already holds files that did not come from the registry; pass overwrite (--force) to replace them")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -719,7 +740,7 @@ class LocalRegistry:
                 "INSERT INTO fetches (dest, version_id, digest, snapshot, verified_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (dest) DO UPDATE SET version_id = excluded.version_id, digest = excluded.digest,"
                 " snapshot = excluded.snapshot, verified_at = excluded.verified_at",
-                (str(dest), vid, version.digest, json.dumps(self._snapshot(dest)), _now()),
+                (self._fetch_key(dest), vid, version.digest, json.dumps(self._snapshot(dest)), _now()),
             )
         return FetchResult(version=version, path=dest, reused=False)
 

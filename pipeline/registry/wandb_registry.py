@@ -142,13 +142,14 @@ class WandbRegistry:
         from wandb.sdk.lib.hashutil import md5_file_b64
 
         art = self._artifact(version.qualified_name or version.ref)
-        dest = Path(os.path.abspath(dest or self.fetch_root / version.name / f"v{version.version}"))
+        cache = Path(os.path.abspath(self.fetch_root / version.name / f"v{version.version}"))
+        dest = Path(os.path.abspath(dest)) if dest else cache
         for f in version.files:
             check_artifact_path(f.path)
         if dest.is_dir() and all((dest / f.path).is_file() and md5_file_b64(dest / f.path) == f.digest for f in version.files):
             refresh_extras(dest, extras or {})  # the version's files stay as verified; only what describes them moved on
             return FetchResult(version=version, path=dest, reused=True)
-        if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        if dest.is_dir() and any(dest.iterdir()) and not overwrite and dest != cache:  # the cache is fetched again
             raise RegistryError(f"{dest} already holds other files; pass overwrite (--force) to replace them")
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
