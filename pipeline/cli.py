@@ -50,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         _add_arguments_lazily(p, module)
+        _accept_verbose_anywhere(p)
     return parser
+
+
+def _accept_verbose_anywhere(p: argparse.ArgumentParser) -> None:
+    """-v after the command too (`pipeline finetune --config c.yaml -v`), and after an artifacts action.
+    Left unset there unless given, so a -v before the command is not overwritten."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for nested in action.choices.values():
+                _accept_verbose_anywhere(nested)
 
 
 def _add_arguments_lazily(p: argparse.ArgumentParser, module: str) -> None:

@@ -62,6 +62,24 @@ def test_help_lists_commands():
     assert out.returncode == 0 and "artifacts" in out.stdout
 
 
+def test_verbose_is_accepted_before_or_after_the_command(tmp_path):
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    for argv, verbose in ((["-v", "artifacts", "list"], True), (["artifacts", "list", "-v"], True),
+                          (["artifacts", "--verbose", "list"], True), (["artifacts", "list"], False),
+                          (["finetune", "--config", "c.yaml", "-v"], True), (["finetune", "--config", "c.yaml"], False)):
+        assert parser.parse_args(argv).verbose is verbose, argv
+    (tmp_path / "data.csv").write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    (tmp_path / "c.yaml").write_text(f"dataset: {{name: d, source: {tmp_path / 'data.csv'}}}\nmodel: {{name: m}}\n"
+                                     f"tracking: {{dir: {tmp_path / 'track'}}}\n")
+    s = ["--config", str(tmp_path / "c.yaml")]
+    after = run_cli("dataset-publish", *s, "-v", env={"WANDB_MODE": "offline"})
+    assert after.returncode == 0 and " DEBUG " in after.stderr, after.stderr[-2000:]
+    plain = run_cli("dataset-publish", *s, env={"WANDB_MODE": "offline"})
+    assert plain.returncode == 0 and " DEBUG " not in plain.stderr
+
+
 def test_artifacts_list_show_json(tmp_path):
     track = tmp_path / "track"
     reg = LocalRegistry(track / "registry")
