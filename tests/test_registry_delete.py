@@ -131,6 +131,10 @@ def test_the_registrys_own_fetched_copy_goes_and_other_copies_stay(reg, tmp_path
     # The deployment folder is still known as the registry's, so the next model replaces it without --force.
     nxt = reg.publish("m", "model", write(tmp_path / "b", {"w.bin": "weights 2"})).version
     assert (reg.fetch(nxt, deployed).path / "w.bin").read_text() == "weights 2"
+    # A cached copy changed since its fetch (or one that came with a copied tracking folder) is still the cache.
+    edited = reg.fetch(nxt).path
+    (edited / "w.bin").write_text("changed by hand")
+    assert reg.delete("m:v1", delete_aliases=True).copies_removed == [str(edited)] and not edited.exists()
 
 
 # The versions table as schema 2 wrote it: one digest per name, deleted or not.

@@ -579,20 +579,19 @@ class LocalRegistry:
             conn.execute("UPDATE versions SET deleted_at = ? WHERE id = ?", (_now(), row["id"]))
             if newest is not None and "latest" in version.aliases:
                 self._move_alias(conn, row["name"], "latest", newest["id"])
-            copies = [r[0] for r in conn.execute("SELECT dest FROM fetches WHERE version_id = ?", (row["id"],))]
+            copies = {r[0] for r in conn.execute("SELECT dest FROM fetches WHERE version_id = ?", (row["id"],))}
             record = self._load(conn, conn.execute("SELECT * FROM versions WHERE id = ?", (row["id"],)).fetchone())
         freed = self._discard_unreferenced(objects)
         # The registry's own fetched copy (tracking.dir/artifacts/NAME/vN) is a cache of the deleted
-        # bytes: it goes too, if it is as fetched. Folders fetched elsewhere (a deployment) stay.
+        # bytes: it goes too (as fetched, or changed since). Folders fetched elsewhere (a deployment) stay.
         removed = []
         default = self.default_fetch_dir(version)
-        for key in copies:
-            dest = self._fetch_path(key)
-            if dest == default and self._as_fetched(dest) is not None:
-                shutil.rmtree(dest, ignore_errors=True)
-                with self._write() as conn:
-                    conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (key, row["id"]))
-                removed.append(str(dest))
+        if default.is_dir():
+            shutil.rmtree(default, ignore_errors=True)
+            removed.append(str(default))
+        if self._fetch_key(default) in copies:
+            with self._write() as conn:
+                conn.execute("DELETE FROM fetches WHERE dest = ? AND version_id = ?", (self._fetch_key(default), row["id"]))
         return DeleteResult(version=record, aliases_removed=held, latest_now=latest_now, bytes_freed=freed,
                             copies_removed=removed)
 
