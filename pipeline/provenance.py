@@ -28,14 +28,20 @@ def package_versions() -> dict[str, str]:
 def code_version() -> dict[str, Any]:
     """The git commit of the pipeline's source and whether its tree had uncommitted changes.
 
-    ``git_commit`` is None when the package is not running from a git checkout (an installed
-    wheel); the package version then identifies the code.
+    ``git_commit`` is None when the package is not running from a git checkout of its own source
+    (an installed wheel); the package version then identifies the code. That includes a wheel
+    installed in a virtual environment inside another repository (a project's ``.venv``): git
+    would answer with that repository's commit, so the package's files must be tracked there.
     """
     src = Path(__file__).resolve().parent
     info: dict[str, Any] = {"git_commit": None, "git_dirty": None}
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
+            return info
+        tracked = subprocess.run(["git", "-C", str(src), "ls-files", "--error-unmatch", "--", Path(__file__).name],
+                                 capture_output=True, text=True, timeout=10)
+        if tracked.returncode != 0:
             return info
         status = subprocess.run(["git", "-C", str(src), "status", "--porcelain"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):

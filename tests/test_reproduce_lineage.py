@@ -216,3 +216,33 @@ def test_a_base_model_reference_the_registry_lacks_fails_before_a_run_opens(env,
         finetune.run(cfg)
     assert len(reg_runs(registry(cfg))) == runs  # no run opened
     assert [v.ref for v in registry(cfg).list_versions(type="model")] == ["clf:v0"]
+
+
+def test_the_code_version_is_the_pipelines_own_checkout_never_a_repository_it_is_installed_in(tmp_path):
+    """A wheel installed in a project's .venv sits inside the project's git work tree: `git rev-parse`
+    there answers with the project's commit, which says nothing about the pipeline's code."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.provenance import code_version
+    from tests.conftest import REPO
+
+    project = tmp_path / "project"
+    site = project / ".venv" / "lib" / "site-packages"
+    shutil.copytree(REPO / "pipeline", site / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / ".gitignore").write_text(".venv/\n")
+    (project / "train.yaml").write_text("project: theirs\n")
+
+    def git(*args: str, where: Path = project) -> str:
+        return subprocess.run(["git", "-C", str(where), "-c", "user.email=ml@example.com", "-c", "user.name=ML", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "their project")
+    installed = subprocess.run([sys.executable, "-c", "import json, pipeline.provenance as p; print(json.dumps(p.code_version()))"],
+                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
+    assert json.loads(installed.stdout) == {"git_commit": None, "git_dirty": None}
+    # from its own checkout (this repository), the commit it is at
+    assert code_version()["git_commit"] == git("rev-parse", "HEAD", where=REPO)
