@@ -471,6 +471,11 @@ def test_evaluate_bad_references(env):
         evaluate.run(cfg, model="clf:v9")
     with pytest.raises(RefError, match="is a 'dataset' artifact, not a 'model'"):
         evaluate.run(cfg, model="tickets:v0")
+    # a --dataset that is not there is the user's reference, not the model's training data
+    with pytest.raises(RefError, match=r"^--dataset golden:latest: no artifact named 'golden' .*known artifacts: clf, tickets$"):
+        evaluate.run(cfg, dataset="golden:latest")
+    with pytest.raises(RefError, match=r"^--dataset tickets:v7: tickets has no version 'v7'"):
+        evaluate.run(cfg, dataset="tickets:v7")
 
 
 def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
