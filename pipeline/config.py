@@ -89,7 +89,8 @@ class TrackingConfig(_Group):
 
 class SplitConfig(_Group):
     train: float = Field(0.8, ge=0, le=1)
-    """Fraction of rows for training."""
+    """Fraction of rows for training; 0 makes a dataset for evaluation only (`evaluate --dataset`), which
+    finetune refuses."""
     validation: float = Field(0.1, ge=0, le=1)
     """Fraction of rows for validation (model selection, early stopping)."""
     test: float = Field(0.1, ge=0, le=1)
@@ -103,8 +104,6 @@ class SplitConfig(_Group):
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split fractions must sum to 1 (train + validation + test = {total:g})")
-        if self.train <= 0:
-            raise ValueError("split.train must be above 0")
         return self
 
 

@@ -817,7 +817,8 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
 
     Each label's texts are ranked by `order` (`split_order`: a hash of the text seeded with the seed);
     the first go to test, the next to validation, the rest to train, as many as come closest to the
-    fractions. Rows with the same `groups` code (copies of one text, which share their `order`) go
+    fractions (with ``train`` 0, the rest go to validation, or to test when it is the only split). Rows
+    with the same `groups` code (copies of one text, which share their `order`) go
     to one split together, so no test row is a copy of a train row. A text's rank does not depend
     on the other rows: adding or removing rows moves only the few texts next to a cut from one
     split to the next, and a test row of one dataset version stays a test row in the next. Each
@@ -825,14 +826,15 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
     come back in input order.
     """
     names = ("train", "validation", "test")
-    split_of = np.zeros(len(labels), dtype=np.int8)  # an index into `names`: every row starts in train
+    rest = next(s for s in names if fractions[s] > 0)  # the split that takes the rows the cuts leave
+    split_of = np.full(len(labels), names.index(rest), dtype=np.int8)  # an index into `names`
     by_label = np.argsort(labels, kind="stable")  # each label's rows together, in input order
     for idx in np.split(by_label, np.flatnonzero(np.diff(labels[by_label])) + 1):
         if not len(idx):  # no rows at all
             continue
         n = len(idx)
-        n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0
-        n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 else 0
+        n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 and rest != "test" else 0
+        n_val = max(1, round(n * fractions["validation"])) if fractions["validation"] > 0 and rest == "train" else 0
         if groups is None:  # every row its own group: the same cuts, without finding groups
             first, inverse, sizes = np.arange(n), np.arange(n), np.ones(n, dtype=np.int64)
         else:

@@ -531,7 +531,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
     else:
         # everything a trial needs is checked before the first one starts
-        dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+        dataset_ref = _dataset_to_search(config, registry)
         base_ref = pinned_base(config, sweep, registry)
         for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
             trial_config(config, combo, sweep)
@@ -600,6 +600,16 @@ DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sw
 BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry (`pinned_base`)
 
 
+def _dataset_to_search(config: Config, registry) -> str:
+    """The exact dataset version every trial trains on, checked before the first trial: one it cannot
+    train on fails the sweep once, not each trial."""
+    from pipeline.stages import finetune
+
+    version = registry.resolve(f"{config.dataset.name}:latest", type="dataset")
+    finetune.check_trainable(version)
+    return version.ref
+
+
 def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
     """The exact ``name:vN`` of a base model given as a registry reference (``model.base: clf:production``), resolved
     once for the whole sweep, so that every trial trains the same version even if the alias moves meanwhile;
@@ -625,7 +635,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
         base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:
-        dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+        dataset_ref = _dataset_to_search(config, registry)
         base_ref = pinned_base(config, sweep, registry)
         for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
             trial_config(config, combo, sweep)

@@ -381,6 +381,28 @@ def test_splits_are_deterministic_and_stratified(tmp_path, cfg_for):
     assert not other["test"].equals(a["test"])
 
 
+@pytest.mark.parametrize("fractions, expected", [
+    ({"train": 0, "validation": 0, "test": 1}, {"train": 0, "validation": 0, "test": 40}),
+    ({"train": 0, "validation": 0.5, "test": 0.5}, {"train": 0, "validation": 20, "test": 20}),
+    ({"train": 0, "validation": 0.7, "test": 0.3}, {"train": 0, "validation": 28, "test": 12}),
+])
+def test_a_dataset_for_evaluation_only_has_no_train_rows(tmp_path, cfg_for, fractions, expected):
+    """split.train = 0: a held-out (golden) set for `evaluate --dataset`, stratified over the splits it has."""
+    src = write_rows(tmp_path / "d.csv", rows(40))
+    cfg = cfg_for(src, *(f"dataset.split.{s}={f}" for s, f in fractions.items()))
+    result = dataset_publish.run(cfg)
+    meta = LocalRegistry(Path(cfg.tracking.dir) / "registry").resolve(result.produced[0]).metadata
+    assert meta["num_rows"] == {s: 3 * n for s, n in expected.items()}
+    tables = dataset_publish.prepare(cfg)[0]
+    for split, n in expected.items():  # stratified
+        labels = tables[split].column("label").to_pylist()
+        assert {lbl: labels.count(lbl) for lbl in LABELS} == {lbl: n for lbl in LABELS}
+    if 0 < fractions["test"] < 1:  # the same cut as with train rows: test takes the same texts first
+        usual = dataset_publish.prepare(cfg_for(src, f"dataset.split.train={fractions['validation'] - 0.1:g}",
+                                                "dataset.split.validation=0.1", f"dataset.split.test={fractions['test']:g}"))[0]
+        assert sorted(usual["test"].column("id").to_pylist()) == sorted(tables["test"].column("id").to_pylist())
+
+
 def test_rows_keep_their_split_when_rows_are_added_or_removed(tmp_path, cfg_for):
     """A text's place depends on the text and the seed alone: a new dataset version moves only the few
     rows next to a cut, so its test rows were not the last version's train rows (which production

@@ -22,7 +22,7 @@ from pipeline.predict import load as load_classifier
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
 from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
-from tests.conftest import offline, REPO, inspect_summary, run_cli
+from tests.conftest import offline, REPO, inspect_summary, reg_runs, run_cli
 from tests.tiny import write_tickets, write_tiny_model
 
 # 20 epochs of a 2-layer, 32-wide BERT learn these tickets well (0.94 validation accuracy; early stopping may end
@@ -379,6 +379,43 @@ def test_another_dataset_version_is_scored_by_label_name(env, template, tmp_path
     assert strict.status == "gate_failed" and failed["reason"] == (
         f"recall[{labels[0]}] cannot be checked: the split has no row labelled '{labels[0]}' "
         "(evaluate.gate.min_class_recall asks for 0.5000)")
+
+
+def test_a_held_out_dataset_for_evaluation_only(env, tmp_path, caplog):
+    """dataset.split.train=0 publishes a golden set: `evaluate --dataset` scores a model on it, and says how many
+    of its rows are texts the model trained on; finetune refuses to train on it, before a run opens."""
+    import csv as csvlib
+
+    import pyarrow.parquet as pq
+
+    cfg = env()
+    reg = registry(cfg)
+    own = reg.fetch(reg.resolve("tickets:v0")).path
+    unseen = pq.read_table(own / "test.parquet").slice(0, 20).to_pylist()  # copies of a text stay in one split
+    trained = pq.read_table(own / "train.parquet").slice(0, 30).to_pylist()
+    golden = tmp_path / "golden.csv"
+    with open(golden, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.writer(f)
+        w.writerow(["ticket_id", "text", "label"])
+        w.writerows([r["id"], r["text"], r["label"]] for r in unseen + trained)
+    split = ["dataset.split.train=0", "dataset.split.validation=0", "dataset.split.test=1"]
+    gold_cfg = env("dataset.name=golden", f"dataset.source={golden}", *split)
+    assert dataset_publish.run(gold_cfg).produced == ["golden:v0"]
+    assert reg.resolve("golden:v0").metadata["num_rows"] == {"train": 0, "validation": 0, "test": 50}
+
+    caplog.set_level("WARNING")
+    scored = evaluate.run(cfg, dataset="golden:v0", promote=False)
+    assert scored.status == "ok" and "golden:v0" in scored.consumed
+    assert ("30 of 50 test rows of golden:v0 are texts clf:v0 trained on or chose its checkpoint on (the train and "
+            "validation splits of tickets:v0)") in caplog.text
+    assert reg.resolve("clf:v0").metadata["evaluation"]["seen_in_training"] == 30
+    evaluate.run(cfg, promote=False)  # its own test split: no row it trained on
+    assert "seen_in_training" not in reg.resolve("clf:v0").metadata["evaluation"]
+
+    runs_before = len(reg_runs(reg))
+    with pytest.raises(ConfigError, match=r"golden:v0 has no train rows: it was published for evaluation only"):
+        finetune.run(gold_cfg)
+    assert len(reg_runs(reg)) == runs_before and [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"]
 
 
 def test_non_inferiority_needs_the_whole_interval_within_max_regression():

@@ -273,6 +273,15 @@ def test_a_sampled_value_the_config_rejects_is_caught_before_the_first_trial(cfg
         sweeps.run(cfg(), sweep=spec, count=2)
 
 
+def test_a_dataset_for_evaluation_only_is_refused_before_the_first_trial(cfg):
+    c = cfg("dataset.name=golden", "dataset.split.train=0", "dataset.split.validation=0", "dataset.split.test=1")
+    dataset_publish.run(c)
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"batch_size": {"values": [16]}}})
+    with pytest.raises(ConfigError, match="golden:v0 has no train rows"):
+        sweeps.run(c, sweep=spec, count=1)
+    assert registry(c).list_versions(type="model") == [] and not (Path(c.tracking.dir) / "sweeps").exists()
+
+
 def test_a_trial_the_pruner_rejects_at_its_last_evaluation_ran_in_full_and_is_complete():
     """Pruning stops a trial early; at the last evaluation there is nothing left to stop."""
     import optuna

@@ -364,6 +364,14 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         reg.use(ds.ref, trun, type="dataset")
         rows = _read_split(reg.fetch(ds).path, split, ds.ref)
         label_names = label_names or list(ds.metadata["label_names"])
+        seen = 0  # rows the challenger trained on: possible in a dataset version other than its own
+        if trained_on != ds.digest:
+            known = _seen_in_training(reg, challenger, rows, "the challenger")
+            seen = int(known.sum()) if known is not None else 0
+            if seen:
+                log.warning("%d of %d %s rows of %s are texts %s trained on or chose its checkpoint on (the train and "
+                            "validation splits of %s): its scores, and the gate's decision, are biased upward", seen,
+                            len(known), split, ds.ref, challenger.ref, (challenger.metadata.get("dataset") or {}).get("ref"))
         e = config.evaluate
         ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)
         if ch.truncated:
@@ -416,6 +424,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             "metrics": ch.metrics,
             "per_class": ch.per_class,
             "truncated": ch.truncated,  # rows cut at the model's max_length
+            **({"seen_in_training": seen} if seen else {}),  # rows the challenger trained on (another dataset version)
             "champion": ({"ref": cp.ref, "metrics": cp.metrics, "rows": len(cmp.rows["label"]),
                           **({"seen_in_training": cmp.seen} if cmp.seen else {}),
                           **({"seen_in_training_but_compared": cmp.seen_but_compared} if cmp.seen_but_compared else {}),
@@ -487,8 +496,8 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
     return cmp, None if cmp else f"production {champion.ref} knows none of the labels in this split"
 
 
-def _seen_in_training(reg, champion, rows: dict[str, list]) -> np.ndarray | None:
-    """Which rows production trained on or chose its checkpoint on: texts (and pairs) in the train or
+def _seen_in_training(reg, champion, rows: dict[str, list], who: str = "production") -> np.ndarray | None:
+    """Which rows a model (`who`: production) trained on or chose its checkpoint on: texts (and pairs) in the train or
     validation split of the dataset version it was trained on, compared as dataset-publish compares
     copies (ignoring case and spacing). dataset-publish keeps a row in its split from one version to the
     next, but a version split another way (another seed or fractions, the user's own split files, or
@@ -508,8 +517,9 @@ def _seen_in_training(reg, champion, rows: dict[str, list]) -> np.ndarray | None
             raise RefError("it does not record one")
         folder = reg.fetch(reg.resolve(recorded, type="dataset")).path
     except (RefError, RegistryError) as e:
-        log.warning("production %s: the rows it trained on cannot be known (its dataset %s: %s); the regression "
-                    "checks use every row of the split", champion.ref, recorded or "-", e)
+        log.warning("%s %s: the rows it trained on cannot be known (its dataset %s: %s); %s", who, champion.ref,
+                    recorded or "-", e, "the regression checks use every row of the split" if who == "production" else
+                    "some of the rows scored may be among them")
         return None
     cols = Columns(text="text", label="label", text_pair="text_pair" if "text_pair" in rows else None)
     parts = [pq.read_table(folder / f"{split}.parquet", columns=cols.text_columns) for split in ("train", "validation")]

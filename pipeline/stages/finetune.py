@@ -86,6 +86,18 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
                         f"under {root}")
 
 
+def check_trainable(version) -> None:
+    """A dataset version finetune can train on: it has train rows, and validation rows to evaluate on."""
+    rows = version.metadata.get("num_rows", {})
+    if rows and not rows.get("train"):
+        raise ConfigError(f"{version.ref} has no train rows: it was published for evaluation only "
+                          "(dataset.split.train = 0); evaluate a model on it with `evaluate --dataset "
+                          f"{version.ref}`, or publish the data with dataset.split.train above 0 to train on it")
+    if rows and not rows.get("validation"):
+        raise ConfigError(f"{version.ref} has no validation rows; finetune evaluates on the validation split "
+                          "(set dataset.split.validation above 0 and publish again)")
+
+
 def plan(config: Config, dataset: str | None = None, resume: str | None = None, base: str | None = None) -> Plan:
     """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing (but a
     verified copy of a base model version from the registry). `base`: the exact ``name:vN`` a registry
@@ -105,10 +117,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     ref = dataset or f"{config.dataset.name}:latest"
     version = registry.resolve(ref, type="dataset")
-    rows = version.metadata.get("num_rows", {})
-    if rows and not rows.get("validation"):
-        raise ConfigError(f"{version.ref} has no validation rows; finetune evaluates on the validation split "
-                          "(set dataset.split.validation above 0 and publish again)")
+    check_trainable(version)
     if isinstance(config.train.class_weights, dict) and version.metadata.get("label_names"):
         class_weights(config.train.class_weights, version.metadata["label_names"], {}, version.ref)  # labels it lacks
     base = resolve_base_model(config.model.base, registry, pinned=base)
