@@ -26,7 +26,7 @@ def package_versions() -> dict[str, str]:
 
 
 def code_version() -> dict[str, Any]:
-    """The git commit of the pipeline's source and whether its tree had uncommitted changes.
+    """The git commit of the pipeline's source and whether its files (the package) had uncommitted changes.
 
     ``git_commit`` is None when the package is not running from a git checkout of its own source
     (an installed wheel); the package version then identifies the code. That includes a wheel
@@ -43,7 +43,9 @@ def code_version() -> dict[str, Any]:
                                  capture_output=True, text=True, timeout=10)
         if tracked.returncode != 0:
             return info
-        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain"], capture_output=True, text=True, timeout=30)
+        # the package's own files: an edited config or a new data file in the checkout is not a change of code
+        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                timeout=30)
     except (OSError, subprocess.SubprocessError):
         return info
     info["git_commit"] = commit.stdout.strip()

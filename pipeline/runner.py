@@ -41,8 +41,9 @@ class PipelineResult:
 
 
 def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[StageResult], None] | None = None,
-            result: PipelineResult | None = None) -> PipelineResult:
-    """Run the stages; `result` (made here when not given) is filled in as they finish, also on failure."""
+            result: PipelineResult | None = None, reuse: bool = False) -> PipelineResult:
+    """Run the stages; `result` (made here when not given) is filled in as they finish, also on failure.
+    `reuse`: finetune's (a model version trained from the same inputs is not trained again)."""
     from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
 
     if result is None:
@@ -66,7 +67,7 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         return r
 
     data = step("dataset-publish", dataset_publish.run)
-    model = step("finetune", finetune.run, dataset=data.produced[0])
+    model = step("finetune", finetune.run, dataset=data.produced[0], reuse=reuse)
     verdict = step("evaluate", evaluate.run, model=model.produced[0])
     if verdict.status == "gate_failed":
         result.status = "gate_failed"

@@ -80,6 +80,15 @@ def test_verbose_is_accepted_before_or_after_the_command(tmp_path):
     assert plain.returncode == 0 and " DEBUG " not in plain.stderr
 
 
+def test_finetune_and_run_reuse_a_version_trained_from_the_same_inputs_unless_told_to_retrain():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    for command in ("finetune", "run"):
+        assert parser.parse_args([command, "--config", "c.yaml"]).retrain is False
+        assert parser.parse_args([command, "--config", "c.yaml", "--retrain"]).retrain is True
+
+
 def test_artifacts_list_show_json(tmp_path):
     track = tmp_path / "track"
     reg = LocalRegistry(track / "registry")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -801,3 +802,56 @@ def test_a_run_from_a_registry_base_resumes_from_the_same_version_after_its_alia
     assert resumed.details["resumed_from"].endswith("checkpoint-5")
     assert reg.resolve(resumed.produced[0]).metadata["base_model"]["id"] == "clf:v0"
     assert sorted(reg.get_run(resumed.run_id)["consumed"]) == ["clf:v0", "tickets:v0"]
+
+
+def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_path, tiny_model, tickets_csv, monkeypatch):
+    """finetune's command-line default (reuse): the same dataset version, base model, model and train config,
+    code and libraries give the version trained before, status unchanged, without training; any of them
+    changed trains. A source tree with uncommitted changes cannot be named, so it always trains."""
+    from pipeline import provenance
+    from pipeline.runner import run_all
+
+    code = {"git_commit": "a" * 40, "git_dirty": False}
+    monkeypatch.setattr(provenance, "code_version", lambda: dict(code))
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1")
+    dataset_publish.run(cfg)
+    first = finetune.run(cfg, reuse=True)
+    other = finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", "train.seed=7"), reuse=True)
+    assert (first.produced, other.produced, other.status) == (["clf:v0"], ["clf:v1"], "ok")
+    reg = registry_of(cfg)
+    assert reg.resolve("clf:candidate").ref == "clf:v1"
+
+    again = finetune.run(cfg, reuse=True)
+    assert (again.status, again.produced, again.details["reused"]) == ("unchanged", ["clf:v0"], True)
+    assert again.details["trained_by"] == first.run_id and again.run_id != first.run_id
+    assert again.metrics["eval_accuracy"] == first.metrics["eval_accuracy"]
+    assert reg.resolve("clf:candidate").ref == "clf:v0"  # as publishing the same content again would
+    assert reg.get_run(again.run_id)["consumed"] == ["tickets:v0"] and reg.get_run(again.run_id)["produced"] == ["clf:v0"]
+    assert not (tmp_path / "track" / "checkpoints" / "clf" / again.run_id).exists()  # nothing was trained
+    assert inspect_summary(Path(again.paths["run_dir"]))["summary"]["status"] == "unchanged"
+    assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0", "clf:v1"]
+
+    # the same base model spelled another way (a copy of its folder) is the same input
+    copy = tmp_path / "copy-of-base"
+    shutil.copytree(tiny_model, copy)
+    assert finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", f"model.base={copy}"),
+                        reuse=True).details.get("reused")
+    # a config key the model depends on, the code, or a library version: trained again
+    changed = finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", "model.max_length=32"), reuse=True)
+    assert "reused" not in changed.details and changed.produced == ["clf:v2"]
+    code["git_commit"] = "b" * 40
+    assert "reused" not in finetune.run(cfg, reuse=True).details
+    real_versions = provenance.package_versions
+    monkeypatch.setattr(provenance, "package_versions", lambda: {**real_versions(), "torch": "99.0"})
+    assert "reused" not in finetune.run(cfg, reuse=True).details
+    monkeypatch.setattr(provenance, "package_versions", real_versions)
+    code["git_commit"] = "a" * 40
+    assert finetune.run(cfg, reuse=True).details.get("reused")
+    code["git_dirty"] = True
+    assert "reused" not in finetune.run(cfg, reuse=True).details
+    code["git_dirty"] = False
+    # without reuse (the library's default, reproduce's and a sweep's), and `run --retrain`: trained
+    assert "reused" not in finetune.run(cfg).details
+    deploying = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", f"deploy.dir={tmp_path / 'deploy'}")
+    assert run_all(deploying, reuse=True).stages[1].details.get("reused")
+    assert "reused" not in run_all(deploying).stages[1].details

@@ -246,3 +246,26 @@ def test_the_code_version_is_the_pipelines_own_checkout_never_a_repository_it_is
     assert json.loads(installed.stdout) == {"git_commit": None, "git_dirty": None}
     # from its own checkout (this repository), the commit it is at
     assert code_version()["git_commit"] == git("rev-parse", "HEAD", where=REPO)
+
+    # A checkout of the pipeline: its package's files decide `git_dirty`; an edited config or new data does not.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "pipeline", checkout / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / ".gitignore").write_text("__pycache__/\n")
+    (checkout / "configs").mkdir()
+    (checkout / "configs" / "demo.yaml").write_text("project: demo\n")
+    git("init", "-q", where=checkout)
+    git("add", ".", where=checkout)
+    git("commit", "-qm", "pipeline", where=checkout)
+
+    def version_there() -> dict:
+        out = subprocess.run([sys.executable, "-c", "import json, pipeline.provenance as p; print(json.dumps(p.code_version()))"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    head = git("rev-parse", "HEAD", where=checkout)
+    (checkout / "configs" / "demo.yaml").write_text("project: edited\n")
+    (checkout / "tickets.csv").write_text("text,label\n")
+    assert version_there() == {"git_commit": head, "git_dirty": False}
+    with open(checkout / "pipeline" / "refs.py", "a") as f:
+        f.write("# edited\n")
+    assert version_there() == {"git_commit": head, "git_dirty": True}

@@ -15,9 +15,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue an interrupted run from its last checkpoint, in the same W&B run "
              "(default: the newest interrupted run of this model)",
     )
+    add_retrain_argument(p)
+
+
+def add_retrain_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retrain", action="store_true",
+                   help="train even when a live version of the model was trained from the same inputs (dataset "
+                        "version, base model, model and train config, code and libraries); by default that "
+                        "version is the result, status unchanged")
 
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.commands.stage import run_stage
 
-    return run_stage("pipeline.stages.finetune", args, dataset=args.dataset, resume=args.resume)
+    return run_stage("pipeline.stages.finetune", args, dataset=args.dataset, resume=args.resume, reuse=not args.retrain)

@@ -6,9 +6,11 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.commands.finetune import add_retrain_argument
     from pipeline.commands.stage import add_stage_arguments
 
     add_stage_arguments(p)
+    add_retrain_argument(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the produced references
-            run_all(config, on_stage=report, result=outcome)
+            run_all(config, on_stage=report, result=outcome, reuse=not args.retrain)
     finally:
         if args.result_json:  # also when a stage failed: the file says which, and what came before
             write_json_atomic(args.result_json, outcome.to_dict())

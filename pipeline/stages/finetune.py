@@ -584,7 +584,7 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
 def run(config: Config, *, group: str | None = None, dataset: str | None = None, resume: str | None = None,
         callbacks: tuple = (), aliases: tuple[str, ...] = ("candidate",), tags: tuple[str, ...] = (),
         summary: dict[str, Any] | None = None, keep_model: Path | None = None,
-        adopt_wandb_run: bool = False, base: str | None = None) -> StageResult:
+        adopt_wandb_run: bool = False, base: str | None = None, reuse: bool = False) -> StageResult:
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
@@ -594,15 +594,22 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     there, and its metadata to ``metadata.json`` beside them, for a sweep to publish its best.
     `adopt_wandb_run`: log into the W&B run already open (a sweep agent's) instead of a new one.
     `base`: the exact ``name:vN`` that a registry reference in ``model.base`` stands for (`plan`).
+    `reuse` (the command line's default; not with `resume` or `keep_model`): a live version trained from
+    exactly these inputs (`trained_before`) is the result, status ``unchanged``, and nothing is trained.
     """
     state = _process_state()
     if not state.is_main_process:
         return _follow(config, state, callbacks)
     try:
         plan_ = plan(config, dataset, resume, base)
+        earlier = (trained_before(config, plan_, open_registry(config.tracking, project=config.project, entity=config.entity))
+                   if reuse and resume is None and keep_model is None and not adopt_wandb_run else None)
     except BaseException as e:
         _share(state, {"error": str(e)})
         raise
+    if earlier is not None:
+        _share(state, {"reused": earlier.ref})
+        return _reuse(config, plan_, earlier, group=group, aliases=aliases, tags=tags, summary=summary)
     tags = [*tags, *(["resumed"] if plan_.resume_from else [])]
     with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, resume=plan_.resume_from is not None,
                      tags=tags, adopt=adopt_wandb_run) as trun:
@@ -661,6 +668,69 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     )
 
 
+# Besides the inputs, what computes the weights: a version made with other versions of these is trained again.
+REUSE_PACKAGES = ("wandb-finetune-pipeline", "torch", "transformers", "tokenizers", "accelerate")
+
+
+def trained_before(config: Config, plan_: Plan, registry):
+    """The newest live version of this model trained from exactly these inputs, which training again would
+    only repeat: the same dataset version (digest), base model (weights and tokenizer digests), model and
+    train config (``model.name`` and how ``model.base`` is spelled aside), pipeline commit, library versions
+    (`REUSE_PACKAGES`) and number of processes. None when there is none, or when the pipeline's source tree
+    has uncommitted changes (code that cannot be named is never taken as the same code)."""
+    from pipeline.provenance import code_version, package_versions
+
+    code = code_version()
+    if code.get("git_dirty"):
+        return None
+    packages = package_versions()
+    now = config.to_dict()
+    for v in sorted(registry.list_versions(name=config.model.name, type="model"), key=lambda v: v.version, reverse=True):
+        m = v.metadata
+        base = m.get("base_model") or {}
+        if ((m.get("dataset") or {}).get("digest") != plan_.dataset_digest
+                or (base.get("digest"), base.get("tokenizer_digest")) != (plan_.base.digest, plan_.base.tokenizer_digest)
+                or m.get("code") != code
+                or any((m.get("packages") or {}).get(p) != packages.get(p) for p in REUSE_PACKAGES)
+                or (m.get("training") or {}).get("processes", 1) != _world_size()):
+            continue
+        changed = [k for k in model_config_diff(m.get("config") or {}, now)
+                   if k.split(".", 1)[0] in ("model", "train") and k not in ("model.name", "model.base")]
+        if not changed:
+            return v
+    return None
+
+
+def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summary) -> StageResult:
+    """The stage's run for a version trained before from the same inputs: it records the inputs it was
+    given, moves `aliases` to that version (as publishing its content again would) and trains nothing."""
+    with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, tags=[*tags, "reused"]) as trun:
+        if summary:
+            trun.set_summary(**summary)
+        trun.registry.use(plan_.dataset_ref, trun, type="dataset")
+        if plan_.base.source == "registry":
+            trun.registry.use(plan_.base.id, trun, type="model")
+        for alias in aliases:
+            trun.registry.set_alias(earlier.ref, alias)
+        trun.note_produced(earlier.ref)
+        trun.set_summary(artifact=earlier.ref, status="unchanged", reused=earlier.ref, trained_by=earlier.produced_by)
+        log.info("%s was trained from these same inputs (dataset %s, base model, model and train config, code and "
+                 "libraries) by run %s: it is the result, and nothing is trained (--retrain trains again)",
+                 earlier.ref, plan_.dataset_ref, earlier.produced_by)
+    best = (earlier.metadata.get("metrics") or {}).get("best") or {}
+    return StageResult(
+        stage=STAGE,
+        status="unchanged",
+        run_id=trun.id,
+        consumed=[plan_.dataset_ref, *([plan_.base.id] if plan_.base.source == "registry" else [])],
+        produced=[earlier.ref],
+        metrics={f"eval_{k}": v for k, v in best.items() if k != "step" and isinstance(v, (int, float))},
+        paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
+        message=f"{earlier.ref} was trained from the same inputs by run {earlier.produced_by}; reused",
+        details={"reused": True, "trained_by": earlier.produced_by, "digest": earlier.digest},
+    )
+
+
 def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, Any]:
     from pipeline.provenance import code_version, package_versions
 
@@ -715,6 +785,8 @@ def _follow(config: Config, state, callbacks) -> StageResult:
     shared = _share(state, None)
     if "error" in shared:
         raise PipelineError(f"the main process stopped before training: {shared['error']}")
+    if "reused" in shared:
+        return StageResult(stage=STAGE, status="unchanged", produced=[shared["reused"]], details={"process": state.process_index})
     trainer, _ = _build_trainer(config, shared, None, callbacks)
     trainer.train(resume_from_checkpoint=shared["resume_from"])
     return StageResult(stage=STAGE, status="ok", run_id=shared["run_id"], details={"process": state.process_index})
