@@ -840,7 +840,11 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     changed = finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", "model.max_length=32"), reuse=True)
     assert "reused" not in changed.details and changed.produced == ["clf:v2"]
     code["git_commit"] = "b" * 40
-    assert "reused" not in finetune.run(cfg, reuse=True).details
+    retrained = finetune.run(cfg, reuse=True)
+    # the same bytes as clf:v0 (training is deterministic here): no new version, but v0 now names these inputs too
+    assert "reused" not in retrained.details and (retrained.status, retrained.produced) == ("unchanged", ["clf:v0"])
+    assert len(reg.resolve("clf:v0").metadata["input_signatures"]) == 2
+    assert finetune.run(cfg, reuse=True).details.get("reused")
     real_versions = provenance.package_versions
     monkeypatch.setattr(provenance, "package_versions", lambda: {**real_versions(), "torch": "99.0"})
     assert "reused" not in finetune.run(cfg, reuse=True).details

@@ -15,6 +15,7 @@ registry and W&B operation and shares what the others need; they only train.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -602,7 +603,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         return _follow(config, state, callbacks)
     try:
         plan_ = plan(config, dataset, resume, base)
-        earlier = (trained_before(config, plan_, open_registry(config.tracking, project=config.project, entity=config.entity))
+        signature = input_signature(config, plan_)
+        earlier = (trained_before(config, signature, open_registry(config.tracking, project=config.project, entity=config.entity))
                    if reuse and resume is None and keep_model is None and not adopt_wandb_run else None)
     except BaseException as e:
         _share(state, {"error": str(e)})
@@ -638,7 +640,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         best, final = _eval_history(trainer.state)
         _check_finite(best, final)
         metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
-        metadata = _metadata(config, plan_, trun, shared, metrics)
+        metadata = _metadata(config, plan_, trun, shared, metrics, signature)
         if keep_model is not None:
             _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
             status, produced, digest = "ok", [], None
@@ -646,6 +648,9 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         else:
             published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases)
             status = "ok" if published.created else "unchanged"
+            known = list(published.version.metadata.get("input_signatures") or [])
+            if signature and signature not in known:  # the same bytes from other inputs: they name this version too
+                trun.registry.update_metadata(published.ref, {"input_signatures": [*known, signature][-SIGNATURES_KEPT:]})
             produced, digest = [published.ref], published.version.digest
             trun.set_summary(**{"artifact": published.ref, "status": status})
         trun.set_summary(**{f"best/{k}": v for k, v in best.items()})
@@ -670,14 +675,14 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
 
 # Besides the inputs, what computes the weights: a version made with other versions of these is trained again.
 REUSE_PACKAGES = ("wandb-finetune-pipeline", "torch", "transformers", "tokenizers", "accelerate")
+SIGNATURES_KEPT = 100  # per version: the input signatures it was trained from (metadata["input_signatures"])
 
 
-def trained_before(config: Config, plan_: Plan, registry):
-    """The newest live version of this model trained from exactly these inputs, which training again would
-    only repeat: the same dataset version (digest), base model (weights and tokenizer digests), model and
-    train config (``model.name`` and how ``model.base`` is spelled aside), pipeline commit, library versions
-    (`REUSE_PACKAGES`) and number of processes. None when there is none, or when the pipeline's source tree
-    has uncommitted changes (code that cannot be named is never taken as the same code)."""
+def input_signature(config: Config, plan_: Plan) -> str | None:
+    """sha256 of what a model is trained from: the dataset version's digest, the base model's weights and
+    tokenizer digests, the model and train config (``model.name`` and how ``model.base`` is spelled aside),
+    the pipeline's commit, the versions of `REUSE_PACKAGES` and the number of processes. None when the
+    pipeline's package has uncommitted changes: code that cannot be named is never the same code."""
     from pipeline.provenance import code_version, package_versions
 
     code = code_version()
@@ -685,18 +690,26 @@ def trained_before(config: Config, plan_: Plan, registry):
         return None
     packages = package_versions()
     now = config.to_dict()
+    inputs = {
+        "dataset": plan_.dataset_digest,
+        "base": [plan_.base.digest, plan_.base.tokenizer_digest],
+        "model": {k: v for k, v in now["model"].items() if k not in ("name", "base")},
+        "train": now["train"],
+        "code": code.get("git_commit"),
+        "packages": {p: packages.get(p) for p in REUSE_PACKAGES},
+        "processes": _world_size(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def trained_before(config: Config, signature: str | None, registry):
+    """The newest live version of this model trained from the inputs `signature` names: training again would
+    only repeat it. Each version records the signatures it was trained from (more than one when training
+    from other inputs, another commit say, gave the same bytes)."""
+    if signature is None:
+        return None
     for v in sorted(registry.list_versions(name=config.model.name, type="model"), key=lambda v: v.version, reverse=True):
-        m = v.metadata
-        base = m.get("base_model") or {}
-        if ((m.get("dataset") or {}).get("digest") != plan_.dataset_digest
-                or (base.get("digest"), base.get("tokenizer_digest")) != (plan_.base.digest, plan_.base.tokenizer_digest)
-                or m.get("code") != code
-                or any((m.get("packages") or {}).get(p) != packages.get(p) for p in REUSE_PACKAGES)
-                or (m.get("training") or {}).get("processes", 1) != _world_size()):
-            continue
-        changed = [k for k in model_config_diff(m.get("config") or {}, now)
-                   if k.split(".", 1)[0] in ("model", "train") and k not in ("model.name", "model.base")]
-        if not changed:
+        if signature in (v.metadata.get("input_signatures") or []):
             return v
     return None
 
@@ -731,7 +744,7 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
     )
 
 
-def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, Any]:
+def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str | None) -> dict[str, Any]:
     from pipeline.provenance import code_version, package_versions
 
     code = code_version()
@@ -747,6 +760,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics) -> dict[str, A
         "code": code,
         "packages": package_versions(),
         "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
+        **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
         **({"truncated": {"max_length": config.model.max_length, **shared["truncated"]}}  # rows cut to it, per split
            if shared["truncated"] else {}),
