@@ -727,9 +727,9 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
             trun.registry.set_alias(earlier.ref, alias)
         trun.note_produced(earlier.ref)
         trun.set_summary(artifact=earlier.ref, status="unchanged", reused=earlier.ref, trained_by=earlier.produced_by)
-        log.info("%s was trained from these same inputs (dataset %s, base model, model and train config, code and "
-                 "libraries) by run %s: it is the result, and nothing is trained (--retrain trains again)",
-                 earlier.ref, plan_.dataset_ref, earlier.produced_by)
+        log.info("%s was already trained from these same inputs (dataset %s, base model, model and train config, code "
+                 "and libraries): it is the result, and nothing is trained (--retrain trains again)",
+                 earlier.ref, plan_.dataset_ref)
     best = (earlier.metadata.get("metrics") or {}).get("best") or {}
     return StageResult(
         stage=STAGE,
@@ -739,7 +739,7 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
         produced=[earlier.ref],
         metrics={f"eval_{k}": v for k, v in best.items() if k != "step" and isinstance(v, (int, float))},
         paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
-        message=f"{earlier.ref} was trained from the same inputs by run {earlier.produced_by}; reused",
+        message=f"{earlier.ref} was already trained from the same inputs; reused",
         details={"reused": True, "trained_by": earlier.produced_by, "digest": earlier.digest},
     )
 
