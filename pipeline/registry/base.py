@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
@@ -141,6 +141,10 @@ class Registry(Protocol):
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion: ...
 
     def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]: ...
+
+    def newest_where(self, name: str, type: str, where: Callable[[dict[str, Any]], bool]) -> ArtifactVersion | None:
+        """The newest live version of `name` whose metadata `where` accepts; None when there is none."""
+        ...
 
     def delete(self, ref: str, *, delete_aliases: bool = False, force: bool = False, dry_run: bool = False) -> DeleteResult:
         """Delete a version's files; its record stays for lineage and its number is never reused.

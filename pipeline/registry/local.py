@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -368,6 +368,9 @@ class LocalRegistry:
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY name, version", args).fetchall()
             return [self._load(conn, row, with_files=False) for row in rows]
+
+    def newest_where(self, name: str, type: str, where: Callable[[dict[str, Any]], bool]) -> ArtifactVersion | None:
+        return next((v for v in reversed(self.list_versions(name, type)) if where(v.metadata)), None)
 
     def use(self, ref: str, run: TrackedRun | None, type: str | None = None) -> ArtifactVersion:
         """Resolve `ref` and record that `run` consumed it (a lineage edge)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,6 +228,19 @@ class WandbRegistry:
                     continue
                 out.extend(self.to_version(a) for a in coll.artifacts())
         return sorted(out, key=lambda v: (v.name, v.version))
+
+    def newest_where(self, name: str, type: str, where: Callable[[dict[str, Any]], bool]) -> ArtifactVersion | None:
+        """Checked on each version's metadata as the listing brings it; only the match is read in full (its
+        lineage and manifest are more queries per version)."""
+        found = None
+        for t in self.api.artifact_types(project=f"{self.entity}/{self.project}"):
+            if t.name != type:
+                continue
+            for coll in t.collections():
+                if coll.name == name:
+                    found = max((a for a in coll.artifacts() if where(dict(a.metadata or {}))),
+                                key=lambda a: int(str(a.version).lstrip("v")), default=None)
+        return self.to_version(found) if found is not None else None
 
     def delete(self, ref: str, *, delete_aliases: bool = False, force: bool = False, dry_run: bool = False) -> DeleteResult:
         """W&B soft-deletes the version and collects its files later; the same refusals as the local registry."""

@@ -708,10 +708,7 @@ def trained_before(config: Config, signature: str | None, registry):
     from other inputs, another commit say, gave the same bytes)."""
     if signature is None:
         return None
-    for v in sorted(registry.list_versions(name=config.model.name, type="model"), key=lambda v: v.version, reverse=True):
-        if signature in (v.metadata.get("input_signatures") or []):
-            return v
-    return None
+    return registry.newest_where(config.model.name, "model", lambda meta: signature in (meta.get("input_signatures") or []))
 
 
 def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summary) -> StageResult:
