@@ -681,7 +681,8 @@ SIGNATURES_KEPT = 100  # per version: the input signatures it was trained from (
 def input_signature(config: Config, plan_: Plan) -> str | None:
     """sha256 of what a model is trained from: the dataset version's digest, the base model's weights and
     tokenizer digests, the model and train config (``model.name`` and how ``model.base`` is spelled aside),
-    the pipeline's commit, the versions of `REUSE_PACKAGES` and the number of processes. None when the
+    the mixed precision it resolves to, the pipeline's commit, the versions of `REUSE_PACKAGES` and the
+    number of processes. None when the
     pipeline's package has uncommitted changes: code that cannot be named is never the same code."""
     from pipeline.provenance import code_version, package_versions
 
@@ -698,6 +699,8 @@ def input_signature(config: Config, plan_: Plan) -> str | None:
         "code": code.get("git_commit"),
         "packages": {p: packages.get(p) for p in REUSE_PACKAGES},
         "processes": _world_size(),
+        # train.precision=auto is bf16 or fp16 on a GPU and fp32 on the CPU: what it became is the input
+        "mixed_precision": sorted(k for k, on in _precision_flags(config.train.precision).items() if on),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
