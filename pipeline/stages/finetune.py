@@ -604,8 +604,12 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     try:
         plan_ = plan(config, dataset, resume, base)
         signature = input_signature(config, plan_)
-        earlier = (trained_before(config, signature, open_registry(config.tracking, project=config.project, entity=config.entity))
-                   if reuse and resume is None and keep_model is None and not adopt_wandb_run else None)
+        reuse = reuse and resume is None and keep_model is None and not adopt_wandb_run
+        earlier = trained_before(config, signature, open_registry(config.tracking, project=config.project,
+                                                                  entity=config.entity)) if reuse else None
+        if reuse and signature is None:
+            log.info("the pipeline's package has uncommitted changes, so no version trained before is known to come "
+                     "from this code: training")
     except BaseException as e:
         _share(state, {"error": str(e)})
         raise
@@ -682,8 +686,8 @@ def input_signature(config: Config, plan_: Plan) -> str | None:
     """sha256 of what a model is trained from: the dataset version's digest, the base model's weights and
     tokenizer digests, the model and train config (``model.name`` and how ``model.base`` is spelled aside),
     the mixed precision it resolves to, the pipeline's commit, the versions of `REUSE_PACKAGES` and the
-    number of processes. None when the
-    pipeline's package has uncommitted changes: code that cannot be named is never the same code."""
+    number of processes. None when the pipeline's package has uncommitted changes: code that cannot be
+    named is never the same code."""
     from pipeline.provenance import code_version, package_versions
 
     code = code_version()
