@@ -496,14 +496,14 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
     return cmp, None if cmp else f"production {champion.ref} knows none of the labels in this split"
 
 
-def _seen_in_training(reg, champion, rows: dict[str, list], who: str = "production") -> np.ndarray | None:
-    """Which rows a model (`who`: production) trained on or chose its checkpoint on: texts (and pairs) in the train or
-    validation split of the dataset version it was trained on, compared as dataset-publish compares
-    copies (ignoring case and spacing). dataset-publish keeps a row in its split from one version to the
-    next, but a version split another way (another seed or fractions, the user's own split files, or
-    published before splits were stable) can hold production's train rows in its test split: scored
-    on them, production would look better than it is. None (with a warning) when production's
-    dataset version cannot be read."""
+def _seen_in_training(reg, model, rows: dict[str, list], who: str = "production") -> np.ndarray | None:
+    """Which rows `model` (`who`: production, or the challenger) trained on or chose its checkpoint on:
+    texts (and pairs) in the train or validation split of the dataset version it was trained on, compared
+    as dataset-publish compares copies (ignoring case and spacing). dataset-publish keeps a row in its
+    split from one version to the next, but a version split another way (another seed or fractions, the
+    user's own split files, or published before splits were stable) can hold a model's train rows in its
+    test split, and a held-out set (`evaluate --dataset`) may hold them too: scored on them, the model
+    would look better than it is. None (with a warning) when the model's dataset version cannot be read."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -511,13 +511,13 @@ def _seen_in_training(reg, champion, rows: dict[str, list], who: str = "producti
     from pipeline import arrow
     from pipeline.data import Columns, copy_key
 
-    recorded = (champion.metadata.get("dataset") or {}).get("ref")
+    recorded = (model.metadata.get("dataset") or {}).get("ref")
     try:
         if not recorded:
             raise RefError("it does not record one")
         folder = reg.fetch(reg.resolve(recorded, type="dataset")).path
     except (RefError, RegistryError) as e:
-        log.warning("%s %s: the rows it trained on cannot be known (its dataset %s: %s); %s", who, champion.ref,
+        log.warning("%s %s: the rows it trained on cannot be known (its dataset %s: %s); %s", who, model.ref,
                     recorded or "-", e, "the regression checks use every row of the split" if who == "production" else
                     "some of the rows scored may be among them")
         return None
