@@ -52,6 +52,8 @@ def _run_summary(run: dict[str, Any]) -> str:
                  f"batch={t.get('batch_size')}", f"seed={t.get('seed')}"]
         if "reproduces" in summary:
             parts.append(f"reproduces={summary['reproduces']}")
+        if summary.get("reused"):  # trained nothing: a version trained before from the same inputs
+            parts.append(f"reused {summary['reused']} (trained before from the same inputs)")
         return ", ".join(parts)
     if job == "evaluate":
         return f"gate: {summary.get('gate/outcome', '?')}"

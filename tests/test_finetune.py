@@ -829,6 +829,10 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     assert reg.get_run(again.run_id)["consumed"] == ["tickets:v0"] and reg.get_run(again.run_id)["produced"] == ["clf:v0"]
     assert not (tmp_path / "track" / "checkpoints" / "clf" / again.run_id).exists()  # nothing was trained
     assert inspect_summary(Path(again.paths["run_dir"]))["summary"]["status"] == "unchanged"
+    from pipeline.lineage import build, render
+
+    shown = render(build(reg, "tickets:v0"), "text")
+    assert f"{again.run_id}  finetune  finished" in shown and "reused clf:v0 (trained before from the same inputs)" in shown
     assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0", "clf:v1"]
 
     # the same base model spelled another way (a copy of its folder) is the same input
