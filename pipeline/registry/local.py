@@ -652,9 +652,6 @@ class LocalRegistry:
         except ValueError:
             return str(dest)
 
-    def _fetch_path(self, key: str) -> Path:
-        return Path(key) if os.path.isabs(key) else self.root.parent / key
-
     def _as_fetched(self, dest: Path) -> str | None:
         """The digest the registry last fetched into `dest`, if the folder is still exactly as it wrote it."""
         if not dest.is_dir():
