@@ -530,11 +530,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
             log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
     else:
-        # everything a trial needs is checked before the first one starts
-        dataset_ref = _dataset_to_search(config, registry)
-        base_ref = pinned_base(config, sweep, registry)
-        for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
-            trial_config(config, combo, sweep)
+        dataset_ref, base_ref = _before_trials(config, sweep, registry)
         sweep_id = new_run_id()
         # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
         # instead of repeating the first one's. The seed is recorded, and `--seed` draws a sweep's trials again.
@@ -600,14 +596,18 @@ DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sw
 BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry (`pinned_base`)
 
 
-def _dataset_to_search(config: Config, registry) -> str:
-    """The exact dataset version every trial trains on, checked before the first trial: one it cannot
-    train on fails the sweep once, not each trial."""
+def _before_trials(config: Config, sweep: SweepSpec, registry) -> tuple[str, str | None]:
+    """Everything a trial needs, checked before the first one starts, so that a problem fails the sweep once,
+    not each trial: the exact dataset version every trial trains on (one finetune can train on), the pinned
+    base model version (`pinned_base`), and the config of each grid point. (dataset ref, base ref or None)"""
     from pipeline.stages import finetune
 
     version = registry.resolve(f"{config.dataset.name}:latest", type="dataset")
     finetune.check_trainable(version)
-    return version.ref
+    base_ref = pinned_base(config, sweep, registry)
+    for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
+        trial_config(config, combo, sweep)
+    return version.ref, base_ref
 
 
 def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
@@ -635,10 +635,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
         base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:
-        dataset_ref = _dataset_to_search(config, registry)
-        base_ref = pinned_base(config, sweep, registry)
-        for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
-            trial_config(config, combo, sweep)
+        dataset_ref, base_ref = _before_trials(config, sweep, registry)
         raw = json.loads(json.dumps(sweep.raw))
         raw["parameters"][DATASET_PARAM] = {"value": dataset_ref}
         if base_ref:

@@ -54,6 +54,22 @@ class Plan:
     group: str | None
     resume_from: Path | None = None
 
+    @property
+    def base_version(self) -> str | None:
+        """The exact ``name:vN`` of the base when it is a model version in the registry (an input of the run)."""
+        return self.base.id if self.base.source == "registry" else None
+
+    @property
+    def consumed(self) -> list[str]:
+        return [self.dataset_ref, *([self.base_version] if self.base_version else [])]
+
+    def use_inputs(self, trun):
+        """Record the run's inputs (lineage): the dataset version, which comes back, and a registry base."""
+        version = trun.registry.use(self.dataset_ref, trun, type="dataset")
+        if self.base_version:  # a model version this trains further
+            trun.registry.use(self.base_version, trun, type="model")
+        return version
+
 
 # -- checks and planning ---------------------------------------------------------------------
 def _checkpoint_root(config: Config) -> Path:
@@ -548,9 +564,7 @@ def _weights_by_label(shared: dict[str, Any]) -> dict[str, float] | None:
 def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[str, Any]]:
     """Main process, inside the run: record the input, fetch and tokenise. (shared, details)"""
     registry = trun.registry
-    version = registry.use(plan_.dataset_ref, trun, type="dataset")
-    if plan_.base.source == "registry":  # a model version this trains further: an input, in the lineage
-        registry.use(plan_.base.id, trun, type="model")
+    version = plan_.use_inputs(trun)
     fetched = registry.fetch(version)
     manifest = json.loads((fetched.path / "dataset.json").read_text(encoding="utf-8"))
     label_names = list(manifest["label_names"])
@@ -562,7 +576,7 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
              "config": trun.config, "group": trun.group,
-             **({"base": plan_.base.id} if plan_.base.source == "registry" else {})}
+             **({"base": plan_.base_version} if plan_.base_version else {})}
     (plan_.output_dir / RESUME_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     shared = {
         "run_id": plan_.run_id,
@@ -603,7 +617,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         return _follow(config, state, callbacks)
     try:
         plan_ = plan(config, dataset, resume, base)
-        signature = input_signature(config, plan_)
+        code, packages = _provenance()
+        signature = input_signature(config, plan_, code, packages)
         reuse = reuse and resume is None and keep_model is None and not adopt_wandb_run
         earlier = trained_before(config, signature, open_registry(config.tracking, project=config.project,
                                                                   entity=config.entity)) if reuse else None
@@ -644,7 +659,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         best, final = _eval_history(trainer.state)
         _check_finite(best, final)
         metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
-        metadata = _metadata(config, plan_, trun, shared, metrics, signature)
+        metadata = _metadata(config, plan_, trun, shared, metrics, signature, code, packages)
         if keep_model is not None:
             _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
             status, produced, digest = "ok", [], None
@@ -664,7 +679,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         stage=STAGE,
         status=status,
         run_id=trun.id,
-        consumed=[plan_.dataset_ref, *([plan_.base.id] if plan_.base.source == "registry" else [])],
+        consumed=plan_.consumed,
         produced=produced,
         metrics={
             **{f"eval_{k}": v for k, v in best.items() if k != "step"},
@@ -682,18 +697,21 @@ REUSE_PACKAGES = ("wandb-finetune-pipeline", "torch", "transformers", "tokenizer
 SIGNATURES_KEPT = 100  # per version: the input signatures it was trained from (metadata["input_signatures"])
 
 
-def input_signature(config: Config, plan_: Plan) -> str | None:
+def _provenance() -> tuple[dict[str, Any], dict[str, str]]:
+    """The pipeline's code version and the package versions, read once per run."""
+    from pipeline.provenance import code_version, package_versions
+
+    return code_version(), package_versions()
+
+
+def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages: dict[str, str]) -> str | None:
     """sha256 of what a model is trained from: the dataset version's digest, the base model's weights and
     tokenizer digests, the model and train config (``model.name`` and how ``model.base`` is spelled aside),
     the mixed precision it resolves to, the pipeline's commit, the versions of `REUSE_PACKAGES` and the
     number of processes. None when the pipeline's package has uncommitted changes: code that cannot be
     named is never the same code."""
-    from pipeline.provenance import code_version, package_versions
-
-    code = code_version()
     if code.get("git_dirty"):
         return None
-    packages = package_versions()
     now = config.to_dict()
     inputs = {
         "dataset": plan_.dataset_digest,
@@ -724,9 +742,7 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
     with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, tags=[*tags, "reused"]) as trun:
         if summary:
             trun.set_summary(**summary)
-        trun.registry.use(plan_.dataset_ref, trun, type="dataset")
-        if plan_.base.source == "registry":
-            trun.registry.use(plan_.base.id, trun, type="model")
+        plan_.use_inputs(trun)
         for alias in aliases:
             trun.registry.set_alias(earlier.ref, alias)
         trun.note_produced(earlier.ref)
@@ -739,7 +755,7 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
         stage=STAGE,
         status="unchanged",
         run_id=trun.id,
-        consumed=[plan_.dataset_ref, *([plan_.base.id] if plan_.base.source == "registry" else [])],
+        consumed=plan_.consumed,
         produced=[earlier.ref],
         metrics={f"eval_{k}": v for k, v in best.items() if k != "step" and isinstance(v, (int, float))},
         paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
@@ -748,12 +764,10 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
     )
 
 
-def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str | None) -> dict[str, Any]:
-    from pipeline.provenance import code_version, package_versions
-
-    code = code_version()
+def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str | None, code: dict[str, Any],
+              packages: dict[str, str]) -> dict[str, Any]:
     if code.get("git_dirty"):
-        log.warning("the pipeline's source tree has uncommitted changes; the model records git_dirty=true")
+        log.warning("the pipeline's package has uncommitted changes; the model records git_dirty=true")
     return {
         "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
         "base_model": plan_.base.to_dict(),
@@ -762,7 +776,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "seed": config.train.seed,
         "config": trun.config,
         "code": code,
-        "packages": package_versions(),
+        "packages": packages,
         "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
         **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
