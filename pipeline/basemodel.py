@@ -245,9 +245,11 @@ def load_classifier(path: str | Path, label_names: list[str]):
     return model
 
 
-def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False):
-    """The base model's tokenizer, padding as `set_padding` says; one with no padding token and no
-    end-of-sequence token is a ConfigError naming `base_id`. `announce` logs what was changed."""
+def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False, pairs: bool = False):
+    """The base model's tokenizer, padding as `set_padding` says, and with `pairs` (a sentence-pair
+    dataset) putting a token between a pair's texts as `separate_pairs` says; one with no padding
+    token and no end-of-sequence token is a ConfigError naming `base_id`. `announce` logs what was
+    changed for padding."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)
@@ -258,10 +260,78 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
             "to pad with, so texts of different lengths cannot be batched; add a pad_token to its "
             "tokenizer_config.json (or special_tokens_map.json)"
         )
+    if pairs:
+        separate_pairs(tokenizer)
     if announce:
         for change in changes:
             log.info("the base model's %s", change)
     return tokenizer
+
+
+def _pair_boundary(tokenizer) -> bool | None:
+    """Whether `tokenizer` encodes a pair with a special token between its two texts (None: a tokenizer
+    without encodings to ask, a slow one)."""
+    enc = tokenizer("a", "b")
+    if enc.encodings is None:
+        return None
+    ids = enc.encodings[0].sequence_ids
+    first_end = max((i for i, s in enumerate(ids) if s == 0), default=None)
+    second_start = min((i for i, s in enumerate(ids) if s == 1), default=None)
+    if first_end is None or second_start is None:  # a vocabulary with no token for "a" or "b": leave it be
+        return True
+    return second_start > first_end + 1
+
+
+def separate_pairs(tokenizer, name: str | None = None) -> str | None:
+    """Make `tokenizer` put a token between the two texts of a pair where its own template puts none;
+    the token it put there, else None (nothing changed).
+
+    BERT-like tokenizers encode a pair as ``[CLS] text [SEP] text_pair [SEP]`` and Llama's as ``<s> text
+    <s> text_pair``, but a decoder's like GPT-2's or Qwen2's run the two together: the model cannot
+    tell where the first text ends. Such a pair is encoded as ``text SEP text_pair``, SEP being the
+    tokenizer's separator token, else its end-of-sequence token (what a decoder has seen between
+    documents). The change is to the tokenizer's own post-processor, which `save_pretrained` writes
+    into tokenizer.json: the model's saved tokenizer, transformers' pipeline and predict encode pairs
+    alike. Calling it again changes nothing. With `name` (the model's), a pair that stays run together
+    is warned of; a post-processor that cannot be extended is a ConfigError either way.
+    """
+    boundary = _pair_boundary(tokenizer)
+    if boundary:
+        return None
+    separator = tokenizer.sep_token or tokenizer.eos_token
+    if boundary is None or separator is None:
+        if name:
+            log.warning("%s: its tokenizer puts nothing between the two texts of a pair, and %s; text and "
+                        "text_pair are run together", name, "it is a slow tokenizer, which cannot be changed"
+                        if boundary is None else "it has no separator or end-of-sequence token to put there")
+        return None
+    from tokenizers import Tokenizer, models
+
+    backend = tokenizer.backend_tokenizer
+    template = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {}}
+    post = json.loads(backend.post_processor.__getstate__()) if backend.post_processor is not None else template
+    if post["type"] == "TemplateProcessing":
+        template = post
+    elif post["type"] == "Sequence" and any(p.get("type") == "TemplateProcessing" for p in post["processors"]):
+        template = [p for p in post["processors"] if p.get("type") == "TemplateProcessing"][-1]
+    elif post["type"] == "Sequence":
+        post["processors"].append(template)
+    elif post is not template:  # ByteLevel (GPT-2, Qwen2): it keeps its offsets, the template adds the token
+        post = {"type": "Sequence", "processors": [post, template]}
+    pair = template["pair"]
+    end_of_first = max(i for i, p in enumerate(pair) if p.get("Sequence", {}).get("id") == "A")
+    pair.insert(end_of_first + 1, {"SpecialToken": {"id": separator, "type_id": pair[end_of_first]["Sequence"]["type_id"]}})
+    template["special_tokens"][separator] = {"id": separator, "ids": [tokenizer.convert_tokens_to_ids(separator)],
+                                             "tokens": [separator]}
+    holder = json.loads(Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).to_str())
+    holder["post_processor"] = post
+    backend.post_processor = Tokenizer.from_str(json.dumps(holder)).post_processor
+    if not _pair_boundary(tokenizer):  # a post-processor this could not extend: say so, as above
+        raise ConfigError(f"{name or 'the base model'}: its tokenizer puts nothing between the two texts of a pair, and its "
+                          f"post-processor ({post['type']}) could not be given a separator")
+    return separator
 
 
 def set_padding(tokenizer) -> list[str]:

@@ -40,7 +40,7 @@ class Classifier:
             raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
         from safetensors import SafetensorError
 
-        from pipeline.basemodel import is_classifier, match_padding, set_padding
+        from pipeline.basemodel import is_classifier, match_padding, separate_pairs, set_padding
 
         try:
             config = AutoConfig.from_pretrained(self.dir, trust_remote_code=False)  # never a prompt, never their code
@@ -76,6 +76,10 @@ class Classifier:
             self.max_length = min(512, int(getattr(self.tokenizer, "model_max_length", 512) or 512))
         # Sentence-pair models record their inputs (finetune writes them); single-text ones never had the key.
         self.takes_pairs = training.get("inputs") == ["text", "text_pair"]
+        if self.takes_pairs and training.get("pair_separator"):
+            # trained with a token between a pair's texts: its saved tokenizer puts it there, and this keeps it
+            # so should a tokenizer class rebuild its template on loading
+            separate_pairs(self.tokenizer)
 
     def _training_config(self) -> dict[str, Any]:
         try:

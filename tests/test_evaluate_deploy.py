@@ -788,7 +788,9 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     deployed = tmp_path / "deploy"
     manifest = json.loads((deployed / "manifest.json").read_text())
     assert manifest["smoke"]["text_pair"] == deploy_fetch.SMOKE_PAIR and manifest["smoke"]["label"] in ("match", "mismatch")
-    assert json.loads((deployed / "training_config.json").read_text())["inputs"] == ["text", "text_pair"]
+    training = json.loads((deployed / "training_config.json").read_text())
+    assert training["inputs"] == ["text", "text_pair"]
+    assert "pair_separator" not in training  # BERT's tokenizer puts [SEP] between the texts itself
     # the model card's example for a pair model runs as written in plain transformers
     card = (deployed / "README.md").read_text()
     example = 'classify({"text": "my order never arrived", "text_pair": "shipping"})'

@@ -653,6 +653,119 @@ def test_a_decoder_base_without_a_padding_token_pads_with_its_end_token_and_pred
     assert np.abs(Classifier(hub_like).logits(texts) - batched).max() < 1e-5
 
 
+def _post_processors():
+    from tokenizers import processors
+
+    eos = {"eos_token": "<eos>"}
+    return {  # (post-processor, the tokenizer's special tokens, the token put between, what "a b" + "c d" encodes to)
+        "none (a word-level decoder)": (None, eos, "<eos>", [2, 3, 0, 4, 5]),
+        "byte-level (GPT-2, Qwen2)": (processors.ByteLevel(trim_offsets=False), eos, "<eos>", [2, 3, 0, 4, 5]),
+        "a template that ends with eos": (
+            processors.TemplateProcessing(single="$A <eos>", pair="$A $B:1 <eos>", special_tokens=[("<eos>", 0)]),
+            eos, "<eos>", [2, 3, 0, 4, 5, 0]),
+        "byte-level then a bos template": (
+            processors.Sequence([processors.ByteLevel(), processors.TemplateProcessing(
+                single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 6)])]), eos, "<eos>", [6, 2, 3, 0, 4, 5]),
+        "a separator token of its own": (None, {"sep_token": "[SEP]", **eos}, "[SEP]", [2, 3, 7, 4, 5]),
+        # already separated: left exactly as they are
+        "bos between (Llama)": (
+            processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 6)]),
+            eos, None, [6, 2, 3, 6, 4, 5]),
+        "BERT": (processors.BertProcessing(("[SEP]", 7), ("[CLS]", 8)), {"sep_token": "[SEP]"}, None, [8, 2, 3, 7, 4, 5, 7]),
+        # nothing to put there: run together, as before
+        "no separator and no eos": (None, {}, None, [2, 3, 4, 5]),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_post_processors()))
+def test_a_pair_gets_a_token_between_its_texts_where_the_tokenizer_put_none(tmp_path, kind):
+    """GPT-2's and Qwen2's tokenizers encode a pair as the two texts run together: the model cannot tell where the
+    first ends. The separator (else the end-of-sequence token) goes between them, in the tokenizer's own template,
+    so the saved tokenizer encodes pairs the same way when loaded again; single texts are unchanged."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from pipeline.basemodel import separate_pairs
+
+    post, special, separator, expected = _post_processors()[kind]
+    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", "a", "b", "c", "d", "<bos>", "[SEP]", "[CLS]"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = post
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **special)
+    single = tokenizer("a b")["input_ids"]
+    assert separate_pairs(tokenizer) == separator
+    assert tokenizer("a b", "c d")["input_ids"] == expected
+    assert tokenizer("a b")["input_ids"] == single
+    assert separate_pairs(tokenizer) is None  # a second call changes nothing
+    tokenizer.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again("a b", "c d")["input_ids"] == expected and again("a b")["input_ids"] == single
+
+
+def test_a_decoder_trained_on_pairs_reads_them_with_its_end_token_between(tmp_path, tickets_csv, caplog):
+    """A decoder base (GPT-2's tokenizer runs a pair together) trained on sentence pairs: what it trained on, its
+    saved tokenizer, predict and transformers' pipeline all put the end-of-sequence token between the texts."""
+    import csv as csvlib
+    import logging
+
+    import datasets
+    import numpy as np
+    from transformers import AutoTokenizer
+    from transformers import pipeline as hf_pipeline
+
+    from pipeline.predict import Classifier
+
+    base = write_tiny_decoder(tmp_path / "gpt2")
+    plain = AutoTokenizer.from_pretrained(base)
+    ids = {t: plain(t)["input_ids"] for t in ("where is my parcel", "shipping")}
+    assert plain("where is my parcel", "shipping")["input_ids"] == ids["where is my parcel"] + ids["shipping"]
+    with open(tickets_csv, newline="", encoding="utf-8") as f:
+        rows = list(csvlib.DictReader(f))
+    topics = sorted({r["label"] for r in rows})
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.writer(f)
+        w.writerow(["ticket_id", "text", "topic", "verdict"])
+        for i, r in enumerate(rows):  # half the pairs name the ticket's topic, half another one
+            topic = r["label"] if i % 2 == 0 else topics[(topics.index(r["label"]) + 1) % len(topics)]
+            w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
+    cfg = make_cfg(tmp_path, base, pairs, "dataset.text_pair_column=topic", "dataset.label_column=verdict")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        result, model_dir = publish_and_train(cfg)
+    assert result.status == "ok"
+    assert "each pair is encoded as text '<|endoftext|>' text_pair" in caplog.text
+    training = json.loads((model_dir / "training_config.json").read_text())
+    assert training["inputs"] == ["text", "text_pair"] and training["pair_separator"] == "<|endoftext|>"
+
+    # what it trained on: every row is text, the end token, text_pair (no text holds that token itself)
+    cache = Path(cfg.tracking.dir) / "cache" / "tokenized"
+    (entry,) = [p for p in cache.iterdir() if (p / "dataset_dict.json").is_file()]
+    train = datasets.load_from_disk(str(entry))["train"]
+    assert all(row["input_ids"].count(0) == 1 for row in train)
+    reg = registry_of(cfg)
+    data = reg.fetch(reg.resolve("tickets:latest")).path
+    import pyarrow.parquet as pq
+
+    first = pq.read_table(data / "train.parquet").slice(0, 1).to_pylist()[0]
+    assert train[0]["input_ids"] == plain(first["text"])["input_ids"] + [0] + plain(first["text_pair"])["input_ids"]
+
+    # the saved tokenizer, loaded by transformers alone, encodes pairs the same way; single texts as before
+    saved = AutoTokenizer.from_pretrained(model_dir)
+    assert saved("where is my parcel", "shipping")["input_ids"] == ids["where is my parcel"] + [0] + ids["shipping"]
+    assert saved("where is my parcel")["input_ids"] == ids["where is my parcel"]
+    clf = Classifier(model_dir)
+    texts, topics_given = ["where is my parcel", "I was charged twice this month", "reset password"], \
+        ["shipping", "billing", "shipping"]
+    batched = clf.logits(texts, topics_given)
+    one_by_one = np.stack([clf.logits([t], [p])[0] for t, p in zip(texts, topics_given)])
+    assert np.abs(batched - one_by_one).max() < 1e-5
+    scored = hf_pipeline("text-classification", model=str(model_dir), top_k=None)(
+        {"text": texts[0], "text_pair": topics_given[0]})
+    probs = np.exp(batched[0]) / np.exp(batched[0]).sum()
+    assert {s["label"]: s["score"] for s in scored} == pytest.approx(dict(zip(clf.label_names, probs.tolist())), abs=1e-5)
+
+
 @pytest.mark.parametrize("extra, message", [
     ((), r"its tokenizer has no padding token and no end-of-sequence token to pad with"),
     # GPT-2's config names its positions n_positions; this tokenizer allows 1024

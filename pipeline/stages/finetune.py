@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.basemodel import (BaseModel, check_architecture, check_max_length, load_classifier, load_tokenizer, match_padding,
-                                resolve_base_model)
+                                resolve_base_model, separate_pairs)
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
 STAGE = "finetune"
-TOKENIZE_FORMAT = 3  # bump when the tokenised layout changes, to retire old cache entries (3: truncation counts)
+TOKENIZE_FORMAT = 4  # bump when the tokenised layout changes, to retire old cache entries (3: truncation counts,
+# 4: a token between the texts of a pair where the tokenizer put none)
 CACHE_SOURCE = "made_from.json"  # in each tokenised cache entry: the dataset digest, tokenizer and length
 TRAINED_ON = ("train", "validation")  # the test split is evaluate's; it may be empty
 RESUME_FILE = "resume.json"
@@ -179,13 +180,13 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
 
     from pipeline.predict import count_cut
 
-    tokenizer = load_tokenizer(base.path, base.id)
     parts = {}
     for split in TRAINED_ON:
         table = pq.read_table(data_dir / f"{split}.parquet")
         keep = [c for c in ("text", "text_pair", "label_id") if c in table.column_names]
         parts[split] = datasets.Dataset(table.select(keep))
     pair = "text_pair" in parts["train"].column_names
+    tokenizer = load_tokenizer(base.path, base.id, pairs=pair)
     truncated = dict.fromkeys(parts, 0)
 
     def encode(batch, split):
@@ -435,7 +436,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
 
     label_names = shared["label_names"]
     tokenized = datasets.load_from_disk(shared["tokenized"])
-    tokenizer = load_tokenizer(shared["base_path"])
+    tokenizer = load_tokenizer(shared["base_path"], pairs=shared["pair_separator"] is not False)
     set_seed(config.train.seed)  # before the head is initialised
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier weights": expected, we train them
@@ -538,6 +539,8 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
     }
     if text_pair:  # read by pipeline.predict; single-text models keep the files they always had
         training["inputs"] = ["text", "text_pair"]
+        if shared["pair_separator"]:  # the token put between a pair's texts (`separate_pairs`); predict puts it too
+            training["pair_separator"] = shared["pair_separator"]
     if weights:  # likewise
         training["class_weights"] = weights
     (out / "training_config.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -573,6 +576,13 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     log.info("%s: tokenised splits %s (%s)", version.ref, tokenized, "cached" if hit else "new")
     truncated = truncation(tokenized)
     _report_truncation(truncated, config.model.max_length, plan_.base)
+    validation_rows = _validation_rows(fetched.path)
+    separator = False  # no pairs
+    if "text_pair" in validation_rows:
+        separator = separate_pairs(load_tokenizer(plan_.base.path, plan_.base.id), plan_.base.id)
+        if separator:
+            log.info("the base model's tokenizer puts nothing between the two texts of a pair; each pair is encoded "
+                     "as text %r text_pair", separator)
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
              "config": trun.config, "group": trun.group,
@@ -584,10 +594,11 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
         "base_path": str(plan_.base.path),
         "tokenized": str(tokenized),
         "label_names": label_names,
-        "validation_rows": _validation_rows(fetched.path),
+        "validation_rows": validation_rows,
         "resume_from": str(plan_.resume_from) if plan_.resume_from else None,
         "class_weights": class_weights(config.train.class_weights, label_names, manifest["label_counts"]["train"]),
         "truncated": {s: c["truncated"] for s, c in truncated.items()},  # rows cut at model.max_length
+        "pair_separator": separator,  # False: single texts; None: the tokenizer separates pairs itself
     }
     if shared["class_weights"]:
         log.info("class weights in the loss: %s",
