@@ -3,7 +3,7 @@
 `EvalCapture` is the Trainer's ``compute_metrics``: it scores the logits the evaluation loop
 already produced and keeps them. `MisclassificationCallback` then builds its table and
 confusion matrix from those same logits in ``on_evaluate``, so the tables cost no second pass
-over the evaluation set.
+over the evaluation set. `PreferLowerLossOnTies` breaks the Trainer's ties for the best checkpoint.
 """
 
 from __future__ import annotations
@@ -160,3 +160,33 @@ class MisclassificationCallback(TrainerCallback):
             STEP_METRIC: state.global_step,
         })
         self.tables_logged += 1
+
+
+class PreferLowerLossOnTies(TrainerCallback):
+    """Of two evaluations with the same ``metric_for_best_model``, the one with the lower validation loss is the better.
+
+    The Trainer keeps a checkpoint as the best only when its metric is strictly better than the best so
+    far, so on a plateau (the same accuracy or F1 evaluation after evaluation, common on a small
+    validation split, where one row moves the metric by 1/n) it keeps the first: the least trained,
+    with the highest loss and the least confident predictions. On the demo it kept epoch 1 of 3 (loss
+    0.70 against 0.26 at epoch 3, the same macro-F1): its test ECE was 0.44.
+
+    In ``on_evaluate``, which runs after the evaluation is logged and before the Trainer compares it
+    with the best, a tie with a lower loss than the best checkpoint's moves the recorded best metric
+    down by the smallest float step, so the Trainer's strict comparison takes it, and records the
+    metric's own value. Early stopping (a callback after this one) counts it as an improvement too.
+    Nothing is changed when the metric is the loss itself. It keeps no state of its own: a resumed
+    run reads the best checkpoint's loss from the Trainer's log history.
+    """
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        name = args.metric_for_best_model
+        if not metrics or name is None or state.best_metric is None or state.best_global_step is None:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key == "eval_loss" or metrics.get(key) != state.best_metric or "eval_loss" not in metrics:
+            return
+        best_loss = next((h["eval_loss"] for h in reversed(state.log_history)
+                          if h.get("step") == state.best_global_step and "eval_loss" in h), None)
+        if best_loss is not None and metrics["eval_loss"] < best_loss:
+            state.best_metric = float(np.nextafter(state.best_metric, -np.inf if args.greater_is_better else np.inf))

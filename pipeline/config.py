@@ -273,7 +273,8 @@ class TrainConfig(_Group):
     """Checkpoints kept on disk while training (the best one is always kept)."""
     metric_for_best_model: Literal["accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1",
                                    "loss"] = "macro_f1"
-    """Validation metric that picks the model kept at the end (loss: lowest, others: highest)."""
+    """Validation metric that picks the model kept at the end (loss: lowest, others: highest; of equal ones,
+    the lowest validation loss)."""
     early_stopping_patience: int | None = Field(None, gt=0)
     """Stop after this many evaluations without improvement of that metric; unset: never."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

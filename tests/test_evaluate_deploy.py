@@ -23,7 +23,7 @@ from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
 from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
 from tests.conftest import offline, REPO, inspect_summary, reg_runs, run_cli
-from tests.tiny import write_tickets, write_tiny_model
+from tests.tiny import write_ticket_pairs, write_tickets, write_tiny_model
 
 # 20 epochs of a 2-layer, 32-wide BERT learn these tickets well (0.94 validation accuracy; early stopping may end
 # it sooner). 10 epochs gave 0.77 once splits kept the near-copies of a text in one split.
@@ -769,16 +769,7 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     from pipeline.errors import PipelineError
 
     root, model_dir, tickets = template
-    with open(tickets, newline="", encoding="utf-8") as f:
-        rows = list(csvlib.DictReader(f))[:240]
-    topics = sorted({r["label"] for r in rows})
-    pairs = tmp_path / "pairs.csv"
-    with open(pairs, "w", newline="", encoding="utf-8") as f:
-        w = csvlib.writer(f)
-        w.writerow(["pid", "question", "topic", "verdict"])
-        for i, r in enumerate(rows):  # half the pairs name the ticket's topic, half another one
-            topic = r["label"] if i % 2 == 0 else topics[(topics.index(r["label"]) + 1 + i % 3) % len(topics)]
-            w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
+    pairs = write_ticket_pairs(tickets, tmp_path / "pairs.csv", header=("pid", "question", "topic", "verdict"))
     cfg = load_config(None, [*overrides(tmp_path, model_dir, pairs), "dataset.name=pairs", "dataset.id_column=pid",
                              "dataset.text_column=question", "dataset.text_pair_column=topic",
                              "dataset.label_column=verdict", "model.name=pairclf", "train.epochs=2",

@@ -19,7 +19,7 @@ from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
 from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, reg_runs, run_cli
-from tests.tiny import write_tickets, write_tiny_decoder, write_tiny_model
+from tests.tiny import write_ticket_pairs, write_tickets, write_tiny_decoder, write_tiny_model
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
          "train.misclassified_rows=5"]
@@ -706,7 +706,6 @@ def test_a_pair_gets_a_token_between_its_texts_where_the_tokenizer_put_none(tmp_
 def test_a_decoder_trained_on_pairs_reads_them_with_its_end_token_between(tmp_path, tickets_csv, caplog):
     """A decoder base (GPT-2's tokenizer runs a pair together) trained on sentence pairs: what it trained on, its
     saved tokenizer, predict and transformers' pipeline all put the end-of-sequence token between the texts."""
-    import csv as csvlib
     import logging
 
     import datasets
@@ -720,16 +719,7 @@ def test_a_decoder_trained_on_pairs_reads_them_with_its_end_token_between(tmp_pa
     plain = AutoTokenizer.from_pretrained(base)
     ids = {t: plain(t)["input_ids"] for t in ("where is my parcel", "shipping")}
     assert plain("where is my parcel", "shipping")["input_ids"] == ids["where is my parcel"] + ids["shipping"]
-    with open(tickets_csv, newline="", encoding="utf-8") as f:
-        rows = list(csvlib.DictReader(f))
-    topics = sorted({r["label"] for r in rows})
-    pairs = tmp_path / "pairs.csv"
-    with open(pairs, "w", newline="", encoding="utf-8") as f:
-        w = csvlib.writer(f)
-        w.writerow(["ticket_id", "text", "topic", "verdict"])
-        for i, r in enumerate(rows):  # half the pairs name the ticket's topic, half another one
-            topic = r["label"] if i % 2 == 0 else topics[(topics.index(r["label"]) + 1) % len(topics)]
-            w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
+    pairs = write_ticket_pairs(tickets_csv, tmp_path / "pairs.csv")
     cfg = make_cfg(tmp_path, base, pairs, "dataset.text_pair_column=topic", "dataset.label_column=verdict")
     with caplog.at_level(logging.INFO, logger="pipeline"):
         result, model_dir = publish_and_train(cfg)
@@ -798,6 +788,39 @@ def test_a_base_model_with_no_classification_head_fails_before_a_run_opens(tmp_p
     with pytest.raises(PipelineError):  # nor does predict load it, or run its code
         Classifier(base)
     assert "Do you wish to run the custom code" not in capfd.readouterr().out
+
+
+def test_on_a_plateau_of_the_best_metric_the_checkpoint_with_the_lower_loss_is_kept(tmp_path, tiny_model):
+    """The Trainer keeps a checkpoint only when its metric is strictly better, so when macro-F1 stays the same
+    epoch after epoch (the demo: 0.9751 at all three) it kept the first, least trained one. Of equal metrics, the
+    lower validation loss now wins, for early stopping too."""
+    import csv
+
+    evals = []
+
+    class Evals(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evals.append((state.global_step, metrics["eval_macro_f1"], metrics["eval_loss"]))
+
+    src = tmp_path / "easy.csv"  # two labels with no word in common: perfect from the first epoch on
+    with open(src, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["ticket_id", "text", "label"])
+        for i in range(60):
+            w.writerow([f"a{i}", f"refund charged invoice {'twice ' * (i % 5)}{i}", "billing"])
+            w.writerow([f"b{i}", f"parcel delivery arrived {'late ' * (i % 5)}{i}", "shipping"])
+    cfg = make_cfg(tmp_path, tiny_model, src, "train.epochs=4", "train.early_stopping_patience=1")
+    dataset_publish.run(cfg)
+    result = finetune.run(cfg, callbacks=(Evals(),))
+    # early stopping (patience 1) took each tie with a lower loss for an improvement too: all four epochs ran
+    assert result.status == "ok" and len(evals) == 4, evals
+    top = max(f1 for _, f1, _ in evals)
+    ties = [(step, loss) for step, f1, loss in evals if f1 == top]
+    assert len(ties) >= 2 and min(ties, key=lambda t: t[1]) != ties[0]  # the case this is about: a later tie is better
+    reg = registry_of(cfg)
+    kept = json.loads((reg.fetch(reg.resolve(result.produced[0])).path / "metrics.json").read_text())["best"]
+    assert (kept["step"], kept["loss"]) == pytest.approx(min(ties, key=lambda t: t[1]))
+    assert kept["macro_f1"] == top
 
 
 def test_a_half_precision_checkpoint_is_trained_and_published_in_float32(tmp_path, tiny_model, tickets_csv):

@@ -64,3 +64,21 @@ def write_tickets(path: Path, rows: int = 240, seed: int = 7) -> Path:
         w.writeheader()
         w.writerows(records)
     return path
+
+
+def write_ticket_pairs(tickets: Path, path: Path, header: tuple[str, str, str, str] = ("ticket_id", "text", "topic", "verdict"),
+                       rows: int = 240) -> Path:
+    """A sentence-pair dataset from the first `rows` tickets: (id, ticket text, a topic, match or mismatch); half
+    the pairs name the ticket's own topic, half another one."""
+    import csv
+
+    with open(tickets, newline="", encoding="utf-8") as f:
+        records = list(csv.DictReader(f))[:rows]
+    topics = sorted({r["label"] for r in records})
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i, r in enumerate(records):
+            topic = r["label"] if i % 2 == 0 else topics[(topics.index(r["label"]) + 1 + i % 3) % len(topics)]
+            w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
+    return path

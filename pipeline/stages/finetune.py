@@ -432,7 +432,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
     )
     from transformers.utils import logging as hf_logging
 
-    from pipeline.callbacks import EvalCapture, MisclassificationCallback
+    from pipeline.callbacks import EvalCapture, MisclassificationCallback, PreferLowerLossOnTies
 
     label_names = shared["label_names"]
     tokenized = datasets.load_from_disk(shared["tokenized"])
@@ -446,7 +446,7 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
         hf_logging.set_verbosity(verbosity)
     match_padding(model, tokenizer)
     capture = EvalCapture(len(label_names))
-    callbacks = list(extra_callbacks)
+    callbacks = [PreferLowerLossOnTies(), *extra_callbacks]  # before early stopping, which reads the best metric
     if config.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
     if run is not None and config.train.misclassified_rows > 0:
