@@ -276,7 +276,8 @@ class TrainConfig(_Group):
     """Validation metric that picks the model kept at the end (loss: lowest, others: highest; of equal ones,
     the lowest validation loss)."""
     early_stopping_patience: int | None = Field(None, gt=0)
-    """Stop after this many evaluations without improvement of that metric; unset: never."""
+    """Stop after this many evaluations without improvement of that metric (the same value with a lower
+    validation loss counts as one); unset: never."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on the CPU."""
     misclassified_rows: int = Field(100, ge=0, le=TABLE_ROWS)
