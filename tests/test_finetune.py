@@ -755,6 +755,19 @@ def test_a_decoder_trained_on_pairs_reads_them_with_its_end_token_between(tmp_pa
     probs = np.exp(batched[0]) / np.exp(batched[0]).sum()
     assert {s["label"]: s["score"] for s in scored} == pytest.approx(dict(zip(clf.label_names, probs.tolist())), abs=1e-5)
 
+    # a tokenizer that comes back without the template (a tokenizer class that rebuilds its own on loading):
+    # the model records the separator, and predict puts it back
+    import shutil
+
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(model_dir, rebuilt)
+    state = json.loads((rebuilt / "tokenizer.json").read_text())
+    state["post_processor"] = json.loads(plain.backend_tokenizer.post_processor.__getstate__())
+    (rebuilt / "tokenizer.json").write_text(json.dumps(state))
+    assert AutoTokenizer.from_pretrained(rebuilt)(texts[0], topics_given[0])["input_ids"] == \
+        ids["where is my parcel"] + ids["shipping"]
+    assert np.abs(Classifier(rebuilt).logits(texts, topics_given) - batched).max() < 1e-5
+
 
 @pytest.mark.parametrize("extra, message", [
     ((), r"its tokenizer has no padding token and no end-of-sequence token to pad with"),
