@@ -372,18 +372,26 @@ class TrialOutcome:
     produced: list[str] = field(default_factory=list)
     error: str | None = None
     evaluations: int | None = None  # validation passes the trial ran (fewer when hyperband stopped it)
+    loss: float | None = None  # the validation loss of the trial's kept checkpoint: breaks a tie of `value`
 
     def to_dict(self) -> dict[str, Any]:
         return {"trial": self.number, "state": self.state, "value": self.value, "params": self.params,
-                "run_id": self.run_id, "produced": self.produced, "evaluations": self.evaluations, "error": self.error}
+                "run_id": self.run_id, "produced": self.produced, "evaluations": self.evaluations, "error": self.error,
+                "loss": self.loss}
 
 
-def better(spec: SweepSpec, value: float | None, than: float | None) -> bool:
+def better(spec: SweepSpec, outcome: TrialOutcome, than: TrialOutcome | None) -> bool:
+    """Whether `outcome` beats `than` (None: no trial yet) on the sweep's metric; of two equal values, the
+    lower validation loss wins (as between the checkpoints of one trial: `PreferLowerLossOnTies`), and
+    with no loss to tell them apart, the earlier trial stays."""
+    value = outcome.value
     if value is None or math.isnan(value):
         return False
-    if than is None:
+    if than is None or than.value is None:
         return True
-    return value > than if spec.maximize else value < than
+    if value == than.value:
+        return outcome.loss is not None and than.loss is not None and outcome.loss < than.loss
+    return value > than.value if spec.maximize else value < than.value
 
 
 def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, Any], *, dataset_ref: str, group: str,
@@ -408,16 +416,18 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
         return TrialOutcome(number, params, "failed", error=str(e))
     value = result.metrics.get(f"eval_{spec.metric}")
     outcome = TrialOutcome(number, params, "pruned" if metric_cb.pruned else "complete", value=value,
-                           run_id=result.run_id, produced=list(result.produced), evaluations=metric_cb.evaluations)
+                           run_id=result.run_id, produced=list(result.produced), evaluations=metric_cb.evaluations,
+                           loss=result.metrics.get("eval_loss"))
     log.info("sweep %s trial %d: %s=%s (%s) %s", sweep_id, number, spec.metric_name, value, outcome.state, params)
     return outcome
 
 
-def keep_if_best(spec: SweepSpec, outcome: TrialOutcome, best_value: float | None, keep: Path | None, best_dir: Path) -> None:
+def keep_if_best(spec: SweepSpec, outcome: TrialOutcome, best: TrialOutcome | None, keep: Path | None,
+                 best_dir: Path) -> None:
     """Only the best trial's model stays on disk (as `best_dir`); the others are removed."""
     if keep is None or not keep.exists():
         return
-    if better(spec, outcome.value, best_value):
+    if better(spec, outcome, best):
         shutil.rmtree(best_dir, ignore_errors=True)
         best_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(keep, best_dir)
@@ -481,14 +491,15 @@ def _outcomes(study) -> list[TrialOutcome]:
                  optuna.trial.TrialState.FAIL: "failed"}.get(t.state, t.state.name.lower())
         a = t.user_attrs
         out.append(TrialOutcome(t.number, a.get("params") or {}, state, value=a.get("value"), run_id=a.get("run_id"),
-                                produced=a.get("produced") or [], error=a.get("error"), evaluations=a.get("evaluations")))
+                                produced=a.get("produced") or [], error=a.get("error"), evaluations=a.get("evaluations"),
+                                loss=a.get("loss")))
     return out
 
 
 def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | None:
     best = None
     for o in outcomes:
-        if o.state in ("complete", "pruned") and better(spec, o.value, best.value if best else None):
+        if o.state in ("complete", "pruned") and better(spec, o, best):
             best = o
     return best
 
@@ -576,9 +587,9 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         outcome = train_trial(config, sweep, trial.number, params, dataset_ref=dataset_ref, group=group, sweep_id=sweep_id,
                               keep=keep, prune_trial=trial if sweep.hyperband else None, callbacks=callbacks,
                               base_ref=base_ref)
-        for k in ("value", "run_id", "produced", "error", "evaluations"):
+        for k in ("value", "run_id", "produced", "error", "evaluations", "loss"):
             trial.set_user_attr(k, getattr(outcome, k))
-        keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
+        keep_if_best(sweep, outcome, best, keep, best_dir)
         if outcome.state == "failed":
             study.tell(trial, state=TrialState.FAIL)
         elif outcome.state == "pruned":
@@ -653,8 +664,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         keep = None if publish_trials else work / f"trial-{len(outcomes)}"
         outcome = train_trial(config, sweep, len(outcomes), params, dataset_ref=dataset_ref, group=group,
                               sweep_id=sweep_id, keep=keep, adopt=True, run=run, base_ref=base_ref)
-        best = best_of(sweep, outcomes)
-        keep_if_best(sweep, outcome, best.value if best else None, keep, best_dir)
+        keep_if_best(sweep, outcome, best_of(sweep, outcomes), keep, best_dir)
         outcomes.append(outcome)
 
     wandb.agent(sweep_id, function=trial, count=count, project=config.project, entity=config.entity)

@@ -19,7 +19,8 @@ from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
 from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, reg_runs, run_cli
-from tests.tiny import write_ticket_pairs, write_tickets, write_tiny_decoder, write_tiny_model
+from tests.tiny import (write_separable_tickets, write_ticket_pairs, write_tickets, write_tiny_decoder,
+                        write_tiny_model)
 
 TRAIN = ["train.epochs=3", "train.batch_size=16", "train.learning_rate=3e-3", "train.logging_steps=2",
          "train.misclassified_rows=5"]
@@ -807,21 +808,13 @@ def test_on_a_plateau_of_the_best_metric_the_checkpoint_with_the_lower_loss_is_k
     """The Trainer keeps a checkpoint only when its metric is strictly better, so when macro-F1 stays the same
     epoch after epoch (the demo: 0.9751 at all three) it kept the first, least trained one. Of equal metrics, the
     lower validation loss now wins, for early stopping too."""
-    import csv
-
     evals = []
 
     class Evals(TrainerCallback):
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             evals.append((state.global_step, metrics["eval_macro_f1"], metrics["eval_loss"]))
 
-    src = tmp_path / "easy.csv"  # two labels with no word in common: perfect from the first epoch on
-    with open(src, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["ticket_id", "text", "label"])
-        for i in range(60):
-            w.writerow([f"a{i}", f"refund charged invoice {'twice ' * (i % 5)}{i}", "billing"])
-            w.writerow([f"b{i}", f"parcel delivery arrived {'late ' * (i % 5)}{i}", "shipping"])
+    src = write_separable_tickets(tmp_path / "easy.csv")
     cfg = make_cfg(tmp_path, tiny_model, src, "train.epochs=4", "train.early_stopping_patience=1")
     dataset_publish.run(cfg)
     result = finetune.run(cfg, callbacks=(Evals(),))

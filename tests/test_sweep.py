@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
 from tests.conftest import REPO, inspect_summary, run_cli
-from tests.tiny import write_tickets, write_tiny_model
+from tests.tiny import write_separable_tickets, write_tickets, write_tiny_model
 
 ISSUE_YAML = """
 method: random
@@ -293,6 +293,22 @@ def test_a_trial_the_pruner_rejects_at_its_last_evaluation_ran_in_full_and_is_co
         state, control = TrainerState(global_step=step, max_steps=10), TrainerControl()
         cb.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.2})
         assert cb.pruned is expect_pruned and control.should_training_stop is expect_pruned
+
+
+def test_of_two_trials_with_the_same_metric_the_one_with_the_lower_validation_loss_is_best(cfg, tmp_path):
+    """A grid on data both learning rates get perfect: the same F1, and the trial with the lower loss is the best
+    (the first one used to stay), as between the checkpoints of one trial."""
+    c = cfg(f"dataset.source={write_separable_tickets(tmp_path / 'easy.csv')}", "train.epochs=4", "train.batch_size=16")
+    dataset_publish.run(c)
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "eval/macro_f1", "goal": "maximize"},
+                               "parameters": {"train.learning_rate": {"values": [2e-3, 3e-3]}}})
+    result = sweeps.run(c, sweep=spec, count=2)
+    first, second = result.trials
+    assert first.value == second.value == 1.0 and first.loss > second.loss  # the case this is about
+    assert result.best.number == second.number
+    assert result.best.to_dict()["loss"] == second.loss
+    kept = json.loads((registry(c).fetch(registry(c).resolve(result.best_model)).path / "training_config.json").read_text())
+    assert kept["train"]["learning_rate"] == 3e-3  # the model published is that trial's
 
 
 class MoveAlias(TrainerCallback):

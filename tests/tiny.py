@@ -82,3 +82,17 @@ def write_ticket_pairs(tickets: Path, path: Path, header: tuple[str, str, str, s
             topic = r["label"] if i % 2 == 0 else topics[(topics.index(r["label"]) + 1 + i % 3) % len(topics)]
             w.writerow([r["ticket_id"], r["text"], topic, "match" if i % 2 == 0 else "mismatch"])
     return path
+
+
+def write_separable_tickets(path: Path, per_label: int = 60) -> Path:
+    """Two labels whose texts share no word: a tiny model is perfect on them within an epoch or two, after which
+    accuracy and F1 stay at 1 while the loss still falls (a plateau of the metric)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["ticket_id", "text", "label"])
+        for i in range(per_label):
+            w.writerow([f"a{i}", f"refund charged invoice {'twice ' * (i % 5)}{i}", "billing"])
+            w.writerow([f"b{i}", f"parcel delivery arrived {'late ' * (i % 5)}{i}", "shipping"])
+    return path
