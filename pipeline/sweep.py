@@ -715,9 +715,11 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
     with tracked_run(config, "sweep", group=group, tags=("sweep",)) as trun:
         trun.registry.use(dataset_ref, trun, type="dataset")
         keys = [p.key for p in sweep.params]
+        loss = sweep.metric != "loss"  # the tie-break, shown beside the metric (unless it is the metric)
         trun.log({"sweep/trials": wandb.Table(
-            columns=["trial", "state", sweep.metric_name, *keys, "run_id"],
-            data=[[o.number, o.state, o.value, *[_cell(o.params.get(k)) for k in keys], o.run_id] for o in outcomes])})
+            columns=["trial", "state", sweep.metric_name, *(["validation_loss"] if loss else []), *keys, "run_id"],
+            data=[[o.number, o.state, o.value, *([o.loss] if loss else []), *[_cell(o.params.get(k)) for k in keys],
+                   o.run_id] for o in outcomes])})
         aliases = ["candidate", f"sweep-{sweep_id}-best"]
         if best is not None and best.produced:  # trials published their own models: tag the best one
             for alias in aliases:

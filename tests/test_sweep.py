@@ -307,6 +307,11 @@ def test_of_two_trials_with_the_same_metric_the_one_with_the_lower_validation_lo
     assert first.value == second.value == 1.0 and first.loss > second.loss  # the case this is about
     assert result.best.number == second.number
     assert result.best.to_dict()["loss"] == second.loss
+    # the sweep run's table of trials shows the loss beside the metric
+    table_ref = inspect_summary(Path(result.run_dir))["summary"]["sweep/trials"]
+    table = json.loads((Path(result.run_dir) / "files" / table_ref["path"]).read_text())
+    assert table["columns"][:4] == ["trial", "state", "eval/macro_f1", "validation_loss"]
+    assert [row[3] for row in table["data"]] == pytest.approx([first.loss, second.loss])
     kept = json.loads((registry(c).fetch(registry(c).resolve(result.best_model)).path / "training_config.json").read_text())
     assert kept["train"]["learning_rate"] == 3e-3  # the model published is that trial's
 
