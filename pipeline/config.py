@@ -241,6 +241,10 @@ class ModelConfig(_Group):
     registry (``NAME:vN`` or ``NAME:ALIAS``, e.g. ``intent-classifier:production``) to train further."""
     max_length: int = Field(128, gt=0)
     """Tokens kept per example."""
+    trust_remote_code: bool = False
+    """Run an architecture shipped as Python code in the base model's folder (transformers' ``trust_remote_code``,
+    e.g. a hub model whose config.json has an ``auto_map``). That code runs in finetune, and in evaluate,
+    deploy-fetch and sweep with this config; the models made from it carry it. Off: such a base is refused."""
 
 
 METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1", "loss")

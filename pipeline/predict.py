@@ -31,7 +31,10 @@ class Prediction:
 
 
 class Classifier:
-    def __init__(self, model_dir: str | Path, max_length: int | None = None, device: str | None = None):
+    def __init__(self, model_dir: str | Path, max_length: int | None = None, device: str | None = None,
+                 trust_remote_code: bool = False):
+        """`trust_remote_code`: run an architecture shipped as Python code in the folder (a model fine-tuned
+        with ``model.trust_remote_code: true`` carries its base's code); off, such a folder is refused."""
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -40,10 +43,12 @@ class Classifier:
             raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
         from safetensors import SafetensorError
 
-        from pipeline.basemodel import is_classifier, match_padding, separate_pairs, set_padding
+        from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding, separate_pairs,
+                                        set_padding)
 
+        trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:
-            config = AutoConfig.from_pretrained(self.dir, trust_remote_code=False)  # never a prompt, never their code
+            config = AutoConfig.from_pretrained(self.dir, **trust)
             if not is_classifier(config):  # its head would be made up on the spot: random predictions
                 raise PipelineError(
                     f"{self.dir} is not a trained classifier (its config.json says {config.architectures or 'no architecture'}, "
@@ -53,12 +58,15 @@ class Classifier:
                 raise PipelineError(
                     f"{self.dir} is a {'regression' if config.num_labels < 2 or config.problem_type == 'regression' else 'multi-label'} "
                     "model; predict gives one label per text, from a single-label classifier (as finetune makes)")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.dir, trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.dir, trust_remote_code=False)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or damaged files
-            reason = (str(e).strip().splitlines() or [""])[0][:300]
-            raise PipelineError(f"{self.dir}: the model does not load ({type(e).__name__}: {reason})"
-                                + _compared_with_manifest(self.dir)) from e
+            self.tokenizer = AutoTokenizer.from_pretrained(self.dir, **trust)
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.dir, **trust)
+        except ValueError as e:
+            if is_custom_code_error(e) and not trust_remote_code:
+                raise PipelineError(f"{self.dir}: its architecture is Python code shipped in the folder (transformers' "
+                                    f"trust_remote_code); {REMOTE_CODE_HINT}") from None
+            raise self._not_loading(e) from e
+        except (OSError, RuntimeError, SafetensorError, ImportError) as e:  # missing, truncated or damaged files
+            raise self._not_loading(e) from e
         set_padding(self.tokenizer)  # as finetune pads (a hub decoder classifier may have no padding token)
         if self.tokenizer.pad_token is None:
             raise PipelineError(f"{self.dir}: its tokenizer has no padding token and no end-of-sequence token to pad "
@@ -80,6 +88,11 @@ class Classifier:
             # trained with a token between a pair's texts: its saved tokenizer puts it there, and this keeps it
             # so should a tokenizer class rebuild its template on loading
             separate_pairs(self.tokenizer)
+
+    def _not_loading(self, error: BaseException) -> PipelineError:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        return PipelineError(f"{self.dir}: the model does not load ({type(error).__name__}: {reason})"
+                             + _compared_with_manifest(self.dir))
 
     def _training_config(self) -> dict[str, Any]:
         try:

@@ -51,9 +51,11 @@ def reproduction_config(registry, ref: str, tracking: dict[str, Any], overrides:
 
 
 def run(config: Config | TrackingConfig, *, group: str | None = None, model: str, overrides: tuple[str, ...] = (),
-        check: bool = False, tolerance: float = 0.0) -> StageResult:
+        check: bool = False, tolerance: float = 0.0, trust_remote_code: bool = False) -> StageResult:
     """Reproduce `model`. `config` supplies the tracking settings (a full config, or just tracking);
-    `overrides` change the recorded config on purpose (``--set train.seed=1``)."""
+    `overrides` change the recorded config on purpose (``--set train.seed=1``). A model trained with
+    ``model.trust_remote_code`` is rebuilt only with `trust_remote_code` (``--trust-remote-code``): the
+    recorded config alone does not run the code in its base model's folder."""
     from pipeline.basemodel import resolve_base_model
     from pipeline.provenance import code_version, package_versions
     from pipeline.stages import finetune
@@ -66,6 +68,10 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     registry = open_registry(tracking, project=project, entity=entity)
     original, cfg = reproduction_config(registry, model, tracking.model_dump(mode="json"), overrides)
     meta = original.metadata
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise ConfigError(f"{original.ref} was trained with model.trust_remote_code: rebuilding it runs the Python code "
+                          f"in its base model's folder ({(meta.get('base_model') or {}).get('id', cfg.model.base)}); read "
+                          "that code, then pass --trust-remote-code")
     ds_ref, ds_digest = meta["dataset"]["ref"], meta["dataset"].get("digest")
     try:
         dataset = registry.resolve(ds_ref, type="dataset")
@@ -80,7 +86,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     same_spec = cfg.model.base == ((meta.get("config") or {}).get("model") or {}).get("base")
     pinned = recorded_base.get("id") if recorded_base.get("source") == "registry" and same_spec else None
     try:
-        base = resolve_base_model(cfg.model.base, registry, pinned=pinned)
+        base = resolve_base_model(cfg.model.base, registry, pinned=pinned, trust_remote_code=cfg.model.trust_remote_code)
     except (ConfigError, RefError) as e:
         raise type(e)(f"the base model {original.ref} recorded ({recorded_base.get('id', cfg.model.base)}) "
                           f"cannot be found: {e}") from None
@@ -178,9 +184,10 @@ def _compare_test(registry, dataset, original, rebuilt, cfg: Config) -> dict[str
     rows = _read_split(registry.fetch(dataset).path, split, dataset.ref)
     labels = list(original.metadata.get("label_names") or dataset.metadata["label_names"])
     e = cfg.evaluate
-    a = score(registry.fetch(original).path, rows, labels, e.batch_size, e.calibration_bins, original.ref)
+    trust = cfg.model.trust_remote_code
+    a = score(registry.fetch(original).path, rows, labels, e.batch_size, e.calibration_bins, original.ref, trust)
     b = a if rebuilt.ref == original.ref else score(registry.fetch(rebuilt).path, rows, labels, e.batch_size,
-                                                    e.calibration_bins, rebuilt.ref)
+                                                    e.calibration_bins, rebuilt.ref, trust)
     differ = int((a.probs.argmax(axis=1) != b.probs.argmax(axis=1)).sum())
     return {
         "split": split,

@@ -785,8 +785,8 @@ def test_a_decoder_base_that_cannot_work_fails_before_a_run_opens(tmp_path, tick
     ({"model_type": "nosuchmodel"}, r"transformers cannot read its config.json \(.*model type `nosuchmodel`"),
     # transformers asks "Do you wish to run the custom code? [y/N]" on a terminal unless told not to
     ({"model_type": "custom_xyz", "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel"}},
-     r"its architecture is Python code shipped in the model's folder \(transformers' trust_remote_code\), which "
-     r"this pipeline does not run"),
+     r"its architecture is Python code shipped in the model's folder \(transformers' trust_remote_code\); it runs only "
+     r"when trusted: model.trust_remote_code: true in the config"),
 ])
 def test_a_base_model_with_no_classification_head_fails_before_a_run_opens(tmp_path, tiny_model, tickets_csv,
                                                                            config, message, capfd):

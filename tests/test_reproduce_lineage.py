@@ -15,7 +15,7 @@ from pipeline.lineage import build, render
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
 from tests.conftest import offline, reg_runs, run_cli
-from tests.tiny import write_tickets, write_tiny_model
+from tests.tiny import write_tickets, write_tiny_custom_code_model, write_tiny_model
 
 TRAIN = ["train.epochs=4", "train.batch_size=16", "train.learning_rate=3e-3", "train.warmup_ratio=0",
          "train.misclassified_rows=2",
@@ -269,3 +269,52 @@ def test_the_code_version_is_the_pipelines_own_checkout_never_a_repository_it_is
     with open(checkout / "pipeline" / "refs.py", "a") as f:
         f.write("# edited\n")
     assert version_there() == {"git_commit": head, "git_dirty": True}
+
+
+def test_a_base_whose_architecture_is_its_own_code_runs_only_where_trusted(tmp_path):
+    """model.trust_remote_code: finetune, evaluate and deploy-fetch run the code in the base's folder, which the model
+    version carries; predict and reproduce run it only when told to, on the command line or in the call."""
+    from pipeline.predict import Classifier
+    from pipeline.stages import dataset_publish, finetune
+
+    base = write_tiny_custom_code_model(tmp_path / "custom")
+    csv = write_tickets(tmp_path / "tickets.csv", rows=240)
+    untrusted = load_config(None, overrides(tmp_path, base, csv))
+    dataset_publish.run(untrusted)
+    with pytest.raises(ConfigError, match=r"its architecture is Python code shipped in the model's folder "
+                                          r"\(transformers' trust_remote_code\); it runs only when trusted: "
+                                          r"model.trust_remote_code: true"):
+        finetune.run(untrusted)
+    assert registry(untrusted).list_versions(type="model") == []
+    headless = tmp_path / "headless"  # its code has no classifier: refused before a run, trusted or not
+    shutil.copytree(base, headless)
+    config = json.loads((headless / "config.json").read_text())
+    del config["auto_map"]["AutoModelForSequenceClassification"]
+    (headless / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"its model type 'tiny-custom' has no sequence-classification head in "
+                                          r"transformers \(AutoModelForSequenceClassification\) nor in its own code"):
+        finetune.run(load_config(None, [*overrides(tmp_path, headless, csv), "model.trust_remote_code=true"]))
+
+    cfg = load_config(None, [*overrides(tmp_path, base, csv), "model.trust_remote_code=true"])
+    result = run_all(cfg)
+    assert [s.status for s in result.stages] == ["unchanged", "ok", "ok", "ok"], result.to_dict()
+    version = registry(cfg).resolve("clf:v0")
+    assert {"modeling_tinycustom.py", "configuration_tinycustom.py"} <= {f.path for f in version.files}
+    assert version.metadata["config"]["model"]["trust_remote_code"] is True
+    deployed = tmp_path / "deploy"
+    assert json.loads((deployed / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"] == \
+        "modeling_tinycustom.TinyCustomForSequenceClassification"
+
+    refused = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
+    assert refused.returncode != 0 and "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
+    trusted = run_cli("predict", "--model-dir", str(deployed), "--trust-remote-code", "--json", "where is my parcel")
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    clf = Classifier(deployed, trust_remote_code=True)
+    assert type(clf.model).__name__ == "TinyCustomForSequenceClassification"
+    assert json.loads(trusted.stdout)["label"] == clf.predict(["where is my parcel"])[0].label
+
+    with pytest.raises(ConfigError, match=r"clf:v0 was trained with model.trust_remote_code: rebuilding it runs the "
+                                          r"Python code in its base model's folder .*pass --trust-remote-code"):
+        reproduce.run(cfg, model="clf:v0")
+    again = reproduce.run(cfg, model="clf:v0", check=True, trust_remote_code=True)
+    assert again.status == "ok" and again.produced == ["clf:v0"]  # rebuilt bit for bit

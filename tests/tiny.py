@@ -96,3 +96,27 @@ def write_separable_tickets(path: Path, per_label: int = 60) -> Path:
             w.writerow([f"a{i}", f"refund charged invoice {'twice ' * (i % 5)}{i}", "billing"])
             w.writerow([f"b{i}", f"parcel delivery arrived {'late ' * (i % 5)}{i}", "shipping"])
     return path
+
+
+def write_tiny_custom_code_model(folder: Path) -> Path:
+    """The tiny BERT as an architecture shipped as Python code in its folder (config.json's auto_map), as some hub
+    models are: transformers runs that code only with trust_remote_code. Its classes are BERT's, renamed."""
+    import json
+
+    write_tiny_model(folder)
+    (folder / "configuration_tinycustom.py").write_text(
+        "from transformers import BertConfig\n\n\n"
+        "class TinyCustomConfig(BertConfig):\n    model_type = \"tiny-custom\"\n", encoding="utf-8")
+    (folder / "modeling_tinycustom.py").write_text(
+        "from transformers import BertForSequenceClassification, BertModel\n\n"
+        "from .configuration_tinycustom import TinyCustomConfig\n\n\n"
+        "class TinyCustomModel(BertModel):\n    config_class = TinyCustomConfig\n\n\n"
+        "class TinyCustomForSequenceClassification(BertForSequenceClassification):\n"
+        "    config_class = TinyCustomConfig\n", encoding="utf-8")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["model_type"] = "tiny-custom"
+    config["auto_map"] = {"AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+                          "AutoModel": "modeling_tinycustom.TinyCustomModel",
+                          "AutoModelForSequenceClassification": "modeling_tinycustom.TinyCustomForSequenceClassification"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder

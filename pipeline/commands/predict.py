@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"write the predictions to this file ({', '.join(OUTPUT_FORMATS)}) instead of printing them")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="labels to show per text (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run an architecture shipped as Python code in the model's folder (a model fine-tuned with "
+                        "model.trust_remote_code); read that code first")
 
 
 CHUNK = 1024  # texts classified together: length-ordered batches within it, memory bounded by it
@@ -68,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     first = list(itertools.islice(rows, CHUNK))
     if not first:
         raise PipelineError("no text to classify: pass TEXT arguments, lines on stdin, or an --input file with rows")
-    classifier = load(args.model_dir)
+    classifier = load(args.model_dir, trust_remote_code=args.trust_remote_code)
     if args.input and classifier.takes_pairs != bool(args.text_pair_column):
         raise ConfigError(f"{args.model_dir} classifies text pairs: name the second text's column with --text-pair-column"
                           if classifier.takes_pairs else

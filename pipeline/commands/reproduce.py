@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
                    help="largest allowed absolute metric difference (default 0: exactly equal, as on the CPU "
                         "with the same package versions)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code in the base model's folder, for a model trained with model.trust_remote_code "
+                        "(read that code first)")
     add_config_arguments(p, required=False)
     p.add_argument("--result-json", metavar="PATH", help="write the machine-readable result (every comparison) here")
     p.add_argument("--group", help="W&B group for the reproduction run")
@@ -32,5 +35,5 @@ def main(args: argparse.Namespace) -> int:
     tracking_only = [o for o in args.overrides if o.startswith("tracking.")]
     config = load_tracking(args.config, tracking_only)
     code = run_stage("pipeline.reproduce", args, config=config, model=args.model, overrides=tuple(args.overrides),
-                     check=args.check, tolerance=args.tolerance)
+                     check=args.check, tolerance=args.tolerance, trust_remote_code=args.trust_remote_code)
     return code

@@ -29,12 +29,12 @@ SMOKE_PAIR = "account access"  # the second text, for a sentence-pair model
 log = logging.getLogger(__name__)
 
 
-def smoke_test(model_dir: Path, label_names: list[str]) -> dict[str, Any]:
+def smoke_test(model_dir: Path, label_names: list[str], trust_remote_code: bool = False) -> dict[str, Any]:
     from pipeline.predict import load
 
     pair = None
     try:
-        classifier = load(model_dir)
+        classifier = load(model_dir, trust_remote_code=trust_remote_code)
         pair = [SMOKE_PAIR] if classifier.takes_pairs else None
         prediction = classifier.predict([SMOKE_TEXT], pair, top_k=len(label_names) or 3)[0]
     except Exception as e:  # noqa: BLE001 - any failure to load or run the model fails the smoke test
@@ -69,7 +69,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
             smoke = existing["smoke"]  # these exact bytes passed the smoke test when first deployed
         else:
             verified = reg.fetch(version)  # the registry's verified copy: smoke-test it before deploying
-            smoke = smoke_test(verified.path, label_names)
+            smoke = smoke_test(verified.path, label_names, config.model.trust_remote_code)
         manifest = {
             "ref": version.ref,
             "name": version.name,

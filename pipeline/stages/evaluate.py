@@ -213,12 +213,13 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
 
 
 def score(model_dir: Path, rows: dict[str, list], label_names: list[str] | None, batch_size: int, bins: int,
-          ref: str) -> Scored:
+          ref: str, trust_remote_code: bool = False) -> Scored:
     """The model's metrics on `rows` (whose labels it must know). With `label_names`, the model must
-    predict exactly those labels in that order (a challenger on its own dataset); with None, its own."""
+    predict exactly those labels in that order (a challenger on its own dataset); with None, its own.
+    `trust_remote_code`: the config's ``model.trust_remote_code``, for a model that carries its own code."""
     from pipeline.predict import load
 
-    classifier = load(model_dir)
+    classifier = load(model_dir, trust_remote_code=trust_remote_code)
     if label_names is not None and classifier.label_names != label_names:
         raise ConfigError(f"{ref} predicts labels {classifier.label_names}, but the dataset's labels are {label_names}")
     index = {name: i for i, name in enumerate(classifier.label_names)}
@@ -254,7 +255,7 @@ def _scored(ref: str, logp: np.ndarray, refs: np.ndarray, label_names: list[str]
 
 
 def compare(ch: Scored, champion_dir: Path, champion_ref: str, champion_labels: list[str], rows: dict[str, list],
-            batch_size: int, bins: int, seen: np.ndarray | None = None) -> Comparison | None:
+            batch_size: int, bins: int, seen: np.ndarray | None = None, trust_remote_code: bool = False) -> Comparison | None:
     """Production scored on the rows whose label it knows (all of them, unless the label set changed)
     and that it did not see in training (`seen`), the challenger on the same rows, and the paired
     bootstrap of the difference. None: no row in common."""
@@ -268,7 +269,7 @@ def compare(ch: Scored, champion_dir: Path, champion_ref: str, champion_labels: 
     else:
         same_rows = {k: [v for v, kept in zip(values, keep) if kept] for k, values in rows.items()}
         mine = _scored(ch.ref, ch.logp[keep], ch.refs[keep], ch.label_names, bins)
-    theirs = score(champion_dir, same_rows, None, batch_size, bins, champion_ref)
+    theirs = score(champion_dir, same_rows, None, batch_size, bins, champion_ref, trust_remote_code)
     # Both models' predictions as names, then as indices into one list of every name either can predict.
     names = ch.label_names + [n for n in theirs.label_names if n not in ch.label_names]
     where = {n: i for i, n in enumerate(names)}
@@ -373,7 +374,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
                             "validation splits of %s): its scores, and the gate's decision, are biased upward", seen,
                             len(known), split, ds.ref, challenger.ref, (challenger.metadata.get("dataset") or {}).get("ref"))
         e = config.evaluate
-        ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref)
+        ch = score(reg.fetch(challenger).path, rows, label_names, e.batch_size, e.calibration_bins, challenger.ref,
+                   config.model.trust_remote_code)
         if ch.truncated:
             (log.warning if ch.truncated >= 0.01 * len(ch.refs) else log.info)(
                 "%d of %d %s texts are longer than %s's max_length (%d tokens): only their beginning was scored, as "
@@ -384,7 +386,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
             cmp, skipped = None, None
             if champion is not None and not already:
                 reg.use(champion.ref, trun, type="model")
-                cmp, skipped = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e, reg)
+                cmp, skipped = _compare_with(champion, ch, reg.fetch(champion).path, rows, label_names, e, reg,
+                                             config.model.trust_remote_code)
                 scored.append(champion.ref)
                 if cmp is not None:
                     _log(trun, f"champion/{split}", cmp.champion, cmp.rows, 0)
@@ -466,7 +469,7 @@ def _takes_pairs(version) -> bool:
 
 
 def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str],
-                  e, reg) -> tuple[Comparison | None, str | None]:
+                  e, reg, trust_remote_code: bool = False) -> tuple[Comparison | None, str | None]:
     """`compare`, or why production cannot be compared with the challenger on these rows."""
     theirs_pairs, mine_pairs = _takes_pairs(champion), "text_pair" in rows
     if theirs_pairs != mine_pairs:
@@ -488,7 +491,8 @@ def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list
             log.info("%d of %d rows of this split are texts production %s trained on (or chose its checkpoint on); "
                      "the regression checks leave them out", int(seen.sum()), len(seen), champion.ref)
     try:
-        cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen)
+        cmp = compare(ch, champion_dir, champion.ref, theirs, rows, e.batch_size, e.calibration_bins, seen,
+                      trust_remote_code)
     except BrokenScores as broken:  # a broken production is no bar to clear
         return None, f"production {champion.ref} cannot be compared with: {broken}"
     if cmp is not None:

@@ -138,11 +138,12 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     check_trainable(version)
     if isinstance(config.train.class_weights, dict) and version.metadata.get("label_names"):
         class_weights(config.train.class_weights, version.metadata["label_names"], {}, version.ref)  # labels it lacks
-    base = resolve_base_model(config.model.base, registry, pinned=base)
+    trust = config.model.trust_remote_code
+    base = resolve_base_model(config.model.base, registry, pinned=base, trust_remote_code=trust)
     check_max_length(base, config.model.max_length)
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
-    check_architecture(base)
-    load_tokenizer(base.path, base.id, announce=True)  # a tokenizer that cannot pad fails here, not mid-run
+    check_architecture(base, trust_remote_code=trust)
+    load_tokenizer(base.path, base.id, announce=True, trust_remote_code=trust)  # a tokenizer that cannot pad fails here
     if resume is not None:
         run_id, group = saved["run_id"], saved.get("group")
         if saved.get("dataset_digest") and saved["dataset_digest"] != version.digest:
@@ -167,7 +168,8 @@ def _precision_flags(precision: str) -> dict[str, bool]:
 
 
 # -- data ------------------------------------------------------------------------------------
-def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: int, cache_root: Path) -> tuple[Path, bool]:
+def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: int, cache_root: Path,
+             trust_remote_code: bool = False) -> tuple[Path, bool]:
     """The train and validation splits tokenised and saved with ``save_to_disk``; (folder, reused from the cache)."""
     from pipeline.provenance import digest_text
 
@@ -186,7 +188,7 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
         keep = [c for c in ("text", "text_pair", "label_id") if c in table.column_names]
         parts[split] = datasets.Dataset(table.select(keep))
     pair = "text_pair" in parts["train"].column_names
-    tokenizer = load_tokenizer(base.path, base.id, pairs=pair)
+    tokenizer = load_tokenizer(base.path, base.id, pairs=pair, trust_remote_code=trust_remote_code)
     truncated = dict.fromkeys(parts, 0)
 
     def encode(batch, split):
@@ -436,12 +438,13 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
 
     label_names = shared["label_names"]
     tokenized = datasets.load_from_disk(shared["tokenized"])
-    tokenizer = load_tokenizer(shared["base_path"], pairs=shared["pair_separator"] is not False)
+    trust = config.model.trust_remote_code
+    tokenizer = load_tokenizer(shared["base_path"], pairs=shared["pair_separator"] is not False, trust_remote_code=trust)
     set_seed(config.train.seed)  # before the head is initialised
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier weights": expected, we train them
     try:
-        model = load_classifier(shared["base_path"], label_names)
+        model = load_classifier(shared["base_path"], label_names, trust_remote_code=trust)
     finally:
         hf_logging.set_verbosity(verbosity)
     match_padding(model, tokenizer)
@@ -572,14 +575,16 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     manifest = json.loads((fetched.path / "dataset.json").read_text(encoding="utf-8"))
     label_names = list(manifest["label_names"])
     cache_root = Path(config.tracking.dir).resolve() / "cache" / "tokenized"
-    tokenized, hit = tokenize(fetched.path, version.digest, plan_.base, config.model.max_length, cache_root)
+    trust = config.model.trust_remote_code
+    tokenized, hit = tokenize(fetched.path, version.digest, plan_.base, config.model.max_length, cache_root,
+                              trust_remote_code=trust)
     log.info("%s: tokenised splits %s (%s)", version.ref, tokenized, "cached" if hit else "new")
     truncated = truncation(tokenized)
     _report_truncation(truncated, config.model.max_length, plan_.base)
     validation_rows = _validation_rows(fetched.path)
     separator = False  # no pairs
     if "text_pair" in validation_rows:
-        separator = separate_pairs(load_tokenizer(plan_.base.path, plan_.base.id), plan_.base.id)
+        separator = separate_pairs(load_tokenizer(plan_.base.path, plan_.base.id, trust_remote_code=trust), plan_.base.id)
         if separator:
             log.info("the base model's tokenizer puts nothing between the two texts of a pair; each pair is encoded "
                      "as text %r text_pair", separator)
