@@ -14,7 +14,8 @@ import yaml
 
 def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_digest: str, label_names: list[str],
            num_rows: dict[str, int], train: dict[str, Any], max_length: int, metrics: dict[str, Any],
-           best_metric: str, text_pair: bool = False, truncated: dict[str, int] | None = None) -> str:
+           best_metric: str, text_pair: bool = False, truncated: dict[str, int] | None = None,
+           remote_code: bool = False) -> str:
     best = metrics.get("best", {})
     front = {
         "library_name": "transformers",
@@ -89,7 +90,9 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "```python",
         "from transformers import pipeline",
         "",
-        'classify = pipeline("text-classification", model="path/to/this/folder")',
+        *(["# its architecture is the Python code in this folder: read it before trusting it",
+           'classify = pipeline("text-classification", model="path/to/this/folder", trust_remote_code=True)']
+          if remote_code else ['classify = pipeline("text-classification", model="path/to/this/folder")']),
         *(['classify({"text": "my order never arrived", "text_pair": "shipping"})  # a sentence-pair model']
           if text_pair else ['classify("my order never arrived")']),
         "```",

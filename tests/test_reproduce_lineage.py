@@ -305,6 +305,14 @@ def test_a_base_whose_architecture_is_its_own_code_runs_only_where_trusted(tmp_p
     assert json.loads((deployed / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"] == \
         "modeling_tinycustom.TinyCustomForSequenceClassification"
 
+    # the card's example runs as written in plain transformers
+    card = (deployed / "README.md").read_text()
+    example = 'classify = pipeline("text-classification", model="path/to/this/folder", trust_remote_code=True)'
+    assert example in card
+    from transformers import pipeline as hf_pipeline
+
+    assert hf_pipeline("text-classification", model=str(deployed), trust_remote_code=True)("where is my parcel")
+
     refused = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
     assert refused.returncode != 0 and "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
     trusted = run_cli("predict", "--model-dir", str(deployed), "--trust-remote-code", "--json", "where is my parcel")

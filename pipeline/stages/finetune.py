@@ -558,6 +558,8 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
         dataset_digest=plan_.dataset_digest, label_names=label_names, num_rows=num_rows, train=shown,
         max_length=config.model.max_length, metrics=metrics, best_metric=config.train.metric_for_best_model,
         text_pair=text_pair, truncated=shared.get("truncated"),
+        # the architecture is code saved with the weights (a trusted base's auto_map): loading it needs trust too
+        remote_code=bool(json.loads((out / "config.json").read_text(encoding="utf-8")).get("auto_map")),
     )
     (out / "README.md").write_text(card, encoding="utf-8")
 
