@@ -161,10 +161,10 @@ def test_promotion_compares_with_production_as_it_is_when_another_evaluation_mov
     other_process = registry(cfg)  # a concurrent `evaluate` promoting another version writes through its own registry
     real_score = evaluate.score
 
-    def score_while_clf_v1_is_promoted(model_dir, rows, labels, batch_size, bins, ref):
+    def score_while_clf_v1_is_promoted(model_dir, rows, labels, batch_size, bins, ref, *trust):
         if ref == "clf:v2" and other_process.resolve("clf:production").ref == "clf:v0":
             other_process.set_alias("clf:v1", "production")
-        return real_score(model_dir, rows, labels, batch_size, bins, ref)
+        return real_score(model_dir, rows, labels, batch_size, bins, ref, *trust)
 
     monkeypatch.setattr(evaluate, "score", score_while_clf_v1_is_promoted)
     result = evaluate.run(cfg, model="clf:v2")
@@ -176,8 +176,8 @@ def test_promotion_compares_with_production_as_it_is_when_another_evaluation_mov
     assert any(c["check"] == "accuracy vs production" and c["champion"] == round(result.metrics["champion_test_accuracy"], 6)
                for c in record["gate"]["checks"])
 
-    def score_while_production_keeps_moving(model_dir, rows, labels, batch_size, bins, ref):
-        scored = real_score(model_dir, rows, labels, batch_size, bins, ref)
+    def score_while_production_keeps_moving(model_dir, rows, labels, batch_size, bins, ref, *trust):
+        scored = real_score(model_dir, rows, labels, batch_size, bins, ref, *trust)
         if ref != "clf:v0":  # a champion was just scored: another evaluation moves production before this one promotes
             other_process.set_alias("clf:v1" if ref == "clf:v2" else "clf:v2", "production")
         return scored

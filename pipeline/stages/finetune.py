@@ -173,7 +173,9 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
     """The train and validation splits tokenised and saved with ``save_to_disk``; (folder, reused from the cache)."""
     from pipeline.provenance import digest_text
 
-    key = digest_text("tokenized", TOKENIZE_FORMAT, dataset_digest, base.tokenizer_digest, max_length)[:24]
+    # a trusted tokenizer's own code is in the base's folder, beyond the tokenizer files: the whole folder counts
+    key = digest_text("tokenized", TOKENIZE_FORMAT, dataset_digest, base.tokenizer_digest, max_length,
+                      *([base.digest] if trust_remote_code else []))[:24]
     out = cache_root / key
     if (out / "dataset_dict.json").is_file():
         return out, True
