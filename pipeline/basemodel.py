@@ -112,7 +112,8 @@ def registry_base(spec: str, registry, pinned: str | None = None):
         raise RefError(f"model.base={spec!r}{f' (pinned to {pinned})' if pinned else ''}: {e}") from None
 
 
-def resolve_base_model(spec: str, registry=None, pinned: str | None = None, trust_remote_code: bool = False) -> BaseModel:
+def resolve_base_model(spec: str, registry=None, pinned: str | None = None,
+                       trust_remote_code: bool = False) -> BaseModel:
     """The base model's local folder and digests; a clear ConfigError when it cannot be found.
 
     A registry reference (`is_registry_ref`) is resolved in `registry` to its exact ``name:vN``
@@ -341,15 +342,16 @@ def separate_pairs(tokenizer, name: str | None = None) -> str | None:
         post = {"type": "Sequence", "processors": [post, template]}
     pair = template["pair"]
     end_of_first = max(i for i, p in enumerate(pair) if p.get("Sequence", {}).get("id") == "A")
-    pair.insert(end_of_first + 1, {"SpecialToken": {"id": separator, "type_id": pair[end_of_first]["Sequence"]["type_id"]}})
+    between = {"SpecialToken": {"id": separator, "type_id": pair[end_of_first]["Sequence"]["type_id"]}}
+    pair.insert(end_of_first + 1, between)
     template["special_tokens"][separator] = {"id": separator, "ids": [tokenizer.convert_tokens_to_ids(separator)],
                                              "tokens": [separator]}
     holder = json.loads(Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).to_str())
     holder["post_processor"] = post
     backend.post_processor = Tokenizer.from_str(json.dumps(holder)).post_processor
     if not _pair_boundary(tokenizer):  # a post-processor this could not extend: say so, as above
-        raise ConfigError(f"{name or 'the base model'}: its tokenizer puts nothing between the two texts of a pair, and its "
-                          f"post-processor ({post['type']}) could not be given a separator")
+        raise ConfigError(f"{name or 'the base model'}: its tokenizer puts nothing between the two texts of a pair, "
+                          f"and its post-processor ({post['type']}) could not be given a separator")
     return separator
 
 

@@ -29,8 +29,7 @@ TABLE_ROWS = 10_000  # W&B keeps the first this many rows of a logged table (wan
 
 class _Group(BaseModel):
     # inf and nan are no setting: `epochs: 1e400` would train forever and could not be recorded as JSON.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

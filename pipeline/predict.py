@@ -43,8 +43,8 @@ class Classifier:
             raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
         from safetensors import SafetensorError
 
-        from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding, separate_pairs,
-                                        set_padding)
+        from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
+                                        separate_pairs, set_padding)
 
         trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:

@@ -69,9 +69,9 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     original, cfg = reproduction_config(registry, model, tracking.model_dump(mode="json"), overrides)
     meta = original.metadata
     if cfg.model.trust_remote_code and not trust_remote_code:
-        raise ConfigError(f"{original.ref} was trained with model.trust_remote_code: rebuilding it runs the Python code "
-                          f"in its base model's folder ({(meta.get('base_model') or {}).get('id', cfg.model.base)}); read "
-                          "that code, then pass --trust-remote-code")
+        where = (meta.get("base_model") or {}).get("id", cfg.model.base)
+        raise ConfigError(f"{original.ref} was trained with model.trust_remote_code: rebuilding it runs the Python "
+                          f"code in its base model's folder ({where}); read that code, then pass --trust-remote-code")
     ds_ref, ds_digest = meta["dataset"]["ref"], meta["dataset"].get("digest")
     try:
         dataset = registry.resolve(ds_ref, type="dataset")
@@ -86,7 +86,8 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     same_spec = cfg.model.base == ((meta.get("config") or {}).get("model") or {}).get("base")
     pinned = recorded_base.get("id") if recorded_base.get("source") == "registry" and same_spec else None
     try:
-        base = resolve_base_model(cfg.model.base, registry, pinned=pinned, trust_remote_code=cfg.model.trust_remote_code)
+        base = resolve_base_model(cfg.model.base, registry, pinned=pinned,
+                                  trust_remote_code=cfg.model.trust_remote_code)
     except (ConfigError, RefError) as e:
         raise type(e)(f"the base model {original.ref} recorded ({recorded_base.get('id', cfg.model.base)}) "
                           f"cannot be found: {e}") from None

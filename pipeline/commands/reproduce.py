@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest allowed absolute metric difference (default 0: exactly equal, as on the CPU "
                         "with the same package versions)")
     p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the Python code in the base model's folder, for a model trained with model.trust_remote_code "
-                        "(read that code first)")
+                   help="run the Python code in the base model's folder, for a model trained with "
+                        "model.trust_remote_code (read that code first)")
     add_config_arguments(p, required=False)
     p.add_argument("--result-json", metavar="PATH", help="write the machine-readable result (every comparison) here")
     p.add_argument("--group", help="W&B group for the reproduction run")

@@ -255,7 +255,8 @@ def _scored(ref: str, logp: np.ndarray, refs: np.ndarray, label_names: list[str]
 
 
 def compare(ch: Scored, champion_dir: Path, champion_ref: str, champion_labels: list[str], rows: dict[str, list],
-            batch_size: int, bins: int, seen: np.ndarray | None = None, trust_remote_code: bool = False) -> Comparison | None:
+            batch_size: int, bins: int, seen: np.ndarray | None = None,
+            trust_remote_code: bool = False) -> Comparison | None:
     """Production scored on the rows whose label it knows (all of them, unless the label set changed)
     and that it did not see in training (`seen`), the challenger on the same rows, and the paired
     bootstrap of the difference. None: no row in common."""
