@@ -173,6 +173,16 @@ REMOTE_CODE_HINT = ("it runs only when trusted: model.trust_remote_code: true in
                     "folder's .py files first")
 
 
+def check_code_trusted(version, trust_remote_code: bool, role: str = "") -> None:
+    """A model version that carries its architecture as Python code (made from a base trusted with
+    ``model.trust_remote_code``) is a ConfigError unless trusted: refused before a run opens, not
+    when it is loaded inside one. `role` says what the version is to the stage (" (production)")."""
+    code = sorted(f.path for f in version.files if f.path.endswith(".py"))
+    if code and not trust_remote_code:
+        raise ConfigError(f"{version.ref}{role} carries its architecture as Python code ({', '.join(code[:3])}"
+                          f"{', ...' if len(code) > 3 else ''}); {REMOTE_CODE_HINT}")
+
+
 def is_custom_code_error(error: BaseException) -> bool:
     """transformers' refusal to load a folder whose architecture is Python code in the folder (auto_map)."""
     return "custom code" in str(error)

@@ -313,6 +313,25 @@ def test_a_base_whose_architecture_is_its_own_code_runs_only_where_trusted(tmp_p
 
     assert hf_pipeline("text-classification", model=str(deployed), trust_remote_code=True)("where is my parcel")
 
+    # evaluate and deploy-fetch without the trust refuse the version before a run opens (not when loading it inside)
+    from pipeline.stages import deploy_fetch, evaluate
+
+    runs = len(reg_runs(registry(cfg)))
+    with pytest.raises(ConfigError, match=r"clf:v0 carries its architecture as Python code \(configuration_tinycustom.py, "
+                                          r"modeling_tinycustom.py\); it runs only when trusted"):
+        evaluate.run(untrusted, model="clf:v0")
+    with pytest.raises(ConfigError, match=r"clf:v0 carries its architecture as Python code"):
+        deploy_fetch.run(untrusted, to=tmp_path / "elsewhere")
+    assert len(reg_runs(registry(cfg))) == runs and not (tmp_path / "elsewhere").exists()
+    # a plain challenger is compared with production, whose code runs too
+    plain = load_config(None, overrides(tmp_path, write_tiny_model(tmp_path / "bert"), csv))
+    assert finetune.run(plain).produced == ["clf:v1"]
+    runs = len(reg_runs(registry(cfg)))
+    with pytest.raises(ConfigError, match=r"clf:v0 \(production, to compare clf:v1 with\) carries its architecture as "
+                                          r"Python code"):
+        evaluate.run(plain, model="clf:v1")
+    assert len(reg_runs(registry(cfg))) == runs
+
     refused = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
     assert refused.returncode != 0 and "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
     trusted = run_cli("predict", "--model-dir", str(deployed), "--trust-remote-code", "--json", "where is my parcel")

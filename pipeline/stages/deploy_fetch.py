@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline.basemodel import check_code_trusted
 from pipeline.config import Config
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.results import StageResult
@@ -55,6 +56,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
         force: bool = False) -> StageResult:
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     version = registry.resolve(model or f"{config.model.name}:production", type="model")
+    check_code_trusted(version, config.model.trust_remote_code)  # the smoke test would run its code
     dest = Path(to or config.deploy.dir).resolve()
     existing = _check_destination(dest, force, Path(config.tracking.dir).resolve())
     with tracked_run(config, STAGE, group=group) as trun:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.basemodel import check_code_trusted
 from pipeline.config import Config, GateConfig
 from pipeline.errors import AliasMoved, ConfigError, RefError, RegistryError, StageFailed
 from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, paired_bootstrap, scores
@@ -350,6 +351,9 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     except RefError:
         champion = None  # no production version yet: the first one passes on the minimums alone
     already = champion is not None and champion.ref == challenger.ref
+    check_code_trusted(challenger, config.model.trust_remote_code)
+    if champion is not None and not already:
+        check_code_trusted(champion, config.model.trust_remote_code, f" (production, to compare {challenger.ref} with)")
     gate = config.evaluate.gate
     split = config.evaluate.split
     trained_on = (challenger.metadata.get("dataset") or {}).get("digest")
