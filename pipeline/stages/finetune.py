@@ -441,7 +441,8 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
     label_names = shared["label_names"]
     tokenized = datasets.load_from_disk(shared["tokenized"])
     trust = config.model.trust_remote_code
-    tokenizer = load_tokenizer(shared["base_path"], pairs=shared["pair_separator"] is not False, trust_remote_code=trust)
+    pairs = "text_pair" in shared["validation_rows"]
+    tokenizer = load_tokenizer(shared["base_path"], pairs=pairs, trust_remote_code=trust)
     set_seed(config.train.seed)  # before the head is initialised
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier weights": expected, we train them
@@ -586,7 +587,7 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     truncated = truncation(tokenized)
     _report_truncation(truncated, config.model.max_length, plan_.base)
     validation_rows = _validation_rows(fetched.path)
-    separator = False  # no pairs
+    separator = None  # the token put between a pair's texts; None: single texts, or a tokenizer that separates them
     if "text_pair" in validation_rows:
         separator = separate_pairs(load_tokenizer(plan_.base.path, plan_.base.id, trust_remote_code=trust), plan_.base.id)
         if separator:
@@ -607,7 +608,7 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
         "resume_from": str(plan_.resume_from) if plan_.resume_from else None,
         "class_weights": class_weights(config.train.class_weights, label_names, manifest["label_counts"]["train"]),
         "truncated": {s: c["truncated"] for s, c in truncated.items()},  # rows cut at model.max_length
-        "pair_separator": separator,  # False: single texts; None: the tokenizer separates pairs itself
+        "pair_separator": separator,
     }
     if shared["class_weights"]:
         log.info("class weights in the loss: %s",
