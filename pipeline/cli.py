@@ -78,7 +78,7 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("urllib3", "filelock", "fsspec", "httpx"):
+    for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpx2", "httpcore"):  # a line per request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Made before the libraries (imported later) configure them, so that they take this class.
     logging.setLoggerClass(_LibraryLogger)

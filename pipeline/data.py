@@ -8,10 +8,12 @@ the happy path. Row numbers in messages are 1-based data rows (the CSV header ex
 from __future__ import annotations
 
 import codecs
+import contextlib
 import difflib
 import glob
 import io
 import json
+import logging
 import re
 from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,8 @@ SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
 # readers decompress by the same suffixes. Parquet compresses inside the file.
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+log = logging.getLogger(__name__)
+
 SHOW = 5  # examples of each kind of problem shown in a report
 
 
@@ -470,20 +474,67 @@ def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[
 
 
 def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict], list[str] | None]:
-    """A hub dataset id (online, or cached by ``datasets``); a DataError that says so when it cannot be had."""
+    """A hub dataset id (online, or cached by ``datasets``); a DataError that says so when it cannot be had.
+
+    When the hub cannot be reached, the dataset is read from the ``datasets`` cache alone, as with
+    ``HF_HUB_OFFLINE=1``: left to itself, the hub client retries the connection five times with
+    backoff, about 25 s, before datasets looks in its cache (or says it is not there).
+    """
     import datasets
 
+    reachable = _hub_reachable()
     try:
-        dd = datasets.load_dataset(source)
+        with contextlib.nullcontext() if reachable else _hub_offline():
+            dd = datasets.load_dataset(source)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the message is what matters
+        first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if reachable:
+            why = (f"no Hugging Face hub dataset of that name could be loaded ({first}); hub ids need the network or "
+                   "the datasets cache")
+        else:
+            why = ("the Hugging Face hub cannot be reached (offline) to load a hub dataset of that name, nor does the "
+                   "datasets cache hold one")
+            if not isinstance(e, (ConnectionError, FileNotFoundError)):  # not "not cached": say what it was
+                why += f" that can be read ({first})"
+        top = Path(source).parts[0]
+        if "/" in source and Path(top).is_dir():
+            why += f" (is the path misspelt? {top}/ is a local folder)"
         raise DataError(
-            f"dataset.source {source!r} is not a file or folder, and no Hugging Face hub dataset of that name could "
-            f"be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); hub ids need the network "
-            "or the datasets cache"
+            f"dataset.source {source!r} is not a file or folder, and {why}"
         ) from None
     if isinstance(dd, datasets.Dataset):
         dd = datasets.DatasetDict({"train": dd})
     return hub_table(dd, source, cols)
+
+
+def _hub_reachable() -> bool:
+    """One request to the hub's endpoint (``HF_ENDPOINT``, through the hub client's own proxies), not retried."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False  # datasets reads its cache alone
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - any failure to get an answer means "not reachable"
+        log.info("the Hugging Face hub (%s) cannot be reached (%s): reading the datasets cache only",
+                 constants.ENDPOINT, type(e).__name__)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` for datasets and the hub client while the block runs (both read it at each call)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,

@@ -1035,16 +1035,101 @@ def test_dataset_labels_set_the_order_and_refuse_other_labels(tmp_path, cfg_for)
 
 
 def test_a_hub_dataset_that_cannot_be_loaded_says_so(tmp_path):
-    """Offline here (HF_HUB_OFFLINE), which fails at once; with the network blocked, the hub client's retries
-    take 20 s to fail the same way."""
     track = tmp_path / "track"
     out = run_cli("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"),
                   "--set", "dataset.source=nobody/no-such-dataset", "--set", f"tracking.dir={track}",
                   env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset" in out.stderr
-    assert "hub ids need the network or the datasets cache" in out.stderr
+    assert ("dataset.source 'nobody/no-such-dataset' is not a file or folder, and the Hugging Face hub cannot be "
+            "reached (offline) to load a hub dataset of that name, nor does the datasets cache hold one") in out.stderr
     assert not (track / "registry").exists() or not LocalRegistry(track / "registry").list_versions()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: a connection to it is refused at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hub_cache_with(cache: Path, repo_id: str, dd) -> None:
+    """What ``datasets.load_dataset(repo_id)`` leaves in its cache, made without the hub: datasets' own builder
+    prepares the data, and its folder takes the hub dataset's name (`org___name/default/0.0.0/<hash>`, one
+    `<name>-<split>.arrow` per split), as the cache module that reads it offline expects."""
+    import datasets
+
+    files = {}
+    for split, ds in dd.items():
+        files[split] = str(cache.parent / f"{split}.parquet")
+        ds.to_parquet(files[split])
+    builder = datasets.load_dataset_builder("parquet", data_files=files, features=dd["train"].features,
+                                            cache_dir=str(cache / "build"))
+    builder.download_and_prepare()
+    org, name = repo_id.split("/")
+    target = cache / f"{org}___{name}" / "default" / "0.0.0" / "0123abcd"
+    target.mkdir(parents=True)
+    for f in Path(builder.cache_dir).iterdir():
+        (target / f.name.replace("parquet-", f"{name}-")).write_bytes(f.read_bytes())
+
+
+def test_a_cached_hub_dataset_publishes_at_once_when_the_hub_cannot_be_reached(tmp_path):
+    """Left to itself, the hub client retries a refused connection five times with backoff (about 25 s) before
+    datasets reads its cache; the stage asks the hub once and then reads the cache alone."""
+    dd, names = _hub_like_dataset()
+    cache = tmp_path / "hf" / "datasets"
+    _hub_cache_with(cache, "someorg/tickets", dd)
+    track = tmp_path / "track"
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_DATASETS_CACHE": str(cache),
+           "WANDB_MODE": "offline"}
+    args = ("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
+            "--set", "dataset.id_column=null", "--set", "dataset.name=hubtickets")
+    out = run_cli(*args, "--set", "dataset.source=someorg/tickets", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "cannot be reached (ConnectError): reading the datasets cache only" in out.stderr
+    assert "Retrying" not in out.stderr  # the hub client's backoff never started
+    version = LocalRegistry(track / "registry").resolve("hubtickets:v0")
+    assert version.metadata["label_names"] == names  # the cached ClassLabel order
+    assert sum(version.metadata["num_rows"].values()) == sum(ds.num_rows for ds in dd.values())
+
+    # not in the cache either: said at once, and a local folder in the name may be a misspelt path
+    (tmp_path / "exports").mkdir()
+    out = run_cli(*args, "--set", "dataset.source=exports/tickets", env=env, cwd=tmp_path)
+    assert out.returncode == 2 and "Retrying" not in out.stderr, out.stderr[-3000:]
+    assert ("dataset.source 'exports/tickets' is not a file or folder, and the Hugging Face hub cannot be reached "
+            "(offline) to load a hub dataset of that name, nor does the datasets cache hold one (is the path "
+            "misspelt? exports/ is a local folder)") in out.stderr
+    assert [v.ref for v in LocalRegistry(track / "registry").list_versions()] == ["hubtickets:v0"]
+
+
+def test_a_hub_that_answers_but_has_no_such_dataset_says_so(tmp_path):
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = run_cli("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"),
+                      "--set", "dataset.source=nobody/no-such-dataset", "--set", f"tracking.dir={tmp_path / 'track'}",
+                      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "WANDB_MODE": "offline"})
+    finally:
+        server.shutdown()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert ("dataset.source 'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset of that "
+            "name could be loaded (") in out.stderr
+    assert "hub ids need the network or the datasets cache" in out.stderr and "cannot be reached" not in out.stderr
 
 
 def test_duplicate_and_conflict_helpers_agree_with_sorting():
