@@ -111,6 +111,19 @@ def test_compressed_text_files_publish_the_same_dataset(tmp_path, cfg_for, fmt, 
     assert dataset_publish.run(cfg_for(packed.parent, "dataset.on_invalid=drop")).status == "ok"
 
 
+def test_split_files_do_not_depend_on_how_the_input_is_chunked(tmp_path, cfg_for):
+    """Arrow reads a file in blocks (row groups, 1 MiB of CSV), and Parquet's page boundaries, so its bytes,
+    follow the chunks of the table written: the split files are written from whole columns, so the same rows
+    give the same bytes however they were cut (30,000 rows: past one page per column)."""
+    table = pa.Table.from_pylist(_many(30_000))
+    whole, cut = tmp_path / "whole" / "data.parquet", tmp_path / "cut" / "data.parquet"
+    for path, group in ((whole, None), (cut, 997)):
+        path.parent.mkdir()
+        pq.write_table(table, path, row_group_size=group)
+    assert pq.ParquetFile(cut).metadata.num_row_groups > 1 == pq.ParquetFile(whole).metadata.num_row_groups
+    assert_same_split_files(cfg_for, whole, cut, tmp_path)
+
+
 def test_compressed_files_report_bad_rows_and_bad_compression(tmp_path, cfg_for):
     import gzip
 
