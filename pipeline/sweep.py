@@ -418,7 +418,7 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
     outcome = TrialOutcome(number, params, "pruned" if metric_cb.pruned else "complete", value=value,
                            run_id=result.run_id, produced=list(result.produced), evaluations=metric_cb.evaluations,
                            loss=result.metrics.get("eval_loss"))
-    log.info("sweep %s trial %d: %s=%s (%s) %s", sweep_id, number, spec.metric_name, value, outcome.state, params)
+    log.info("sweep %s trial %d: %s=%s (%s) %s", sweep_id, number, spec.metric_name, _number(value), outcome.state, params)
     return outcome
 
 
@@ -685,6 +685,7 @@ class SweepResult:
     run_id: str | None = None
     run_dir: str | None = None
     seed: int | None = None  # the offline engine's: the same seed draws the same trials
+    metric_name: str = "value"  # the sweep's metric, as its file writes it (val/loss)
 
     def to_stage_result(self):
         from pipeline.results import StageResult
@@ -695,7 +696,8 @@ class SweepResult:
             metrics={"best_value": self.best.value} if self.best else {},
             paths={"run_dir": self.run_dir or ""},
             message=f"sweep {self.sweep_id}: {self.stop_reason}; "
-                    + (f"best trial {self.best.number} ({self.best.value}) -> {self.best_model}" if self.best else "no trial finished"),
+                    + (f"best trial {self.best.number} ({self.metric_name} {_number(self.best.value)}) -> {self.best_model}"
+                       if self.best else "no trial finished"),
             details={"sweep_id": self.sweep_id, "stop_reason": self.stop_reason, "seed": self.seed,
                      "best_trial": self.best.number if self.best else None,
                      "best_params": self.best.params if self.best else {}, "best_config": self.best_config,
@@ -741,7 +743,13 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
     best_config = trial_config(config, best.params, sweep).to_dict() if best else None
     return SweepResult(sweep_id=sweep_id, status="ok" if best else "failed", best=best, best_config=best_config,
                        best_model=best_model, trials=outcomes, stop_reason=stop_reason, dataset=dataset_ref,
-                       run_id=trun.id, run_dir=str(trun.wandb_dir) if trun.wandb_dir else None, seed=seed)
+                       run_id=trun.id, run_dir=str(trun.wandb_dir) if trun.wandb_dir else None, seed=seed,
+                       metric_name=sweep.metric_name)
+
+
+def _number(value: float | None) -> str:
+    """A metric as people read it: four significant digits (0.1777, 1.234e-05)."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _cell(v: Any) -> Any:

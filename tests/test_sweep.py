@@ -134,6 +134,10 @@ def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path):
     assert [t["params"] for t in data["details"]["trials"]] == [{"train.learning_rate": 0.003, "train.seed": 1},
                                                                   {"train.learning_rate": 0.001, "train.seed": 1}]
     assert cli.stdout.strip() == data["produced"][0]
+    best = data["details"]["best_trial"]
+    value = data["details"]["trials"][best]["value"]
+    assert data["message"] == (f"sweep {data['details']['sweep_id']}: grid exhausted (2 combinations); best trial "
+                               f"{best} (eval/accuracy {value:.4g}) -> {data['produced'][0]}")
 
 
 class InterruptTrial(TrainerCallback):
