@@ -96,7 +96,7 @@ def _config_keys(model=Config, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def map_metric(name: str) -> str:
+def map_metric(name: str, source: str = "sweep config") -> str:
     raw = name.strip()
     for sep in ("/", "_"):
         head, _, tail = raw.partition(sep)
@@ -106,13 +106,13 @@ def map_metric(name: str) -> str:
     raw = _ALIASES.get(raw.lower(), raw.lower())
     if raw not in STAGE_METRICS:
         raise ConfigError(
-            f"sweep metric.name {name!r} is not logged by the finetune stage; use one of "
+            f"{source}: metric.name {name!r} is not logged by the finetune stage; use one of "
             + ", ".join(f"eval/{m}" for m in STAGE_METRICS) + " (val/..., validation/... and eval_... work too)"
         )
     return raw
 
 
-def _infer_distribution(name: str, spec: dict[str, Any]) -> str:
+def _infer_distribution(name: str, spec: dict[str, Any], where: str) -> str:
     if "distribution" in spec:
         return spec["distribution"]
     if "values" in spec:
@@ -124,54 +124,55 @@ def _infer_distribution(name: str, spec: dict[str, Any]) -> str:
         return "int_uniform" if both_int else "uniform"
     if "mu" in spec or "sigma" in spec:
         return "normal"
-    raise ConfigError(f"sweep parameters.{name}: give value, values, min/max or a distribution")
+    raise ConfigError(f"{where}: give value, values, min/max or a distribution")
 
 
-def _check_param(name: str, spec: Any, keys: dict[str, Any]) -> Param:
+def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Param:
+    where = f"{source}: parameters.{name}"
     if not isinstance(spec, dict):
-        raise ConfigError(f"sweep parameters.{name}: expected a mapping (value, values, distribution, min, max, ...)")
+        raise ConfigError(f"{where}: expected a mapping (value, values, distribution, min, max, ...)")
     key = name if "." in name else f"train.{name}"
     if key not in keys:
         near = [k for k in keys if k.endswith("." + name.split(".")[-1])]
         hint = f"; did you mean {', '.join(near)}?" if near else f"; bare names map onto train.* ({', '.join(sorted(TrainConfig.model_fields))})"
-        raise ConfigError(f"sweep parameters.{name}: maps to config key {key!r}, which does not exist{hint}")
-    dist = _infer_distribution(name, spec)
+        raise ConfigError(f"{where}: maps to config key {key!r}, which does not exist{hint}")
+    dist = _infer_distribution(name, spec, where)
     if dist not in DISTRIBUTIONS:
-        raise ConfigError(f"sweep parameters.{name}: unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
+        raise ConfigError(f"{where}: unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
     known = {"distribution", "value", "values", "probabilities", "min", "max", "mu", "sigma", "q"}
     extra = sorted(set(spec) - known)
     if extra:
-        raise ConfigError(f"sweep parameters.{name}: unknown keys {extra}")
+        raise ConfigError(f"{where}: unknown keys {extra}")
     if dist == "constant" and "value" not in spec:
-        raise ConfigError(f"sweep parameters.{name}: constant needs value")
+        raise ConfigError(f"{where}: constant needs value")
     if dist == "categorical":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep parameters.{name}: values must be a non-empty list")
+            raise ConfigError(f"{where}: values must be a non-empty list")
         probs = spec.get("probabilities")
         if probs is not None:
             if not isinstance(probs, list) or len(probs) != len(values) or any(not isinstance(p, (int, float)) or p < 0 for p in probs):
-                raise ConfigError(f"sweep parameters.{name}: probabilities must be {len(values)} non-negative numbers")
+                raise ConfigError(f"{where}: probabilities must be {len(values)} non-negative numbers")
             if not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
-                raise ConfigError(f"sweep parameters.{name}: probabilities sum to {sum(probs)}, not 1")
+                raise ConfigError(f"{where}: probabilities sum to {sum(probs)}, not 1")
     if dist in ("int_uniform", "uniform", "q_uniform", "log_uniform", "log_uniform_values", "q_log_uniform",
                 "q_log_uniform_values", "inv_log_uniform", "inv_log_uniform_values"):
         if "min" not in spec or "max" not in spec:
-            raise ConfigError(f"sweep parameters.{name}: {dist} needs min and max")
+            raise ConfigError(f"{where}: {dist} needs min and max")
         lo, hi = spec["min"], spec["max"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
-            raise ConfigError(f"sweep parameters.{name}: min and max must be numbers")
+            raise ConfigError(f"{where}: min and max must be numbers")
         if lo > hi:
-            raise ConfigError(f"sweep parameters.{name}: min ({lo}) is above max ({hi})")
+            raise ConfigError(f"{where}: min ({lo}) is above max ({hi})")
         if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
-            raise ConfigError(f"sweep parameters.{name}: int_uniform needs integer min and max")
+            raise ConfigError(f"{where}: int_uniform needs integer min and max")
         if dist.endswith("_values") and lo <= 0:
-            raise ConfigError(f"sweep parameters.{name}: {dist} needs min above 0 (got {lo})")
+            raise ConfigError(f"{where}: {dist} needs min above 0 (got {lo})")
     if dist in ("normal", "q_normal", "log_normal", "q_log_normal"):
         if spec.get("sigma", 1) <= 0:
-            raise ConfigError(f"sweep parameters.{name}: sigma must be above 0")
+            raise ConfigError(f"{where}: sigma must be above 0")
     if "q" in spec and not (isinstance(spec["q"], (int, float)) and spec["q"] > 0):
-        raise ConfigError(f"sweep parameters.{name}: q must be a number above 0")
+        raise ConfigError(f"{where}: q must be a number above 0")
     return Param(name=name, key=key, distribution=dist, spec=dict(spec))
 
 
@@ -193,7 +194,7 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
     goal = metric.get("goal", "minimize")
     if goal not in ("minimize", "maximize"):
         raise ConfigError(f"{source}: metric.goal must be minimize or maximize, not {goal!r}")
-    mapped = map_metric(str(metric["name"]))
+    mapped = map_metric(str(metric["name"]), source)
     target = metric.get("target")
     if target is not None and not isinstance(target, (int, float)):
         raise ConfigError(f"{source}: metric.target must be a number")
@@ -201,7 +202,7 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
     if not isinstance(params_raw, dict) or not params_raw:
         raise ConfigError(f"{source}: parameters must map at least one parameter name to its values")
     keys = _config_keys()
-    params = [_check_param(str(n), s, keys) for n, s in params_raw.items()]
+    params = [_check_param(str(n), s, keys, source) for n, s in params_raw.items()]
     dup = sorted({p.key for p in params if [q.key for q in params].count(p.key) > 1})
     if dup:
         raise ConfigError(f"{source}: several parameters set {dup}")

@@ -246,18 +246,25 @@ def test_random_draws_follow_wandb_distributions():
     ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"class_weights": {"values": ["none", "balanced"]}}},
      "a sweep over class_weights cannot rank its trials by val/loss: each trial's validation loss is weighted"),
 ])
-def test_bad_sweep_configs_are_refused_before_any_trial(cfg, tmp_path, raw, message):
-    base = yaml.safe_load(ISSUE_YAML)
+def test_bad_sweep_configs_are_refused(tmp_path, raw, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({**base, **raw}))
+    path.write_text(yaml.safe_dump({**yaml.safe_load(ISSUE_YAML), **raw}))
     with pytest.raises(ConfigError, match=message):
         sweeps.load_sweep(path)
+
+
+def test_a_bad_sweep_config_is_one_message_before_any_trial(cfg, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(ISSUE_YAML), "parameters": {"dropout": {"values": [0.1, 0.2]}}}))
     c = cfg()
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(c.to_dict()))
+    runs = set((Path(c.tracking.dir) / "wandb").glob("offline-run-*"))  # the dataset's publish
     cli = run_cli("sweep", "--config", str(config), "--sweep", str(path), "--count", "1")
-    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+    assert f"error: {path}: parameters.dropout: maps to config key 'train.dropout', which does not exist" in cli.stderr
     assert registry(c).list_versions(type="model") == []
+    assert set((Path(c.tracking.dir) / "wandb").glob("offline-run-*")) == runs  # no run opened
     assert [r for r in registry(c).list_versions() if r.type == "dataset"]  # only the dataset from the fixture
 
 
