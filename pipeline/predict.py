@@ -35,12 +35,12 @@ class Classifier:
                  trust_remote_code: bool = False):
         """`trust_remote_code`: run an architecture shipped as Python code in the folder (a model fine-tuned
         with ``model.trust_remote_code: true`` carries its base's code); off, such a folder is refused."""
+        self.dir = Path(model_dir)
+        if not (self.dir / "config.json").is_file():  # said before torch and transformers load (seconds)
+            raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        self.dir = Path(model_dir)
-        if not (self.dir / "config.json").is_file():
-            raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
         from safetensors import SafetensorError
 
         from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
