@@ -4,6 +4,7 @@
 already produced and keeps them. `MisclassificationCallback` then builds its table and
 confusion matrix from those same logits in ``on_evaluate``, so the tables cost no second pass
 over the evaluation set. `PreferLowerLossOnTies` breaks the Trainer's ties for the best checkpoint.
+`SweepMetricCallback` feeds a sweep's pruner at every evaluation.
 """
 
 from __future__ import annotations
@@ -190,3 +191,32 @@ class PreferLowerLossOnTies(TrainerCallback):
                           if h.get("step") == state.best_global_step and "eval_loss" in h), None)
         if best_loss is not None and metrics["eval_loss"] < best_loss:
             state.best_metric = float(np.nextafter(state.best_metric, -np.inf if args.greater_is_better else np.inf))
+
+
+class SweepMetricCallback(TrainerCallback):
+    """At every evaluation: report the sweep metric to the pruner (hyperband) and stop the trial
+    when it says so; online, also log the metric under the sweep file's own name for W&B's controller."""
+
+    def __init__(self, metric: str, prune_trial=None, alias: str | None = None, run=None, maximize: bool = False):
+        self.metric, self.prune_trial, self.alias, self.run, self.maximize = metric, prune_trial, alias, run, maximize
+        self.evaluations = 0
+        self.pruned = False
+        self.values: list[float] = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # W&B's controller reads the metric's summary: make it the trial's best, not its last value
+        if self.run is not None and self.alias and self.values:
+            self.run.summary[self.alias] = max(self.values) if self.maximize else min(self.values)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = float((metrics or {}).get(f"eval_{self.metric}", float("nan")))
+        self.values.append(value)
+        self.evaluations += 1
+        if self.run is not None and self.alias and self.alias != f"eval/{self.metric}":
+            self.run.log({self.alias: value, "train/global_step": state.global_step})
+        if self.prune_trial is not None:
+            self.prune_trial.report(value, step=self.evaluations)
+            # At the last evaluation there is nothing left to stop: the trial ran in full and is complete.
+            if state.global_step < state.max_steps and self.prune_trial.should_prune():
+                self.pruned = True
+                control.should_training_stop = True

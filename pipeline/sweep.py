@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
 
 from pipeline.config import (Config, TrainConfig, config_from_dict, describe_diff, model_config_diff, safe_load_unique,
                              yaml_error)
@@ -334,35 +333,6 @@ def trial_config(base: Config, params: dict[str, Any], spec: SweepSpec) -> Confi
     return config_from_dict(data, origin="sweep trial " + json.dumps(params, default=str))
 
 
-class SweepMetricCallback(TrainerCallback):
-    """At every evaluation: report the sweep metric to the pruner (hyperband) and stop the trial
-    when it says so; online, also log the metric under the sweep file's own name for W&B's controller."""
-
-    def __init__(self, metric: str, prune_trial=None, alias: str | None = None, run=None, maximize: bool = False):
-        self.metric, self.prune_trial, self.alias, self.run, self.maximize = metric, prune_trial, alias, run, maximize
-        self.evaluations = 0
-        self.pruned = False
-        self.values: list[float] = []
-
-    def on_train_end(self, args, state, control, **kwargs):
-        # W&B's controller reads the metric's summary: make it the trial's best, not its last value
-        if self.run is not None and self.alias and self.values:
-            self.run.summary[self.alias] = max(self.values) if self.maximize else min(self.values)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = float((metrics or {}).get(f"eval_{self.metric}", float("nan")))
-        self.values.append(value)
-        self.evaluations += 1
-        if self.run is not None and self.alias and self.alias != f"eval/{self.metric}":
-            self.run.log({self.alias: value, "train/global_step": state.global_step})
-        if self.prune_trial is not None:
-            self.prune_trial.report(value, step=self.evaluations)
-            # At the last evaluation there is nothing left to stop: the trial ran in full and is complete.
-            if state.global_step < state.max_steps and self.prune_trial.should_prune():
-                self.pruned = True
-                control.should_training_stop = True
-
-
 @dataclass
 class TrialOutcome:
     number: int
@@ -406,6 +376,8 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
     except ConfigError as e:
         log.warning("sweep %s trial %d: invalid parameters, skipped: %s", sweep_id, number, e)
         return TrialOutcome(number, params, "failed", error=str(e))
+    from pipeline.callbacks import SweepMetricCallback
+
     metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run, maximize=spec.maximize)
     try:
         result = finetune.run(cfg, group=group, dataset=dataset_ref, base=base_ref, callbacks=(metric_cb, *callbacks), aliases=(),

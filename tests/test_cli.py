@@ -31,6 +31,37 @@ def test_help_imports_no_heavy_library():
     assert out.stdout.strip() == "[]"
 
 
+def test_common_mistakes_are_said_before_torch_and_transformers_load(tmp_path):
+    """Loading them takes seconds: a typo in a reference or a path is said at once."""
+    from tests.tiny import write_tickets
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset: {{name: tickets, source: {write_tickets(tmp_path / 'data.csv')}, id_column: ticket_id}}\n"
+                      f"model: {{name: clf}}\ntracking: {{dir: {tmp_path / 'track'}}}\n")
+    published = run_cli("dataset-publish", "--config", str(config))
+    assert published.returncode == 0, published.stderr[-2000:]
+    cases = [
+        (["finetune", "--config", str(config), "--dataset", "tickest:v3"], "no artifact named 'tickest'"),
+        (["finetune", "--config", str(config), "--set", f"model.base={tmp_path / 'no-model'}"], "model.base="),
+        (["sweep", "--config", str(config), "--sweep", str(tmp_path / "no.yaml"), "--count", "1"], "cannot read sweep file"),
+        (["predict", "--model-dir", str(tmp_path / "deploy"), "where is my parcel"], "is not a model folder"),
+    ]
+    code = (
+        "import sys, json, contextlib, io\n"
+        "from pipeline.cli import main\n"
+        "err = io.StringIO()\n"
+        "with contextlib.redirect_stderr(err):\n"
+        "    code = main(json.loads(sys.argv[1]))\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules)\n"
+        "print(json.dumps([code, err.getvalue(), heavy]))\n"
+    )
+    for argv, message in cases:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        code_, stderr, heavy = json.loads(out.stdout)
+        assert code_ == 2 and message in stderr and heavy == [], (argv, code_, stderr, heavy)
+
+
 def test_hugging_face_library_logs_are_printed_once_with_the_time_and_secrets_masked():
     """huggingface_hub and datasets printed every warning twice (their own handler, then the command's);
     transformers printed its own way, past the masking of secrets."""

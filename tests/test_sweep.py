@@ -13,6 +13,7 @@ import yaml
 from transformers import TrainerCallback
 
 from pipeline import sweep as sweeps
+from pipeline.callbacks import SweepMetricCallback
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.registry.local import LocalRegistry
@@ -300,7 +301,7 @@ def test_a_trial_the_pruner_rejects_at_its_last_evaluation_ran_in_full_and_is_co
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.9))
     for step, expect_pruned in ((5, True), (10, False)):  # the same weak value mid-way and at the end
-        cb = sweeps.SweepMetricCallback("accuracy", prune_trial=study.ask(), maximize=True)
+        cb = SweepMetricCallback("accuracy", prune_trial=study.ask(), maximize=True)
         state, control = TrainerState(global_step=step, max_steps=10), TrainerControl()
         cb.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.2})
         assert cb.pruned is expect_pruned and control.should_training_stop is expect_pruned

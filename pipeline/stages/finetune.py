@@ -347,6 +347,20 @@ def weighted_loss(weights: list[float]):
 
 
 # -- several processes -----------------------------------------------------------------------
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as accelerate reads them
+
+
+def _launched_alone() -> bool:
+    """No launcher (torchrun, accelerate launch, mpirun) started this process as one of several."""
+    def size(var: str) -> int:
+        try:
+            return int(os.environ.get(var) or 1)
+        except ValueError:
+            return 2  # unreadable: let accelerate decide
+
+    return all(size(v) <= 1 for v in _WORLD_SIZE_VARS)
+
+
 def _process_state():
     from accelerate import PartialState
 
@@ -633,11 +647,13 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     `reuse` (the command line's default; not with `resume` or `keep_model`): a live version trained from
     exactly these inputs (`trained_before`) is the result, status ``unchanged``, and nothing is trained.
     """
+    # One process: a bad dataset reference or base model is said before torch loads (seconds) for accelerate.
+    early = plan(config, dataset, resume, base) if _launched_alone() else None
     state = _process_state()
     if not state.is_main_process:
         return _follow(config, state, callbacks)
     try:
-        plan_ = plan(config, dataset, resume, base)
+        plan_ = early or plan(config, dataset, resume, base)
         code, packages = _provenance()
         signature = input_signature(config, plan_, code, packages)
         reuse = reuse and resume is None and keep_model is None and not adopt_wandb_run
