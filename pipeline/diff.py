@@ -230,10 +230,15 @@ def format_diff(d: Diff, limit: int = 20) -> str:
             if rows:
                 lines.append(f"    {kind} (first {len(rows)}):")
                 for row in rows:
-                    lines.append("      " + "  ".join(f"{k}={_short(v, 60)}" for k, v in row.items()))
+                    lines.append("      " + "  ".join(f"{k}={_short(_unless_same(v), 60)}" for k, v in row.items()))
         moved = [f"{label} {a} -> {b}" for label, (a, b) in r.label_counts.items() if a != b]
         lines.append(f"  rows per label: {'; '.join(moved) if moved else 'the same'}")
     return "\n".join(lines)
+
+
+def _unless_same(value: Any) -> Any:
+    """A row's [before, after] as one value when it did not change (a moved row keeps its label)."""
+    return value[0] if isinstance(value, list) and len(value) == 2 and value[0] == value[1] else value
 
 
 def _short(value: Any, width: int = 80) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
     assert "rows (matched by id): 2 added, 3 removed, 1 relabelled" in cli.stdout
     assert "id=billing-3" in cli.stdout and "label=billing -> shipping" in cli.stdout and "id=billing-1  " not in cli.stdout
     assert "rows per label: billing 20 -> 17; shipping 20 -> 22" in cli.stdout
+    assert not re.search(r"=(\S+) -> \1(\s|$)", cli.stdout), cli.stdout  # what did not change is one value (split=train)
     as_json = json.loads(run_cli("artifacts", "diff", a, b, "--json", "--set", f"tracking.dir={tmp_path / 'track'}").stdout)
     assert as_json["rows"]["counts"] == counts and as_json["same_content"] is False
 
