@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.config import (Config, TrainConfig, config_from_dict, describe_diff, model_config_diff, safe_load_unique,
                              yaml_error)
 from pipeline.errors import ConfigError, PipelineError, RefError
