@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,9 +351,11 @@ def _strip_block_row(error: Exception) -> str:
     return re.sub(r"\s+in row \d+\s*$", "", str(error))
 
 
-def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFormat = CsvFormat()) -> pa.Table:
+def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFormat = CsvFormat(),
+               name: Callable[[Path], str] = str) -> pa.Table:
     """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``;
-    `fmt` says how CSV/TSV files are written."""
+    `fmt` says how CSV/TSV files are written; `name` gives the ``_file`` that reports show for a file
+    (the URI of a downloaded one)."""
     root = _static_root(source)
     tables = []
     for path in files:
@@ -362,7 +364,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
         for key, value in folders.items():  # Spark/Hive partitionBy: the column is in the folder name, not the file
             if key not in t.column_names:
                 t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))
-        tables.append(_normalise(t, str(path), cols))
+        tables.append(_normalise(t, name(path), cols))
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:

@@ -53,8 +53,21 @@ def make_wandb_artifact(name: str, type: str, files: Mapping[str, Path], metadat
         art.add_file(os.path.abspath(local), name=check_artifact_path(path),
                      policy="immutable" if immutable else "mutable")
     for path, uri in sorted((references or {}).items()):
-        art.add_reference(uri, name=check_artifact_path(path), checksum=online or uri.startswith("file://"))
+        if online or uri.startswith("file://"):
+            art.add_reference(uri, name=check_artifact_path(path), checksum=True)
+        else:
+            _add_unchecked_reference(art, uri, check_artifact_path(path))
     return art
+
+
+def _add_unchecked_reference(art, uri: str, name: str) -> None:
+    """The entry ``add_reference(uri, checksum=False)`` makes for an s3:// or gs:// URI (the URI as its digest),
+    made here: W&B's handlers import their cloud SDK (boto3, google-cloud-storage) before they look at
+    `checksum`, and the pipeline needs neither (it reads those URIs through pyarrow), so an offline run
+    without them could not log a reference-mode dataset."""
+    from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
+
+    art.manifest.add_entry(ArtifactManifestEntry(path=name, ref=uri, digest=uri))
 
 
 class WandbRegistry:

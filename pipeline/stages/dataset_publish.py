@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +30,7 @@ from pipeline import arrow
 from pipeline.config import Config
 from pipeline.data import (Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
                            read_files, stratified_split, validate)
+from pipeline.errors import ConfigError
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
@@ -62,7 +63,15 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
                 renames.append((local[part], source.rstrip("/")))
             else:
                 local[part] = source
-        return _prepare(config, local, renames)
+        try:
+            return _prepare(config, local, renames)
+        except (DataError, ConfigError) as e:  # a problem in a downloaded file: named by its URI, not the copy
+            told = str(e)
+            for copy, uri in renames:
+                told = told.replace(copy, uri)
+            if told == str(e):
+                raise
+            raise type(e)(told) from None
 
 
 def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, str]]):
@@ -79,7 +88,8 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-digest") as pool:
         digests = [pool.submit(hash_file, f) for f in files]
         try:
-            tables, manifest, dropped = _prepare_tables(config, sources.get("all", d.source), cols, listed)
+            tables, manifest, dropped = _prepare_tables(config, sources.get("all", d.source), cols, listed,
+                                                        lambda f: _source_name(f, renames))
         except BaseException:
             for job in digests:
                 job.cancel()
@@ -90,14 +100,15 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
     return tables, manifest, dropped
 
 
-def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]]):
+def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]],
+                    shown: Callable[[Path], str] = str):
     d = config.dataset
     where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
     fmt = CsvFormat(d.encoding, d.delimiter, tuple(d.column_names) if d.column_names else None)
     hub_sources: list[dict] = []
     class_names = None  # a hub dataset's ClassLabel names
     if d.split_files:
-        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), fmt) for s in SPLITS}
+        parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), fmt, shown) for s in SPLITS}
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
         min_per_class = 1
@@ -105,7 +116,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         if not listed:
             table, hub_sources, class_names = load_hub_dataset(source, cols)
         else:
-            table = read_files(listed["all"], cols, source, fmt)
+            table = read_files(listed["all"], cols, source, fmt, shown)
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
