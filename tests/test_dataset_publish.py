@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.demo_data import write_csv
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
-from tests.conftest import REPO, inspect_summary, run_cli
+from tests.conftest import REPO, inspect_summary, local_http, run_cli, unused_port
 
 LABELS = ["billing", "shipping", "tech"]
 
@@ -1058,14 +1058,6 @@ def test_a_hub_dataset_that_cannot_be_loaded_says_so(tmp_path):
     assert not (track / "registry").exists() or not LocalRegistry(track / "registry").list_versions()
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on: a connection to it is refused at once
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _hub_cache_with(cache: Path, repo_id: str, dd) -> None:
     """What ``datasets.load_dataset(repo_id)`` leaves in its cache, made without the hub: datasets' own builder
     prepares the data, and its folder takes the hub dataset's name (`org___name/default/0.0.0/<hash>`, one
@@ -1093,7 +1085,7 @@ def test_a_cached_hub_dataset_publishes_at_once_when_the_hub_cannot_be_reached(t
     cache = tmp_path / "hf" / "datasets"
     _hub_cache_with(cache, "someorg/tickets", dd)
     track = tmp_path / "track"
-    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_DATASETS_CACHE": str(cache),
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{unused_port()}", "HF_DATASETS_CACHE": str(cache),
            "WANDB_MODE": "offline"}
     args = ("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
             "--set", "dataset.id_column=null", "--set", "dataset.name=hubtickets")
@@ -1117,7 +1109,6 @@ def test_a_cached_hub_dataset_publishes_at_once_when_the_hub_cannot_be_reached(t
 
 def test_a_hub_that_answers_but_has_no_such_dataset_says_so(tmp_path):
     import http.server
-    import threading
 
     class NotFound(http.server.BaseHTTPRequestHandler):
         def _answer(self):
@@ -1130,15 +1121,11 @@ def test_a_hub_that_answers_but_has_no_such_dataset_says_so(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with local_http(NotFound) as hub:
         out = run_cli("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"),
                       "--set", "dataset.source=nobody/no-such-dataset", "--set", f"tracking.dir={tmp_path / 'track'}",
-                      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
-                           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "WANDB_MODE": "offline"})
-    finally:
-        server.shutdown()
+                      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+                           "WANDB_MODE": "offline"})
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert ("dataset.source 'nobody/no-such-dataset' is not a file or folder, and no Hugging Face hub dataset of that "
             "name could be loaded (") in out.stderr

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
-import threading
 import urllib.request
 import uuid
 from urllib.parse import quote
@@ -21,14 +19,9 @@ from urllib.parse import quote
 import pytest
 
 from tests import object_stores as scenario
+from tests.conftest import local_http, unused_port
 
 emulator = pytest.importorskip("gcp_storage_emulator.server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _TokenEndpoint(http.server.BaseHTTPRequestHandler):
@@ -50,18 +43,17 @@ class _TokenEndpoint(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(emulator endpoint, credentials file)."""
-    port = _free_port()
+    port = unused_port()
     server = emulator.create_server("127.0.0.1", port, in_memory=True)
     server.start()
-    tokens = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenEndpoint)
-    threading.Thread(target=tokens.serve_forever, daemon=True).start()
     credentials = tmp_path_factory.mktemp("gcloud") / "application_default_credentials.json"
-    credentials.write_text(json.dumps({"type": "authorized_user", "client_id": "test", "client_secret": "test",
-                                       "refresh_token": "test",
-                                       "token_uri": f"http://127.0.0.1:{tokens.server_address[1]}/token"}))
-    yield f"http://127.0.0.1:{port}", credentials
-    tokens.shutdown()
-    server.stop()
+    try:
+        with local_http(_TokenEndpoint) as tokens:
+            credentials.write_text(json.dumps({"type": "authorized_user", "client_id": "test", "client_secret": "test",
+                                               "refresh_token": "test", "token_uri": f"{tokens}/token"}))
+            yield f"http://127.0.0.1:{port}", credentials
+    finally:
+        server.stop()
 
 
 class Bucket:
