@@ -64,6 +64,42 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+@pytest.fixture
+def cli_here(monkeypatch, capsys):
+    """`run_cli` in this process: ``pipeline.cli.main`` with the same arguments, for commands that load a model.
+
+    A new process spends 3-4 s importing torch and transformers before a command starts; here they are
+    loaded once. What the command sets for its own process (logging, progress-bar variables) is undone
+    after each call. Behaviour that needs a process of its own (stdin, exit, import-time settings) is
+    checked with `run_cli`.
+    """
+    import logging
+
+    from pipeline import cli
+
+    root = logging.getLogger()
+    for library in cli._LIBRARIES:  # made before main makes them, so that they stay as the libraries make them
+        logging.getLogger(library)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        environ, handlers, level = dict(os.environ), list(root.handlers), root.level
+        raise_exceptions = logging.raiseExceptions
+        try:
+            code = cli.main([*args])
+        finally:
+            for var in set(os.environ) - set(environ):
+                del os.environ[var]
+            os.environ.update(environ)
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            logging.raiseExceptions = raise_exceptions
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["pipeline", *args], code, out.out, out.err)
+
+    return run
+
+
 def inspect_summary(run_dir: Path) -> dict:
     """What an offline run recorded, read back the way a user would."""
     wandb_bin = Path(sys.executable).parent / "wandb"

@@ -612,7 +612,7 @@ def test_deploy_fetch_never_replaces_the_registry_the_current_or_the_home_folder
     assert deploy_fetch.run(cfg, model="clf:v0", to=project / "src" / "deploy").status == "ok"  # a folder of its own
 
 
-def test_predict_command_and_function(env, template, tmp_path):
+def test_predict_command_and_function(env, template, tmp_path, cli_here):
     cfg = env()
     evaluate.run(cfg)
     deploy_fetch.run(cfg)
@@ -627,17 +627,17 @@ def test_predict_command_and_function(env, template, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Loading weights" not in out.stderr  # no progress bar for loading a model to classify one text
     assert "longer than the model's max_length" not in out.stderr
-    long = run_cli("predict", "--model-dir", str(dest), "my parcel never arrived " * 60, "short one")
+    long = cli_here("predict", "--model-dir", str(dest), "my parcel never arrived " * 60, "short one")
     assert long.returncode == 0 and len(long.stdout.splitlines()) == 2
     assert "1 of 2 texts are longer than the model's max_length" in long.stderr
     label, score, text = out.stdout.strip().split("\t")
     assert label == "billing" and 0 < float(score) <= 1 and text == "i was charged twice for my invoice"
-    js = run_cli("predict", "--model-dir", str(dest), "--json", "--top-k", "2", "tracking for my order has not updated since monday")
+    js = cli_here("predict", "--model-dir", str(dest), "--json", "--top-k", "2", "tracking for my order has not updated since monday")
     row = json.loads(js.stdout)
     assert row["label"] == "shipping" and len(row["top"]) == 2
-    missing = run_cli("predict", "--model-dir", str(tmp_path / "nothing"), "x")
+    missing = cli_here("predict", "--model-dir", str(tmp_path / "nothing"), "x")
     assert missing.returncode == 2 and "not a model folder" in missing.stderr
-    base = run_cli("predict", "--model-dir", str(template[1]), "x")  # the base encoder: no trained head
+    base = cli_here("predict", "--model-dir", str(template[1]), "x")  # the base encoder: no trained head
     assert base.returncode == 2 and "is not a trained classifier (its config.json says ['BertModel']" in base.stderr
 
     # Batches go in order of length; the rows come back in input order, with the same logits.
@@ -652,7 +652,7 @@ def test_predict_command_and_function(env, template, tmp_path):
     # A damaged deployment is one message naming what changed since deploy-fetch, and how to restore it.
     with open(dest / "model.safetensors", "r+b") as fh:
         fh.write(b"\xff" * 16)  # the safetensors header length: now absurd
-    damaged = run_cli("predict", "--model-dir", str(dest), "where is my parcel")
+    damaged = cli_here("predict", "--model-dir", str(dest), "where is my parcel")
     assert damaged.returncode == 2 and "Traceback" not in damaged.stderr, damaged.stderr[-2000:]
     assert "the model does not load (SafetensorError" in damaged.stderr
     assert f"since deploy-fetch put clf:v0 here: model.safetensors changed. Run deploy-fetch --model clf:v0 --to {dest}" \
@@ -700,7 +700,7 @@ def test_predict_command_and_function(env, template, tmp_path):
     assert [row[0] for row in streamed] == [p.label for p in predict(dest, [*texts, "refund please"])]
 
 
-def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_path):
+def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_path, cli_here):
     cfg = env()
     evaluate.run(cfg)
     dest = tmp_path / "deploy"
@@ -718,7 +718,7 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     args = ["predict", "--model-dir", str(dest), "--input", str(src), "--text-column", "body", "--id-column", "ticket",
             "--top-k", "2"]
     for name in ("p.csv", "p.jsonl", "p.parquet"):
-        out = run_cli(*args, "--output", str(tmp_path / name))
+        out = cli_here(*args, "--output", str(tmp_path / name))
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"{len(bodies)} predictions written to {tmp_path / name}" in out.stderr
         # the empty body (row 3) is classified like any row, and said to be empty
@@ -733,15 +733,15 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["label"] for r in records] == [p.label for p in expected] and len(records[0]["top"]) == 2
     assert pq.read_table(tmp_path / "p.parquet").column("label").to_pylist() == [p.label for p in expected]
-    printed = run_cli(*args[:-2])  # to stdout: one line per row, line breaks in a text shown as spaces
+    printed = cli_here(*args[:-2])  # to stdout: one line per row, line breaks in a text shown as spaces
     lines = printed.stdout.splitlines()
     assert len(lines) == len(bodies) and lines[1].split("\t") == ["T1", expected[1].label, lines[1].split("\t")[2],
                                                                    "where is my parcel the tracking has not moved"]
-    by_row = run_cli("predict", "--model-dir", str(dest), "--input", str(src), "--text-column", "body", "--json")
+    by_row = cli_here("predict", "--model-dir", str(dest), "--input", str(src), "--text-column", "body", "--json")
     assert json.loads(by_row.stdout.splitlines()[2])["id"] == f"{src}:3"  # no id column: the file and row
 
     def refused(*extra: str) -> str:
-        out = run_cli("predict", "--model-dir", str(dest), *extra, "--output", str(tmp_path / "never.csv"))
+        out = cli_here("predict", "--model-dir", str(dest), *extra, "--output", str(tmp_path / "never.csv"))
         assert out.returncode == 2 and "Traceback" not in out.stderr and not (tmp_path / "never.csv").exists()
         return out.stderr
 
@@ -758,11 +758,11 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     bad = tmp_path / "bad.csv"
     bad.write_bytes(src.read_bytes().replace(b"T1050,my order", b"T1050,caf\xe9 order"))
     assert "row 1051: column 'body' is not valid UTF-8" in refused("--input", str(bad), "--text-column", "body")
-    out = run_cli(*args, "--output", str(tmp_path / "p.xlsx"))
+    out = cli_here(*args, "--output", str(tmp_path / "p.xlsx"))
     assert out.returncode == 2 and "name a .csv, .tsv, .jsonl, .parquet file" in out.stderr
 
 
-def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
+def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_here):
     """A second text column travels through finetune, evaluate, the deploy smoke test and predict."""
     import csv as csvlib
 
@@ -806,14 +806,14 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
     other = classifier.logits(texts, ["billing", "shipping"])
     assert not np.allclose(one, other)  # the second text reaches the model
 
-    out = run_cli("predict", "--model-dir", str(deployed), "--json", "where is my parcel\tshipping")
+    out = cli_here("predict", "--model-dir", str(deployed), "--json", "where is my parcel\tshipping")
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
     assert row["text"] == "where is my parcel" and row["text_pair"] == "shipping" and row["label"] in ("match", "mismatch")
-    unpaired = run_cli("predict", "--model-dir", str(deployed), "where is my parcel")
+    unpaired = cli_here("predict", "--model-dir", str(deployed), "where is my parcel")
     assert unpaired.returncode == 2 and "give each as TEXT<TAB>PAIR (input 1 has no tab)" in unpaired.stderr
     # a data file's two columns, the pairs in the order of the file
-    table = run_cli("predict", "--model-dir", str(deployed), "--input", str(pairs), "--text-column", "question",
+    table = cli_here("predict", "--model-dir", str(deployed), "--input", str(pairs), "--text-column", "question",
                     "--text-pair-column", "topic", "--id-column", "pid", "--output", str(tmp_path / "pairs.jsonl"))
     assert table.returncode == 0, table.stderr[-2000:]
     written = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
@@ -824,16 +824,16 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path):
                                                                                  [r["text_pair"] for r in written])]
     # unnamed, the columns are the training data's (deploy-fetch records them): the same predictions
     assert manifest["input_columns"] == {"text": "question", "text_pair": "topic", "id": "pid"}
-    unnamed = run_cli("predict", "--model-dir", str(deployed), "--input", str(pairs), "--id-column", "pid", "--json")
+    unnamed = cli_here("predict", "--model-dir", str(deployed), "--input", str(pairs), "--id-column", "pid", "--json")
     assert unnamed.returncode == 0, unnamed.stderr[-2000:]
     assert [json.loads(line) for line in unnamed.stdout.splitlines()] == written
     # a model folder without them (copied by hand, or deployed before they were recorded) needs the flags
     bare = tmp_path / "bare"
     shutil.copytree(deployed, bare)
     (bare / "manifest.json").unlink()
-    no_pair = run_cli("predict", "--model-dir", str(bare), "--input", str(pairs), "--text-column", "question")
+    no_pair = cli_here("predict", "--model-dir", str(bare), "--input", str(pairs), "--text-column", "question")
     assert no_pair.returncode == 2 and "name the second text's column with --text-pair-column" in no_pair.stderr
-    assert "missing column(s) text;" in run_cli("predict", "--model-dir", str(bare), "--input", str(pairs)).stderr
+    assert "missing column(s) text;" in cli_here("predict", "--model-dir", str(bare), "--input", str(pairs)).stderr
 
     # A single-text challenger for the same labels cannot be scored on production's inputs (pairs): the
     # gate decides on the minimums and says why (it was a "classifies text pairs" failure of the stage).
