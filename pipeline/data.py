@@ -79,6 +79,7 @@ class Problem:
     rows: list[tuple[str, int]]  # the first few (file, 1-based row)
     detail: str = ""
     count: int = 0  # rows with this problem in all
+    notes: list[str] = field(default_factory=list)  # for each of `rows`, what the row is in conflict with (or none)
 
 
 @dataclass
@@ -662,14 +663,22 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
     kinds: list[str] = []
     problems: list[Problem] = []
 
-    def flag(kind: str, mask: np.ndarray, detail: str = "") -> None:
+    def flag(kind: str, mask: np.ndarray, detail: str = "",
+             notes: Callable[[np.ndarray], list[str]] | None = None) -> None:
+        """`notes`: given the rows shown, what each one is in conflict with (another row, say)."""
         mask = mask & (reason == 0)
         if mask.any():
             idx = np.flatnonzero(mask)
             kinds.append(kind)
             reason[idx] = len(kinds)
             where = files.take(arrow.from_numpy(idx[:SHOW])).to_pylist()
-            problems.append(Problem(kind, [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])], detail, len(idx)))
+            problems.append(Problem(kind, [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])], detail, len(idx),
+                                    notes(idx[:SHOW]) if notes else []))
+
+    def row_name(i: int, beside: int) -> str:
+        """Row `i` as seen from row `beside`: its number, and its file when that is another one."""
+        file = files[int(i)].as_py()
+        return f"row {int(rows[i])}" if file == files[int(beside)].as_py() else f"{file} row {int(rows[i])}"
 
     ids = pc.cast(table.column(cols.id), pa.string()) if cols.id else None
     decoded = {}
@@ -711,7 +720,12 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             text_codes = _codes_by_hash(order, key)
         if ids_job is not None:
             codes = ids_job.result()
-            flag("duplicate_id", (codes >= 0) & ~_first_occurrence(codes), f"the same {cols.id!r} appears on an earlier row")
+            first = _first_occurrence(codes)
+            # codes number the ids in order of first appearance: id k is first on row firsts[k]
+            firsts = np.flatnonzero(first)
+            flag("duplicate_id", (codes >= 0) & ~first, f"the same {cols.id!r} appears on an earlier row",
+                 notes=lambda shown: [f"{cols.id} {v!r}, first on {row_name(firsts[codes[i]], i)}"
+                                      for i, v in zip(shown, ids.take(arrow.from_numpy(shown)).to_pylist())])
 
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
@@ -732,7 +746,17 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             per_exact = _distinct_per_group(exact, label_codes[idx], int(exact.max()) + 1, n_labels)
             conflict = np.zeros(n, dtype=bool)
             conflict[idx] = per_exact[exact] > 1
-            flag("conflicting_label", conflict, "the same text appears with different labels")
+            text_of = dict(zip(idx.tolist(), exact.tolist()))
+
+            def other_label(shown: np.ndarray) -> list[str]:
+                """Each row's label, and the first row with the same text and another label."""
+                notes = []
+                for i in shown.tolist():
+                    j = idx[(exact == text_of[i]) & (label_codes[idx] != label_codes[i])][0]
+                    notes.append(f"label {label[i].as_py()!r}; {row_name(j, i)} has {label[int(j)].as_py()!r}")
+                return notes
+
+            flag("conflicting_label", conflict, "the same text appears with different labels", notes=other_label)
 
     ok = reason == 0
     # Copies of a text with one label stay in one split (`stratified_split`), so a label needs as many
@@ -836,7 +860,8 @@ def format_problems(problems: list[Problem], source: str) -> str:
     total = sum(p.count for p in problems)
     lines = [f"dataset validation failed for {source}: {total} invalid row(s)"]
     for p in problems:
-        shown = "; ".join(f"{f} row {r}" for f, r in p.rows[:SHOW])
+        notes = [f" ({note})" for note in p.notes] or [""] * len(p.rows)
+        shown = "; ".join(f"{f} row {r}{note}" for (f, r), note in zip(p.rows[:SHOW], notes))
         more = f"; ... and {p.count - SHOW} more" if p.count > SHOW else ""
         lines.append(f"  {p.kind} ({p.count} rows, {p.detail}): {shown}{more}")
     lines.append("nothing was published; fix the data or set dataset.on_invalid=drop (dropped rows are counted and recorded)")

@@ -212,7 +212,8 @@ def test_sentence_pairs_are_validated_and_published_as_pairs(tmp_path, cfg_for):
         dataset_publish.run(cfg_for(bad, "dataset.text_pair_column=topic"))
     msg = str(e.value)
     assert f"empty_text (1 rows, column 'topic' is empty or null): {bad} row 7" in msg
-    assert f"conflicting_label (2 rows, the same text appears with different labels): {bad} row 2; {bad} row 4" in msg
+    assert (f"conflicting_label (2 rows, the same text appears with different labels): {bad} row 2 (label 'no'; row 4 "
+            f"has 'yes'); {bad} row 4 (label 'yes'; row 2 has 'no')") in msg
 
 
 def test_folder_input_with_one_schema(tmp_path, cfg_for):
@@ -226,6 +227,15 @@ def test_folder_input_with_one_schema(tmp_path, cfg_for):
     meta = json.loads(artifact_files(cfg_for(tmp_path / "in"), result.produced[0], tmp_path)["dataset.json"].read_text())
     assert [Path(s["path"]).name for s in meta["sources"]] == ["a.csv", "b.csv"]
     assert sum(meta["num_rows"].values()) == 30
+    # a row that clashes with a row of another file names that file
+    write_rows(tmp_path / "in" / "c.csv", [{"id": records[2]["id"], "text": "a new question", "label": records[2]["label"]},
+                                           {"id": "c-1", "text": records[20]["text"], "label": records[0]["label"]}])
+    with pytest.raises(DataError) as e:
+        dataset_publish.run(cfg_for(tmp_path / "in"))
+    a, c = tmp_path / "in" / "a.csv", tmp_path / "in" / "c.csv"
+    assert f"{c} row 1 (id {records[2]['id']!r}, first on {a} row 3)" in str(e.value)
+    assert (f"{tmp_path / 'in' / 'b.csv'} row 6 (label {records[20]['label']!r}; {c} row 2 has "
+            f"{records[0]['label']!r})") in str(e.value)
 
 
 def test_folder_files_may_differ_in_column_order_extras_and_id_type(tmp_path, cfg_for):
@@ -642,9 +652,12 @@ def test_each_validation_failure_is_reported_with_file_and_row(tmp_path, cfg_for
     msg = str(e.value)
     assert f"{src} row 2" in msg.split("empty_text")[1].split("\n")[0]
     assert f"{src} row 3" in msg.split("null_label")[1].split("\n")[0]
-    assert f"{src} row 5" in msg.split("duplicate_id")[1].split("\n")[0]
+    bad = _bad_rows()
+    # each duplicate or conflicting row names the row it clashes with, and the value
+    assert f"{src} row 5 (id {bad[3]['id']!r}, first on row 4)" in msg.split("duplicate_id")[1].split("\n")[0]
     conflict = msg.split("conflicting_label")[1].split("\n")[0]
-    assert f"{src} row 6" in conflict and f"{src} row 22" in conflict
+    assert f"{src} row 6 (label {bad[5]['label']!r}; row 22 has {bad[21]['label']!r})" in conflict
+    assert f"{src} row 22 (label {bad[21]['label']!r}; row 6 has {bad[5]['label']!r})" in conflict
     assert "'rare'" in msg.split("class_too_small")[1].split("\n")[0]
     assert "nothing was published" in msg
     assert not (Path(cfg.tracking.dir) / "wandb").exists()
