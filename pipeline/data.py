@@ -93,7 +93,8 @@ class Validated:
     order: np.ndarray | None = None  # per clean row: its text's `split_order` rank, when a split seed was given
     # clean rows whose text is a copy (ignoring case and spacing) of a text with another label
     mixed_label_copies: int = 0
-    mixed_label_examples: list[tuple[str, int]] = field(default_factory=list)  # the first few (file, 1-based row)
+    # the first few, as "FILE row N (label 'a'; row M has 'b')"
+    mixed_label_examples: list[str] = field(default_factory=list)
 
 
 def list_input_files(source: str | Path, what: str = "dataset source") -> list[Path]:
@@ -727,6 +728,11 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
                  notes=lambda shown: [f"{cols.id} {v!r}, first on {row_name(firsts[codes[i]], i)}"
                                       for i, v in zip(shown, ids.take(arrow.from_numpy(shown)).to_pylist())])
 
+    def other_label(i: int, among: np.ndarray, keys: np.ndarray, key: int) -> str:
+        """Row `i`'s label, and the first row of `among` (whose texts are `keys`) with the text `key` and another label."""
+        j = int(among[(keys == key) & (label_codes[among] != label_codes[i])][0])
+        return f"label {label[i].as_py()!r}; {row_name(j, i)} has {label[j].as_py()!r}"
+
     n_labels = int(label_codes.max()) + 1 if n else 1
     n_texts = int(text_codes.max()) + 1 if n else 0
 
@@ -747,16 +753,8 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             conflict = np.zeros(n, dtype=bool)
             conflict[idx] = per_exact[exact] > 1
             text_of = dict(zip(idx.tolist(), exact.tolist()))
-
-            def other_label(shown: np.ndarray) -> list[str]:
-                """Each row's label, and the first row with the same text and another label."""
-                notes = []
-                for i in shown.tolist():
-                    j = idx[(exact == text_of[i]) & (label_codes[idx] != label_codes[i])][0]
-                    notes.append(f"label {label[i].as_py()!r}; {row_name(j, i)} has {label[int(j)].as_py()!r}")
-                return notes
-
-            flag("conflicting_label", conflict, "the same text appears with different labels", notes=other_label)
+            flag("conflicting_label", conflict, "the same text appears with different labels",
+                 notes=lambda shown: [other_label(i, idx, exact, text_of[i]) for i in shown.tolist()])
 
     ok = reason == 0
     # Copies of a text with one label stay in one split (`stratified_split`), so a label needs as many
@@ -802,8 +800,9 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         texts=text_codes[keep],
         order=order[keep] if order is not None else None,
         mixed_label_copies=len(mixed_idx),
-        mixed_label_examples=[(f, int(rows[i])) for f, i in
-                              zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(), mixed_idx[:SHOW])],
+        mixed_label_examples=[f"{f} row {int(rows[i])} ({other_label(i, mixed_idx, text_codes[mixed_idx], text_codes[i])})"
+                              for f, i in zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(),
+                                              mixed_idx[:SHOW].tolist())],
     )
 
 

@@ -540,7 +540,9 @@ def test_copies_with_another_label_are_a_conflict_only_when_written_the_same(tmp
     src = write_rows(tmp_path / "near.csv", near)
     result = dataset_publish.run(cfg_for(src))
     assert sum(result.metrics[f"rows_{s}"] for s in ("train", "validation", "test")) == 31
-    assert f"2 rows have a text that differs only in case or spacing from a text with another label ({src} row 1; {src} row 31)" in caplog.text
+    a, b = r[0]["label"], r[15]["label"]
+    assert (f"2 rows have a text that differs only in case or spacing from a text with another label ({src} row 1 "
+            f"(label {a!r}; row 31 has {b!r}); {src} row 31 (label {b!r}; row 1 has {a!r}))") in caplog.text
     manifest = json.loads(artifact_files(cfg_for(src), result.produced[0], tmp_path)["dataset.json"].read_text())
     assert manifest["mixed_label_copies"] == 2 and manifest["repeated_texts"] == 1
 

@@ -138,7 +138,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     if checked.mixed_label_copies:
         log.warning("%s: %d rows have a text that differs only in case or spacing from a text with another label "
                     "(%s); they are kept, and each label's copies stay in one split", where, checked.mixed_label_copies,
-                    "; ".join(f"{f} row {r}" for f, r in checked.mixed_label_examples))
+                    "; ".join(checked.mixed_label_examples))
     if d.split_files:
         assigned = pc.cast(clean.column("_split"), pa.string())
         index = {s: np.flatnonzero(arrow.to_numpy(pc.equal(assigned, arrow.scalar(s)))) for s in SPLITS}
