@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("pipeline.commands.reproduce", "retrain a model version from what it recorded and compare"),
     "lineage": ("pipeline.commands.lineage", "show what a version was made from and what used it (text, json, mermaid)"),
     "predict": ("pipeline.commands.predict", "classify text with a fetched or deployed model"),
-    "artifacts": ("pipeline.commands.artifacts", "list, show, verify, delete and prune artifact versions"),
+    "artifacts": ("pipeline.commands.artifacts", "list, show, compare, verify, delete and prune artifact versions"),
 }
 
 
