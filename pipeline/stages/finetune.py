@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Plan:
     output_dir: Path  # this run's checkpoints
     group: str | None
     resume_from: Path | None = None
+    registry: Any = field(default=None, repr=False, compare=False)  # the one the inputs were resolved in: the run's too
 
     @property
     def base_version(self) -> str | None:
@@ -151,7 +152,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     else:
         run_id, group, ckpt = new_run_id(), None, None
     return Plan(dataset_ref=version.ref, dataset_digest=version.digest, base=base, run_id=run_id,
-                output_dir=_checkpoint_root(config) / run_id, group=group, resume_from=ckpt)
+                output_dir=_checkpoint_root(config) / run_id, group=group, resume_from=ckpt, registry=registry)
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:
@@ -657,8 +658,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         code, packages = _provenance()
         signature = input_signature(config, plan_, code, packages)
         reuse = reuse and resume is None and keep_model is None and not adopt_wandb_run
-        earlier = trained_before(config, signature, open_registry(config.tracking, project=config.project,
-                                                                  entity=config.entity)) if reuse else None
+        earlier = trained_before(config, signature, plan_.registry) if reuse else None
         if reuse and signature is None:
             log.info("the pipeline's package has uncommitted changes, so no version trained before is known to come "
                      "from this code: training")
@@ -670,7 +670,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         return _reuse(config, plan_, earlier, group=group, aliases=aliases, tags=tags, summary=summary)
     tags = [*tags, *(["resumed"] if plan_.resume_from else [])]
     with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, resume=plan_.resume_from is not None,
-                     tags=tags, adopt=adopt_wandb_run) as trun:
+                     tags=tags, adopt=adopt_wandb_run, registry=plan_.registry) as trun:
         if summary:
             trun.set_summary(**summary)
         try:
@@ -776,7 +776,8 @@ def trained_before(config: Config, signature: str | None, registry):
 def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summary) -> StageResult:
     """The stage's run for a version trained before from the same inputs: it records the inputs it was
     given, moves `aliases` to that version (as publishing its content again would) and trains nothing."""
-    with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, tags=[*tags, "reused"]) as trun:
+    with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, tags=[*tags, "reused"],
+                     registry=plan_.registry) as trun:
         if summary:
             trun.set_summary(**summary)
         plan_.use_inputs(trun)
