@@ -43,7 +43,8 @@ class PipelineResult:
 def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[StageResult], None] | None = None,
             result: PipelineResult | None = None, reuse: bool = False) -> PipelineResult:
     """Run the stages; `result` (made here when not given) is filled in as they finish, also on failure.
-    `reuse`: finetune's (a model version trained from the same inputs is not trained again)."""
+    `reuse`: a dataset version published from the same files, config and code is not read again, and a model
+    version trained from the same inputs is not trained again (the stages' own `reuse`)."""
     from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
 
     if result is None:
@@ -66,7 +67,7 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
             on_stage(r)
         return r
 
-    data = step("dataset-publish", dataset_publish.run)
+    data = step("dataset-publish", dataset_publish.run, reuse=reuse)
     model = step("finetune", finetune.run, dataset=data.produced[0], reuse=reuse)
     verdict = step("evaluate", evaluate.run, model=model.produced[0])
     if verdict.status == "gate_failed":

@@ -877,6 +877,73 @@ def test_unchanged_data_is_not_published_twice(tmp_path, cfg_for):
     assert dataset_publish.run(cfg_for(changed)).produced == ["tickets:v1"]
 
 
+def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg_for, monkeypatch, cli_here):
+    """The command line's default (reuse): a live version published from the same files (by sha256), dataset config,
+    code and libraries is the result, status unchanged, without reading the data; anything changed reads it."""
+    from pipeline import provenance
+
+    code = {"git_commit": "a" * 40, "git_dirty": False}
+    monkeypatch.setattr(provenance, "code_version", lambda: dict(code))
+    real_read = dataset_publish.read_files
+    reads = []
+    monkeypatch.setattr(dataset_publish, "read_files", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    src = write_rows(tmp_path / "d.csv", rows())
+    cfg = cfg_for(src)
+    first = dataset_publish.run(cfg, reuse=True)
+    reg = registry_of(cfg)
+    assert first.status == "ok" and len(reg.resolve("tickets:v0").metadata["input_signatures"]) == 1 and len(reads) == 1
+
+    again = dataset_publish.run(cfg_for(src, "train.epochs=9"), reuse=True)  # a config key the data does not use
+    assert (again.status, again.produced, len(reads)) == ("unchanged", ["tickets:v0"], 1)  # not read
+    assert again.metrics == first.metrics and again.details["digest"] == first.details["digest"]
+    assert reg.get_run(again.run_id)["produced"] == ["tickets:v0"]
+    summary = inspect_summary(Path(again.paths["run_dir"]))["summary"]
+    assert (summary["status"], summary["reused"], summary["published_by"]) == ("unchanged", "tickets:v0", first.run_id)
+    assert summary["data/rows_train"] == first.metrics["rows_train"]
+    assert dataset_publish.run(cfg).status == "unchanged" and len(reads) == 2  # the library's default reads
+
+    # anything that makes the data: its bytes, the dataset config, the code, a library: read again
+    changed = write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
+    assert dataset_publish.run(cfg_for(changed), reuse=True).produced == ["tickets:v1"] and len(reads) == 3
+    write_rows(tmp_path / "d.csv", rows())  # the bytes of v0 again: v0, known without reading
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 3
+    assert dataset_publish.run(cfg_for(src, "dataset.split.seed=7"), reuse=True).produced == ["tickets:v2"]
+    assert len(reads) == 4
+    real_versions = provenance.package_versions
+    monkeypatch.setattr(provenance, "package_versions", lambda: {**real_versions(), "pyarrow": "99.0"})
+    assert dataset_publish.run(cfg, reuse=True).status == "unchanged" and len(reads) == 5
+    monkeypatch.setattr(provenance, "package_versions", real_versions)
+    code["git_dirty"] = True  # code that cannot be named is never the same code
+    assert dataset_publish.run(cfg, reuse=True).status == "unchanged" and len(reads) == 6
+    code.update(git_dirty=False, git_commit="b" * 40)
+    # the same bytes from another commit: no new version, and v0 now names these inputs too
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 7
+    assert len(reg.resolve("tickets:v0").metadata["input_signatures"]) == 3  # the pyarrow 99 one, and commit b
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 7
+
+    # a folder that gains a file is other input
+    folder = tmp_path / "in"
+    write_rows(folder / "a.csv", rows()[:15])
+    write_rows(folder / "b.csv", rows()[15:])
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v3"]
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v3"] and len(reads) == 8
+    write_rows(folder / "c.csv", [{"id": "c0", "text": "one more question", "label": "tech"}])
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v4"] and len(reads) == 9
+
+    # a deleted version is not the result: the data is read and published anew
+    reg.delete("tickets:v4")
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v5"] and len(reads) == 10
+
+    # the command reuses by default; --reread reads
+    track = ["--set", f"tracking.dir={cfg.tracking.dir}", "--set", "dataset.name=tickets", "--set", "dataset.id_column=id",
+             "--set", "dataset.sample_rows=5", "--set", f"dataset.source={src}", "--set", "model.name=clf"]
+    out = cli_here("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), *track)  # cfg's dataset config
+    assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 10)
+    assert "tickets:v0 was published from these same files (by sha256), dataset config and code" in out.stderr
+    out = cli_here("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), *track, "--reread")
+    assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 11)
+
+
 def test_offline_run_holds_stats_and_sample_tables(tmp_path, cfg_for):
     src = write_rows(tmp_path / "d.csv", rows())
     result = dataset_publish.run(cfg_for(src))

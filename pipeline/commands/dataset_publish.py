@@ -9,9 +9,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.commands.stage import add_stage_arguments
 
     add_stage_arguments(p)
+    p.add_argument("--reread", action="store_true",
+                   help="read and check the data even when a live version was published from the same files, config "
+                        "and code (by default that version is the result, status unchanged, without reading them)")
 
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.commands.stage import run_stage
 
-    return run_stage("pipeline.stages.dataset_publish", args)
+    return run_stage("pipeline.stages.dataset_publish", args, reuse=not args.reread)

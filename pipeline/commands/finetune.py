@@ -18,11 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_retrain_argument(p)
 
 
-def add_retrain_argument(p: argparse.ArgumentParser) -> None:
+def add_retrain_argument(p: argparse.ArgumentParser, also: str = "") -> None:
     p.add_argument("--retrain", action="store_true",
                    help="train even when a live version of the model was trained from the same inputs (dataset "
                         "version, base model, model and train config, code and libraries); by default that "
-                        "version is the result, status unchanged")
+                        f"version is the result, status unchanged{also}")
 
 
 def main(args: argparse.Namespace) -> int:

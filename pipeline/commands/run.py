@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.commands.stage import add_stage_arguments
 
     add_stage_arguments(p)
-    add_retrain_argument(p)
+    add_retrain_argument(p, also=" (and dataset-publish reads the data again, as its --reread does)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ gives status ``unchanged`` and the existing ``NAME:vN``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -77,12 +78,7 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
 def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, str]]):
     d = config.dataset
     cols = _columns(config)
-    if d.split_files:
-        listed = {s: list_input_files(sources[s]) for s in SPLITS}
-    elif looks_like_hub_id(sources["all"]):  # a Hugging Face hub dataset id: all its splits, re-split like a file
-        listed = {}
-    else:
-        listed = {"all": list_input_files(sources["all"])}
+    listed = _list_sources(config, sources)
     files = [f for fs in listed.values() for f in fs]
     # The source digests are read on a second core while Arrow parses the same (cached) bytes.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-digest") as pool:
@@ -98,6 +94,15 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
             manifest["sources"] = [{"path": _source_name(f, renames), "sha256": sha, "size": size}
                                    for f, (sha, size) in zip(files, (job.result() for job in digests))]
     return tables, manifest, dropped
+
+
+def _list_sources(config: Config, sources: dict[str, str]) -> dict[str, list[Path]]:
+    """The data files to read, per part (``all``, or each split of ``dataset.split_files``); none for a hub id."""
+    if config.dataset.split_files:
+        return {s: list_input_files(sources[s]) for s in SPLITS}
+    if looks_like_hub_id(sources["all"]):  # a Hugging Face hub dataset id: all its splits, re-split like a file
+        return {}
+    return {"all": list_input_files(sources["all"])}
 
 
 def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]],
@@ -347,20 +352,82 @@ def _arrow_pool() -> Iterator[None]:
         pa.set_memory_pool(previous)
 
 
-def run(config: Config, *, group: str | None = None) -> StageResult:
+def run(config: Config, *, group: str | None = None, reuse: bool = False) -> StageResult:
+    """Publish the configured data as the next version of ``dataset.name`` (status ``unchanged`` with the version
+    that holds it, when one does). `reuse` (the command line's default): when a live version was published from
+    the same files (by sha256), dataset config, code and libraries (`input_signature`), that version is the result
+    and the data is not read again."""
     warm_up(config)
     with _arrow_pool():
-        return _run(config, group)
+        return _run(config, group, reuse)
 
 
-def _run(config: Config, group: str | None) -> StageResult:
-    tables, manifest, dropped = prepare(config)
+SIGNATURES_KEPT = 100  # per version: the input signatures it was published from (metadata["input_signatures"])
+
+
+def _local_files_only(config: Config) -> bool:
+    """The data is local files, copied into the version: what the input signature can name from their bytes alone
+    (not a hub dataset, a remote URI or reference mode, whose stored objects are checked by publishing)."""
+    d = config.dataset
+    named = [getattr(d.split_files, s) for s in SPLITS] if d.split_files else [d.source]
+    return not d.reference and not any(is_uri(n) for n in named) and (bool(d.split_files) or not looks_like_hub_id(d.source))
+
+
+def input_signature(config: Config, sources: list[dict[str, Any]], code: dict[str, Any],
+                    packages: dict[str, str]) -> str | None:
+    """sha256 of what a dataset version is made from: the source files (each one's path as recorded, sha256 and
+    size), the dataset config, the artifact format, the pipeline's commit and the package versions. None when the
+    pipeline's package has uncommitted changes (code that cannot be named) or the data is not local files."""
+    if code.get("git_dirty") or not _local_files_only(config):
+        return None
+    inputs = {"dataset": config.to_dict()["dataset"], "sources": sources, "format_version": FORMAT_VERSION,
+              "code": code.get("git_commit"), "packages": packages}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def published_before(config: Config, registry, provenance: Callable[[], tuple[dict[str, Any], dict[str, str]]]):
+    """The newest live version of this dataset published from exactly these inputs (`input_signature`), found
+    without reading the data: only the source files are hashed, and only when some version records signatures.
+    `provenance`: (code version, package versions), asked for only then."""
+    d = config.dataset
+    if registry.newest_where(d.name, "dataset", lambda meta: bool(meta.get("input_signatures"))) is None:
+        return None  # a first publish (or versions from before signatures): nothing to hash the files for
+    code, packages = provenance()
+    if code.get("git_dirty"):
+        return None
+    parts = {s: getattr(d.split_files, s) for s in SPLITS} if d.split_files else {"all": d.source}
+    files = [f for fs in _list_sources(config, parts).values() for f in fs]
+    sources = [{"path": str(f), "sha256": sha, "size": size} for f, (sha, size) in zip(files, map(hash_file, files))]
+    signature = input_signature(config, sources, code, packages)
+    return registry.newest_where(d.name, "dataset", lambda meta: signature in (meta.get("input_signatures") or []))
+
+
+def _provenance() -> tuple[dict[str, Any], dict[str, str]]:
+    from pipeline.provenance import code_version, package_versions
+
+    return code_version(), package_versions()
+
+
+def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
+    from pipeline.tracking import open_registry
+
+    local = _local_files_only(config)  # else no input signature: see `input_signature`
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="provenance") as side:
+        provenance = side.submit(_provenance) if local else None  # git and package metadata: off the data's path
+        registry = open_registry(config.tracking, project=config.project, entity=config.entity) if local and reuse \
+            else None
+        earlier = published_before(config, registry, provenance.result) if registry is not None else None
+        if earlier is not None:
+            return _reuse(config, group, registry, earlier)
+        tables, manifest, dropped = prepare(config)
+        code, packages = provenance.result() if local else ({}, {})
+    signature = input_signature(config, manifest["sources"], code, packages)
     d = config.dataset
     with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-artifact") as pool:
         # The data is valid: the files are written while the run opens and logs its charts.
         writing = pool.submit(write_artifact_dir, tables, manifest, Path(tmp))
-        with tracked_run(config, STAGE, group=group) as trun:
+        with tracked_run(config, STAGE, group=group, registry=registry) as trun:
             _log_stats(trun, tables, manifest, dropped, d.sample_rows, d.split.seed)
             files = writing.result()
             metadata = {
@@ -370,6 +437,7 @@ def _run(config: Config, group: str | None) -> StageResult:
                 "dropped": manifest["dropped"],
                 "sources": manifest["sources"],
                 "config": trun.config,
+                **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
             }
             references = _upload_references(files, d.reference) if d.reference else {}
             if references:
@@ -377,19 +445,41 @@ def _run(config: Config, group: str | None) -> StageResult:
                 metadata["reference"] = d.reference
             published = trun.registry.publish(d.name, "dataset", files, metadata=metadata, run=trun, references=references)
             status = "ok" if published.created else "unchanged"
+            known = list(published.version.metadata.get("input_signatures") or [])
+            if signature and signature not in known:  # the same bytes from other inputs: they name this version too
+                trun.registry.update_metadata(published.ref, {"input_signatures": [*known, signature][-SIGNATURES_KEPT:]})
             trun.set_summary(**{"artifact": published.ref, "status": status})
             if not published.created:
                 log.info("data unchanged: %s already holds it; no new version", published.ref)
+    return _result(status, trun, published.version, manifest)
+
+
+def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
+    """The stage's run for a version published before from the same files, config and code: the data is not read
+    again, and the result is that version, status ``unchanged``, as publishing the same content again gives."""
+    meta = earlier.metadata
+    with tracked_run(config, STAGE, group=group, registry=registry, tags=["reused"]) as trun:
+        trun.note_produced(earlier.ref)
+        trun.set_summary(**{f"data/rows_{s}": n for s, n in meta["num_rows"].items()},
+                         **{"data/num_labels": len(meta["label_names"])},
+                         **{f"data/dropped_{k}": v for k, v in meta["dropped"].items()},
+                         artifact=earlier.ref, status="unchanged", reused=earlier.ref, published_by=earlier.produced_by)
+        log.info("data unchanged: %s was published from these same files (by sha256), dataset config and code; they are "
+                 "not read again and no new version is made", earlier.ref)
+    return _result("unchanged", trun, earlier, meta)
+
+
+def _result(status: str, trun, version, manifest: dict[str, Any]) -> StageResult:
     return StageResult(
         stage=STAGE,
         status=status,
         run_id=trun.id,
-        produced=[published.ref],
+        produced=[version.ref],
         metrics={
             **{f"rows_{s}": float(n) for s, n in manifest["num_rows"].items()},
             "num_labels": float(len(manifest["label_names"])),
             "dropped": float(sum(manifest["dropped"].values())),
         },
         paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
-        details={"dropped": manifest["dropped"], "digest": published.version.digest},
+        details={"dropped": manifest["dropped"], "digest": version.digest},
     )
