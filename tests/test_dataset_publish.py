@@ -872,6 +872,7 @@ def test_unchanged_data_is_not_published_twice(tmp_path, cfg_for):
     stored = sorted(p for p in reg.objects.rglob("*") if p.is_file())
     again = dataset_publish.run(cfg_for(src, "train.epochs=9"))  # unrelated config changes nothing
     assert again.status == "unchanged" and again.produced == first.produced == ["tickets:v0"]
+    assert again.summary_line() == "dataset-publish: unchanged (tickets:v0): the data is tickets:v0's byte for byte: no new version"
     assert sorted(p for p in reg.objects.rglob("*") if p.is_file()) == stored
     changed = write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
     assert dataset_publish.run(cfg_for(changed)).produced == ["tickets:v1"]
@@ -896,6 +897,7 @@ def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg
     again = dataset_publish.run(cfg_for(src, "train.epochs=9"), reuse=True)  # a config key the data does not use
     assert (again.status, again.produced, len(reads)) == ("unchanged", ["tickets:v0"], 1)  # not read
     assert again.metrics == first.metrics and again.details["digest"] == first.details["digest"]
+    assert again.message == "tickets:v0 was published from these same files, config and code; not read again"
     assert reg.get_run(again.run_id)["produced"] == ["tickets:v0"]
     summary = inspect_summary(Path(again.paths["run_dir"]))["summary"]
     assert (summary["status"], summary["reused"], summary["published_by"]) == ("unchanged", "tickets:v0", first.run_id)

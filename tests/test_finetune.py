@@ -989,6 +989,7 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     retrained = finetune.run(cfg, reuse=True)
     # the same bytes as clf:v0 (training is deterministic here): no new version, but v0 now names these inputs too
     assert "reused" not in retrained.details and (retrained.status, retrained.produced) == ("unchanged", ["clf:v0"])
+    assert retrained.message == "trained, and the files are clf:v0's byte for byte: no new version"
     assert len(reg.resolve("clf:v0").metadata["input_signatures"]) == 2
     assert finetune.run(cfg, reuse=True).details.get("reused")
     real_versions = provenance.package_versions

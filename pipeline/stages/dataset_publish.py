@@ -451,7 +451,8 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
             trun.set_summary(**{"artifact": published.ref, "status": status})
             if not published.created:
                 log.info("data unchanged: %s already holds it; no new version", published.ref)
-    return _result(status, trun, published.version, manifest)
+    return _result(status, trun, published.version, manifest, message=f"the data is {published.ref}'s byte for byte: "
+                   "no new version" if status == "unchanged" else None)
 
 
 def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
@@ -466,15 +467,17 @@ def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
                          artifact=earlier.ref, status="unchanged", reused=earlier.ref, published_by=earlier.produced_by)
         log.info("data unchanged: %s was published from these same files (by sha256), dataset config and code; they are "
                  "not read again and no new version is made", earlier.ref)
-    return _result("unchanged", trun, earlier, meta)
+    return _result("unchanged", trun, earlier, meta,
+                   message=f"{earlier.ref} was published from these same files, config and code; not read again")
 
 
-def _result(status: str, trun, version, manifest: dict[str, Any]) -> StageResult:
+def _result(status: str, trun, version, manifest: dict[str, Any], message: str | None = None) -> StageResult:
     return StageResult(
         stage=STAGE,
         status=status,
         run_id=trun.id,
         produced=[version.ref],
+        message=message,
         metrics={
             **{f"rows_{s}": float(n) for s, n in manifest["num_rows"].items()},
             "num_labels": float(len(manifest["label_names"])),

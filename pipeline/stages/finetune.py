@@ -718,6 +718,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         run_id=trun.id,
         consumed=plan_.consumed,
         produced=produced,
+        message=f"trained, and the files are {produced[0]}'s byte for byte: no new version" if status == "unchanged" else None,
         metrics={
             **{f"eval_{k}": v for k, v in best.items() if k != "step"},
             **{k: train_metrics[k] for k in ("train_loss", "train_runtime", "train_samples_per_second") if k in train_metrics},
