@@ -36,6 +36,7 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 log = logging.getLogger(__name__)
 
 SHOW = 5  # examples of each kind of problem shown in a report
+DROPPED_ROWS_LOGGED = 1000  # rows of the run's table of dropped rows (on_invalid: drop); all are counted
 
 
 class DataError(PipelineError):
@@ -855,15 +856,19 @@ def _rewrite(texts: pa.ChunkedArray | pa.Array, rows: np.ndarray, how) -> pa.Arr
     return pc.replace_with_mask(texts, mask, how(texts.filter(mask)))
 
 
-def format_problems(problems: list[Problem], source: str) -> str:
+def format_problems(problems: list[Problem], source: str, dropped: bool = False) -> str:
+    """The report of invalid rows: what stops the stage, or, with `dropped` (``on_invalid: drop``), what it left out."""
     total = sum(p.count for p in problems)
-    lines = [f"dataset validation failed for {source}: {total} invalid row(s)"]
+    lines = [f"{source}: {total} invalid row(s) dropped (dataset.on_invalid=drop)" if dropped else
+             f"dataset validation failed for {source}: {total} invalid row(s)"]
     for p in problems:
         notes = [f" ({note})" for note in p.notes] or [""] * len(p.rows)
         shown = "; ".join(f"{f} row {r}{note}" for (f, r), note in zip(p.rows[:SHOW], notes))
         more = f"; ... and {p.count - SHOW} more" if p.count > SHOW else ""
         lines.append(f"  {p.kind} ({p.count} rows, {p.detail}): {shown}{more}")
-    lines.append("nothing was published; fix the data or set dataset.on_invalid=drop (dropped rows are counted and recorded)")
+    lines.append(f"they are counted in the version's metadata (dropped) and listed in the run's data/dropped_rows table "
+                 f"(the first {DROPPED_ROWS_LOGGED:,})" if dropped else
+                 "nothing was published; fix the data or set dataset.on_invalid=drop (dropped rows are counted and recorded)")
     return "\n".join(lines)
 
 

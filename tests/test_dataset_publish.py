@@ -849,12 +849,18 @@ def test_a_misspelt_or_doubled_column_is_named(tmp_path, cfg_for, fmt):
             dataset_publish.run(cfg_for(doubled))
 
 
-def test_drop_policy_counts_and_records_every_dropped_row(tmp_path, cfg_for):
+def test_drop_policy_counts_and_records_every_dropped_row(tmp_path, cfg_for, caplog):
     src = write_rows(tmp_path / "bad.csv", _bad_rows())
     cfg = cfg_for(src, "dataset.on_invalid=drop")
     result = dataset_publish.run(cfg)
     expected = {"empty_text": 1, "null_label": 1, "duplicate_id": 1, "conflicting_label": 2, "class_too_small": 1}
     assert result.status == "ok" and result.details["dropped"] == expected
+    # said where the command is watched too: the report an error would give, with what became of the rows
+    assert f"{src}: 6 invalid row(s) dropped (dataset.on_invalid=drop)\n  empty_text (1 rows" in caplog.text
+    assert f"{src} row 5 (id {_bad_rows()[3]['id']!r}, first on row 4)" in caplog.text
+    assert "listed in the run's data/dropped_rows table (the first 1,000)" in caplog.text
+    assert result.message == ("6 invalid rows dropped (class_too_small 1, conflicting_label 2, duplicate_id 1, empty_text 1, "
+                              "null_label 1)")
     version = registry_of(cfg).resolve(result.produced[0])
     assert version.metadata["dropped"] == expected
     assert sum(version.metadata["num_rows"].values()) == 31 - 6

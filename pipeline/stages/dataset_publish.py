@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import arrow
 from pipeline.config import Config
-from pipeline.data import (Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
+from pipeline.data import (DROPPED_ROWS_LOGGED, Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
                            read_files, stratified_split, validate)
 from pipeline.errors import ConfigError
 from pipeline.refstore import Reference, is_uri, materialize, put
@@ -129,6 +129,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed, labels=d.labels)
     if checked.problems and d.on_invalid == "error":
         raise DataError(format_problems(checked.problems, where))
+    if checked.problems:  # on_invalid: drop
+        log.warning("%s", format_problems(checked.problems, where, dropped=True))
     clean = checked.table
     if clean.num_rows == 0:
         raise DataError(f"{where}: no valid rows left ({sum(checked.dropped.values())} dropped)")
@@ -305,7 +307,7 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
             data[f"samples/{split}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in sample])
     if dropped is not None and dropped.num_rows:
         keep = [c for c in dropped.column_names]
-        rows = dropped.slice(0, 1000).to_pylist()
+        rows = dropped.slice(0, DROPPED_ROWS_LOGGED).to_pylist()
         data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[r[c] for c in keep] for r in rows])
     run.log(data)
     run.set_summary(
@@ -451,8 +453,11 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
             trun.set_summary(**{"artifact": published.ref, "status": status})
             if not published.created:
                 log.info("data unchanged: %s already holds it; no new version", published.ref)
-    return _result(status, trun, published.version, manifest, message=f"the data is {published.ref}'s byte for byte: "
-                   "no new version" if status == "unchanged" else None)
+    said = [f"{sum(manifest['dropped'].values())} invalid rows dropped ("
+            + ", ".join(f"{k} {n}" for k, n in manifest["dropped"].items()) + ")"] if manifest["dropped"] else []
+    if status == "unchanged":
+        said.append(f"the data is {published.ref}'s byte for byte: no new version")
+    return _result(status, trun, published.version, manifest, message="; ".join(said) or None)
 
 
 def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
