@@ -574,7 +574,8 @@ def test_users_own_splits_that_share_texts_with_train_are_warned_about(tmp_path,
     cfg = cfg_for(tmp_path / "train.csv", *(f"dataset.split_files.{s}={p}" for s, p in files.items()))
     manifest = dataset_publish.prepare(cfg)[1]
     assert manifest["texts_also_in_train"] == {"validation": 0, "test": 1} and manifest["repeated_texts"] == 1
-    assert "1 test rows have a text that is also in the train split" in caplog.text
+    assert (f"1 test rows have a text that is also in the train split ({files['test']} row 2 (train: {files['train']} "
+            "row 1))") in caplog.text
 
 
 def test_users_own_split_files(tmp_path, cfg_for):

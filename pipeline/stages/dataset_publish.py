@@ -152,9 +152,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         in_train = np.isin(checked.texts, checked.texts[index["train"]])
         leaked = {s: int(in_train[index[s]].sum()) for s in ("validation", "test")}
         if any(leaked.values()):
-            log.warning("%s: %s rows have a text that is also in the train split; they measure memory, not "
+            log.warning("%s: %s rows have a text that is also in the train split (%s); they measure memory, not "
                         "generalisation (let dataset.split make the splits to keep the copies of a text together)",
-                        where, " and ".join(f"{n} {s}" for s, n in leaked.items() if n))
+                        where, " and ".join(f"{n} {s}" for s, n in leaked.items() if n),
+                        "; ".join(_train_copies(clean, checked.texts, index)))
     else:
         # Copies of one text go to one split together: a test row is never a copy of a train row.
         index = stratified_split(labels, d.split.model_dump(), checked.order, groups=checked.texts if repeats else None)
@@ -202,6 +203,21 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
             manifest["texts_also_in_train"] = leaked
     dropped = checked.dropped_rows if checked.dropped else None
     return tables, manifest, dropped
+
+
+def _train_copies(clean: pa.Table, texts: np.ndarray, index: dict[str, np.ndarray], show: int = 5) -> list[str]:
+    """The first few validation and test rows whose text (as copies are compared) a train row has, each with the
+    first such train row: ``FILE row N (train: FILE row M)``."""
+    files, rows = clean.column("_file"), clean.column("_row")
+    train = index["train"]
+    codes, first = np.unique(texts[train], return_index=True)  # each train text, and its first train row
+    out = []
+    for split in ("validation", "test"):
+        held = index[split]
+        for i in held[np.flatnonzero(np.isin(texts[held], codes))[:show - len(out)]].tolist():
+            j = int(train[first[np.searchsorted(codes, texts[i])]])
+            out.append(f"{files[i].as_py()} row {rows[i].as_py()} (train: {files[j].as_py()} row {rows[j].as_py()})")
+    return out
 
 
 _INTEGER = re.compile(r"0|-?[1-9][0-9]*")
