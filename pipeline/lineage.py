@@ -45,7 +45,10 @@ def _run_summary(run: dict[str, Any]) -> str:
     cfg, summary = run.get("config") or {}, run.get("summary") or {}
     job = run.get("job_type")
     if job == "dataset-publish":
-        return f"source={(cfg.get('dataset') or {}).get('source')}"
+        d = cfg.get("dataset") or {}
+        if d.get("split_files"):  # then `source` only names the dataset: the split files are what was read
+            return ", ".join(f"{s}={d['split_files'].get(s)}" for s in ("train", "validation", "test"))
+        return f"source={d.get('source')}"
     if job == "finetune":
         t, m = cfg.get("train") or {}, cfg.get("model") or {}
         parts = [f"base={m.get('base')}", f"epochs={t.get('epochs')}", f"lr={t.get('learning_rate')}",

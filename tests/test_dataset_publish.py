@@ -586,6 +586,13 @@ def test_users_own_split_files(tmp_path, cfg_for):
     tables = dataset_publish.prepare(cfg)[0]
     assert {s: t.num_rows for s, t in tables.items()} == {"train": 24, "validation": 3, "test": 3}
     assert tables["test"].column("id").to_pylist() == ["billing-9", "shipping-9", "tech-9"]
+    # the lineage names the files read, not `source` (which then only names the dataset)
+    from pipeline.lineage import build, render
+
+    ref = dataset_publish.run(cfg).produced[0]
+    shown = render(build(registry_of(cfg), ref), "text")
+    assert f"train={files['train']}, validation={files['validation']}, test={files['test']}" in shown
+    assert "source=" not in shown
 
 
 def test_users_own_split_files_with_dropped_rows_keep_their_splits(tmp_path, cfg_for):
