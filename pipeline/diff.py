@@ -78,10 +78,12 @@ def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
 
 
 def _configs_completed(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The recorded config with the keys added since at their defaults: a version made before a setting
-    existed ran as its default does, so that is no change."""
+    """The metadata as compared: the recorded config with the keys added since at their defaults (a version made
+    before a setting existed ran as its default does, so that is no change), and without the input signatures
+    that reuse matches (hashes of what `config`, `dataset`, `code` and `packages` already show)."""
     from pipeline.config import with_defaults
 
+    metadata = {k: v for k, v in metadata.items() if k != "input_signatures"}
     if not isinstance(metadata.get("config"), dict):
         return metadata
     return {**metadata, "config": with_defaults(metadata["config"])}

@@ -87,8 +87,11 @@ def test_a_setting_added_since_a_version_was_made_is_no_change_at_its_default(pu
     reg.update_metadata(a, {"config": older})
     b = publish(tickets(), "b.csv", "train.class_weights=balanced")
     c = publish(tickets()[1:], "c.csv")
+    for ref, signature in ((a, "1" * 64), (c, "2" * 64)):  # what reuse matches: hashes, not news for a person
+        reg.update_metadata(ref, {"input_signatures": [signature]})
     keys = {key for key, _, _ in diff_versions(reg, a, c).metadata}
     assert "config.dataset.source" in keys and not any(k.startswith("config.train") for k in keys)
+    assert not any(k.startswith("input_signatures") for k in keys)
     assert ("config.train.class_weights", "none", "balanced") in diff_versions(reg, a, b).metadata
 
 
