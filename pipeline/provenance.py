@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -23,6 +24,34 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+SIGNATURES_KEPT = 100  # per version: the input signatures it was made from (metadata["input_signatures"])
+
+
+def code_and_packages() -> tuple[dict[str, Any], dict[str, str]]:
+    """The pipeline's code version and the package versions, read once per run."""
+    return code_version(), package_versions()
+
+
+def signature(inputs: dict[str, Any]) -> str:
+    """sha256 of `inputs` (JSON, keys sorted): what a stage's reuse finds a version made from them by."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def made_from(registry, name: str, type: str, signature: str | None):
+    """The newest live version of `name` whose metadata records `signature` among its input signatures."""
+    if signature is None:
+        return None
+    return registry.newest_where(name, type, lambda meta: signature in (meta.get("input_signatures") or []))
+
+
+def add_signature(registry, version, signature: str | None) -> None:
+    """Record that `version` (just published, or found to hold the same bytes) was made from the inputs `signature`
+    names: more than one when other inputs (another commit, say) gave the same bytes."""
+    known = list(version.metadata.get("input_signatures") or [])
+    if signature and signature not in known:
+        registry.update_metadata(version.ref, {"input_signatures": [*known, signature][-SIGNATURES_KEPT:]})
 
 
 def code_version() -> dict[str, Any]:

@@ -10,13 +10,12 @@ gives status ``unchanged`` and the existing ``NAME:vN``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import arrow
 from pipeline.config import Config
-from pipeline.data import (DROPPED_ROWS_LOGGED, Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
+from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
                            read_files, stratified_split, validate)
 from pipeline.errors import ConfigError
 from pipeline.refstore import Reference, is_uri, materialize, put
@@ -40,6 +39,8 @@ from pipeline.tracking import tracked_run, warm_up
 STAGE = "dataset-publish"
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
+# Besides the code, what computes a version's files from the data: other versions of these read the data again.
+DATA_PACKAGES = ("wandb-finetune-pipeline", "pyarrow", "numpy")
 # How each label's texts are ranked before the cuts (`split_order`), recorded in dataset.json
 SPLIT_ORDER = "xxh3-64 of the text as copies are compared (case and spacing folded), seeded with the split seed"
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
     """Read, validate and split: (tables per split, dataset.json content, dropped rows)."""
     d = config.dataset
     # What is read: the user's split files (then `source` is only a label), else the source.
-    wanted = {s: getattr(d.split_files, s) for s in SPLITS} if d.split_files else {"all": d.source}
+    wanted = _named_sources(config)
     where = {s: f"dataset.split_files.{s}" for s in SPLITS} if d.split_files else {"all": "dataset.source"}
     with tempfile.TemporaryDirectory(prefix="dataset-source-") as tmp:
         local, renames = {}, []
@@ -91,9 +92,20 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
                 job.cancel()
             raise
         if files:  # a hub source has no files; _prepare_tables recorded its splits' fingerprints
-            manifest["sources"] = [{"path": _source_name(f, renames), "sha256": sha, "size": size}
-                                   for f, (sha, size) in zip(files, (job.result() for job in digests))]
+            manifest["sources"] = _source_records(files, (job.result() for job in digests),
+                                                  lambda f: _source_name(f, renames))
     return tables, manifest, dropped
+
+
+def _named_sources(config: Config) -> dict[str, str]:
+    """What is read, per part: the user's split files (then `source` only names the dataset), else the source."""
+    d = config.dataset
+    return {s: getattr(d.split_files, s) for s in SPLITS} if d.split_files else {"all": d.source}
+
+
+def _source_records(files: list[Path], digests: Iterable[tuple[str, int]], name: Callable[[Path], str] = str) -> list[dict]:
+    """``dataset.json``'s ``sources``: each file as reports name it, its sha256 and size."""
+    return [{"path": name(f), "sha256": sha, "size": size} for f, (sha, size) in zip(files, digests)]
 
 
 def _list_sources(config: Config, sources: dict[str, str]) -> dict[str, list[Path]]:
@@ -205,7 +217,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     return tables, manifest, dropped
 
 
-def _train_copies(clean: pa.Table, texts: np.ndarray, index: dict[str, np.ndarray], show: int = 5) -> list[str]:
+def _train_copies(clean: pa.Table, texts: np.ndarray, index: dict[str, np.ndarray], show: int = SHOW) -> list[str]:
     """The first few validation and test rows whose text (as copies are compared) a train row has, each with the
     first such train row: ``FILE row N (train: FILE row M)``."""
     files, rows = clean.column("_file"), clean.column("_row")
@@ -326,11 +338,14 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
         rows = dropped.slice(0, DROPPED_ROWS_LOGGED).to_pylist()
         data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[r[c] for c in keep] for r in rows])
     run.log(data)
-    run.set_summary(
-        **{f"data/rows_{s}": n for s, n in manifest["num_rows"].items()},
-        **{"data/num_labels": len(manifest["label_names"])},
-        **{f"data/dropped_{k}": v for k, v in manifest["dropped"].items()},
-    )
+    run.set_summary(**_data_summary(manifest))
+
+
+def _data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run summary's counts, from ``dataset.json`` (or a version's metadata, which holds the same keys)."""
+    return {**{f"data/rows_{s}": n for s, n in manifest["num_rows"].items()},
+            "data/num_labels": len(manifest["label_names"]),
+            **{f"data/dropped_{k}": v for k, v in manifest["dropped"].items()}}
 
 
 def _upload_references(files: dict[str, Path], root: str) -> dict[str, Reference]:
@@ -380,50 +395,49 @@ def run(config: Config, *, group: str | None = None, reuse: bool = False) -> Sta
         return _run(config, group, reuse)
 
 
-SIGNATURES_KEPT = 100  # per version: the input signatures it was published from (metadata["input_signatures"])
-
-
 def _local_files_only(config: Config) -> bool:
     """The data is local files, copied into the version: what the input signature can name from their bytes alone
     (not a hub dataset, a remote URI or reference mode, whose stored objects are checked by publishing)."""
     d = config.dataset
-    named = [getattr(d.split_files, s) for s in SPLITS] if d.split_files else [d.source]
-    return not d.reference and not any(is_uri(n) for n in named) and (bool(d.split_files) or not looks_like_hub_id(d.source))
+    named = _named_sources(config)
+    return not d.reference and not any(map(is_uri, named.values())) and (bool(d.split_files) or not looks_like_hub_id(d.source))
 
 
 def input_signature(config: Config, sources: list[dict[str, Any]], code: dict[str, Any],
                     packages: dict[str, str]) -> str | None:
     """sha256 of what a dataset version is made from: the source files (each one's path as recorded, sha256 and
-    size), the dataset config, the artifact format, the pipeline's commit and the package versions. None when the
-    pipeline's package has uncommitted changes (code that cannot be named) or the data is not local files."""
+    size), the dataset config, the artifact format, the pipeline's commit and the versions of `DATA_PACKAGES`.
+    None when the pipeline's package has uncommitted changes (code that cannot be named) or the data is not
+    local files."""
+    from pipeline.provenance import signature
+
     if code.get("git_dirty") or not _local_files_only(config):
         return None
-    inputs = {"dataset": config.to_dict()["dataset"], "sources": sources, "format_version": FORMAT_VERSION,
-              "code": code.get("git_commit"), "packages": packages}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return signature({"dataset": config.to_dict()["dataset"], "sources": sources, "format_version": FORMAT_VERSION,
+                      "code": code.get("git_commit"), "packages": {p: packages.get(p) for p in DATA_PACKAGES}})
 
 
 def published_before(config: Config, registry, provenance: Callable[[], tuple[dict[str, Any], dict[str, str]]]):
     """The newest live version of this dataset published from exactly these inputs (`input_signature`), found
     without reading the data: only the source files are hashed, and only when some version records signatures.
     `provenance`: (code version, package versions), asked for only then."""
-    d = config.dataset
-    if registry.newest_where(d.name, "dataset", lambda meta: bool(meta.get("input_signatures"))) is None:
+    from pipeline.provenance import made_from
+
+    name = config.dataset.name
+    if registry.newest_where(name, "dataset", lambda meta: bool(meta.get("input_signatures"))) is None:
         return None  # a first publish (or versions from before signatures): nothing to hash the files for
     code, packages = provenance()
     if code.get("git_dirty"):
         return None
-    parts = {s: getattr(d.split_files, s) for s in SPLITS} if d.split_files else {"all": d.source}
-    files = [f for fs in _list_sources(config, parts).values() for f in fs]
-    sources = [{"path": str(f), "sha256": sha, "size": size} for f, (sha, size) in zip(files, map(hash_file, files))]
-    signature = input_signature(config, sources, code, packages)
-    return registry.newest_where(d.name, "dataset", lambda meta: signature in (meta.get("input_signatures") or []))
+    files = [f for fs in _list_sources(config, _named_sources(config)).values() for f in fs]
+    sources = _source_records(files, map(hash_file, files))
+    return made_from(registry, name, "dataset", input_signature(config, sources, code, packages))
 
 
-def _provenance() -> tuple[dict[str, Any], dict[str, str]]:
-    from pipeline.provenance import code_version, package_versions
+def _code_and_packages() -> tuple[dict[str, Any], dict[str, str]]:
+    from pipeline.provenance import code_and_packages  # imports importlib.metadata (50 ms): off the start-up path
 
-    return code_version(), package_versions()
+    return code_and_packages()
 
 
 def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
@@ -431,7 +445,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
 
     local = _local_files_only(config)  # else no input signature: see `input_signature`
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="provenance") as side:
-        provenance = side.submit(_provenance) if local else None  # git and package metadata: off the data's path
+        provenance = side.submit(_code_and_packages) if local else None  # git and package metadata: off the data's path
         registry = open_registry(config.tracking, project=config.project, entity=config.entity) if local and reuse \
             else None
         earlier = published_before(config, registry, provenance.result) if registry is not None else None
@@ -463,9 +477,10 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
                 metadata["reference"] = d.reference
             published = trun.registry.publish(d.name, "dataset", files, metadata=metadata, run=trun, references=references)
             status = "ok" if published.created else "unchanged"
-            known = list(published.version.metadata.get("input_signatures") or [])
-            if signature and signature not in known:  # the same bytes from other inputs: they name this version too
-                trun.registry.update_metadata(published.ref, {"input_signatures": [*known, signature][-SIGNATURES_KEPT:]})
+            if signature:  # the provenance module is loaded by now (on the side thread)
+                from pipeline.provenance import add_signature
+
+                add_signature(trun.registry, published.version, signature)  # the same bytes from other inputs too
             trun.set_summary(**{"artifact": published.ref, "status": status})
             if not published.created:
                 log.info("data unchanged: %s already holds it; no new version", published.ref)
@@ -482,10 +497,8 @@ def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
     meta = earlier.metadata
     with tracked_run(config, STAGE, group=group, registry=registry, tags=["reused"]) as trun:
         trun.note_produced(earlier.ref)
-        trun.set_summary(**{f"data/rows_{s}": n for s, n in meta["num_rows"].items()},
-                         **{"data/num_labels": len(meta["label_names"])},
-                         **{f"data/dropped_{k}": v for k, v in meta["dropped"].items()},
-                         artifact=earlier.ref, status="unchanged", reused=earlier.ref, published_by=earlier.produced_by)
+        trun.set_summary(**_data_summary(meta), artifact=earlier.ref, status="unchanged", reused=earlier.ref,
+                         published_by=earlier.produced_by)
         log.info("data unchanged: %s was published from these same files (by sha256), dataset config and code; they are "
                  "not read again and no new version is made", earlier.ref)
     return _result("unchanged", trun, earlier, meta,

@@ -15,7 +15,6 @@ registry and W&B operation and shares what the others need; they only train.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from typing import Any
 
 from pipeline.basemodel import (BaseModel, check_architecture, check_max_length, load_classifier, load_tokenizer, match_padding,
                                 resolve_base_model, separate_pairs)
+from pipeline import provenance
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
@@ -655,7 +655,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         return _follow(config, state, callbacks)
     try:
         plan_ = early or plan(config, dataset, resume, base)
-        code, packages = _provenance()
+        code, packages = provenance.code_and_packages()
         signature = input_signature(config, plan_, code, packages)
         reuse = reuse and resume is None and keep_model is None and not adopt_wandb_run
         earlier = trained_before(config, signature, plan_.registry) if reuse else None
@@ -704,9 +704,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         else:
             published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases)
             status = "ok" if published.created else "unchanged"
-            known = list(published.version.metadata.get("input_signatures") or [])
-            if signature and signature not in known:  # the same bytes from other inputs: they name this version too
-                trun.registry.update_metadata(published.ref, {"input_signatures": [*known, signature][-SIGNATURES_KEPT:]})
+            provenance.add_signature(trun.registry, published.version, signature)
             produced, digest = [published.ref], published.version.digest
             trun.set_summary(**{"artifact": published.ref, "status": status})
         trun.set_summary(**{f"best/{k}": v for k, v in best.items()})
@@ -732,16 +730,6 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
 
 # Besides the inputs, what computes the weights: a version made with other versions of these is trained again.
 REUSE_PACKAGES = ("wandb-finetune-pipeline", "torch", "transformers", "tokenizers", "accelerate")
-SIGNATURES_KEPT = 100  # per version: the input signatures it was trained from (metadata["input_signatures"])
-
-
-def _provenance() -> tuple[dict[str, Any], dict[str, str]]:
-    """The pipeline's code version and the package versions, read once per run."""
-    from pipeline.provenance import code_version, package_versions
-
-    return code_version(), package_versions()
-
-
 def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages: dict[str, str]) -> str | None:
     """sha256 of what a model is trained from: the dataset version's digest, the base model's weights and
     tokenizer digests, the model and train config (``model.name`` and how ``model.base`` is spelled aside),
@@ -762,16 +750,14 @@ def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages:
         # train.precision=auto is bf16 or fp16 on a GPU and fp32 on the CPU: what it became is the input
         "mixed_precision": sorted(k for k, on in _precision_flags(config.train.precision).items() if on),
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return provenance.signature(inputs)
 
 
 def trained_before(config: Config, signature: str | None, registry):
     """The newest live version of this model trained from the inputs `signature` names: training again would
     only repeat it. Each version records the signatures it was trained from (more than one when training
     from other inputs, another commit say, gave the same bytes)."""
-    if signature is None:
-        return None
-    return registry.newest_where(config.model.name, "model", lambda meta: signature in (meta.get("input_signatures") or []))
+    return provenance.made_from(registry, config.model.name, "model", signature)
 
 
 def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summary) -> StageResult:
