@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.redact import redact
+
+if TYPE_CHECKING:
+    from pipeline.tracking import TrackedRun
 
 STATUSES = ("ok", "failed", "gate_failed", "unchanged")
 
@@ -46,6 +50,22 @@ class StageResult:
                 **({"details": self.details} if self.details else {}),
             }
         )
+
+
+def failed(stage: str, error: BaseException, runs: Sequence[TrackedRun] = ()) -> StageResult:
+    """The result of a stage that stopped with `error`. When it had opened its run (the last of `runs`, from
+    `tracking.runs_opened`), the result names that run, the versions it consumed (and any it produced), its
+    folder, and what the stage added for a failure (finetune: the run id to resume)."""
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C says nothing; SIGTERM says "signal 15"
+        message = f"interrupted ({error})" if str(error) else "interrupted"
+    else:
+        message = str(error) or type(error).__name__
+    if not runs:
+        return StageResult(stage=stage, status="failed", message=message)
+    run = runs[-1]
+    return StageResult(stage=stage, status="failed", run_id=run.id, consumed=list(run.consumed),
+                       produced=list(run.produced), paths={"run_dir": str(run.wandb_dir)} if run.wandb_dir else {},
+                       message=message, details=dict(run.on_failure))
 
 
 def check_writable(path: str | Path) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.results import StageResult
-from pipeline.tracking import new_run_id
+from pipeline.results import StageResult, failed
+from pipeline.tracking import new_run_id, runs_opened
 
 log = logging.getLogger(__name__)
 ORDER = ("dataset-publish", "finetune", "evaluate", "deploy-fetch")
@@ -53,15 +53,16 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
 
     def step(name: str, fn, **kwargs) -> StageResult:
         log.info("== %s (group %s)", name, group)
-        try:
-            r = fn(config, group=group, **kwargs)
-        except BaseException as e:
-            result.status = "failed"
-            result.message = f"{name} failed: {e}"
-            result.stages.append(StageResult(stage=name, status="failed", message=str(e)))
-            if on_stage:
-                on_stage(result.stages[-1])
-            raise
+        with runs_opened() as runs:
+            try:
+                r = fn(config, group=group, **kwargs)
+            except BaseException as e:
+                result.status = "failed"
+                result.stages.append(failed(name, e, runs))
+                result.message = f"{name} failed: {result.stages[-1].message}"
+                if on_stage:
+                    on_stage(result.stages[-1])
+                raise
         result.stages.append(r)
         if on_stage:
             on_stage(r)

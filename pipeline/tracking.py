@@ -101,6 +101,8 @@ class TrackedRun:
     summary: dict[str, Any] = field(default_factory=dict)
     consumed: list[str] = field(default_factory=list)
     produced: list[str] = field(default_factory=list)
+    # What the stage's failed result should tell besides the error (finetune: how to resume it)
+    on_failure: dict[str, Any] = field(default_factory=dict)
 
     def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
         if self.wandb_run is not None:
@@ -210,6 +212,21 @@ def warm_up(config: Config) -> None:
     _warm_up.start()
 
 
+_watching: list[list[TrackedRun]] = []
+
+
+@contextmanager
+def runs_opened() -> Iterator[list[TrackedRun]]:
+    """The runs `tracked_run` opens while inside, in order: what a stage that fails had opened and recorded
+    (its run id, the versions it consumed), for its result file."""
+    opened: list[TrackedRun] = []
+    _watching.append(opened)
+    try:
+        yield opened
+    finally:
+        _watching.remove(opened)
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside."""
@@ -297,6 +314,8 @@ def tracked_run(
         run.wandb_run = _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_root, mode)
     if mode != "disabled":
         run.wandb_dir = Path(run.wandb_run.dir).parent.resolve()
+    for opened in _watching:
+        opened.append(run)
     status, exit_code = "failed", 1
     try:
         registry.start_run(run)  # inside: a registry that cannot record the run (a full disk) still closes it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from transformers import TrainerCallback
 
+from pipeline.commands.stage import run_stage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, RefError, StageFailed
 from pipeline.provenance import folder_digest
@@ -211,14 +213,23 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     reg = registry_of(cfg)
     uninterrupted = finetune.run(cfg)
 
+    # as the command runs it, with its result file
+    result_json = tmp_path / "stopped.json"
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(cfg, callbacks=(StopAt(12),))
+        run_stage("pipeline.stages.finetune", argparse.Namespace(result_json=str(result_json), group=None), config=cfg,
+                  callbacks=(StopAt(12),))
     killed = [r for r in reg_runs(reg) if r["status"] == "killed"]
     assert len(killed) == 1 and killed[0]["job_type"] == "finetune"
     run_id = killed[0]["id"]
     ckpts = sorted(p.name for p in (Path(cfg.tracking.dir) / "checkpoints" / "clf" / run_id).glob("checkpoint-*"))
     assert ckpts == ["checkpoint-10", "checkpoint-5"]
     assert reg.resolve("clf:latest").ref == "clf:v0"  # nothing published by the stopped run
+    # the result file names the stopped run, what it had consumed, and how to continue it
+    stopped = json.loads(result_json.read_text())
+    assert stopped["status"] == "failed" and stopped["message"] == "interrupted (signal 15)"
+    assert stopped["run_id"] == run_id and stopped["consumed"] == ["tickets:v0"] and stopped["produced"] == []
+    assert stopped["details"]["resume"] == run_id and stopped["details"]["checkpoint"].endswith(f"{run_id}/checkpoint-10")
+    assert Path(stopped["paths"]["run_dir"]).name.endswith(run_id)
 
     resumed = finetune.run(cfg, resume="latest")
     assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-10")
@@ -532,15 +543,24 @@ def test_a_confusion_matrix_of_120_labels_reaches_the_run_whole(tmp_path, tiny_m
 
 
 def test_a_diverged_training_fails_clearly_and_publishes_nothing(tmp_path, tiny_model, tickets_csv):
+    from pipeline.runner import PipelineResult, run_all
+
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.learning_rate=1e4", "train.epochs=2")
+    outcome = PipelineResult(group="diverged")
     with offline(tmp_path):
-        dataset_publish.run(cfg)
         with pytest.raises(StageFailed, match=r"the training diverged: the checkpoint it kept \(step \d+\) has "
                                               r"validation loss nan; nothing was published. Lower train.learning_rate"):
-            finetune.run(cfg)
+            run_all(cfg, result=outcome)
     reg = registry_of(cfg)
     assert reg.list_versions(type="model") == []
-    assert [r["status"] for r in reg_runs(reg) if r["job_type"] == "finetune"] == ["failed"]
+    failed = [r for r in reg_runs(reg) if r["job_type"] == "finetune"]
+    assert [r["status"] for r in failed] == ["failed"]
+    # the pipeline's result names the failed stage's run and what it consumed
+    out = outcome.to_dict()
+    assert out["status"] == "failed" and out["message"].startswith("finetune failed: the training diverged")
+    assert [(s["stage"], s["status"]) for s in out["stages"]] == [("dataset-publish", "ok"), ("finetune", "failed")]
+    assert out["stages"][1]["run_id"] == failed[0]["id"] and out["stages"][1]["consumed"] == ["tickets:v0"]
+    assert out["produced"] == ["tickets:v0"] and out["consumed"] == []
 
 
 def test_values_that_are_not_numbers_after_the_kept_checkpoint_are_recorded_as_null(caplog):

@@ -22,21 +22,23 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -> int:
     from pipeline.config import load_config
-    from pipeline.results import StageResult, write_json_atomic
+    from pipeline.results import failed, write_json_atomic
+    from pipeline.tracking import runs_opened
 
     if config is None:
         config = load_config(args.config, args.overrides)
     stage = importlib.import_module(module)
     # Under accelerate launch / torchrun only the main process reports; the others just train.
     main_process = os.environ.get("RANK", "0") == "0"
-    try:
-        # Libraries print progress and notices to stdout; stdout is kept for the reference(s) printed last.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = stage.run(config, group=args.group, **kwargs)
-    except BaseException as e:
-        if args.result_json and main_process:
-            write_json_atomic(args.result_json, StageResult(stage=stage.STAGE, status="failed", message=str(e)).to_dict())
-        raise
+    with runs_opened() as runs:
+        try:
+            # Libraries print progress and notices to stdout; stdout is kept for the reference(s) printed last.
+            with contextlib.redirect_stdout(sys.stderr):
+                result = stage.run(config, group=args.group, **kwargs)
+        except BaseException as e:
+            if args.result_json and main_process:
+                write_json_atomic(args.result_json, failed(stage.STAGE, e, runs).to_dict())
+            raise
     if not main_process:
         return EXIT_CODES[result.status]
     if args.result_json:

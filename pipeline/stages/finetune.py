@@ -688,8 +688,13 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         try:
             output = trainer.train(resume_from_checkpoint=shared["resume_from"])
         except BaseException as e:
-            log.error("finetune run %s stopped; its checkpoints are in %s. Continue it with: "
-                      "python -m pipeline finetune --config ... --resume %s", plan_.run_id, plan_.output_dir, plan_.run_id)
+            checkpoint = _last_checkpoint(plan_.output_dir)
+            if checkpoint is not None:
+                log.error("finetune run %s stopped; its last checkpoint is %s. Continue it with: "
+                          "python -m pipeline finetune --config ... --resume %s", plan_.run_id, checkpoint, plan_.run_id)
+                trun.on_failure.update(resume=plan_.run_id, checkpoint=str(checkpoint))  # for the result file
+            else:
+                log.error("finetune run %s stopped before its first checkpoint; start it again", plan_.run_id)
             if isinstance(e, Exception) and no_space_left(e, plan_.output_dir):  # torch.save does not say so itself
                 raise DiskFull(str(plan_.output_dir)) from e
             raise
