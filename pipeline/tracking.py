@@ -166,6 +166,41 @@ def _no_pandas_import_to_spot_a_dataframe() -> None:
     wandb.util.is_pandas_data_frame = is_pandas_data_frame
 
 
+def _installed_packages() -> Iterator[Any]:
+    """What ``wandb.util.working_set`` lists (each installed distribution's name and version, for the run's
+    requirements.txt), read from the metadata headers only. W&B's own parses every METADATA file in full, long
+    description included, twice per package: 0.12 s of each run's start with 140 packages, against 0.01 s."""
+    from importlib.metadata import distributions
+
+    from wandb.util import InstalledDistribution
+
+    for dist in distributions():
+        try:
+            text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+        except (OSError, UnicodeDecodeError):
+            continue
+        found: dict[str, str] = {}
+        for line in text.splitlines():
+            if not line.strip():  # the headers end at the first empty line
+                break
+            key, colon, value = line.partition(":")
+            key = key.lower()
+            if colon and not line[0].isspace() and key in ("name", "version") and key not in found:
+                found[key] = value.strip()
+                if len(found) == 2:
+                    break
+        if found.get("name") and found.get("version"):
+            yield InstalledDistribution(key=found["name"], version=found["version"])
+
+
+def _quick_package_list() -> None:
+    """W&B lists the installed packages at each run's start with `_installed_packages` instead: the same list."""
+    import wandb.util
+
+    if callable(getattr(wandb.util, "working_set", None)) and hasattr(wandb.util, "InstalledDistribution"):
+        wandb.util.working_set = _installed_packages
+
+
 _warm_up: threading.Thread | None = None
 
 
@@ -299,6 +334,7 @@ def tracked_run(
     import wandb
 
     _no_pandas_import_to_spot_a_dataframe()
+    _quick_package_list()
 
     wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
     try:

@@ -33,6 +33,28 @@ def test_successful_run_reads_back(make_config, tmp_path):
     row = run.registry.get_run(run.id)
     assert row["status"] == "finished" and row["job_type"] == "dataset-publish" and row["run_group"] == "g-1"
     assert row["wandb_dir"] == str(run.wandb_dir) and row["ended_at"] and row["summary"]["eval/accuracy"] == 0.75
+    # the run's requirements.txt lists every installed package, as W&B's own full parse of their metadata gives it
+    from importlib.metadata import distributions
+
+    listed = (run.wandb_dir / "files" / "requirements.txt").read_text().splitlines()
+    assert sorted(listed) == sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
+    assert any(line.startswith("wandb==") for line in listed)
+
+
+def test_the_package_list_reads_only_the_metadata_headers(tmp_path, monkeypatch):
+    from pipeline.tracking import _installed_packages
+
+    def dist(folder: str, metadata: str) -> None:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "METADATA").write_bytes(metadata.encode())
+
+    dist("plain-1.0.dist-info", "Metadata-Version: 2.1\nName: Plain_Pkg\nVersion: 1.0\n\nName: not-a-header\n")
+    dist("crlf-2.0.dist-info", "Metadata-Version: 2.1\r\nSummary: x\r\n  Name: folded\r\nversion: 2.0\r\nNAME: crlf\r\n")
+    dist("noversion-1.0.dist-info", "Metadata-Version: 2.1\nName: noversion\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = {(d.key, d.version) for d in _installed_packages()}
+    assert {("Plain_Pkg", "1.0"), ("crlf", "2.0")} <= found
+    assert not {k for k, _ in found} & {"folded", "not-a-header", "noversion"}
 
 
 def test_failing_stage_leaves_run_marked_failed(make_config):
