@@ -361,17 +361,54 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
     (the URI of a downloaded one)."""
     root = _static_root(source)
     tables = []
+    label_typed = []  # per file: its labels were numbers or booleans (JSON, Parquet), not text
     for path in files:
         folders = {k: v for k, v in hive_partitions(path, root).items() if k in cols.required}
         t = _read_one(path, cols, fmt, folders)
         for key, value in folders.items():  # Spark/Hive partitionBy: the column is in the folder name, not the file
             if key not in t.column_names:
                 t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))
+        label_typed.append(bool(cols.label) and cols.label in t.column_names and _typed(t.schema.field(cols.label).type))
         tables.append(_normalise(t, name(path), cols))
+    if any(label_typed) and not all(label_typed):
+        _check_label_spelling(tables, label_typed, cols.label, source)
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
+
+
+def _typed(t: pa.DataType) -> bool:
+    """A label column of numbers or booleans (not text, and not all null)."""
+    values = t.value_type if pa.types.is_dictionary(t) else t
+    return not pa.types.is_null(values) and not any(is_text(values) for is_text in _TEXT_TYPES)
+
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _check_label_spelling(tables: list[pa.Table], typed: list[bool], label: str, source: str | Path) -> None:
+    """Files whose labels are numbers beside files whose labels are names: the numbers are most likely class ids
+    and the names the same classes spelt out, which would make twice the classes. Numbers written as text
+    ("0", "1" in a CSV) agree with numbers, and pass."""
+    numbers = next((t for t, is_typed in zip(tables, typed) if is_typed and t.num_rows), None)
+    if numbers is None:  # files of numbers, but no rows in them
+        return
+    named = None
+    for table, is_typed in zip(tables, typed):
+        if not is_typed:
+            values = [v for v in pc.unique(table.column(label)).to_pylist() if v is not None]
+            words = [v for v in values if not _NUMBER.fullmatch(v)]
+            if words:
+                named = (table.column("_file")[0].as_py(), words)
+                break
+    if named is None:
+        return
+    shown = [v for v in pc.unique(numbers.column(label)).to_pylist() if v is not None]
+    raise DataError(f"{source}: column {label!r} holds numbers in {numbers.column('_file')[0].as_py()} "
+                    f"({', '.join(map(repr, sorted(shown)[:SHOW]))}) but names in {named[0]} "
+                    f"({', '.join(map(repr, sorted(named[1])[:SHOW]))}); a class spelt two ways would be two classes: "
+                    "write the labels the same way in every file (names, or the same numbers)")
 
 
 HIVE_FOLDER = re.compile(r"^([^=]+)=(.*)$")

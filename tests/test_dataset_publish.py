@@ -378,6 +378,26 @@ def test_spark_partitioned_folders_give_the_label_from_the_folder_name(tmp_path,
     assert all(again[f].read_bytes() == want[f].read_bytes() for f in ("train.parquet", "validation.parquet", "test.parquet"))
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_folder_files_with_class_ids_beside_class_names_are_refused(tmp_path, cfg_for, fmt):
+    """One file labelled 0, 1, 2 and the next billing, shipping, tech would make six classes of three."""
+    records = rows()
+    ids = [{**r, "label": LABELS.index(r["label"])} for r in records[1::2]]
+    write_rows(tmp_path / "in" / f"a.{fmt}", records[::2])
+    write_rows(tmp_path / "in" / f"b.{fmt}", ids)
+    with pytest.raises(DataError) as e:
+        dataset_publish.run(cfg_for(tmp_path / "in"))
+    assert str(e.value) == (f"{tmp_path / 'in'}: column 'label' holds numbers in {tmp_path / 'in' / f'b.{fmt}'} ('0', '1', "
+                            f"'2') but names in {tmp_path / 'in' / f'a.{fmt}'} ('billing', 'shipping', 'tech'); a class "
+                            "spelt two ways would be two classes: write the labels the same way in every file (names, "
+                            "or the same numbers)")
+    assert registry_of(cfg_for(tmp_path / "in")).list_versions() == []
+    # numbers in one file and the same numbers as text in the next are one set of classes
+    write_rows(tmp_path / "in" / f"a.{fmt}", [{**r, "label": str(LABELS.index(r["label"]))} for r in records[::2]])
+    tables, manifest, _ = dataset_publish.prepare(cfg_for(tmp_path / "in"))
+    assert manifest["label_names"] == ["0", "1", "2"] and sum(t.num_rows for t in tables.values()) == len(records)
+
+
 def test_folder_with_mixed_formats_is_refused(tmp_path, cfg_for):
     write_rows(tmp_path / "in" / "a.csv", rows())
     write_rows(tmp_path / "in" / "b.jsonl", rows())
