@@ -6,7 +6,9 @@ Each task is what an Airflow ``BashOperator``, a Prefect or Dagster task, an Arg
 cron line would run: ``python -m pipeline STAGE --config ... --result-json FILE``. The next
 task reads the exact ``name:vN`` from the previous task's result file, never an alias that
 something else could move in between, and branches on the exit code: 0 goes on, 3 means the
-evaluation gate said no (stop cleanly, deploy nothing), anything else is a failure.
+evaluation gate said no (stop cleanly, deploy nothing), anything else is a failure. finetune
+runs with ``--resume auto``, so the orchestrator's retry of a task that was stopped (a preempted
+node, SIGTERM) continues its run from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def main() -> int:
         return data["exit_code"]
     dataset_ref = data["produced"][0]  # exact, e.g. support-tickets:v3
 
-    model = task("finetune", args.config, work / "2-finetune.json", "--dataset", dataset_ref, *group, overrides=o)
+    # --resume auto: a retry of this task after the machine went away continues the interrupted run from its
+    # last checkpoint (same config and dataset version), instead of training from the start
+    model = task("finetune", args.config, work / "2-finetune.json", "--dataset", dataset_ref, "--resume", "auto", *group,
+                 overrides=o)
     if model["exit_code"] != 0:
         return model["exit_code"]
     model_ref = model["produced"][0]

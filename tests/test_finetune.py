@@ -254,6 +254,18 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     with pytest.raises(RefError, match="no interrupted finetune run 'nosuchrun'"):
         finetune.run(cfg, resume="nosuchrun")
 
+    # --resume auto (an orchestrator's retry): that run when this call's config and dataset version are its own,
+    # else a fresh run instead of an error
+    killed = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    assert finetune.plan(changed, resume="auto").resume_from is None
+    assert finetune.plan(cfg, resume="auto").run_id == killed
+    write_tickets(tmp_path / "more.csv", rows=260)
+    dataset_publish.run(make_cfg(tmp_path, tiny_model, tmp_path / "more.csv"))  # tickets:latest moves to v1
+    assert finetune.plan(cfg, resume="auto").resume_from is None
+    continued = finetune.run(cfg, dataset="tickets:v0", resume="auto")
+    assert continued.run_id == killed and continued.details["resumed_from"].endswith("checkpoint-5")
+    assert finetune.plan(cfg, dataset="tickets:v0", resume="auto").resume_from is None  # nothing left to continue
+
 
 @pytest.mark.parametrize("extra, dataset, message", [
     ((), "tickets:v7", r"tickets has no version 'v7'; versions: v0"),

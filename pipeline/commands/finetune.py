@@ -1,4 +1,4 @@
-"""``pipeline finetune --config C [--dataset NAME:REF] [--resume [RUN_ID]]``: dataset version -> MODEL:vM."""
+"""``pipeline finetune --config C [--dataset NAME:REF] [--resume [RUN_ID|auto]]``: dataset version -> MODEL:vM."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", nargs="?", const="latest", metavar="RUN_ID",
         help="continue an interrupted run from its last checkpoint, in the same W&B run "
-             "(default: the newest interrupted run of this model)",
+             "(default: the newest interrupted run of this model); 'auto': the interrupted run of this config and "
+             "dataset version if there is one, else train afresh (for an orchestrator's retries)",
     )
     add_retrain_argument(p)
 

@@ -105,6 +105,30 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
                         f"under {root}")
 
 
+def _run_to_continue(config: Config, registry, dataset: str | None) -> str | None:
+    """`--resume auto` (an orchestrator's retry of the same command): the newest interrupted run of this model with
+    a checkpoint, this model and train config, and the dataset version this call would train on (`dataset`, else
+    ``<dataset.name>:latest`` as it is now, with the digest the run recorded). None: train afresh."""
+    root = _checkpoint_root(config)
+    found = sorted(root.glob(f"*/{RESUME_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not found:
+        return None
+    target = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")  # an unknown ref fails later
+    for state_file in found:
+        try:
+            saved = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (_last_checkpoint(state_file.parent) is not None and saved.get("dataset") == target.ref
+                and saved.get("dataset_digest") in (None, target.digest)
+                and not model_config_diff(saved.get("config") or {}, config.to_dict())):
+            log.info("continuing interrupted run %s (--resume auto)", saved["run_id"])
+            return saved["run_id"]
+    log.info("no interrupted run of %s has this config and %s: training afresh (--resume auto)", config.model.name,
+             target.ref)
+    return None
+
+
 def check_trainable(version) -> None:
     """A dataset version finetune can train on: it has train rows, and validation rows to evaluate on."""
     rows = version.metadata.get("num_rows", {})
@@ -120,7 +144,12 @@ def check_trainable(version) -> None:
 def plan(config: Config, dataset: str | None = None, resume: str | None = None, base: str | None = None) -> Plan:
     """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing (but a
     verified copy of a base model version from the registry). `base`: the exact ``name:vN`` a registry
-    reference in ``model.base`` is pinned to (a reproduction, a sweep's trials)."""
+    reference in ``model.base`` is pinned to (a reproduction, a sweep's trials).
+
+    `resume` ``"auto"``: the interrupted run that `_run_to_continue` finds, else a fresh run."""
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    if resume == "auto":
+        resume = _run_to_continue(config, registry, dataset)
     if resume is not None:
         saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
         changed = model_config_diff(saved["config"], config.to_dict())
@@ -133,7 +162,6 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
             raise ConfigError(f"cannot resume run {saved['run_id']} on {dataset}: it was training on {saved['dataset']}")
         dataset = saved["dataset"]
         base = saved.get("base") or base  # the base version the run started from, wherever its alias is now
-    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     ref = dataset or f"{config.dataset.name}:latest"
     version = registry.resolve(ref, type="dataset")
     check_trainable(version)
@@ -639,7 +667,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
-    model; a run id continues that run. `callbacks` are extra ``TrainerCallback`` objects;
+    model; a run id continues that run; ``"auto"`` continues the interrupted run of this config and
+    dataset version when there is one, else trains afresh. `callbacks` are extra ``TrainerCallback`` objects;
     `aliases` go on the published version (besides ``latest``); `tags` and `summary` are added
     to the W&B run. With `keep_model` (a folder) nothing is published: the version's files go
     there, and its metadata to ``metadata.json`` beside them, for a sweep to publish its best.
@@ -657,7 +686,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         plan_ = early or plan(config, dataset, resume, base)
         code, packages = provenance.code_and_packages()
         signature = input_signature(config, plan_, code, packages)
-        reuse = reuse and resume is None and keep_model is None and not adopt_wandb_run
+        reuse = reuse and plan_.resume_from is None and keep_model is None and not adopt_wandb_run
         earlier = trained_before(config, signature, plan_.registry) if reuse else None
         if reuse and signature is None:
             log.info("the pipeline's package has uncommitted changes, so no version trained before is known to come "
