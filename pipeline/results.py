@@ -31,8 +31,9 @@ class StageResult:
     details: dict[str, Any] = field(default_factory=dict)
 
     def summary_line(self) -> str:
-        """What a person reads when the stage ends: ``evaluate: ok (-): clf:v4: promoted``."""
-        return f"{self.stage}: {self.status} ({', '.join(self.produced) or '-'})" + (f": {self.message}" if self.message else "")
+        """What a person reads when the stage ends: ``finetune: ok (clf:v4)``, ``evaluate: ok: clf:v4: promoted``."""
+        made = f" ({', '.join(self.produced)})" if self.produced else ""
+        return f"{self.stage}: {self.status}{made}" + (f": {self.message}" if self.message else "")
 
     def to_dict(self) -> dict[str, Any]:
         if self.status not in STATUSES:

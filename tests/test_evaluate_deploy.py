@@ -882,7 +882,7 @@ def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
     assert data["stages"][0]["status"] == "unchanged"
     # each stage's line says what it decided, as the stage's own command does: here why the gate said no
     gate_line = next(line for line in cli.stderr.splitlines() if line.startswith("evaluate: gate_failed"))
-    assert gate_line.startswith(f"evaluate: gate_failed (-): {data['stages'][1]['produced'][0]}: ") and "accuracy" in gate_line
+    assert gate_line.startswith(f"evaluate: gate_failed: {data['stages'][1]['produced'][0]}: ") and "accuracy" in gate_line
 
 
 @pytest.mark.slow
