@@ -259,7 +259,7 @@ def runs_opened() -> Iterator[list[TrackedRun]]:
     try:
         yield opened
     finally:
-        _watching.remove(opened)
+        del _watching[next(i for i, w in enumerate(_watching) if w is opened)]  # by identity: empty lists are equal
 
 
 @contextmanager

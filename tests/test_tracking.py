@@ -249,3 +249,14 @@ def test_a_run_the_registry_cannot_close_fails_in_wandb_too(make_config, monkeyp
         with tracked_run(make_config(), "dataset-publish") as run:
             run.set_summary(done=1)
     assert inspect_summary(run.wandb_dir)["exit_code"] == 1
+
+
+def test_runs_opened_collects_the_runs_of_each_nested_watch(make_config):
+    from pipeline.tracking import runs_opened
+
+    with runs_opened() as outer:
+        with runs_opened() as inner:
+            pass  # nothing opened: an empty list, equal to the outer one
+        with tracked_run(make_config(), "evaluate") as run:
+            pass
+    assert inner == [] and outer == [run]

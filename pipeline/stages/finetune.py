@@ -113,7 +113,7 @@ def _run_to_continue(config: Config, registry, dataset: str | None) -> str | Non
     found = sorted(root.glob(f"*/{RESUME_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     if not found:
         return None
-    target = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")  # an unknown ref fails later
+    target = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")  # unknown: as a fresh run says
     for state_file in found:
         try:
             saved = json.loads(state_file.read_text(encoding="utf-8"))
