@@ -206,7 +206,7 @@ class StopAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path, tiny_model, tickets_csv):
+def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path, tiny_model, tickets_csv, cli_here):
     steps = ["train.eval_strategy=steps", "train.eval_steps=5"]
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *steps)
     dataset_publish.run(cfg)
@@ -230,9 +230,17 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     assert stopped["run_id"] == run_id and stopped["consumed"] == ["tickets:v0"] and stopped["produced"] == []
     assert stopped["details"]["resume"] == run_id and stopped["details"]["checkpoint"].endswith(f"{run_id}/checkpoint-10")
     assert Path(stopped["paths"]["run_dir"]).name.endswith(run_id)
+    # `artifacts list` shows the disk its checkpoints hold, and how to continue it
+    track = f"tracking.dir={cfg.tracking.dir}"
+    listed = cli_here("artifacts", "list", "--set", track).stdout
+    assert "finetune checkpoints: " in listed and "finetune --resume RUN_ID" in listed
+    row = next(line.split() for line in listed.splitlines() if run_id in line)
+    assert row[:2] == ["clf", run_id] and row[4] == "checkpoint-10" and row[-1].endswith(f"checkpoints/clf/{run_id}")
+    assert run_id not in cli_here("artifacts", "list", "--type", "dataset", "--set", track).stdout
 
     resumed = finetune.run(cfg, resume="latest")
     assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-10")
+    assert "finetune checkpoints" not in cli_here("artifacts", "list", "--set", track).stdout  # a finished run leaves none
     assert reg.get_run(run_id)["status"] == "finished"
     wandb_dirs = list((Path(cfg.tracking.dir) / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert len(wandb_dirs) == 2  # the interrupted and the resumed part of one W&B run id

@@ -86,15 +86,12 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if not versions:
             print("no artifact versions")
-            return 0
-        rows = [("REF", "TYPE", "SIZE", "ALIASES", "CREATED", "PRODUCED BY")]
-        rows += [
-            (v.ref, v.type, _size(v.size), ",".join(sorted(v.aliases)) or "-", v.created_at[:19], v.produced_by or "-")
-            for v in versions
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        else:
+            _table([("REF", "TYPE", "SIZE", "ALIASES", "CREATED", "PRODUCED BY")] + [
+                (v.ref, v.type, _size(v.size), ",".join(sorted(v.aliases)) or "-", v.created_at[:19], v.produced_by or "-")
+                for v in versions])
+        if args.type in (None, "model"):
+            _list_interrupted(tracking_dir, args.name)
         return 0
 
     if args.action == "delete":
@@ -162,6 +159,27 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(f"affected versions: {', '.join(report.affected_versions)}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "") -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _list_interrupted(tracking_dir, name: str | None) -> None:
+    """The checkpoints that interrupted finetune runs keep (a few hundred MB each for a small model): not
+    versions, but disk that only a resume or a deletion frees."""
+    from pipeline.stages.finetune import interrupted_runs
+
+    runs = [r for r in interrupted_runs(tracking_dir) if name in (None, r["model"])]
+    if not runs:
+        return
+    print(f"\nfinetune checkpoints: {_size(sum(r['bytes'] for r in runs))}, of runs that were interrupted (or are "
+          "training now); continue one with `finetune --resume RUN_ID`, or delete its folder to free the space")
+    _table([("MODEL", "RUN", "SIZE", "LAST CHECKPOINT", "WRITTEN", "FOLDER")] + [
+        (r["model"], r["run_id"], _size(r["bytes"]), r["checkpoint"] or "none (nothing to resume)", r["modified"][:19],
+         r["path"]) for r in runs], indent="  ")
 
 
 def _deleted_line(result) -> str:

@@ -105,6 +105,24 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
                         f"under {root}")
 
 
+def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
+    """The finetune runs whose checkpoints are on disk, for ``--resume`` (a finished run removes its own; one
+    training now has them too), newest first: model, run id, folder, bytes on disk, last complete checkpoint
+    (None: stopped before the first) and when it was last written."""
+    from datetime import datetime, timezone
+
+    out = []
+    for state_file in Path(tracking_dir).resolve().glob(f"checkpoints/*/*/{RESUME_FILE}"):
+        folder = state_file.parent
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        last = _last_checkpoint(folder)
+        written = max(f.stat().st_mtime for f in files)
+        out.append({"model": folder.parent.name, "run_id": folder.name, "path": str(folder),
+                    "bytes": sum(f.stat().st_size for f in files), "checkpoint": last.name if last else None,
+                    "modified": datetime.fromtimestamp(written, timezone.utc).isoformat(timespec="seconds")})
+    return sorted(out, key=lambda r: r["modified"], reverse=True)
+
+
 def _run_to_continue(config: Config, registry, dataset: str | None) -> str | None:
     """`--resume auto` (an orchestrator's retry of the same command): the newest interrupted run of this model with
     a checkpoint, this model and train config, and the dataset version this call would train on (`dataset`, else
