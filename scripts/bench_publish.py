@@ -15,6 +15,10 @@ grow with the data (Python imports; W&B's import, service, run and exit). The pe
 (publish(rows) - publish(small)) / (pyarrow(rows) - pyarrow(small)): what the data path costs
 against pyarrow once start-up is taken out. `--small-rows 0` skips it.
 
+Each publish's result file gives the seconds of its steps (read, validate, split, open the W&B run, log
+its charts, write the split files, publish the version); their medians are printed, with what is left
+of the wall time outside them (Python start-up and imports, and exit).
+
 Last, the big file is published again into a folder that holds its version: what an unchanged nightly
 publish costs (the data is not read again when the pipeline's package has no uncommitted changes).
 """
@@ -73,20 +77,37 @@ def write_csv(path: Path, rows: int) -> None:
             f.write(f'B{i:08d},"{r["text"].replace(chr(34), "")} (ref {i})",{r["label"]}\n')
 
 
+STEPS = ("read", "validate", "split", "open_run", "log", "write", "publish")
+
+
 def measure(src: Path, work: Path, repeat: int) -> dict[str, tuple[float, float, float]]:
-    """Medians (wall, CPU) and the peak RSS of `repeat` alternating runs of each."""
+    """Medians (wall, CPU) and the peak RSS of `repeat` alternating runs of each, and (key "steps") the median
+    seconds of each step of the publish, from its result file."""
     runs: dict[str, list[tuple[float, float, float]]] = {"pyarrow": [], "publish": []}
+    steps: list[dict[str, float]] = []
     config = work / f"{src.stem}.yaml"
     config.write_text(CONFIG.format(source=json.dumps(str(src))), encoding="utf-8")
     log = work / "child.log"
     for i in range(repeat):
         runs["pyarrow"].append(child(["-c", BASELINE, str(src), str(work / "out.parquet")], log))
-        runs["publish"].append(child(["-m", "pipeline", "dataset-publish", "--config", str(config),
-                                      "--set", f"tracking.dir={work / f'track-{src.stem}-{i}'}"], log))
+        result = work / "result.json"
+        runs["publish"].append(child(["-m", "pipeline", "dataset-publish", "--config", str(config), "--result-json",
+                                      str(result), "--set", f"tracking.dir={work / f'track-{src.stem}-{i}'}"], log))
+        steps.append(json.loads(result.read_text())["details"]["timings"])
     print(f"  runs (s) on {src.name}: pyarrow " + " ".join(f"{t:.2f}" for t, _, _ in runs["pyarrow"])
           + " | publish " + " ".join(f"{t:.2f}" for t, _, _ in runs["publish"]))
-    return {k: (statistics.median(t for t, _, _ in v), max(r for _, r, _ in v), statistics.median(c for _, _, c in v))
-            for k, v in runs.items()}
+    out = {k: (statistics.median(t for t, _, _ in v), max(r for _, r, _ in v), statistics.median(c for _, _, c in v))
+           for k, v in runs.items()}
+    out["steps"] = {k: statistics.median(s[k] for s in steps) for k in STEPS}
+    return out
+
+
+def print_steps(steps: dict[str, float], wall: float) -> None:
+    """Where the publish's wall time goes. The files are written on another thread while the run opens and logs."""
+    inside = steps["read"] + steps["validate"] + steps["split"] + max(steps["open_run"] + steps["log"], steps["write"]) \
+        + steps["publish"]
+    print("  publish steps (median s): " + ", ".join(f"{k} {steps[k]:.2f}" for k in STEPS)
+          + f"; outside them (Python start-up and imports, exit): {wall - inside:.2f}")
 
 
 def main() -> int:
@@ -110,6 +131,7 @@ def main() -> int:
         (t_base, _, c_base), (t_pub, rss_pub, c_pub) = big["pyarrow"], big["publish"]
         print(f"ratio publish / pyarrow: {t_pub / t_base:.2f}x wall, {c_pub / c_base:.2f}x CPU (target <= 2x); "
               f"peak RSS {rss_pub / 1024:.2f} GiB (target < 2 GB)")
+        print_steps(big["steps"], t_pub)
         # The same file and config again, into a tracking folder that holds its version: not read again (reuse),
         # unless the pipeline's package has uncommitted changes, when the signature cannot name the code.
         again = [child(["-m", "pipeline", "dataset-publish", "--config", str(work / f"{src.stem}.yaml"),
@@ -125,6 +147,7 @@ def main() -> int:
             write_csv(small_src, args.small_rows)
             small = measure(small_src, work, args.repeat)
             (s_base, _, sc_base), (s_pub, _, sc_pub) = small["pyarrow"], small["publish"]
+            print_steps(small["steps"], s_pub)
             print(f"fixed cost ({args.small_rows:,} rows): publish {s_pub:.2f} s wall / {sc_pub:.2f} s CPU, "
                   f"pyarrow {s_base:.2f} s / {sc_base:.2f} s; publish's fixed cost alone is {s_pub / t_base:.2f}x "
                   f"pyarrow's whole time at {args.rows:,} rows")

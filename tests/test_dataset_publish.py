@@ -998,6 +998,10 @@ def test_offline_run_holds_stats_and_sample_tables(tmp_path, cfg_for):
     assert table["data"] == [[lbl, 8, 1, 1] for lbl in sorted(LABELS)]
     assert s["data/text_length_hist"]["_type"] == "histogram"
     assert summary["config"]["dataset"]["source"] == str(src)
+    # the seconds of each step, in the run and in the result file
+    steps = ("read", "validate", "split", "open_run", "log", "write", "publish")
+    assert set(result.details["timings"]) == set(steps) and all(v >= 0 for v in result.details["timings"].values())
+    assert {k: s[f"timing/{k}_s"] for k in steps} == result.details["timings"]
 
 
 def test_cli_and_result_file(tmp_path):

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,8 +52,9 @@ def _columns(config: Config) -> Columns:
     return Columns(text=d.text_column, label=d.label_column, id=d.id_column, text_pair=d.text_pair_column)
 
 
-def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table | None]:
-    """Read, validate and split: (tables per split, dataset.json content, dropped rows)."""
+def prepare(config: Config, timings: dict[str, float] | None = None) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table | None]:
+    """Read, validate and split: (tables per split, dataset.json content, dropped rows). `timings`, when given,
+    gets the seconds each step took (``read``, ``validate``, ``split``)."""
     d = config.dataset
     # What is read: the user's split files (then `source` is only a label), else the source.
     wanted = _named_sources(config)
@@ -66,7 +68,7 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
             else:
                 local[part] = source
         try:
-            return _prepare(config, local, renames)
+            return _prepare(config, local, renames, {} if timings is None else timings)
         except (DataError, ConfigError) as e:  # a problem in a downloaded file: named by its URI, not the copy
             told = str(e)
             for copy, uri in renames:
@@ -76,7 +78,7 @@ def prepare(config: Config) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Tab
             raise type(e)(told) from None
 
 
-def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, str]]):
+def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, str]], timings: dict[str, float]):
     d = config.dataset
     cols = _columns(config)
     listed = _list_sources(config, sources)
@@ -86,7 +88,7 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
         digests = [pool.submit(hash_file, f) for f in files]
         try:
             tables, manifest, dropped = _prepare_tables(config, sources.get("all", d.source), cols, listed,
-                                                        lambda f: _source_name(f, renames))
+                                                        lambda f: _source_name(f, renames), timings)
         except BaseException:
             for job in digests:
                 job.cancel()
@@ -118,8 +120,10 @@ def _list_sources(config: Config, sources: dict[str, str]) -> dict[str, list[Pat
 
 
 def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]],
-                    shown: Callable[[Path], str] = str):
+                    shown: Callable[[Path], str] = str, timings: dict[str, float] | None = None):
     d = config.dataset
+    timings = {} if timings is None else timings
+    started = time.perf_counter()
     where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
     fmt = CsvFormat(d.encoding, d.delimiter, tuple(d.column_names) if d.column_names else None)
     hub_sources: list[dict] = []
@@ -138,6 +142,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
         raise DataError(f"{where}: no data rows (only a header, or empty files)")
+    timings["read"] = time.perf_counter() - started
     checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed, labels=d.labels)
     if checked.problems and d.on_invalid == "error":
         raise DataError(format_problems(checked.problems, where))
@@ -152,6 +157,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     if len(label_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 labels, found {label_names}")
     _warn_about_suspicious_labels(label_names, where)
+    timings["validate"] = time.perf_counter() - started - timings["read"]
 
     repeats = int(len(checked.texts) - np.count_nonzero(np.bincount(checked.texts)))  # rows whose text an earlier row has
     if checked.mixed_label_copies:
@@ -187,6 +193,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     tables = {s: base.take(arrow.from_numpy(index[s].astype(np.int64))) for s in SPLITS}
 
     counts = {s: dict(zip(label_names, np.bincount(labels[index[s]], minlength=len(label_names)).tolist())) for s in SPLITS}
+    timings["split"] = time.perf_counter() - started - timings["read"] - timings["validate"]
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": d.name,
@@ -451,16 +458,19 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
         earlier = published_before(config, registry, provenance.result) if registry is not None else None
         if earlier is not None:
             return _reuse(config, group, registry, earlier)
-        tables, manifest, dropped = prepare(config)
+        timings: dict[str, float] = {}  # seconds per step: the run's summary (timing/*) and the result's details
+        tables, manifest, dropped = prepare(config, timings)
         code, packages = provenance.result() if local else ({}, {})
     signature = input_signature(config, manifest["sources"], code, packages)
     d = config.dataset
     with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-artifact") as pool:
         # The data is valid: the files are written while the run opens and logs its charts.
-        writing = pool.submit(write_artifact_dir, tables, manifest, Path(tmp))
+        writing = pool.submit(_timed, timings, "write", write_artifact_dir, tables, manifest, Path(tmp))
+        opening = time.perf_counter()
         with tracked_run(config, STAGE, group=group, registry=registry) as trun:
-            _log_stats(trun, tables, manifest, dropped, d.sample_rows, d.split.seed)
+            timings["open_run"] = time.perf_counter() - opening  # W&B's import (begun on another thread) and init
+            _timed(timings, "log", _log_stats, trun, tables, manifest, dropped, d.sample_rows, d.split.seed)
             files = writing.result()
             metadata = {
                 "format_version": FORMAT_VERSION,
@@ -475,20 +485,33 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
             if references:
                 files = {k: v for k, v in files.items() if k not in references}
                 metadata["reference"] = d.reference
-            published = trun.registry.publish(d.name, "dataset", files, metadata=metadata, run=trun, references=references)
+            published = _timed(timings, "publish", trun.registry.publish, d.name, "dataset", files, metadata=metadata,
+                               run=trun, references=references)
             status = "ok" if published.created else "unchanged"
             if signature:  # the provenance module is loaded by now (on the side thread)
                 from pipeline.provenance import add_signature
 
                 add_signature(trun.registry, published.version, signature)  # the same bytes from other inputs too
-            trun.set_summary(**{"artifact": published.ref, "status": status})
+            trun.set_summary(**{"artifact": published.ref, "status": status},
+                             **{f"timing/{k}_s": round(v, 3) for k, v in timings.items()})
             if not published.created:
                 log.info("data unchanged: %s already holds it; no new version", published.ref)
     said = [f"{sum(manifest['dropped'].values())} invalid rows dropped ("
             + ", ".join(f"{k} {n}" for k, n in manifest["dropped"].items()) + ")"] if manifest["dropped"] else []
     if status == "unchanged":
         said.append(f"the data is {published.ref}'s byte for byte: no new version")
-    return _result(status, trun, published.version, manifest, message="; ".join(said) or None)
+    result = _result(status, trun, published.version, manifest, message="; ".join(said) or None)
+    result.details["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    return result
+
+
+def _timed(timings: dict[str, float], key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, its seconds recorded as ``timings[key]``."""
+    started = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[key] = time.perf_counter() - started
 
 
 def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
