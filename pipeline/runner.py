@@ -41,10 +41,11 @@ class PipelineResult:
 
 
 def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[StageResult], None] | None = None,
-            result: PipelineResult | None = None, reuse: bool = False) -> PipelineResult:
+            result: PipelineResult | None = None, reuse: bool = False, resume: str | None = None) -> PipelineResult:
     """Run the stages; `result` (made here when not given) is filled in as they finish, also on failure.
     `reuse`: a dataset version published from the same files, config and code is not read again, and a model
-    version trained from the same inputs is not trained again (the stages' own `reuse`)."""
+    version trained from the same inputs is not trained again (the stages' own `reuse`). `resume`: finetune's
+    (``"auto"``: an interrupted run of this config and dataset version is continued)."""
     from pipeline.stages import dataset_publish, deploy_fetch, evaluate, finetune
 
     if result is None:
@@ -69,7 +70,7 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         return r
 
     data = step("dataset-publish", dataset_publish.run, reuse=reuse)
-    model = step("finetune", finetune.run, dataset=data.produced[0], reuse=reuse)
+    model = step("finetune", finetune.run, dataset=data.produced[0], reuse=reuse, resume=resume)
     verdict = step("evaluate", evaluate.run, model=model.produced[0])
     if verdict.status == "gate_failed":
         result.status = "gate_failed"

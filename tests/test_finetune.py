@@ -275,6 +275,21 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     assert finetune.plan(cfg, dataset="tickets:v0", resume="auto").resume_from is None  # nothing left to continue
 
 
+def test_run_again_continues_the_interrupted_finetune(tmp_path, tiny_model, tickets_csv, cli_here):
+    """`pipeline run` after a stop in finetune continues that run, as `finetune --resume auto` does."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5",
+                   "evaluate.gate.min_accuracy=1.0")  # the gate says no: nothing to deploy
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(7),))
+    killed = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    config, result = write_yaml(tmp_path, cfg), tmp_path / "run.json"
+    out = cli_here("run", "--config", str(config), "--result-json", str(result))
+    assert out.returncode == 3, out.stderr[-2000:]
+    trained = json.loads(result.read_text())["stages"][1]
+    assert trained["run_id"] == killed and trained["details"]["resumed_from"].endswith(f"{killed}/checkpoint-5")
+
+
 @pytest.mark.parametrize("extra, dataset, message", [
     ((), "tickets:v7", r"tickets has no version 'v7'; versions: v0"),
     ((), "other:latest", r"no artifact named 'other'.*known artifacts: tickets"),

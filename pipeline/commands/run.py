@@ -10,7 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.commands.stage import add_stage_arguments
 
     add_stage_arguments(p)
-    add_retrain_argument(p, also=" (and dataset-publish reads the data again, as its --reread does)")
+    add_retrain_argument(p, also=" (and dataset-publish reads the data again, as its --reread does, and an "
+                                 "interrupted finetune is not continued)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -31,7 +32,10 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the produced references
-            run_all(config, on_stage=report, result=outcome, reuse=not args.retrain)
+            # Run again after a stop, it continues an interrupted finetune of this config and data (bit for bit the
+            # same model as an uninterrupted run on the CPU); --retrain starts afresh.
+            run_all(config, on_stage=report, result=outcome, reuse=not args.retrain,
+                    resume=None if args.retrain else "auto")
     finally:
         if args.result_json:  # also when a stage failed: the file says which, and what came before
             write_json_atomic(args.result_json, outcome.to_dict())
