@@ -477,8 +477,10 @@ def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | Non
 
 
 def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
-        publish_trials: bool = False, callbacks: tuple = (), seed: int | None = None) -> SweepResult:
-    """Run up to `count` trials of a new sweep, or of sweep `resume`, with the offline engine."""
+        publish_trials: bool = False, callbacks: tuple = (), seed: int | None = None,
+        on_failure: dict[str, Any] | None = None) -> SweepResult:
+    """Run up to `count` trials of a new sweep, or of sweep `resume`, with the offline engine. `on_failure` (a dict)
+    gets ``resume``, the sweep id, once the sweep exists: what a failed sweep's result file tells."""
     import numpy as np
     import optuna
     from optuna.trial import TrialState
@@ -526,6 +528,8 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict(),
                      **({"base": base_ref} if base_ref else {})}.items():
             study.set_user_attr(k, v)
+    if on_failure is not None:
+        on_failure["resume"] = sweep_id
     group = group or f"sweep-{sweep_id}"
     work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
     best_dir = work / "best"
@@ -605,8 +609,8 @@ def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
 
 
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
-               publish_trials: bool = False) -> SweepResult:
-    """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process."""
+               publish_trials: bool = False, on_failure: dict[str, Any] | None = None) -> SweepResult:
+    """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process. `on_failure`: as `run`'s."""
     import wandb
 
     from pipeline.tracking import open_registry
@@ -624,6 +628,8 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         if base_ref:
             raw["parameters"][BASE_PARAM] = {"value": base_ref}
         sweep_id = wandb.sweep(raw, project=config.project, entity=config.entity)
+    if on_failure is not None:
+        on_failure["resume"] = sweep_id
     group = group or f"sweep-{sweep_id}"
     work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
     best_dir = work / "best"

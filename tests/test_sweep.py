@@ -160,11 +160,13 @@ def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, a
 
     c = cfg()
     spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 4})
+    on_failure = {}  # what the command's result file tells: the sweep to --resume
     with pytest.raises(KeyboardInterrupt):  # seeded: trial 1 draws a batch size that gives it a step 2 to stop at
-        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),), seed=42)
+        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),), seed=42, on_failure=on_failure)
     storage = f"sqlite:///{Path(c.tracking.dir) / 'registry' / 'sweeps.db'}"
     [summary] = optuna.get_all_study_summaries(storage)
     sweep_id = summary.study_name
+    assert on_failure == {"resume": sweep_id}
     # new data arrives meanwhile: the sweep stays on the version it pinned
     write_tickets(tmp_path / "more.csv", rows=300, seed=11)
     dataset_publish.run(cfg(f"dataset.source={tmp_path / 'more.csv'}"))

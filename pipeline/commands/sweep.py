@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
 
     from pipeline.commands.stage import EXIT_CODES
     from pipeline.config import load_config
-    from pipeline.results import StageResult, write_json_atomic
+    from pipeline.results import failed, write_json_atomic
     from pipeline.sweep import load_sweep
     from pipeline.tracking import resolve_mode
 
@@ -40,21 +40,24 @@ def main(args: argparse.Namespace) -> int:
                           if args.resume else "W&B draws an online sweep's trials itself"))
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ConfigError("--seed must be between 0 and 2**32 - 1")
+    on_failure: dict = {}  # the sweep id, once there is one: a failed sweep's result says what to --resume
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the best model's reference
             if online:
                 from pipeline.sweep import run_online
 
                 outcome = run_online(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                                     publish_trials=args.publish_trials)
+                                     publish_trials=args.publish_trials, on_failure=on_failure)
             else:
                 from pipeline.sweep import run
 
                 outcome = run(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                              publish_trials=args.publish_trials, seed=args.seed)
+                              publish_trials=args.publish_trials, seed=args.seed, on_failure=on_failure)
     except BaseException as e:
         if args.result_json:
-            write_json_atomic(args.result_json, StageResult(stage="sweep", status="failed", message=str(e)).to_dict())
+            result = failed("sweep", e)
+            result.details.update(on_failure)
+            write_json_atomic(args.result_json, result.to_dict())
         raise
     result = outcome.to_stage_result()
     if args.result_json:
