@@ -281,13 +281,17 @@ def test_run_again_continues_the_interrupted_finetune(tmp_path, tiny_model, tick
                    "evaluate.gate.min_accuracy=1.0")  # the gate says no: nothing to deploy
     dataset_publish.run(cfg)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(cfg, callbacks=(StopAt(7),))
+        finetune.run(cfg, group="first", callbacks=(StopAt(7),))
     killed = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
     config, result = write_yaml(tmp_path, cfg), tmp_path / "run.json"
     out = cli_here("run", "--config", str(config), "--result-json", str(result))
     assert out.returncode == 3, out.stderr[-2000:]
     trained = json.loads(result.read_text())["stages"][1]
     assert trained["run_id"] == killed and trained["details"]["resumed_from"].endswith(f"{killed}/checkpoint-5")
+    # one run, one group: the one it started in, in the registry and in the W&B records of its second part
+    assert registry_of(cfg).get_run(killed)["run_group"] == "first"
+    record = next(r for r in inspect_records(Path(trained["paths"]["run_dir"])) if r["type"] == "run")["run"]
+    assert record["run_group"] == "first"
 
 
 @pytest.mark.parametrize("extra, dataset, message", [

@@ -716,7 +716,9 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         _share(state, {"reused": earlier.ref})
         return _reuse(config, plan_, earlier, group=group, aliases=aliases, tags=tags, summary=summary)
     tags = [*tags, *(["resumed"] if plan_.resume_from else [])]
-    with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, resume=plan_.resume_from is not None,
+    # A resumed run stays in the group it started in (one W&B run, one group), also when a later pipeline resumes it
+    with tracked_run(config, STAGE, group=plan_.group if plan_.resume_from is not None else group,
+                     run_id=plan_.run_id, resume=plan_.resume_from is not None,
                      tags=tags, adopt=adopt_wandb_run, registry=plan_.registry) as trun:
         if summary:
             trun.set_summary(**summary)
