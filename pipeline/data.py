@@ -355,15 +355,17 @@ def _strip_block_row(error: Exception) -> str:
 
 
 def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFormat = CsvFormat(),
-               name: Callable[[Path], str] = str) -> pa.Table:
+               name: Callable[[Path], str] = str, optional: Collection[str] = ()) -> pa.Table:
     """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``;
     `fmt` says how CSV/TSV files are written; `name` gives the ``_file`` that reports show for a file
-    (the URI of a downloaded one)."""
+    (the URI of a downloaded one). Configured columns in `optional` may be missing from a file: its rows
+    hold nulls there."""
     root = _static_root(source)
     tables = []
     label_typed = []  # per file: its labels were numbers or booleans (JSON, Parquet), not text
     for path in files:
-        folders = {k: v for k, v in hive_partitions(path, root).items() if k in cols.required}
+        # a column missing from the file comes from its key=value folder, else (when optional) is null
+        folders = {**dict.fromkeys(optional), **{k: v for k, v in hive_partitions(path, root).items() if k in cols.required}}
         t = _read_one(path, cols, fmt, folders)
         for key, value in folders.items():  # Spark/Hive partitionBy: the column is in the folder name, not the file
             if key not in t.column_names:

@@ -824,9 +824,15 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_her
                                                                                  [r["text_pair"] for r in written])]
     # unnamed, the columns are the training data's (deploy-fetch records them): the same predictions
     assert manifest["input_columns"] == {"text": "question", "text_pair": "topic", "id": "pid"}
-    unnamed = cli_here("predict", "--model-dir", str(deployed), "--input", str(pairs), "--id-column", "pid", "--json")
+    unnamed = cli_here("predict", "--model-dir", str(deployed), "--input", str(pairs), "--json")  # the ids too
     assert unnamed.returncode == 0, unnamed.stderr[-2000:]
     assert [json.loads(line) for line in unnamed.stdout.splitlines()] == written
+    # a file without the id column: its rows are named by file and row, as without a default
+    no_ids = tmp_path / "no_ids.csv"
+    with open(no_ids, "w", newline="", encoding="utf-8") as f:
+        csvlib.writer(f).writerows([("question", "topic"), *((q, t) for _, q, t in in_file[:2])])
+    named = cli_here("predict", "--model-dir", str(deployed), "--input", str(no_ids), "--json")
+    assert [json.loads(line)["id"] for line in named.stdout.splitlines()] == [f"{no_ids}:1", f"{no_ids}:2"]
     # a model folder without them (copied by hand, or deployed before they were recorded) needs the flags
     bare = tmp_path / "bare"
     shutil.copytree(deployed, bare)

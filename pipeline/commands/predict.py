@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --input: the second text of a sentence-pair model (default: the training data's, as "
                         "for --text-column)")
     p.add_argument("--id-column", metavar="NAME", help="with --input: a column to identify each row in the output "
-                                                      "(default: the file and row)")
+                                                      "(default: the training data's id column, in the rows that have "
+                                                      "it, as for --text-column; else the file and row)")
     p.add_argument("--output", metavar="PATH",
                    help=f"write the predictions to this file ({', '.join(OUTPUT_FORMATS)}) instead of printing them")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="labels to show per text (default 1)")
@@ -224,6 +225,10 @@ def _default_columns(args: argparse.Namespace) -> None:
     if args.text_pair_column is None and isinstance(trained.get("text_pair"), str):
         args.text_pair_column = trained["text_pair"]
         defaulted.append(args.text_pair_column)
+    # the training data's ids where a file has that column (a file shaped like it); else rows are named by file and row
+    args.id_optional = args.id_column is None and isinstance(trained.get("id"), str)
+    if args.id_optional:
+        args.id_column = trained["id"]
     args.columns_from = (f"; by default {' and '.join(map(repr, defaulted))}, the columns of the model's training data"
                          if trained and defaulted else "")
 
@@ -236,7 +241,8 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column to match" + args.columns_from)
-    table = read_files(list_input_files(args.input, "--input"), cols, args.input)
+    table = read_files(list_input_files(args.input, "--input"), cols, args.input,
+                       optional=[cols.id] if getattr(args, "id_optional", False) else ())
     texts = {}
     for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):
         if column:
@@ -256,10 +262,9 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     ids = table.column(cols.id) if cols.id else None
     for start in range(0, table.num_rows, CHUNK):
         part = {k: v.slice(start, CHUNK).to_pylist() for k, v in texts.items()}
-        if ids is not None:
-            keys = ids.slice(start, CHUNK).to_pylist()
-        else:
-            files, rows = (table.column(c).slice(start, CHUNK).to_pylist() for c in ("_file", "_row"))
-            keys = [f"{f}:{r}" for f, r in zip(files, rows)]
+        files, rows = (table.column(c).slice(start, CHUNK).to_pylist() for c in ("_file", "_row"))
+        keys = ids.slice(start, CHUNK).to_pylist() if ids is not None else [None] * len(rows)
+        if getattr(args, "id_optional", False) or ids is None:  # a row without the default id: its file and row
+            keys = [f"{f}:{r}" if k is None else k for k, f, r in zip(keys, files, rows)]
         for i, key in enumerate(keys):
             yield {"id": key, **{k: v[i] for k, v in part.items()}}
