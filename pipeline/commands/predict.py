@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --input: the second text of a sentence-pair model (default: the training data's, as "
                         "for --text-column)")
     p.add_argument("--id-column", metavar="NAME", help="with --input: a column to identify each row in the output "
-                                                      "(default: the training data's id column, in the rows that have "
+                                                      "(default: the training data's id column, in the files that have "
                                                       "it, as for --text-column; else the file and row)")
     p.add_argument("--output", metavar="PATH",
                    help=f"write the predictions to this file ({', '.join(OUTPUT_FORMATS)}) instead of printing them")
