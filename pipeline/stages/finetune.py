@@ -114,11 +114,19 @@ def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
     out = []
     for state_file in Path(tracking_dir).resolve().glob(f"checkpoints/*/*/{RESUME_FILE}"):
         folder = state_file.parent
-        files = [f for f in folder.rglob("*") if f.is_file()]
+        stats = []
+        for f in folder.rglob("*"):
+            try:
+                if f.is_file():
+                    stats.append(f.stat())
+            except FileNotFoundError:  # a run training now deletes its older checkpoints as it saves new ones
+                continue
+        if not stats:
+            continue
         last = _last_checkpoint(folder)
-        written = max(f.stat().st_mtime for f in files)
+        written = max(st.st_mtime for st in stats)
         out.append({"model": folder.parent.name, "run_id": folder.name, "path": str(folder),
-                    "bytes": sum(f.stat().st_size for f in files), "checkpoint": last.name if last else None,
+                    "bytes": sum(st.st_size for st in stats), "checkpoint": last.name if last else None,
                     "modified": datetime.fromtimestamp(written, timezone.utc).isoformat(timespec="seconds")})
     return sorted(out, key=lambda r: r["modified"], reverse=True)
 
