@@ -250,7 +250,7 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
 
 
-def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_model, tickets_csv):
+def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_model, tickets_csv, caplog):
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
     dataset_publish.run(cfg)
     with pytest.raises(KeyboardInterrupt):
@@ -265,7 +265,10 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     # --resume auto (an orchestrator's retry): that run when this call's config and dataset version are its own,
     # else a fresh run instead of an error
     killed = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
-    assert finetune.plan(changed, resume="auto").resume_from is None
+    with caplog.at_level("INFO", logger="pipeline.stages.finetune"):
+        assert finetune.plan(changed, resume="auto").resume_from is None
+    assert (f"no interrupted run of clf is of this config and tickets:v0 ({killed}: config differs in "
+            "train.learning_rate (0.003 -> 0.01)): training afresh") in caplog.text
     assert finetune.plan(cfg, resume="auto").run_id == killed
     write_tickets(tmp_path / "more.csv", rows=260)
     dataset_publish.run(make_cfg(tmp_path, tiny_model, tmp_path / "more.csv"))  # tickets:latest moves to v1

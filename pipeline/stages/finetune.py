@@ -140,18 +140,24 @@ def _run_to_continue(config: Config, registry, dataset: str | None) -> str | Non
     if not found:
         return None
     target = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")  # unknown: as a fresh run says
+    passed = []  # why each stopped run is not this call's: said when none is
     for state_file in found:
         try:
             saved = json.loads(state_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if (_last_checkpoint(state_file.parent) is not None and saved.get("dataset") == target.ref
-                and saved.get("dataset_digest") in (None, target.digest)
-                and not model_config_diff(saved.get("config") or {}, config.to_dict())):
+        changed = model_config_diff(saved.get("config") or {}, config.to_dict())
+        if _last_checkpoint(state_file.parent) is None:
+            passed.append(f"{saved.get('run_id')}: no checkpoint")
+        elif saved.get("dataset") != target.ref or saved.get("dataset_digest") not in (None, target.digest):
+            passed.append(f"{saved.get('run_id')}: trained on {saved.get('dataset')}")
+        elif changed:
+            passed.append(f"{saved.get('run_id')}: config differs in {describe_diff(changed)}")
+        else:
             log.info("continuing interrupted run %s (--resume auto)", saved["run_id"])
             return saved["run_id"]
-    log.info("no interrupted run of %s has this config and %s: training afresh (--resume auto)", config.model.name,
-             target.ref)
+    log.info("no interrupted run of %s is of this config and %s%s: training afresh (--resume auto)",
+             config.model.name, target.ref, f" ({'; '.join(passed)})" if passed else "")
     return None
 
 
