@@ -84,17 +84,29 @@ def _last_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[11:])) if done else None
 
 
+def _stopped_runs(config: Config) -> list[Path]:
+    """The resume state files of this model's runs whose checkpoints are kept, newest first (one whose run finishes
+    meanwhile, removing its folder, is left out)."""
+    dated = []
+    for state_file in _checkpoint_root(config).glob(f"*/{RESUME_FILE}"):
+        try:
+            dated.append((state_file.stat().st_mtime, state_file))
+        except FileNotFoundError:
+            continue
+    return [f for _, f in sorted(dated, reverse=True)]
+
+
 def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any], Path]:
     root = _checkpoint_root(config)
     if run_id:
         state_file = root / run_id / RESUME_FILE
         if not state_file.is_file():
-            known = sorted(p.parent.name for p in root.glob(f"*/{RESUME_FILE}"))
+            known = sorted(p.parent.name for p in _stopped_runs(config))
             raise RefError(f"no interrupted finetune run {run_id!r} of {config.model.name} under {root}; "
                            f"resumable runs: {', '.join(known) or 'none'}")
         candidates = [state_file]
     else:
-        candidates = sorted(root.glob(f"*/{RESUME_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = _stopped_runs(config)
     for state_file in candidates:
         ckpt = _last_checkpoint(state_file.parent)
         if ckpt is not None:
@@ -135,8 +147,7 @@ def _run_to_continue(config: Config, registry, dataset: str | None) -> str | Non
     """`--resume auto` (an orchestrator's retry of the same command): the newest interrupted run of this model with
     a checkpoint, this model and train config, and the dataset version this call would train on (`dataset`, else
     ``<dataset.name>:latest`` as it is now, with the digest the run recorded). None: train afresh."""
-    root = _checkpoint_root(config)
-    found = sorted(root.glob(f"*/{RESUME_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = _stopped_runs(config)
     if not found:
         return None
     target = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")  # unknown: as a fresh run says
