@@ -454,13 +454,11 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
     local = _local_files_only(config)  # else no input signature: see `input_signature`
     registry = open_registry(config.tracking, project=config.project, entity=config.entity) if local and reuse else None
     look_up = registry is not None and _signed_versions(config, registry)
-    if not look_up:
-        warm_up(config)  # W&B's import (a second of Python) goes on while the data is read and checked
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="provenance") as side:
         provenance = side.submit(_code_and_packages) if local else None  # git and package metadata: off the data's path
         earlier = published_before(config, registry, provenance.result) if look_up else None
-        # Only now when the inputs were looked up: W&B's import would hold the GIL that the git and package lookups
-        # need, and they would take 0.5 s instead of 0.05 s.
+        # W&B's import (a second of Python) goes on while the data is read and checked. Not before the lookup: it
+        # would hold the GIL that the git and package lookups need, and they would take 0.5 s instead of 0.05 s.
         warm_up(config)
         if earlier is not None:
             return _reuse(config, group, registry, earlier)
