@@ -28,6 +28,7 @@ import math
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,8 +480,11 @@ def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | Non
 def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
         publish_trials: bool = False, callbacks: tuple = (), seed: int | None = None,
         on_failure: dict[str, Any] | None = None) -> SweepResult:
-    """Run up to `count` trials of a new sweep, or of sweep `resume`, with the offline engine. `on_failure` (a dict)
-    gets ``resume``, the sweep id, once the sweep exists: what a failed sweep's result file tells."""
+    """Run up to `count` trials of a new sweep, or `count` more of sweep `resume`, with the offline engine.
+
+    `resume` ``"auto"``: the trials left of the count of the interrupted sweep that `_sweep_to_continue` finds (the
+    same command, retried), else a new sweep. `on_failure` (a dict) gets ``resume``, the sweep id, once the sweep
+    exists: what a failed sweep's result file tells."""
     import numpy as np
     import optuna
     from optuna.trial import TrialState
@@ -492,6 +496,11 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(config)
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
+    continued = False  # --resume auto goes on with an interrupted sweep
+    if resume == AUTO:
+        resume, count = _sweep_to_continue(config, sweep, storage, registry, count, seed)
+        continued = resume is not None
     if resume:
         try:
             attrs = optuna.load_study(study_name=resume, storage=storage).user_attrs
@@ -514,6 +523,8 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
             log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
+        if more:  # what --resume auto counts down from
+            study.set_user_attr("count", _trials_run(study) + count)
     else:
         dataset_ref, base_ref = _before_trials(config, sweep, registry)
         sweep_id = new_run_id()
@@ -526,7 +537,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                                     pruner=_pruner(sweep, config),
                                     direction="maximize" if sweep.maximize else "minimize")
         for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict(),
-                     **({"base": base_ref} if base_ref else {})}.items():
+                     "count": count, "started": time.time(), **({"base": base_ref} if base_ref else {})}.items():
             study.set_user_attr(k, v)
     if on_failure is not None:
         on_failure["resume"] = sweep_id
@@ -534,7 +545,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
     best_dir = work / "best"
     grid = sweep.grid() if sweep.method == "grid" else None
-    stop_reason = f"count {count} done"
+    stop_reason = f"count {study.user_attrs['count'] if continued else count} done"
     for _ in range(count):
         outcomes = _outcomes(study)
         best = best_of(sweep, outcomes)
@@ -575,7 +586,60 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     else:
         if grid is not None and not _grid_todo(grid, _outcomes(study)):
             stop_reason = f"grid exhausted ({len(grid)} combinations)"
-    return publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason, seed)
+    result = publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason, seed)
+    study.set_user_attr("finished", stop_reason)  # published: --resume auto starts the next sweep afresh
+    return result
+
+
+AUTO = "auto"  # --resume auto: an orchestrator's retry of the same command
+
+
+def _trials_run(study) -> int:
+    """Trials of the sweep that ran to their end (complete, pruned, or failed with an error of their own); not the
+    ones cut off by an interruption, which `run` marks failed when the sweep goes on and which never got their
+    outcome recorded (``run_id`` is set, None or not, for every trial that ended)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if "run_id" in t.user_attrs)
+
+
+def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry, count: int,
+                       seed: int | None) -> tuple[str | None, int]:
+    """`--resume auto`: (the newest unfinished sweep that this command started, the trials it has left of its count),
+    else (None, `count`): a new sweep. This command's sweep: the same sweep file, the same config but for the swept
+    keys and ``dataset.*``, the dataset version (and base model version) a new sweep would pin now, so that a
+    retry the next day, after new data, does not go on with yesterday's sweep, and the `seed` when one is given."""
+    import optuna
+
+    studies = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+               if "count" in s.user_attrs and not s.user_attrs.get("finished")]
+    if not studies:
+        return None, count
+    dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+    base_ref = pinned_base(config, sweep, registry)
+    swept = {p.key for p in sweep.params}
+    passed = []  # why each unfinished sweep is not this command's: said when none is
+    for summary in sorted(studies, key=lambda s: s.user_attrs.get("started", 0), reverse=True):
+        attrs, name = summary.user_attrs, summary.study_name
+        changed = {k: v for k, v in model_config_diff(attrs.get("config") or {}, config.to_dict()).items()
+                   if not k.startswith("dataset.") and k not in swept}
+        if attrs.get("sweep") != sweep.raw:
+            passed.append(f"{name}: another sweep file")
+        elif attrs.get("dataset") != dataset_ref:
+            passed.append(f"{name}: sweeps {attrs.get('dataset')}")
+        elif attrs.get("base") != base_ref:
+            passed.append(f"{name}: trains {attrs.get('base')}")
+        elif changed:
+            passed.append(f"{name}: config differs in {describe_diff(changed)}")
+        elif seed is not None and attrs.get("seed") != seed:
+            passed.append(f"{name}: drawn from seed {attrs.get('seed')}")
+        else:
+            done = _trials_run(optuna.load_study(study_name=name, storage=storage))
+            left = max(0, attrs["count"] - done)
+            log.info("continuing interrupted sweep %s (--resume auto): %d of its %d trials ran, %d to go", name, done,
+                     attrs["count"], left)
+            return name, left
+    log.info("no interrupted sweep of this sweep file, config and %s: starting a new one (--resume auto)%s", dataset_ref,
+             f" ({'; '.join(passed)})" if passed else "")
+    return None, count
 
 
 # -- online: W&B sweeps and agents -----------------------------------------------------------

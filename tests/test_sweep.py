@@ -193,6 +193,65 @@ def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, a
     assert again.stop_reason == "run_cap 4 reached" and again.dataset == "tickets:v0"
 
 
+def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the_trials_it_has_left(cfg, tmp_path,
+                                                                                                       caplog):
+    import optuna
+
+    c = cfg("train.max_steps=2")
+    spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML))
+    storage = f"sqlite:///{Path(c.tracking.dir) / 'registry' / 'sweeps.db'}"
+    reg = registry(c)
+    assert sweeps._sweep_to_continue(c, spec, storage, reg, 3, None) == (None, 3)  # nothing to continue: a new sweep
+    on_failure = {}
+    with pytest.raises(KeyboardInterrupt):  # the orchestrator stops the task in the middle of the second trial
+        sweeps.run(c, sweep=spec, count=3, resume="auto", callbacks=(InterruptTrial(1),), on_failure=on_failure)
+    sweep_id = on_failure["resume"]
+
+    # other commands do not continue it; the log says why for each one
+    other_file = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 9})
+    dataset_publish.run(cfg("dataset.name=tickets2"))
+    for config, spec_, seed, why in [
+        (cfg("train.max_steps=2", "train.weight_decay=0.2"), spec, None, "config differs in train.weight_decay (0.01 -> 0.2)"),
+        (c, other_file, None, "another sweep file"),
+        (cfg("train.max_steps=2", "dataset.name=tickets2"), spec, None, "sweeps tickets:v0"),
+        (c, spec, 7, "drawn from seed"),
+    ]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pipeline.sweep"):
+            assert sweeps._sweep_to_continue(config, spec_, storage, reg, 3, seed) == (None, 3)
+        assert f"{sweep_id}: {why}" in caplog.text and "starting a new one (--resume auto)" in caplog.text
+
+    # the retry of the same command goes on with it: the trials left of its count of 3 (the cut-off one is not one)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.sweep"):
+        out = sweeps.run(c, sweep=spec, count=3, resume="auto")
+    assert f"continuing interrupted sweep {sweep_id} (--resume auto): 1 of its 3 trials ran, 2 to go" in caplog.text
+    assert out.sweep_id == sweep_id and out.stop_reason == "count 3 done" and out.status == "ok"
+    assert [(t.number, t.state) for t in out.trials] == [(0, "complete"), (1, "failed"), (2, "complete"), (3, "complete")]
+    assert reg.resolve(f"clf:sweep-{sweep_id}-best").ref == out.best_model
+    # finished: the next call of the command is a new sweep
+    assert sweeps._sweep_to_continue(c, spec, storage, reg, 3, None) == (None, 3)
+    # --resume ID --count N runs N more; a later --resume auto counts down from there
+    more = sweeps.run(c, sweep=spec, count=1, resume=sweep_id)
+    assert [t.number for t in more.trials] == [0, 1, 2, 3, 4] and more.stop_reason == "count 1 done"
+    assert optuna.load_study(study_name=sweep_id, storage=storage).user_attrs["count"] == 4
+
+    # the command line: --seed goes with auto (it draws a new sweep, and picks the sweep to continue); online, auto
+    # has nothing to count with
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(c.to_dict()))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec.raw))
+    cli = run_cli("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1", "--seed", "3",
+                  "--resume", "auto", "--result-json", str(tmp_path / "r.json"))
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["details"]["seed"] == 3 and data["details"]["sweep_id"] != sweep_id
+    cli = run_cli("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1",
+                  "--resume", "auto", "--set", "tracking.mode=online", "--set", "tracking.registry=wandb")
+    assert cli.returncode == 2 and "--resume auto continues offline sweeps" in cli.stderr
+    assert "details.resume" in cli.stderr
+
+
 def test_hyperband_stops_weak_trials_early(cfg, tmp_path):
     spec = sweeps.parse_sweep({
         "method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},

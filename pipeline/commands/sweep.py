@@ -1,4 +1,4 @@
-"""``pipeline sweep --config C --sweep S --count N [--resume SWEEP_ID]``: search finetune hyperparameters."""
+"""``pipeline sweep --config C --sweep S --count N [--resume SWEEP_ID|auto]``: search finetune hyperparameters."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_stage_arguments(p)
     p.add_argument("--sweep", required=True, metavar="YAML", help="a W&B sweep config (method, metric, parameters, ...)")
-    p.add_argument("--count", type=int, required=True, metavar="N", help="trials to run in this invocation")
-    p.add_argument("--resume", metavar="SWEEP_ID", help="continue this sweep (its trials count towards run_cap)")
+    p.add_argument("--count", type=int, required=True, metavar="N", help="trials to run in this invocation (with --resume auto: in all the calls of one sweep together)")
+    p.add_argument("--resume", metavar="SWEEP_ID|auto",
+                   help="continue this sweep for N more trials (its trials count towards run_cap); auto, offline: "
+                        "continue the newest interrupted sweep of this sweep file, config and dataset version for "
+                        "the trials it has left of its --count, else start a new one (for an orchestrator's retries)")
     p.add_argument("--publish-trials", action="store_true",
                    help="publish every trial's model (default: only the best one, at the end)")
     p.add_argument("--seed", type=int, metavar="N",
@@ -35,7 +38,11 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     spec = load_sweep(args.sweep)
     online = resolve_mode(config.tracking.mode) == "online" and config.tracking.registry != "local"
-    if args.seed is not None and (args.resume or online):
+    if args.resume == "auto" and online:
+        raise ConfigError("--resume auto continues offline sweeps (the local engine records each sweep's count and "
+                          "whether it finished); an online sweep lives in W&B: continue it with --resume SWEEP_ID "
+                          "(a failed sweep's result file names it: details.resume)")
+    if args.seed is not None and (args.resume not in (None, "auto") or online):
         raise ConfigError("--seed goes with a new offline sweep: " + ("a resumed sweep keeps the seed it started with"
                           if args.resume else "W&B draws an online sweep's trials itself"))
     if args.seed is not None and not 0 <= args.seed < 2**32:
