@@ -497,8 +497,8 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     storage = _storage(config)
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
-    continued = False  # --resume auto goes on with an interrupted sweep
-    if resume == AUTO:
+    continued, auto = False, resume == AUTO  # continued: --resume auto goes on with an interrupted sweep
+    if auto:
         resume, count = _sweep_to_continue(config, sweep, storage, registry, count, seed)
         continued = resume is not None
     if resume:
@@ -531,8 +531,9 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
         # instead of repeating the first one's. The seed is recorded, and `--seed` draws a sweep's trials again.
         seed = secrets.randbits(31) if seed is None else seed
-        log.info("sweep %s started with seed %d (continue it after an interruption with --resume %s)", sweep_id, seed,
-                 sweep_id)
+        log.info("sweep %s started with seed %d (%s)", sweep_id, seed,
+                 "a retry of this command continues it after an interruption" if auto
+                 else f"continue it after an interruption with --resume {sweep_id}")
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                     pruner=_pruner(sweep, config),
                                     direction="maximize" if sweep.maximize else "minimize")

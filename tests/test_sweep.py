@@ -203,9 +203,11 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
     reg = registry(c)
     assert sweeps._sweep_to_continue(c, spec, storage, reg, 3, None) == (None, 3)  # nothing to continue: a new sweep
     on_failure = {}
-    with pytest.raises(KeyboardInterrupt):  # the orchestrator stops the task in the middle of the second trial
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("INFO", logger="pipeline.sweep"):
+        # the orchestrator stops the task in the middle of the second trial
         sweeps.run(c, sweep=spec, count=3, resume="auto", callbacks=(InterruptTrial(1),), on_failure=on_failure)
     sweep_id = on_failure["resume"]
+    assert f"sweep {sweep_id} started with seed" in caplog.text and "a retry of this command continues it" in caplog.text
 
     # other commands do not continue it; the log says why for each one
     other_file = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 9})
