@@ -21,6 +21,7 @@ with aliases ``candidate`` and ``sweep-<id>-best``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -381,7 +382,7 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
     metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run, maximize=spec.maximize)
     try:
         result = finetune.run(cfg, group=group, dataset=dataset_ref, base=base_ref, callbacks=(metric_cb, *callbacks), aliases=(),
-                              tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt,
+                              tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt, resumable=False,
                               summary={"sweep/id": sweep_id, "sweep/trial": number,
                                        **{f"sweep/{k}": v for k, v in params.items()}})
     except (PipelineError, RuntimeError, ValueError) as e:  # one bad trial does not end the sweep
@@ -779,15 +780,36 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
                              "params": best.params}
             best_model = trun.registry.publish(config.model.name, "model", best_dir / "model", metadata=meta,
                                                aliases=aliases, run=trun).ref
+        elif best is not None:  # an earlier call of this sweep published it (`--resume` after the end), or nothing did
+            best_model = _published_best(trun.registry, config.model.name, sweep_id, best.number)
+            if best_model is None:
+                log.warning("sweep %s: the model of its best trial (%d) is neither on disk nor published; nothing to "
+                            "publish", sweep_id, best.number)
+            for alias in aliases if best_model else ():
+                trun.registry.set_alias(best_model, alias)
         trun.set_summary(**{"sweep/id": sweep_id, "sweep/best_trial": best.number if best else None,
                             f"sweep/best/{sweep.metric_name}": best.value if best else None,
                             "sweep/best_model": best_model, "sweep/stop_reason": stop_reason,
                             "sweep/trial_count": len(outcomes), **({"sweep/seed": seed} if seed is not None else {})})
+    # The version holds the best model now: its folder (hundreds of MB) goes, and the sweep's folder with it when
+    # empty (every other trial's model went as the trial ended)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        best_dir.parent.rmdir()
     best_config = trial_config(config, best.params, sweep).to_dict() if best else None
     return SweepResult(sweep_id=sweep_id, status="ok" if best else "failed", best=best, best_config=best_config,
                        best_model=best_model, trials=outcomes, stop_reason=stop_reason, dataset=dataset_ref,
                        run_id=trun.id, run_dir=str(trun.wandb_dir) if trun.wandb_dir else None, seed=seed,
                        metric_name=sweep.metric_name)
+
+
+def _published_best(registry, name: str, sweep_id: str, trial: int) -> str | None:
+    """The version this sweep published as its best, when it is trial `trial`'s model."""
+    try:
+        version = registry.resolve(f"{name}:sweep-{sweep_id}-best", type="model")
+    except RefError:
+        return None
+    return version.ref if (version.metadata.get("sweep") or {}).get("trial") == trial else None
 
 
 def _number(value: float | None) -> str:

@@ -95,7 +95,8 @@ def test_the_issue_yaml_runs_verbatim_offline(cfg):
     assert result["produced"] == ["clf:v0"]
     assert result["details"]["best_config"]["train"]["batch_size"] == out.best.params["train.batch_size"]
     assert result["details"]["best_config"]["train"]["metric_for_best_model"] == "loss"
-    assert not list((Path(c.tracking.dir) / "sweeps" / out.sweep_id).glob("trial-*"))  # only the best model was kept
+    # only the best trial's model was kept, until it was published: then its folder went too
+    assert not (Path(c.tracking.dir) / "sweeps" / out.sweep_id).exists()
 
 
 def test_each_sweep_draws_its_own_trials_and_a_seed_draws_them_again(cfg, tmp_path):
@@ -208,6 +209,7 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
         sweeps.run(c, sweep=spec, count=3, resume="auto", callbacks=(InterruptTrial(1),), on_failure=on_failure)
     sweep_id = on_failure["resume"]
     assert f"sweep {sweep_id} started with seed" in caplog.text and "a retry of this command continues it" in caplog.text
+    assert not list((Path(c.tracking.dir) / "checkpoints").glob("*/*"))  # the cut-off trial's: nothing resumes it
 
     # other commands do not continue it; the log says why for each one
     other_file = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 9})
@@ -252,6 +254,41 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
                   "--resume", "auto", "--set", "tracking.mode=online", "--set", "tracking.registry=wandb")
     assert cli.returncode == 2 and "--resume auto continues offline sweeps" in cli.stderr
     assert "details.resume" in cli.stderr
+
+
+class FailTrial(TrainerCallback):
+    """A trial that fails on its own (a bad value, say) after its first step; what it sees of the checkpoint
+    folders meanwhile is kept."""
+
+    def __init__(self, config):
+        self.config, self.seen = config, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from pipeline.stages import finetune
+
+        self.seen = (finetune.interrupted_runs(self.config.tracking.dir), finetune._stopped_runs(self.config))
+        raise ValueError("loss went NaN")
+
+
+def test_trials_leave_no_checkpoints_and_a_resumed_finished_sweep_keeps_its_published_best(cfg):
+    c = cfg("train.max_steps=1")
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.001]}}})
+    first = sweeps.run(c, sweep=spec, count=1)
+    assert first.best_model == "clf:v0" and not (Path(c.tracking.dir) / "sweeps" / first.sweep_id).exists()
+
+    failing = FailTrial(c)
+    more = sweeps.run(c, sweep=spec, count=1, resume=first.sweep_id, callbacks=(failing,))
+    # while it trained, its folder was listed as a sweep trial's, and not one `finetune --resume` could continue
+    [listed], stopped = failing.seen
+    assert listed["sweep_trial"] and listed["model"] == "clf" and stopped == []
+    # it failed: its checkpoints went with it
+    assert [(t.number, t.state) for t in more.trials] == [(0, "complete"), (1, "failed")]
+    assert not list((Path(c.tracking.dir) / "checkpoints").glob("*/*"))
+    # the best is still trial 0, whose model the first call published (its folder is gone): that version stays the best
+    assert more.best.number == 0 and more.best_model == "clf:v0"
+    assert [v.ref for v in registry(c).list_versions(type="model")] == ["clf:v0"]
+    assert {"candidate", f"sweep-{first.sweep_id}-best"} <= set(registry(c).resolve("clf:v0").aliases)
 
 
 def test_hyperband_stops_weak_trials_early(cfg, tmp_path):

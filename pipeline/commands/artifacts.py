@@ -178,8 +178,9 @@ def _list_interrupted(tracking_dir, name: str | None) -> None:
     print(f"\nfinetune checkpoints: {_size(sum(r['bytes'] for r in runs))}, of runs that were interrupted (or are "
           "training now); continue one with `finetune --resume RUN_ID`, or delete its folder to free the space")
     _table([("MODEL", "RUN", "SIZE", "LAST CHECKPOINT", "WRITTEN", "FOLDER")] + [
-        (r["model"], r["run_id"], _size(r["bytes"]), r["checkpoint"] or "none (nothing to resume)", r["modified"][:19],
-         r["path"]) for r in runs], indent="  ")
+        (r["model"], r["run_id"], _size(r["bytes"]),
+         "a sweep trial's (not resumable)" if r["sweep_trial"] else r["checkpoint"] or "none (nothing to resume)",
+         r["modified"][:19], r["path"]) for r in runs], indent="  ")
 
 
 def _deleted_line(result) -> str:

@@ -40,6 +40,7 @@ TOKENIZE_FORMAT = 4  # bump when the tokenised layout changes, to retire old cac
 CACHE_SOURCE = "made_from.json"  # in each tokenised cache entry: the dataset digest, tokenizer and length
 TRAINED_ON = ("train", "validation")  # the test split is evaluate's; it may be empty
 RESUME_FILE = "resume.json"
+TRIAL_FILE = "sweep-trial.json"  # a sweep trial's run: the same state, but nothing resumes it (a sweep runs it anew)
 log = logging.getLogger(__name__)
 
 
@@ -120,12 +121,15 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
 def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
     """The finetune runs whose checkpoints are on disk, for ``--resume`` (a finished run removes its own; one
     training now has them too), newest first: model, run id, folder, bytes on disk, last complete checkpoint
-    (None: stopped before the first) and when it was last written."""
+    (None: stopped before the first), when it was last written, and whether it is a sweep trial's (not resumable:
+    a stopped trial removes its own, but not when its process was killed outright)."""
     from datetime import datetime, timezone
 
     out = []
-    for state_file in Path(tracking_dir).resolve().glob(f"checkpoints/*/*/{RESUME_FILE}"):
-        folder = state_file.parent
+    for folder in Path(tracking_dir).resolve().glob("checkpoints/*/*"):
+        trial = (folder / TRIAL_FILE).is_file()
+        if not trial and not (folder / RESUME_FILE).is_file():
+            continue
         stats = []
         for f in folder.rglob("*"):
             try:
@@ -137,7 +141,7 @@ def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
             continue
         last = _last_checkpoint(folder)
         written = max(st.st_mtime for st in stats)
-        out.append({"model": folder.parent.name, "run_id": folder.name, "path": str(folder),
+        out.append({"model": folder.parent.name, "run_id": folder.name, "path": str(folder), "sweep_trial": trial,
                     "bytes": sum(st.st_size for st in stats), "checkpoint": last.name if last else None,
                     "modified": datetime.fromtimestamp(written, timezone.utc).isoformat(timespec="seconds")})
     return sorted(out, key=lambda r: r["modified"], reverse=True)
@@ -658,7 +662,7 @@ def _weights_by_label(shared: dict[str, Any]) -> dict[str, float] | None:
     return {n: round(w, 6) for n, w in zip(shared["label_names"], weights)} if weights else None
 
 
-def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[str, Any]]:
+def _prepare(config: Config, plan_: Plan, trun, resumable: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Main process, inside the run: record the input, fetch and tokenise. (shared, details)"""
     registry = trun.registry
     version = plan_.use_inputs(trun)
@@ -683,7 +687,8 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
              "config": trun.config, "group": trun.group,
              **({"base": plan_.base_version} if plan_.base_version else {})}
-    (plan_.output_dir / RESUME_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    (plan_.output_dir / (RESUME_FILE if resumable else TRIAL_FILE)).write_text(json.dumps(state, indent=2) + "\n",
+                                                                                encoding="utf-8")
     shared = {
         "run_id": plan_.run_id,
         "output_dir": str(plan_.output_dir),
@@ -706,7 +711,8 @@ def _prepare(config: Config, plan_: Plan, trun) -> tuple[dict[str, Any], dict[st
 def run(config: Config, *, group: str | None = None, dataset: str | None = None, resume: str | None = None,
         callbacks: tuple = (), aliases: tuple[str, ...] = ("candidate",), tags: tuple[str, ...] = (),
         summary: dict[str, Any] | None = None, keep_model: Path | None = None,
-        adopt_wandb_run: bool = False, base: str | None = None, reuse: bool = False) -> StageResult:
+        adopt_wandb_run: bool = False, base: str | None = None, reuse: bool = False,
+        resumable: bool = True) -> StageResult:
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
@@ -719,6 +725,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     `base`: the exact ``name:vN`` that a registry reference in ``model.base`` stands for (`plan`).
     `reuse` (the command line's default; not with `resume` or `keep_model`): a live version trained from
     exactly these inputs (`trained_before`) is the result, status ``unchanged``, and nothing is trained.
+    `resumable` False (a sweep's trial, which a resumed sweep runs anew): a run that stops leaves no checkpoints.
     """
     # One process: a bad dataset reference or base model is said before torch loads (seconds) for accelerate.
     early = plan(config, dataset, resume, base) if _launched_alone() else None
@@ -748,7 +755,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         if summary:
             trun.set_summary(**summary)
         try:
-            shared, details = _prepare(config, plan_, trun)
+            shared, details = _prepare(config, plan_, trun, resumable)
         except BaseException as e:
             _share(state, {"error": str(e)})
             raise
@@ -762,14 +769,17 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         try:
             output = trainer.train(resume_from_checkpoint=shared["resume_from"])
         except BaseException as e:
-            checkpoint = _last_checkpoint(plan_.output_dir)
-            if checkpoint is not None:
+            full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
+            checkpoint = _last_checkpoint(plan_.output_dir) if resumable else None
+            if not resumable:  # nothing will continue it: its checkpoints (hundreds of MB) go
+                shutil.rmtree(plan_.output_dir, ignore_errors=True)
+            elif checkpoint is not None:
                 log.error("finetune run %s stopped; its last checkpoint is %s. Continue it with: "
                           "python -m pipeline finetune --config ... --resume %s", plan_.run_id, checkpoint, plan_.run_id)
                 trun.on_failure.update(resume=plan_.run_id, checkpoint=str(checkpoint))  # for the result file
             else:
                 log.error("finetune run %s stopped before its first checkpoint; start it again", plan_.run_id)
-            if isinstance(e, Exception) and no_space_left(e, plan_.output_dir):  # torch.save does not say so itself
+            if full:
                 raise DiskFull(str(plan_.output_dir)) from e
             raise
         best, final = _eval_history(trainer.state)
