@@ -682,9 +682,11 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     from pipeline.tracking import open_registry
 
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    first = 0  # the number of this call's first trial: after the runs the sweep has when resumed
     if resume:
         sweep_id = resume
         api_sweep = wandb.Api().sweep(f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}")
+        first = len(api_sweep.runs or [])
         dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
         base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:
@@ -705,8 +707,8 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     def trial() -> None:
         run = wandb.init(group=group, job_type="finetune")  # the agent hands this run its parameters
         params = {by_name[k]: v for k, v in dict(run.config).items() if k in by_name}
-        keep = None if publish_trials else work / f"trial-{len(outcomes)}"
-        outcome = train_trial(config, sweep, len(outcomes), params, dataset_ref=dataset_ref, group=group,
+        keep = None if publish_trials else work / f"trial-{first + len(outcomes)}"
+        outcome = train_trial(config, sweep, first + len(outcomes), params, dataset_ref=dataset_ref, group=group,
                               sweep_id=sweep_id, keep=keep, adopt=True, run=run, base_ref=base_ref)
         keep_if_best(sweep, outcome, best_of(sweep, outcomes), keep, best_dir)
         outcomes.append(outcome)
@@ -767,26 +769,31 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
             data=[[o.number, o.state, o.value, *([o.loss] if loss else []), *[_cell(o.params.get(k)) for k in keys],
                    o.run_id] for o in outcomes])})
         aliases = ["candidate", f"sweep-{sweep_id}-best"]
+        # What an earlier call of this sweep published as its best: an online sweep resumed by id sees only its own
+        # trials, and one resumed after its end has no model folder left of the trials before
+        earlier_ref, earlier = _published_best(trun.registry, config.model.name, sweep_id)
         if best is not None and best.produced:  # trials published their own models: tag the best one
             for alias in aliases:
                 trun.registry.set_alias(best.produced[0], alias)
             best_model = best.produced[0]
+        elif best is not None and earlier is not None and not better(sweep, best, earlier):
+            log.info("sweep %s: the model it published before, %s (trial %d, %s %s), is still its best", sweep_id,
+                     earlier_ref, earlier.number, sweep.metric_name, _number(earlier.value))
+            best, best_model = earlier, earlier_ref
+            for alias in aliases:
+                trun.registry.set_alias(best_model, alias)
         elif best is not None and (best_dir / "model").is_dir():
             meta = json.loads((best_dir / "metadata.json").read_text(encoding="utf-8"))
             base = meta.get("base_model") or {}
             if base.get("source") == "registry":  # the model version the best trial trained further
                 trun.registry.use(base["id"], trun, type="model")
             meta["sweep"] = {"id": sweep_id, "trial": best.number, "metric": sweep.metric_name, "value": best.value,
-                             "params": best.params}
+                             "loss": best.loss, "params": best.params}
             best_model = trun.registry.publish(config.model.name, "model", best_dir / "model", metadata=meta,
                                                aliases=aliases, run=trun).ref
-        elif best is not None:  # an earlier call of this sweep published it (`--resume` after the end), or nothing did
-            best_model = _published_best(trun.registry, config.model.name, sweep_id, best.number)
-            if best_model is None:
-                log.warning("sweep %s: the model of its best trial (%d) is neither on disk nor published; nothing to "
-                            "publish", sweep_id, best.number)
-            for alias in aliases if best_model else ():
-                trun.registry.set_alias(best_model, alias)
+        elif best is not None:
+            log.warning("sweep %s: the model of its best trial (%d) is neither on disk nor published; nothing to publish",
+                        sweep_id, best.number)
         trun.set_summary(**{"sweep/id": sweep_id, "sweep/best_trial": best.number if best else None,
                             f"sweep/best/{sweep.metric_name}": best.value if best else None,
                             "sweep/best_model": best_model, "sweep/stop_reason": stop_reason,
@@ -803,13 +810,19 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
                        metric_name=sweep.metric_name)
 
 
-def _published_best(registry, name: str, sweep_id: str, trial: int) -> str | None:
-    """The version this sweep published as its best, when it is trial `trial`'s model."""
+def _published_best(registry, name: str, sweep_id: str) -> tuple[str | None, TrialOutcome | None]:
+    """The version this sweep published as its best (alias ``sweep-<id>-best``), and its trial as it recorded it;
+    (None, None) when there is none."""
     try:
         version = registry.resolve(f"{name}:sweep-{sweep_id}-best", type="model")
     except RefError:
-        return None
-    return version.ref if (version.metadata.get("sweep") or {}).get("trial") == trial else None
+        return None, None
+    meta = version.metadata.get("sweep") or {}
+    if meta.get("value") is None:  # a trial's own version (--publish-trials): its outcome is among the trials
+        return None, None
+    return version.ref, TrialOutcome(meta.get("trial", -1), meta.get("params") or {}, "complete", value=meta["value"],
+                                     run_id=(version.metadata.get("training") or {}).get("run_id"),
+                                     loss=meta.get("loss"))
 
 
 def _number(value: float | None) -> str:

@@ -290,6 +290,15 @@ def test_trials_leave_no_checkpoints_and_a_resumed_finished_sweep_keeps_its_publ
     assert [v.ref for v in registry(c).list_versions(type="model")] == ["clf:v0"]
     assert {"candidate", f"sweep-{first.sweep_id}-best"} <= set(registry(c).resolve("clf:v0").aliases)
 
+    # An online sweep resumed by id sees only the trials of its own call: when its best is worse than the model an
+    # earlier call published, that model stays the best, and nothing is published
+    worse = sweeps.TrialOutcome(0, {"train.learning_rate": 0.001}, "complete", value=first.best.value + 1.0)
+    work = Path(c.tracking.dir) / "sweeps" / first.sweep_id
+    again = sweeps.publish_best(c, spec, first.sweep_id, "g", "tickets:v0", [worse], work / "best", "count 1 done")
+    assert again.best_model == "clf:v0" and again.best.number == first.best.number
+    assert again.best.value == pytest.approx(first.best.value) and again.best.params == first.best.params
+    assert [v.ref for v in registry(c).list_versions(type="model")] == ["clf:v0"]
+
 
 def test_hyperband_stops_weak_trials_early(cfg, tmp_path):
     spec = sweeps.parse_sweep({
