@@ -10,7 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_stage_arguments(p)
     p.add_argument("--sweep", required=True, metavar="YAML", help="a W&B sweep config (method, metric, parameters, ...)")
-    p.add_argument("--count", type=int, required=True, metavar="N", help="trials to run in this invocation (with --resume auto: in all the calls of one sweep together)")
+    p.add_argument("--count", type=int, required=True, metavar="N",
+                   help="trials to run in this invocation (with --resume auto: in all the calls of one sweep together)")
     p.add_argument("--resume", metavar="SWEEP_ID|auto",
                    help="continue this sweep for N more trials (its trials count towards run_cap); auto, offline: "
                         "continue the newest interrupted sweep of this sweep file, config and dataset version for "
