@@ -175,14 +175,19 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
                                          strings_can_be_null=True, quoted_strings_can_be_null=False)
             # A first line without the delimiter is one column, so the configured columns cannot all be there.
-            if (seen := _other_delimiter(path, encoding, delimiter)) is not None:
+            first = _first_line(path, encoding)
+            if (seen := _other_delimiter(first, delimiter)) is not None:
                 raise DataError(f"{path}: the first line has no {delimiter!r}, but it has {seen!r}: set "
                                 f"dataset.delimiter={seen!r} for a file separated by it")
             try:
-                # The header first (one 64 KiB block): a missing, misspelt or doubled column is named.
-                header = _growing_blocks(lambda block: csv.open_csv(
-                    path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=block),
-                    convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names, first=1 << 16)
+                # The header first: a missing, misspelt or doubled column is named. Arrow reads it (one 64 KiB
+                # block, parsed and converted: as much as the whole of a small file) only when quotes make it
+                # more than the first line split at the delimiter.
+                header = list(fmt.column_names) if fmt.column_names else _plain_header(first, delimiter)
+                if header is None:
+                    header = _growing_blocks(lambda block: csv.open_csv(
+                        path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=block),
+                        convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names, first=1 << 16)
                 elsewhere = [c for c in from_folders if c not in header]
                 _check_columns(header + elsewhere, str(path), cols)
                 if elsewhere:
@@ -256,16 +261,31 @@ def _growing_blocks(read, first: int = BLOCK):
             block = min(block * 16, MAX_BLOCK)
 
 
-def _other_delimiter(path: Path, encoding: str, delimiter: str) -> str | None:
-    """Another likely separator, when the first line has it and not `delimiter` (Excel writes ';' in many locales)."""
+def _first_line(path: Path, encoding: str) -> str | None:
+    """The file's first line as Arrow's CSV reader sees it (at most 64 KiB, its line break kept; a UTF-8 byte-order
+    mark dropped; undecodable bytes as U+FFFD); None when the file cannot be read (the reader reports it)."""
     try:
         with io.TextIOWrapper(_open(path), encoding=encoding, errors="replace", newline="") as f:
             first = f.readline(1 << 16)
     except (OSError, LookupError, pa.ArrowException):
-        return None  # the reader reports it
-    if delimiter in first:
+        return None
+    return first.removeprefix("\ufeff")
+
+
+def _other_delimiter(first: str | None, delimiter: str) -> str | None:
+    """Another likely separator, when the `first` line has it and not `delimiter` (Excel writes ';' in many locales)."""
+    if first is None or delimiter in first:
         return None
     return next((d for d in LIKELY_DELIMITERS if d != delimiter and d in first), None)
+
+
+def _plain_header(first: str | None, delimiter: str) -> list[str] | None:
+    """The column names of a header line without quotes: the line split at the delimiter, as Arrow splits it.
+    None when Arrow must read it (quotes, which may hold the delimiter or a line break; a line that goes on past
+    64 KiB; undecodable bytes, which Arrow reports; an unreadable file)."""
+    if first is None or '"' in first or "\ufffd" in first or not first.endswith(("\n", "\r")):
+        return None
+    return first.rstrip("\r\n").split(delimiter)
 
 
 def _wide_encoding(path: Path) -> str | None:
