@@ -382,7 +382,7 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
     metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run, maximize=spec.maximize)
     try:
         result = finetune.run(cfg, group=group, dataset=dataset_ref, base=base_ref, callbacks=(metric_cb, *callbacks), aliases=(),
-                              tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt, resumable=False,
+                              tags=("sweep",), keep_model=keep, adopt_wandb_run=adopt, sweep=sweep_id,
                               summary={"sweep/id": sweep_id, "sweep/trial": number,
                                        **{f"sweep/{k}": v for k, v in params.items()}})
     except (PipelineError, RuntimeError, ValueError) as e:  # one bad trial does not end the sweep
@@ -524,6 +524,10 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
             log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
+        from pipeline.stages.finetune import remove_trial_leftovers
+
+        for run_id in remove_trial_leftovers(config, sweep_id):
+            log.info("sweep %s: removed the checkpoints of trial run %s, whose process was killed", sweep_id, run_id)
         if more:  # what --resume auto counts down from
             study.set_user_attr("count", _trials_run(study) + count)
     else:

@@ -300,6 +300,41 @@ def test_trials_leave_no_checkpoints_and_a_resumed_finished_sweep_keeps_its_publ
     assert [v.ref for v in registry(c).list_versions(type="model")] == ["clf:v0"]
 
 
+def test_a_trial_whose_process_was_killed_leaves_a_folder_that_the_sweep_removes_when_it_goes_on(cfg, tmp_path, caplog):
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.stages import finetune
+
+    c = cfg("train.max_steps=400", "train.eval_strategy=steps", "train.eval_steps=200")  # a trial long enough to kill
+    config, sweep_file = tmp_path / "c.yaml", tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(c.to_dict()))
+    sweep_file.write_text(yaml.safe_dump({"method": "random", "metric": {"name": "val/loss"}, "run_cap": 1,
+                                          "parameters": {"learning_rate": {"values": [0.001]}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--config", str(config), "--sweep",
+                             str(sweep_file), "--count", "1", "--resume", "auto"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(Path(c.tracking.dir).glob(f"checkpoints/clf/*/{finetune.TRIAL_FILE}")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the trial did not start"
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # SIGKILL: no except, no finally runs in it
+        proc.wait()
+    [listed] = finetune.interrupted_runs(c.tracking.dir)
+    assert listed["sweep_trial"] and finetune._stopped_runs(c) == []  # listed, and no finetune resumes it
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.sweep"):  # the retry goes on with the sweep: the folder goes
+        out = sweeps.run(c, sweep=sweeps.load_sweep(sweep_file), count=1, resume="auto")
+    assert f"removed the checkpoints of trial run {listed['run_id']}, whose process was killed" in caplog.text
+    # (the killed trial counts towards run_cap 1, so the sweep ends there, with no trial finished)
+    assert [(t.number, t.state) for t in out.trials] == [(0, "failed")] and out.stop_reason == "run_cap 1 reached"
+    assert not list((Path(c.tracking.dir) / "checkpoints").glob("*/*"))
+
+
 def test_hyperband_stops_weak_trials_early(cfg, tmp_path):
     spec = sweeps.parse_sweep({
         "method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},

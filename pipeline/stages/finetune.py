@@ -118,6 +118,21 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
                         f"under {root}")
 
 
+def remove_trial_leftovers(config: Config, sweep: str) -> list[str]:
+    """Remove the checkpoint folders of `sweep`'s trials that a killed process left (a trial that stops otherwise
+    removes its own); for a sweep that goes on, when no trial of it is running. The run ids removed."""
+    removed = []
+    for state_file in _checkpoint_root(config).glob(f"*/{TRIAL_FILE}"):
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if state.get("sweep") == sweep:
+            shutil.rmtree(state_file.parent, ignore_errors=True)
+            removed.append(state_file.parent.name)
+    return removed
+
+
 def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
     """The finetune runs whose checkpoints are on disk, for ``--resume`` (a finished run removes its own; one
     training now has them too), newest first: model, run id, folder, bytes on disk, last complete checkpoint
@@ -662,7 +677,7 @@ def _weights_by_label(shared: dict[str, Any]) -> dict[str, float] | None:
     return {n: round(w, 6) for n, w in zip(shared["label_names"], weights)} if weights else None
 
 
-def _prepare(config: Config, plan_: Plan, trun, resumable: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Main process, inside the run: record the input, fetch and tokenise. (shared, details)"""
     registry = trun.registry
     version = plan_.use_inputs(trun)
@@ -686,9 +701,9 @@ def _prepare(config: Config, plan_: Plan, trun, resumable: bool = True) -> tuple
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
              "config": trun.config, "group": trun.group,
-             **({"base": plan_.base_version} if plan_.base_version else {})}
-    (plan_.output_dir / (RESUME_FILE if resumable else TRIAL_FILE)).write_text(json.dumps(state, indent=2) + "\n",
-                                                                                encoding="utf-8")
+             **({"base": plan_.base_version} if plan_.base_version else {}), **({"sweep": sweep} if sweep else {})}
+    (plan_.output_dir / (TRIAL_FILE if sweep else RESUME_FILE)).write_text(json.dumps(state, indent=2) + "\n",
+                                                                           encoding="utf-8")
     shared = {
         "run_id": plan_.run_id,
         "output_dir": str(plan_.output_dir),
@@ -712,7 +727,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         callbacks: tuple = (), aliases: tuple[str, ...] = ("candidate",), tags: tuple[str, ...] = (),
         summary: dict[str, Any] | None = None, keep_model: Path | None = None,
         adopt_wandb_run: bool = False, base: str | None = None, reuse: bool = False,
-        resumable: bool = True) -> StageResult:
+        sweep: str | None = None) -> StageResult:
     """Train on an exact dataset version and publish the model; see the module docstring.
 
     `resume`: None trains afresh; ``"latest"`` continues the newest interrupted run of this
@@ -725,7 +740,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     `base`: the exact ``name:vN`` that a registry reference in ``model.base`` stands for (`plan`).
     `reuse` (the command line's default; not with `resume` or `keep_model`): a live version trained from
     exactly these inputs (`trained_before`) is the result, status ``unchanged``, and nothing is trained.
-    `resumable` False (a sweep's trial, which a resumed sweep runs anew): a run that stops leaves no checkpoints.
+    `sweep`: the id of the sweep this run is a trial of. A resumed sweep runs a new trial instead of continuing
+    one, so such a run is never resumed: one that stops leaves no checkpoints (`remove_trial_leftovers`).
     """
     # One process: a bad dataset reference or base model is said before torch loads (seconds) for accelerate.
     early = plan(config, dataset, resume, base) if _launched_alone() else None
@@ -755,7 +771,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         if summary:
             trun.set_summary(**summary)
         try:
-            shared, details = _prepare(config, plan_, trun, resumable)
+            shared, details = _prepare(config, plan_, trun, sweep)
         except BaseException as e:
             _share(state, {"error": str(e)})
             raise
@@ -770,8 +786,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             output = trainer.train(resume_from_checkpoint=shared["resume_from"])
         except BaseException as e:
             full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
-            checkpoint = _last_checkpoint(plan_.output_dir) if resumable else None
-            if not resumable:  # nothing will continue it: its checkpoints (hundreds of MB) go
+            checkpoint = _last_checkpoint(plan_.output_dir) if sweep is None else None
+            if sweep is not None:  # nothing will continue it: its checkpoints (hundreds of MB) go
                 shutil.rmtree(plan_.output_dir, ignore_errors=True)
             elif checkpoint is not None:
                 log.error("finetune run %s stopped; its last checkpoint is %s. Continue it with: "
