@@ -524,10 +524,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
             log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
-        from pipeline.stages.finetune import remove_trial_leftovers
-
-        for run_id in remove_trial_leftovers(config, sweep_id):
-            log.info("sweep %s: removed the checkpoints of trial run %s, whose process was killed", sweep_id, run_id)
+        _remove_trial_leftovers(config, sweep_id)
         if more:  # what --resume auto counts down from
             study.set_user_attr("count", _trials_run(study) + count)
     else:
@@ -598,6 +595,14 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
 
 
 AUTO = "auto"  # --resume auto: an orchestrator's retry of the same command
+
+
+def _remove_trial_leftovers(config: Config, sweep_id: str) -> None:
+    """A sweep that goes on runs no trial yet: the checkpoint folders of its trials are what killed processes left."""
+    from pipeline.stages.finetune import remove_trial_leftovers
+
+    for run_id in remove_trial_leftovers(config, sweep_id):
+        log.info("sweep %s: removed the checkpoints of trial run %s, whose process was killed", sweep_id, run_id)
 
 
 def _trials_run(study) -> int:
@@ -691,6 +696,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         sweep_id = resume
         api_sweep = wandb.Api().sweep(f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}")
         first = len(api_sweep.runs or [])
+        _remove_trial_leftovers(config, sweep_id)
         dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
         base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:
