@@ -7,7 +7,8 @@ Each measurement runs in a fresh child process so its peak RSS and CPU time are 
 baseline and publish runs alternate, and each publish writes to a fresh tracking folder (a new
 version, not a dedupe hit). The publish is the command users run, `python -m pipeline
 dataset-publish --config ...` (offline W&B), from start to exit. Prints the median wall time, CPU time (user + system, the child's
-reaped children included), peak RSS, and the ratio publish / pyarrow (target: <= 2x, peak RSS
+reaped children included), peak RSS, and the ratio publish / pyarrow, of the medians and of each publish to the
+pyarrow run just before it (the machine's speed drifts; a pair is run close together) (target: <= 2x, peak RSS
 < 2 GB).
 
 The same pair also runs on a `--small-rows` file, which measures the fixed cost that does not
@@ -99,6 +100,9 @@ def measure(src: Path, work: Path, repeat: int) -> dict[str, tuple[float, float,
     out = {k: (statistics.median(t for t, _, _ in v), max(r for _, r, _ in v), statistics.median(c for _, _, c in v))
            for k, v in runs.items()}
     out["steps"] = {k: statistics.median(s[k] for s in steps) for k in STEPS}
+    # each publish against the pyarrow run just before it: the machine's speed drifts less within a pair than
+    # between the medians of all runs
+    out["paired"] = [p / b for (p, _, _), (b, _, _) in zip(runs["publish"], runs["pyarrow"])]
     return out
 
 
@@ -129,6 +133,9 @@ def main() -> int:
             wall, rss, cpu = big[key]
             print(f"{label:<34}{wall:>9.2f}{cpu:>9.2f}{rss:>14.0f}")
         (t_base, _, c_base), (t_pub, rss_pub, c_pub) = big["pyarrow"], big["publish"]
+        paired = big["paired"]
+        print(f"ratio of each publish to the pyarrow run before it: median {statistics.median(paired):.2f}x, "
+              f"{min(paired):.2f}-{max(paired):.2f}x")
         print(f"ratio publish / pyarrow: {t_pub / t_base:.2f}x wall, {c_pub / c_base:.2f}x CPU (target <= 2x); "
               f"peak RSS {rss_pub / 1024:.2f} GiB (target < 2 GB)")
         print_steps(big["steps"], t_pub)
