@@ -648,6 +648,8 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
             log.info("continuing interrupted sweep %s (--resume auto): %d of its %d trials ran, %d to go", name, done,
                      attrs["count"], left)
             return name, left
+    if len(passed) > 5:  # the newest; abandoned sweeps stay unfinished
+        passed[5:] = [f"{len(passed) - 5} older"]
     log.info("no interrupted sweep of this sweep file, config and %s: starting a new one (--resume auto)%s", dataset_ref,
              f" ({'; '.join(passed)})" if passed else "")
     return None, count
