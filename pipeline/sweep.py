@@ -822,6 +822,34 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
                        metric_name=sweep.metric_name)
 
 
+def kept_models(tracking_dir: Path | str) -> list[dict[str, Any]]:
+    """The folders sweeps keep under ``<tracking.dir>/sweeps``, newest first: the best trial's model so far of a sweep
+    that has not published it (one running now, or interrupted: it stays until the sweep goes on and publishes).
+    Sweep id, model name, best trial and its value, bytes on disk, when last written, folder."""
+    from datetime import datetime, timezone
+
+    out = []
+    for folder in Path(tracking_dir).resolve().glob("sweeps/*"):
+        stats = []
+        for f in folder.rglob("*"):
+            try:
+                if f.is_file():
+                    stats.append(f.stat())
+            except FileNotFoundError:  # a sweep running now replaces its best model
+                continue
+        if not stats:
+            continue
+        trial, meta = {}, {}
+        with contextlib.suppress(OSError, ValueError):
+            trial = json.loads((folder / "best" / "trial.json").read_text(encoding="utf-8"))
+            meta = json.loads((folder / "best" / "metadata.json").read_text(encoding="utf-8"))
+        out.append({"sweep": folder.name, "model": ((meta.get("config") or {}).get("model") or {}).get("name"),
+                    "trial": trial.get("trial"), "value": trial.get("value"), "bytes": sum(st.st_size for st in stats),
+                    "modified": datetime.fromtimestamp(max(st.st_mtime for st in stats), timezone.utc)
+                    .isoformat(timespec="seconds"), "path": str(folder)})
+    return sorted(out, key=lambda r: r["modified"], reverse=True)
+
+
 def _published_best(registry, name: str, sweep_id: str) -> tuple[str | None, TrialOutcome | None]:
     """The version this sweep published as its best (alias ``sweep-<id>-best``), and its trial as it recorded it;
     (None, None) when there is none."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, a
 
 
 def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the_trials_it_has_left(cfg, tmp_path,
-                                                                                                       caplog):
+                                                                                                       caplog, cli_here):
     import optuna
 
     c = cfg("train.max_steps=2")
@@ -210,6 +211,13 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
     sweep_id = on_failure["resume"]
     assert f"sweep {sweep_id} started with seed" in caplog.text and "a retry of this command continues it" in caplog.text
     assert not list((Path(c.tracking.dir) / "checkpoints").glob("*/*"))  # the cut-off trial's: nothing resumes it
+    # the best model so far (trial 0's) stays on disk until the sweep publishes it: `artifacts list` shows it
+    track = f"tracking.dir={c.tracking.dir}"
+    listed = cli_here("artifacts", "list", "--set", track).stdout
+    assert "sweep models: " in listed and "sweep --resume SWEEP_ID" in listed
+    row = next(line.split() for line in listed.splitlines() if line.strip().startswith(sweep_id))
+    # SWEEP MODEL SIZE(2) BEST TRIAL(2) PUBLISHED WRITTEN FOLDER
+    assert row[1] == "clf" and row[4] == "0" and row[6] == "-" and row[-1].endswith(f"sweeps/{sweep_id}")
 
     # other commands do not continue it; the log says why for each one
     other_file = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 9})
@@ -233,6 +241,7 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
     assert out.sweep_id == sweep_id and out.stop_reason == "count 3 done" and out.status == "ok"
     assert [(t.number, t.state) for t in out.trials] == [(0, "complete"), (1, "failed"), (2, "complete"), (3, "complete")]
     assert reg.resolve(f"clf:sweep-{sweep_id}-best").ref == out.best_model
+    assert "sweep models" not in cli_here("artifacts", "list", "--set", track).stdout  # published: the folder went
     # finished: the next call of the command is a new sweep
     assert sweeps._sweep_to_continue(c, spec, storage, reg, 3, None) == (None, 3)
     # --resume ID --count N runs N more; a later --resume auto counts down from there
@@ -270,12 +279,22 @@ class FailTrial(TrainerCallback):
         raise ValueError("loss went NaN")
 
 
-def test_trials_leave_no_checkpoints_and_a_resumed_finished_sweep_keeps_its_published_best(cfg):
+def test_trials_leave_no_checkpoints_and_a_resumed_finished_sweep_keeps_its_published_best(cfg, cli_here):
     c = cfg("train.max_steps=1")
     spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
                                "parameters": {"learning_rate": {"values": [0.001]}}})
     first = sweeps.run(c, sweep=spec, count=1)
     assert first.best_model == "clf:v0" and not (Path(c.tracking.dir) / "sweeps" / first.sweep_id).exists()
+    # the folder an earlier version of the pipeline left after publishing is listed as a copy of the published version
+    left = Path(c.tracking.dir) / "sweeps" / first.sweep_id / "best"
+    (left / "model").mkdir(parents=True)
+    (left / "model" / "model.safetensors").write_bytes(bytes(1000))
+    (left / "trial.json").write_text(json.dumps(first.best.to_dict()))
+    (left / "metadata.json").write_text(json.dumps({"config": c.to_dict()}))
+    listed = cli_here("artifacts", "list", "--set", f"tracking.dir={c.tracking.dir}").stdout
+    row = next(line.split() for line in listed.splitlines() if line.strip().startswith(first.sweep_id))
+    assert row[1] == "clf" and row[4] == str(first.best.number) and row[6] == "clf:v0"
+    shutil.rmtree(left.parent)
 
     failing = FailTrial(c)
     more = sweeps.run(c, sweep=spec, count=1, resume=first.sweep_id, callbacks=(failing,))

@@ -92,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
                 for v in versions])
         if args.type in (None, "model"):
             _list_interrupted(tracking_dir, args.name)
+            _list_sweep_models(registry, tracking_dir, args.name)
         return 0
 
     if args.action == "delete":
@@ -181,6 +182,32 @@ def _list_interrupted(tracking_dir, name: str | None) -> None:
         (r["model"], r["run_id"], _size(r["bytes"]),
          "a sweep trial's (not resumable)" if r["sweep_trial"] else r["checkpoint"] or "none (nothing to resume)",
          r["modified"][:19], r["path"]) for r in runs], indent="  ")
+
+
+def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:
+    """The best model so far that each unfinished sweep keeps on disk until it publishes it (and, left by versions
+    of the pipeline before it removed them, folders of models that are published)."""
+    from pipeline.errors import PipelineError
+    from pipeline.sweep import kept_models
+
+    kept = [k for k in kept_models(tracking_dir) if name in (None, k["model"])]
+    if not kept:
+        return
+
+    def published(k) -> str:
+        try:
+            version = registry.resolve(f"{k['model']}:sweep-{k['sweep']}-best", type="model")
+        except PipelineError:
+            return "-"
+        return version.ref if (version.metadata.get("sweep") or {}).get("trial") == k["trial"] else "-"
+
+    print(f"\nsweep models: {_size(sum(k['bytes'] for k in kept))}, the best trial's model of sweeps that have not "
+          "published it (interrupted, or running now); continue one with `sweep --resume SWEEP_ID` (or its command "
+          "again with --resume auto), or delete its folder to free the space (one already PUBLISHED is a copy)")
+    _table([("SWEEP", "MODEL", "SIZE", "BEST TRIAL", "PUBLISHED", "WRITTEN", "FOLDER")] + [
+        (k["sweep"], k["model"] or "-", _size(k["bytes"]),
+         "-" if k["trial"] is None else f"{k['trial']} ({k['value']:.4g})" if k["value"] is not None else str(k["trial"]),
+         published(k) if k["model"] else "-", k["modified"][:19], k["path"]) for k in kept], indent="  ")
 
 
 def _deleted_line(result) -> str:
