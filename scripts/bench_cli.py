@@ -6,7 +6,8 @@
 `python -m pipeline` (and the `pipeline` script) runs `pipeline.cli.run`, which freezes the
 objects alive out of the cyclic garbage collector before the process ends; Python's shutdown
 would otherwise collect them all once more. This runs the same `predict` command (the packaged
-all-MiniLM-L6-v2 under a fresh head, one text) both ways, alternating, each in a fresh process,
+all-MiniLM-L6-v2 under a fresh two-label head, saved to a temporary folder as a classifier; one
+text) both ways, alternating, each in a fresh process,
 and prints the median wall time and the median time from the command's last output line to the
 process's end (its shutdown).
 """
@@ -18,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +48,20 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
     from pipeline.basemodel import resolve_base_model
 
-    model = resolve_base_model("minilm").path
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report
+    hf_logging.disable_progress_bar()
+
+    base = resolve_base_model("minilm").path
+    work = tempfile.TemporaryDirectory(prefix="bench-cli-")
+    model = Path(work.name) / "classifier"  # predict takes a classifier: the base under an untrained head
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label={0: "billing", 1: "shipping"},
+                                                       label2id={"billing": 0, "shipping": 1}).save_pretrained(model)
+    AutoTokenizer.from_pretrained(base).save_pretrained(model)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     command = ["predict", "--model-dir", str(model), "I was charged twice this month"]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in WAYS}
