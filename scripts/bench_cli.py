@@ -48,20 +48,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from benchutil import packaged_classifier
 
-    from pipeline.basemodel import resolve_base_model
-
-    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report
-    hf_logging.disable_progress_bar()
-
-    base = resolve_base_model("minilm").path
     work = tempfile.TemporaryDirectory(prefix="bench-cli-")
-    model = Path(work.name) / "classifier"  # predict takes a classifier: the base under an untrained head
-    AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label={0: "billing", 1: "shipping"},
-                                                       label2id={"billing": 0, "shipping": 1}).save_pretrained(model)
-    AutoTokenizer.from_pretrained(base).save_pretrained(model)
+    model = packaged_classifier(Path(work.name) / "classifier")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     command = ["predict", "--model-dir", str(model), "I was charged twice this month"]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in WAYS}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,14 +43,12 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from pipeline.basemodel import resolve_base_model
+    from benchutil import packaged_classifier
     from pipeline.predict import load
 
-    from transformers.utils import logging as hf_logging
-
     torch.manual_seed(0)
-    hf_logging.set_verbosity_error()  # the fresh head's "newly initialized" report is expected here
-    classifier = load(resolve_base_model("minilm").path, max_length=256)
+    work = tempfile.TemporaryDirectory(prefix="bench-predict-")
+    classifier = load(packaged_classifier(Path(work.name) / "classifier"), max_length=256)
     texts = mixed_texts(args.rows)
     lengths = [len(t) for t in texts]
     print(f"{args.rows} texts of {min(lengths)} to {max(lengths)} characters (median {int(np.median(lengths))}), "
