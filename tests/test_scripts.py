@@ -1,0 +1,22 @@
+"""The benchmark scripts run to their report (their speed is theirs to measure, not the tests')."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("script, args, reports", [
+    ("bench_predict.py", ["--rows", "8", "--repeat", "1"], "speed-up "),
+    ("bench_registry.py", ["--total-mb", "2", "--files", "2"], "republish / hashing alone: "),
+    ("bench_publish.py", ["--rows", "3000", "--small-rows", "0", "--repeat", "1"], "ratio publish / pyarrow: "),
+])
+def test_a_benchmark_script_runs_to_its_report(script, args, reports, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert reports in out.stdout
