@@ -29,6 +29,14 @@ class StageResult:
     paths: dict[str, str] = field(default_factory=dict)
     message: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # what the command prints on stdout instead of the versions produced (`stdout_line`); not in the result file
+    printed: str | None = None
+
+    def stdout_line(self) -> str:
+        """What the command prints on stdout, for a script's ``$(...)``: the versions it produced, or what the stage
+        says instead (deploy-fetch: the folder it deployed to; evaluate: the model version it judged). Empty: the
+        command prints nothing there."""
+        return self.printed if self.printed is not None else ", ".join(self.produced)
 
     def summary_line(self) -> str:
         """What a person reads when the stage ends: ``finetune: ok (clf:v4)``, ``evaluate: ok: clf:v4: promoted``."""

@@ -147,7 +147,9 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     cli = run_cli("evaluate", "--config", str(config), "--result-json", str(tmp_path / "r.json"))
     assert cli.returncode == 3, cli.stderr[-2000:]
-    assert json.loads((tmp_path / "r.json").read_text())["status"] == "gate_failed"
+    judged = json.loads((tmp_path / "r.json").read_text())
+    assert judged["status"] == "gate_failed"
+    assert cli.stdout == f"{judged['details']['model']}\n"  # on stdout, the exact version that was judged
     assert reg.resolve("clf:production").ref == "clf:v0"
 
 
@@ -515,7 +517,7 @@ def test_evaluate_bad_references(env):
         evaluate.run(cfg, dataset="tickets:v7")
 
 
-def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
+def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path, cli_here):
     cfg = env()
     with pytest.raises(RefError, match="no alias 'production'; versions: v0; aliases: candidate -> v0, latest -> v0"):
         deploy_fetch.run(cfg)
@@ -553,6 +555,13 @@ def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path):
 
     second = deploy_fetch.run(cfg)  # same verified version in place: no copy, manifest untouched
     assert second.details["reused"] and {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == before
+    # the command prints the folder on stdout (DIR=$(python -m pipeline deploy-fetch ...)), the rest on stderr
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    printed = cli_here("deploy-fetch", "--config", str(config), "--to", str(candidate))
+    assert printed.returncode == 0 and printed.stdout == f"{candidate}\n", printed.stderr[-2000:]
 
     # a tampered stored object fails verification and leaves the old deployment as it was
     finetune.run(env("train.seed=7"))  # clf:v1

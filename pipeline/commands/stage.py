@@ -44,5 +44,6 @@ def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -
     if args.result_json:
         write_json_atomic(args.result_json, result.to_dict())
     print(result.summary_line(), file=sys.stderr)
-    print(", ".join(result.produced))
+    if line := result.stdout_line():
+        print(line)
     return EXIT_CODES[result.status]

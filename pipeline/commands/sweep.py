@@ -71,5 +71,6 @@ def main(args: argparse.Namespace) -> int:
     if args.result_json:
         write_json_atomic(args.result_json, result.to_dict())
     print(result.message, file=sys.stderr)
-    print(", ".join(result.produced))
+    if line := result.stdout_line():
+        print(line)
     return EXIT_CODES[result.status]

@@ -108,6 +108,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
                "run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
         message=f"{version.ref} {'already in place' if fetched.reused else 'deployed'} at {dest}",
         details={"reused": fetched.reused, "digest": version.digest, "smoke": smoke},
+        printed=str(dest),  # DIR=$(python -m pipeline deploy-fetch ...)
     )
 
 

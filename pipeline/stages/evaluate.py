@@ -465,6 +465,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         message=f"{challenger.ref}: {outcome}" + (f" ({'; '.join(decision.failed)})" if decision.failed else ""),
         details={"model": challenger.ref, "production": challenger.ref if outcome in ("promoted", "already production")
                  else (champion.ref if champion else None), "gate": record["gate"], "per_class": ch.per_class},
+        printed=challenger.ref,  # the exact version an alias such as clf:candidate stood for
     )
 
 
