@@ -525,8 +525,9 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
             log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
         _remove_trial_leftovers(config, sweep_id)
-        if more:  # what --resume auto counts down from
+        if more:  # what --resume auto counts down from; a sweep resumed after its end is unfinished again
             study.set_user_attr("count", _trials_run(study) + count)
+            study.set_user_attr("finished", None)
     else:
         dataset_ref, base_ref = _before_trials(config, sweep, registry)
         sweep_id = new_run_id()

@@ -248,6 +248,10 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
     more = sweeps.run(c, sweep=spec, count=1, resume=sweep_id)
     assert [t.number for t in more.trials] == [0, 1, 2, 3, 4] and more.stop_reason == "count 1 done"
     assert optuna.load_study(study_name=sweep_id, storage=storage).user_attrs["count"] == 4
+    assert sweeps._sweep_to_continue(c, spec, storage, reg, 3, None) == (None, 3)  # and it finished again
+    with pytest.raises(KeyboardInterrupt):  # resumed by id for 2 more, and stopped in the first: unfinished again
+        sweeps.run(c, sweep=spec, count=2, resume=sweep_id, callbacks=(InterruptTrial(0),))
+    assert sweeps._sweep_to_continue(c, spec, storage, reg, 3, None) == (sweep_id, 2)
 
     # the command line: --seed goes with auto (it draws a new sweep, and picks the sweep to continue); online, auto
     # has nothing to count with
