@@ -119,16 +119,21 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None,
     A registry reference (`is_registry_ref`) is resolved in `registry` to its exact ``name:vN``
     (the BaseModel's id) and fetched, verified; `pinned` is that exact reference, when it is
     already known (a resumed run, a reproduction), so that a moved alias does not change the base.
+    For a local folder, `pinned` is the absolute folder a relative path stood for when it was recorded
+    (a reproduction run from another directory, where ``models/bert`` would read as a hub id): used while
+    it is there, else the path as written.
     With `trust_remote_code`, a hub model's Python files are downloaded too. The digest covers every
     file of the folder, its Python files included.
     """
     from pipeline.provenance import folder_digest
 
     revision = None
+    folder_pin = Path(pinned) if pinned and os.path.isabs(pinned) else None  # a registry pin is NAME:vN
     if spec in PACKAGED:
         folder, source, ident = _packaged_path(spec), "packaged", PACKAGED[spec]
-    elif _looks_like_path(spec):
-        folder, source = Path(os.path.expanduser(spec)).resolve(), "local"
+    elif folder_pin is not None or _looks_like_path(spec):
+        source = "local"
+        folder = folder_pin if folder_pin is not None and folder_pin.is_dir() else Path(os.path.expanduser(spec)).resolve()
         ident = str(folder)
         if folder.is_file():
             raise ConfigError(f"model.base={spec!r}: {folder} is a file; give the model's folder (config.json, weights, tokenizer)")

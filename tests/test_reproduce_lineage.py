@@ -70,6 +70,28 @@ def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
     assert run["consumed"] == ["tickets:v0"]  # the exact recorded version, not latest
 
 
+def test_a_relative_base_folder_is_the_one_it_was_when_reproduced_from_another_directory(chain, tmp_path, monkeypatch):
+    from pipeline.stages import dataset_publish, finetune
+
+    _, model_dir, csv, _ = chain
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(model_dir, project / "models" / "bert")
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    cfg = load_config(None, [*overrides(tmp_path, Path("models/bert"), csv), "train.epochs=1"])  # written relative
+    dataset_publish.run(cfg)
+    trained = finetune.run(cfg)
+    assert registry(cfg).resolve(trained.produced[0]).metadata["base_model"]["id"] == str(project / "models" / "bert")
+
+    monkeypatch.chdir(elsewhere)  # where models/bert is nothing
+    result = reproduce.run(cfg, model=trained.produced[0], check=True)
+    assert result.status == "ok" and result.details["same_weights"] and result.details["config_diff"] == {}
+    assert result.details["base_model"]["id"] == str(project / "models" / "bert") and result.details["base_model"]["same"]
+    # --set model.base=... on purpose is that base, resolved here
+    with pytest.raises(ConfigError, match=r"model.base='./models/bert': no such folder \({}\)".format(elsewhere / "models" / "bert")):
+        reproduce.run(cfg, model=trained.produced[0], overrides=("model.base=./models/bert",))
+
+
 def test_a_renamed_rebuild_has_the_same_weights_in_a_new_version(env):
     make, _ = env
     cfg = make()
@@ -113,9 +135,12 @@ def test_missing_inputs_are_named_and_nothing_is_published(env):
     with pytest.raises(RefError, match="clf:v0 was trained on tickets:v5, which is gone: tickets has no version 'v5'"):
         reproduce.run(cfg, model="clf:v0")
     reg.update_metadata("clf:v0", {"dataset": dataset})
-    recorded = reg.resolve("clf:v0").metadata["config"]
-    reg.update_metadata("clf:v0", {"config": {**recorded, "model": {**recorded["model"], "base": "/gone/bert"}}})
-    with pytest.raises(ConfigError, match="the base model clf:v0 recorded .* cannot be found: model.base='/gone/bert': no such folder"):
+    meta = reg.resolve("clf:v0").metadata
+    recorded = meta["config"]
+    reg.update_metadata("clf:v0", {"config": {**recorded, "model": {**recorded["model"], "base": "/gone/bert"}},
+                                   "base_model": {**meta["base_model"], "id": "/gone/bert"}})  # a base folder since deleted
+    with pytest.raises(ConfigError, match=r"the base model clf:v0 recorded \(/gone/bert\) cannot be found: "
+                                          "model.base='/gone/bert': no such folder"):
         reproduce.run(cfg, model="clf:v0")
     assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"]
     with pytest.raises(RefError, match="no artifact named 'nothing'"):

@@ -206,7 +206,8 @@ def check_trainable(version) -> None:
 def plan(config: Config, dataset: str | None = None, resume: str | None = None, base: str | None = None) -> Plan:
     """Resolve and check every input; raises a PipelineError naming the problem, and writes nothing (but a
     verified copy of a base model version from the registry). `base`: the exact ``name:vN`` a registry
-    reference in ``model.base`` is pinned to (a reproduction, a sweep's trials).
+    reference in ``model.base`` is pinned to (a reproduction, a sweep's trials), or the absolute folder a
+    relative local path stood for when the model being reproduced was trained (`resolve_base_model`).
 
     `resume` ``"auto"``: the interrupted run that `_run_to_continue` finds, else a fresh run."""
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
