@@ -258,13 +258,13 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(c.to_dict()))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec.raw))
-    cli = run_cli("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1", "--seed", "3",
-                  "--resume", "auto", "--result-json", str(tmp_path / "r.json"))
+    cli = cli_here("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1", "--seed", "3",
+                   "--resume", "auto", "--result-json", str(tmp_path / "r.json"))
     assert cli.returncode == 0, cli.stderr[-2000:]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["details"]["seed"] == 3 and data["details"]["sweep_id"] != sweep_id
-    cli = run_cli("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1",
-                  "--resume", "auto", "--set", "tracking.mode=online", "--set", "tracking.registry=wandb")
+    cli = cli_here("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1",
+                   "--resume", "auto", "--set", "tracking.mode=online", "--set", "tracking.registry=wandb")
     assert cli.returncode == 2 and "--resume auto continues offline sweeps" in cli.stderr
     assert "details.resume" in cli.stderr
 
