@@ -784,7 +784,7 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
         aliases = ["candidate", f"sweep-{sweep_id}-best"]
         # What an earlier call of this sweep published as its best: an online sweep resumed by id sees only its own
         # trials, and one resumed after its end has no model folder left of the trials before
-        earlier_ref, earlier = _published_best(trun.registry, config.model.name, sweep_id)
+        earlier_ref, earlier = published_best(trun.registry, config.model.name, sweep_id)
         if best is not None and best.produced:  # trials published their own models: tag the best one
             for alias in aliases:
                 trun.registry.set_alias(best.produced[0], alias)
@@ -827,31 +827,22 @@ def kept_models(tracking_dir: Path | str) -> list[dict[str, Any]]:
     """The folders sweeps keep under ``<tracking.dir>/sweeps``, newest first: the best trial's model so far of a sweep
     that has not published it (one running now, or interrupted: it stays until the sweep goes on and publishes).
     Sweep id, model name, best trial and its value, bytes on disk, when last written, folder."""
-    from datetime import datetime, timezone
+    from pipeline.stages.finetune import disk_usage
 
     out = []
     for folder in Path(tracking_dir).resolve().glob("sweeps/*"):
-        stats = []
-        for f in folder.rglob("*"):
-            try:
-                if f.is_file():
-                    stats.append(f.stat())
-            except FileNotFoundError:  # a sweep running now replaces its best model
-                continue
-        if not stats:
+        if (usage := disk_usage(folder)) is None:  # a sweep running now replaces its best model meanwhile
             continue
         trial, meta = {}, {}
         with contextlib.suppress(OSError, ValueError):
             trial = json.loads((folder / "best" / "trial.json").read_text(encoding="utf-8"))
             meta = json.loads((folder / "best" / "metadata.json").read_text(encoding="utf-8"))
         out.append({"sweep": folder.name, "model": ((meta.get("config") or {}).get("model") or {}).get("name"),
-                    "trial": trial.get("trial"), "value": trial.get("value"), "bytes": sum(st.st_size for st in stats),
-                    "modified": datetime.fromtimestamp(max(st.st_mtime for st in stats), timezone.utc)
-                    .isoformat(timespec="seconds"), "path": str(folder)})
+                    "trial": trial.get("trial"), "value": trial.get("value"), "path": str(folder), **usage})
     return sorted(out, key=lambda r: r["modified"], reverse=True)
 
 
-def _published_best(registry, name: str, sweep_id: str) -> tuple[str | None, TrialOutcome | None]:
+def published_best(registry, name: str, sweep_id: str) -> tuple[str | None, TrialOutcome | None]:
     """The version this sweep published as its best (alias ``sweep-<id>-best``), and its trial as it recorded it;
     (None, None) when there is none."""
     try:

@@ -188,7 +188,7 @@ def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:
     """The best model so far that each unfinished sweep keeps on disk until it publishes it (and, left by versions
     of the pipeline before it removed them, folders of models that are published)."""
     from pipeline.errors import PipelineError
-    from pipeline.sweep import kept_models
+    from pipeline.sweep import kept_models, published_best
 
     kept = [k for k in kept_models(tracking_dir) if name in (None, k["model"])]
     if not kept:
@@ -196,10 +196,10 @@ def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:
 
     def published(k) -> str:
         try:
-            version = registry.resolve(f"{k['model']}:sweep-{k['sweep']}-best", type="model")
-        except PipelineError:
+            ref, best = published_best(registry, k["model"], k["sweep"])
+        except PipelineError:  # online: W&B could not be asked
             return "-"
-        return version.ref if (version.metadata.get("sweep") or {}).get("trial") == k["trial"] else "-"
+        return ref if best is not None and best.number == k["trial"] else "-"
 
     print(f"\nsweep models: {_size(sum(k['bytes'] for k in kept))}, the best trial's model of sweeps that have not "
           "published it (interrupted, or running now); continue one with `sweep --resume SWEEP_ID` (or its command "

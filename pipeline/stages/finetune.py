@@ -138,28 +138,35 @@ def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
     training now has them too), newest first: model, run id, folder, bytes on disk, last complete checkpoint
     (None: stopped before the first), when it was last written, and whether it is a sweep trial's (not resumable:
     a stopped trial removes its own, but not when its process was killed outright)."""
-    from datetime import datetime, timezone
-
     out = []
     for folder in Path(tracking_dir).resolve().glob("checkpoints/*/*"):
         trial = (folder / TRIAL_FILE).is_file()
         if not trial and not (folder / RESUME_FILE).is_file():
             continue
-        stats = []
-        for f in folder.rglob("*"):
-            try:
-                if f.is_file():
-                    stats.append(f.stat())
-            except FileNotFoundError:  # a run training now deletes its older checkpoints as it saves new ones
-                continue
-        if not stats:
+        if (usage := disk_usage(folder)) is None:
             continue
         last = _last_checkpoint(folder)
-        written = max(st.st_mtime for st in stats)
         out.append({"model": folder.parent.name, "run_id": folder.name, "path": str(folder), "sweep_trial": trial,
-                    "bytes": sum(st.st_size for st in stats), "checkpoint": last.name if last else None,
-                    "modified": datetime.fromtimestamp(written, timezone.utc).isoformat(timespec="seconds")})
+                    "checkpoint": last.name if last else None, **usage})
     return sorted(out, key=lambda r: r["modified"], reverse=True)
+
+
+def disk_usage(folder: Path) -> dict[str, Any] | None:
+    """``bytes`` the folder's files hold and when one was last written (``modified``, ISO UTC); None when it holds
+    none. A file deleted while it is listed (a run training now rotates its checkpoints) is skipped."""
+    from datetime import datetime, timezone
+
+    stats = []
+    for f in folder.rglob("*"):
+        try:
+            if f.is_file():
+                stats.append(f.stat())
+        except FileNotFoundError:
+            continue
+    if not stats:
+        return None
+    return {"bytes": sum(st.st_size for st in stats),
+            "modified": datetime.fromtimestamp(max(st.st_mtime for st in stats), timezone.utc).isoformat(timespec="seconds")}
 
 
 def _run_to_continue(config: Config, registry, dataset: str | None) -> str | None:
