@@ -819,7 +819,10 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
     ok = reason == 0
     # Copies of a text with one label stay in one split (`stratified_split`), so a label needs as many
     # distinct texts as there are splits.
-    per_label = _distinct_per_group(label_codes[ok], text_codes[ok], n_labels, max(n_texts, 1))
+    if n_texts == n:  # no text repeats: a label's distinct texts are its rows (no table of labels x texts)
+        per_label = np.bincount(label_codes[ok], minlength=n_labels)
+    else:
+        per_label = _distinct_per_group(label_codes[ok], text_codes[ok], n_labels, max(n_texts, 1))
     small_codes = np.flatnonzero((per_label > 0) & (per_label < min_per_class))
     if len(small_codes):
         small = sorted(label_values.take(arrow.from_numpy(small_codes)).to_pylist())

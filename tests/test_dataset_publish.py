@@ -499,6 +499,36 @@ def test_validate_ranks_each_clean_row_by_its_text_as_compared():
     assert validate(table, Columns(text="text", label="label"), 1).order is None  # no seed: no ranks
 
 
+def test_ranks_are_those_of_the_folded_texts_for_texts_and_pairs_across_chunks():
+    """Each clean row's rank is `split_order` of its `copy_key`: texts folded through Unicode (non-ASCII
+    letters, full-width forms, non-breaking spaces) and spacing (tabs, runs of spaces), pairs, chunked columns."""
+    firsts = ["Reset my password", "café CRÈME", "ｆｕｌｌ width", "tab\there", "two  spaces", " lead", "trail ",
+              "nbsp\u00a0here", "line\nbreak", "PLAIN TEXT", "ÉCOLE", "x\u2003y", "ok"]
+    seconds = ["Pair One", "pair\tTWO", "ΣΊΣΥΦΟΣ", "plain", "a  b", "b", "c ", "d", "E", "f", "g", "h", "i"]
+    labels = ["a", "b"] * 6 + ["a"]
+    for pair in (False, True):
+        n = len(firsts)
+        table = pa.table({"text": pa.chunked_array([pa.array(firsts[:5], pa.binary()), pa.array(firsts[5:], pa.binary())]),
+                          "label": labels, "_file": ["f.csv"] * n, "_row": np.arange(1, n + 1),
+                          **({"pair": pa.array(seconds, pa.binary())} if pair else {})})
+        cols = Columns(text="text", label="label", text_pair="pair" if pair else None)
+        checked = validate(table, cols, 1, split_seed=7)
+        assert checked.table.num_rows == n
+        key = copy_key({c: checked.table.column(c) for c in cols.text_columns}, cols)
+        assert np.array_equal(checked.order, split_order(key, 7))
+        assert len(set(checked.texts.tolist())) == n  # all different once folded
+
+
+def test_a_label_with_too_few_texts_is_found_when_no_text_repeats():
+    texts = [f"text number {i}" for i in range(8)]
+    table = pa.table({"text": pa.array(texts, pa.binary()), "label": ["a", "a", "a", "b", "b", "b", "c", "c"],
+                      "_file": ["f.csv"] * 8, "_row": np.arange(1, 9)})
+    checked = validate(table, Columns(text="text", label="label"), 3, split_seed=1)
+    assert checked.dropped == {"class_too_small": 2}
+    assert "'c' have fewer than 3 distinct texts" in checked.problems[0].detail
+    assert checked.table.column("label").to_pylist() == ["a"] * 3 + ["b"] * 3
+
+
 def test_copies_of_a_text_stay_in_one_split(tmp_path, cfg_for, caplog):
     """A test row that is a copy of a train row measures memory, not generalisation."""
     records = []
