@@ -99,7 +99,7 @@ def test_gate_pass_promotes_and_records_the_decision_everywhere(env):
     assert len(reg.resolve("clf:v0").metadata["evaluations"]) == 2
 
 
-def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
+def test_gate_failure_leaves_production_and_says_why(env, tmp_path, cli_here):
     cfg = env()
     evaluate.run(cfg)  # clf:v0 -> production
     worse = finetune.run(env(*BAD))
@@ -145,7 +145,7 @@ def test_gate_failure_leaves_production_and_says_why(env, tmp_path):
     import yaml
 
     config.write_text(yaml.safe_dump(cfg.to_dict()))
-    cli = run_cli("evaluate", "--config", str(config), "--result-json", str(tmp_path / "r.json"))
+    cli = cli_here("evaluate", "--config", str(config), "--result-json", str(tmp_path / "r.json"))
     assert cli.returncode == 3, cli.stderr[-2000:]
     judged = json.loads((tmp_path / "r.json").read_text())
     assert judged["status"] == "gate_failed"
@@ -887,7 +887,7 @@ def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
     config = tmp_path / "strict.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", "train.seed=3").to_dict()))
+    config.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", *BAD).to_dict()))  # a one-step model
     cli = run_cli("run", "--config", str(config), "--result-json", str(tmp_path / "run.json"))
     assert cli.returncode == 3, cli.stderr[-2000:]
     # stderr is a pipe here, as in an orchestrator: a plain log, no progress bars redrawn with \r
@@ -921,7 +921,7 @@ def test_orchestrator_chain_through_result_files(env, tmp_path):
     assert "--dataset tickets:v0" in done.stdout and "--model clf:v0" in done.stdout
     # the gate branch: exit 3, nothing deployed
     strict = tmp_path / "strict.yaml"
-    strict.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", "train.seed=5").to_dict()))
+    strict.write_text(yaml.safe_dump(env("evaluate.gate.min_accuracy=1.0", *BAD).to_dict()))  # a one-step model
     gated = subprocess.run([sys.executable, str(REPO / "scripts" / "orchestrate.py"), "--config", str(strict),
                             "--workdir", str(tmp_path / "r2")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert gated.returncode == 3 and "gate said no" in gated.stdout

@@ -447,22 +447,22 @@ def test_deleting_a_dataset_version_takes_its_cached_copies_and_a_republish_star
     assert registry_of(cfg).resolve("clf:v1").metadata["dataset"]["ref"] == "tickets:v1"
 
 
-def test_a_full_disk_while_training_is_one_message_and_training_again_publishes(small_disk, tiny_model, tickets_csv):
+def test_a_full_disk_while_training_is_one_message_and_training_again_publishes(small_disk, tiny_model, tickets_csv, cli_here):
     """torch.save says only "unexpected pos" on a full disk; the stage says what it is."""
     track = small_disk / "track"
     cli = ("--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
            "--set", f"dataset.source={tickets_csv}", "--set", f"model.base={tiny_model}", "--set", "model.max_length=32",
            "--set", "train.epochs=1", "--set", "train.batch_size=16")
-    assert run_cli("dataset-publish", *cli).returncode == 0
+    assert cli_here("dataset-publish", *cli).returncode == 0
     filler = fill_disk(small_disk, 250)  # the data fits; a checkpoint (weights and optimizer state) does not
 
-    full = run_cli("finetune", *cli)
+    full = cli_here("finetune", *cli)
 
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
     assert f"error: the disk is full ({track.resolve()}/checkpoints/" in full.stderr
     assert LocalRegistry(track / "registry").list_versions(type="model") == []
     filler.unlink()
-    again = run_cli("finetune", *cli)
+    again = cli_here("finetune", *cli)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "intent-classifier:v0"
 

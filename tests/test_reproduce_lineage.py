@@ -107,7 +107,7 @@ def test_a_renamed_rebuild_has_the_same_weights_in_a_new_version(env):
     assert weights["clf:v0"] == weights["renamed:v0"]
 
 
-def test_changed_config_is_reported_and_check_fails(env, tmp_path):
+def test_changed_config_is_reported_and_check_fails(env, tmp_path, cli_here):
     make, _ = env
     cfg = make()
     result = reproduce.run(cfg, model="clf:v0", overrides=("train.learning_rate=0.01",), check=True)
@@ -116,7 +116,7 @@ def test_changed_config_is_reported_and_check_fails(env, tmp_path):
     assert result.produced == ["clf:v1"] and "differs from clf:v0" in result.message
     assert registry(cfg).resolve("clf:production").ref == "clf:v0"  # a reproduction moves no alias but latest
     # the command line: exit 1 under --check, and the result file carries every comparison
-    cli = run_cli("reproduce", "clf:v0", "--check", "--set", f"tracking.dir={cfg.tracking.dir}", "--set", "train.seed=9",
+    cli = cli_here("reproduce", "clf:v0", "--check", "--set", f"tracking.dir={cfg.tracking.dir}", "--set", "train.seed=9",
                   "--result-json", str(tmp_path / "r.json"))
     assert cli.returncode == 1, cli.stderr[-2000:]
     data = json.loads((tmp_path / "r.json").read_text())

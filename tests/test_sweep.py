@@ -121,7 +121,7 @@ def test_each_sweep_draws_its_own_trials_and_a_seed_draws_them_again(cfg, tmp_pa
                                    "with" in cli.stderr
 
 
-def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path):
+def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path, cli_here):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},
                                     "parameters": {"train.learning_rate": {"values": [0.003, 0.001]},
@@ -129,7 +129,7 @@ def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path):
     c = cfg()
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(c.to_dict()))
-    cli = run_cli("sweep", "--config", str(config), "--sweep", str(path), "--count", "5",
+    cli = cli_here("sweep", "--config", str(config), "--sweep", str(path), "--count", "5",
                   "--result-json", str(tmp_path / "r.json"))
     assert cli.returncode == 0, cli.stderr[-2000:]
     data = json.loads((tmp_path / "r.json").read_text())
