@@ -8,6 +8,9 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -295,6 +298,59 @@ def test_run_again_continues_the_interrupted_finetune(tmp_path, tiny_model, tick
     assert registry_of(cfg).get_run(killed)["run_group"] == "first"
     record = next(r for r in inspect_records(Path(trained["paths"]["run_dir"])) if r["type"] == "run")["run"]
     assert record["run_group"] == "first"
+
+
+# Another process that continues a run and is training it now: it stays at its first step until it is killed.
+TRAINING_NOW = """
+import sys, time
+from transformers import TrainerCallback
+from pipeline.config import load_config
+from pipeline.stages import finetune
+
+class Stay(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        print("training", flush=True)
+        time.sleep(600)
+
+finetune.run(load_config(sys.argv[1], []), resume=sys.argv[2], callbacks=(Stay(),))
+"""
+
+
+def test_a_run_training_in_another_process_is_not_continued_until_that_process_is_gone(tmp_path, tiny_model, tickets_csv,
+                                                                                      cli_here, caplog):
+    """An interrupted run's folder and a running one's look alike. A cron job that overlaps the one before, or an
+    orchestrator's retry while the first attempt is alive, must not continue the same run in a second process."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(7),))
+    run_id = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    folder = Path(cfg.tracking.dir) / "checkpoints" / "clf" / run_id
+    config = write_yaml(tmp_path, cfg)
+    own_service = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # not this process's W&B service
+    other = subprocess.Popen([sys.executable, "-c", TRAINING_NOW, str(config), run_id], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, cwd=REPO, env=own_service, text=True)
+    guard = threading.Timer(300, other.kill)
+    guard.start()
+    try:
+        assert "training\n" in iter(other.stdout.readline, ""), "the other process did not train"  # it trains the run now
+        busy = cli_here("finetune", "--config", str(config), "--resume", run_id)
+        assert busy.returncode == 1 and "Traceback" not in busy.stderr, busy.stderr[-2000:]
+        assert f"finetune run {run_id} is training now in another process (pid {other.pid} on " in busy.stderr
+        listed = cli_here("artifacts", "list", "--set", f"tracking.dir={cfg.tracking.dir}").stdout
+        row = next(line for line in listed.splitlines() if run_id in line)
+        assert f"training now (pid {other.pid} on " in row
+        caplog.set_level("INFO", logger="pipeline")
+        fresh = finetune.run(cfg, resume="auto")  # not interrupted: passed over, and a run of its own trains
+        assert fresh.run_id != run_id and fresh.details["resumed_from"] is None
+        assert f"{run_id}: training now (pid {other.pid} on " in caplog.text
+        assert (folder / finetune.RESUME_FILE).is_file() and list(folder.glob("checkpoint-*"))  # left as it was
+    finally:
+        guard.cancel()
+        other.kill()  # SIGKILL: no handler runs, the kernel lets go of its lock
+        other.wait()
+    resumed = finetune.run(cfg, resume="auto")  # interrupted again: continued
+    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith(f"{run_id}/checkpoint-5")
 
 
 @pytest.mark.parametrize("extra, dataset, message", [

@@ -171,17 +171,22 @@ def _table(rows: list[tuple[str, ...]], indent: str = "") -> None:
 def _list_interrupted(tracking_dir, name: str | None) -> None:
     """The checkpoints that interrupted finetune runs keep (a few hundred MB each for a small model): not
     versions, but disk that only a resume or a deletion frees."""
+    from pipeline.runlock import describe
     from pipeline.stages.finetune import interrupted_runs
 
     runs = [r for r in interrupted_runs(tracking_dir) if name in (None, r["model"])]
     if not runs:
         return
+
+    def state(r) -> str:
+        if r["training"] is not None:
+            return f"training now ({describe(r['training'])})"
+        return "a sweep trial's (not resumable)" if r["sweep_trial"] else r["checkpoint"] or "none (nothing to resume)"
+
     print(f"\nfinetune checkpoints: {_size(sum(r['bytes'] for r in runs))}, of runs that were interrupted (or are "
           "training now); continue one with `finetune --resume RUN_ID`, or delete its folder to free the space")
     _table([("MODEL", "RUN", "SIZE", "LAST CHECKPOINT", "WRITTEN", "FOLDER")] + [
-        (r["model"], r["run_id"], _size(r["bytes"]),
-         "a sweep trial's (not resumable)" if r["sweep_trial"] else r["checkpoint"] or "none (nothing to resume)",
-         r["modified"][:19], r["path"]) for r in runs], indent="  ")
+        (r["model"], r["run_id"], _size(r["bytes"]), state(r), r["modified"][:19], r["path"]) for r in runs], indent="  ")
 
 
 def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline.basemodel import (BaseModel, check_architecture, check_max_length, load_classifier, load_tokenizer, match_padding,
                                 resolve_base_model, separate_pairs)
-from pipeline import provenance
+from pipeline import provenance, runlock
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
 from pipeline.results import StageResult
@@ -105,9 +105,11 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
             known = sorted(p.parent.name for p in _stopped_runs(config))
             raise RefError(f"no interrupted finetune run {run_id!r} of {config.model.name} under {root}; "
                            f"resumable runs: {', '.join(known) or 'none'}")
+        if (busy := runlock.holder(state_file.parent)) is not None:
+            raise runlock.RunBusy(f"finetune run {run_id}", busy)
         candidates = [state_file]
-    else:
-        candidates = _stopped_runs(config)
+    else:  # latest: the newest run that is not training now
+        candidates = [f for f in _stopped_runs(config) if runlock.holder(f.parent) is None]
     for state_file in candidates:
         ckpt = _last_checkpoint(state_file.parent)
         if ckpt is not None:
@@ -127,7 +129,7 @@ def remove_trial_leftovers(config: Config, sweep: str) -> list[str]:
             state = json.loads(state_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if state.get("sweep") == sweep:
+        if state.get("sweep") == sweep and runlock.holder(state_file.parent) is None:  # not one training now
             shutil.rmtree(state_file.parent, ignore_errors=True)
             removed.append(state_file.parent.name)
     return removed
@@ -136,8 +138,9 @@ def remove_trial_leftovers(config: Config, sweep: str) -> list[str]:
 def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
     """The finetune runs whose checkpoints are on disk, for ``--resume`` (a finished run removes its own; one
     training now has them too), newest first: model, run id, folder, bytes on disk, last complete checkpoint
-    (None: stopped before the first), when it was last written, and whether it is a sweep trial's (not resumable:
-    a stopped trial removes its own, but not when its process was killed outright)."""
+    (None: stopped before the first), when it was last written, whether it is a sweep trial's (not resumable:
+    a stopped trial removes its own, but not when its process was killed outright), and who trains it now
+    (`runlock.holder`; None: nobody, it was interrupted)."""
     out = []
     for folder in Path(tracking_dir).resolve().glob("checkpoints/*/*"):
         trial = (folder / TRIAL_FILE).is_file()
@@ -147,7 +150,7 @@ def interrupted_runs(tracking_dir: Path | str) -> list[dict[str, Any]]:
             continue
         last = _last_checkpoint(folder)
         out.append({"model": folder.parent.name, "run_id": folder.name, "path": str(folder), "sweep_trial": trial,
-                    "checkpoint": last.name if last else None, **usage})
+                    "checkpoint": last.name if last else None, "training": runlock.holder(folder), **usage})
     return sorted(out, key=lambda r: r["modified"], reverse=True)
 
 
@@ -184,7 +187,9 @@ def _run_to_continue(config: Config, registry, dataset: str | None) -> str | Non
         except (OSError, ValueError):
             continue
         changed = model_config_diff(saved.get("config") or {}, config.to_dict())
-        if _last_checkpoint(state_file.parent) is None:
+        if (busy := runlock.holder(state_file.parent)) is not None:  # not interrupted: another process trains it
+            passed.append(f"{saved.get('run_id')}: training now ({runlock.describe(busy)})")
+        elif _last_checkpoint(state_file.parent) is None:
             passed.append(f"{saved.get('run_id')}: no checkpoint")
         elif saved.get("dataset") != target.ref or saved.get("dataset_digest") not in (None, target.digest):
             passed.append(f"{saved.get('run_id')}: trained on {saved.get('dataset')}")
@@ -773,56 +778,59 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         return _reuse(config, plan_, earlier, group=group, aliases=aliases, tags=tags, summary=summary)
     tags = [*tags, *(["resumed"] if plan_.resume_from else [])]
     # A resumed run stays in the group it started in (one W&B run, one group), also when a later pipeline resumes it
-    with tracked_run(config, STAGE, group=plan_.group if plan_.resume_from is not None else group,
-                     run_id=plan_.run_id, resume=plan_.resume_from is not None,
-                     tags=tags, adopt=adopt_wandb_run, registry=plan_.registry) as trun:
-        if summary:
-            trun.set_summary(**summary)
-        try:
-            shared, details = _prepare(config, plan_, trun, sweep)
-        except BaseException as e:
-            _share(state, {"error": str(e)})
-            raise
-        _share(state, shared)
-        trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
-                            "data/tokenize_cache": details["tokenize_cache"],
-                            **{f"data/truncated_{s}": n for s, n in shared["truncated"].items()}})
-        trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run, callbacks)
-        if trun.wandb_run is not None:
-            _define_summaries(trun.wandb_run)
-        try:
-            output = trainer.train(resume_from_checkpoint=shared["resume_from"])
-        except BaseException as e:
-            full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
-            checkpoint = _last_checkpoint(plan_.output_dir) if sweep is None else None
-            if sweep is not None:  # nothing will continue it: its checkpoints (hundreds of MB) go
-                shutil.rmtree(plan_.output_dir, ignore_errors=True)
-            elif checkpoint is not None:
-                log.error("finetune run %s stopped; its last checkpoint is %s. Continue it with: "
-                          "python -m pipeline finetune --config ... --resume %s", plan_.run_id, checkpoint, plan_.run_id)
-                trun.on_failure.update(resume=plan_.run_id, checkpoint=str(checkpoint))  # for the result file
+    # Held until the folder goes: a second process (an overlapping cron job, a retry while this one is alive)
+    # neither continues this run nor removes its folder (`runlock`).
+    with runlock.hold(plan_.output_dir, f"finetune run {plan_.run_id}"):
+        with tracked_run(config, STAGE, group=plan_.group if plan_.resume_from is not None else group,
+                         run_id=plan_.run_id, resume=plan_.resume_from is not None,
+                         tags=tags, adopt=adopt_wandb_run, registry=plan_.registry) as trun:
+            if summary:
+                trun.set_summary(**summary)
+            try:
+                shared, details = _prepare(config, plan_, trun, sweep)
+            except BaseException as e:
+                _share(state, {"error": str(e)})
+                raise
+            _share(state, shared)
+            trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
+                                "data/tokenize_cache": details["tokenize_cache"],
+                                **{f"data/truncated_{s}": n for s, n in shared["truncated"].items()}})
+            trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run, callbacks)
+            if trun.wandb_run is not None:
+                _define_summaries(trun.wandb_run)
+            try:
+                output = trainer.train(resume_from_checkpoint=shared["resume_from"])
+            except BaseException as e:
+                full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
+                checkpoint = _last_checkpoint(plan_.output_dir) if sweep is None else None
+                if sweep is not None:  # nothing will continue it: its checkpoints (hundreds of MB) go
+                    shutil.rmtree(plan_.output_dir, ignore_errors=True)
+                elif checkpoint is not None:
+                    log.error("finetune run %s stopped; its last checkpoint is %s. Continue it with: "
+                              "python -m pipeline finetune --config ... --resume %s", plan_.run_id, checkpoint, plan_.run_id)
+                    trun.on_failure.update(resume=plan_.run_id, checkpoint=str(checkpoint))  # for the result file
+                else:
+                    log.error("finetune run %s stopped before its first checkpoint; start it again", plan_.run_id)
+                if full:
+                    raise DiskFull(str(plan_.output_dir)) from e
+                raise
+            best, final = _eval_history(trainer.state)
+            _check_finite(best, final)
+            metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
+            metadata = _metadata(config, plan_, trun, shared, metrics, signature, code, packages)
+            if keep_model is not None:
+                _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
+                status, produced, digest = "ok", [], None
+                trun.set_summary(status="ok", kept_model=str(keep_model))
             else:
-                log.error("finetune run %s stopped before its first checkpoint; start it again", plan_.run_id)
-            if full:
-                raise DiskFull(str(plan_.output_dir)) from e
-            raise
-        best, final = _eval_history(trainer.state)
-        _check_finite(best, final)
-        metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
-        metadata = _metadata(config, plan_, trun, shared, metrics, signature, code, packages)
-        if keep_model is not None:
-            _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
-            status, produced, digest = "ok", [], None
-            trun.set_summary(status="ok", kept_model=str(keep_model))
-        else:
-            published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases)
-            status = "ok" if published.created else "unchanged"
-            provenance.add_signature(trun.registry, published.version, signature)
-            produced, digest = [published.ref], published.version.digest
-            trun.set_summary(**{"artifact": published.ref, "status": status})
-        trun.set_summary(**{f"best/{k}": v for k, v in best.items()})
-        train_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
-    shutil.rmtree(plan_.output_dir, ignore_errors=True)  # the version holds the model; checkpoints were for resuming
+                published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases)
+                status = "ok" if published.created else "unchanged"
+                provenance.add_signature(trun.registry, published.version, signature)
+                produced, digest = [published.ref], published.version.digest
+                trun.set_summary(**{"artifact": published.ref, "status": status})
+            trun.set_summary(**{f"best/{k}": v for k, v in best.items()})
+            train_metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
+        shutil.rmtree(plan_.output_dir, ignore_errors=True)  # the version holds the model; checkpoints were for resuming
     return StageResult(
         stage=STAGE,
         status=status,

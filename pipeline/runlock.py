@@ -1,0 +1,121 @@
+"""Which finetune runs are training now: each training process holds a lock on its run's checkpoint folder.
+
+An interrupted run's folder and a running one's look alike (both hold checkpoints and a resume state
+file), so without this a ``finetune --resume auto`` started while the run is still training (a cron
+job that overlaps last night's, an orchestrator's retry while the first attempt is alive) would
+continue the same run in a second process: two trainers rotating each other's checkpoints and
+resuming one W&B run twice. The lock is an advisory ``flock`` on ``<folder>/training.lock``, taken
+before the run's W&B run opens and held until the process ends; the kernel releases it however the
+process ends (SIGKILL included), so a folder whose lock is free was left by a process that is gone.
+Where ``fcntl`` is missing (Windows), no run counts as training, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+LOCK_FILE = "training.lock"
+
+
+class RunBusy(PipelineError):
+    """The run is training in another process now."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, found: dict[str, Any]):
+        super().__init__(f"{what} is training now in another process ({describe(found)}); wait for it to end "
+                         "(or stop it) before continuing it")
+
+
+def describe(holder: dict[str, Any]) -> str:
+    """``pid 123 on host h, since 2026-11-27T20:01:02+00:00``, from what `holder` found."""
+    parts = [f"pid {holder['pid']}" if holder.get("pid") else "another process"]
+    if holder.get("host"):
+        parts.append(f"on {holder['host']}")
+    said = " ".join(parts)
+    return f"{said}, since {holder['since']}" if holder.get("since") else said
+
+
+def holder(folder: Path | str) -> dict[str, Any] | None:
+    """Who trains the run in `folder` now (``pid``, ``host``, ``since``; empty when it could not be read), or
+    None when no process does."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # never locked, or its folder is being removed
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held: the process training the run is alive
+            return _read(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(folder: Path | str, what: str) -> Iterator[None]:
+    """Hold `folder`'s lock while the block runs (`what`: the run, as a message names it); `RunBusy` when another
+    process holds it. A folder made here that holds nothing else when the block ends (the run stopped before it
+    wrote anything) is removed, with the empty parents made for it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # this folder and the parents made for it
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunBusy(what, _read(fd)) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with contextlib.suppress(OSError):  # who holds it is for messages only (a full disk may refuse even this)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield
+        finally:
+            if made and _only_the_lock(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                for parent in made[1:]:  # those another process has put something in meanwhile stay
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
+    finally:
+        os.close(fd)
+
+
+def _read(fd: int) -> dict[str, Any]:
+    try:
+        found = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _only_the_lock(folder: Path) -> bool:
+    try:
+        return [p.name for p in folder.iterdir()] == [LOCK_FILE]
+    except OSError:
+        return False

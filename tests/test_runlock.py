@@ -1,0 +1,51 @@
+"""The lock a training process holds on its run's checkpoint folder (`pipeline.runlock`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from pipeline import runlock
+from pipeline.config import load_config
+from pipeline.stages import finetune
+
+
+def test_a_held_folder_names_its_holder_refuses_a_second_holder_and_is_free_after(tmp_path):
+    folder = tmp_path / "checkpoints" / "clf" / "run1"
+    assert runlock.holder(folder) is None  # no folder: nobody
+    with runlock.hold(folder, "finetune run run1"):
+        found = runlock.holder(folder)  # a lock of another open file, as another process would see it
+        assert found["pid"] == os.getpid() and found["host"] == socket.gethostname() and found["since"]
+        with pytest.raises(runlock.RunBusy, match=rf"^finetune run run1 is training now in another process "
+                                                  rf"\(pid {os.getpid()} on {socket.gethostname()}, since "):
+            with runlock.hold(folder, "finetune run run1"):
+                pass
+        (folder / "resume.json").write_text("{}")
+    assert runlock.holder(folder) is None
+    assert (folder / "resume.json").is_file()  # a folder with the run's files stays
+
+
+def test_a_folder_that_holds_nothing_but_the_lock_goes_with_the_parents_made_for_it(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "keep").mkdir()
+    with runlock.hold(tmp_path / "checkpoints" / "clf" / "run1", "run1"):
+        assert (tmp_path / "checkpoints" / "clf" / "run1" / runlock.LOCK_FILE).is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["keep"]  # clf/ was made for it; keep/ not
+
+
+def test_a_sweep_goes_on_without_removing_a_trial_that_is_training_now(tmp_path):
+    cfg = load_config(None, ["dataset.name=d", "dataset.source=d.csv", "model.name=clf", f"tracking.dir={tmp_path / 'track'}"])
+    trials = {}
+    for run_id in ("live", "killed"):
+        trials[run_id] = tmp_path / "track" / "checkpoints" / "clf" / run_id
+        trials[run_id].mkdir(parents=True)
+        (trials[run_id] / finetune.TRIAL_FILE).write_text(json.dumps({"run_id": run_id, "sweep": "s1"}))
+    with runlock.hold(trials["live"], "trial"):  # the live trial's process (another sweep process going on)
+        assert finetune.remove_trial_leftovers(cfg, "s1") == ["killed"]
+        assert trials["live"].is_dir() and not trials["killed"].exists()
+        listed = {r["run_id"]: r["training"] for r in finetune.interrupted_runs(tmp_path / "track")}
+        assert listed["live"]["pid"] == os.getpid()
+    assert finetune.remove_trial_leftovers(cfg, "s1") == ["live"]  # its process is gone: a leftover
