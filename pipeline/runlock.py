@@ -32,8 +32,8 @@ class RunBusy(PipelineError):
 
     exit_code = 1
 
-    def __init__(self, what: str, found: dict[str, Any]):
-        super().__init__(f"{what} is training now in another process ({describe(found)}); wait for it to end "
+    def __init__(self, what: str, found: dict[str, Any], doing: str = "training"):
+        super().__init__(f"{what} is {doing} now in another process ({describe(found)}); wait for it to end "
                          "(or stop it) before continuing it")
 
 
@@ -69,10 +69,11 @@ def holder(folder: Path | str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def hold(folder: Path | str, what: str) -> Iterator[None]:
-    """Hold `folder`'s lock while the block runs (`what`: the run, as a message names it); `RunBusy` when another
-    process holds it. A folder made here that holds nothing else when the block ends (the run stopped before it
-    wrote anything) is removed, with the empty parents made for it."""
+def hold(folder: Path | str, what: str, doing: str = "training") -> Iterator[None]:
+    """Hold `folder`'s lock while the block runs (`what` and `doing`: the run and what it does, as a message says
+    them); `RunBusy` when another process holds it. A folder that holds nothing but the lock when the block ends
+    (the run stopped before it wrote anything, or removed its files when done) is removed, with the parents made
+    for it that are empty."""
     try:
         import fcntl
     except ImportError:
@@ -86,7 +87,7 @@ def hold(folder: Path | str, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RunBusy(what, _read(fd)) from None
+            raise RunBusy(what, _read(fd), doing) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with contextlib.suppress(OSError):  # who holds it is for messages only (a full disk may refuse even this)
@@ -95,7 +96,7 @@ def hold(folder: Path | str, what: str) -> Iterator[None]:
         try:
             yield
         finally:
-            if made and _only_the_lock(folder):
+            if only_the_lock(folder):
                 shutil.rmtree(folder, ignore_errors=True)
                 for parent in made[1:]:  # those another process has put something in meanwhile stay
                     try:
@@ -114,7 +115,8 @@ def _read(fd: int) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _only_the_lock(folder: Path) -> bool:
+def only_the_lock(folder: Path) -> bool:
+    """Whether `folder` holds the lock file and nothing else."""
     try:
         return [p.name for p in folder.iterdir()] == [LOCK_FILE]
     except OSError:

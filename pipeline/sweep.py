@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import runlock
 from pipeline.config import (Config, TrainConfig, config_from_dict, describe_diff, model_config_diff, safe_load_unique,
                              yaml_error)
 from pipeline.errors import ConfigError, PipelineError, RefError
@@ -492,110 +493,120 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
 
     from pipeline.tracking import new_run_id, open_registry
 
-    if count < 1:
-        raise ConfigError("--count must be at least 1")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(config)
-    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
-    more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
-    continued, auto = False, resume == AUTO  # continued: --resume auto goes on with an interrupted sweep
-    if auto:
-        resume, count = _sweep_to_continue(config, sweep, storage, registry, count, seed)
-        continued = resume is not None
-    if resume:
-        try:
-            attrs = optuna.load_study(study_name=resume, storage=storage).user_attrs
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-            raise RefError(f"no sweep {resume!r} under {config.tracking.dir}; sweeps: {', '.join(names) or 'none'}") from None
-        if attrs.get("sweep") != sweep.raw:
-            raise ConfigError(f"sweep {resume} was started with a different sweep config; resume it with the same file")
-        # Trials of one sweep differ only in the swept parameters (the data is pinned by version, so dataset.* may move).
-        swept = {p.key for p in sweep.params}
-        changed = {k: v for k, v in model_config_diff(attrs.get("config") or config.to_dict(), config.to_dict()).items()
-                   if not k.startswith("dataset.") and k not in swept}
-        if changed:
-            raise ConfigError(f"cannot resume sweep {resume}: the config differs from the one it started with in "
-                              + describe_diff(changed)
-                              + "; its trials would not be comparable")
-        sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
-        study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
-                                  pruner=_pruner(sweep, config))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
-            log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
-        _remove_trial_leftovers(config, sweep_id)
-        if more:  # what --resume auto counts down from; a sweep resumed after its end is unfinished again
-            study.set_user_attr("count", _trials_run(study) + count)
-            study.set_user_attr("finished", None)
-    else:
-        dataset_ref, base_ref = _before_trials(config, sweep, registry)
-        sweep_id = new_run_id()
-        # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
-        # instead of repeating the first one's. The seed is recorded, and `--seed` draws a sweep's trials again.
-        seed = secrets.randbits(31) if seed is None else seed
-        log.info("sweep %s started with seed %d (%s)", sweep_id, seed,
-                 "a retry of this command continues it after an interruption" if auto
-                 else f"continue it after an interruption with --resume {sweep_id}")
-        study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
-                                    pruner=_pruner(sweep, config),
-                                    direction="maximize" if sweep.maximize else "minimize")
-        for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict(),
-                     "count": count, "started": time.time(), **({"base": base_ref} if base_ref else {})}.items():
-            study.set_user_attr(k, v)
-    if on_failure is not None:
-        on_failure["resume"] = sweep_id
-    group = group or f"sweep-{sweep_id}"
-    work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
-    best_dir = work / "best"
-    grid = sweep.grid() if sweep.method == "grid" else None
-    stop_reason = f"count {study.user_attrs['count'] if continued else count} done"
-    for _ in range(count):
-        outcomes = _outcomes(study)
-        best = best_of(sweep, outcomes)
-        finished = [o for o in outcomes if o.state in ("complete", "pruned", "failed")]
-        if sweep.run_cap is not None and len(finished) >= sweep.run_cap:
-            stop_reason = f"run_cap {sweep.run_cap} reached"
-            break
-        if best is not None and _target_reached(sweep, best.value):
-            stop_reason = f"metric target {sweep.target} reached by trial {best.number}"
-            break
-        if grid is not None:
-            todo = _grid_todo(grid, outcomes)
-            if not todo:
-                stop_reason = f"grid exhausted ({len(grid)} combinations)"
+    # The sweep's folder is locked while this process runs it (`runlock`): a second process (an overlapping cron
+    # job, a retry while this one is alive) neither continues it nor marks its running trial failed.
+    with contextlib.ExitStack() as lock:
+        if count < 1:
+            raise ConfigError("--count must be at least 1")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = _storage(config)
+        registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+        more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
+        continued, auto = False, resume == AUTO  # continued: --resume auto goes on with an interrupted sweep
+        if auto:
+            resume, count = _sweep_to_continue(config, sweep, storage, registry, count, seed)
+            continued = resume is not None
+        if resume:
+            try:
+                attrs = optuna.load_study(study_name=resume, storage=storage).user_attrs
+            except KeyError:
+                names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+                raise RefError(f"no sweep {resume!r} under {config.tracking.dir}; sweeps: {', '.join(names) or 'none'}") from None
+            if attrs.get("sweep") != sweep.raw:
+                raise ConfigError(f"sweep {resume} was started with a different sweep config; resume it with the same file")
+            # Trials of one sweep differ only in the swept parameters (the data is pinned by version, so dataset.* may move).
+            swept = {p.key for p in sweep.params}
+            changed = {k: v for k, v in model_config_diff(attrs.get("config") or config.to_dict(), config.to_dict()).items()
+                       if not k.startswith("dataset.") and k not in swept}
+            if changed:
+                raise ConfigError(f"cannot resume sweep {resume}: the config differs from the one it started with in "
+                                  + describe_diff(changed)
+                                  + "; its trials would not be comparable")
+            sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
+            lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
+            study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
+                                      pruner=_pruner(sweep, config))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
+                log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
+            _remove_trial_leftovers(config, sweep_id)
+            if more:  # what --resume auto counts down from; a sweep resumed after its end is unfinished again
+                study.set_user_attr("count", _trials_run(study) + count)
+                study.set_user_attr("finished", None)
+        else:
+            dataset_ref, base_ref = _before_trials(config, sweep, registry)
+            sweep_id = new_run_id()
+            lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
+            # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
+            # instead of repeating the first one's. The seed is recorded, and `--seed` draws a sweep's trials again.
+            seed = secrets.randbits(31) if seed is None else seed
+            log.info("sweep %s started with seed %d (%s)", sweep_id, seed,
+                     "a retry of this command continues it after an interruption" if auto
+                     else f"continue it after an interruption with --resume {sweep_id}")
+            study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
+                                        pruner=_pruner(sweep, config),
+                                        direction="maximize" if sweep.maximize else "minimize")
+            for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict(),
+                         "count": count, "started": time.time(), **({"base": base_ref} if base_ref else {})}.items():
+                study.set_user_attr(k, v)
+        if on_failure is not None:
+            on_failure["resume"] = sweep_id
+        group = group or f"sweep-{sweep_id}"
+        work = sweep_folder(config, sweep_id)
+        best_dir = work / "best"
+        grid = sweep.grid() if sweep.method == "grid" else None
+        stop_reason = f"count {study.user_attrs['count'] if continued else count} done"
+        for _ in range(count):
+            outcomes = _outcomes(study)
+            best = best_of(sweep, outcomes)
+            finished = [o for o in outcomes if o.state in ("complete", "pruned", "failed")]
+            if sweep.run_cap is not None and len(finished) >= sweep.run_cap:
+                stop_reason = f"run_cap {sweep.run_cap} reached"
                 break
-        trial = study.ask()
-        if grid is not None:
-            params = todo[0]
-        elif sweep.method == "bayes":
-            params = {p.key: suggest_bayes(p, trial) for p in sweep.params}
+            if best is not None and _target_reached(sweep, best.value):
+                stop_reason = f"metric target {sweep.target} reached by trial {best.number}"
+                break
+            if grid is not None:
+                todo = _grid_todo(grid, outcomes)
+                if not todo:
+                    stop_reason = f"grid exhausted ({len(grid)} combinations)"
+                    break
+            trial = study.ask()
+            if grid is not None:
+                params = todo[0]
+            elif sweep.method == "bayes":
+                params = {p.key: suggest_bayes(p, trial) for p in sweep.params}
+            else:
+                rng = np.random.default_rng([seed, trial.number])  # a trial's draw depends on the sweep seed and its number only
+                params = {p.key: sample_random(p, rng) for p in sweep.params}
+            trial.set_user_attr("params", params)
+            keep = None if publish_trials else work / f"trial-{trial.number}"
+            outcome = train_trial(config, sweep, trial.number, params, dataset_ref=dataset_ref, group=group, sweep_id=sweep_id,
+                                  keep=keep, prune_trial=trial if sweep.hyperband else None, callbacks=callbacks,
+                                  base_ref=base_ref)
+            for k in ("value", "run_id", "produced", "error", "evaluations", "loss"):
+                trial.set_user_attr(k, getattr(outcome, k))
+            keep_if_best(sweep, outcome, best, keep, best_dir)
+            if outcome.state == "failed":
+                study.tell(trial, state=TrialState.FAIL)
+            elif outcome.state == "pruned":
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, outcome.value)
         else:
-            rng = np.random.default_rng([seed, trial.number])  # a trial's draw depends on the sweep seed and its number only
-            params = {p.key: sample_random(p, rng) for p in sweep.params}
-        trial.set_user_attr("params", params)
-        keep = None if publish_trials else work / f"trial-{trial.number}"
-        outcome = train_trial(config, sweep, trial.number, params, dataset_ref=dataset_ref, group=group, sweep_id=sweep_id,
-                              keep=keep, prune_trial=trial if sweep.hyperband else None, callbacks=callbacks,
-                              base_ref=base_ref)
-        for k in ("value", "run_id", "produced", "error", "evaluations", "loss"):
-            trial.set_user_attr(k, getattr(outcome, k))
-        keep_if_best(sweep, outcome, best, keep, best_dir)
-        if outcome.state == "failed":
-            study.tell(trial, state=TrialState.FAIL)
-        elif outcome.state == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, outcome.value)
-    else:
-        if grid is not None and not _grid_todo(grid, _outcomes(study)):
-            stop_reason = f"grid exhausted ({len(grid)} combinations)"
-    result = publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason, seed)
-    study.set_user_attr("finished", stop_reason)  # published: --resume auto starts the next sweep afresh
-    return result
+            if grid is not None and not _grid_todo(grid, _outcomes(study)):
+                stop_reason = f"grid exhausted ({len(grid)} combinations)"
+        result = publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason, seed)
+        study.set_user_attr("finished", stop_reason)  # published: --resume auto starts the next sweep afresh
+        return result
 
 
 AUTO = "auto"  # --resume auto: an orchestrator's retry of the same command
+
+
+def sweep_folder(config: Config, sweep_id: str) -> Path:
+    """Where a sweep keeps its best trial's model until it publishes it, and the lock of the process running it."""
+    return Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
 
 
 def _remove_trial_leftovers(config: Config, sweep_id: str) -> None:
@@ -635,6 +646,8 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
                    if not k.startswith("dataset.") and k not in swept}
         if attrs.get("sweep") != sweep.raw:
             passed.append(f"{name}: another sweep file")
+        elif (busy := runlock.holder(sweep_folder(config, name))) is not None:  # not interrupted: another process runs it
+            passed.append(f"{name}: running now ({runlock.describe(busy)})")
         elif attrs.get("dataset") != dataset_ref:
             passed.append(f"{name}: sweeps {attrs.get('dataset')}")
         elif attrs.get("base") != base_ref:
@@ -712,7 +725,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     if on_failure is not None:
         on_failure["resume"] = sweep_id
     group = group or f"sweep-{sweep_id}"
-    work = Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
+    work = sweep_folder(config, sweep_id)
     best_dir = work / "best"
     by_name = {p.name: p.key for p in sweep.params}
     outcomes: list[TrialOutcome] = []
@@ -826,19 +839,21 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
 def kept_models(tracking_dir: Path | str) -> list[dict[str, Any]]:
     """The folders sweeps keep under ``<tracking.dir>/sweeps``, newest first: the best trial's model so far of a sweep
     that has not published it (one running now, or interrupted: it stays until the sweep goes on and publishes).
-    Sweep id, model name, best trial and its value, bytes on disk, when last written, folder."""
+    Sweep id, model name, best trial and its value, bytes on disk, when last written, folder, and the process
+    running the sweep now (`runlock.holder`; None: it was interrupted)."""
     from pipeline.stages.finetune import disk_usage
 
     out = []
     for folder in Path(tracking_dir).resolve().glob("sweeps/*"):
-        if (usage := disk_usage(folder)) is None:  # a sweep running now replaces its best model meanwhile
+        if (usage := disk_usage(folder)) is None or runlock.only_the_lock(folder):  # no model kept (yet)
             continue
         trial, meta = {}, {}
         with contextlib.suppress(OSError, ValueError):
             trial = json.loads((folder / "best" / "trial.json").read_text(encoding="utf-8"))
             meta = json.loads((folder / "best" / "metadata.json").read_text(encoding="utf-8"))
         out.append({"sweep": folder.name, "model": ((meta.get("config") or {}).get("model") or {}).get("name"),
-                    "trial": trial.get("trial"), "value": trial.get("value"), "path": str(folder), **usage})
+                    "trial": trial.get("trial"), "value": trial.get("value"), "path": str(folder),
+                    "running": runlock.holder(folder), **usage})
     return sorted(out, key=lambda r: r["modified"], reverse=True)
 
 

@@ -13,12 +13,13 @@ import pytest
 import yaml
 from transformers import TrainerCallback
 
-from pipeline import sweep as sweeps
+from pipeline import runlock, sweep as sweeps
 from pipeline.callbacks import SweepMetricCallback
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
+from pipeline.tracking import open_registry
 from tests.conftest import REPO, inspect_summary, run_cli
 from tests.tiny import write_separable_tickets, write_tickets, write_tiny_model
 
@@ -343,11 +344,23 @@ def test_a_trial_whose_process_was_killed_leaves_a_folder_that_the_sweep_removes
         while not list(Path(c.tracking.dir).glob(f"checkpoints/clf/*/{finetune.TRIAL_FILE}")):
             assert proc.poll() is None and time.monotonic() < deadline, "the trial did not start"
             time.sleep(0.2)
+        # While it runs, the sweep is not an interrupted one: no second process goes on with it (an overlapping cron
+        # job, a retry while this one lives), which would mark its running trial failed and share its folder.
+        [folder] = (Path(c.tracking.dir) / "sweeps").iterdir()
+        sweep_id, spec = folder.name, sweeps.load_sweep(sweep_file)
+        with pytest.raises(runlock.RunBusy, match=rf"^sweep {sweep_id} is running now in another process \(pid {proc.pid} on "):
+            sweeps.run(c, sweep=spec, count=1, resume=sweep_id)
+        with caplog.at_level("INFO", logger="pipeline.sweep"):
+            registry = open_registry(c.tracking, project=c.project, entity=c.entity)
+            assert sweeps._sweep_to_continue(c, spec, sweeps._storage(c), registry, 1, None) == (None, 1)
+        assert f"({sweep_id}: running now (pid {proc.pid} on " in caplog.text
+        [training] = finetune.interrupted_runs(c.tracking.dir)
+        assert training["sweep_trial"] and training["training"]["pid"] == proc.pid  # its trial, training now
     finally:
         proc.kill()  # SIGKILL: no except, no finally runs in it
         proc.wait()
     [listed] = finetune.interrupted_runs(c.tracking.dir)
-    assert listed["sweep_trial"] and finetune._stopped_runs(c) == []  # listed, and no finetune resumes it
+    assert listed["sweep_trial"] and listed["training"] is None and finetune._stopped_runs(c) == []  # no finetune resumes it
 
     caplog.clear()
     with caplog.at_level("INFO", logger="pipeline.sweep"):  # the retry goes on with the sweep: the folder goes
@@ -356,6 +369,7 @@ def test_a_trial_whose_process_was_killed_leaves_a_folder_that_the_sweep_removes
     # (the killed trial counts towards run_cap 1, so the sweep ends there, with no trial finished)
     assert [(t.number, t.state) for t in out.trials] == [(0, "failed")] and out.stop_reason == "run_cap 1 reached"
     assert not list((Path(c.tracking.dir) / "checkpoints").glob("*/*"))
+    assert not folder.exists()  # nothing kept (no trial finished), and the lock went with the sweep
 
 
 def test_hyperband_stops_weak_trials_early(cfg, tmp_path):

@@ -193,6 +193,7 @@ def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:
     """The best model so far that each unfinished sweep keeps on disk until it publishes it (and, left by versions
     of the pipeline before it removed them, folders of models that are published)."""
     from pipeline.errors import PipelineError
+    from pipeline.runlock import describe
     from pipeline.sweep import kept_models, published_best
 
     kept = [k for k in kept_models(tracking_dir) if name in (None, k["model"])]
@@ -209,10 +210,13 @@ def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:
     print(f"\nsweep models: {_size(sum(k['bytes'] for k in kept))}, the best trial's model of sweeps that have not "
           "published it (interrupted, or running now); continue one with `sweep --resume SWEEP_ID` (or its command "
           "again with --resume auto), or delete its folder to free the space (one already PUBLISHED is a copy)")
+    def best(k) -> str:
+        said = "-" if k["trial"] is None else f"{k['trial']} ({k['value']:.4g})" if k["value"] is not None else str(k["trial"])
+        return f"{said}; running now ({describe(k['running'])})" if k["running"] is not None else said
+
     _table([("SWEEP", "MODEL", "SIZE", "BEST TRIAL", "PUBLISHED", "WRITTEN", "FOLDER")] + [
-        (k["sweep"], k["model"] or "-", _size(k["bytes"]),
-         "-" if k["trial"] is None else f"{k['trial']} ({k['value']:.4g})" if k["value"] is not None else str(k["trial"]),
-         published(k) if k["model"] else "-", k["modified"][:19], k["path"]) for k in kept], indent="  ")
+        (k["sweep"], k["model"] or "-", _size(k["bytes"]), best(k), published(k) if k["model"] else "-",
+         k["modified"][:19], k["path"]) for k in kept], indent="  ")
 
 
 def _deleted_line(result) -> str:
