@@ -269,6 +269,28 @@ def test_eight_concurrent_publishers_get_distinct_versions(tmp_path):
     assert reg.verify().ok and reg.verify().objects_checked == 9  # 8 distinct + 1 shared
 
 
+def _fetch_worker(args):
+    root, ref = args
+    from pipeline.registry.local import LocalRegistry
+
+    r = LocalRegistry(root)
+    fetched = r.fetch(r.resolve(ref))
+    return fetched.reused, sorted(p.relative_to(fetched.path).as_posix() for p in fetched.path.rglob("*") if p.is_file())
+
+
+def test_eight_processes_fetching_one_version_at_once_copy_it_once_and_all_read_it_whole(tmp_path):
+    """Trainings started together on one dataset version fetch it at once. One copies; the others wait for it and
+    reuse its verified copy, instead of each swapping the folder under the ones already reading it."""
+    files = {f"part-{i}.bin": os.urandom(1 << 20).hex() for i in range(12)}
+    reg = LocalRegistry(tmp_path / "registry")
+    ref = reg.publish("ds", "dataset", write(tmp_path / "src", files)).ref
+    with mp.get_context("spawn").Pool(8) as pool:
+        results = pool.map(_fetch_worker, [(str(tmp_path / "registry"), ref)] * 8)
+    assert sorted(reused for reused, _ in results) == [False] + [True] * 7
+    assert all(listed == sorted(files) for _, listed in results)
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "ds").iterdir()) == ["v0"]  # no staging or old folder left
+
+
 def test_fetch_verifies_and_reuses_a_verified_copy(reg, tmp_path):
     v = reg.publish("ds", "dataset", write(tmp_path / "s", {"a.txt": "alpha", "d/b.txt": "beta"})).version
     first = reg.fetch(v, tmp_path / "out")

@@ -678,6 +678,31 @@ class LocalRegistry:
         `extras` are small files (a manifest) written into the same atomic swap.
         """
         dest = Path(os.path.abspath(dest or self.default_fetch_dir(version)))
+        # One fetch into a folder at a time: a second one (two trainings starting on the same dataset version)
+        # waits, then finds the copy verified and reuses it, instead of swapping the folder under the first.
+        with self._fetching(dest):
+            return self._fetch(version, dest, overwrite, extras)
+
+    @contextmanager
+    def _fetching(self, dest: Path) -> Iterator[None]:
+        """Hold the lock of fetches into `dest` (a file under the registry's root, named by the folder, so that the
+        user's folders get no lock files); where ``fcntl`` is missing (Windows), no lock."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        locks = self.root / "locks"
+        locks.mkdir(exist_ok=True)
+        key = hashlib.sha256(self._fetch_key(dest).encode()).hexdigest()[:32]
+        fd = os.open(locks / f"fetch-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the process ends, however it ends
+            yield
+        finally:
+            os.close(fd)
+
+    def _fetch(self, version: ArtifactVersion, dest: Path, overwrite: bool, extras: Mapping[str, bytes] | None) -> FetchResult:
         if not version.files:
             with self._read() as conn:
                 version = self._load(conn, self._resolve_row(conn, version.ref, None))
