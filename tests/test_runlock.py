@@ -49,3 +49,17 @@ def test_a_sweep_goes_on_without_removing_a_trial_that_is_training_now(tmp_path)
         listed = {r["run_id"]: r["training"] for r in finetune.interrupted_runs(tmp_path / "track")}
         assert listed["live"]["pid"] == os.getpid()
     assert finetune.remove_trial_leftovers(cfg, "s1") == ["live"]  # its process is gone: a leftover
+
+
+def test_artifacts_list_marks_a_sweep_that_is_running_now(tmp_path, cli_here):
+    folder = tmp_path / "track" / "sweeps" / "s1"
+    (folder / "best" / "model").mkdir(parents=True)
+    (folder / "best" / "model" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (folder / "best" / "trial.json").write_text(json.dumps({"trial": 2, "value": 0.91}))
+    (folder / "best" / "metadata.json").write_text(json.dumps({"config": {"model": {"name": "clf"}}}))
+    track = f"tracking.dir={tmp_path / 'track'}"
+    with runlock.hold(folder, "sweep s1", doing="running"):
+        row = next(line for line in cli_here("artifacts", "list", "--set", track).stdout.splitlines() if "s1" in line)
+        assert f"2 (0.91); running now (pid {os.getpid()} on {socket.gethostname()}, since " in row
+    row = next(line for line in cli_here("artifacts", "list", "--set", track).stdout.splitlines() if "s1" in line)
+    assert "2 (0.91)" in row and "running now" not in row  # interrupted: its model waits for the sweep to go on
