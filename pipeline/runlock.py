@@ -1,4 +1,4 @@
-"""Which finetune runs are training now: each training process holds a lock on its run's checkpoint folder.
+"""Which finetune runs (and offline sweeps) are running now: the process holds a lock on the run's folder.
 
 An interrupted run's folder and a running one's look alike (both hold checkpoints and a resume state
 file), so without this a ``finetune --resume auto`` started while the run is still training (a cron
@@ -7,7 +7,8 @@ continue the same run in a second process: two trainers rotating each other's ch
 resuming one W&B run twice. The lock is an advisory ``flock`` on ``<folder>/training.lock``, taken
 before the run's W&B run opens and held until the process ends; the kernel releases it however the
 process ends (SIGKILL included), so a folder whose lock is free was left by a process that is gone.
-Where ``fcntl`` is missing (Windows), no run counts as training, as before.
+An offline sweep holds the same lock on ``<tracking.dir>/sweeps/<id>`` for as long as it runs, so that no
+second process goes on with it. Where ``fcntl`` is missing (Windows), no run counts as running, as before.
 """
 
 from __future__ import annotations

@@ -210,6 +210,7 @@ def _list_sweep_models(registry, tracking_dir, name: str | None) -> None:
     print(f"\nsweep models: {_size(sum(k['bytes'] for k in kept))}, the best trial's model of sweeps that have not "
           "published it (interrupted, or running now); continue one with `sweep --resume SWEEP_ID` (or its command "
           "again with --resume auto), or delete its folder to free the space (one already PUBLISHED is a copy)")
+
     def best(k) -> str:
         said = "-" if k["trial"] is None else f"{k['trial']} ({k['value']:.4g})" if k["value"] is not None else str(k["trial"])
         return f"{said}; running now ({describe(k['running'])})" if k["running"] is not None else said
