@@ -64,6 +64,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def write_yaml(tmp_path: Path, cfg) -> Path:
+    import yaml
+
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
+    return path
+
+
+def torchrun(*args: str, cwd: Path, cpu: bool = True):
+    """Two processes of `pipeline ARGS` under torchrun; on the CPU (gloo) unless `cpu` is false, so that a machine
+    with one GPU runs them too (NCCL wants a GPU per process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
 @pytest.fixture
 def cli_here(monkeypatch, capsys):
     """`run_cli` in this process: ``pipeline.cli.main`` with the same arguments, for commands that load a model.

@@ -23,7 +23,8 @@ from pipeline.errors import ConfigError, RefError, StageFailed
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
-from tests.conftest import REPO, fill_disk, inspect_records, inspect_summary, offline, reg_runs, run_cli
+from tests.conftest import (REPO, fill_disk, inspect_records, inspect_summary, offline, reg_runs, run_cli, torchrun,
+                            write_yaml)
 from tests.tiny import (write_separable_tickets, write_ticket_pairs, write_tickets, write_tiny_decoder,
                         write_tiny_model)
 
@@ -404,14 +405,6 @@ def test_a_dataset_without_test_rows_trains_and_evaluate_says_what_to_do(tmp_pat
     assert again.details["test"]["rows"] == reg.resolve("tickets:v0").metadata["num_rows"]["validation"]
 
 
-def write_yaml(tmp_path: Path, cfg) -> Path:
-    import yaml
-
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
-    return path
-
-
 def test_cli_reports_bad_batch_size_and_unknown_reference(tmp_path, tiny_model, tickets_csv):
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
     dataset_publish.run(cfg)
@@ -424,14 +417,6 @@ def test_cli_reports_bad_batch_size_and_unknown_reference(tmp_path, tiny_model, 
     assert "Traceback" not in missing.stderr
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
     assert registry_of(cfg).list_versions(type="model") == []
-
-
-def torchrun(*args: str, cwd: Path):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
@@ -455,6 +440,26 @@ def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tin
     # a bad reference stops both processes with the main one's message, instead of leaving one waiting
     bad = torchrun("finetune", "--config", str(config), "--dataset", "tickets:v9", cwd=tmp_path)
     assert bad.returncode != 0 and "tickets has no version 'v9'" in bad.stderr
+
+
+def test_more_processes_on_a_machine_than_its_gpus_are_refused_before_they_meet(monkeypatch):
+    """tests/test_gpu.py launches them on a real GPU; here the check itself, wherever torch sees no GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^2 training processes on this machine but 1 CUDA GPU: .* --nproc_per_node 1\)"):
+        finetune._check_gpu_per_process()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3")  # mpirun's name for it
+    with pytest.raises(ConfigError, match=r"^3 training processes on this machine but 1 CUDA GPU"):
+        finetune._check_gpu_per_process()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    finetune._check_gpu_per_process()  # a GPU each
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    finetune._check_gpu_per_process()  # on the CPU any number share it
 
 
 def test_model_card_names_a_hub_base_model_in_its_metadata():

@@ -271,6 +271,16 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def _hardware(precision: str) -> dict[str, str]:
+    """What trained the weights, for the version's metadata: the arithmetic ``train.precision`` resolved to
+    (``auto`` is bf16 or fp16 on a GPU, fp32 on the CPU) and the device's name."""
+    import torch
+
+    used = [k for k, on in _precision_flags(precision).items() if on]
+    device = f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
+    return {"precision": used[0] if used else "fp32", "device": device}
+
+
 # -- data ------------------------------------------------------------------------------------
 def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: int, cache_root: Path,
              trust_remote_code: bool = False) -> tuple[Path, bool]:
@@ -468,7 +478,27 @@ def _launched_alone() -> bool:
 def _process_state():
     from accelerate import PartialState
 
+    _check_gpu_per_process()
     return PartialState(cpu=not _cuda_available())
+
+
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")  # torchrun and accelerate launch; mpirun
+
+
+def _check_gpu_per_process() -> None:
+    """On CUDA each process on a machine trains on a GPU of its own. Launched with more processes than GPUs, NCCL
+    refuses them only at the first collective ("Duplicate GPU detected"), deep in each process's traceback."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    local = max((int(v) for v in map(os.environ.get, _LOCAL_SIZE_VARS) if v and v.isdigit()), default=1)
+    gpus = torch.cuda.device_count()
+    if local > gpus:
+        raise ConfigError(
+            f"{local} training processes on this machine but {gpus} CUDA GPU{'s' if gpus != 1 else ''}: each process "
+            f"trains on a GPU of its own. Launch at most {gpus} per machine (torchrun --nproc_per_node {gpus}), or train "
+            "on the CPU with CUDA_VISIBLE_DEVICES=\"\"")
 
 
 def _cuda_available() -> bool:
@@ -923,7 +953,8 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "config": trun.config,
         "code": code,
         "packages": packages,
-        "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size()},
+        "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size(),
+                     **_hardware(config.train.precision)},
         **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
         **({"truncated": {"max_length": config.model.max_length, **shared["truncated"]}}  # rows cut to it, per split
