@@ -10,6 +10,8 @@ misclassification tables, the dataset fetch, provenance and publishing the model
 Wall time counts everything each side does from data on disk to a saved model, including
 tokenisation (the stage's tokenisation cache is cleared before each of its runs). The runs
 are interleaved (plain, stage, plain, stage, ...) so drift on a shared machine hits both.
+Both sides run after an untimed warm-up (``--no-warmup`` skips it), so that the first of them does not
+pay alone for what a process loads once (the Trainer's imports; on a GPU, CUDA's start).
 Target (issue 4): the stage within 1.05x of the plain Trainer on the CPU.
 """
 
@@ -92,6 +94,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="train 4 steps untimed first (default): the first training in a process pays for importing "
+                         "the Trainer (12 s on a 2-core CPU) and, on a GPU, for CUDA's start (10 s on an H200)")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -111,6 +116,12 @@ def main() -> None:
         print(f"data: {published.produced[0]} ({rows}); base: {config.model.base}; epochs {config.train.epochs}, "
               f"batch {config.train.batch_size}, max_length {config.model.max_length}; torch threads "
               f"{__import__('torch').get_num_threads()}", flush=True)
+        if args.warmup:
+            warm = load_config(args.config, [*args.overrides, f"tracking.dir={work / 'track'}", "train.max_steps=4"])
+            start = time.perf_counter()
+            plain_trainer(warm, fetched.path, label_names, work / "warmup")
+            shutil.rmtree(work / "warmup", ignore_errors=True)
+            print(f"  warm-up (4 steps, untimed): {time.perf_counter() - start:.1f} s", flush=True)
         plain_runs, stage_runs = [], []
         for i in range(args.repeat):
             out = work / f"plain-{i}"

@@ -69,8 +69,8 @@ EOF
         rm -rf "$work"
         ;;
     bench)
-        run_step bench 300 "$python" scripts/bench_finetune.py || status=1
-        run_step bench-fp32 300 "$python" scripts/bench_finetune.py --set train.precision=fp32 || status=1
+        run_step bench 300 "$python" scripts/bench_finetune.py --repeat 3 || status=1
+        run_step bench-fp32 300 "$python" scripts/bench_finetune.py --repeat 3 --set train.precision=fp32 || status=1
         ;;
     *)
         echo "gpu_check: unknown step $step (steps: tests demo bench)" >&2

@@ -14,6 +14,9 @@ from tests.conftest import REPO
     ("bench_predict.py", ["--rows", "8", "--repeat", "1"], "speed-up "),
     ("bench_registry.py", ["--total-mb", "2", "--files", "2"], "republish / hashing alone: "),
     ("bench_publish.py", ["--rows", "3000", "--small-rows", "0", "--repeat", "1"], "ratio publish / pyarrow: "),
+    ("bench_finetune.py", [f"--set=dataset.source={REPO / 'data' / 'demo' / 'support_tickets.csv'}", "--set=train.max_steps=2",
+                           "--set=train.eval_strategy=steps", "--set=train.eval_steps=2", "--set=model.max_length=16"],
+     "ratio stage / plain: "),
 ])
 def test_a_benchmark_script_runs_to_its_report(script, args, reports, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
