@@ -4,8 +4,9 @@
 #   bash scripts/gpu_check.sh [STEP ...]      steps: tests demo bench (default: all three)
 #
 #   tests  pytest tests/test_gpu.py (each train.precision on the GPU, float32 weights published, the
-#          same predictions on the GPU and the CPU) and tests/test_finetune.py (resume, reuse, tables,
-#          class weights... as they run on a GPU, in bf16 or fp16 by train.precision=auto)
+#          same predictions on the GPU and the CPU, more processes than GPUs refused, a sweep's trials
+#          freed from the GPU one by one), then tests/test_finetune.py and tests/test_sweep.py as they
+#          run on a GPU (resume, reuse, tables, class weights, pruning... in bf16 by train.precision=auto)
 #   demo   the README's main job (`pipeline run`, configs/demo.yaml: the packaged MiniLM, train.precision
 #          auto) in a fresh tracking folder, then `reproduce --check` of the model it made: whether a GPU
 #          retrains it bit for bit, and if not how far its test metrics move
@@ -51,6 +52,7 @@ for step in "${steps[@]}"; do
         run_step tests-gpu 240 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=1
         run_step tests-finetune 420 "$python" -m pytest -q -p no:cacheprovider --durations=5 tests/test_finetune.py \
             || status=1
+        run_step tests-sweep 300 "$python" -m pytest -q -p no:cacheprovider tests/test_sweep.py || status=1
         ;;
     demo)
         work=$(mktemp -d)
