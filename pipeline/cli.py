@@ -141,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
         return 141
     except Exception as e:
-        from pipeline.errors import DiskFull, no_space_left
+        from pipeline.errors import DiskFull, no_space_left, out_of_memory
 
+        if out_of_memory(e) and not no_space_left(e):  # where no stage said what to lower (loading a model, say)
+            logging.getLogger("pipeline").debug("out of memory", exc_info=True)  # where, with -v
+            print(f"error: out of memory: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                  file=sys.stderr)
+            return 1
         if not no_space_left(e):
             raise
         logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v

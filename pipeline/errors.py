@@ -51,6 +51,31 @@ class DiskFull(PipelineError):
             "once all its files are stored, so nothing half-written was published")
 
 
+class OutOfMemory(PipelineError):
+    """Training or scoring needed more memory than the device has: the message says which settings to lower.
+    Nothing half-made was published."""
+
+    exit_code = 1
+
+
+# How torch words an allocation that failed: CUDA's and ROCm's (torch.OutOfMemoryError), Apple's MPS, the CPU's.
+_OUT_OF_MEMORY_WORDS = ("CUDA out of memory", "HIP out of memory", "MPS backend out of memory",
+                        "DefaultCPUAllocator: can't allocate memory")
+
+
+def out_of_memory(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is an allocation the device could not make (without importing torch)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if any(w in str(e) for w in _OUT_OF_MEMORY_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 # How libraries word ENOSPC/EDQUOT when they do not raise an OSError (safetensors' Rust errors, among others).
 _NO_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 # Errors that do not say why, and mean a full disk when the disk has (almost) no room left: torch.save's

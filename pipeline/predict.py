@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import OutOfMemory, PipelineError, out_of_memory
 
 
 @dataclass
@@ -129,7 +129,15 @@ class Classifier:
                 enc = self.tokenizer(batch, pair, truncation=True, max_length=self.max_length, padding=True,
                                      return_tensors="pt")
                 self.truncated += count_cut(self.tokenizer, enc, batch, pair, self.max_length)
-                out[rows] = self.model(**enc.to(self.device)).logits.float().cpu().numpy()
+                try:
+                    out[rows] = self.model(**enc.to(self.device)).logits.float().cpu().numpy()
+                except (RuntimeError, MemoryError) as e:
+                    if not out_of_memory(e):
+                        raise
+                    raise OutOfMemory(
+                        f"out of memory on {self.device} scoring {len(rows)} texts at a time (of up to "
+                        f"{enc['input_ids'].shape[1]} tokens) with {self.dir}: score fewer at a time (evaluate.batch_size "
+                        "for evaluate and reproduce)") from e
         return out
 
     def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, top_k: int = 3) -> list[Prediction]:

@@ -666,6 +666,68 @@ def test_a_diverged_training_fails_clearly_and_publishes_nothing(tmp_path, tiny_
     assert out["produced"] == ["tickets:v0"] and out["consumed"] == []
 
 
+def test_running_out_of_memory_while_training_says_what_to_lower_and_publishes_nothing(tmp_path, tiny_model, tickets_csv):
+    """A real allocation the CPU cannot make, in the middle of training (on a GPU: torch.OutOfMemoryError)."""
+    import torch
+
+    from pipeline.errors import OutOfMemory
+
+    class Allocate(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                torch.empty(2**60, dtype=torch.uint8)
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.gradient_accumulation_steps=2")
+    dataset_publish.run(cfg)
+    with pytest.raises(OutOfMemory) as raised:
+        finetune.run(cfg, callbacks=(Allocate(),))
+    assert str(raised.value) == (
+        "out of memory on the CPU while training: lower train.batch_size (now 16) and raise "
+        "train.gradient_accumulation_steps (now 2) to keep 32 rows per optimizer step; lower train.eval_batch_size "
+        "(now 32) if it stopped while evaluating; lower model.max_length (now 64). Nothing was published")
+    assert raised.value.exit_code == 1 and "can't allocate memory" in str(raised.value.__cause__)
+    reg = registry_of(cfg)
+    assert reg.list_versions(type="model") == []
+    assert [r["status"] for r in reg_runs(reg) if r["job_type"] == "finetune"] == ["failed"]
+
+
+def test_running_out_of_memory_while_scoring_says_to_score_fewer_at_a_time(trained, monkeypatch):
+    import torch
+
+    from pipeline.errors import OutOfMemory
+    from pipeline.predict import Classifier
+
+    cfg, _, result = trained
+    reg = registry_of(cfg)
+    classifier = Classifier(reg.fetch(reg.resolve(result.produced[0])).path)
+
+    def forward(*args, **kwargs):
+        return torch.empty(2**60, dtype=torch.uint8)  # a real allocation the CPU cannot make
+
+    monkeypatch.setattr(classifier, "model", forward)
+    with pytest.raises(OutOfMemory, match=r"^out of memory on cpu scoring 2 texts at a time \(of up to \d+ tokens\) with "
+                                          r".*: score fewer at a time \(evaluate.batch_size for evaluate and reproduce\)$"):
+        classifier.logits(["my order never arrived", "refund please"])
+
+
+def test_out_of_memory_where_no_stage_says_more_is_one_line_and_exit_1(trained, monkeypatch, cli_here):
+    import torch
+
+    import pipeline.predict
+
+    cfg, _, result = trained
+    reg = registry_of(cfg)
+
+    def load(*args, **kwargs):  # as if the model did not fit where it was loaded: a real allocation that fails
+        torch.empty(2**60, dtype=torch.uint8)
+
+    monkeypatch.setattr(pipeline.predict, "load", load)
+    out = cli_here("predict", "--model-dir", str(reg.fetch(reg.resolve(result.produced[0])).path), "hello")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: out of memory: [enforce fail at alloc_cpu.cpp") and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 def test_values_that_are_not_numbers_after_the_kept_checkpoint_are_recorded_as_null(caplog):
     best = {"accuracy": 0.9, "loss": 0.3, "step": 20}
     final = {"accuracy": 0.1, "loss": float("nan"), "macro_f1": float("inf"), "step": 40}

@@ -30,7 +30,8 @@ from pipeline.basemodel import (BaseModel, check_architecture, check_max_length,
                                 resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
 from pipeline.config import Config, describe_diff, model_config_diff
-from pipeline.errors import ConfigError, DiskFull, PipelineError, RefError, StageFailed, no_space_left
+from pipeline.errors import (ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed, no_space_left,
+                             out_of_memory)
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
@@ -269,6 +270,25 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use auto, fp32 or bf16 on the CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _out_of_memory(config: Config) -> OutOfMemory:
+    """What to change when training ran out of memory, with the settings it ran with."""
+    import torch
+
+    t = config.train
+    if torch.cuda.is_available():
+        where = (f"the GPU ({torch.cuda.get_device_name()}, "
+                 f"{torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.0f} GiB)")
+    else:
+        where = "the CPU"
+    advice = [f"lower train.batch_size (now {t.batch_size}) and raise train.gradient_accumulation_steps (now "
+              f"{t.gradient_accumulation_steps}) to keep {t.batch_size * t.gradient_accumulation_steps} rows per "
+              f"optimizer step", f"lower train.eval_batch_size (now {t.eval_batch()}) if it stopped while evaluating",
+              f"lower model.max_length (now {config.model.max_length})"]
+    if torch.cuda.is_available() and _hardware(t.precision)["precision"] == "fp32":
+        advice.append("train in mixed precision (train.precision: auto)")
+    return OutOfMemory(f"out of memory on {where} while training: " + "; ".join(advice) + ". Nothing was published")
 
 
 def _hardware(precision: str) -> dict[str, str]:
@@ -843,6 +863,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
                     log.error("finetune run %s stopped before its first checkpoint; start it again", plan_.run_id)
                 if full:
                     raise DiskFull(str(plan_.output_dir)) from e
+                if out_of_memory(e):
+                    raise _out_of_memory(config) from e
                 raise
             best, final = _eval_history(trainer.state)
             _check_finite(best, final)
