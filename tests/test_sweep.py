@@ -144,6 +144,31 @@ def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path, cli_here):
                                f"{best} (eval/accuracy {value:.4g}) -> {data['produced'][0]}")
 
 
+def test_a_trial_that_runs_out_of_memory_fails_and_the_sweep_goes_on(cfg, tmp_path):
+    """Its batch size, say, was too big for the device: the other trials still run, and the best is published."""
+    import torch
+
+    class TooBigFor(TrainerCallback):  # the trial with this learning rate makes an allocation the CPU cannot
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.learning_rate == 0.003:
+                torch.empty(2**60, dtype=torch.uint8)
+
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},
+                               "parameters": {"train.learning_rate": {"values": [0.003, 0.001]}}})
+    c = cfg("train.max_steps=2")
+    out = sweeps.run(c, sweep=spec, count=4, callbacks=(TooBigFor(),))
+    # the failed point is not tried again by this process: it would fail again, taking the count from the others
+    assert [(t.params["train.learning_rate"], t.state) for t in out.trials] == [(0.003, "failed"), (0.001, "complete")]
+    assert out.stop_reason == "grid exhausted (2 combinations; 1 failed, tried again if the sweep is resumed)"
+    assert out.trials[0].error.startswith("out of memory on the CPU while training: lower train.batch_size (now 32)")
+    assert out.best.number == out.trials[1].number and out.best_model == "clf:v0"
+    assert not list((Path(c.tracking.dir) / "checkpoints").rglob("checkpoint-*"))  # the failed trial's went too
+    # resumed where it fits (another machine, or memory freed: here the allocation no longer fails), it runs
+    again = sweeps.run(c, sweep=spec, count=2, resume=out.sweep_id)
+    assert [(t.params["train.learning_rate"], t.state) for t in again.trials[2:]] == [(0.003, "complete")]
+    assert again.stop_reason == "grid exhausted (2 combinations)"
+
+
 class InterruptTrial(TrainerCallback):
     """SIGTERM in the middle of the n-th trial this object sees (0-based)."""
 
