@@ -411,7 +411,8 @@ def keep_if_best(spec: SweepSpec, outcome: TrialOutcome, best: TrialOutcome | No
         shutil.rmtree(keep, ignore_errors=True)
 
 
-def _grid_todo(grid: list[dict[str, Any]], outcomes: list[TrialOutcome], failed_here: set[str] = frozenset()) -> list[dict[str, Any]]:
+def _grid_todo(grid: list[dict[str, Any]], outcomes: list[TrialOutcome],
+               failed_here: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The grid points no finished (or pruned) trial has covered yet, in order. A point whose trial failed is tried
     again when the sweep is resumed (its trial was cut off, say), but not by the process it failed in
     (`failed_here`, keys as `_grid_key` makes them): a trial that runs out of memory would fail the same way again,
