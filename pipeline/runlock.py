@@ -108,6 +108,34 @@ def hold(folder: Path | str, what: str, doing: str = "training") -> Iterator[Non
         os.close(fd)
 
 
+def remove_if_abandoned(folder: Path | str) -> bool:
+    """Remove `folder` when it holds nothing but a lock that no process holds: what a process killed outright
+    (SIGKILL runs no ``finally``) before it wrote anything leaves. Whether it did; it takes the lock first, so a
+    process that holds it keeps its folder."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    folder = Path(folder)
+    if not only_the_lock(folder):
+        return False
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its process is alive, and about to write there
+            return False
+        if not only_the_lock(folder):
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _read(fd: int) -> dict[str, Any]:
     try:
         found = json.loads(os.pread(fd, 4096, 0) or b"{}")

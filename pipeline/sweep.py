@@ -507,6 +507,9 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         if count < 1:
             raise ConfigError("--count must be at least 1")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for folder in (Path(config.tracking.dir).resolve() / "sweeps").glob("*"):
+            if runlock.remove_if_abandoned(folder):  # a sweep process killed before it kept a model left only its lock
+                log.debug("removed %s: a sweep's folder that held nothing but its lock", folder)
         storage = _storage(config)
         registry = open_registry(config.tracking, project=config.project, entity=config.entity)
         more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)

@@ -36,6 +36,19 @@ def test_a_folder_that_holds_nothing_but_the_lock_goes_with_the_parents_made_for
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["keep"]  # clf/ was made for it; keep/ not
 
 
+def test_a_folder_left_with_only_a_free_lock_is_removed_and_a_held_or_used_one_is_not(tmp_path):
+    dead, live, used = tmp_path / "dead", tmp_path / "live", tmp_path / "used"
+    for folder in (dead, used):  # what a process killed outright leaves: the lock file, locked by nobody
+        folder.mkdir()
+        (folder / runlock.LOCK_FILE).write_text(json.dumps({"pid": 1}))
+    (used / "best").mkdir()  # a sweep's model kept: waiting for the sweep to go on
+    with runlock.hold(live, "sweep live", doing="running"):
+        assert runlock.remove_if_abandoned(live) is False and live.is_dir()  # its process is alive (this one)
+        assert runlock.remove_if_abandoned(dead) is True and not dead.exists()
+        assert runlock.remove_if_abandoned(used) is False and (used / "best").is_dir()
+        assert runlock.remove_if_abandoned(tmp_path / "none") is False
+
+
 def test_a_sweep_goes_on_without_removing_a_trial_that_is_training_now(tmp_path):
     cfg = load_config(None, ["dataset.name=d", "dataset.source=d.csv", "model.name=clf", f"tracking.dir={tmp_path / 'track'}"])
     trials = {}

@@ -107,7 +107,11 @@ def test_each_sweep_draws_its_own_trials_and_a_seed_draws_them_again(cfg, tmp_pa
                                                                 "max": 1e-2}},
                                "run_cap": 1})
     c = cfg("train.max_steps=1")
+    dead = Path(c.tracking.dir) / "sweeps" / "killed1"  # a sweep process killed before it kept a model left its lock
+    dead.mkdir(parents=True)
+    (dead / runlock.LOCK_FILE).write_text("{}")
     first, second = sweeps.run(c, sweep=spec, count=1), sweeps.run(c, sweep=spec, count=1)
+    assert not dead.exists()  # a sweep that starts removes it
     assert first.seed != second.seed and first.trials[0].params != second.trials[0].params
     assert first.to_stage_result().details["seed"] == first.seed
     again = sweeps.run(c, sweep=spec, count=1, seed=first.seed)
