@@ -507,9 +507,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         if count < 1:
             raise ConfigError("--count must be at least 1")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        for folder in (Path(config.tracking.dir).resolve() / "sweeps").glob("*"):
-            if runlock.remove_if_abandoned(folder):  # a sweep process killed before it kept a model left only its lock
-                log.debug("removed %s: a sweep's folder that held nothing but its lock", folder)
+        _remove_leftovers(config)
         storage = _storage(config)
         registry = open_registry(config.tracking, project=config.project, entity=config.entity)
         more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
@@ -540,7 +538,6 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.tell(t.number, state=TrialState.FAIL)  # it was running when the sweep stopped
                 log.warning("sweep %s: trial %d was interrupted; marked failed", sweep_id, t.number)
-            _remove_trial_leftovers(config, sweep_id)
             if more:  # what --resume auto counts down from; a sweep resumed after its end is unfinished again
                 study.set_user_attr("count", _trials_run(study) + count)
                 study.set_user_attr("finished", None)
@@ -628,12 +625,16 @@ def sweep_folder(config: Config, sweep_id: str) -> Path:
     return Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
 
 
-def _remove_trial_leftovers(config: Config, sweep_id: str) -> None:
-    """A sweep that goes on runs no trial yet: the checkpoint folders of its trials are what killed processes left."""
+def _remove_leftovers(config: Config) -> None:
+    """What killed sweep processes left, before a sweep starts or goes on: the checkpoint folders of trials (never
+    resumed) and sweep folders holding nothing but a free lock. A sweep or trial running now keeps its own."""
     from pipeline.stages.finetune import remove_trial_leftovers
 
-    for run_id in remove_trial_leftovers(config, sweep_id):
+    for run_id, sweep_id in remove_trial_leftovers(config):
         log.info("sweep %s: removed the checkpoints of trial run %s, whose process was killed", sweep_id, run_id)
+    for folder in (Path(config.tracking.dir).resolve() / "sweeps").glob("*"):
+        if runlock.remove_if_abandoned(folder):  # a sweep process killed before it kept a model left only its lock
+            log.debug("removed %s: a sweep's folder that held nothing but its lock", folder)
 
 
 def _trials_run(study) -> int:
@@ -726,12 +727,12 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     from pipeline.tracking import open_registry
 
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    _remove_leftovers(config)
     first = 0  # the number of this call's first trial: after the runs the sweep has when resumed
     if resume:
         sweep_id = resume
         api_sweep = wandb.Api().sweep(f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}")
         first = len(api_sweep.runs or [])
-        _remove_trial_leftovers(config, sweep_id)
         dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
         base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:

@@ -57,11 +57,16 @@ def test_a_sweep_goes_on_without_removing_a_trial_that_is_training_now(tmp_path)
         trials[run_id].mkdir(parents=True)
         (trials[run_id] / finetune.TRIAL_FILE).write_text(json.dumps({"run_id": run_id, "sweep": "s1"}))
     with runlock.hold(trials["live"], "trial"):  # the live trial's process (another sweep process going on)
-        assert finetune.remove_trial_leftovers(cfg, "s1") == ["killed"]
+        assert finetune.remove_trial_leftovers(cfg, "s1") == [("killed", "s1")]
         assert trials["live"].is_dir() and not trials["killed"].exists()
         listed = {r["run_id"]: r["training"] for r in finetune.interrupted_runs(tmp_path / "track")}
         assert listed["live"]["pid"] == os.getpid()
-    assert finetune.remove_trial_leftovers(cfg, "s1") == ["live"]  # its process is gone: a leftover
+    other = tmp_path / "track" / "checkpoints" / "clf" / "other"  # a killed trial of another sweep
+    other.mkdir()
+    (other / finetune.TRIAL_FILE).write_text(json.dumps({"run_id": "other", "sweep": "s2"}))
+    assert finetune.remove_trial_leftovers(cfg, "s1") == [("live", "s1")]  # its process is gone: a leftover
+    assert other.is_dir()
+    assert finetune.remove_trial_leftovers(cfg) == [("other", "s2")]  # every sweep's (what a sweep that starts does)
 
 
 def test_artifacts_list_marks_a_sweep_that_is_running_now(tmp_path, cli_here):

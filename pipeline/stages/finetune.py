@@ -121,18 +121,20 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
                         f"under {root}")
 
 
-def remove_trial_leftovers(config: Config, sweep: str) -> list[str]:
-    """Remove the checkpoint folders of `sweep`'s trials that a killed process left (a trial that stops otherwise
-    removes its own); for a sweep that goes on, when no trial of it is running. The run ids removed."""
+def remove_trial_leftovers(config: Config, sweep: str | None = None) -> list[tuple[str, str | None]]:
+    """Remove the checkpoint folders that killed processes left of sweep trials of this model (a trial that stops
+    otherwise removes its own; none is ever resumed: a sweep that goes on runs a new trial): `sweep`'s, or with
+    None every sweep's. A trial training now keeps its folder. The (run id, sweep id) of each folder removed."""
     removed = []
     for state_file in _checkpoint_root(config).glob(f"*/{TRIAL_FILE}"):
         try:
             state = json.loads(state_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if state.get("sweep") == sweep and runlock.holder(state_file.parent) is None:  # not one training now
-            shutil.rmtree(state_file.parent, ignore_errors=True)
-            removed.append(state_file.parent.name)
+        if sweep not in (None, state.get("sweep")) or runlock.holder(state_file.parent) is not None:  # training now
+            continue
+        shutil.rmtree(state_file.parent, ignore_errors=True)
+        removed.append((state_file.parent.name, state.get("sweep")))
     return removed
 
 
