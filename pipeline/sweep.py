@@ -507,7 +507,6 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         if count < 1:
             raise ConfigError("--count must be at least 1")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        _remove_leftovers(config)
         storage = _storage(config)
         registry = open_registry(config.tracking, project=config.project, entity=config.entity)
         more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
@@ -562,6 +561,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         group = group or f"sweep-{sweep_id}"
         work = sweep_folder(config, sweep_id)
         best_dir = work / "best"
+        _remove_leftovers(config)  # once the checks have passed: a command refused changes nothing
         grid = sweep.grid() if sweep.method == "grid" else None
         stop_reason = f"count {study.user_attrs['count'] if continued else count} done"
         failed_here: set[str] = set()  # grid points whose trial failed in this process: not tried again by it
@@ -727,7 +727,6 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     from pipeline.tracking import open_registry
 
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
-    _remove_leftovers(config)
     first = 0  # the number of this call's first trial: after the runs the sweep has when resumed
     if resume:
         sweep_id = resume
@@ -747,6 +746,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     group = group or f"sweep-{sweep_id}"
     work = sweep_folder(config, sweep_id)
     best_dir = work / "best"
+    _remove_leftovers(config)
     by_name = {p.name: p.key for p in sweep.params}
     outcomes: list[TrialOutcome] = []
 
