@@ -11,7 +11,7 @@ Wall time counts everything each side does from data on disk to a saved model, i
 tokenisation (the stage's tokenisation cache is cleared before each of its runs). The runs
 are interleaved (plain, stage, plain, stage, ...) so drift on a shared machine hits both.
 Both sides run after an untimed warm-up (``--no-warmup`` skips it), so that the first of them does not
-pay alone for what a process loads once (the Trainer's imports; on a GPU, CUDA's start).
+pay alone for what a process loads once (on a GPU, CUDA's start).
 Target (issue 4): the stage within 1.05x of the plain Trainer on the CPU.
 """
 
@@ -95,8 +95,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                    help="train 4 steps untimed first (default): the first training in a process pays for importing "
-                         "the Trainer (12 s on a 2-core CPU) and, on a GPU, for CUDA's start (10 s on an H200)")
+                    help="train 4 steps untimed first (default): the first training in a process pays for what it "
+                         "loads once, on a GPU CUDA's start (about 10 s on an H200)")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
