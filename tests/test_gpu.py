@@ -1,7 +1,8 @@
 """The GPU path, on a tiny BERT built from a config: mixed precision as ``train.precision`` resolves it,
-float32 weights published, the version recording what trained it, and a model trained on the GPU
-predicting alike there and on the CPU. Skipped where torch sees no CUDA GPU (CI's machines); run it on
-one with ``pytest tests/test_gpu.py``."""
+float32 weights published, the version recording what trained it, a model trained on the GPU predicting
+alike there and on the CPU, more training processes than GPUs refused at once, and a sweep's trials
+freed from the GPU one by one. Skipped where torch sees no CUDA GPU (CI's machines); run it on one with
+``pytest tests/test_gpu.py`` (or ``bash scripts/gpu_check.sh tests``)."""
 
 from __future__ import annotations
 
