@@ -411,14 +411,17 @@ def keep_if_best(spec: SweepSpec, outcome: TrialOutcome, best: TrialOutcome | No
         shutil.rmtree(keep, ignore_errors=True)
 
 
-def _grid_todo(grid: list[dict[str, Any]], outcomes: list[TrialOutcome],
-               failed_here: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+def _grid_todo(grid: list[dict[str, Any]], outcomes: list[TrialOutcome], since: int | None = None) -> list[dict[str, Any]]:
     """The grid points no finished (or pruned) trial has covered yet, in order. A point whose trial failed is tried
-    again when the sweep is resumed (its trial was cut off, say), but not by the process it failed in
-    (`failed_here`, keys as `_grid_key` makes them): a trial that runs out of memory would fail the same way again,
-    and take the trials of the points after it."""
-    done = {_grid_key(o.params) for o in outcomes if o.state in ("complete", "pruned")}
-    return [g for g in grid if _grid_key(g) not in done and _grid_key(g) not in failed_here]
+    again when the sweep is resumed (its trial was cut off, say), but not by the process it failed in, whose trials
+    are numbered `since` and on: a trial that runs out of memory would fail the same way again, and take the
+    trials of the points after it."""
+    skip = {_grid_key(o.params) for o in outcomes if o.state in ("complete", "pruned")} | _failed_since(outcomes, since)
+    return [g for g in grid if _grid_key(g) not in skip]
+
+
+def _failed_since(outcomes: list[TrialOutcome], since: int | None) -> set[str]:
+    return set() if since is None else {_grid_key(o.params) for o in outcomes if o.state == "failed" and o.number >= since}
 
 
 def _grid_key(params: dict[str, Any]) -> str:
@@ -564,7 +567,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         _remove_leftovers(config)  # once the checks have passed: a command refused changes nothing
         grid = sweep.grid() if sweep.method == "grid" else None
         stop_reason = f"count {study.user_attrs['count'] if continued else count} done"
-        failed_here: set[str] = set()  # grid points whose trial failed in this process: not tried again by it
+        first = len(study.get_trials(deepcopy=False))  # the number of this process's first trial (`_grid_todo`)
         for _ in range(count):
             outcomes = _outcomes(study)
             best = best_of(sweep, outcomes)
@@ -576,9 +579,9 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                 stop_reason = f"metric target {sweep.target} reached by trial {best.number}"
                 break
             if grid is not None:
-                todo = _grid_todo(grid, outcomes, failed_here)
+                todo = _grid_todo(grid, outcomes, first)
                 if not todo:
-                    stop_reason = _grid_exhausted(grid, failed_here)
+                    stop_reason = _grid_exhausted(grid, outcomes, first)
                     break
             trial = study.ask()
             if grid is not None:
@@ -598,21 +601,21 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             keep_if_best(sweep, outcome, best, keep, best_dir)
             if outcome.state == "failed":
                 study.tell(trial, state=TrialState.FAIL)
-                if grid is not None:
-                    failed_here.add(_grid_key(params))
             elif outcome.state == "pruned":
                 study.tell(trial, state=TrialState.PRUNED)
             else:
                 study.tell(trial, outcome.value)
         else:
-            if grid is not None and not _grid_todo(grid, _outcomes(study), failed_here):
-                stop_reason = _grid_exhausted(grid, failed_here)
+            outcomes = _outcomes(study)
+            if grid is not None and not _grid_todo(grid, outcomes, first):
+                stop_reason = _grid_exhausted(grid, outcomes, first)
         result = publish_best(config, sweep, sweep_id, group, dataset_ref, _outcomes(study), best_dir, stop_reason, seed)
         study.set_user_attr("finished", stop_reason)  # published: --resume auto starts the next sweep afresh
         return result
 
 
-def _grid_exhausted(grid: list[dict[str, Any]], failed_here: set[str]) -> str:
+def _grid_exhausted(grid: list[dict[str, Any]], outcomes: list[TrialOutcome], since: int) -> str:
+    failed_here = _failed_since(outcomes, since)
     failed = f"; {len(failed_here)} failed, tried again if the sweep is resumed" if failed_here else ""
     return f"grid exhausted ({len(grid)} combinations{failed})"
 
