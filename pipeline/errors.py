@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 
 
 class PipelineError(Exception):
@@ -63,17 +64,19 @@ _OUT_OF_MEMORY_WORDS = ("CUDA out of memory", "HIP out of memory", "MPS backend 
                         "DefaultCPUAllocator: can't allocate memory")
 
 
-def out_of_memory(e: BaseException | None) -> bool:
-    """Whether `e` (or what caused it) is an allocation the device could not make (without importing torch)."""
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    """`e`, then what caused it (``__cause__``, else ``__context__``), and so on; each once."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-            return True
-        if any(w in str(e) for w in _OUT_OF_MEMORY_WORDS):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def out_of_memory(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is an allocation the device could not make (without importing torch)."""
+    return any(isinstance(c, MemoryError) or type(c).__name__ == "OutOfMemoryError"
+               or any(w in str(c) for w in _OUT_OF_MEMORY_WORDS) for c in _causes(e))
 
 
 # How libraries word ENOSPC/EDQUOT when they do not raise an OSError (safetensors' Rust errors, among others).
@@ -86,17 +89,14 @@ _UNSAID_WRITE_FAILURES = ("unexpected pos", "failed writing file", "disk I/O err
 def no_space_left(e: BaseException | None, where: str | os.PathLike | None = None) -> bool:
     """Whether `e` (or what caused it) is a full disk or quota. With `where`, a write failure that gives no
     reason counts too when the disk holding `where` has less than 1 MiB free."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    for c in _causes(e):
+        if isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(e)
+        text = str(c)
         if any(w in text for w in _NO_SPACE_WORDS) or "database or disk is full" in text:
             return True
         if where is not None and any(w in text for w in _UNSAID_WRITE_FAILURES) and _nearly_full(where):
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 
