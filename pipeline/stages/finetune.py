@@ -298,9 +298,14 @@ def _hardware(precision: str) -> dict[str, str]:
     (``auto`` is bf16 or fp16 on a GPU, fp32 on the CPU) and the device's name."""
     import torch
 
-    used = [k for k, on in _precision_flags(precision).items() if on]
+    used = _mixed_precision(precision)
     device = f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
     return {"precision": used[0] if used else "fp32", "device": device}
+
+
+def _mixed_precision(precision: str) -> list[str]:
+    """What ``train.precision`` resolves to on this machine: ``["bf16"]``, ``["fp16"]``, or ``[]`` for fp32."""
+    return sorted(k for k, on in _precision_flags(precision).items() if on)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -923,7 +928,7 @@ def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages:
         "packages": {p: packages.get(p) for p in REUSE_PACKAGES},
         "processes": _world_size(),
         # train.precision=auto is bf16 or fp16 on a GPU and fp32 on the CPU: what it became is the input
-        "mixed_precision": sorted(k for k, on in _precision_flags(config.train.precision).items() if on),
+        "mixed_precision": _mixed_precision(config.train.precision),
     }
     return provenance.signature(inputs)
 
