@@ -8,7 +8,8 @@ resuming one W&B run twice. The lock is an advisory ``flock`` on ``<folder>/trai
 before the run's W&B run opens and held until the process ends; the kernel releases it however the
 process ends (SIGKILL included), so a folder whose lock is free was left by a process that is gone.
 An offline sweep holds the same lock on ``<tracking.dir>/sweeps/<id>`` for as long as it runs, so that no
-second process goes on with it. Where ``fcntl`` is missing (Windows), no run counts as running, as before.
+second process goes on with it; an online sweep's agent holds it on a folder of its own
+(``<tracking.dir>/sweeps/<id>.agent-<token>``), as several agents of one W&B sweep may run at once. Where ``fcntl`` is missing (Windows), no run counts as running, as before.
 """
 
 from __future__ import annotations
@@ -106,6 +107,26 @@ def hold(folder: Path | str, what: str, doing: str = "training") -> Iterator[Non
                         break
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path | str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` itself (made when missing) while the block runs, waiting for as long as
+    another process holds it: one step at a time across the processes of this machine that share the folder. A
+    lock on the folder, not on a file in it, leaves nothing behind."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def remove_if_abandoned(folder: Path | str) -> bool:

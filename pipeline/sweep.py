@@ -352,6 +352,13 @@ class TrialOutcome:
                 "run_id": self.run_id, "produced": self.produced, "evaluations": self.evaluations, "error": self.error,
                 "loss": self.loss}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialOutcome:
+        """What `to_dict` wrote."""
+        return cls(int(d["trial"]), d.get("params") or {}, d.get("state") or "complete", value=d.get("value"),
+                   run_id=d.get("run_id"), produced=d.get("produced") or [], error=d.get("error"),
+                   evaluations=d.get("evaluations"), loss=d.get("loss"))
+
 
 def better(spec: SweepSpec, outcome: TrialOutcome, than: TrialOutcome | None) -> bool:
     """Whether `outcome` beats `than` (None: no trial yet) on the sweep's metric; of two equal values, the
@@ -628,6 +635,49 @@ def sweep_folder(config: Config, sweep_id: str) -> Path:
     return Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
 
 
+AGENT = ".agent-"  # online: sweeps/<sweep id>.agent-<token>, the folder of one agent process of the sweep
+
+
+def agent_folder(config: Config, sweep_id: str) -> Path:
+    """Online: where this process keeps its trials' models. Several agents of one W&B sweep may run at once on one
+    machine (one per GPU, as W&B suggests), so each has a folder of its own."""
+    from pipeline.tracking import new_run_id
+
+    return sweep_folder(config, f"{sweep_id}{AGENT}{new_run_id()}")
+
+
+def sweep_of(folder: Path) -> str:
+    """The sweep id of a folder under ``<tracking.dir>/sweeps`` (`sweep_folder` or `agent_folder`)."""
+    return folder.name.split(AGENT, 1)[0]
+
+
+def _publish_abandoned(config: Config, sweep: SweepSpec, sweep_id: str, group: str, dataset_ref: str) -> None:
+    """Online: the best model so far of each agent of this sweep whose process was killed, published as that agent
+    would have at its end (nothing else would: the sweep goes on in other agents, each with a folder of its own).
+    It becomes the sweep's best only if it beats the one published, as at any agent's end. A live agent's folder
+    is left alone."""
+    for folder in sorted((Path(config.tracking.dir).resolve() / "sweeps").glob(f"{sweep_id}{AGENT}*")):
+        try:
+            with runlock.hold(folder, f"sweep {sweep_id} agent {folder.name}", doing="running"):
+                for trial in folder.glob("trial-*"):  # a trial's model cut off while it was being kept
+                    shutil.rmtree(trial, ignore_errors=True)
+                try:
+                    kept = TrialOutcome.from_dict(json.loads((folder / "best" / "trial.json").read_text(encoding="utf-8")))
+                except FileNotFoundError:
+                    continue  # killed before any trial of its ended
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("sweep %s: %s holds a model whose trial cannot be read (%s); left as it is", sweep_id,
+                                folder, e)
+                    continue
+                log.info("sweep %s: publishing the best model (trial %d) of an agent whose process was killed, %s",
+                         sweep_id, kept.number, folder)
+                with runlock.exclusive(folder.parent):
+                    publish_best(config, sweep, sweep_id, group, dataset_ref, [kept], folder / "best",
+                                 f"its agent's process was killed; published by the agent started after ({os.getpid()})")
+        except runlock.RunBusy:
+            continue  # an agent running now
+
+
 def _remove_leftovers(config: Config) -> None:
     """What killed sweep processes left, before a sweep starts or goes on: the checkpoint folders of trials (never
     resumed) and sweep folders holding nothing but a free lock. A sweep or trial running now keeps its own."""
@@ -747,9 +797,8 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     if on_failure is not None:
         on_failure["resume"] = sweep_id
     group = group or f"sweep-{sweep_id}"
-    work = sweep_folder(config, sweep_id)
+    work = agent_folder(config, sweep_id)  # this agent's own: others of the sweep may run beside it
     best_dir = work / "best"
-    _remove_leftovers(config)
     by_name = {p.name: p.key for p in sweep.params}
     outcomes: list[TrialOutcome] = []
 
@@ -762,8 +811,14 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         keep_if_best(sweep, outcome, best_of(sweep, outcomes), keep, best_dir)
         outcomes.append(outcome)
 
-    wandb.agent(sweep_id, function=trial, count=count, project=config.project, entity=config.entity)
-    return publish_best(config, sweep, sweep_id, group, dataset_ref, outcomes, best_dir, f"count {count} done")
+    with runlock.hold(work, f"sweep {sweep_id} agent {work.name}", doing="running"):
+        _publish_abandoned(config, sweep, sweep_id, group, dataset_ref)
+        _remove_leftovers(config)
+        wandb.agent(sweep_id, function=trial, count=count, project=config.project, entity=config.entity)
+        # One agent at a time compares its best with the sweep's published one and publishes: two that end together
+        # would otherwise both find theirs better than the one before, and the last to set the aliases would win.
+        with runlock.exclusive(work.parent):
+            return publish_best(config, sweep, sweep_id, group, dataset_ref, outcomes, best_dir, f"count {count} done")
 
 
 # -- the end of a sweep ----------------------------------------------------------------------
@@ -868,13 +923,13 @@ def kept_models(tracking_dir: Path | str) -> list[dict[str, Any]]:
 
     out = []
     for folder in Path(tracking_dir).resolve().glob("sweeps/*"):
-        if (usage := disk_usage(folder)) is None or runlock.only_the_lock(folder):  # no model kept (yet)
+        if not folder.is_dir() or (usage := disk_usage(folder)) is None or runlock.only_the_lock(folder):  # no model kept (yet)
             continue
         trial, meta = {}, {}
         with contextlib.suppress(OSError, ValueError):
             trial = json.loads((folder / "best" / "trial.json").read_text(encoding="utf-8"))
             meta = json.loads((folder / "best" / "metadata.json").read_text(encoding="utf-8"))
-        out.append({"sweep": folder.name, "model": ((meta.get("config") or {}).get("model") or {}).get("name"),
+        out.append({"sweep": sweep_of(folder), "model": ((meta.get("config") or {}).get("model") or {}).get("name"),
                     "trial": trial.get("trial"), "value": trial.get("value"), "path": str(folder),
                     "running": runlock.holder(folder), **usage})
     return sorted(out, key=lambda r: r["modified"], reverse=True)

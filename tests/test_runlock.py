@@ -11,6 +11,7 @@ import pytest
 from pipeline import runlock
 from pipeline.config import load_config
 from pipeline.stages import finetune
+from tests.conftest import REPO
 
 
 def test_a_held_folder_names_its_holder_refuses_a_second_holder_and_is_free_after(tmp_path):
@@ -70,14 +71,46 @@ def test_a_sweep_goes_on_without_removing_a_trial_that_is_training_now(tmp_path)
 
 
 def test_artifacts_list_marks_a_sweep_that_is_running_now(tmp_path, cli_here):
-    folder = tmp_path / "track" / "sweeps" / "s1"
-    (folder / "best" / "model").mkdir(parents=True)
-    (folder / "best" / "model" / "model.safetensors").write_bytes(b"\0" * 1000)
-    (folder / "best" / "trial.json").write_text(json.dumps({"trial": 2, "value": 0.91}))
-    (folder / "best" / "metadata.json").write_text(json.dumps({"config": {"model": {"name": "clf"}}}))
+    # an offline sweep's folder, and an online sweep's agent's (several agents of one sweep may run on one machine)
+    folder, agent = tmp_path / "track" / "sweeps" / "s1", tmp_path / "track" / "sweeps" / "s2.agent-a1b2c3d4"
+    for f, trial in ((folder, 2), (agent, 5)):
+        (f / "best" / "model").mkdir(parents=True)
+        (f / "best" / "model" / "model.safetensors").write_bytes(b"\0" * 1000)
+        (f / "best" / "trial.json").write_text(json.dumps({"trial": trial, "value": 0.91}))
+        (f / "best" / "metadata.json").write_text(json.dumps({"config": {"model": {"name": "clf"}}}))
     track = f"tracking.dir={tmp_path / 'track'}"
+
+    def rows() -> dict[str, str]:
+        listed = cli_here("artifacts", "list", "--set", track).stdout.splitlines()
+        return {s: next(line for line in listed if line.strip().startswith(f"{s} ")) for s in ("s1", "s2")}
+
     with runlock.hold(folder, "sweep s1", doing="running"):
-        row = next(line for line in cli_here("artifacts", "list", "--set", track).stdout.splitlines() if "s1" in line)
+        row = rows()["s1"]
         assert f"2 (0.91); running now (pid {os.getpid()} on {socket.gethostname()}, since " in row
-    row = next(line for line in cli_here("artifacts", "list", "--set", track).stdout.splitlines() if "s1" in line)
-    assert "2 (0.91)" in row and "running now" not in row  # interrupted: its model waits for the sweep to go on
+    listed = rows()
+    assert "2 (0.91)" in listed["s1"] and "running now" not in listed["s1"]  # interrupted: its model waits for the sweep
+    assert "5 (0.91)" in listed["s2"] and str(agent) in listed["s2"]  # listed by its sweep's id
+
+
+def test_an_exclusive_folder_lock_waits_for_the_process_holding_it(tmp_path):
+    import subprocess
+    import sys
+
+    folder, log = tmp_path / "sweeps", tmp_path / "order.log"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pipeline import runlock
+with runlock.exclusive({str(folder)!r}):
+    print("held", flush=True)
+    time.sleep(1.0)
+    open({str(log)!r}, "a").write("other process done\\n")
+"""], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with runlock.exclusive(folder):  # waits for the other process
+            with open(log, "a") as f:
+                f.write("this process\n")
+    finally:
+        holder.wait(timeout=60)
+    assert log.read_text().splitlines() == ["other process done", "this process"]
+    assert not list(folder.iterdir())  # a lock on the folder itself: no file is left in it

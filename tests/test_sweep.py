@@ -566,3 +566,83 @@ def test_a_base_model_alias_is_pinned_for_the_whole_sweep(cfg):
     bases = [reg.resolve(t.produced[0]).metadata["base_model"]["id"] for t in out.trials]
     assert bases == ["clf:v0", "clf:v0"]
     assert [reg.get_run(t.run_id)["consumed"] for t in out.trials] == [["tickets:v0", "clf:v0"]] * 2
+
+
+class FakeSweepServer:
+    """What `run_online` gets from W&B's sweep server, which these machines cannot reach: a sweep id from
+    `wandb.sweep`, and `wandb.agent` handing each trial its parameters through the run `wandb.init` opens. The trials
+    are real (offline W&B runs, tiny models, the local registry). `between[(agent, k)]` runs after that agent's
+    trial k: what another process does meanwhile."""
+
+    def __init__(self, monkeypatch, sweep_id: str, plan: dict[str, list[float]]):
+        import wandb
+
+        self.sweep_id, self.plan, self.between, self.started = sweep_id, plan, {}, []
+        self._params: list[dict] = []
+        init = wandb.init
+
+        def init_with_params(*args, **kwargs):
+            if self._params:  # the trial's run: the agent's parameters in its config, as W&B sets them
+                kwargs["config"] = self._params.pop()
+            return init(*args, **kwargs)
+
+        monkeypatch.setattr(wandb, "init", init_with_params)
+        monkeypatch.setattr(wandb, "sweep", lambda raw, project=None, entity=None: self.sweep_id)
+        monkeypatch.setattr(wandb, "agent", self.agent)
+
+    def agent(self, sweep_id, function, count, project=None, entity=None):
+        assert sweep_id == self.sweep_id
+        name = f"agent{len(self.started)}"
+        self.started.append(name)
+        for k, lr in enumerate(self.plan[name][:count]):
+            self._params.append({"learning_rate": lr})
+            function()
+            self.between.get((name, k), lambda: None)()
+
+
+def test_online_agents_of_one_sweep_on_one_machine_keep_and_publish_their_own_best(cfg, tmp_path, monkeypatch, caplog):
+    """Several agents of one W&B sweep on one machine (one per GPU, as W&B suggests) share the tracking folder: each
+    keeps its trials' models in a folder of its own, so one never removes or publishes another's, and an agent
+    whose process was killed has its best model published by the next agent to start."""
+    c = cfg(f"dataset.source={write_separable_tickets(tmp_path / 'easy.csv')}", "train.epochs=2", "train.batch_size=16")
+    dataset_publish.run(c)
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.003, 1e-7, -1.0]}}})
+    # agent0: a trial that learns, then one with a value the config refuses (it fails: no model). agent1, started
+    # while agent0 runs, after a third agent was killed holding a copy of agent0's best: a trial that learns nothing.
+    server = FakeSweepServer(monkeypatch, "swp00001", {"agent0": [0.003, -1.0], "agent1": [1e-7]})
+    sweeps_dir = Path(c.tracking.dir) / "sweeps"
+    seen = {}
+
+    def meanwhile():
+        [mine] = sweeps_dir.glob("swp00001.agent-*")
+        seen["agent0"] = json.loads((mine / "best" / "trial.json").read_text())
+        killed = sweeps_dir / "swp00001.agent-killed0"
+        shutil.copytree(mine, killed)  # its lock is free: no process holds the copy
+        (killed / "trial-7" / "model").mkdir(parents=True)  # a trial's model cut off while it was being kept
+        with caplog.at_level("INFO", logger="pipeline.sweep"):
+            seen["agent1"] = sweeps.run_online(c, sweep=spec, count=1)
+        assert not killed.exists() and mine.is_dir() and (mine / "best" / "model").is_dir()  # agent0's best is still there
+
+    server.between[("agent0", 0)] = meanwhile
+    first = sweeps.run_online(c, sweep=spec, count=2)
+    second = seen["agent1"]
+    assert server.started == ["agent0", "agent1"]
+    assert "publishing the best model (trial 0) of an agent whose process was killed" in caplog.text
+
+    reg = registry(c)
+    versions = {v.ref: v for v in reg.list_versions(type="model")}
+    # the killed agent's best (a copy of agent0's trial 0) was published by agent1 as it started
+    [killed_ref] = [r for r, v in versions.items() if v.metadata["training"]["run_id"] == seen["agent0"]["run_id"]]
+    assert [(t.params, t.state) for t in first.trials] == [({"train.learning_rate": 0.003}, "complete"),
+                                                           ({"train.learning_rate": -1.0}, "failed")]
+    # agent0 kept its own best through agent1's run: the same model, so the version published from the copy
+    assert first.best.run_id == seen["agent0"]["run_id"] and first.best_model == killed_ref
+    # each published version is the model of the trial its metadata names
+    for v in versions.values():
+        assert v.metadata["config"]["train"]["learning_rate"] == v.metadata["sweep"]["params"]["train.learning_rate"]
+    # the sweep's best is the better of the agents' bests, whichever ended last
+    best = reg.resolve("clf:sweep-swp00001-best")
+    assert best.metadata["sweep"]["value"] == min(first.best.value, second.trials[0].value)
+    assert "candidate" in best.aliases
+    assert not list(sweeps_dir.glob("*"))  # every agent's folder went with it

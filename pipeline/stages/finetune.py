@@ -982,7 +982,8 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "config": trun.config,
         "code": code,
         "packages": packages,
-        "training": {"run_id": plan_.run_id, "resumed_from": shared["resume_from"], "processes": _world_size(),
+        # the W&B run that trained it: a sweep agent's own run when adopted, not the id of its checkpoint folder
+        "training": {"run_id": trun.id, "resumed_from": shared["resume_from"], "processes": _world_size(),
                      **_hardware(config.train.precision)},
         **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
