@@ -380,11 +380,18 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
     """One trial: the finetune stage with `params` on the pinned dataset version (and base model version)."""
     from pipeline.stages import finetune
 
+    def failed(e: Exception) -> TrialOutcome:
+        if run is not None:  # the agent's run for this trial, when the stage failed before it took the run over
+            if not getattr(run, "_is_finished", False):  # as W&B itself tells a finished run
+                run.summary.update({"sweep/id": sweep_id, "sweep/trial": number, "sweep/error": str(e)})
+            run.finish(exit_code=1)  # failed, as W&B's sweep shows it (else finished, when the next run opens)
+        return TrialOutcome(number, params, "failed", run_id=run.id if run is not None else None, error=str(e))
+
     try:
         cfg = trial_config(config, params, spec)
     except ConfigError as e:
         log.warning("sweep %s trial %d: invalid parameters, skipped: %s", sweep_id, number, e)
-        return TrialOutcome(number, params, "failed", error=str(e))
+        return failed(e)
     from pipeline.callbacks import SweepMetricCallback
 
     metric_cb = SweepMetricCallback(spec.metric, prune_trial, alias=spec.metric_name, run=run, maximize=spec.maximize)
@@ -395,7 +402,7 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
                                        **{f"sweep/{k}": v for k, v in params.items()}})
     except (PipelineError, RuntimeError, ValueError) as e:  # one bad trial does not end the sweep
         log.warning("sweep %s trial %d failed: %s", sweep_id, number, e)
-        return TrialOutcome(number, params, "failed", error=str(e))
+        return failed(e)
     value = result.metrics.get(f"eval_{spec.metric}")
     outcome = TrialOutcome(number, params, "pruned" if metric_cb.pruned else "complete", value=value,
                            run_id=result.run_id, produced=list(result.produced), evaluations=metric_cb.evaluations,
@@ -777,7 +784,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process. `on_failure`: as `run`'s."""
     import wandb
 
-    from pipeline.tracking import open_registry
+    from pipeline.tracking import open_registry, wandb_root
 
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     first = 0  # the number of this call's first trial: after the runs the sweep has when resumed
@@ -803,7 +810,8 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     outcomes: list[TrialOutcome] = []
 
     def trial() -> None:
-        run = wandb.init(group=group, job_type="finetune")  # the agent hands this run its parameters
+        # the agent hands this run its parameters; its folder goes where every other run's does
+        run = wandb.init(group=group, job_type="finetune", dir=wandb_root(config))
         params = {by_name[k]: v for k, v in dict(run.config).items() if k in by_name}
         keep = None if publish_trials else work / f"trial-{first + len(outcomes)}"
         outcome = train_trial(config, sweep, first + len(outcomes), params, dataset_ref=dataset_ref, group=group,

@@ -279,7 +279,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_root, mode):
+def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mode):
     return wandb.init(
         project=config.project,
         entity=config.entity,
@@ -290,12 +290,23 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_roo
         config=resolved,
         id=run.id,
         resume="allow" if resume else None,
-        dir=wandb_root,
+        dir=root,
         settings=_wandb_settings(mode),
         # One stage run at a time, and it must be the global `wandb.run`: transformers'
         # WandbCallback logs through it (W&B does not support integrations with "create_new").
         reinit="finish_previous",
     )
+
+
+def wandb_root(config: Config) -> str:
+    """The folder W&B's run folders go under (made if missing): ``WANDB_DIR``, else ``tracking.dir``."""
+    root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "tracking.dir"
+        raise ConfigError(f"the W&B run folder {root} ({where}) cannot be created: {e.strerror}: {e.filename}") from None
+    return root
 
 
 @contextmanager
@@ -336,18 +347,13 @@ def tracked_run(
     _no_pandas_import_to_spot_a_dataframe()
     _quick_package_list()
 
-    wandb_root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
-    try:
-        Path(wandb_root).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        where = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "tracking.dir"
-        raise ConfigError(f"the W&B run folder {wandb_root} ({where}) cannot be created: {e.strerror}: {e.filename}") from None
+    root = wandb_root(config)
     if adopt and wandb.run is not None:
         run.id = wandb.run.id
         run.wandb_run = wandb.run
         run.wandb_run.config.update(resolved, allow_val_change=True)
     else:
-        run.wandb_run = _init(wandb, config, job_type, run, tags, notes, resolved, resume, wandb_root, mode)
+        run.wandb_run = _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mode)
     if mode != "disabled":
         run.wandb_dir = Path(run.wandb_run.dir).parent.resolve()
     for opened in _watching:

@@ -646,3 +646,8 @@ def test_online_agents_of_one_sweep_on_one_machine_keep_and_publish_their_own_be
     assert best.metadata["sweep"]["value"] == min(first.best.value, second.trials[0].value)
     assert "candidate" in best.aliases
     assert not list(sweeps_dir.glob("*"))  # every agent's folder went with it
+    # the trial whose parameters the config refused: the run the agent opened for it is closed as failed, and says why
+    [run_dir] = Path(c.tracking.dir).glob(f"wandb/offline-run-*-{first.trials[1].run_id}")
+    recorded = inspect_summary(run_dir)
+    assert recorded["state"] == "failed" and recorded["exit_code"] == 1
+    assert "train.learning_rate" in recorded["summary"]["sweep/error"] and recorded["summary"]["sweep/trial"] == 1
