@@ -884,14 +884,16 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
         # What an earlier call of this sweep published as its best: an online sweep resumed by id sees only its own
         # trials, and one resumed after its end has no model folder left of the trials before
         earlier_ref, earlier = published_best(trun.registry, config.model.name, sweep_id)
-        if best is not None and best.produced:  # trials published their own models: tag the best one
-            for alias in aliases:
-                trun.registry.set_alias(best.produced[0], alias)
-            best_model = best.produced[0]
-        elif best is not None and earlier is not None and not better(sweep, best, earlier):
+        if best is not None and earlier is not None and earlier_ref not in best.produced and not better(sweep, best, earlier):
             log.info("sweep %s: the model it published before, %s (trial %d, %s %s), is still its best", sweep_id,
                      earlier_ref, earlier.number, sweep.metric_name, _number(earlier.value))
             best, best_model = earlier, earlier_ref
+            for alias in aliases:
+                trun.registry.set_alias(best_model, alias)
+        elif best is not None and best.produced:  # trials published their own models: tag the best one
+            best_model = best.produced[0]
+            # what `published_best` reads, as on a version this publishes itself
+            trun.registry.update_metadata(best_model, {"sweep": _sweep_record(sweep_id, sweep, best)})
             for alias in aliases:
                 trun.registry.set_alias(best_model, alias)
         elif best is not None and (best_dir / "model").is_dir():
@@ -899,8 +901,7 @@ def publish_best(config: Config, sweep: SweepSpec, sweep_id: str, group: str, da
             base = meta.get("base_model") or {}
             if base.get("source") == "registry":  # the model version the best trial trained further
                 trun.registry.use(base["id"], trun, type="model")
-            meta["sweep"] = {"id": sweep_id, "trial": best.number, "metric": sweep.metric_name, "value": best.value,
-                             "loss": best.loss, "params": best.params}
+            meta["sweep"] = _sweep_record(sweep_id, sweep, best)
             best_model = trun.registry.publish(config.model.name, "model", best_dir / "model", metadata=meta,
                                                aliases=aliases, run=trun).ref
         elif best is not None:
@@ -943,6 +944,12 @@ def kept_models(tracking_dir: Path | str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["modified"], reverse=True)
 
 
+def _sweep_record(sweep_id: str, sweep: SweepSpec, best: TrialOutcome) -> dict[str, Any]:
+    """``metadata.sweep`` of the version a sweep publishes or tags as its best."""
+    return {"id": sweep_id, "trial": best.number, "metric": sweep.metric_name, "value": best.value, "loss": best.loss,
+            "params": best.params}
+
+
 def published_best(registry, name: str, sweep_id: str) -> tuple[str | None, TrialOutcome | None]:
     """The version this sweep published as its best (alias ``sweep-<id>-best``), and its trial as it recorded it;
     (None, None) when there is none."""
@@ -951,7 +958,7 @@ def published_best(registry, name: str, sweep_id: str) -> tuple[str | None, Tria
     except RefError:
         return None, None
     meta = version.metadata.get("sweep") or {}
-    if meta.get("value") is None:  # a trial's own version (--publish-trials): its outcome is among the trials
+    if meta.get("value") is None:  # a trial's own version tagged before it recorded its outcome there
         return None, None
     return version.ref, TrialOutcome(meta.get("trial", -1), meta.get("params") or {}, "complete", value=meta["value"],
                                      run_id=(version.metadata.get("training") or {}).get("run_id"),

@@ -651,3 +651,24 @@ def test_online_agents_of_one_sweep_on_one_machine_keep_and_publish_their_own_be
     recorded = inspect_summary(run_dir)
     assert recorded["state"] == "failed" and recorded["exit_code"] == 1
     assert "train.learning_rate" in recorded["summary"]["sweep/error"] and recorded["summary"]["sweep/trial"] == 1
+
+
+def test_online_agents_that_publish_their_trials_tag_the_better_best_whichever_ends_last(cfg, tmp_path, monkeypatch):
+    """With --publish-trials each trial publishes its own version. An agent that ends after another, or a call resumed
+    by id, sees only its own trials: its best gets the sweep's aliases only if it beats the version that has them."""
+    c = cfg(f"dataset.source={write_separable_tickets(tmp_path / 'easy.csv')}", "train.epochs=2", "train.batch_size=16")
+    dataset_publish.run(c)
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.003, 1e-7]}}})
+    server = FakeSweepServer(monkeypatch, "swp00002", {"agent0": [1e-7], "agent1": [0.003]})
+    seen = {}
+    server.between[("agent0", 0)] = lambda: seen.update(agent1=sweeps.run_online(c, sweep=spec, count=1, publish_trials=True))
+    first = sweeps.run_online(c, sweep=spec, count=1, publish_trials=True)  # ends after agent1, with the worse trial
+    second = seen["agent1"]
+    assert second.best.value < first.trials[0].value  # the case this is about: the agent that ends last has the worse
+    assert first.best_model == second.best_model == second.trials[0].produced[0]
+    tagged = registry(c).resolve("clf:sweep-swp00002-best")
+    assert tagged.ref == second.best_model and "candidate" in tagged.aliases
+    assert tagged.metadata["sweep"]["value"] == second.best.value  # what the next agent compares with
+    assert tagged.metadata["sweep"]["params"] == {"train.learning_rate": 0.003}
+    assert registry(c).resolve(first.trials[0].produced[0]).aliases == []  # agent0's own trial: published, not tagged
