@@ -779,6 +779,30 @@ def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
     return registry_base(config.model.base, registry).ref
 
 
+def _online_sweep_pins(started: dict[str, Any], sweep: SweepSpec, path: str) -> tuple[str, str | None]:
+    """An online sweep resumed by id: (the dataset version, the base model version or None) it pinned when it started,
+    from its config in W&B. W&B's controller draws the trials from that config, and this process reads them with
+    the sweep file it was given, so the two must name the same parameters and the same metric: a parameter only W&B
+    knows would be dropped from every trial unseen, and another metric would rank the trials otherwise."""
+    params = started.get("parameters") or {}
+    if DATASET_PARAM not in params:
+        raise ConfigError(f"W&B sweep {path} was not started by `pipeline sweep` (its config has no {DATASET_PARAM} "
+                          "parameter, the dataset version its trials train on); start a new sweep without --resume")
+    theirs = sorted(k for k in params if k not in (DATASET_PARAM, BASE_PARAM))
+    ours = sorted(p.name for p in sweep.params)
+    metric = started.get("metric") or {}
+    said = []
+    if theirs != ours:
+        said.append(f"parameters {', '.join(theirs)} in W&B, {', '.join(ours)} in the sweep file")
+    if (metric.get("name"), metric.get("goal", "minimize")) != (sweep.metric_name, sweep.goal):
+        said.append(f"metric {metric.get('name')} ({metric.get('goal', 'minimize')}) in W&B, {sweep.metric_name} "
+                    f"({sweep.goal}) in the sweep file")
+    if said:
+        raise ConfigError(f"W&B sweep {path} was started with another sweep config: " + "; ".join(said)
+                          + "; resume it with the file it was started with")
+    return params[DATASET_PARAM]["value"], (params.get(BASE_PARAM) or {}).get("value")
+
+
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
                publish_trials: bool = False, on_failure: dict[str, Any] | None = None) -> SweepResult:
     """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process. `on_failure`: as `run`'s."""
@@ -790,10 +814,13 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     first = 0  # the number of this call's first trial: after the runs the sweep has when resumed
     if resume:
         sweep_id = resume
-        api_sweep = wandb.Api().sweep(f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}")
+        path = f"{config.entity or wandb.Api().default_entity}/{config.project}/{sweep_id}"
+        try:
+            api_sweep = wandb.Api().sweep(path)
+        except (wandb.errors.CommError, ValueError) as e:
+            raise RefError(f"no W&B sweep {path}: {e}") from None
+        dataset_ref, base_ref = _online_sweep_pins(api_sweep.config or {}, sweep, path)
         first = len(api_sweep.runs or [])
-        dataset_ref = api_sweep.config["parameters"][DATASET_PARAM]["value"]
-        base_ref = (api_sweep.config["parameters"].get(BASE_PARAM) or {}).get("value")
     else:
         dataset_ref, base_ref = _before_trials(config, sweep, registry)
         raw = json.loads(json.dumps(sweep.raw))

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from pipeline import runlock, sweep as sweeps
 from pipeline.callbacks import SweepMetricCallback
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RefError
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
 from pipeline.tracking import open_registry
@@ -578,8 +578,19 @@ class FakeSweepServer:
         import wandb
 
         self.sweep_id, self.plan, self.between, self.started = sweep_id, plan, {}, []
+        self.sweeps: dict[str, dict] = {}  # sweep id -> its config as W&B keeps it
         self._params: list[dict] = []
         init = wandb.init
+        server = self
+
+        class Api:  # the public API's sweep lookup, for a sweep resumed by id
+            default_entity = "me"
+
+            def sweep(self, path):
+                found = server.sweeps.get(path.rsplit("/", 1)[-1])
+                if found is None:
+                    raise wandb.errors.CommError(f"Could not find sweep {path}")
+                return type("Sweep", (), {"config": found, "runs": [f"run{i}" for i in range(found["_runs"])]})()
 
         def init_with_params(*args, **kwargs):
             if self._params:  # the trial's run: the agent's parameters in its config, as W&B sets them
@@ -587,15 +598,21 @@ class FakeSweepServer:
             return init(*args, **kwargs)
 
         monkeypatch.setattr(wandb, "init", init_with_params)
-        monkeypatch.setattr(wandb, "sweep", lambda raw, project=None, entity=None: self.sweep_id)
+        def sweep(raw, project=None, entity=None):
+            self.sweeps[self.sweep_id] = {**raw, "_runs": 0}
+            return self.sweep_id
+
+        monkeypatch.setattr(wandb, "sweep", sweep)
         monkeypatch.setattr(wandb, "agent", self.agent)
+        monkeypatch.setattr(wandb, "Api", Api)
 
     def agent(self, sweep_id, function, count, project=None, entity=None):
-        assert sweep_id == self.sweep_id
+        assert sweep_id in self.sweeps
         name = f"agent{len(self.started)}"
         self.started.append(name)
         for k, lr in enumerate(self.plan[name][:count]):
             self._params.append({"learning_rate": lr})
+            self.sweeps[sweep_id]["_runs"] += 1
             function()
             self.between.get((name, k), lambda: None)()
 
@@ -672,3 +689,35 @@ def test_online_agents_that_publish_their_trials_tag_the_better_best_whichever_e
     assert tagged.metadata["sweep"]["value"] == second.best.value  # what the next agent compares with
     assert tagged.metadata["sweep"]["params"] == {"train.learning_rate": 0.003}
     assert registry(c).resolve(first.trials[0].produced[0]).aliases == []  # agent0's own trial: published, not tagged
+
+
+def test_an_online_sweep_resumed_by_id_trains_on_its_pinned_data_with_the_sweep_file_it_started_with(cfg, monkeypatch,
+                                                                                                     tmp_path, assets):
+    c = cfg("train.max_steps=1")
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.003]}}})
+    server = FakeSweepServer(monkeypatch, "swp00004", {"agent0": [0.003]})
+    # started elsewhere (another machine's agent) on tickets:v0, two runs ago; the data has a newer version since
+    server.sweeps["swp00003"] = {**spec.raw, "parameters": {**spec.raw["parameters"],
+                                                            sweeps.DATASET_PARAM: {"value": "tickets:v0"}}, "_runs": 2}
+    shutil.copy(assets[1], tmp_path / "more.csv")
+    with open(tmp_path / "more.csv", "a") as f:
+        f.write("new-1,my parcel is lost again,shipping\n")
+    assert dataset_publish.run(cfg(f"dataset.source={tmp_path / 'more.csv'}")).produced == ["tickets:v1"]
+
+    with pytest.raises(RefError, match=r"^no W&B sweep me/support-intents/nope: Could not find sweep"):
+        sweeps.run_online(c, sweep=spec, count=1, resume="nope")
+    other = sweeps.parse_sweep({**spec.raw, "metric": {"name": "eval/accuracy", "goal": "maximize"},
+                                "parameters": {**spec.raw["parameters"], "batch_size": {"values": [8]}}})
+    with pytest.raises(ConfigError, match=r"^W&B sweep me/support-intents/swp00003 was started with another sweep "
+                                          r"config: parameters learning_rate in W&B, batch_size, learning_rate in the "
+                                          r"sweep file; metric val/loss \(minimize\) in W&B, eval/accuracy \(maximize\)"):
+        sweeps.run_online(c, sweep=other, count=1, resume="swp00003")
+    server.sweeps["foreign"] = {**spec.raw, "_runs": 0}  # made with `wandb sweep`, not by the pipeline
+    with pytest.raises(ConfigError, match=r"was not started by `pipeline sweep` \(its config has no pipeline_dataset"):
+        sweeps.run_online(c, sweep=spec, count=1, resume="foreign")
+    assert server.started == [] and not (Path(c.tracking.dir) / "sweeps").exists()  # refused before any trial
+
+    out = sweeps.run_online(c, sweep=spec, count=1, resume="swp00003")
+    assert out.dataset == "tickets:v0" and [t.number for t in out.trials] == [2]  # after the sweep's two runs
+    assert registry(c).resolve(out.best_model).metadata["dataset"]["ref"] == "tickets:v0"
