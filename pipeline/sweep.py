@@ -803,6 +803,22 @@ def _online_sweep_pins(started: dict[str, Any], sweep: SweepSpec, path: str) -> 
     return params[DATASET_PARAM]["value"], (params.get(BASE_PARAM) or {}).get("value")
 
 
+def _check_online_config(config: Config, sweep: SweepSpec, runs: list, path: str) -> None:
+    """An online sweep resumed by id: the config outside the swept keys and ``dataset.*`` must be the one its trials
+    trained with (each trial's run records it), so that the trials stay comparable, as an offline resume requires."""
+    fields = set(Config.model_fields)
+    trained = next(({k: v for k, v in run.config.items() if k in fields} for run in runs
+                    if isinstance(run.config.get("train"), dict)), None)
+    if trained is None:  # no trial got as far as recording its config
+        return
+    swept = {p.key for p in sweep.params}
+    changed = {k: v for k, v in model_config_diff(trained, config.to_dict()).items()
+               if not k.startswith("dataset.") and k not in swept}
+    if changed:
+        raise ConfigError(f"cannot resume W&B sweep {path}: the config differs from the one its trials trained with in "
+                          + describe_diff(changed) + "; its trials would not be comparable")
+
+
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
                publish_trials: bool = False, on_failure: dict[str, Any] | None = None) -> SweepResult:
     """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process. `on_failure`: as `run`'s."""
@@ -819,8 +835,10 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
             api_sweep = wandb.Api().sweep(path)
         except (wandb.errors.CommError, ValueError) as e:
             raise RefError(f"no W&B sweep {path}: {e}") from None
+        runs = list(api_sweep.runs or [])
         dataset_ref, base_ref = _online_sweep_pins(api_sweep.config or {}, sweep, path)
-        first = len(api_sweep.runs or [])
+        _check_online_config(config, sweep, runs, path)
+        first = len(runs)
     else:
         dataset_ref, base_ref = _before_trials(config, sweep, registry)
         raw = json.loads(json.dumps(sweep.raw))

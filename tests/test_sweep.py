@@ -578,8 +578,9 @@ class FakeSweepServer:
         import wandb
 
         self.sweep_id, self.plan, self.between, self.started = sweep_id, plan, {}, []
-        self.sweeps: dict[str, dict] = {}  # sweep id -> its config as W&B keeps it
+        self.sweeps: dict[str, dict] = {}  # sweep id -> {"config": as W&B keeps it, "runs": each run's config}
         self._params: list[dict] = []
+        self._opened = []
         init = wandb.init
         server = self
 
@@ -590,16 +591,19 @@ class FakeSweepServer:
                 found = server.sweeps.get(path.rsplit("/", 1)[-1])
                 if found is None:
                     raise wandb.errors.CommError(f"Could not find sweep {path}")
-                return type("Sweep", (), {"config": found, "runs": [f"run{i}" for i in range(found["_runs"])]})()
+                return type("Sweep", (), {"config": found["config"],
+                                          "runs": [type("Run", (), {"config": r})() for r in found["runs"]]})()
 
         def init_with_params(*args, **kwargs):
             if self._params:  # the trial's run: the agent's parameters in its config, as W&B sets them
                 kwargs["config"] = self._params.pop()
+                self._opened.append(init(*args, **kwargs))
+                return self._opened[-1]
             return init(*args, **kwargs)
 
         monkeypatch.setattr(wandb, "init", init_with_params)
         def sweep(raw, project=None, entity=None):
-            self.sweeps[self.sweep_id] = {**raw, "_runs": 0}
+            self.sweeps[self.sweep_id] = {"config": raw, "runs": []}
             return self.sweep_id
 
         monkeypatch.setattr(wandb, "sweep", sweep)
@@ -612,8 +616,8 @@ class FakeSweepServer:
         self.started.append(name)
         for k, lr in enumerate(self.plan[name][:count]):
             self._params.append({"learning_rate": lr})
-            self.sweeps[sweep_id]["_runs"] += 1
             function()
+            self.sweeps[sweep_id]["runs"].append(dict(self._opened[-1].config))  # what the trial's run recorded
             self.between.get((name, k), lambda: None)()
 
 
@@ -698,8 +702,10 @@ def test_an_online_sweep_resumed_by_id_trains_on_its_pinned_data_with_the_sweep_
                                "parameters": {"learning_rate": {"values": [0.003]}}})
     server = FakeSweepServer(monkeypatch, "swp00004", {"agent0": [0.003]})
     # started elsewhere (another machine's agent) on tickets:v0, two runs ago; the data has a newer version since
-    server.sweeps["swp00003"] = {**spec.raw, "parameters": {**spec.raw["parameters"],
-                                                            sweeps.DATASET_PARAM: {"value": "tickets:v0"}}, "_runs": 2}
+    trained = {**c.to_dict(), "learning_rate": 0.003, sweeps.DATASET_PARAM: "tickets:v0"}  # a trial's run's config
+    server.sweeps["swp00003"] = {"config": {**spec.raw, "parameters": {**spec.raw["parameters"],
+                                                                       sweeps.DATASET_PARAM: {"value": "tickets:v0"}}},
+                                 "runs": [{"learning_rate": 0.003}, trained]}  # the first failed before finetune
     shutil.copy(assets[1], tmp_path / "more.csv")
     with open(tmp_path / "more.csv", "a") as f:
         f.write("new-1,my parcel is lost again,shipping\n")
@@ -713,9 +719,14 @@ def test_an_online_sweep_resumed_by_id_trains_on_its_pinned_data_with_the_sweep_
                                           r"config: parameters learning_rate in W&B, batch_size, learning_rate in the "
                                           r"sweep file; metric val/loss \(minimize\) in W&B, eval/accuracy \(maximize\)"):
         sweeps.run_online(c, sweep=other, count=1, resume="swp00003")
-    server.sweeps["foreign"] = {**spec.raw, "_runs": 0}  # made with `wandb sweep`, not by the pipeline
+    server.sweeps["foreign"] = {"config": spec.raw, "runs": []}  # made with `wandb sweep`, not by the pipeline
     with pytest.raises(ConfigError, match=r"was not started by `pipeline sweep` \(its config has no pipeline_dataset"):
         sweeps.run_online(c, sweep=spec, count=1, resume="foreign")
+    # the settings outside the swept parameters must be those its trials trained with, as offline
+    with pytest.raises(ConfigError, match=r"^cannot resume W&B sweep me/support-intents/swp00003: the config differs "
+                                          r"from the one its trials trained with in train.weight_decay \(0.01 -> 0.2\)"):
+        sweeps.run_online(cfg("train.max_steps=1", "train.weight_decay=0.2", "train.learning_rate=0.1"), sweep=spec,
+                          count=1, resume="swp00003")  # (the swept learning rate may differ)
     assert server.started == [] and not (Path(c.tracking.dir) / "sweeps").exists()  # refused before any trial
 
     out = sweeps.run_online(c, sweep=spec, count=1, resume="swp00003")
