@@ -9,7 +9,8 @@ before the run's W&B run opens and held until the process ends; the kernel relea
 process ends (SIGKILL included), so a folder whose lock is free was left by a process that is gone.
 An offline sweep holds the same lock on ``<tracking.dir>/sweeps/<id>`` for as long as it runs, so that no
 second process goes on with it; an online sweep's agent holds it on a folder of its own
-(``<tracking.dir>/sweeps/<id>.agent-<token>``), as several agents of one W&B sweep may run at once. Where ``fcntl`` is missing (Windows), no run counts as running, as before.
+(``<tracking.dir>/sweeps/<id>.agent-<token>``), as several agents of one W&B sweep may run at once.
+Where ``fcntl`` is missing (Windows), no run counts as running, as before.
 """
 
 from __future__ import annotations

@@ -680,7 +680,7 @@ def _publish_abandoned(config: Config, sweep: SweepSpec, sweep_id: str, group: s
                          sweep_id, kept.number, folder)
                 with runlock.exclusive(folder.parent):
                     publish_best(config, sweep, sweep_id, group, dataset_ref, [kept], folder / "best",
-                                 f"its agent's process was killed; published by the agent started after ({os.getpid()})")
+                                 f"its agent's process was killed; published by the next agent (pid {os.getpid()})")
         except runlock.RunBusy:
             continue  # an agent running now
 
