@@ -378,12 +378,13 @@ def train_trial(config: Config, spec: SweepSpec, number: int, params: dict[str, 
                 sweep_id: str, keep: Path | None, prune_trial=None, callbacks: tuple = (), adopt: bool = False,
                 run=None, base_ref: str | None = None) -> TrialOutcome:
     """One trial: the finetune stage with `params` on the pinned dataset version (and base model version)."""
+    from pipeline.redact import redact
     from pipeline.stages import finetune
 
     def failed(e: Exception) -> TrialOutcome:
         if run is not None:  # the agent's run for this trial, when the stage failed before it took the run over
             if not getattr(run, "_is_finished", False):  # as W&B itself tells a finished run
-                run.summary.update({"sweep/id": sweep_id, "sweep/trial": number, "sweep/error": str(e)})
+                run.summary.update(redact({"sweep/id": sweep_id, "sweep/trial": number, "sweep/error": str(e)}))
             run.finish(exit_code=1)  # failed, as W&B's sweep shows it (else finished, when the next run opens)
         return TrialOutcome(number, params, "failed", run_id=run.id if run is not None else None, error=str(e))
 
