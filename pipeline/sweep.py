@@ -821,8 +821,9 @@ def _check_online_config(config: Config, sweep: SweepSpec, runs: list, path: str
 
 
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
-               publish_trials: bool = False, on_failure: dict[str, Any] | None = None) -> SweepResult:
-    """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process. `on_failure`: as `run`'s."""
+               publish_trials: bool = False, callbacks: tuple = (), on_failure: dict[str, Any] | None = None) -> SweepResult:
+    """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process, on a thread the agent
+    starts for it. `callbacks` and `on_failure`: as `run`'s."""
     import wandb
 
     from pipeline.tracking import open_registry, wandb_root
@@ -859,9 +860,20 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         # the agent hands this run its parameters; its folder goes where every other run's does
         run = wandb.init(group=group, job_type="finetune", dir=wandb_root(config))
         params = {by_name[k]: v for k, v in dict(run.config).items() if k in by_name}
-        keep = None if publish_trials else work / f"trial-{first + len(outcomes)}"
-        outcome = train_trial(config, sweep, first + len(outcomes), params, dataset_ref=dataset_ref, group=group,
-                              sweep_id=sweep_id, keep=keep, adopt=True, run=run, base_ref=base_ref)
+        number = first + len(outcomes)
+        keep = None if publish_trials else work / f"trial-{number}"
+        try:
+            outcome = train_trial(config, sweep, number, params, dataset_ref=dataset_ref, group=group, sweep_id=sweep_id,
+                                  keep=keep, adopt=True, run=run, base_ref=base_ref, callbacks=callbacks)
+        except Exception as e:
+            # What the agent raises in this thread to stop the run (W&B's hyperband, or Stop in its UI: a bare
+            # Exception), or an error of the stage's own: the trial counts as failed, its model goes, and the agent,
+            # which tells the two apart, gets it.
+            log.warning("sweep %s trial %d stopped: %s", sweep_id, number, str(e) or type(e).__name__)
+            outcomes.append(TrialOutcome(number, params, "failed", run_id=run.id, error=str(e) or type(e).__name__))
+            if keep is not None:
+                shutil.rmtree(keep, ignore_errors=True)
+            raise
         keep_if_best(sweep, outcome, best_of(sweep, outcomes), keep, best_dir)
         outcomes.append(outcome)
 

@@ -581,6 +581,7 @@ class FakeSweepServer:
         self.sweeps: dict[str, dict] = {}  # sweep id -> {"config": as W&B keeps it, "runs": each run's config}
         self._params: list[dict] = []
         self._opened = []
+        self.errors: list[Exception] = []  # what the runs' functions raised
         init = wandb.init
         server = self
 
@@ -611,12 +612,24 @@ class FakeSweepServer:
         monkeypatch.setattr(wandb, "Api", Api)
 
     def agent(self, sweep_id, function, count, project=None, entity=None):
+        """As W&B's in-process agent: each run's function on a thread of its own, its exception caught and logged."""
+        import threading
+
         assert sweep_id in self.sweeps
         name = f"agent{len(self.started)}"
         self.started.append(name)
         for k, lr in enumerate(self.plan[name][:count]):
             self._params.append({"learning_rate": lr})
-            function()
+
+            def job():
+                try:
+                    function()
+                except Exception as e:  # noqa: BLE001 - the agent's own handling: the run errored (or was stopped)
+                    self.errors.append(e)
+
+            thread = threading.Thread(target=job)
+            thread.start()
+            thread.join()
             self.sweeps[sweep_id]["runs"].append(dict(self._opened[-1].config))  # what the trial's run recorded
             self.between.get((name, k), lambda: None)()
 
@@ -732,3 +745,32 @@ def test_an_online_sweep_resumed_by_id_trains_on_its_pinned_data_with_the_sweep_
     out = sweeps.run_online(c, sweep=spec, count=1, resume="swp00003")
     assert out.dataset == "tickets:v0" and [t.number for t in out.trials] == [2]  # after the sweep's two runs
     assert registry(c).resolve(out.best_model).metadata["dataset"]["ref"] == "tickets:v0"
+
+
+class StoppedByAgent(TrainerCallback):
+    """What W&B's agent does to a run it stops (hyperband, or Stop in its UI): a bare Exception raised in the thread
+    running the trial, here at its first step."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.fired:
+            self.fired = True
+            raise Exception  # noqa: TRY002 - exactly what the agent raises
+
+
+def test_an_online_trial_the_agent_stops_is_failed_leaves_nothing_and_the_agent_goes_on(cfg, monkeypatch):
+    c = cfg("train.max_steps=2")
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.003, 0.001]}}})
+    server = FakeSweepServer(monkeypatch, "swp00005", {"agent0": [0.003, 0.001]})
+    out = sweeps.run_online(c, sweep=spec, count=2, callbacks=(StoppedByAgent(),))
+    assert [type(e) for e in server.errors] == [Exception]  # the agent got it, and went on with the next run
+    assert [(t.number, t.state) for t in out.trials] == [(0, "failed"), (1, "complete")]
+    assert out.trials[0].run_id and out.trials[0].run_id != out.trials[1].run_id
+    assert out.best.number == 1 and out.best_model == "clf:v0"
+    assert registry(c).resolve("clf:v0").metadata["sweep"]["params"] == {"train.learning_rate": 0.001}
+    assert not (Path(c.tracking.dir) / "sweeps").exists() and not list(Path(c.tracking.dir).glob("checkpoints/*/*"))
+    [run_dir] = Path(c.tracking.dir).glob(f"wandb/offline-run-*-{out.trials[0].run_id}")
+    assert inspect_summary(run_dir)["state"] == "failed"
