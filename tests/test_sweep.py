@@ -765,8 +765,9 @@ def test_an_online_trial_the_agent_stops_is_failed_leaves_nothing_and_the_agent_
     spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
                                "parameters": {"learning_rate": {"values": [0.003, 0.001]}}})
     server = FakeSweepServer(monkeypatch, "swp00005", {"agent0": [0.003, 0.001]})
-    out = sweeps.run_online(c, sweep=spec, count=2, callbacks=(StoppedByAgent(),))
+    out = sweeps.run_online(c, sweep=spec, count=3, callbacks=(StoppedByAgent(),))
     assert [type(e) for e in server.errors] == [Exception]  # the agent got it, and went on with the next run
+    assert out.stop_reason == "W&B's agent ended after 2 of 3 trials"  # W&B had no third run for it
     assert [(t.number, t.state) for t in out.trials] == [(0, "failed"), (1, "complete")]
     assert out.trials[0].run_id and out.trials[0].run_id != out.trials[1].run_id
     assert out.best.number == 1 and out.best_model == "clf:v0"
