@@ -197,7 +197,10 @@ def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
                 {"label": r["label_a"], "split": r["split_a"]} if kind == "removed" else
                 {"label": [r["label_a"], r["label_b"]], "split": [r["split_a"], r["split_b"]],
                  **({"copies": [r["copies_a"], r["copies_b"]]} if kind == "copies" else {}),
-                 **({c: [r[f"{c}_a"], r[f"{c}_b"]] for c in shown if c not in keys} if kind == "edited" else {})})}
+                 **({c: [r[f"{c}_a"], r[f"{c}_b"]] for c in shown if c not in keys} if kind == "edited" else {}),
+                 # matched by id, a relabelled row's text may have been rewritten too: then both texts
+                 **({c: [r[f"{c}_a"], r[f"{c}_b"]] for c in shown if c not in keys and r[f"{c}_a"] != r[f"{c}_b"]}
+                    if kind == "relabelled" else {})})}
             for r in rows]
     label_a = pc.value_counts(table_a.column("label")).to_pylist()
     label_b = pc.value_counts(table_b.column("label")).to_pylist()
