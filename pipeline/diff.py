@@ -246,12 +246,16 @@ def _unless_same(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 2 and value[0] == value[1] else value
 
 
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def _short(value: Any, width: int = 80) -> str:
     import json
 
     if value is ABSENT:
         return "(absent)"
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    # a line break or tab inside a text would break the report's lines: written as \n, \t
+    text = value.translate(_ESCAPES) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     if isinstance(value, list) and len(value) == 2 and not isinstance(value[0], (dict, list)):
         text = f"{_short(value[0], width // 2)} -> {_short(value[1], width // 2)}"
     return text if len(text) <= width else text[: width - 3] + "..."

@@ -46,7 +46,7 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
     before = tickets()
     after = [dict(r) for r in before[3:]]                      # billing-0..2 removed
     after[0]["label"] = "shipping"                             # billing-3 relabelled (and its text rewritten)
-    after[0]["text"] = "where is the parcel I ordered"
+    after[0]["text"] = "parcel\tlate?\nwhere is it"
     after[1]["text"] = "billing question number four"          # billing-4 edited
     after += [{"id": "new-1", "text": "a new question about my invoice", "label": "billing"},
               {"id": "new-2", "text": "a new question about my parcel", "label": "shipping"}]
@@ -64,7 +64,7 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
     assert [r["id"] for r in d.rows.examples["added"]] == ["new-1", "new-2"]
     relabelled = d.rows.examples["relabelled"][0]
     assert relabelled["id"] == "billing-3" and relabelled["label"] == ["billing", "shipping"]
-    assert relabelled["text"] == ["billing question number 3", "where is the parcel I ordered"]  # both, not just the old
+    assert relabelled["text"] == ["billing question number 3", "parcel\tlate?\nwhere is it"]  # both
     assert d.rows.label_counts == {"billing": (20, 17), "shipping": (20, 22), "tech": (20, 20)}
     assert {"dataset.json", "train.parquet"} <= set(d.files["changed"]) and not d.files["added"] + d.files["removed"]
     assert ("config.dataset.source", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")) in d.metadata
@@ -75,7 +75,8 @@ def test_two_dataset_versions_differ_by_the_rows_added_removed_relabelled_and_mo
     assert f"{a} -> {b} (dataset)" in cli.stdout
     assert "rows (matched by id): 2 added, 3 removed, 1 relabelled" in cli.stdout
     assert "id=billing-3" in cli.stdout and "label=billing -> shipping" in cli.stdout and "id=billing-1  " not in cli.stdout
-    assert "text=billing question number 3 -> where is the parcel I ordered" in cli.stdout
+    # both texts, a line break and a tab written out so that the report keeps one line per row
+    assert "text=billing question number 3 -> parcel\\tlate?\\nwhere is it  label=billing -> shipping" in cli.stdout
     assert "rows per label: billing 20 -> 17; shipping 20 -> 22" in cli.stdout
     assert not re.search(r"=(\S+) -> \1(\s|$)", cli.stdout), cli.stdout  # what did not change is one value (split=train)
     as_json = json.loads(run_cli("artifacts", "diff", a, b, "--json", "--set", f"tracking.dir={tmp_path / 'track'}").stdout)
