@@ -826,7 +826,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     starts for it. `callbacks` and `on_failure`: as `run`'s."""
     import wandb
 
-    from pipeline.tracking import open_registry, wandb_root
+    from pipeline.tracking import open_registry, run_settings, wandb_root
 
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     first = 0  # the number of this call's first trial: after the runs the sweep has when resumed
@@ -857,8 +857,8 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
     outcomes: list[TrialOutcome] = []
 
     def trial() -> None:
-        # the agent hands this run its parameters; its folder goes where every other run's does
-        run = wandb.init(group=group, job_type="finetune", dir=wandb_root(config))
+        # the agent hands this run its parameters; its folder and settings are every other run's
+        run = wandb.init(group=group, job_type="finetune", dir=wandb_root(config), settings=run_settings(config))
         params = {by_name[k]: v for k, v in dict(run.config).items() if k in by_name}
         number = first + len(outcomes)
         keep = None if publish_trials else work / f"trial-{number}"

@@ -142,6 +142,12 @@ class TrackedRun:
         self.wandb_run.log_artifact(art, aliases=sorted(version.aliases))
 
 
+def run_settings(config: Config):
+    """The W&B settings of every run the pipeline opens: also for a run it opens itself (a sweep agent's trial),
+    which would otherwise start from W&B's defaults (console capture on)."""
+    return _wandb_settings(resolve_mode(config.tracking.mode))
+
+
 def _wandb_settings(mode: str):
     import wandb
 

@@ -615,6 +615,8 @@ class FakeSweepServer:
         """As W&B's in-process agent: each run's function on a thread of its own, its exception caught and logged."""
         import threading
 
+        import wandb
+
         assert sweep_id in self.sweeps
         name = f"agent{len(self.started)}"
         self.started.append(name)
@@ -623,6 +625,7 @@ class FakeSweepServer:
 
             def job():
                 try:
+                    wandb.teardown()  # as W&B's agent does before each run: the run starts from W&B's default settings
                     function()
                 except Exception as e:  # noqa: BLE001 - the agent's own handling: the run errored (or was stopped)
                     self.errors.append(e)
@@ -775,3 +778,9 @@ def test_an_online_trial_the_agent_stops_is_failed_leaves_nothing_and_the_agent_
     assert not (Path(c.tracking.dir) / "sweeps").exists() and not list(Path(c.tracking.dir).glob("checkpoints/*/*"))
     [run_dir] = Path(c.tracking.dir).glob(f"wandb/offline-run-*-{out.trials[0].run_id}")
     assert inspect_summary(run_dir)["state"] == "failed"
+    # the agent's runs get the pipeline's W&B settings, as every other run: no console capture (it could copy a
+    # secret from the output into a file W&B uploads), no machine metadata
+    for trial in out.trials:
+        [run_dir] = Path(c.tracking.dir).glob(f"wandb/offline-run-*-{trial.run_id}")
+        files = {p.name for p in (run_dir / "files").iterdir()}
+        assert "output.log" not in files and "wandb-metadata.json" not in files, files
