@@ -881,12 +881,12 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         _publish_abandoned(config, sweep, sweep_id, group, dataset_ref)
         _remove_leftovers(config)
         wandb.agent(sweep_id, function=trial, count=count, project=config.project, entity=config.entity)
-        # One agent at a time compares its best with the sweep's published one and publishes: two that end together
-        # would otherwise both find theirs better than the one before, and the last to set the aliases would win.
-        # It ends before the count when W&B has no more runs for it (a grid done, run_cap reached, the sweep stopped or
-        # deleted), after runs that failed one after another, or on Ctrl-C.
+        # The agent ends before the count when W&B has no more runs for it (a grid done, run_cap reached, the sweep
+        # stopped or deleted), after runs that failed one after another, or on Ctrl-C.
         stop_reason = f"count {count} done" if len(outcomes) >= count else \
             f"W&B's agent ended after {len(outcomes)} of {count} trials"
+        # One agent at a time compares its best with the sweep's published one and publishes: two that end together
+        # would otherwise both find theirs better than the one before, and the last to set the aliases would win.
         with runlock.exclusive(work.parent):
             return publish_best(config, sweep, sweep_id, group, dataset_ref, outcomes, best_dir, stop_reason)
 

@@ -602,11 +602,11 @@ class FakeSweepServer:
                 return self._opened[-1]
             return init(*args, **kwargs)
 
-        monkeypatch.setattr(wandb, "init", init_with_params)
         def sweep(raw, project=None, entity=None):
             self.sweeps[self.sweep_id] = {"config": raw, "runs": []}
             return self.sweep_id
 
+        monkeypatch.setattr(wandb, "init", init_with_params)
         monkeypatch.setattr(wandb, "sweep", sweep)
         monkeypatch.setattr(wandb, "agent", self.agent)
         monkeypatch.setattr(wandb, "Api", Api)
