@@ -540,10 +540,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                 raise RefError(f"no sweep {resume!r} under {config.tracking.dir}; sweeps: {', '.join(names) or 'none'}") from None
             if attrs.get("sweep") != sweep.raw:
                 raise ConfigError(f"sweep {resume} was started with a different sweep config; resume it with the same file")
-            # Trials of one sweep differ only in the swept parameters (the data is pinned by version, so dataset.* may move).
-            swept = {p.key for p in sweep.params}
-            changed = {k: v for k, v in model_config_diff(attrs.get("config") or config.to_dict(), config.to_dict()).items()
-                       if not k.startswith("dataset.") and k not in swept}
+            changed = _unswept_changes(attrs.get("config") or config.to_dict(), config, sweep)
             if changed:
                 raise ConfigError(f"cannot resume sweep {resume}: the config differs from the one it started with in "
                                   + describe_diff(changed)
@@ -638,6 +635,15 @@ def _grid_exhausted(grid: list[dict[str, Any]], outcomes: list[TrialOutcome], si
 AUTO = "auto"  # --resume auto: an orchestrator's retry of the same command
 
 
+def _unswept_changes(recorded: dict[str, Any], config: Config, sweep: SweepSpec) -> dict[str, tuple[Any, Any]]:
+    """How `config` differs from the config a sweep's trials trained with (`recorded`), outside what may differ: the
+    swept parameters, and ``dataset.*`` (the data is pinned by version, so those keys may move). Trials trained
+    otherwise would not be comparable."""
+    swept = {p.key for p in sweep.params}
+    return {k: v for k, v in model_config_diff(recorded, config.to_dict()).items()
+            if not k.startswith("dataset.") and k not in swept}
+
+
 def sweep_folder(config: Config, sweep_id: str) -> Path:
     """Where a sweep keeps its best trial's model until it publishes it, and the lock of the process running it."""
     return Path(config.tracking.dir).resolve() / "sweeps" / sweep_id
@@ -719,12 +725,10 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
         return None, count
     dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
     base_ref = pinned_base(config, sweep, registry)
-    swept = {p.key for p in sweep.params}
     passed = []  # why each unfinished sweep is not this command's: said when none is
     for summary in sorted(studies, key=lambda s: s.user_attrs.get("started", 0), reverse=True):
         attrs, name = summary.user_attrs, summary.study_name
-        changed = {k: v for k, v in model_config_diff(attrs.get("config") or {}, config.to_dict()).items()
-                   if not k.startswith("dataset.") and k not in swept}
+        changed = _unswept_changes(attrs.get("config") or {}, config, sweep)
         if attrs.get("sweep") != sweep.raw:
             passed.append(f"{name}: another sweep file")
         elif (busy := runlock.holder(sweep_folder(config, name))) is not None:  # not interrupted: another process runs it
@@ -812,9 +816,7 @@ def _check_online_config(config: Config, sweep: SweepSpec, runs: list, path: str
                     if isinstance(run.config.get("train"), dict)), None)
     if trained is None:  # no trial got as far as recording its config
         return
-    swept = {p.key for p in sweep.params}
-    changed = {k: v for k, v in model_config_diff(trained, config.to_dict()).items()
-               if not k.startswith("dataset.") and k not in swept}
+    changed = _unswept_changes(trained, config, sweep)
     if changed:
         raise ConfigError(f"cannot resume W&B sweep {path}: the config differs from the one its trials trained with in "
                           + describe_diff(changed) + "; its trials would not be comparable")
