@@ -288,7 +288,7 @@ def _out_of_memory(config: Config) -> OutOfMemory:
               f"{t.gradient_accumulation_steps}) to keep {t.batch_size * t.gradient_accumulation_steps} rows per "
               f"optimizer step", f"lower train.eval_batch_size (now {t.eval_batch()}) if it stopped while evaluating",
               f"lower model.max_length (now {config.model.max_length})"]
-    if torch.cuda.is_available() and _hardware(t.precision)["precision"] == "fp32":
+    if torch.cuda.is_available() and not _mixed_precision(t.precision):  # fp32 on a GPU
         advice.append("train in mixed precision (train.precision: auto)")
     return OutOfMemory(f"out of memory on {where} while training: " + "; ".join(advice) + ". Nothing was published")
 
