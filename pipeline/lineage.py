@@ -185,24 +185,42 @@ def to_text(g: Graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mid(node: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", node)
+class _MermaidIds:
+    """Mermaid node ids: the node's name with every other character as `_` (`artifact_clf_v0`), readable in the
+    source. Names that differ only there (`tickets-v2:v0` and `tickets_v2:v0`) would be one node, their edges
+    merged: the later one gets `_2` (`_3`, ...) until its id is free."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def __call__(self, node: str) -> str:
+        if node not in self._ids:
+            base = candidate = re.sub(r"[^A-Za-z0-9_]", "_", node)
+            n = 1
+            while candidate in self._taken:
+                n += 1
+                candidate = f"{base}_{n}"
+            self._ids[node] = candidate
+            self._taken.add(candidate)
+        return self._ids[node]
 
 
 def to_mermaid(g: Graph) -> str:
+    mid = _MermaidIds()
     lines = ["flowchart LR"]
     for ref, a in g.artifacts.items():
         aliases = f"<br/>{', '.join(a['aliases'])}" if a["aliases"] else ""
         aliases += "<br/>deleted" if a.get("deleted_at") else ""
-        lines.append(f'  {_mid("artifact:" + ref)}[("{ref}<br/>{a["type"]}{aliases}")]')
+        lines.append(f'  {mid("artifact:" + ref)}[("{ref}<br/>{a["type"]}{aliases}")]')
     for run_id, r in g.runs.items():
-        lines.append(f'  {_mid("run:" + run_id)}(["{r["job_type"]}<br/>run {run_id}<br/>{r["status"]}"])')
+        lines.append(f'  {mid("run:" + run_id)}(["{r["job_type"]}<br/>run {run_id}<br/>{r["status"]}"])')
     for src, dst in g.edges:
         for node in (src, dst):
             if node.startswith("run:") and node[4:] not in g.runs:
-                lines.append(f'  {_mid(node)}(["run {node[4:]}"])')
-        lines.append(f"  {_mid(src)} --> {_mid(dst)}")
-    lines.append(f"  style {_mid('artifact:' + g.root)} stroke-width:3px")
+                lines.append(f'  {mid(node)}(["run {node[4:]}"])')
+        lines.append(f"  {mid(src)} --> {mid(dst)}")
+    lines.append(f"  style {mid('artifact:' + g.root)} stroke-width:3px")
     return "\n".join(dict.fromkeys(lines)) + "\n"
 
 

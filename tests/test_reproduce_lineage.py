@@ -191,6 +191,35 @@ def test_lineage_in_three_formats(env):
     assert bad.returncode == 2 and "clf has no version 'v7'" in bad.stderr
 
 
+def test_mermaid_keeps_names_apart_that_differ_only_in_punctuation():
+    """`tickets-v2` and `tickets_v2` are two names; Mermaid ids allow neither `-` nor `:`, and one id for both would
+    draw one node with both datasets' edges: a model made from data it never saw."""
+    from pipeline.lineage import Graph
+
+    g = Graph(root="clf:v0")
+    for ref, kind in (("clf:v0", "model"), ("tickets-v2:v0", "dataset"), ("tickets_v2:v0", "dataset"),
+                      ("tickets_v2_2:v0", "dataset")):
+        g.artifacts[ref] = {"ref": ref, "type": kind, "aliases": []}
+    g.runs["r1"] = {"job_type": "finetune", "status": "finished"}
+    g.runs["r2"] = {"job_type": "evaluate", "status": "finished"}
+    g.edge("artifact:tickets-v2:v0", "run:r1")
+    g.edge("run:r1", "artifact:clf:v0")
+    g.edge("artifact:tickets_v2:v0", "run:r2")
+    g.edge("artifact:tickets_v2_2:v0", "run:r2")
+    g.edge("artifact:clf:v0", "run:r2")
+    lines = render(g, "mermaid").splitlines()
+    nodes = {ln.split("[", 1)[0].strip(): ln for ln in lines if '[("' in ln}
+    assert len(nodes) == 4  # four artifacts, four ids
+    ids = {ln.split('("', 1)[1].split("<br/>")[0]: node for node, ln in nodes.items()}
+    assert ids["tickets-v2:v0"] == "artifact_tickets_v2_v0"
+    assert len(set(ids.values())) == 4
+    # the finetune run read only tickets-v2; the evaluate run read the other two and the model
+    assert [ln.strip() for ln in lines if ln.strip().endswith("--> run_r1")] == ["artifact_tickets_v2_v0 --> run_r1"]
+    assert sorted(ln.split(" -->")[0].strip() for ln in lines if ln.strip().endswith("--> run_r2")) == sorted(
+        [ids["tickets_v2:v0"], ids["tickets_v2_2:v0"], "artifact_clf_v0"])
+    assert "style artifact_clf_v0 stroke-width:3px" in lines[-1]
+
+
 def test_a_model_version_as_the_base_is_an_input_pinned_for_reproduction_and_kept_from_deletion(env):
     """model.base: clf:production trains the production model further (on new data, say)."""
     import yaml
