@@ -709,6 +709,22 @@ def test_predict_command_and_function(env, template, tmp_path, cli_here):
     assert [row[0] for row in streamed] == [p.label for p in predict(dest, [*texts, "refund please"])]
 
 
+def test_printed_predictions_keep_one_column_per_field_when_a_label_or_id_holds_a_tab(capsys):
+    """Labels are kept as the training data wrote them, so a tab or a line break can be part of one; printed as is,
+    it would shift every column after it or split the row."""
+    import argparse
+
+    from pipeline.commands.predict import _print
+
+    record = {"id": "T\t1", "text": "refund\nplease", "label": "new\tline",
+              "top": [{"label": "new\tline", "score": 0.61}, {"label": "multi\nline", "score": 0.39}]}
+    _print(record, argparse.Namespace(json=False))
+    _print(record, argparse.Namespace(json=True))
+    printed, as_json = capsys.readouterr().out.splitlines()
+    assert printed.split("\t") == ["T 1", "new line", "0.6100", "multi line", "0.3900", "refund please"]
+    assert json.loads(as_json) == record  # --json keeps everything as it is
+
+
 def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_path, cli_here):
     cfg = env()
     evaluate.run(cfg)

@@ -120,10 +120,11 @@ def _print(record: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(record))
         return
-    scores = "\t".join(f"{t['label']}\t{t['score']:.4f}" for t in record["top"])
-    # one line per text: a file's text may hold line breaks or tabs (--json and --output keep them)
+    # one line per text, one column per field: a file's text or id, or a label as the training data wrote it, may
+    # hold line breaks or tabs (--json and --output keep them)
+    scores = "\t".join(f"{_one_line(t['label'])}\t{t['score']:.4f}" for t in record["top"])
     texts = [_one_line(record["text"]), *([_one_line(record["text_pair"])] if "text_pair" in record else [])]
-    print("\t".join([*([str(record["id"])] if "id" in record else []), scores, *texts]))
+    print("\t".join([*([_one_line(str(record["id"]))] if "id" in record else []), scores, *texts]))
 
 
 def _one_line(text: str) -> str:
