@@ -304,6 +304,11 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
     )
 
 
+# What the pipeline keeps under tracking.dir: the local registry (catalog and file store), its verified copies,
+# finetune's checkpoints, the tokenisation cache, and the sweeps' models; W&B's run folders go under `wandb_root`.
+PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps")
+
+
 def wandb_root(config: Config) -> str:
     """The folder W&B's run folders go under (made if missing): ``WANDB_DIR``, else ``tracking.dir``."""
     root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)

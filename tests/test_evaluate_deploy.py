@@ -616,9 +616,16 @@ def test_deploy_fetch_never_replaces_the_registry_the_current_or_the_home_folder
                          (tmp_path / "home", "your home folder")):
         with pytest.raises(ConfigError, match=rf"deploy folder {target} \(--to or deploy.dir\) is {what}"):
             deploy_fetch.run(cfg, model="clf:v0", to=target, force=True)
+    # nor a folder the pipeline keeps under it: `--to .pipeline/registry --force` emptied the catalog
+    for target in (track / "registry", track / "registry" / "objects", track / "artifacts" / "clf" / "v0",
+                   track / "checkpoints", track / "cache" / "tokenized", track / "sweeps", track / "wandb"):
+        with pytest.raises(ConfigError, match=rf"deploy folder {target} \(--to or deploy.dir\) is inside "
+                                              rf"{track / target.relative_to(track).parts[0]}, which the pipeline keeps"):
+            deploy_fetch.run(cfg, model="clf:v0", to=target, force=True)
     assert (project / "src" / "train.py").read_text() == "mine" and registry(cfg).resolve("clf:v0").ref == "clf:v0"
     assert len(registry(cfg).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
     assert deploy_fetch.run(cfg, model="clf:v0", to=project / "src" / "deploy").status == "ok"  # a folder of its own
+    assert deploy_fetch.run(cfg, model="clf:v0", to=track / "deploy").status == "ok"  # under tracking.dir, not in its folders
 
 
 def test_predict_command_and_function(env, template, tmp_path, cli_here):

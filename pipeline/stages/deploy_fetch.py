@@ -21,7 +21,7 @@ from pipeline.basemodel import check_code_trusted
 from pipeline.config import Config
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.results import StageResult
-from pipeline.tracking import open_registry, tracked_run
+from pipeline.tracking import PIPELINE_FOLDERS, open_registry, tracked_run, wandb_root
 
 STAGE = "deploy-fetch"
 MANIFEST = "manifest.json"
@@ -58,7 +58,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, t
     version = registry.resolve(model or f"{config.model.name}:production", type="model")
     check_code_trusted(version, config.model.trust_remote_code)  # the smoke test would run its code
     dest = Path(to or config.deploy.dir).resolve()
-    existing = _check_destination(dest, force, Path(config.tracking.dir).resolve())
+    existing = _check_destination(dest, force, Path(config.tracking.dir).resolve(),
+                                  Path(wandb_root(config)).resolve() / "wandb")
     with tracked_run(config, STAGE, group=group) as trun:
         reg = trun.registry
         version = reg.use(version.ref, trun, type="model")
@@ -132,7 +133,7 @@ def _input_columns(reg, version) -> dict[str, str] | None:
     return {k: v for k, v in columns.items() if isinstance(v, str)} or None
 
 
-def _check_destination(dest: Path, force: bool, tracking_dir: Path) -> dict[str, Any] | None:
+def _check_destination(dest: Path, force: bool, tracking_dir: Path, wandb_runs: Path) -> dict[str, Any] | None:
     """The deployment now in `dest` (its manifest), after the checks made before a run is opened:
     it is not a folder whose replacement would take the registry, the current folder or the home
     folder with it (not even with --force), its parent can be created, it is not a file, and a folder
@@ -144,6 +145,12 @@ def _check_destination(dest: Path, force: bool, tracking_dir: Path) -> dict[str,
         if dest == folder or dest in folder.parents:
             raise ConfigError(f"{where} is {what}, or holds it; deploy-fetch replaces the whole folder it deploys to, "
                               "so name a folder of its own, e.g. deploy/")
+    # and not a folder the pipeline keeps: with --force, `--to .pipeline/registry` took the catalog of every version
+    for kept in (*(tracking_dir / name for name in PIPELINE_FOLDERS), wandb_runs):
+        if dest == kept or kept in dest.parents:
+            raise ConfigError(f"{where} is inside {kept}, which the pipeline keeps (the registry, its copies, "
+                              "checkpoints, caches, sweeps and W&B runs live under tracking.dir); deploy-fetch replaces "
+                              "the whole folder it deploys to, so name a folder of its own, e.g. deploy/")
     try:  # where the copy is staged and renamed into place
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
