@@ -33,6 +33,19 @@ class _Group(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
+    def _not_empty(cls, value: Any, info) -> Any:
+        """An empty value is no setting: `--set tracking.dir=$DIR` with DIR unset would keep the registry in the
+        current folder, an empty `dataset.source` would read the current folder, an empty column names none."""
+        if isinstance(value, str) and not value.strip():
+            field = cls.model_fields[info.field_name]
+            if field.is_required():
+                raise ValueError("is empty")
+            unset = " (or write null to unset it)" if type(None) in typing.get_args(field.annotation) else ""
+            raise ValueError(f"is empty; leave the key out for its default{unset}")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
     def _no_yes_for_a_number(cls, value: Any, info) -> Any:
         """YAML reads yes/no/true/false as booleans, and pydantic would take them as 1 and 0: `batch_size: yes`
         would train with a batch of one. A number field takes numbers only."""
@@ -371,6 +384,18 @@ class Config(_Group):
     """W&B project (``WANDB_PROJECT`` overrides)."""
     entity: str | None = None
     """W&B entity (``WANDB_ENTITY`` overrides); your default entity when unset."""
+
+    @field_validator("project")
+    @classmethod
+    def _a_w_and_b_project_name(cls, value: str) -> str:
+        """W&B's own rule (its `Settings` refuses these when the run opens, offline too): said before any work."""
+        bad = [c for c in "/\\#?%:" if c in value]
+        if bad:
+            hint = "; the entity (team or user) is set by `entity:` or WANDB_ENTITY" if "/" in bad else ""
+            raise ValueError(f"a W&B project name cannot hold {' '.join(bad)}{hint}")
+        if len(value) > 128:
+            raise ValueError(f"a W&B project name is at most 128 characters (this one has {len(value)})")
+        return value
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     dataset: DatasetConfig
     model: ModelConfig
@@ -542,14 +567,16 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load, merge and validate; raise one `ConfigError` listing every problem."""
     data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    origin = [str(path) if path else "no config file"]
     for env, key in (("WANDB_PROJECT", "project"), ("WANDB_ENTITY", "entity")):
         if os.environ.get(env):
             data[key] = os.environ[env]
+            origin.append(env)  # so a bad value is looked for where it came from
     for item in overrides:
         _apply_override(data, item)
     for group in ("dataset", "model"):  # so a missing group reports its missing fields by name
         data.setdefault(group, {})
-    return _validate(data, str(path) if path else "no config file", overrides)
+    return _validate(data, ", ".join(origin), overrides)
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),

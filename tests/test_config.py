@@ -160,6 +160,39 @@ def test_values_no_stage_could_use_are_refused_at_load(make_config, override, me
     assert make_config("train.seed=4294967295").train.seed == 4294967295
 
 
+@pytest.mark.parametrize("override, message", [
+    ("dataset.source=", "dataset.source: is empty (got '')"),  # was: the current folder read as the data
+    ("dataset.text_column='  '", "dataset.text_column: is empty; leave the key out for its default (got '  ')"),
+    ("dataset.id_column=", "dataset.id_column: is empty; leave the key out for its default (or write null to unset it)"),
+    ("tracking.dir=", "tracking.dir: is empty; leave the key out for its default"),  # was: the registry in the cwd
+    ("model.base=", "model.base: is empty; leave the key out for its default"),
+    ("train.epochs=", "train.epochs: is empty; leave the key out for its default"),
+    ("project=team/intents", "project: a W&B project name cannot hold /; the entity (team or user) is set by "
+                             "`entity:` or WANDB_ENTITY (got 'team/intents')"),
+    ("project=a:b?", "project: a W&B project name cannot hold ? :"),
+    ("project=" + "p" * 129, "project: a W&B project name is at most 128 characters (this one has 129)"),
+])
+def test_an_empty_value_or_a_project_name_wandb_refuses_is_a_config_error(make_config, override, message):
+    """`--set tracking.dir=$DIR` with DIR unset, or a project W&B's `Settings` refuses when the run opens (a traceback,
+    after the data was read), is said when the config loads."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(override)
+    assert make_config("dataset.id_column=null", "project=" + "p" * 128).dataset.id_column is None
+
+
+def test_an_empty_setting_or_a_bad_project_from_the_environment_stops_the_command_before_any_work(tmp_path):
+    (tmp_path / "t.csv").write_text("text,label\nhello,a\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {{name: d, source: {tmp_path / 't.csv'}}}\nmodel: {{name: m}}\n")
+    out = run_cli("dataset-publish", "--config", str(cfg), "--set", "dataset.text_column=", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # was a TypeError from Arrow
+    assert "dataset.text_column: is empty" in out.stderr
+    out = run_cli("dataset-publish", "--config", str(cfg), cwd=tmp_path, env={"WANDB_PROJECT": "me/intents"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"invalid config ({cfg}, WANDB_PROJECT):\n  project: a W&B project name cannot hold /" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "t.csv"]  # no registry, no run
+
+
 @pytest.mark.parametrize("override", ["train.batch_size=yes", "train.epochs=true", "train.max_steps=on",
                                       "evaluate.gate.min_class_recall=no"])
 def test_yes_or_no_is_not_taken_for_a_number(make_config, override):
