@@ -93,6 +93,15 @@ class TrackingConfig(_Group):
     """Online only: also link published models to this W&B Registry (e.g. ``model``)."""
     tags: list[str] = Field(default_factory=list)
     """Tags added to every run."""
+
+    @field_validator("tags")
+    @classmethod
+    def _w_and_b_tags(cls, tags: list[str]) -> list[str]:
+        """W&B's own rule (its `Settings` refuses these when the run opens, offline too): said before any work."""
+        for tag in tags:
+            if not tag.strip() or len(tag) > 64:
+                raise ValueError(f"a W&B tag is 1 to 64 characters; {tag!r} has {len(tag)}")
+        return tags
     notes: str | None = None
     """Notes added to every run."""
     group: str | None = None

@@ -171,13 +171,15 @@ def test_values_no_stage_could_use_are_refused_at_load(make_config, override, me
                              "`entity:` or WANDB_ENTITY (got 'team/intents')"),
     ("project=a:b?", "project: a W&B project name cannot hold ? :"),
     ("project=" + "p" * 129, "project: a W&B project name is at most 128 characters (this one has 129)"),
+    ("tracking.tags=[nightly, " + "t" * 65 + "]", f"tracking.tags: a W&B tag is 1 to 64 characters; '{'t' * 65}' has 65"),
+    ("tracking.tags=[nightly, '']", "tracking.tags: a W&B tag is 1 to 64 characters; '' has 0"),
 ])
 def test_an_empty_value_or_a_project_name_wandb_refuses_is_a_config_error(make_config, override, message):
     """`--set tracking.dir=$DIR` with DIR unset, or a project W&B's `Settings` refuses when the run opens (a traceback,
     after the data was read), is said when the config loads."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         make_config(override)
-    assert make_config("dataset.id_column=null", "project=" + "p" * 128).dataset.id_column is None
+    assert make_config("dataset.id_column=null", "project=" + "p" * 128, "tracking.tags=[" + "t" * 64 + "]").dataset.id_column is None
 
 
 def test_an_empty_setting_or_a_bad_project_from_the_environment_stops_the_command_before_any_work(tmp_path):
