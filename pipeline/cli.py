@@ -115,8 +115,30 @@ class _LibraryLogger(logging.Logger):
         pass
 
 
+def _empty_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Action | None:
+    """The first option given an empty value (`--dataset "$REF"` with REF unset). Taken as given, it would fall back
+    to the option's default, as if it had not been given: the stage would train on `latest`, evaluate `candidate` or
+    deploy to `deploy.dir`, none of which the caller named."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):  # the command (or artifacts action) given
+            chosen = action.choices.get(getattr(args, action.dest, None))
+            found = chosen and _empty_option(chosen, args)
+            if found:
+                return found
+        elif action.option_strings and isinstance(getattr(args, action.dest, None), str) \
+                and not getattr(args, action.dest).strip():
+            return action
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    empty = _empty_option(parser, args)
+    if empty:
+        print(f"error: {'/'.join(empty.option_strings)} is empty (an unset shell variable?); give it a value"
+              + ("" if empty.required else ", or leave it out for its default"), file=sys.stderr)
+        return 2
     _setup_logging(args.verbose)
     # A log handler that cannot write (a full disk under W&B's debug log) must not print a traceback per record.
     logging.raiseExceptions = False

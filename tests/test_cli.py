@@ -111,6 +111,29 @@ def test_verbose_is_accepted_before_or_after_the_command(tmp_path):
     assert plain.returncode == 0 and " DEBUG " not in plain.stderr
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["finetune", "--config", "c.yaml", "--dataset", ""], "--dataset"),  # was: trained on <dataset.name>:latest
+    (["evaluate", "--config", "c.yaml", "--model", " "], "--model"),  # was: judged <model.name>:candidate
+    (["deploy-fetch", "--config", "c.yaml", "--to", ""], "--to"),  # was: deployed to deploy.dir
+    (["finetune", "--config", "c.yaml", "--resume", ""], "--resume"),
+    (["run", "--config", "c.yaml", "--result-json", ""], "--result-json"),
+    (["artifacts", "list", "--type", ""], "--type"),
+    (["dataset-publish", "--config", ""], "--config"),
+])
+def test_an_option_given_an_empty_value_is_refused_not_taken_for_its_default(argv, option, tmp_path, monkeypatch,
+                                                                              capsys):
+    """`--dataset "$REF"` with REF unset (an orchestrator's template, an empty result file read by a shell) must not
+    quietly become the option's default: the stage would train on, judge or deploy what nobody named."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: {option} is empty (an unset shell variable?); give it a value")
+    assert said.rstrip().endswith("give it a value") == (option == "--config")  # a required option has no default
+    assert list(tmp_path.iterdir()) == []  # nothing was made: refused before any work
+
+
 def test_finetune_and_run_reuse_a_version_trained_from_the_same_inputs_unless_told_to_retrain():
     from pipeline.cli import build_parser
 
