@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.results import StageResult, failed
-from pipeline.tracking import new_run_id, runs_opened
+from pipeline.tracking import new_run_id, open_registry, runs_opened
 
 log = logging.getLogger(__name__)
 ORDER = ("dataset-publish", "finetune", "evaluate", "deploy-fetch")
@@ -70,7 +70,14 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         return r
 
     data = step("dataset-publish", dataset_publish.run, reuse=reuse)
-    model = step("finetune", finetune.run, dataset=data.produced[0], reuse=reuse, resume=resume)
+
+    def train(config: Config, **kwargs: Any) -> StageResult:
+        # evaluate would refuse a dataset version with an empty evaluate.split: said before training, not after
+        registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+        evaluate.check_split_not_empty(config, registry.resolve(data.produced[0], type="dataset"))
+        return finetune.run(config, **kwargs)
+
+    model = step("finetune", train, dataset=data.produced[0], reuse=reuse, resume=resume)
     verdict = step("evaluate", evaluate.run, model=model.produced[0])
     if verdict.status == "gate_failed":
         result.status = "gate_failed"

@@ -666,6 +666,29 @@ def test_a_diverged_training_fails_clearly_and_publishes_nothing(tmp_path, tiny_
     assert out["produced"] == ["tickets:v0"] and out["consumed"] == []
 
 
+def test_run_refuses_a_dataset_with_no_rows_to_evaluate_on_before_training(tmp_path, tiny_model, tickets_csv):
+    """`dataset.split.test: 0` with evaluate scoring the test split: the chain used to train, publish a model and only
+    then fail in evaluate. It now stops before finetune opens a run, with evaluate's own message."""
+    from pipeline.runner import PipelineResult, run_all
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "dataset.split.train=0.8", "dataset.split.validation=0.2",
+                   "dataset.split.test=0")
+    outcome = PipelineResult(group="no-test-rows")
+    with offline(tmp_path):
+        with pytest.raises(ConfigError, match=r"the test split of tickets:v0 is empty; nothing to evaluate on \(set "
+                                              r"evaluate.split, or publish the dataset with a dataset.split fraction"):
+            run_all(cfg, result=outcome)
+    reg = registry_of(cfg)
+    assert reg.list_versions(type="model") == []
+    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]  # no finetune run was opened
+    out = outcome.to_dict()
+    assert [(s["stage"], s["status"]) for s in out["stages"]] == [("dataset-publish", "ok"), ("finetune", "failed")]
+    assert not list((Path(cfg.tracking.dir) / "checkpoints").glob("*/*"))  # nothing trained
+    # scoring the validation split instead, the same dataset version goes through
+    assert run_all(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"split": "validation"})}),
+                   result=PipelineResult(group="validation")).status in ("ok", "gate_failed")
+
+
 def test_running_out_of_memory_while_training_says_what_to_lower_and_publishes_nothing(tmp_path, tiny_model, tickets_csv):
     """A real allocation the CPU cannot make, in the middle of training (on a GPU: torch.OutOfMemoryError)."""
     import torch

@@ -286,6 +286,13 @@ def _empty_split(ref: str, split: str) -> ConfigError:
                        "(set evaluate.split, or publish the dataset with a dataset.split fraction for it)")
 
 
+def check_split_not_empty(config: Config, dataset) -> None:
+    """Refuse a dataset version with no rows in ``evaluate.split``, from its recorded counts. `pipeline run` asks
+    before finetune, so that a training is not spent on a model the chain cannot evaluate."""
+    if (dataset.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:
+        raise _empty_split(dataset.ref, config.evaluate.split)
+
+
 def _read_split(data_dir: Path, split: str, ref: str) -> dict[str, list]:
     import pyarrow.parquet as pq
 
@@ -343,8 +350,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         raise ConfigError(f"{ds.ref} has label(s) {unknown} that {challenger.ref} does not predict (it predicts "
                           f"{label_names}); evaluate it on a dataset version with its labels")
     # Refused before a run is opened: an empty split, a gate naming labels the model does not have.
-    if (ds.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:
-        raise _empty_split(ds.ref, config.evaluate.split)
+    check_split_not_empty(config, ds)
     class_recall_minimums(config.evaluate.gate, label_names or list(ds.metadata.get("label_names") or []))
     try:
         champion = registry.resolve(f"{challenger.name}:{PRODUCTION}", type="model")
