@@ -72,9 +72,10 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
     data = step("dataset-publish", dataset_publish.run, reuse=reuse)
 
     def train(config: Config, **kwargs: Any) -> StageResult:
-        # evaluate would refuse a dataset version with an empty evaluate.split: said before training, not after
+        # what evaluate would refuse (an empty evaluate.split, a gate naming labels the data lacks): said before
+        # training, not after
         registry = open_registry(config.tracking, project=config.project, entity=config.entity)
-        evaluate.check_split_not_empty(config, registry.resolve(data.produced[0], type="dataset"))
+        evaluate.check_evaluable(config, registry.resolve(data.produced[0], type="dataset"))
         return finetune.run(config, **kwargs)
 
     model = step("finetune", train, dataset=data.produced[0], reuse=reuse, resume=resume)

@@ -666,9 +666,10 @@ def test_a_diverged_training_fails_clearly_and_publishes_nothing(tmp_path, tiny_
     assert out["produced"] == ["tickets:v0"] and out["consumed"] == []
 
 
-def test_run_refuses_a_dataset_with_no_rows_to_evaluate_on_before_training(tmp_path, tiny_model, tickets_csv):
-    """`dataset.split.test: 0` with evaluate scoring the test split: the chain used to train, publish a model and only
-    then fail in evaluate. It now stops before finetune opens a run, with evaluate's own message."""
+def test_run_refuses_what_evaluate_would_refuse_before_training(tmp_path, tiny_model, tickets_csv):
+    """`dataset.split.test: 0` with evaluate scoring the test split, or a gate naming a label the data lacks: the chain
+    used to train, publish a model and only then fail in evaluate. It now stops before finetune opens a run, with
+    evaluate's own message."""
     from pipeline.runner import PipelineResult, run_all
 
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "dataset.split.train=0.8", "dataset.split.validation=0.2",
@@ -684,6 +685,11 @@ def test_run_refuses_a_dataset_with_no_rows_to_evaluate_on_before_training(tmp_p
     out = outcome.to_dict()
     assert [(s["stage"], s["status"]) for s in out["stages"]] == [("dataset-publish", "ok"), ("finetune", "failed")]
     assert not list((Path(cfg.tracking.dir) / "checkpoints").glob("*/*"))  # nothing trained
+    # likewise a gate that names a label the data does not have
+    with offline(tmp_path), pytest.raises(ConfigError, match=r"evaluate.gate.min_class_recall names labels the model "
+                                                             r"does not have: \['biling'\]"):
+        run_all(make_cfg(tmp_path, tiny_model, tickets_csv, "evaluate.gate.min_class_recall={biling: 0.5}"))
+    assert reg.list_versions(type="model") == [] and "finetune" not in [r["job_type"] for r in reg_runs(reg)]
     # scoring the validation split instead, the same dataset version goes through
     assert run_all(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"split": "validation"})}),
                    result=PipelineResult(group="validation")).status in ("ok", "gate_failed")

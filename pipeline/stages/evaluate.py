@@ -287,10 +287,17 @@ def _empty_split(ref: str, split: str) -> ConfigError:
 
 
 def check_split_not_empty(config: Config, dataset) -> None:
-    """Refuse a dataset version with no rows in ``evaluate.split``, from its recorded counts. `pipeline run` asks
-    before finetune, so that a training is not spent on a model the chain cannot evaluate."""
+    """Refuse a dataset version with no rows in ``evaluate.split``, from its recorded counts."""
     if (dataset.metadata.get("num_rows") or {}).get(config.evaluate.split) == 0:
         raise _empty_split(dataset.ref, config.evaluate.split)
+
+
+def check_evaluable(config: Config, dataset) -> None:
+    """What evaluate would refuse about a model trained on this dataset version, asked of the version alone: rows in
+    ``evaluate.split``, and a gate's ``min_class_recall`` naming only its labels (the model trained on it has them).
+    `pipeline run` asks before finetune, so that no training is spent on a model the chain cannot evaluate."""
+    check_split_not_empty(config, dataset)
+    class_recall_minimums(config.evaluate.gate, list(dataset.metadata.get("label_names") or []))
 
 
 def _read_split(data_dir: Path, split: str, ref: str) -> dict[str, list]:
