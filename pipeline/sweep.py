@@ -128,6 +128,14 @@ def _infer_distribution(name: str, spec: dict[str, Any], where: str) -> str:
     raise ConfigError(f"{where}: give value, values, min/max or a distribution")
 
 
+# model.* keys that are no hyperparameter, and why a sweep over them is refused
+NOT_SWEPT = {
+    "model.name": "it names the model every trial's best is published as (trials named otherwise would be published "
+                  "under this config's name)",
+    "model.trust_remote_code": "it is a decision to run a model's own code, not a hyperparameter (set it in the config)",
+}
+
+
 def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Param:
     where = f"{source}: parameters.{name}"
     if not isinstance(spec, dict):
@@ -137,6 +145,11 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
         near = [k for k in keys if k.endswith("." + name.split(".")[-1])]
         hint = f"; did you mean {', '.join(near)}?" if near else f"; bare names map onto train.* ({', '.join(sorted(TrainConfig.model_fields))})"
         raise ConfigError(f"{where}: maps to config key {key!r}, which does not exist{hint}")
+    if key.split(".")[0] not in ("train", "model") or key in NOT_SWEPT:
+        why = NOT_SWEPT.get(key) or ("the trials train on the dataset version the sweep pins, so dataset settings do not "
+                                     "reach them" if key.startswith("dataset.") else "it does not change what a trial trains")
+        raise ConfigError(f"{where}: {key} cannot be swept: {why}; a trial's model is shaped by train.* and model.* "
+                          "(not model.name or model.trust_remote_code)")
     dist = _infer_distribution(name, spec, where)
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")

@@ -449,6 +449,16 @@ def test_random_draws_follow_wandb_distributions():
     ({"parameters": {"dropout": {"values": [0.1, 0.2]}}},
      "parameters.dropout: maps to config key 'train.dropout', which does not exist"),
     ({"parameters": {"model.depth": {"values": [1]}}}, "maps to config key 'model.depth', which does not exist"),
+    # keys that do not shape a trial's model: a sweep over them trained identical trials, or sent them elsewhere
+    ({"parameters": {"model.name": {"values": ["a", "b"]}}}, "parameters.model.name: model.name cannot be swept: it "
+                                                              "names the model every trial's best is published as"),
+    ({"parameters": {"dataset.split.seed": {"values": [1, 2]}}},
+     "parameters.dataset.split.seed: dataset.split.seed cannot be swept: the trials train on the dataset version the "
+     "sweep pins"),
+    ({"parameters": {"tracking.dir": {"values": ["a", "b"]}}}, "tracking.dir cannot be swept: it does not change what a "
+                                                               "trial trains; a trial's model is shaped by train.. and model.."),
+    ({"parameters": {"evaluate.gate.min_accuracy": {"values": [0.5]}}}, "evaluate.gate.min_accuracy cannot be swept"),
+    ({"parameters": {"project": {"values": ["x"]}}}, "maps to config key 'train.project', which does not exist"),
     ({"metric": {"name": "train/perplexity", "goal": "minimize"}},
      "metric.name 'train/perplexity' is not logged by the finetune stage; use one of eval/accuracy"),
     ({"method": "grid", "parameters": {"learning_rate": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
