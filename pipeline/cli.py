@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipeline import __version__
 
@@ -147,12 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' map and save_to_disk
     from pipeline.errors import PipelineError
 
+    # Under torchrun only the main process writes the result file.
+    result_json = getattr(args, "result_json", None) if os.environ.get("RANK", "0") == "0" else None
     try:
-        if getattr(args, "result_json", None):
+        if result_json:
             from pipeline.results import check_writable
 
-            check_writable(args.result_json)
-        return int(importlib.import_module(args._module).main(args) or 0)
+            check_writable(result_json)
+            # A file left there by an earlier command (last night's `ok`) is never to be read as this one's result:
+            # removed now, so the file is this command's result or absent.
+            Path(result_json).unlink(missing_ok=True)
+        try:
+            return int(importlib.import_module(args._module).main(args) or 0)
+        except BaseException as e:
+            if result_json and not os.path.exists(result_json) and not (isinstance(e, SystemExit) and not e.code):
+                _write_failed(result_json, args.command, e)  # stopped before the stage could say so (a config error)
+            raise
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -175,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
         print(f"error: {DiskFull(getattr(e, 'filename', None))}", file=sys.stderr)
         return DiskFull.exit_code
+
+
+def _write_failed(path: str, command: str, error: BaseException) -> None:
+    from pipeline.results import failed, write_json_atomic
+
+    result = failed(command, error).to_dict()
+    if command == "run":  # the shape `run` writes: its stages' results (none ran)
+        result |= {"group": None, "stages": []}
+    try:
+        write_json_atomic(path, result)
+    except OSError:  # the error being reported is the one to see (a full disk, say)
+        logging.getLogger("pipeline").debug("the result file %s could not be written", path, exc_info=True)
 
 
 def run() -> None:

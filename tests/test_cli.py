@@ -216,6 +216,30 @@ def test_an_unwritable_result_path_is_refused_before_any_work(tmp_path):
     assert not track.exists()
 
 
+def test_a_command_stopped_by_its_config_writes_a_failed_result_over_an_earlier_one(tmp_path, monkeypatch, capsys):
+    """An orchestrator reads the result file of each task: last night's `ok` left in place by a command that stopped
+    at its config (before the stage began) would be read as tonight's result."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("dataset: {name: d, source: data.csv}\nmodel: {name: m}\n")
+    result = tmp_path / "out" / "finetune.json"
+    result.parent.mkdir()
+    for argv, stage, message in (
+            (["finetune", "--config", "c.yaml", "--set", "train.epochs=-1"], "finetune",
+             "invalid config (c.yaml with --set train.epochs=-1):\n  train.epochs: Input should be greater than 0"),
+            (["run", "--config", "nope.yaml"], "run", "config file not found: nope.yaml"),
+            (["sweep", "--config", "c.yaml", "--sweep", "nope.yaml", "--count", "1"], "sweep",
+             "cannot read sweep file nope.yaml")):
+        result.write_text(json.dumps({"stage": stage, "status": "ok", "produced": ["m:v0"]}))
+        assert main([*argv, "--result-json", str(result)]) == 2
+        data = json.loads(result.read_text())
+        assert (data["stage"], data["status"], data["produced"]) == (stage, "failed", [])
+        assert data["message"].startswith(message) and capsys.readouterr().err.startswith(f"error: {message}")
+        assert data.get("stages") == ([] if stage == "run" else None)  # run's shape: its stages (none ran)
+    assert sorted(p.name for p in result.parent.iterdir()) == ["finetune.json"]  # written whole, nothing left over
+
+
 def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys):
     """ENOSPC wherever a stage meets it (here writing the split files on a worker thread): one message, exit 1."""
     import errno
