@@ -148,16 +148,18 @@ def test_artifacts_list_show_json(tmp_path):
     reg = LocalRegistry(track / "registry")
     src = tmp_path / "f.txt"
     src.write_text("hello")
-    reg.publish("ds", "dataset", {"data/f.txt": src}, metadata={"rows": 1}, aliases=["golden"])
+    reg.publish("ds", "dataset", {"data/f.txt": src}, metadata={"rows": 1, "label_names": ["Höhe", "🚀"]},
+                aliases=["golden"])
     s = ["--set", f"tracking.dir={track}"]
     listed = run_cli("artifacts", "list", *s)
     assert listed.returncode == 0
     assert "ds:v0" in listed.stdout and "golden,latest" in listed.stdout
     shown = json.loads(run_cli("artifacts", "show", "ds:golden", "--json", *s).stdout)
-    assert shown["ref"] == "ds:v0" and shown["metadata"] == {"rows": 1}
+    assert shown["ref"] == "ds:v0" and shown["metadata"] == {"rows": 1, "label_names": ["Höhe", "🚀"]}
     assert [f["path"] for f in shown["files"]] == ["data/f.txt"]
     text = run_cli("artifacts", "show", "ds", *s).stdout
     assert "ds:v0  (dataset" in text and "data/f.txt" in text
+    assert '"Höhe",' in text and '"🚀"' in text  # labels as written, not as \u00f6 escapes
     as_json = json.loads(run_cli("artifacts", "list", "--json", "--type", "dataset", *s).stdout)
     assert [v["ref"] for v in as_json] == ["ds:v0"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.diff import ABSENT, DiffError, _dict_diff, diff_versions
+from pipeline.diff import ABSENT, DiffError, _dict_diff, _short, diff_versions
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
 from tests.conftest import run_cli
@@ -143,3 +143,10 @@ def test_metadata_is_compared_leaf_by_leaf_and_a_one_sided_subtree_is_one_entry(
         ("sources.0.sha256", "1", "2"),
         ("tags", ["x"], ["x", "y"]),
     ]
+
+
+def test_a_value_shown_in_a_report_keeps_its_letters():
+    """Label names are often not ASCII; JSON's \\u00f6 escapes made `Höhe` unreadable in the report."""
+    assert _short(["Höhe & Co", "🚀", "tab\there"]) == '["Höhe & Co", "🚀", "tab\\there"]'
+    assert _short("über\nalles") == "über\\nalles"
+

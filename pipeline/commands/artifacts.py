@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  produced by: {v.produced_by or '-'}")
         print(f"  used by:     {', '.join(v.used_by) or '-'}")
         print("  metadata:")
-        for line in json.dumps(v.metadata, indent=2, sort_keys=True).splitlines():
+        for line in json.dumps(v.metadata, indent=2, sort_keys=True, ensure_ascii=False).splitlines():
             print(f"    {line}")
         print("  files:")
         for f in v.files:
