@@ -799,6 +799,19 @@ def test_a_missing_source_names_where_a_relative_path_was_looked_for(tmp_path, c
         dataset_publish.run(cfg_for(tmp_path / "gone.csv"))
 
 
+def test_a_named_pipe_as_the_source_is_refused_before_it_is_read(tmp_path, cfg_for):
+    """The stage reads a source twice (its rows, and its sha256 on another thread at the same time): two readers of one
+    pipe would each get part of the bytes, or the second would wait for a writer forever."""
+    import os
+
+    pipe = tmp_path / "tickets.csv"
+    os.mkfifo(pipe)  # no writer: opening it to read would block, so this also shows it is never opened
+    with pytest.raises(DataError, match=rf"^{pipe}: not a regular file \(a named pipe or a device\); dataset-publish "
+                                        "reads a source twice"):
+        dataset_publish.run(cfg_for(pipe))
+    assert registry_of(cfg_for(pipe)).list_versions() == []
+
+
 def test_a_file_with_only_a_header_says_so(tmp_path, cfg_for):
     src = tmp_path / "header.csv"
     src.write_text("id,text,label\n")
