@@ -115,6 +115,11 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
     if format_suffix(path) not in SUFFIXES:
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))} (text "
                         f"formats may be compressed: {', '.join(COMPRESSIONS)})")
+    if not path.is_file():  # a folder's files and a pattern's matches are regular files already
+        # dataset-publish reads a source twice at once (its rows, its sha256 on another thread): two readers of a
+        # pipe would each get part of its bytes, or wait for a writer forever; Arrow's readers also seek
+        raise DataError(f"{path}: not a regular file (a named pipe or a device); the {what} is read more than once, "
+                        "so write the data to a file first")
     return [path]
 
 

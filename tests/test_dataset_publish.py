@@ -806,10 +806,14 @@ def test_a_named_pipe_as_the_source_is_refused_before_it_is_read(tmp_path, cfg_f
 
     pipe = tmp_path / "tickets.csv"
     os.mkfifo(pipe)  # no writer: opening it to read would block, so this also shows it is never opened
-    with pytest.raises(DataError, match=rf"^{pipe}: not a regular file \(a named pipe or a device\); dataset-publish "
-                                        "reads a source twice"):
+    with pytest.raises(DataError, match=rf"^{pipe}: not a regular file \(a named pipe or a device\); the dataset "
+                                        "source is read more than once, so write the data to a file first"):
         dataset_publish.run(cfg_for(pipe))
     assert registry_of(cfg_for(pipe)).list_versions() == []
+    from pipeline.data import list_input_files
+
+    with pytest.raises(DataError, match="not a regular file .* the --input is read more than once"):  # predict's
+        list_input_files(pipe, "--input")
 
 
 def test_a_file_with_only_a_header_says_so(tmp_path, cfg_for):

@@ -113,16 +113,10 @@ def _source_records(files: list[Path], digests: Iterable[tuple[str, int]], name:
 def _list_sources(config: Config, sources: dict[str, str]) -> dict[str, list[Path]]:
     """The data files to read, per part (``all``, or each split of ``dataset.split_files``); none for a hub id."""
     if config.dataset.split_files:
-        listed = {s: list_input_files(sources[s]) for s in SPLITS}
-    elif looks_like_hub_id(sources["all"]):  # a Hugging Face hub dataset id: all its splits, re-split like a file
+        return {s: list_input_files(sources[s]) for s in SPLITS}
+    if looks_like_hub_id(sources["all"]):  # a Hugging Face hub dataset id: all its splits, re-split like a file
         return {}
-    else:
-        listed = {"all": list_input_files(sources["all"])}
-    for f in (f for fs in listed.values() for f in fs):
-        if not f.is_file():  # a named pipe or a device: its bytes could be read once, but the stage reads them twice
-            raise DataError(f"{f}: not a regular file (a named pipe or a device); dataset-publish reads a source twice, "
-                            "for its rows and for its sha256, so write the data to a file first")
-    return listed
+    return {"all": list_input_files(sources["all"])}
 
 
 def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str, list[Path]],
