@@ -255,7 +255,8 @@ def _short(value: Any, width: int = 80) -> str:
     if value is ABSENT:
         return "(absent)"
     # a line break or tab inside a text would break the report's lines: written as \n, \t
-    text = value.translate(_ESCAPES) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+    text = value.translate(_ESCAPES) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str,
+                                                                               ensure_ascii=False)  # Höhe, not H\u00f6he
     if isinstance(value, list) and len(value) == 2 and not isinstance(value[0], (dict, list)):
         text = f"{_short(value[0], width // 2)} -> {_short(value[1], width // 2)}"
     return text if len(text) <= width else text[: width - 3] + "..."
