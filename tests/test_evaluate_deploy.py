@@ -891,6 +891,15 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_her
                                                                       "the challenger single texts"}
     assert not any(c["check"].endswith("vs production") for c in record["gate"]["checks"])
     assert outcome.consumed == ["pairclf:v1", "joined:v0", "pairclf:v0"]
+    # Nor can either model score the other's dataset version: refused before a run opens (it was Arrow's traceback,
+    # "No match for FieldRef.Name(text_pair)", once the run had opened)
+    runs_before = len(reg_runs(reg))
+    for model, data, holds, takes in (("pairclf:v1", "pairs:v0", "sentence pairs", "single texts"),
+                                      ("pairclf:v0", "joined:v0", "single texts", "sentence pairs")):
+        with pytest.raises(ConfigError, match=f"{data} holds {holds} but {model} classifies {takes}; evaluate it on "
+                                              f"a dataset version of {takes}"):
+            evaluate.run(single, model=model, dataset=data, promote=False)
+    assert len(reg_runs(reg)) == runs_before
 
 
 def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
