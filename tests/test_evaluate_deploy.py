@@ -900,6 +900,12 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_her
                                               f"a dataset version of {takes}"):
             evaluate.run(single, model=model, dataset=data, promote=False)
     assert len(reg_runs(reg)) == runs_before
+    assert [reg.resolve(m).metadata["inputs"] for m in ("pairclf:v0", "pairclf:v1")] == [["text", "text_pair"], ["text"]]
+    # What a model classifies is its dataset version's kind, not its config's: the single-text config trained on the
+    # pairs (finetune --dataset) made a pair model, which evaluate scores on pairs
+    paired = finetune.run(single, dataset="pairs:v0").produced[0]
+    assert reg.resolve(paired).metadata["inputs"] == ["text", "text_pair"]
+    assert evaluate.run(single, model=paired, promote=False).consumed[:2] == [paired, "pairs:v0"]
 
 
 def test_run_executes_the_four_stages_in_one_group(env, tmp_path):

@@ -488,8 +488,10 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
 
 
 def _takes_pairs(version) -> bool:
-    """Whether a model version was trained on sentence pairs, or a dataset version holds them (every version records
-    its dataset config)."""
+    """Whether a model version was trained on sentence pairs (its `inputs`; a version made before they were recorded:
+    its config), or a dataset version holds them (the config it was published with)."""
+    if "inputs" in version.metadata:
+        return "text_pair" in version.metadata["inputs"]
     return bool(((version.metadata.get("config") or {}).get("dataset") or {}).get("text_pair_column"))
 
 

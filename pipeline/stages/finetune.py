@@ -977,6 +977,9 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
         "base_model": plan_.base.to_dict(),
         "label_names": shared["label_names"],
+        # what it classifies, from the dataset version it trained on: the config's dataset.* need not describe that
+        # version (finetune --dataset names any), so evaluate asks this
+        "inputs": ["text", "text_pair"] if "text_pair" in shared["validation_rows"] else ["text"],
         "metrics": metrics,
         "seed": config.train.seed,
         "config": trun.config,
