@@ -82,9 +82,20 @@ def _as_written(names: list[Any], example: str) -> list[Any]:
     return [str(n) if isinstance(n, (int, float)) else n for n in names]
 
 
+def _expand_home(path: Path) -> Path:
+    """``~/runs`` as a shell has it: W&B expands it in its run folders, so the registry beside them must too (it was
+    a folder named `~` in the current one)."""
+    return path.expanduser()
+
+
 class TrackingConfig(_Group):
     dir: Path = Path(".pipeline")
     """Where the local registry and the wandb run folders live (``WANDB_DIR`` overrides the latter)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _home(cls, value: Path) -> Path:
+        return _expand_home(value)
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """W&B mode. ``auto``: ``WANDB_MODE`` when set, else online with credentials, else offline."""
     registry: Literal["auto", "local", "wandb"] = "auto"
@@ -129,7 +140,10 @@ class SplitConfig(_Group):
 
 
 def _readable_location(value: str) -> str:
-    """A path, glob or hub id as it is; a URL only with a scheme the stage reads (file, s3, gs)."""
+    """A path (``~`` is the home folder, as a shell has it), glob or hub id as it is; a URL only with a scheme the stage
+    reads (file, s3, gs)."""
+    if value.startswith("~"):
+        return os.path.expanduser(value)
     scheme, sep, _ = value.partition("://")
     if sep and scheme.lower() not in ("file", "s3", "gs"):
         raise ValueError(f"{scheme}:// is not read directly; use a local path, a file://, s3:// or gs:// "
@@ -386,6 +400,11 @@ class EvaluateConfig(_Group):
 class DeployConfig(_Group):
     dir: Path = Path("deploy")
     """Where deploy-fetch puts the verified copy (``--to`` overrides)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _home(cls, value: Path) -> Path:
+        return _expand_home(value)
 
 
 class Config(_Group):

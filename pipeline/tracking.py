@@ -311,7 +311,7 @@ PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps")
 
 def wandb_root(config: Config) -> str:
     """The folder W&B's run folders go under (made if missing): ``WANDB_DIR``, else ``tracking.dir``."""
-    root = os.environ.get("WANDB_DIR") or str(config.tracking.dir)
+    root = os.path.expanduser(os.environ.get("WANDB_DIR") or str(config.tracking.dir))  # ~ as W&B reads it
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -195,6 +195,24 @@ def test_an_empty_setting_or_a_bad_project_from_the_environment_stops_the_comman
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "t.csv"]  # no registry, no run
 
 
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder_as_w_and_b_reads_it(make_config, tmp_path, monkeypatch):
+    """W&B expands `~` in its run folders: `tracking.dir: ~/runs` put the runs in the home folder and the registry in
+    a folder named `~` in the current one, and `dataset.source: ~/data.csv` was not found."""
+    from pipeline.tracking import wandb_root
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config("tracking.dir=~/runs", "deploy.dir=~/deployed", "dataset.source=~/data/*.csv")
+    assert (cfg.tracking.dir, cfg.deploy.dir, cfg.dataset.source) == (home / "runs", home / "deployed", f"{home}/data/*.csv")
+    split = make_config("dataset.split_files={train: ~/t.csv, validation: ~/v.csv, test: ~/s.csv}").dataset.split_files
+    assert (split.train, split.test) == (f"{home}/t.csv", f"{home}/s.csv")
+    assert wandb_root(cfg) == str(home / "runs")
+    monkeypatch.setenv("WANDB_DIR", "~/wandb-runs")
+    assert wandb_root(cfg) == str(home / "wandb-runs") and (home / "wandb-runs").is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("override", ["train.batch_size=yes", "train.epochs=true", "train.max_steps=on",
                                       "evaluate.gate.min_class_recall=no"])
 def test_yes_or_no_is_not_taken_for_a_number(make_config, override):
