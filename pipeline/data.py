@@ -102,6 +102,9 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
     """The data files of a source: a file, a folder (searched recursively) or a glob pattern; `what` names
     the source in a message."""
     path = Path(source)
+    if path.is_dir() and saved_dataset(path):
+        raise DataError(f"{path}: a folder saved by datasets' save_to_disk, which only dataset.source reads; export it "
+                        "for the {what} with .to_parquet(...) (a DatasetDict: each split)".replace("{what}", what))
     if path.is_dir():
         # Hidden entries are not data: .ipynb_checkpoints/ copies, macOS ._ files, editors' swap files.
         files = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]
@@ -518,14 +521,44 @@ def looks_like_hub_id(source: str) -> bool:
     return bool(HUB_ID.match(source)) and not Path(source).exists() and format_suffix(Path(source)) not in SUFFIXES
 
 
-def hub_table(dataset_dict, source: str, cols: Columns) -> tuple[pa.Table, list[dict], list[str] | None]:
+def saved_dataset(path: Path) -> bool:
+    """Whether a folder is a Hugging Face dataset saved with ``save_to_disk`` (a ``DatasetDict``, or one ``Dataset``),
+    as ``datasets.load_from_disk`` tells them: its JSON files are datasets' own records, not data."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and
+                                                      (path / "dataset_info.json").is_file())
+
+
+def saved_dataset_files(path: Path) -> list[Path]:
+    """Every file of a ``save_to_disk`` folder (Arrow shards and datasets' records): what its digests cover."""
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def load_saved_dataset(path: Path, cols: Columns) -> tuple[pa.Table, list[str] | None]:
+    """A ``save_to_disk`` folder read as a hub dataset is: all its splits (one ``Dataset`` is one split), class ids
+    as their ``ClassLabel`` names; and those names in id order (None when the label column has none)."""
+    import datasets
+
+    try:
+        dd = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the message is what matters
+        raise DataError(f"{path}: a folder saved by datasets' save_to_disk that cannot be read: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(dd, datasets.Dataset):
+        dd = datasets.DatasetDict({"train": dd})
+    table, _, class_names = hub_table(dd, str(path), cols, named=lambda split: f"{path} ({split} split)")
+    return table, class_names
+
+
+def hub_table(dataset_dict, source: str, cols: Columns, named: Callable[[str], str] | None = None
+              ) -> tuple[pa.Table, list[dict], list[str] | None]:
     """All splits of a Hugging Face ``DatasetDict`` as one table (class ids become their names), their
-    sources, and the label column's ``ClassLabel`` names in id order (None when it has none)."""
+    sources, and the label column's ``ClassLabel`` names in id order (None when it has none). `named`: how a
+    report names a split's rows (a hub dataset's: ``hf://datasets/ID/SPLIT``)."""
     tables, sources, class_names = [], [], None
     for split in sorted(dataset_dict):
         ds = dataset_dict[split]
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
-        name = f"hf://datasets/{source}/{split}"
+        name = named(split) if named else f"hf://datasets/{source}/{split}"
         feature = ds.features.get(cols.label)
         if feature is not None and hasattr(feature, "names") and cols.label in table.column_names:
             class_names = class_names or [str(n) for n in feature.names]

@@ -1172,6 +1172,46 @@ def test_hub_dataset_source_is_read_with_its_class_names(cfg_for, tmp_path, monk
     assert dataset_publish.run(cfg).status == "unchanged"  # the same hub data publishes once
 
 
+def test_a_folder_saved_by_save_to_disk_is_read_by_datasets_with_its_class_names(cfg_for, tmp_path):
+    """`ds.save_to_disk(folder)` is how many Hugging Face users keep a dataset; its dataset_info.json and state.json
+    were read as data ("expected a JSON array of objects")."""
+    import datasets
+
+    from pipeline.data import list_input_files
+
+    dd, names = _hub_like_dataset()
+    saved = tmp_path / "saved"
+    dd.save_to_disk(str(saved))
+    cfg = cfg_for(saved, "dataset.id_column=null")
+    assert dataset_publish.run(cfg).status == "ok"
+    version = registry_of(cfg).resolve("tickets:v0")
+    assert version.metadata["label_names"] == names  # the ClassLabel's order, its ids as their names
+    assert sum(version.metadata["num_rows"].values()) == dd["train"].num_rows + dd["test"].num_rows
+    files = sorted(str(f.relative_to(saved)) for f in saved.rglob("*") if f.is_file())
+    assert sorted(str(Path(s["path"]).relative_to(saved)) for s in version.metadata["sources"]) == files
+    # its rows, splits in name order, with their labels named: the same split files as that data in a CSV file
+    rows = dd["test"].to_list() + dd["train"].to_list()
+    as_csv = write_rows(tmp_path / "same.csv", [{"text": r["text"], "label": names[r["label"]]} for r in rows])
+    other = cfg_for(as_csv, "dataset.id_column=null", "dataset.name=same", f"dataset.labels={json.dumps(names)}")
+    dataset_publish.run(other)
+
+    def split_files(v):
+        return {f.path: f.digest for f in v.files if f.path.endswith(".parquet")}
+
+    assert split_files(registry_of(cfg).resolve("same:v0")) == split_files(version) and len(split_files(version)) == 3
+    assert dataset_publish.run(cfg).status == "unchanged"
+    # one Dataset is one split; a bad row is named by the folder and its split
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"text": ["a text", ""] * 10, "label": [0, 1] * 10},
+                               features=dd["train"].features).save_to_disk(str(single))
+    with pytest.raises(DataError, match=rf"empty_text .*{single} \(train split\) row 2"):
+        dataset_publish.run(cfg_for(single, "dataset.id_column=null", "dataset.name=single"))
+    # predict --input and split files read data files: such a folder is named, not read as JSON
+    with pytest.raises(DataError, match=rf"^{saved}: a folder saved by datasets' save_to_disk, which only dataset.source "
+                                        r"reads; export it for the --input with .to_parquet"):
+        list_input_files(saved, "--input")
+
+
 def test_a_hub_class_id_beyond_its_class_label_names_is_refused(cfg_for, tmp_path, monkeypatch):
     import datasets
 

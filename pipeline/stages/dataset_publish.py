@@ -29,8 +29,9 @@ import pyarrow.parquet as pq
 
 from pipeline import arrow
 from pipeline.config import Config
-from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataError, constant, format_problems, list_input_files, load_hub_dataset, looks_like_hub_id,
-                           read_files, stratified_split, validate)
+from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataError, constant, format_problems,
+                           list_input_files, load_hub_dataset, load_saved_dataset, looks_like_hub_id, read_files,
+                           saved_dataset, saved_dataset_files, stratified_split, validate)
 from pipeline.errors import ConfigError
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
@@ -116,6 +117,8 @@ def _list_sources(config: Config, sources: dict[str, str]) -> dict[str, list[Pat
         return {s: list_input_files(sources[s]) for s in SPLITS}
     if looks_like_hub_id(sources["all"]):  # a Hugging Face hub dataset id: all its splits, re-split like a file
         return {}
+    if saved_dataset(Path(sources["all"])):  # datasets' save_to_disk: read by datasets, its files digested
+        return {"all": saved_dataset_files(Path(sources["all"]))}
     return {"all": list_input_files(sources["all"])}
 
 
@@ -136,6 +139,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     else:
         if not listed:
             table, hub_sources, class_names = load_hub_dataset(source, cols)
+        elif saved_dataset(Path(source)):
+            table, class_names = load_saved_dataset(Path(source), cols)
         else:
             table = read_files(listed["all"], cols, source, fmt, shown)
         fractions = d.split.model_dump()
