@@ -84,6 +84,11 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--result-json {path} is a folder; give a file path")
+    if (path.exists() and not path.is_file()) or path.is_symlink():
+        # /dev/stdout, a pipe, a link: the result is written whole into a new file renamed over the path, which would
+        # replace the link itself (as root, /dev/stdout), not write through it
+        raise ConfigError(f"--result-json {path} is not a regular file (a link, a device or a pipe); give the path of "
+                          "a file, which is replaced whole")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")

@@ -216,6 +216,20 @@ def test_an_unwritable_result_path_is_refused_before_any_work(tmp_path):
                      "--result-json", str(tmp_path))
     assert folder.returncode == 2 and f"--result-json {tmp_path} is a folder" in folder.stderr
     assert not track.exists()
+    # /dev/stdout is a link: the whole-file write renames a new file over the path, which would replace the link
+    # itself (as root, the system's /dev/stdout) and print nothing; a pipe or a link to a file alike
+    import os
+
+    from pipeline.errors import ConfigError
+    from pipeline.results import check_writable
+
+    link, pipe = tmp_path / "latest.json", tmp_path / "pipe.json"
+    link.symlink_to(blocker)
+    os.mkfifo(pipe)
+    for path in (link, pipe, Path("/dev/stdout")):
+        with pytest.raises(ConfigError, match=f"--result-json {path} is not a regular file"):
+            check_writable(path)
+    assert link.is_symlink() and Path("/dev/stdout").is_symlink() and blocker.read_text() == "not a folder"
 
 
 def test_a_command_stopped_by_its_config_writes_a_failed_result_over_an_earlier_one(tmp_path, monkeypatch, capsys):

@@ -792,6 +792,11 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     assert "row 1051: column 'body' is not valid UTF-8" in refused("--input", str(bad), "--text-column", "body")
     out = cli_here(*args, "--output", str(tmp_path / "p.xlsx"))
     assert out.returncode == 2 and "name a .csv, .tsv, .jsonl, .parquet file" in out.stderr
+    linked = tmp_path / "linked.csv"  # renamed over, the link itself would be replaced by the table
+    linked.symlink_to(tmp_path / "p.csv")
+    out = cli_here(*args, "--output", str(linked))
+    assert out.returncode == 2 and f"--output {linked} is not a regular file (a link or a pipe)" in out.stderr
+    assert linked.is_symlink()
 
 
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_here):

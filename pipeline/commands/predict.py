@@ -68,6 +68,10 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: name a {', '.join(OUTPUT_FORMATS)} file")
+    if output is not None and ((output.exists() and not output.is_file()) or output.is_symlink()):
+        # the table is written whole into a new file renamed over the path: a pipe or a link would be replaced
+        raise ConfigError(f"--output {output} is not a regular file (a link or a pipe); give the path of a file, which "
+                          "is replaced whole (or print to stdout, without --output)")
     rows = _file_rows(args) if args.input else _line_rows(args.texts)
     first = list(itertools.islice(rows, CHUNK))
     if not first:
