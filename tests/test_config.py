@@ -273,3 +273,19 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("(line 5, column 3): invalid YAML: key 'train.learning_rate' appears "
                                                     "twice in one mapping (lines 4 and 5)")):
         load_sweep(s)
+
+
+def test_yaml_merge_keys_share_settings_and_a_key_set_again_wins(tmp_path):
+    """`<<: *defaults` is YAML's way to share a block; the duplicate-key check read `<<` as a key and failed with
+    "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    p = tmp_path / "c.yaml"
+    p.write_text("project: x\ndataset: {name: d, source: s}\nmodel: {name: m}\n"
+                 "evaluate: {gate: &strict {min_accuracy: 0.9, min_macro_f1: 0.8}}\n"
+                 "train:\n  <<: {epochs: 1, batch_size: 8}\n  batch_size: 16\n")
+    cfg = load_config(p)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (1, 16)  # merged, and the key set again in the block wins
+    assert cfg.evaluate.gate.min_accuracy == 0.9
+    p.write_text("project: x\ndataset: {name: d, source: s}\nmodel: {name: m}\n"
+                 "train:\n  <<: {epochs: 1}\n  batch_size: 16\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"key 'batch_size' appears twice in one mapping \(lines 6 and 7\)"):
+        load_config(p)
