@@ -104,7 +104,7 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
     path = Path(source)
     if path.is_dir() and saved_dataset(path):
         raise DataError(f"{path}: a folder saved by datasets' save_to_disk, which only dataset.source reads; export it "
-                        "for the {what} with .to_parquet(...) (a DatasetDict: each split)".replace("{what}", what))
+                        f"for the {what} with .to_parquet(...) (a DatasetDict: each split)")
     if path.is_dir():
         # Hidden entries are not data: .ipynb_checkpoints/ copies, macOS ._ files, editors' swap files.
         files = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]

@@ -356,11 +356,11 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     if unknown:
         raise ConfigError(f"{ds.ref} has label(s) {unknown} that {challenger.ref} does not predict (it predicts "
                           f"{label_names}); evaluate it on a dataset version with its labels")
-    if _takes_pairs(challenger) != _takes_pairs(ds):  # its inputs are not the rows' (was Arrow's "No match for FieldRef")
+    takes, holds = _takes_pairs(challenger), _takes_pairs(ds)
+    if takes != holds:  # its inputs are not the rows' (it was Arrow's "No match for FieldRef" once the run had opened)
         kind = {True: "sentence pairs", False: "single texts"}
-        raise ConfigError(f"{ds.ref} holds {kind[_takes_pairs(ds)]} but {challenger.ref} classifies "
-                          f"{kind[_takes_pairs(challenger)]}; evaluate it on a dataset version of "
-                          f"{kind[_takes_pairs(challenger)]}")
+        raise ConfigError(f"{ds.ref} holds {kind[holds]} but {challenger.ref} classifies {kind[takes]}; evaluate it on "
+                          f"a dataset version of {kind[takes]}")
     # Refused before a run is opened: an empty split, a gate naming labels the model does not have.
     check_split_not_empty(config, ds)
     class_recall_minimums(config.evaluate.gate, label_names or list(ds.metadata.get("label_names") or []))
