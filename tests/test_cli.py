@@ -134,6 +134,16 @@ def test_an_option_given_an_empty_value_is_refused_not_taken_for_its_default(arg
     assert list(tmp_path.iterdir()) == []  # nothing was made: refused before any work
 
 
+@pytest.mark.parametrize("tolerance", ["-1", "nan", "-inf"])
+def test_reproduce_refuses_a_tolerance_no_difference_could_exceed_or_below_zero(tolerance, tmp_path, capsys):
+    """`--tolerance nan` ran the whole rebuild, and `--check` passed whatever differed: nan is beyond no difference."""
+    from pipeline.cli import main
+
+    assert main(["reproduce", "clf:v0", "--check", f"--tolerance={tolerance}", "--set", f"tracking.dir={tmp_path}"]) == 2
+    assert f"error: --tolerance must be a number, 0 or more (got {float(tolerance)})" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before the registry was opened
+
+
 def test_finetune_and_run_reuse_a_version_trained_from_the_same_inputs_unless_told_to_retrain():
     from pipeline.cli import build_parser
 

@@ -28,8 +28,8 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.config import load_tracking
     from pipeline.errors import PipelineError
 
-    if args.tolerance < 0:
-        raise PipelineError("--tolerance must be 0 or more")
+    if not args.tolerance >= 0:  # and not nan, which compares false with every difference: --check could not fail
+        raise PipelineError(f"--tolerance must be a number, 0 or more (got {args.tolerance})")
     # --config only says where the registry is; --set tracking.* does too, and every --set also
     # changes the recorded config of the rebuild on purpose.
     tracking_only = [o for o in args.overrides if o.startswith("tracking.")]
