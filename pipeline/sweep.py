@@ -150,6 +150,10 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
                                      "reach them" if key.startswith("dataset.") else "it does not change what a trial trains")
         raise ConfigError(f"{where}: {key} cannot be swept: {why}; a trial's model is shaped by train.* and model.* "
                           "(not model.name or model.trust_remote_code)")
+    numbers = {k: spec[k] for k in ("min", "max", "mu", "sigma", "q") if isinstance(spec.get(k), float)}
+    if any(not math.isfinite(v) for v in numbers.values()):  # .nan or .inf in YAML: every draw would be refused
+        raise ConfigError(f"{where}: {', '.join(k for k, v in numbers.items() if not math.isfinite(v))} must be a finite "
+                          "number")
     dist = _infer_distribution(name, spec, where)
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
@@ -210,8 +214,9 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
         raise ConfigError(f"{source}: metric.goal must be minimize or maximize, not {goal!r}")
     mapped = map_metric(str(metric["name"]), source)
     target = metric.get("target")
-    if target is not None and not isinstance(target, (int, float)):
-        raise ConfigError(f"{source}: metric.target must be a number")
+    if target is not None and (not isinstance(target, (int, float)) or isinstance(target, bool)
+                               or not math.isfinite(target)):  # nan is never reached: the sweep would never stop early
+        raise ConfigError(f"{source}: metric.target must be a finite number")
     params_raw = raw.get("parameters")
     if not isinstance(params_raw, dict) or not params_raw:
         raise ConfigError(f"{source}: parameters must map at least one parameter name to its values")

@@ -464,6 +464,9 @@ def test_random_draws_follow_wandb_distributions():
     ({"method": "grid", "parameters": {"learning_rate": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
      "grid search needs value or values"),
     ({"early_terminate": {"type": "median"}}, "early_terminate.type must be hyperband"),
+    ({"parameters": {"learning_rate": {"min": float("nan"), "max": 0.01}}}, "parameters.learning_rate: min must be a "
+                                                                          "finite number"),
+    ({"metric": {"name": "val/loss", "target": float("nan")}}, "metric.target must be a finite number"),
     ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"class_weights": {"values": ["none", "balanced"]}}},
      "a sweep over class_weights cannot rank its trials by val/loss: each trial's validation loss is weighted"),
 ])
