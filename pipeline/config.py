@@ -550,6 +550,8 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw  # not YAML: keep the text and let validation judge it
     parts = key.split(".")
+    if not all(part.strip() for part in parts):  # `train..epochs`, `.train`, `train.`: a key with a part missing
+        raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part; expected key.sub=value")
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

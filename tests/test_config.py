@@ -85,6 +85,10 @@ def test_bad_override_forms(make_config):
         make_config("train.epochs.x=1")
     with pytest.raises(ConfigError, match="dataset.name"):
         make_config("dataset.name=has space")
+    for key in ("train..epochs", ".train", "train."):  # was "(top level): unknown key" or "train.: unknown key"
+        with pytest.raises(ConfigError, match=rf"--set '{re.escape(key)}=1': the key '{re.escape(key)}' has an empty "
+                                              "part; expected key.sub=value"):
+            make_config(f"{key}=1")
 
 
 def test_a_source_url_the_stage_cannot_read_is_refused_by_name(make_config):
