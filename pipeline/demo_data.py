@@ -125,12 +125,14 @@ def write_csv(path: str | Path, rows: int = 2400, seed: int = 13) -> Path:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/demo/support_tickets.csv")
-    ap.add_argument("--rows", type=int, default=2400)
-    ap.add_argument("--seed", type=int, default=13)
-    args = ap.parse_args()
+    ap.add_argument("--out", default="data/demo/support_tickets.csv", help="the CSV file to write (default: %(default)s)")
+    ap.add_argument("--rows", type=int, default=2400, help="tickets to make (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=13, help="the same seed gives the same file (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if args.rows < 1:  # a header alone is no dataset: dataset-publish would refuse it later, far from here
+        ap.error(f"--rows must be at least 1 (got {args.rows})")
     print(write_csv(args.out, args.rows, args.seed))
 
 

@@ -1129,6 +1129,18 @@ def test_demo_data_is_deterministic_and_committed(tmp_path):
     assert made.read_bytes() == (REPO / "data" / "demo" / "support_tickets.csv").read_bytes()
 
 
+def test_the_demo_data_command_refuses_no_rows(tmp_path, capsys):
+    """`--rows 0` wrote a header alone, which dataset-publish refuses later ("no data rows"), far from the cause."""
+    from pipeline import demo_data
+
+    with pytest.raises(SystemExit) as stop:
+        demo_data.main(["--rows", "0", "--out", str(tmp_path / "d.csv")])
+    assert stop.value.code == 2 and "--rows must be at least 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "d.csv").exists()
+    demo_data.main(["--rows", "12", "--out", str(tmp_path / "d.csv")])
+    assert len((tmp_path / "d.csv").read_text(encoding="utf-8").splitlines()) == 13  # a header and 12 tickets
+
+
 def _hub_like_dataset():
     import datasets
 
