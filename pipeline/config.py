@@ -148,6 +148,16 @@ def _readable_location(value: str) -> str:
     if sep and scheme.lower() not in ("file", "s3", "gs"):
         raise ValueError(f"{scheme}:// is not read directly; use a local path, a file://, s3:// or gs:// "
                          "URI, or a Hugging Face hub dataset id (download other URLs first)")
+    return _absolute_file_uri(value)
+
+
+def _absolute_file_uri(value: str, paths_too: bool = True) -> str:
+    """A ``file://`` URI names an absolute path (``file:///data/refs``): ``file://data/refs`` names a host, which
+    pyarrow refuses only when the stage opens it, after its run has opened. `paths_too`: the setting also takes a
+    plain path, which the message offers."""
+    if value.lower().startswith("file://") and not value.startswith("/", len("file://")):
+        raise ValueError("a file:// URI names an absolute path, with three slashes (file:///data/...)"
+                         + ("; write a relative or ~ path without file://" if paths_too else ""))
     return value
 
 
@@ -220,6 +230,11 @@ class DatasetConfig(_Group):
     @classmethod
     def _location(cls, value: str) -> str:
         return _readable_location(value)
+
+    @field_validator("reference")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute_file_uri(value, paths_too=False)
 
     @field_validator("delimiter")
     @classmethod

@@ -91,6 +91,21 @@ def test_bad_override_forms(make_config):
             make_config(f"{key}=1")
 
 
+def test_a_file_uri_naming_a_host_instead_of_an_absolute_path_is_a_config_error(make_config):
+    """`file://data/refs` names a host called `data`: pyarrow refused it only when the split files were written, after
+    the run had opened (and was marked failed)."""
+    with pytest.raises(ConfigError, match=re.escape("dataset.reference: a file:// URI names an absolute path, with "
+                                                    "three slashes (file:///data/...) (got 'file://data/refs')")):
+        make_config("dataset.reference=file://data/refs")
+    with pytest.raises(ConfigError, match=re.escape("dataset.source: a file:// URI names an absolute path, with three "
+                                                    "slashes (file:///data/...); write a relative or ~ path without")):
+        make_config("dataset.source=file://tickets.csv")
+    with pytest.raises(ConfigError, match="dataset.split_files.test: a file:// URI names an absolute path"):
+        make_config("dataset.split_files={train: a.csv, validation: b.csv, test: 'file://c.csv'}")
+    cfg = make_config("dataset.reference=file:///data/refs", "dataset.source=file:///data/t.csv")
+    assert (cfg.dataset.reference, cfg.dataset.source) == ("file:///data/refs", "file:///data/t.csv")
+
+
 def test_a_source_url_the_stage_cannot_read_is_refused_by_name(make_config):
     with pytest.raises(ConfigError, match=r"dataset.source: https:// is not read directly; use a local path, a file://, "
                                           r"s3:// or gs:// URI, or a Hugging Face hub dataset id"):
