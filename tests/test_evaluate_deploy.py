@@ -911,6 +911,13 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_her
     paired = finetune.run(single, dataset="pairs:v0").produced[0]
     assert reg.resolve(paired).metadata["inputs"] == ["text", "text_pair"]
     assert evaluate.run(single, model=paired, promote=False).consumed[:2] == [paired, "pairs:v0"]
+    # a version made before `inputs` were recorded is asked through the dataset version it trained on
+    with sqlite3.connect(Path(cfg.tracking.dir) / "registry" / "catalog.db") as db:
+        db.execute("UPDATE versions SET metadata = json_remove(metadata, '$.inputs') WHERE name = 'pairclf' AND "
+                   "version = ?", (int(paired.split(":v")[1]),))
+    assert "inputs" not in reg.resolve(paired).metadata
+    with pytest.raises(ConfigError, match=f"joined:v0 holds single texts but {paired} classifies sentence pairs"):
+        evaluate.run(single, model=paired, dataset="joined:v0", promote=False)
 
 
 def test_run_executes_the_four_stages_in_one_group(env, tmp_path):

@@ -356,7 +356,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     if unknown:
         raise ConfigError(f"{ds.ref} has label(s) {unknown} that {challenger.ref} does not predict (it predicts "
                           f"{label_names}); evaluate it on a dataset version with its labels")
-    takes, holds = _takes_pairs(challenger), _takes_pairs(ds)
+    takes, holds = _takes_pairs(challenger, registry), _takes_pairs(ds)
     if takes != holds:  # its inputs are not the rows' (it was Arrow's "No match for FieldRef" once the run had opened)
         kind = {True: "sentence pairs", False: "single texts"}
         raise ConfigError(f"{ds.ref} holds {kind[holds]} but {challenger.ref} classifies {kind[takes]}; evaluate it on "
@@ -487,18 +487,25 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     )
 
 
-def _takes_pairs(version) -> bool:
-    """Whether a model version was trained on sentence pairs (its `inputs`; a version made before they were recorded:
-    its config), or a dataset version holds them (the config it was published with)."""
+def _takes_pairs(version, registry=None) -> bool:
+    """Whether a model version was trained on sentence pairs, or a dataset version holds them (the config it was
+    published with). A model says so in its `inputs`; one made before they were recorded is asked through the dataset
+    version it trained on (`registry`), which its own config need not describe (finetune --dataset), else its config."""
     if "inputs" in version.metadata:
         return "text_pair" in version.metadata["inputs"]
+    trained_on = (version.metadata.get("dataset") or {}).get("ref")
+    if registry is not None and version.type == "model" and trained_on:
+        try:
+            return _takes_pairs(registry.resolve(trained_on, type="dataset", include_deleted=True))
+        except (RefError, RegistryError):  # gone from the catalog: its config is all there is
+            pass
     return bool(((version.metadata.get("config") or {}).get("dataset") or {}).get("text_pair_column"))
 
 
 def _compare_with(champion, ch: Scored, champion_dir: Path, rows: dict[str, list], label_names: list[str],
                   e, reg, trust_remote_code: bool = False) -> tuple[Comparison | None, str | None]:
     """`compare`, or why production cannot be compared with the challenger on these rows."""
-    theirs_pairs, mine_pairs = _takes_pairs(champion), "text_pair" in rows
+    theirs_pairs, mine_pairs = _takes_pairs(champion, reg), "text_pair" in rows
     if theirs_pairs != mine_pairs:
         kind = {True: "sentence pairs", False: "single texts"}
         return None, f"production {champion.ref} classifies {kind[theirs_pairs]}, the challenger {kind[mine_pairs]}"
