@@ -191,11 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write_failed(path: str, command: str, error: BaseException) -> None:
     from pipeline.results import failed, write_json_atomic
 
-    result = failed(command, error).to_dict()
-    if command == "run":  # the shape `run` writes: its stages' results (none ran)
-        result |= {"group": None, "stages": []}
     try:
-        write_json_atomic(path, result)
+        write_json_atomic(path, failed(command, error).to_dict())
     except OSError:  # the error being reported is the one to see (a full disk, say)
         logging.getLogger("pipeline").debug("the result file %s could not be written", path, exc_info=True)
 

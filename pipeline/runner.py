@@ -23,7 +23,7 @@ ORDER = ("dataset-publish", "finetune", "evaluate", "deploy-fetch")
 
 @dataclass
 class PipelineResult:
-    group: str
+    group: str | None  # None only when the command stopped before it had a config (and so a group)
     stages: list[StageResult] = field(default_factory=list)
     status: str = "ok"
     message: str | None = None

@@ -20,11 +20,17 @@ def main(args: argparse.Namespace) -> int:
 
     from pipeline.commands.stage import EXIT_CODES
     from pipeline.config import load_config
+    from pipeline.errors import PipelineError
     from pipeline.results import write_json_atomic
     from pipeline.runner import PipelineResult, run_all
     from pipeline.tracking import new_run_id
 
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except PipelineError as e:  # no stage ran: the result says so, in the shape it always has
+        if args.result_json:
+            write_json_atomic(args.result_json, PipelineResult(group=args.group, status="failed", message=str(e)).to_dict())
+        raise
     outcome = PipelineResult(group=args.group or config.tracking.group or f"pipeline-{new_run_id()}")
 
     def report(stage_result) -> None:
