@@ -149,7 +149,7 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
         why = NOT_SWEPT.get(key) or ("the trials train on the dataset version the sweep pins, so dataset settings do not "
                                      "reach them" if key.startswith("dataset.") else "it does not change what a trial trains")
         raise ConfigError(f"{where}: {key} cannot be swept: {why}; a trial's model is shaped by train.* and model.* "
-                          "(not model.name or model.trust_remote_code)")
+                          f"(not {' or '.join(NOT_SWEPT)})")
     numbers = {k: spec[k] for k in ("min", "max", "mu", "sigma", "q") if isinstance(spec.get(k), float)}
     if any(not math.isfinite(v) for v in numbers.values()):  # .nan or .inf in YAML: every draw would be refused
         raise ConfigError(f"{where}: {', '.join(k for k, v in numbers.items() if not math.isfinite(v))} must be a finite "
