@@ -174,6 +174,27 @@ def test_artifacts_list_show_json(tmp_path):
     assert [v["ref"] for v in as_json] == ["ds:v0"]
 
 
+def test_artifacts_takes_its_config_before_or_after_the_action(tmp_path, capsys):
+    """`artifacts --config c.yaml list` was "invalid choice: 'c.yaml'": the options belonged to each action only."""
+    from pipeline.cli import main
+
+    track = tmp_path / "track"
+    src = tmp_path / "f.txt"
+    src.write_text("hello")
+    LocalRegistry(track / "registry").publish("ds", "dataset", {"f.txt": src})
+    for name, folder in (("c.yaml", track), ("elsewhere.yaml", tmp_path / "other")):
+        (tmp_path / name).write_text(f"dataset: {{name: d, source: x.csv}}\nmodel: {{name: m}}\ntracking: {{dir: {folder}}}\n")
+    c = str(tmp_path / "c.yaml")
+    for argv in (["artifacts", "--config", c, "list", "--json"], ["artifacts", "--json", "list", "--config", c],
+                 ["artifacts", "--set", f"tracking.dir={tmp_path / 'other'}", "list", "--json", "--set",
+                  f"tracking.dir={track}"]):  # the one after the action wins, as it comes later
+        assert main(argv) == 0, argv
+        assert [v["ref"] for v in json.loads(capsys.readouterr().out)] == ["ds:v0"], argv
+    assert main(["artifacts", "--config", c, "show", "ds", "--config", str(tmp_path / "elsewhere.yaml")]) == 2
+    assert "--config is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()  # refused before a registry was opened
+
+
 def test_the_console_script_ends_like_python_m_pipeline(tmp_path):
     """Both go through `cli.run`: main's exit code, and what the command wrote is all there."""
     script = Path(sys.executable).parent / "pipeline"

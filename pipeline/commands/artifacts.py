@@ -11,6 +11,12 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.cli import add_config_arguments
 
+    # `artifacts --config c.yaml list` as well as `artifacts list --config c.yaml`: kept apart (argparse lets an
+    # action's own defaults overwrite what was given before it) and joined in `_joined`.
+    p.add_argument("--config", dest="config_before", metavar="YAML", help="experiment config file (before or after ACTION)")
+    p.add_argument("--set", dest="overrides_before", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (before or after ACTION; repeatable)")
+    p.add_argument("--json", dest="json_before", action="store_true", help="print JSON instead of text")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="every artifact version with its type, size and aliases")
     ls.add_argument("--type", help="only artifacts of this type (dataset, model)")
@@ -77,7 +83,22 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _joined(args: argparse.Namespace) -> argparse.Namespace:
+    """The options given before the action joined with those after it; a config named in both places must be one."""
+    from pipeline.errors import ConfigError
+
+    if args.config_before is not None:
+        if args.config is not None and Path(args.config).resolve() != Path(args.config_before).resolve():
+            raise ConfigError(f"--config is given twice, {args.config_before!r} before the action and "
+                              f"{args.config!r} after it; give one")
+        args.config = args.config_before
+    args.overrides = [*args.overrides_before, *args.overrides]  # those after the action win, as they come later
+    args.json = args.json or args.json_before
+    return args
+
+
 def main(args: argparse.Namespace) -> int:
+    args = _joined(args)
     registry, tracking_dir = _open(args)
     if args.action == "list":
         versions = registry.list_versions(name=args.name, type=args.type)
