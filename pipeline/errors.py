@@ -31,6 +31,10 @@ class RegistryError(PipelineError):
     """The registry refused an operation (bad name, path escaping the target, ...)."""
 
 
+class ProjectMismatch(RefError):
+    """An artifact name of another W&B project, in a local registry that several projects share."""
+
+
 class AliasMoved(RegistryError):
     """A conditional alias move found the alias on another version than expected (a concurrent writer)."""
 

@@ -545,6 +545,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = _storage(config)
         registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+        registry.check_project(config.model.name)  # each trial publishes it: another project's, refused before the first
         more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
         continued, auto = False, resume == AUTO  # continued: --resume auto goes on with an interrupted sweep
         if auto:

@@ -62,8 +62,9 @@ def resolve_mode(configured: str = "auto") -> str:
 
 
 def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project: str | None = None,
-                  entity: str | None = None) -> Registry:
-    """The registry for this mode: W&B when online (unless configured local), else local."""
+                  entity: str | None = None, scoped: bool = True) -> Registry:
+    """The registry for this mode: W&B when online (unless configured local), else local. A local registry is
+    scoped to `project` (it refuses other projects' names) unless not `scoped`: for reading any version."""
     mode = mode or resolve_mode(tracking.mode)
     kind = tracking.registry
     if kind == "auto":
@@ -77,7 +78,7 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
                              fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
 
-    return LocalRegistry(Path(tracking.dir) / "registry")
+    return LocalRegistry(Path(tracking.dir) / "registry", project=project if scoped else None)
 
 
 def new_run_id() -> str:

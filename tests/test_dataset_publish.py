@@ -1441,3 +1441,51 @@ def test_a_text_column_with_no_text_at_all_is_reported(tmp_path, cfg_for, own_sp
     with pytest.raises(DataError, match=match):
         dataset_publish.run(cfg)
     assert registry_of(cfg).list_versions() == []
+
+
+def test_a_project_may_not_publish_train_or_judge_under_another_projects_names(tmp_path, cfg_for):
+    """Two configs with different `project:` under one tracking.dir: the second project's stages are refused the
+    first's names before any work (its data not read, no model trained), and work under names of their own."""
+    from pipeline.errors import ProjectMismatch
+    from pipeline.stages import evaluate, finetune
+
+    src = write_rows(tmp_path / "data.csv", rows())
+    first = dataset_publish.run(cfg_for(src, "project=intents"))
+    broken = tmp_path / "broken.csv"
+    broken.write_text('id,text,label\n1,"unclosed,billing\n')  # read, this would be a DataError
+    with pytest.raises(ProjectMismatch) as e:
+        dataset_publish.run(cfg_for(broken, "project=sentiment"))
+    assert str(e.value).startswith(f"'tickets' belongs to project 'intents' in the local registry "
+                                   f"{registry_of(cfg_for(src)).root} (its run {first.run_id} made tickets:v0), "
+                                   "not to project 'sentiment'")
+    reg = registry_of(cfg_for(src))
+    assert [v.ref for v in reg.list_versions()] == ["tickets:v0"]
+    assert catalog_runs(reg) == [("intents", "dataset-publish")]  # no run was opened for the refused one
+
+    own = dataset_publish.run(cfg_for(src, "project=sentiment", "dataset.name=sentiment-data"))
+    assert own.produced == ["sentiment-data:v0"]
+    reg.publish("clf", "model", write_rows(tmp_path / "m" / "w.csv", rows(1)).parent)  # model.name, made by no run: open
+    with pytest.raises(ProjectMismatch, match="'sentiment-data' belongs to project 'sentiment'"):
+        finetune.plan(cfg_for(src, "project=intents", "dataset.name=sentiment-data"))
+    clf = tmp_path / "clf"
+    clf.mkdir()
+    (clf / "w.bin").write_text("intents weights")
+    from pipeline.tracking import TrackedRun
+
+    intents_run = TrackedRun(id="intentsft", project="intents", job_type="finetune", group=None, mode="offline",
+                             config={}, registry=reg)
+    reg.start_run(intents_run)
+    reg.publish("intent-clf", "model", clf, run=intents_run, aliases=["candidate"])
+    sentiment = cfg_for(src, "project=sentiment", "dataset.name=sentiment-data", "model.name=intent-clf")
+    with pytest.raises(ProjectMismatch, match="'intent-clf' belongs to project 'intents'"):
+        finetune.plan(sentiment)  # the model name it would publish, before the base model is even loaded
+    with pytest.raises(ProjectMismatch, match="'intent-clf' belongs to project 'intents'"):
+        evaluate.run(sentiment)  # would have judged (and promoted) the other project's candidate
+    assert reg.resolve("intent-clf:candidate").aliases == ["candidate", "latest"]
+
+
+def catalog_runs(reg: LocalRegistry) -> list[tuple[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(reg.db_path) as conn:
+        return conn.execute("SELECT project, job_type FROM runs ORDER BY started_at").fetchall()

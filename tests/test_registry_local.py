@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import AliasMoved, IntegrityError, RefError, RegistryError
+from pipeline.errors import AliasMoved, IntegrityError, ProjectMismatch, RefError, RegistryError
 from pipeline.registry import local as local_mod
 from pipeline.registry.local import LocalRegistry, manifest_digest
 from tests.conftest import REPO, run_cli
@@ -420,6 +420,45 @@ def test_lineage_edges_recorded(reg, tmp_path, make_config):
     assert reg.get_run(producer.id)["produced"] == ["ds:v0"]
     assert reg.get_run(consumer.id)["consumed"] == ["ds:v0"]
     assert reg.get_run(consumer.id)["status"] == "finished"
+
+
+def test_a_name_belongs_to_the_project_whose_run_made_its_first_version(tmp_path):
+    """Two projects under one tracking.dir share one catalog. A second project's `clf` became the first project's
+    clf:v5, was judged against its production (another task's labels) and took its `production` alias; in W&B
+    each project has its own artifacts. Now a registry opened for a project refuses another project's names."""
+    from pipeline.tracking import TrackedRun
+
+    root = tmp_path / "registry"
+
+    def opened(project: str, run_id: str) -> tuple[LocalRegistry, TrackedRun]:
+        reg = LocalRegistry(root, project=project)
+        run = TrackedRun(id=run_id, project=project, job_type="finetune", group=None, mode="offline", config={},
+                         registry=reg)
+        reg.start_run(run)
+        return reg, run
+
+    intents, run_a = opened("intents", "runa")
+    intents.publish("clf", "model", write(tmp_path / "a", {"w.bin": "intents weights"}), run=run_a, aliases=["production"])
+    sentiment, run_b = opened("sentiment", "runb")
+    before = (catalog(sentiment, "SELECT name, version FROM versions"), stored_bytes(sentiment))
+    with pytest.raises(ProjectMismatch) as e:
+        sentiment.publish("clf", "model", write(tmp_path / "b", {"w.bin": "sentiment weights"}), run=run_b)
+    assert str(e.value).startswith(f"'clf' belongs to project 'intents' in the local registry {root} (its run runa "
+                                   "made clf:v0), not to project 'sentiment'")
+    assert (catalog(sentiment, "SELECT name, version FROM versions"), stored_bytes(sentiment)) == before  # no byte kept
+    for refused in (lambda: sentiment.resolve("clf:production"), lambda: sentiment.use("clf:v0", run_b),
+                    lambda: sentiment.set_alias("clf:v0", "production"), lambda: sentiment.check_project("clf")):
+        with pytest.raises(ProjectMismatch, match="'clf' belongs to project 'intents'"):
+            refused()
+    # its own names, and a name no run made (published by hand), are open to it; the other project's are not
+    sentiment.publish("sentiment-clf", "model", write(tmp_path / "b", {}), run=run_b)
+    LocalRegistry(root).publish("shared", "dataset", write(tmp_path / "c", {"f": "x"}))
+    assert sentiment.use("shared", run_b).ref == intents.use("shared", run_a).ref == "shared:v0"
+    with pytest.raises(ProjectMismatch, match="'sentiment-clf' belongs to project 'sentiment'"):
+        intents.resolve("sentiment-clf")
+    # a registry opened for no project (artifacts, lineage, reproduce reading the version) sees every name
+    assert [v.ref for v in LocalRegistry(root).list_versions(type="model")] == ["clf:v0", "sentiment-clf:v0"]
+    assert LocalRegistry(root).resolve("clf:production").ref == "clf:v0"
 
 
 def test_a_schema_1_catalog_is_upgraded_in_place(tmp_path):

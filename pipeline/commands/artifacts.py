@@ -59,7 +59,7 @@ def _open(args: argparse.Namespace):
 
     cfg = load_tracking(args.config, args.overrides)
     if isinstance(cfg, Config):
-        return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity), cfg.tracking.dir
+        return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity, scoped=False), cfg.tracking.dir
     return open_registry(cfg), cfg.dir
 
 

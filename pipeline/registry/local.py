@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import refstore
-from pipeline.errors import AliasMoved, DiskFull, IntegrityError, RefError, RegistryError, no_space_left
+from pipeline.errors import AliasMoved, DiskFull, IntegrityError, ProjectMismatch, RefError, RegistryError, no_space_left
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -176,8 +176,13 @@ def _copy_verified(src: Path, dst: Path, expected_sha256: str, progress: _Progre
 class LocalRegistry:
     kind = "local"
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, project: str | None = None):
+        """`project`: the W&B project whose stages use this registry. One registry serves every project that shares
+        a tracking.dir, but W&B keeps each project's artifacts apart; so a name belongs to the project whose run
+        made its first version, and a registry opened for another project refuses it (`check_project`).
+        Without `project` (``artifacts``, ``lineage``, reading a version to reproduce it) every name is open."""
         self.root = Path(os.path.abspath(root))
+        self.project = project
         self.objects = self.root / "objects" / "sha256"
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "catalog.db"
@@ -331,6 +336,7 @@ class LocalRegistry:
             names = [x[0] for x in conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
             known = ", ".join(names) if names else "none: the registry is empty"
             raise RefError(f"no artifact named {r.name!r} in {self.root}; known artifacts: {known}")
+        self._check_owner(conn, r.name, self.project)
         if r.version is not None:
             row = next((v for v in versions if v["version"] == r.version), None)
             if row is not None and row["deleted_at"] and not include_deleted:
@@ -352,6 +358,25 @@ class LocalRegistry:
         if type is not None and row["type"] != type:
             raise RefError(f"{r.name}:v{row['version']} is a {row['type']!r} artifact, not a {type!r} artifact")
         return row
+
+    def check_project(self, name: str, project: str | None = None) -> None:
+        """Raise `ProjectMismatch` when `name` belongs to another project than `project` (default: this registry's).
+        Stages ask this before any work for the names they will publish."""
+        with self._read() as conn:
+            self._check_owner(conn, name, project or self.project)
+
+    def _check_owner(self, conn: sqlite3.Connection, name: str, project: str | None) -> None:
+        if not project:
+            return
+        first = conn.execute("SELECT v.version, r.id, r.project FROM versions v JOIN runs r ON r.id = v.run_id "
+                             "WHERE v.name = ? AND r.project IS NOT NULL ORDER BY v.version LIMIT 1", (name,)).fetchone()
+        if first is not None and first["project"] != project:
+            raise ProjectMismatch(
+                f"{name!r} belongs to project {first['project']!r} in the local registry {self.root} (its run "
+                f"{first['id']} made {name}:v{first['version']}), not to project {project!r}: W&B keeps each project's "
+                "artifacts apart, and so does the local registry that the projects under one tracking.dir share. Name "
+                "this project's artifacts otherwise (dataset.name, model.name), give it a tracking.dir of its own, or "
+                f"set its project to {first['project']!r}")
 
     def resolve(self, ref: str, type: str | None = None, *, include_deleted: bool = False) -> ArtifactVersion:
         """The version `ref` names. A deleted version is a RefError saying so, unless `include_deleted`
@@ -407,6 +432,8 @@ class LocalRegistry:
         validate_name(name)
         validate_name(type)
         aliases = [validate_alias(a) for a in aliases if a != "latest"]
+        owner = run.project if run is not None else self.project
+        self.check_project(name, owner)  # before a byte is hashed or stored; again in the commit's transaction
         references = dict(references or {})
         entries = collect_files(files, references)
         meta = redact(dict(metadata or {}))
@@ -434,7 +461,7 @@ class LocalRegistry:
                                      (name, digest)).fetchone()
             if not known:  # same digest as an existing version: not one byte is copied
                 created_objects = self._store_objects(entries, hashed, stats, name)
-            result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects, references)
+            result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects, references, owner)
         except BaseException:
             self._discard_unreferenced(created_objects)
             raise
@@ -483,10 +510,12 @@ class LocalRegistry:
             progress.close()
         return created
 
-    def _commit(self, name, type, digest, hashed, meta_json, aliases, run, created_objects, references) -> PublishResult:
+    def _commit(self, name, type, digest, hashed, meta_json, aliases, run, created_objects, references,
+                owner: str | None = None) -> PublishResult:
         new = set(created_objects)
         stored = sum({h: size for h, size in hashed.values() if h in new}.values())  # each new object once
         with self._write() as conn:
+            self._check_owner(conn, name, owner)  # another project's first version may have landed meanwhile
             types = {r[0] for r in conn.execute("SELECT DISTINCT type FROM versions WHERE name = ?", (name,))}
             if types and type not in types:
                 raise RegistryError(f"{name!r} already exists with type {types.pop()!r}; cannot add a {type!r} version")

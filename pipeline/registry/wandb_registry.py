@@ -132,6 +132,9 @@ class WandbRegistry:
         except (wandb.errors.CommError, ValueError) as e:
             raise RefError(f"cannot resolve {q} in W&B: {e}") from None
 
+    def check_project(self, name: str, project: str | None = None) -> None:
+        """Nothing to check: W&B keeps each project's artifacts apart itself."""
+
     def resolve(self, ref: str, type: str | None = None, *, include_deleted: bool = False) -> ArtifactVersion:
         """`include_deleted` has no effect: W&B's API does not return deleted versions."""
         return self.to_version(self._artifact(ref, type))

@@ -457,8 +457,9 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
     from pipeline.tracking import open_registry
 
     local = _local_files_only(config)  # else no input signature: see `input_signature`
-    registry = open_registry(config.tracking, project=config.project, entity=config.entity) if local and reuse else None
-    look_up = registry is not None and _signed_versions(config, registry)
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    registry.check_project(config.dataset.name)  # another project's name: refused before the data is read
+    look_up = local and reuse and _signed_versions(config, registry)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="provenance") as side:
         provenance = side.submit(_code_and_packages) if local else None  # git and package metadata: off the data's path
         earlier = published_before(config, registry, provenance.result) if look_up else None
