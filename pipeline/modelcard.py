@@ -7,6 +7,7 @@ card byte for byte and the registry keeps one version.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -43,13 +44,13 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "",
         f"# {model_name}",
         "",
-        f"A {len(label_names)}-class text classifier fine-tuned from `{base['id']}` on the dataset "
+        f"A {len(label_names)}-class text classifier fine-tuned from {_code(base['id'])} on the dataset "
         f"version `{dataset_ref}` by the `finetune` stage of wandb-finetune-pipeline.",
         "",
         "## Intended use",
         "",
         f"Single-label classification of short texts like those in `{dataset_ref}` into: "
-        + ", ".join(f"`{n}`" for n in label_names) + ". "
+        + ", ".join(_code(n) for n in label_names) + ". "
         "Every input gets one of these labels, so inputs unlike the training data still get a (possibly confident) "
         "label: check the evaluation report and calibration before relying on the confidences, and keep a human in "
         "the loop for decisions that matter.",
@@ -62,7 +63,7 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "",
         "## Training procedure",
         "",
-        f"- Base model: `{base['id']}` ({base['source']}, digest `{base['digest']}`)",
+        f"- Base model: {_code(base['id'])} ({base['source']}, digest `{base['digest']}`)",
         f"- Max sequence length: {max_length} tokens",
         # only when texts were cut, so the card of a model whose texts all fit is what it always was
         *(["- Texts longer than that, cut to it: " + ", ".join(f"{split} {n} of {num_rows.get(split, '?')}"
@@ -99,3 +100,13 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "",
     ]
     return "\n".join(lines)
+
+
+def _code(text: str) -> str:
+    """`text` as a Markdown code span that stays one, whatever it holds (CommonMark): fenced by more backticks than
+    its longest run of them, with a space inside where it starts or ends with one, and its line breaks as spaces
+    (a label or a folder's name is shown, not parsed)."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

@@ -477,6 +477,24 @@ def test_model_card_names_a_hub_base_model_in_its_metadata():
     assert "base_model" not in front("local", "/home/me/models/bert")
 
 
+def test_model_card_shows_labels_and_base_holding_backticks_as_written():
+    """A label like ``a`b`` closed its code span early: the card showed `a` and a stray "b`"."""
+    markdown_it = pytest.importorskip("markdown_it")
+    from pipeline import modelcard
+
+    labels = ["plain", "a`b", "``x", "ends`", "two\nlines"]
+    card = modelcard.render(model_name="clf", base={"id": "/models/my`model", "source": "local", "digest": "ab12"},
+                            dataset_ref="tickets:v3", dataset_digest="cd34", label_names=labels,
+                            num_rows={"train": 8, "validation": 2, "test": 2}, train={"epochs": 1}, max_length=32,
+                            metrics={"best": {"accuracy": 0.5}}, best_metric="macro_f1")
+    body = card.split("---\n", 2)[2]
+    spans = [t.content for block in markdown_it.MarkdownIt().parse(body) for t in (block.children or [])
+             if t.type == "code_inline"]
+    assert [*labels[:4], "two lines"] == spans[spans.index("plain"):spans.index("plain") + 5]
+    assert spans.count("/models/my`model") == 2  # the opening line and the training procedure
+    assert "`plain`" in card and "``/models/my`model``" in card  # a plain name is as it always was
+
+
 def test_deleting_a_dataset_version_takes_its_cached_copies_and_a_republish_starts_afresh(tmp_path, tiny_model,
                                                                                          tickets_csv):
     with offline(tmp_path):
