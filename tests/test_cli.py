@@ -166,6 +166,7 @@ def test_artifacts_list_show_json(tmp_path):
     assert "ds:v0" in listed.stdout and "golden,latest" in listed.stdout
     shown = json.loads(run_cli("artifacts", "show", "ds:golden", "--json", *s).stdout)
     assert shown["ref"] == "ds:v0" and shown["metadata"] == {"rows": 1, "label_names": ["Höhe", "🚀"]}
+    assert shown["project"] is None  # published by no run: no project's
     assert [f["path"] for f in shown["files"]] == ["data/f.txt"]
     text = run_cli("artifacts", "show", "ds", *s).stdout
     assert "ds:v0  (dataset" in text and "data/f.txt" in text

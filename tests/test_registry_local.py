@@ -459,6 +459,9 @@ def test_a_name_belongs_to_the_project_whose_run_made_its_first_version(tmp_path
     # a registry opened for no project (artifacts, lineage, reproduce reading the version) sees every name
     assert [v.ref for v in LocalRegistry(root).list_versions(type="model")] == ["clf:v0", "sentiment-clf:v0"]
     assert LocalRegistry(root).resolve("clf:production").ref == "clf:v0"
+    # each version says whose it is (artifacts list and show print it): the owner, or None for a name no run made
+    assert {v.ref: v.to_dict()["project"] for v in LocalRegistry(root).list_versions()} == {
+        "clf:v0": "intents", "sentiment-clf:v0": "sentiment", "shared:v0": None}
 
 
 def test_a_schema_1_catalog_is_upgraded_in_place(tmp_path):

@@ -108,8 +108,9 @@ def main(args: argparse.Namespace) -> int:
         if not versions:
             print("no artifact versions")
         else:
-            _table([("REF", "TYPE", "SIZE", "ALIASES", "CREATED", "PRODUCED BY")] + [
-                (v.ref, v.type, _size(v.size), ",".join(sorted(v.aliases)) or "-", v.created_at[:19], v.produced_by or "-")
+            _table([("REF", "TYPE", "SIZE", "ALIASES", "CREATED", "PROJECT", "PRODUCED BY")] + [
+                (v.ref, v.type, _size(v.size), ",".join(sorted(v.aliases)) or "-", v.created_at[:19], v.project or "-",
+                 v.produced_by or "-")
                 for v in versions])
         if args.type in (None, "model"):
             _list_interrupted(tracking_dir, args.name)
@@ -148,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  created:     {v.created_at}")
         if v.deleted_at:
             print(f"  deleted:     {v.deleted_at} (its files are gone)")
+        print(f"  project:     {v.project or '-'}")
         print(f"  produced by: {v.produced_by or '-'}")
         print(f"  used by:     {', '.join(v.used_by) or '-'}")
         print("  metadata:")

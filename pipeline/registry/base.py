@@ -37,6 +37,9 @@ class ArtifactVersion:
     files: list[FileEntry] = field(default_factory=list)
     qualified_name: str | None = None  # entity/project/name:vN online
     deleted_at: str | None = None  # set on a deleted version's record (lineage keeps it; its files are gone)
+    # the W&B project the name belongs to: online, the artifact's; locally, the project of the run that made the name's
+    # first version (None when no run made one: published by hand)
+    project: str | None = None
 
     @property
     def ref(self) -> str:
@@ -53,6 +56,7 @@ class ArtifactVersion:
             "size": self.size,
             "aliases": sorted(self.aliases),
             "created_at": self.created_at,
+            "project": self.project,
             "produced_by": self.produced_by,
             "used_by": list(self.used_by),
             "metadata": self.metadata,

@@ -321,6 +321,7 @@ class LocalRegistry:
             used_by=used_by,
             files=files,
             deleted_at=row["deleted_at"],
+            project=(self._owner(conn, row["name"]) or {"project": None})["project"],
         )
 
     def _resolve_row(self, conn: sqlite3.Connection, ref: str, type: str | None,
@@ -365,11 +366,14 @@ class LocalRegistry:
         with self._read() as conn:
             self._check_owner(conn, name, project or self.project)
 
+    @staticmethod
+    def _owner(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+        """The first version of `name` that a run of a known project made: (version, id, project) of that run."""
+        return conn.execute("SELECT v.version, r.id, r.project FROM versions v JOIN runs r ON r.id = v.run_id "
+                            "WHERE v.name = ? AND r.project IS NOT NULL ORDER BY v.version LIMIT 1", (name,)).fetchone()
+
     def _check_owner(self, conn: sqlite3.Connection, name: str, project: str | None) -> None:
-        if not project:
-            return
-        first = conn.execute("SELECT v.version, r.id, r.project FROM versions v JOIN runs r ON r.id = v.run_id "
-                             "WHERE v.name = ? AND r.project IS NOT NULL ORDER BY v.version LIMIT 1", (name,)).fetchone()
+        first = self._owner(conn, name) if project else None
         if first is not None and first["project"] != project:
             raise ProjectMismatch(
                 f"{name!r} belongs to project {first['project']!r} in the local registry {self.root} (its run "

@@ -121,6 +121,7 @@ class WandbRegistry:
             used_by=users,
             files=[FileEntry(e.path, e.digest, int(e.size or 0)) for e in art.manifest.entries.values()],
             qualified_name=art.qualified_name,
+            project=art.project,
         )
 
     def _artifact(self, ref: str, type: str | None = None):
