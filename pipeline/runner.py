@@ -69,7 +69,15 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
             on_stage(r)
         return r
 
-    data = step("dataset-publish", dataset_publish.run, reuse=reuse)
+    def publish(config: Config, **kwargs: Any) -> StageResult:
+        # the names the chain will publish, another project's (a local registry that projects share): said before
+        # the data is read, not once a new dataset version stands beside a model that cannot be trained
+        registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+        for name in (config.dataset.name, config.model.name):
+            registry.check_project(name)
+        return dataset_publish.run(config, **kwargs)
+
+    data = step("dataset-publish", publish, reuse=reuse)
 
     def train(config: Config, **kwargs: Any) -> StageResult:
         # what evaluate would refuse (an empty evaluate.split, a gate naming labels the data lacks): said before

@@ -1509,6 +1509,11 @@ def test_a_project_may_not_publish_train_or_judge_under_another_projects_names(t
     with pytest.raises(ProjectMismatch, match="'intent-clf' belongs to project 'intents'"):
         evaluate.run(sentiment)  # would have judged (and promoted) the other project's candidate
     assert reg.resolve("intent-clf:candidate").aliases == ["candidate", "latest"]
+    from pipeline.runner import run_all
+
+    with pytest.raises(ProjectMismatch, match="'intent-clf' belongs to project 'intents'"):  # `run`: before its first stage
+        run_all(cfg_for(src, "project=sentiment", "dataset.name=fresh-data", "model.name=intent-clf"))
+    assert "fresh-data" not in {v.name for v in reg.list_versions()}  # not published, then left beside no model
 
 
 def catalog_runs(reg: LocalRegistry) -> list[tuple[str, str]]:
