@@ -943,52 +943,10 @@ def _fold(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
         texts = _rewrite(texts, wide, lambda t: pc.utf8_lower(pc.utf8_normalize(t, "NFKC")))
     texts = pc.ascii_lower(texts)  # leaves the non-ASCII rows, lowered above, as they are
     # ASCII whitespace only: NFKC has already made other spaces (U+00A0, U+2003, ...) plain ones
-    odd = odd_spacing(texts)
+    odd = arrow.to_numpy(pc.match_substring_regex(texts, r"[\t\n\v\f\r]|  |^ | $"), fill=False)
     if odd.any():
         texts = _rewrite(texts, odd, lambda t: pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"[\t\n\v\f\r ]+", " ")))
     return texts
-
-
-SPACING_BLOCK = 1 << 20
-
-
-def odd_spacing(texts: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """True where a text holds ASCII whitespace other than a space (tab, line feed, vertical tab, form feed,
-    carriage return), two spaces in a row, or a space first or last; False where it is null.
-
-    The rows the regex ``[\\t\\n\\v\\f\\r]|  |^ | $`` matches, found in the UTF-8 bytes with NumPy in half
-    the regex's time (a quarter of folding a million texts): the bytes of a non-ASCII character are all
-    0x80 or above, so a byte 9-13 or 32 is that character. Two spaces across two texts are the first one's
-    last and the next one's first, so both are marked by those rules anyway.
-    """
-    chunks = texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]
-    out = []
-    for chunk in chunks:
-        n = len(chunk)
-        odd = np.zeros(n, dtype=bool)
-        _, offset_buffer, data_buffer = chunk.buffers()[:3]
-        if n and data_buffer is not None:
-            wide = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
-            width = 8 if wide else 4
-            offsets = np.frombuffer(offset_buffer, dtype=np.int64 if wide else np.int32, count=n + 1,
-                                    offset=chunk.offset * width).astype(np.int64)
-            data = np.frombuffer(data_buffer, dtype=np.uint8)
-            lo, hi = int(offsets[0]), int(offsets[-1])
-            for start in range(lo, hi, SPACING_BLOCK):  # a block at a time: temporaries that stay in the cache
-                end = min(start + SPACING_BLOCK, hi)
-                part = data[start:min(end + 1, hi)]  # and the next block's first byte, for a pair across the cut
-                space = part == 32
-                found = (part[:end - start] - np.uint8(9)) < 5  # 9-13 (bytes below 9 wrap round to 247 and more)
-                found[:len(space) - 1] |= space[:-1] & space[1:]
-                hits = np.flatnonzero(found)
-                if len(hits):
-                    odd[np.searchsorted(offsets, hits + start, side="right") - 1] = True
-            filled = offsets[1:] > offsets[:-1]
-            odd[filled] |= (data[offsets[:-1][filled]] == 32) | (data[offsets[1:][filled] - 1] == 32)
-            if chunk.null_count:
-                odd &= arrow.to_numpy(chunk.is_valid())
-        out.append(odd)
-    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
 def _rewrite(texts: pa.ChunkedArray | pa.Array, rows: np.ndarray, how) -> pa.Array:

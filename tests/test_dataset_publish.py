@@ -554,33 +554,6 @@ def test_copies_of_a_text_stay_in_one_split(tmp_path, cfg_for, caplog):
         dataset_publish.run(cfg_for(write_rows(tmp_path / "few.csv", few)))
 
 
-@pytest.mark.parametrize("block", [1 << 20, 7, 1])
-def test_odd_spacing_marks_the_rows_the_spacing_regex_matches(block, monkeypatch):
-    """`odd_spacing` reads the UTF-8 bytes in place of a regex over every text; it must mark exactly the regex's
-    rows (which the folded key of copies rewrites), in any layout: sliced, chunked, large offsets, nulls, and
-    pairs of spaces across the blocks it reads in."""
-    import random
-
-    import pyarrow.compute as pc
-
-    from pipeline import data
-
-    monkeypatch.setattr(data, "SPACING_BLOCK", block)
-    rng = random.Random(0)
-    alphabet = ["a", "B", " ", " ", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x08", "é", "\u00a0", "日", "\x00"]
-    values = [None if rng.random() < 0.05 else "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 2, 3, 5, 10])))
-              for _ in range(3000)]
-    for kind in (pa.string(), pa.large_string()):
-        whole = pa.array(values, kind)
-        for texts in (whole, whole.slice(7, 2000), pa.chunked_array([whole.slice(0, 1000), whole.slice(1000)]),
-                      pa.chunked_array([], kind)):
-            want = np.asarray(pc.fill_null(pc.match_substring_regex(texts, r"[\t\n\v\f\r]|  |^ | $"), False),
-                              dtype=bool) if len(texts) else np.zeros(0, dtype=bool)
-            got = data.odd_spacing(texts)
-            assert got.dtype == bool and got.tolist() == want.tolist(), (kind, len(texts))
-    assert 100 < int(data.odd_spacing(pa.array(values)).sum()) < 2900  # both kinds of row are there
-
-
 def test_copies_that_differ_in_case_spacing_or_width_stay_in_one_split(tmp_path, cfg_for, caplog):
     variants = [lambda t: t, str.upper, lambda t: f"  {t} ", lambda t: t.replace(" ", "\t"), lambda t: t.replace(" ", "\u00a0"),
                 lambda t: t.replace(" ", "   "), lambda t: "".join(chr(ord(ch) + 0xFEE0) if ch.isascii() and ch.isalnum() else ch for ch in t)]
