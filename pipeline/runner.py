@@ -70,11 +70,10 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         return r
 
     def publish(config: Config, **kwargs: Any) -> StageResult:
-        # the names the chain will publish, another project's (a local registry that projects share): said before
-        # the data is read, not once a new dataset version stands beside a model that cannot be trained
-        registry = open_registry(config.tracking, project=config.project, entity=config.entity)
-        for name in (config.dataset.name, config.model.name):
-            registry.check_project(name)
+        # the model name finetune will publish, another project's (a local registry that projects share): said before
+        # the data is read, not once a new dataset version stands beside a model that cannot be trained (dataset-publish
+        # asks for its own name)
+        open_registry(config.tracking, project=config.project, entity=config.entity).check_project(config.model.name)
         return dataset_publish.run(config, **kwargs)
 
     data = step("dataset-publish", publish, reuse=reuse)
