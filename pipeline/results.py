@@ -77,6 +77,13 @@ def failed(stage: str, error: BaseException, runs: Sequence[TrackedRun] = ()) ->
                        message=message, details=dict(run.on_failure))
 
 
+def replaced_whole(path: Path) -> bool:
+    """Whether a file written whole into a new file renamed over `path` takes its place as the caller means: not
+    when `path` is a link, a device or a pipe (/dev/stdout), which the rename would replace (as root, the system's)
+    instead of writing through it."""
+    return not ((path.exists() and not path.is_file()) or path.is_symlink())
+
+
 def check_writable(path: str | Path) -> None:
     """Refuse a result path that cannot be written, before any work: a stage's result is not lost at the end."""
     from pipeline.errors import ConfigError
@@ -84,9 +91,7 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--result-json {path} is a folder; give a file path")
-    if (path.exists() and not path.is_file()) or path.is_symlink():
-        # /dev/stdout, a pipe, a link: the result is written whole into a new file renamed over the path, which would
-        # replace the link itself (as root, /dev/stdout), not write through it
+    if not replaced_whole(path):
         raise ConfigError(f"--result-json {path} is not a regular file (a link, a device or a pipe); give the path of "
                           "a file, which is replaced whole")
     try:

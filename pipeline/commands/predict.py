@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a bar for loading a small model is noise here
     from pipeline.errors import ConfigError, PipelineError
     from pipeline.predict import load
+    from pipeline.results import replaced_whole
 
     if args.top_k < 1:
         raise PipelineError("--top-k must be at least 1")
@@ -68,8 +69,7 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: name a {', '.join(OUTPUT_FORMATS)} file")
-    if output is not None and ((output.exists() and not output.is_file()) or output.is_symlink()):
-        # the table is written whole into a new file renamed over the path: a pipe or a link would be replaced
+    if output is not None and not replaced_whole(output):  # the table is written whole and renamed over the path
         raise ConfigError(f"--output {output} is not a regular file (a link or a pipe); give the path of a file, which "
                           "is replaced whole (or print to stdout, without --output)")
     rows = _file_rows(args) if args.input else _line_rows(args.texts)
