@@ -357,6 +357,9 @@ class TrainConfig(_Group):
     def _check_steps(self) -> TrainConfig:
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("train.eval_steps is required when train.eval_strategy is 'steps'")
+        if self.eval_strategy == "epoch" and self.eval_steps is not None:  # the Trainer would ignore it without a word
+            raise ValueError(f"train.eval_steps: evaluates every {self.eval_steps} steps only with train.eval_strategy: "
+                             "steps (it is 'epoch'); set that too, or leave eval_steps out")
         if isinstance(self.class_weights, dict):
             bad = sorted(k for k, w in self.class_weights.items() if not w > 0)
             if bad or not self.class_weights:
@@ -607,7 +610,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages, as written
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"  {loc}: {msg}")
+        # a group's own check names the key it is about ("train.eval_steps ..."): not "train: train.eval_steps ..."
+        lines.append(f"  {msg}" if msg.startswith(f"{loc}.") else f"  {loc}: {msg}")
     return f"invalid config ({origin}):\n" + "\n".join(lines)
 
 

@@ -308,3 +308,12 @@ def test_yaml_merge_keys_share_settings_and_a_key_set_again_wins(tmp_path):
                  "train:\n  <<: {epochs: 1}\n  batch_size: 16\n  batch_size: 8\n")
     with pytest.raises(ConfigError, match=r"key 'batch_size' appears twice in one mapping \(lines 6 and 7\)"):
         load_config(p)
+
+
+def test_eval_steps_without_the_steps_strategy_is_refused_not_ignored(make_config):
+    """The Trainer ignores eval_steps when it evaluates per epoch: a user who wrote eval_steps: 50 would get one
+    evaluation (and one checkpoint) per epoch, and no word about it."""
+    with pytest.raises(ConfigError, match=re.escape("train.eval_steps: evaluates every 50 steps only with "
+                                                    "train.eval_strategy: steps (it is 'epoch')")):
+        make_config("train.eval_steps=50")
+    assert make_config("train.eval_steps=50", "train.eval_strategy=steps").train.eval_steps == 50
