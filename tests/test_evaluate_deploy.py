@@ -948,6 +948,9 @@ def test_run_executes_the_four_stages_in_one_group(env, tmp_path):
     # each stage's line says what it decided, as the stage's own command does: here why the gate said no
     gate_line = next(line for line in cli.stderr.splitlines() if line.startswith("evaluate: gate_failed"))
     assert gate_line.startswith(f"evaluate: gate_failed: {data['stages'][1]['produced'][0]}: ") and "accuracy" in gate_line
+    # and the run's last line says what it came to, without saying evaluate's reasons a second time
+    assert cli.stderr.rstrip().splitlines()[-1] == (f"run: gate_failed: {data['stages'][1]['produced'][0]} was not promoted, "
+                                                    "so nothing was deployed")
 
 
 @pytest.mark.slow

@@ -45,6 +45,10 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if args.result_json:  # also when a stage failed: the file says which, and what came before
             write_json_atomic(args.result_json, outcome.to_dict())
-    print(outcome.message or outcome.status, file=sys.stderr)
+    if outcome.status == "gate_failed":  # evaluate's line above says why; said once
+        said = f"{outcome.stages[-1].stdout_line()} was not promoted, so nothing was deployed"
+    else:
+        said = outcome.message
+    print(f"run: {outcome.status}" + (f": {said}" if said else ""), file=sys.stderr)
     print(", ".join(outcome.to_dict()["produced"]))
     return EXIT_CODES[outcome.status]
