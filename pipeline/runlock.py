@@ -49,6 +49,15 @@ def describe(holder: dict[str, Any]) -> str:
     return f"{said}, since {holder['since']}" if holder.get("since") else said
 
 
+def supported() -> bool:
+    """Whether locks work here (`fcntl`; not on Windows, where no run counts as running)."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def holder(folder: Path | str) -> dict[str, Any] | None:
     """Who trains the run in `folder` now (``pid``, ``host``, ``since``; empty when it could not be read), or
     None when no process does."""

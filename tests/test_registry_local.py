@@ -511,3 +511,33 @@ def test_sqlite_errors_of_a_full_disk_are_named_as_such(reg):
         with reg._read():
             raise sqlite3.OperationalError("disk I/O error")
     assert reg.list_versions() == []  # the catalog is usable after both
+
+
+CRASHING_RUN = """
+import os, signal, sys
+from pipeline.registry.local import LocalRegistry
+from pipeline.tracking import TrackedRun
+reg = LocalRegistry(sys.argv[1])
+reg.start_run(TrackedRun(id="gone", project="p", job_type="finetune", group=None, mode="offline", config={}, registry=reg))
+os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer ends a training: no finally, no status written
+"""
+
+
+def test_a_run_whose_process_died_without_closing_it_reads_crashed_not_running(tmp_path):
+    """A finetune killed outright (the OOM killer, kill -9, a lost machine) stayed 'running' in lineage forever.
+    W&B calls such a run crashed; so does the local registry, from the lock its process held until it died."""
+    from pipeline.tracking import TrackedRun
+
+    root = tmp_path / "registry"
+    child = subprocess.run([sys.executable, "-c", CRASHING_RUN, str(root)], cwd=REPO, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    reg = LocalRegistry(root)
+    assert catalog(reg, "SELECT status FROM runs WHERE id = 'gone'") == [("running",)]  # as it was left
+    assert reg.get_run("gone")["status"] == "crashed"
+
+    run = TrackedRun(id="alive", project="p", job_type="finetune", group=None, mode="offline", config={}, registry=reg)
+    reg.start_run(run)
+    assert LocalRegistry(root).get_run("alive")["status"] == "running"  # its process (this one) holds the lock
+    reg.finish_run(run, "finished")
+    assert LocalRegistry(root).get_run("alive")["status"] == "finished"
+    assert not (root / "live" / "alive").exists()  # a closed run leaves no lock behind

@@ -13,6 +13,7 @@ concurrent writers are serialised by SQLite (distinct version numbers, consisten
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import refstore
+from pipeline import refstore, runlock
 from pipeline.errors import AliasMoved, DiskFull, IntegrityError, ProjectMismatch, RefError, RegistryError, no_space_left
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
@@ -186,6 +187,8 @@ class LocalRegistry:
         self.objects = self.root / "objects" / "sha256"
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "catalog.db"
+        self.live = self.root / "live"  # <run id>/training.lock: held by the process of each open run (`start_run`)
+        self._holding: dict[str, contextlib.ExitStack] = {}
         try:
             for d in (self.objects, self.tmp):
                 d.mkdir(parents=True, exist_ok=True)
@@ -842,6 +845,19 @@ class LocalRegistry:
 
     # -- runs --------------------------------------------------------------------------------
     def start_run(self, run: TrackedRun) -> None:
+        """Record `run` as running. Its process holds a lock (`runlock`) from now until `finish_run`; the kernel
+        releases it however the process ends, so a run still 'running' whose lock is free was ended outright (the
+        OOM killer, kill -9, a lost machine) and reads ``crashed``, as W&B calls such a run (`get_run`)."""
+        holding = contextlib.ExitStack()
+        holding.enter_context(runlock.hold(self.live / run.id, f"run {run.id}", doing="running"))
+        try:
+            self._record_start(run)
+        except BaseException:
+            holding.close()
+            raise
+        self._holding[run.id] = holding
+
+    def _record_start(self, run: TrackedRun) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO runs (id, project, job_type, run_group, status, config, started_at, wandb_dir, mode)"
@@ -852,11 +868,15 @@ class LocalRegistry:
             )
 
     def finish_run(self, run: TrackedRun, status: str) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE runs SET status = ?, summary = ?, ended_at = ? WHERE id = ?",
-                (status, json.dumps(redact(run.summary), default=str), _now(), run.id),
-            )
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "UPDATE runs SET status = ?, summary = ?, ended_at = ? WHERE id = ?",
+                    (status, json.dumps(redact(run.summary), default=str), _now(), run.id),
+                )
+        finally:  # the status is written (or cannot be): the lock that said "alive" goes, with its folder
+            if (holding := self._holding.pop(run.id, None)) is not None:
+                holding.close()
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         with self._read() as conn:
@@ -864,6 +884,8 @@ class LocalRegistry:
             if row is None:
                 raise RefError(f"no run {run_id!r} recorded in {self.root}")
             out = dict(row)
+            if out["status"] == "running" and runlock.supported() and runlock.holder(self.live / run_id) is None:
+                out["status"] = "crashed"  # its process is gone without closing it (`start_run`)
             out["config"] = json.loads(out["config"])
             out["summary"] = json.loads(out["summary"])
             out["produced"] = [
