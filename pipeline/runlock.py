@@ -10,13 +10,16 @@ process ends (SIGKILL included), so a folder whose lock is free was left by a pr
 An offline sweep holds the same lock on ``<tracking.dir>/sweeps/<id>`` for as long as it runs, so that no
 second process goes on with it; an online sweep's agent holds it on a folder of its own
 (``<tracking.dir>/sweeps/<id>.agent-<token>``), as several agents of one W&B sweep may run at once.
-Where ``fcntl`` is missing (Windows), no run counts as running, as before.
+Where ``fcntl`` is missing (Windows), or the file system has no locks (Lustre without ``-o flock``), no run
+counts as running, and nothing is refused for a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,6 +31,35 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 LOCK_FILE = "training.lock"
+log = logging.getLogger(__name__)
+
+# what flock answers, with LOCK_NB, when another process holds the lock
+_HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
+# what a file system without locks answers: Lustre mounted without -o flock, some network mounts
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+_said_no_locks = False
+
+
+def flock(fd: int, operation: int) -> bool | None:
+    """``fcntl.flock``: True when the lock is taken, False when another process holds it (with ``LOCK_NB``), None
+    where the file system has no locks. There nothing is locked and nothing is refused for a lock, as where fcntl
+    is missing (said once per process)."""
+    import fcntl
+
+    global _said_no_locks
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as e:
+        if e.errno in _HELD:
+            return False
+        if e.errno not in _NO_LOCKS:
+            raise
+        if not _said_no_locks:
+            _said_no_locks = True
+            log.warning("this file system has no file locks (%s): a second process on the same run, sweep or "
+                        "folder is not detected here", os.strerror(e.errno))
+        return None
+    return True
 
 
 class RunBusy(PipelineError):
@@ -49,15 +81,6 @@ def describe(holder: dict[str, Any]) -> str:
     return f"{said}, since {holder['since']}" if holder.get("since") else said
 
 
-def supported() -> bool:
-    """Whether locks work here (`fcntl`; not on Windows, where no run counts as running)."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def holder(folder: Path | str) -> dict[str, Any] | None:
     """Who trains the run in `folder` now (``pid``, ``host``, ``since``; empty when it could not be read), or
     None when no process does."""
@@ -70,11 +93,11 @@ def holder(folder: Path | str) -> dict[str, Any] | None:
     except OSError:  # never locked, or its folder is being removed
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # held: the process training the run is alive
+        taken = flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if taken is False:  # held: the process training the run is alive
             return _read(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        if taken:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
@@ -96,19 +119,22 @@ def hold(folder: Path | str, what: str, doing: str = "training") -> Iterator[Non
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RunBusy(what, _read(fd), doing) from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        with contextlib.suppress(OSError):  # who holds it is for messages only (a full disk may refuse even this)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+        taken = flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if taken is False:
+            raise RunBusy(what, _read(fd), doing)
+        if taken is None:  # no locks here: no lock file claims one
+            with contextlib.suppress(OSError):
+                os.unlink(folder / LOCK_FILE)
+        else:
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            with contextlib.suppress(OSError):  # who holds it is for messages only (a full disk may refuse even this)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
         try:
             yield
         finally:
-            if only_the_lock(folder):
+            if only_the_lock(folder) or (taken is None and _empty(folder)):
                 shutil.rmtree(folder, ignore_errors=True)
                 for parent in made[1:]:  # those another process has put something in meanwhile stay
                     try:
@@ -133,7 +159,7 @@ def exclusive(folder: Path | str) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # and the lock with it
@@ -155,10 +181,8 @@ def remove_if_abandoned(folder: Path | str) -> bool:
     except OSError:
         return False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its process is alive, and about to write there
-            return False
+        if not flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):  # held (its process is alive, about to write there), or
+            return False  # no locks here to tell
         if not only_the_lock(folder):
             return False
         shutil.rmtree(folder, ignore_errors=True)
@@ -173,6 +197,13 @@ def _read(fd: int) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
+
+
+def _empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:
+        return False
 
 
 def only_the_lock(folder: Path) -> bool:

@@ -114,3 +114,34 @@ with runlock.exclusive({str(folder)!r}):
         holder.wait(timeout=60)
     assert log.read_text().splitlines() == ["other process done", "this process"]
     assert not list(folder.iterdir())  # a lock on the folder itself: no file is left in it
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+def test_a_file_system_without_locks_refuses_nothing_and_claims_no_lock(tmp_path, monkeypatch, code):
+    """Lustre mounted without -o flock, and some network mounts, answer every flock with an error. Every such
+    error was read as "another process holds it": each finetune was refused as training now, with no process
+    training it. Where locks do not work, nothing is locked and nothing is refused, as where fcntl is missing."""
+    import errno
+    import fcntl
+
+    from pipeline.registry.local import LocalRegistry
+    from pipeline.tracking import TrackedRun
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    folder = tmp_path / "checkpoints" / "run1"
+    with runlock.hold(folder, "finetune run run1"):
+        assert runlock.holder(folder) is None
+        with runlock.hold(folder, "finetune run run1"):  # not refused: nothing says another process trains it
+            (folder / "resume.json").write_text("{}")
+        with runlock.exclusive(tmp_path / "one-at-a-time"):
+            pass
+    assert sorted(p.name for p in folder.iterdir()) == ["resume.json"]  # no lock file that no lock stands behind
+    reg = LocalRegistry(tmp_path / "registry")
+    run = TrackedRun(id="r1", project="p", job_type="finetune", group=None, mode="offline", config={}, registry=reg)
+    reg.start_run(run)
+    assert reg.get_run("r1")["status"] == "running"  # not taken for crashed: there is no lock to go by
+    reg.finish_run(run, "finished")
+    assert reg.get_run("r1")["status"] == "finished"

@@ -733,7 +733,7 @@ class LocalRegistry:
         key = hashlib.sha256(self._fetch_key(dest).encode()).hexdigest()[:32]
         fd = os.open(locks / f"fetch-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the process ends, however it ends
+            runlock.flock(fd, fcntl.LOCK_EX)  # released when the process ends, however it ends (none: no locks here)
             yield
         finally:
             os.close(fd)
@@ -884,8 +884,10 @@ class LocalRegistry:
             if row is None:
                 raise RefError(f"no run {run_id!r} recorded in {self.root}")
             out = dict(row)
-            if out["status"] == "running" and runlock.supported() and runlock.holder(self.live / run_id) is None:
-                out["status"] = "crashed"  # its process is gone without closing it (`start_run`)
+            live = self.live / run_id
+            if out["status"] == "running" and (live / runlock.LOCK_FILE).exists() and runlock.holder(live) is None:
+                out["status"] = "crashed"  # its process is gone without closing it (`start_run`); where locks do
+                # not work, no lock file is left to go by
             out["config"] = json.loads(out["config"])
             out["summary"] = json.loads(out["summary"])
             out["produced"] = [
