@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -38,7 +39,7 @@ def stored_bytes(reg: LocalRegistry) -> int:
 
 
 def catalog(reg: LocalRegistry, sql: str) -> list[tuple]:
-    with sqlite3.connect(reg.db_path) as c:
+    with contextlib.closing(sqlite3.connect(reg.db_path)) as c:  # closed: an open connection would hold the catalog
         return c.execute(sql).fetchall()
 
 
@@ -541,3 +542,34 @@ def test_a_run_whose_process_died_without_closing_it_reads_crashed_not_running(t
     reg.finish_run(run, "finished")
     assert LocalRegistry(root).get_run("alive")["status"] == "finished"
     assert not (root / "live" / "alive").exists()  # a closed run leaves no lock behind
+
+
+def test_a_catalog_on_a_network_file_system_keeps_a_rollback_journal_not_wal(tmp_path, monkeypatch, caplog):
+    """SQLite's WAL needs every process on one host ("WAL does not work over a network filesystem"): its index is
+    shared memory. Offline W&B is what compute nodes without internet use, with tracking.dir on the cluster's
+    NFS, Lustre or GPFS, where jobs on several nodes write one catalog. There the catalog keeps SQLite's rollback
+    journal, which works wherever the file system's locks do; a WAL catalog moved there is switched back."""
+    home = tmp_path / "shared home"  # a mount point with a space, as /proc/self/mounts escapes it
+    local = LocalRegistry(home / "registry")  # made on the local disk: WAL
+    assert catalog(local, "PRAGMA journal_mode") == [("wal",)]
+    local.publish("tickets", "dataset", write(tmp_path / "a", {"train.parquet": "rows"}))
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw 0 0\n"
+                      f"nas:/export/home {str(home).replace(' ', chr(92) + '040')} nfs4 rw,relatime 0 0\n")
+    monkeypatch.setattr(local_mod, "MOUNTS", str(mounts))
+
+    other = sqlite3.connect(local.db_path)  # another process reading the catalog now: it cannot be switched yet
+    other.execute("SELECT count(*) FROM versions").fetchall()
+    with caplog.at_level("WARNING", logger="pipeline.registry.local"):
+        busy = LocalRegistry(home / "registry")
+    assert busy.resolve("tickets").ref == "tickets:v0" and catalog(busy, "PRAGMA journal_mode") == [("wal",)]
+    assert f"{busy.db_path} is on a nfs4 file system" in caplog.text and "another process has it open now" in caplog.text
+    other.close()
+
+    shared = LocalRegistry(home / "registry")
+    assert catalog(shared, "PRAGMA journal_mode") == [("delete",)]
+    assert shared.resolve("tickets").ref == "tickets:v0"  # what the WAL catalog held is all there
+    shared.publish("tickets", "dataset", write(tmp_path / "b", {"train.parquet": "more rows"}))
+    assert [v.ref for v in shared.list_versions("tickets")] == ["tickets:v0", "tickets:v1"]
+    assert not (home / "registry" / "catalog.db-wal").exists() and not (home / "registry" / "catalog.db-shm").exists()
+    assert catalog(LocalRegistry(tmp_path / "elsewhere"), "PRAGMA journal_mode") == [("wal",)]  # not on that mount

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -48,6 +50,37 @@ from pipeline.registry.base import (
 if TYPE_CHECKING:
     from pipeline.refstore import Reference
     from pipeline.tracking import TrackedRun
+
+log = logging.getLogger(__name__)
+
+MOUNTS = "/proc/self/mounts"  # Linux: each mount's device, mount point and file system type
+# File systems that processes on several machines share (a cluster's home or scratch). SQLite's WAL keeps its
+# index in shared memory, which needs every process on one host: "WAL does not work over a network filesystem".
+NETWORK_FILE_SYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "glusterfs",
+    "fuse.glusterfs", "ocfs2", "gfs2", "panfs", "wekafs", "fuse.juicefs", "orangefs", "pvfs2", "afs", "9p",
+    "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "davfs",
+})
+
+
+def network_file_system(path: Path) -> str | None:
+    """The type of the network file system that `path` is on (``nfs4``, ``lustre``, ...); None on a local one, or
+    where there is no mount table to read (not Linux)."""
+    try:
+        lines = Path(MOUNTS).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    target, longest, kind = os.path.realpath(path), -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])  # "\040" is a space
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > longest:  # the innermost mount holding the path
+            longest, kind = len(point), fields[2]
+    return kind if kind in NETWORK_FILE_SYSTEMS else None
+
 
 # 2: files.ref (reference-mode entries); 3: versions.deleted_at; 4: fetches.dest relative to the tracking folder
 # for copies inside it (see `_fetch_key`)
@@ -249,8 +282,19 @@ class LocalRegistry:
     def _init_schema(self) -> None:
         conn = self._connect()
         try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            # WAL on a local disk (readers never wait for a writer); SQLite's rollback journal on a network file
+            # system, where WAL does not work, as jobs on several machines share one catalog
+            shared = network_file_system(self.root)
+            journal = "delete" if shared else "wal"
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != journal:
+                try:
+                    now = conn.execute(f"PRAGMA journal_mode = {journal.upper()}").fetchone()[0]
+                except sqlite3.OperationalError:  # "database is locked": another connection has it open
+                    now = None
+                if now != journal:  # the next command to open it alone switches it
+                    log.warning("%s is on a %s file system, where SQLite's WAL does not work across machines, but "
+                                "another process has it open now: it keeps WAL until a command opens it alone",
+                                self.db_path, shared)
             # Off for this connection only, so an older catalog's versions table can be rebuilt
             # (SQLite's documented procedure); the references are checked before the commit.
             conn.execute("PRAGMA foreign_keys = OFF")
