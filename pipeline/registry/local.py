@@ -223,7 +223,7 @@ class LocalRegistry:
         self.live = self.root / "live"  # <run id>/training.lock: held by the process of each open run (`start_run`)
         self._holding: dict[str, contextlib.ExitStack] = {}
         try:
-            for d in (self.objects, self.tmp):
+            for d in (self.objects, self.tmp, self.live):  # live/ stays: a run's folder in it comes and goes
                 d.mkdir(parents=True, exist_ok=True)
             self._init_schema()
         except (OSError, sqlite3.Error) as e:  # a file where a folder should be, no space, a damaged catalog
@@ -893,7 +893,10 @@ class LocalRegistry:
         releases it however the process ends, so a run still 'running' whose lock is free was ended outright (the
         OOM killer, kill -9, a lost machine) and reads ``crashed``, as W&B calls such a run (`get_run`)."""
         holding = contextlib.ExitStack()
-        holding.enter_context(runlock.hold(self.live / run.id, f"run {run.id}", doing="running"))
+        try:
+            holding.enter_context(runlock.hold(self.live / run.id, f"run {run.id}", doing="running"))
+        except runlock.RunBusy:  # the run is open in another process as well (finetune refuses that before): its
+            pass  # lock already says "alive"; refusing here would have the caller mark that process's run failed
         try:
             self._record_start(run)
         except BaseException:
