@@ -62,9 +62,10 @@ def resolve_mode(configured: str = "auto") -> str:
 
 
 def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project: str | None = None,
-                  entity: str | None = None, scoped: bool = True) -> Registry:
+                  entity: str | None = None, scoped: bool = True, read_only: bool = False) -> Registry:
     """The registry for this mode: W&B when online (unless configured local), else local. A local registry is
-    scoped to `project` (it refuses other projects' names) unless not `scoped`: for reading any version."""
+    scoped to `project` (it refuses other projects' names) unless not `scoped`: for reading any version. With
+    `read_only` (commands that only read), a local registry this user cannot write is read as it stands."""
     mode = mode or resolve_mode(tracking.mode)
     kind = tracking.registry
     if kind == "auto":
@@ -78,7 +79,7 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
                              fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
 
-    return LocalRegistry(Path(tracking.dir) / "registry", project=project if scoped else None)
+    return LocalRegistry(Path(tracking.dir) / "registry", project=project if scoped else None, read_only=read_only)
 
 
 def new_run_id() -> str:

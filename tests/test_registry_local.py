@@ -573,3 +573,68 @@ def test_a_catalog_on_a_network_file_system_keeps_a_rollback_journal_not_wal(tmp
     assert [v.ref for v in shared.list_versions("tickets")] == ["tickets:v0", "tickets:v1"]
     assert not (home / "registry" / "catalog.db-wal").exists() and not (home / "registry" / "catalog.db-shm").exists()
     assert catalog(LocalRegistry(tmp_path / "elsewhere"), "PRAGMA journal_mode") == [("wal",)]  # not on that mount
+
+
+@contextlib.contextmanager
+def without_write_access(folder: Path):
+    """This process as a user who may read `folder` but not write in it: root becomes `nobody` (root writes
+    anywhere), anyone else has the write bits taken off. As with a team's registry that a service account owns."""
+    for p in (folder, *folder.rglob("*")):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    if os.geteuid() == 0:
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+    else:
+        dirs = [p for p in (folder, *folder.rglob("*")) if p.is_dir()]
+        for d in dirs:
+            d.chmod(0o555)
+        try:
+            yield
+        finally:
+            for d in dirs:
+                d.chmod(0o755)
+
+
+def test_a_registry_this_user_cannot_write_is_still_listed_shown_verified_and_traced(tmp_path, monkeypatch, capsys):
+    """`artifacts list` on a registry owned by another account (or on a read-only mount) said only "unable to open
+    database file": opening it set its journal mode and checked its schema in a write transaction. The commands
+    that only read it (artifacts list, show, verify; lineage) now read it read-only and write nothing there; the
+    stages, which record runs, are still refused at once."""
+    import tempfile
+
+    from pipeline.cli import main as cli
+    from pipeline.tracking import TrackedRun
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = Path(tempfile.mkdtemp(prefix="shared-registry-"))  # not under pytest's own folders, which only root may enter
+    try:
+        reg = LocalRegistry(base / "registry")
+        run = TrackedRun(id="pub1", project="p", job_type="dataset-publish", group=None, mode="offline", config={},
+                         registry=reg)
+        reg.start_run(run)
+        reg.publish("tickets", "dataset", write(tmp_path / "a", {"train.parquet": "rows"}), run=run)
+        reg.finish_run(run, "finished")
+        assert cli(["artifacts", "--set", f"tracking.dir={tmp_path / 'warm'}", "list"]) == 0  # imports, as this user
+        before = sorted(str(p.relative_to(base)) for p in base.rglob("*"))
+        capsys.readouterr()
+        with without_write_access(base):
+            with pytest.raises(RegistryError, match=r"cannot write the local registry at .*: this user may not write "
+                                                    r"there \(attempt to write a readonly database\)\. artifacts list"):
+                LocalRegistry(base / "registry")  # what a stage opens: it would record its run there
+            ro = LocalRegistry(base / "registry", read_only=True)
+            assert [v.ref for v in ro.list_versions()] == ["tickets:v0"] and ro.get_run("pub1")["status"] == "finished"
+            assert ro.verify().ok
+            with pytest.raises(RegistryError, match=r"is open read-only \(this user cannot write it\)"):
+                ro.set_alias("tickets:v0", "production")
+            for argv in (["artifacts", "list"], ["artifacts", "show", "tickets:v0"], ["artifacts", "verify"],
+                         ["lineage", "tickets:v0"]):
+                assert cli([*argv, "--set", f"tracking.dir={base}"]) == 0, argv
+        out = capsys.readouterr().out
+        assert "tickets:v0  dataset" in out and "produced by: pub1" in out and "all objects match" in out
+        assert "run pub1  dataset-publish  finished" in out
+        assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == before  # nothing written there
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

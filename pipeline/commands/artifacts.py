@@ -52,15 +52,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _open(args: argparse.Namespace):
+# what only reads the registry: these work on one this user cannot write (another account's, a read-only mount)
+READING = ("list", "show", "verify")
+
+
+def _open(args: argparse.Namespace, read_only: bool = False):
     """(registry, tracking.dir)."""
     from pipeline.config import Config, load_tracking
     from pipeline.tracking import open_registry
 
     cfg = load_tracking(args.config, args.overrides)
     if isinstance(cfg, Config):
-        return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity, scoped=False), cfg.tracking.dir
-    return open_registry(cfg), cfg.dir
+        return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity, scoped=False,
+                             read_only=read_only), cfg.tracking.dir
+    return open_registry(cfg, read_only=read_only), cfg.dir
 
 
 def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False):
@@ -99,7 +104,7 @@ def _joined(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     args = _joined(args)
-    registry, tracking_dir = _open(args)
+    registry, tracking_dir = _open(args, read_only=args.action in READING)
     if args.action == "list":
         versions = registry.list_versions(name=args.name, type=args.type)
         if args.json:

@@ -23,5 +23,5 @@ def main(args: argparse.Namespace) -> int:
 
     if args.depth < 0:
         raise PipelineError("--depth must be 0 or more")
-    sys.stdout.write(render(build(_open(args)[0], args.ref, args.depth), args.format))
+    sys.stdout.write(render(build(_open(args, read_only=True)[0], args.ref, args.depth), args.format))
     return 0

@@ -14,6 +14,7 @@ concurrent writers are serialised by SQLite (distinct version numbers, consisten
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import shutil
 import sqlite3
 import sys
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import refstore, runlock
-from pipeline.errors import AliasMoved, DiskFull, IntegrityError, ProjectMismatch, RefError, RegistryError, no_space_left
+from pipeline.errors import (AliasMoved, DiskFull, IntegrityError, PipelineError, ProjectMismatch, RefError, RegistryError,
+                             no_space_left)
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -61,6 +64,14 @@ NETWORK_FILE_SYSTEMS = frozenset({
     "fuse.glusterfs", "ocfs2", "gfs2", "panfs", "wekafs", "fuse.juicefs", "orangefs", "pvfs2", "afs", "9p",
     "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "davfs",
 })
+
+
+def _cannot_write(error: Exception) -> bool:
+    """Whether `error` says that this user may not write there (permissions, a read-only mount)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    return isinstance(error, sqlite3.OperationalError) and any(
+        said in str(error) for said in ("readonly", "read-only", "unable to open database file"))
 
 
 def network_file_system(path: Path) -> str | None:
@@ -210,11 +221,14 @@ def _copy_verified(src: Path, dst: Path, expected_sha256: str, progress: _Progre
 class LocalRegistry:
     kind = "local"
 
-    def __init__(self, root: str | Path, project: str | None = None):
+    def __init__(self, root: str | Path, project: str | None = None, *, read_only: bool = False):
         """`project`: the W&B project whose stages use this registry. One registry serves every project that shares
         a tracking.dir, but W&B keeps each project's artifacts apart; so a name belongs to the project whose run
         made its first version, and a registry opened for another project refuses it (`check_project`).
-        Without `project` (``artifacts``, ``lineage``, reading a version to reproduce it) every name is open."""
+        Without `project` (``artifacts``, ``lineage``, reading a version to reproduce it) every name is open.
+
+        `read_only`: for commands that only read. A registry this user cannot write (another account's, a
+        read-only mount) is then read as it stands, and nothing is written there; any write is refused."""
         self.root = Path(os.path.abspath(root))
         self.project = project
         self.objects = self.root / "objects" / "sha256"
@@ -222,6 +236,7 @@ class LocalRegistry:
         self.db_path = self.root / "catalog.db"
         self.live = self.root / "live"  # <run id>/training.lock: held by the process of each open run (`start_run`)
         self._holding: dict[str, contextlib.ExitStack] = {}
+        self._read_only_uri: str | None = None  # set: the catalog is opened read-only, by this URI
         try:
             for d in (self.objects, self.tmp, self.live):  # live/ stays: a run's folder in it comes and goes
                 d.mkdir(parents=True, exist_ok=True)
@@ -229,11 +244,44 @@ class LocalRegistry:
         except (OSError, sqlite3.Error) as e:  # a file where a folder should be, no space, a damaged catalog
             if no_space_left(e, self.root):
                 raise DiskFull(str(self.db_path)) from e
+            if self.db_path.is_file() and _cannot_write(e):
+                if read_only:
+                    self._open_read_only()
+                    return
+                raise RegistryError(f"cannot write the local registry at {self.root} (under tracking.dir): this user "
+                                    f"may not write there ({e}). artifacts list, show and verify, and lineage, read it "
+                                    "as it stands; this command writes to it (a stage records its run there)") from None
             raise RegistryError(f"cannot open the local registry at {self.root} (under tracking.dir): {e}") from None
+
+    def _open_read_only(self) -> None:
+        """Read the catalog without writing anything beside it. SQLite's ``mode=ro`` still needs WAL's index file,
+        which a cleanly closed catalog no longer has and a reader may not create; then the catalog is read as
+        ``immutable``: as it stands (a read-only mount cannot change under it; another account's registry could, and
+        a listing taken while it writes may miss what it writes)."""
+        quoted = urllib.parse.quote(str(self.db_path))
+        for uri in (f"file:{quoted}?mode=ro", f"file:{quoted}?mode=ro&immutable=1"):
+            self._read_only_uri = uri
+            try:
+                with self._read() as conn:
+                    current = conn.execute("PRAGMA user_version").fetchone()[0]
+                    conn.execute("SELECT count(*) FROM versions").fetchone()
+                break
+            except (sqlite3.Error, PipelineError):
+                if uri.endswith("immutable=1"):
+                    raise RegistryError(f"cannot read the local registry at {self.root} (under tracking.dir), which "
+                                        "this user cannot write either") from None
+        if current != _SCHEMA_VERSION:
+            newer = current > _SCHEMA_VERSION
+            raise RegistryError(f"{self.db_path} was written by {'a newer' if newer else 'an older'} version of the "
+                                f"pipeline (schema {current}, this one reads {_SCHEMA_VERSION}), and this user cannot "
+                                + ("write it" if newer else "write it to upgrade it: a stage run by its owner does"))
 
     # -- catalog plumbing ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=120, isolation_level=None)
+        if self._read_only_uri:
+            conn = sqlite3.connect(self._read_only_uri, uri=True, timeout=120, isolation_level=None)
+        else:
+            conn = sqlite3.connect(self.db_path, timeout=120, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA busy_timeout = 120000")
@@ -242,6 +290,9 @@ class LocalRegistry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction: all of it or none of it."""
+        if self._read_only_uri:
+            raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): "
+                                "only artifacts list, show and verify, and lineage, read it so")
         with self._full_disk_named():
             conn = self._connect()
             try:
