@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 # what flock answers, with LOCK_NB, when another process holds the lock
 _HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
-# what a file system without locks answers: Lustre mounted without -o flock, some network mounts
-_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+# what a file system without locks answers: Lustre mounted without -o flock ("Function not implemented"), some
+# network mounts; 524 is the kernel's own ENOTSUPP, which Lustre has let through to user space
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, 524}
 _said_no_locks = False
 
 

@@ -116,7 +116,7 @@ with runlock.exclusive({str(folder)!r}):
     assert not list(folder.iterdir())  # a lock on the folder itself: no file is left in it
 
 
-@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS", 524])  # 524: the kernel's ENOTSUPP (Lustre)
 def test_a_file_system_without_locks_refuses_nothing_and_claims_no_lock(tmp_path, monkeypatch, code):
     """Lustre mounted without -o flock, and some network mounts, answer every flock with an error. Every such
     error was read as "another process holds it": each finetune was refused as training now, with no process
@@ -127,8 +127,10 @@ def test_a_file_system_without_locks_refuses_nothing_and_claims_no_lock(tmp_path
     from pipeline.registry.local import LocalRegistry
     from pipeline.tracking import TrackedRun
 
+    number = code if isinstance(code, int) else getattr(errno, code)
+
     def no_locks(fd, operation):
-        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        raise OSError(number, os.strerror(number))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     folder = tmp_path / "checkpoints" / "run1"
