@@ -135,7 +135,7 @@ def hold(folder: Path | str, what: str, doing: str = "training") -> Iterator[Non
         try:
             yield
         finally:
-            if only_the_lock(folder) or (taken is None and _empty(folder)):
+            if only_the_lock(folder) or _empty(folder):  # empty: no locks here, so no lock file was left
                 shutil.rmtree(folder, ignore_errors=True)
                 for parent in made[1:]:  # those another process has put something in meanwhile stay
                     try:

@@ -267,14 +267,18 @@ class LocalRegistry:
                     conn.execute("SELECT count(*) FROM versions").fetchone()
                 break
             except (sqlite3.Error, PipelineError):
-                if uri.endswith("immutable=1"):
-                    raise RegistryError(f"cannot read the local registry at {self.root} (under tracking.dir), which "
-                                        "this user cannot write either") from None
-        if current != _SCHEMA_VERSION:
-            newer = current > _SCHEMA_VERSION
-            raise RegistryError(f"{self.db_path} was written by {'a newer' if newer else 'an older'} version of the "
-                                f"pipeline (schema {current}, this one reads {_SCHEMA_VERSION}), and this user cannot "
-                                + ("write it" if newer else "write it to upgrade it: a stage run by its owner does"))
+                continue
+        else:
+            raise RegistryError(f"cannot read the local registry at {self.root} (under tracking.dir), which this user "
+                                "cannot write either")
+        if current > _SCHEMA_VERSION:
+            raise self._newer_schema(current)
+        if current < _SCHEMA_VERSION:
+            raise RegistryError(f"{self.db_path} was written by an older version of the pipeline (schema {current}), "
+                                "and this user cannot write it to upgrade it: a stage run by its owner does")
+
+    def _newer_schema(self, current: int) -> RegistryError:
+        return RegistryError(f"{self.db_path} was written by a newer version of the pipeline (schema {current}); upgrade")
 
     # -- catalog plumbing ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -353,9 +357,7 @@ class LocalRegistry:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             if current > _SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
-                raise RegistryError(
-                    f"{self.db_path} was written by a newer version of the pipeline (schema {current}); upgrade"
-                )
+                raise self._newer_schema(current)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(versions)")}
             rebuilt = bool(columns) and "deleted_at" not in columns  # a schema 1 or 2 catalog
             if rebuilt:
