@@ -10,7 +10,9 @@ only on one side.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
@@ -73,7 +75,12 @@ def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
         "changed": sorted(p for p in set(files_a) & set(files_b) if files_a[p] != files_b[p]),
     }
     if a.type == "dataset" and a.digest != b.digest:
-        out.rows = _row_diff(registry.fetch(a).path, registry.fetch(b).path, examples)
+        if getattr(registry, "read_only", False):  # a registry this user cannot write: verified copies in a temporary folder
+            with tempfile.TemporaryDirectory(prefix="artifacts-diff-") as tmp:
+                out.rows = _row_diff(registry.fetch(a, Path(tmp) / "a").path, registry.fetch(b, Path(tmp) / "b").path,
+                                     examples)
+        else:  # the registry's own copies, which the stages that read these versions reuse
+            out.rows = _row_diff(registry.fetch(a).path, registry.fetch(b).path, examples)
     return out
 
 

@@ -601,8 +601,8 @@ def without_write_access(folder: Path):
 def test_a_registry_this_user_cannot_write_is_still_listed_shown_verified_and_traced(tmp_path, monkeypatch, capsys):
     """`artifacts list` on a registry owned by another account (or on a read-only mount) said only "unable to open
     database file": opening it set its journal mode and checked its schema in a write transaction. The commands
-    that only read it (artifacts list, show, verify; lineage) now read it read-only and write nothing there; the
-    stages, which record runs, are still refused at once."""
+    that only read it (artifacts list, show, diff, verify; lineage) now read it read-only and write nothing there
+    (diff compares verified copies in a temporary folder); the stages, which record runs, are still refused at once."""
     import tempfile
 
     from pipeline.cli import main as cli
@@ -615,7 +615,16 @@ def test_a_registry_this_user_cannot_write_is_still_listed_shown_verified_and_tr
         run = TrackedRun(id="pub1", project="p", job_type="dataset-publish", group=None, mode="offline", config={},
                          registry=reg)
         reg.start_run(run)
-        reg.publish("tickets", "dataset", write(tmp_path / "a", {"train.parquet": "rows"}), run=run)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for v, labels in enumerate((["billing", "refund"], ["billing", "billing"])):  # v1 relabels id 2
+            folder = tmp_path / f"v{v}"
+            folder.mkdir()
+            for split in ("train", "validation", "test"):
+                pq.write_table(pa.table({"id": [f"{split}1", f"{split}2"], "text": ["charged twice", "money back"],
+                                         "label": labels}), folder / f"{split}.parquet")
+            reg.publish("tickets", "dataset", folder, run=run)
         reg.finish_run(run, "finished")
         assert cli(["artifacts", "--set", f"tracking.dir={tmp_path / 'warm'}", "list"]) == 0  # imports, as this user
         before = sorted(str(p.relative_to(base)) for p in base.rglob("*"))
@@ -625,15 +634,19 @@ def test_a_registry_this_user_cannot_write_is_still_listed_shown_verified_and_tr
                                                     r"there \(attempt to write a readonly database\)\. artifacts list"):
                 LocalRegistry(base / "registry")  # what a stage opens: it would record its run there
             ro = LocalRegistry(base / "registry", read_only=True)
-            assert [v.ref for v in ro.list_versions()] == ["tickets:v0"] and ro.get_run("pub1")["status"] == "finished"
+            assert [v.ref for v in ro.list_versions()] == ["tickets:v0", "tickets:v1"] and ro.get_run("pub1")["status"] == "finished"
             assert ro.verify().ok
             with pytest.raises(RegistryError, match=r"is open read-only \(this user cannot write it\)"):
                 ro.set_alias("tickets:v0", "production")
+            with pytest.raises(RegistryError, match=r"only into a folder outside it, not into its own copy of tickets:v0"):
+                ro.fetch(ro.resolve("tickets:v0"))
             for argv in (["artifacts", "list"], ["artifacts", "show", "tickets:v0"], ["artifacts", "verify"],
-                         ["lineage", "tickets:v0"]):
+                         ["lineage", "tickets:v0"], ["artifacts", "diff", "tickets:v0", "tickets:v1"]):
                 assert cli([*argv, "--set", f"tracking.dir={base}"]) == 0, argv
         out = capsys.readouterr().out
         assert "tickets:v0  dataset" in out and "produced by: pub1" in out and "all objects match" in out
+        assert "rows (matched by id): 0 added, 0 removed, 3 relabelled, 0 edited, 0 moved, 3 unchanged" in out
+        assert "rows per label: billing 3 -> 6; refund 3 -> 0" in out
         assert "run pub1  dataset-publish  finished" in out
         assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == before  # nothing written there
     finally:

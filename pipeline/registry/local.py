@@ -249,8 +249,8 @@ class LocalRegistry:
                     self._open_read_only()
                     return
                 raise RegistryError(f"cannot write the local registry at {self.root} (under tracking.dir): this user "
-                                    f"may not write there ({e}). artifacts list, show and verify, and lineage, read it "
-                                    "as it stands; this command writes to it (a stage records its run there)") from None
+                                    f"may not write there ({e}). artifacts list, show, diff and verify, and lineage, "
+                                    "read it as it stands; this command writes to it (a stage records its run there)") from None
             raise RegistryError(f"cannot open the local registry at {self.root} (under tracking.dir): {e}") from None
 
     def _open_read_only(self) -> None:
@@ -277,6 +277,11 @@ class LocalRegistry:
             raise RegistryError(f"{self.db_path} was written by an older version of the pipeline (schema {current}), "
                                 "and this user cannot write it to upgrade it: a stage run by its owner does")
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the catalog was opened read-only (`read_only` allowed it, and this user cannot write the registry)."""
+        return self._read_only_uri is not None
+
     def _newer_schema(self, current: int) -> RegistryError:
         return RegistryError(f"{self.db_path} was written by a newer version of the pipeline (schema {current}); upgrade")
 
@@ -296,7 +301,7 @@ class LocalRegistry:
         """One serialised write transaction: all of it or none of it."""
         if self._read_only_uri:
             raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): "
-                                "only artifacts list, show and verify, and lineage, read it so")
+                                "only artifacts list, show, diff and verify, and lineage, read it so")
         with self._full_disk_named():
             conn = self._connect()
             try:
@@ -810,7 +815,12 @@ class LocalRegistry:
         never half-written; on a hash mismatch the old contents of `dest` stay as they were.
         `extras` are small files (a manifest) written into the same atomic swap.
         """
+        if self.read_only and dest is None:  # its own copies live in the registry's folder, which this user cannot write
+            raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): a "
+                                f"version is fetched from it only into a folder outside it, not into its own copy of {version.ref}")
         dest = Path(os.path.abspath(dest or self.default_fetch_dir(version)))
+        if self.read_only:  # copied and verified all the same; neither the lock nor the fetch is recorded there
+            return self._fetch(version, dest, overwrite, extras)
         # One fetch into a folder at a time: a second one (two trainings starting on the same dataset version)
         # waits, then finds the copy verified and reuses it, instead of swapping the folder under the first.
         with self._fetching(dest):
@@ -891,6 +901,8 @@ class LocalRegistry:
             progress.close()
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+        if self.read_only:
+            return FetchResult(version=version, path=dest, reused=False)
         with self._write() as conn:
             vid = self._resolve_row(conn, version.ref, None)["id"]
             conn.execute(
