@@ -544,6 +544,24 @@ def test_a_run_whose_process_died_without_closing_it_reads_crashed_not_running(t
     assert not (root / "live" / "alive").exists()  # a closed run leaves no lock behind
 
 
+def test_a_run_closed_while_it_is_read_reads_finished_not_crashed(tmp_path, monkeypatch):
+    """A reader's snapshot said `running`; the run was closed (its status written, its lock let go) before the reader
+    looked at the lock, which nobody held any more: `lineage` said crashed for a run that had just finished."""
+    from pipeline.tracking import TrackedRun
+
+    reg = LocalRegistry(tmp_path / "registry")
+    run = TrackedRun(id="closing", project="p", job_type="finetune", group=None, mode="offline", config={}, registry=reg)
+    reg.start_run(run)
+    real_holder = local_mod.runlock.holder
+
+    def closed_meanwhile(folder):  # the run's process closes it just now, between the snapshot and this look
+        reg.finish_run(run, "finished")
+        return real_holder(folder)
+
+    monkeypatch.setattr(local_mod.runlock, "holder", closed_meanwhile)
+    assert LocalRegistry(tmp_path / "registry").get_run("closing")["status"] == "finished"
+
+
 def test_a_catalog_on_a_network_file_system_keeps_a_rollback_journal_not_wal(tmp_path, monkeypatch, caplog):
     """SQLite's WAL needs every process on one host ("WAL does not work over a network filesystem"): its index is
     shared memory. Offline W&B is what compute nodes without internet use, with tracking.dir on the cluster's

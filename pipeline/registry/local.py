@@ -991,15 +991,24 @@ class LocalRegistry:
                 holding.close()
 
     def get_run(self, run_id: str) -> dict[str, Any]:
+        out = self._run_record(run_id)
+        live = self.live / run_id
+        # A run read as running whose lock nobody holds: its process is gone without closing it (`start_run`), or it
+        # closed the run after this read's snapshot. A run writes its status before it lets go of the lock, so a
+        # fresh read tells the two apart. Where locks do not work, no lock file is left to go by.
+        if out["status"] == "running" and (live / runlock.LOCK_FILE).exists() and runlock.holder(live) is None:
+            out = self._run_record(run_id)
+            if out["status"] == "running":
+                out["status"] = "crashed"
+        return out
+
+    def _run_record(self, run_id: str) -> dict[str, Any]:
+        """A run as the catalog has it: its row, and the versions it produced and consumed."""
         with self._read() as conn:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 raise RefError(f"no run {run_id!r} recorded in {self.root}")
             out = dict(row)
-            live = self.live / run_id
-            if out["status"] == "running" and (live / runlock.LOCK_FILE).exists() and runlock.holder(live) is None:
-                out["status"] = "crashed"  # its process is gone without closing it (`start_run`); where locks do
-                # not work, no lock file is left to go by
             out["config"] = json.loads(out["config"])
             out["summary"] = json.loads(out["summary"])
             out["produced"] = [
