@@ -724,10 +724,15 @@ def test_running_out_of_memory_while_training_says_what_to_lower_and_publishes_n
             if state.global_step == 3:
                 torch.empty(2**60, dtype=torch.uint8)
 
+    from tqdm import tqdm
+
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.gradient_accumulation_steps=2")
     dataset_publish.run(cfg)
+    open_before = set(tqdm._instances)
     with pytest.raises(OutOfMemory) as raised:
         finetune.run(cfg, callbacks=(Allocate(),))
+    # the training's progress bar is closed: left open, it was printed again, half-way, when Python collected it
+    assert set(tqdm._instances) <= open_before
     assert str(raised.value) == (
         "out of memory on the CPU while training: lower train.batch_size (now 16) and raise "
         "train.gradient_accumulation_steps (now 2) to keep 32 rows per optimizer step; lower train.eval_batch_size "

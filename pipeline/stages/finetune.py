@@ -663,6 +663,17 @@ def _define_summaries(run) -> None:
     run.define_metric("eval/loss", step_metric=STEP_METRIC, summary="min")
 
 
+def _close_progress_bars(trainer) -> None:
+    """The progress bars of a training that raised: transformers closes them when training ends, which it did not.
+    In a process that goes on (a sweep's next trial, a notebook, an orchestrator's Python task), an open bar
+    stayed on the screen and was printed again, half-way, when Python collected it."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):  # transformers' ProgressCallback
+            if (bar := getattr(callback, name, None)) is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
 def _eval_history(state) -> tuple[dict[str, float], dict[str, float]]:
     """(metrics of the kept checkpoint, metrics of the last evaluation), keys without ``eval_``."""
     evals = [h for h in state.log_history if "eval_loss" in h]
@@ -859,6 +870,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             try:
                 output = trainer.train(resume_from_checkpoint=shared["resume_from"])
             except BaseException as e:
+                _close_progress_bars(trainer)
                 full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
                 checkpoint = _last_checkpoint(plan_.output_dir) if sweep is None else None
                 if sweep is not None:  # nothing will continue it: its checkpoints (hundreds of MB) go
