@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import platform
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ PACKAGES = (
     "wandb-finetune-pipeline", "torch", "transformers", "tokenizers", "safetensors", "datasets", "evaluate",
     "accelerate", "wandb", "numpy", "pyarrow",
 )
+log = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -40,10 +42,19 @@ def signature(inputs: dict[str, Any]) -> str:
 
 
 def made_from(registry, name: str, type: str, signature: str | None):
-    """The newest live version of `name` whose metadata records `signature` among its input signatures."""
+    """The newest live version of `name` whose metadata records `signature` among its input signatures; None when
+    there is none, or when some of its stored files are missing or damaged: making it again restores them (the same
+    bytes published again; the local registry's `damaged_files`)."""
     if signature is None:
         return None
-    return registry.newest_where(name, type, lambda meta: signature in (meta.get("input_signatures") or []))
+    version = registry.newest_where(name, type, lambda meta: signature in (meta.get("input_signatures") or []))
+    damaged = registry.damaged_files(version) if version is not None and hasattr(registry, "damaged_files") else []
+    if damaged:
+        log.warning("%s was made from these same inputs, but its stored %s %s missing or damaged (`artifacts verify`); "
+                    "it is made again, which restores %s when the bytes come out the same", version.ref,
+                    ", ".join(damaged), "is" if len(damaged) == 1 else "are", "it" if len(damaged) == 1 else "them")
+        return None
+    return version
 
 
 def add_signature(registry, version, signature: str | None) -> None:

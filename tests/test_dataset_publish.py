@@ -1051,6 +1051,52 @@ def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg
     assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 11)
 
 
+def test_publishing_the_same_data_again_restores_a_version_s_missing_or_damaged_files(tmp_path, cfg_for, monkeypatch,
+                                                                                      caplog):
+    """`artifacts verify` named a version's stored file missing (a tracking.dir copied in part) or damaged (cut
+    short), but publishing the same data again said unchanged and left it so; with the data unread (reuse), or
+    read but found to be the version's bytes, the registry then handed W&B a path that was not there (a traceback)."""
+    from pipeline import provenance
+
+    monkeypatch.setattr(provenance, "code_version", lambda: {"git_commit": "a" * 40, "git_dirty": False})
+    real_read = dataset_publish.read_files
+    reads = []
+    monkeypatch.setattr(dataset_publish, "read_files", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    cfg = cfg_for(write_rows(tmp_path / "d.csv", rows()))
+    dataset_publish.run(cfg, reuse=True)
+    reg = registry_of(cfg)
+    files = {f.path: f for f in reg.resolve("tickets:v0").files}
+    train, test = reg.object_path(files["train.parquet"].digest), reg.object_path(files["test.parquet"].digest)
+    train.unlink()  # missing
+    test.chmod(0o644)
+    test.write_bytes(test.read_bytes()[:100])  # cut short
+    assert reg.damaged_files(reg.resolve("tickets:v0")) == ["test.parquet", "train.parquet"]
+    assert not reg.verify().ok
+
+    with caplog.at_level("WARNING"):
+        again = dataset_publish.run(cfg, reuse=True)  # the data is read again, as the version cannot be reused
+    assert (again.status, again.produced, len(reads)) == ("unchanged", ["tickets:v0"], 2)
+    assert ("tickets:v0 was made from these same inputs, but its stored test.parquet, train.parquet are missing or "
+            "damaged (`artifacts verify`); it is made again, which restores them when the bytes come out the same"
+            ) in caplog.text
+    assert "tickets:v0: 2 of its stored files were missing or damaged; restored from the files published again " \
+           "(test.parquet, train.parquet)" in caplog.text
+    assert reg.verify().ok and reg.damaged_files(reg.resolve("tickets:v0")) == []
+    assert [v.ref for v in reg.list_versions()] == ["tickets:v0"]
+    caplog.clear()
+    assert dataset_publish.run(cfg, reuse=True).status == "unchanged" and len(reads) == 2  # whole again: reused
+    train.unlink()
+    assert dataset_publish.run(cfg).status == "unchanged" and len(reads) == 3  # the library's default: read, restored
+    assert reg.verify().ok and "restored" in caplog.text
+    # damaged at its size: only a hash tells. Reuse looks at sizes only (it reads nothing); reading (--reread) hashes
+    # the version's objects as it publishes the same bytes again
+    train.chmod(0o644)
+    damaged = bytearray(train.read_bytes())
+    damaged[40] ^= 0xFF
+    train.write_bytes(bytes(damaged))
+    assert dataset_publish.run(cfg, reuse=True).status == "unchanged" and len(reads) == 3 and not reg.verify().ok
+    assert dataset_publish.run(cfg).status == "unchanged" and len(reads) == 4 and reg.verify().ok
+
 def test_offline_run_holds_stats_and_sample_tables(tmp_path, cfg_for):
     src = write_rows(tmp_path / "d.csv", rows())
     result = dataset_publish.run(cfg_for(src))

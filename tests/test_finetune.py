@@ -1229,6 +1229,12 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     assert retrained.message == "trained, and the files are clf:v0's byte for byte: no new version"
     assert len(reg.resolve("clf:v0").metadata["input_signatures"]) == 2
     assert finetune.run(cfg, reuse=True).details.get("reused")
+    # a version whose stored weights went missing is not reused: trained again, the same bytes restore them
+    weights = next(f for f in reg.resolve("clf:v0").files if f.path == "model.safetensors")
+    reg.object_path(weights.digest).unlink()
+    restored = finetune.run(cfg, reuse=True)
+    assert "reused" not in restored.details and (restored.status, restored.produced) == ("unchanged", ["clf:v0"])
+    assert reg.verify().ok
     real_versions = provenance.package_versions
     monkeypatch.setattr(provenance, "package_versions", lambda: {**real_versions(), "torch": "99.0"})
     assert "reused" not in finetune.run(cfg, reuse=True).details

@@ -406,6 +406,7 @@ def test_verify_cli_exit_codes(tmp_path):
     bad = run_cli("artifacts", "verify", "--set", f"tracking.dir={track}")
     assert bad.returncode == 1
     assert "CORRUPT" in bad.stdout and "ds:v0 (w.bin)" in bad.stdout and "affected versions: ds:v0" in bad.stderr
+    assert "publishing the same content again restores a missing or damaged file" in bad.stderr
 
 
 def test_lineage_edges_recorded(reg, tmp_path, make_config):

@@ -187,6 +187,9 @@ def main(args: argparse.Namespace) -> int:
             print("all objects match their hashes")
         else:
             print(f"affected versions: {', '.join(report.affected_versions)}", file=sys.stderr)
+            print("publishing the same content again restores a missing or damaged file: `dataset-publish --reread` of "
+                  "the same data for a dataset version; `finetune --retrain` (or `reproduce`) for a model version, when "
+                  "its training gives the same bytes again (reproduce says whether it does)", file=sys.stderr)
     return 0 if report.ok else 1
 
 

@@ -402,6 +402,22 @@ class LocalRegistry:
     def object_path(self, sha256: str) -> Path:
         return self.objects / sha256[:2] / sha256
 
+    def _object_intact(self, sha256: str, size: int, read: bool = False) -> bool:
+        """The object is there, at its size (a stat), and with `read`, of its content (a hash of it)."""
+        path = self.object_path(sha256)
+        try:
+            return path.stat().st_size == size and (not read or hash_file(path)[0] == sha256)
+        except FileNotFoundError:
+            return False
+
+    def damaged_files(self, version: ArtifactVersion) -> list[str]:
+        """The paths of `version`'s stored files whose object is missing or not at its size: a stat each, not a hash
+        (`artifacts verify` reads the bytes). References, which live at their URI, are not looked at."""
+        if not version.files:
+            with self._read() as conn:
+                version = self._load(conn, self._resolve_row(conn, version.ref, None))
+        return [f.path for f in version.files if not f.ref and not self._object_intact(f.digest, f.size)]
+
     # -- reading -----------------------------------------------------------------------------
     def _load(self, conn: sqlite3.Connection, row: sqlite3.Row, with_files: bool = True) -> ArtifactVersion:
         vid = row["id"]
@@ -568,12 +584,19 @@ class LocalRegistry:
             with self._read() as conn:
                 known = conn.execute("SELECT 1 FROM versions WHERE name = ? AND digest = ? AND deleted_at IS NULL",
                                      (name, digest)).fetchone()
-            if not known:  # same digest as an existing version: not one byte is copied
-                created_objects = self._store_objects(entries, hashed, stats, name)
+            # Only the objects the store lacks are copied: none for the digest of an existing version, unless some of
+            # its stored files went missing or were damaged (`artifacts verify`), which these same bytes restore. Its
+            # objects are hashed to see (as many bytes as were just hashed to find the digest); any other object
+            # already there, shared with other versions, only has its size checked.
+            created_objects = self._store_objects(entries, hashed, stats, name, hash_existing=bool(known))
             result = self._commit(name, type, digest, hashed, meta_json, aliases, run, created_objects, references, owner)
         except BaseException:
             self._discard_unreferenced(created_objects)
             raise
+        if known and created_objects:
+            log.warning("%s: %d of its stored files were missing or damaged; restored from the files published again (%s)",
+                        result.version.ref, len(set(created_objects)),
+                        ", ".join(sorted(p for p, (h, _) in hashed.items() if h in set(created_objects))))
         if run is not None:
             run.note_produced(result.version.ref)
             run.log_artifact_files(
@@ -584,16 +607,17 @@ class LocalRegistry:
         return result
 
     def _store_objects(self, entries: Mapping[str, Path], hashed: Mapping[str, tuple[str, int]],
-                       stats: Mapping[str, tuple[int, int, int]], name: str) -> list[str]:
-        """Copy the objects the store lacks; returns the ones this call created.
+                       stats: Mapping[str, tuple[int, int, int]], name: str, hash_existing: bool = False) -> list[str]:
+        """Copy the objects the store lacks (missing, or not at their size; with `hash_existing`, not of their
+        content either); returns the ones this call created.
 
         A source whose size, mtime or inode moved since it was hashed is refused, so a file
         rewritten mid-publish can never be stored under the hash of its old content.
         """
         missing = {}
         for path, src in entries.items():
-            sha = hashed[path][0]
-            if sha not in missing and not self.object_path(sha).exists():
+            sha, size = hashed[path]
+            if sha not in missing and not self._object_intact(sha, size, hash_existing):
                 missing[sha] = (path, src)
         created: list[str] = []
         progress = _Progress(sum(hashed[p][1] for p, _ in missing.values()), f"storing {name}")
