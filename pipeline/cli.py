@@ -212,8 +212,9 @@ def run() -> None:
     ``MIMALLOC_ALLOW_THP`` themselves: it must be set before Arrow loads, which is why it is here
     and not in a stage. On Linux with THP in ``madvise`` mode (most distributions' default),
     mimalloc asks for huge pages for its arenas, and the kernel then zeroes, splits and faults
-    2 MiB pages as Arrow's buffers come and go: a 1M-row dataset-publish spent 1.3 s of system
-    time there and was 0.8 s slower (mimalloc's maintainers give the same remedy:
+    2 MiB pages as Arrow's buffers come and go: reading, validating and splitting 1M rows for
+    dataset-publish took 0.8 s longer in most runs, up to 1.7 s of it system time (how much
+    depends on the kernel's state; mimalloc's maintainers give the same remedy:
     microsoft/mimalloc#1323). Only Arrow's buffers are concerned; torch and NumPy use the C
     library's allocator.
     """

@@ -594,9 +594,9 @@ class LocalRegistry:
             self._discard_unreferenced(created_objects)
             raise
         if known and created_objects:
-            log.warning("%s: %d of its stored files were missing or damaged; restored from the files published again (%s)",
-                        result.version.ref, len(set(created_objects)),
-                        ", ".join(sorted(p for p, (h, _) in hashed.items() if h in set(created_objects))))
+            restored = sorted(p for p, (h, _) in hashed.items() if h in set(created_objects))
+            log.warning("%s: its stored %s %s missing or damaged; restored from the same files published again",
+                        result.version.ref, ", ".join(restored), "was" if len(restored) == 1 else "were")
         if run is not None:
             run.note_produced(result.version.ref)
             run.log_artifact_files(
