@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # what only reads the registry: these work on one this user cannot write (another account's, a read-only mount)
-READING = ("list", "show", "diff", "verify")  # these read a registry this user cannot write, as it stands
+READING = ("list", "show", "diff", "verify")
 
 
 def _open(args: argparse.Namespace, read_only: bool = False):

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The commands that open a registry this user cannot write, read-only (`read_only`), as messages name them
+READERS = "artifacts list, show, diff and verify, and lineage"
 MOUNTS = "/proc/self/mounts"  # Linux: each mount's device, mount point and file system type
 # File systems that processes on several machines share (a cluster's home or scratch). SQLite's WAL keeps its
 # index in shared memory, which needs every process on one host: "WAL does not work over a network filesystem".
@@ -249,8 +251,8 @@ class LocalRegistry:
                     self._open_read_only()
                     return
                 raise RegistryError(f"cannot write the local registry at {self.root} (under tracking.dir): this user "
-                                    f"may not write there ({e}). artifacts list, show, diff and verify, and lineage, "
-                                    "read it as it stands; this command writes to it (a stage records its run there)") from None
+                                    f"may not write there ({e}). {READERS}, read it as it stands; this command writes "
+                                    "to it (a stage records its run there)") from None
             raise RegistryError(f"cannot open the local registry at {self.root} (under tracking.dir): {e}") from None
 
     def _open_read_only(self) -> None:
@@ -301,7 +303,7 @@ class LocalRegistry:
         """One serialised write transaction: all of it or none of it."""
         if self._read_only_uri:
             raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): "
-                                "only artifacts list, show, diff and verify, and lineage, read it so")
+                                f"only {READERS}, read it so")
         with self._full_disk_named():
             conn = self._connect()
             try:
