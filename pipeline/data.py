@@ -702,9 +702,12 @@ def _codes_by_hash(hashes: np.ndarray, values: pa.Array | pa.ChunkedArray) -> np
     hashes are distinct values, so all that is left to check is that the rows sharing a hash hold
     the same value; where two different values share one (about 2**-64 per pair) the values are
     encoded by Arrow instead. A null counts as the empty string, as in `split_order`.
+
+    The codes are the hashes' ranks, so they do not depend on how rows with one hash are ordered:
+    NumPy's quicksort (vectorised, 0.03 s for a million) serves, where a stable sort takes 0.11 s.
     """
     n = len(hashes)
-    by_hash = np.argsort(hashes, kind="stable")  # stable: each hash's first row comes first
+    by_hash = np.argsort(hashes)  # rows with one hash in any order: each is compared with the one sorted first
     ranked = hashes[by_hash]
     starts = np.empty(n, dtype=bool)
     starts[:1] = True
@@ -714,7 +717,7 @@ def _codes_by_hash(hashes: np.ndarray, values: pa.Array | pa.ChunkedArray) -> np
     if starts.all():  # every hash once: every value once
         return codes
     shared = np.flatnonzero(~starts)  # positions (in hash order) of the rows whose hash an earlier row has
-    first = by_hash[np.flatnonzero(starts)[codes[by_hash[shared]]]]  # each one's first row with that hash
+    first = by_hash[np.flatnonzero(starts)[codes[by_hash[shared]]]]  # the row sorted first with each one's hash
     texts = pc.fill_null(values, arrow.scalar("")) if values.null_count else values
     same = pc.equal(texts.take(arrow.from_numpy(by_hash[shared])), texts.take(arrow.from_numpy(first)))
     if not pc.all(same).as_py():
@@ -942,11 +945,42 @@ def _fold(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     if wide.any():
         texts = _rewrite(texts, wide, lambda t: pc.utf8_lower(pc.utf8_normalize(t, "NFKC")))
     texts = pc.ascii_lower(texts)  # leaves the non-ASCII rows, lowered above, as they are
-    # ASCII whitespace only: NFKC has already made other spaces (U+00A0, U+2003, ...) plain ones
-    odd = arrow.to_numpy(pc.match_substring_regex(texts, r"[\t\n\v\f\r]|  |^ | $"), fill=False)
+    odd = _odd_spacing(texts)
     if odd.any():
         texts = _rewrite(texts, odd, lambda t: pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"[\t\n\v\f\r ]+", " ")))
     return texts
+
+
+def _odd_spacing(texts: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """True where a text has spacing that folding rewrites: a tab, newline, vertical tab, form feed or carriage
+    return, two spaces in a row, or a space at either end. ASCII whitespace only: NFKC has already made the
+    other spaces (U+00A0, U+2003, ...) plain ones. Where the text is UTF-8, these bytes are those characters.
+
+    What ``match_substring_regex(texts, r"[\t\n\v\f\r]|  |^ | $")`` finds, read from the column's bytes
+    with NumPy in a third of the time (0.07 s against 0.16 s for a million texts); a null is False.
+    """
+    chunks = texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]
+    marks = []
+    for chunk in chunks:
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):  # string views
+            chunk = chunk.cast(pa.string())
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        width = 8 if pa.types.is_large_string(chunk.type) else 4
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int64 if width == 8 else np.int32, count=len(chunk) + 1,
+                                offset=chunk.offset * width).astype(np.int64)
+        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+        seen = data[offsets[0]:offsets[-1]]
+        space = seen == 32
+        odd_byte = (seen - np.uint8(9)) <= 4  # \t \n \v \f \r (bytes 9-13); the others wrap round above 4
+        odd_byte[1:] |= space[1:] & space[:-1]  # the second of two spaces (across two texts: both ends checked below)
+        mark = np.zeros(len(chunk), dtype=bool)
+        mark[np.searchsorted(offsets, np.flatnonzero(odd_byte) + offsets[0], side="right") - 1] = True
+        filled = np.flatnonzero(offsets[1:] > offsets[:-1])
+        mark[filled] |= (data[offsets[filled]] == 32) | (data[offsets[filled + 1] - 1] == 32)
+        if chunk.null_count:
+            mark &= arrow.to_numpy(chunk.is_valid())
+        marks.append(mark)
+    return np.concatenate(marks) if marks else np.zeros(0, dtype=bool)
 
 
 def _rewrite(texts: pa.ChunkedArray | pa.Array, rows: np.ndarray, how) -> pa.Array:
@@ -1021,7 +1055,7 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
             first, inverse, sizes = np.arange(n), np.arange(n), np.ones(n, dtype=np.int64)
         else:
             _, first, inverse, sizes = np.unique(groups[idx], return_index=True, return_inverse=True, return_counts=True)
-        ranked = np.lexsort((first, order[idx][first]))  # by hash; a tie (2**-64) by first appearance
+        ranked = _ranked(order[idx][first], first)
         k_test = _groups_for(sizes[ranked], n_test, leave=1 + (n_val > 0))
         k_val = _groups_for(sizes[ranked[k_test:]], n_val, leave=1)
         position = np.empty(len(ranked), dtype=np.int64)
@@ -1030,6 +1064,18 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], order: np.
         split_of[idx[row_position < k_test]] = 2
         split_of[idx[(row_position >= k_test) & (row_position < k_test + k_val)]] = 1
     return {s: np.flatnonzero(split_of == i) for i, s in enumerate(names)}
+
+
+def _ranked(keys: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The order of `keys` (hashes), a tie (two texts with one hash, about 2**-64 a pair) broken by `first`.
+
+    NumPy's quicksort (vectorised) sorts 64-bit keys in a third of the time of a stable sort or a
+    lexsort; it is used unless two keys are equal, when its order of the two would be arbitrary."""
+    ranked = np.argsort(keys)
+    in_order = keys[ranked]
+    if len(in_order) > 1 and (in_order[1:] == in_order[:-1]).any():
+        return np.lexsort((first, keys))
+    return ranked
 
 
 def _groups_for(sizes: np.ndarray, rows: int, leave: int) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -517,6 +518,29 @@ def test_ranks_are_those_of_the_folded_texts_for_texts_and_pairs_across_chunks()
         key = copy_key({c: checked.table.column(c) for c in cols.text_columns}, cols)
         assert np.array_equal(checked.order, split_order(key, 7))
         assert len(set(checked.texts.tolist())) == n  # all different once folded
+
+
+def test_odd_spacing_finds_what_the_regular_expression_finds():
+    """Folding rewrites the texts with odd spacing, found from the column's bytes: the same rows as the regular
+    expression it replaced, across chunks, slices, nulls, empty texts, large strings and non-ASCII text."""
+    from pipeline.data import _odd_spacing
+
+    pattern = r"[\t\n\v\f\r]|  |^ | $"
+    cases = ["plain", "two  spaces", " lead", "trail ", "tab\there", "cr\r", "\x0bvt", "ff\x0c", "line\nbreak", "",
+             " ", "  ", "a b c", "\x01\x08\x0e\x1f not spacing", "ünï cödé", "ends with space ", "x", None, "x  ", "é é"]
+    rng = np.random.default_rng(3)
+    alphabet = list("ab é\t\n\r\x0b\x0c\x01\x0e")
+    cases += ["".join(rng.choice(alphabet, size=rng.integers(0, 6))) for _ in range(2000)]
+    column = pa.chunked_array([pa.array(cases[:7]), pa.array(cases[7:1000]), pa.array(cases[1000:]).slice(3, 900)])
+    for texts in (column, column.combine_chunks(), pa.array(cases).slice(5), column.cast(pa.large_string()),
+                  pa.chunked_array([], pa.string()), pa.chunked_array([pa.array([], pa.string()), pa.array([" x"])]),
+                  pa.array(cases, pa.string_view())):
+        expected = pc.match_substring_regex(texts.cast(pa.string()), pattern).to_pylist()
+        assert _odd_spacing(texts).tolist() == [bool(e) for e in expected]
+    # a null's slot may hold bytes (a filtered or replaced array keeps them): it is still not marked
+    garbage = pa.Array.from_buffers(pa.string(), 2, [pa.py_buffer(np.packbits([True, False], bitorder="little")),
+                                                    pa.py_buffer(np.array([0, 2, 6], dtype=np.int32)), pa.py_buffer(b"ok  x ")])
+    assert _odd_spacing(garbage).tolist() == [False, False]
 
 
 def test_a_label_with_too_few_texts_is_found_when_no_text_repeats():
@@ -1465,12 +1489,27 @@ def test_text_codes_from_the_split_ranks_group_exactly_the_equal_texts():
     hashes = split_order(values, 42)
     codes = _codes_by_hash(hashes, values)
     assert codes.min() == 0 and codes.max() + 1 == len(set(codes.tolist()))  # dense
+    assert np.array_equal(codes, np.unique(hashes, return_inverse=True)[1])  # the hashes' ranks, however rows are sorted
     # a null counts as "" (as it ranks): it is grouped with itself like any text
     assert _same_partition(codes, _codes(pc.fill_null(values, "")))
     unique = pa.array([f"u{i}" for i in range(50)])
     assert np.array_equal(np.sort(_codes_by_hash(split_order(unique, 0), unique)), np.arange(50))
     collided = np.zeros(len(values), dtype=np.uint64)  # every text the same hash: the check finds it
     assert _same_partition(_codes_by_hash(collided, values), _codes(values))
+
+
+def test_texts_are_ranked_by_hash_and_a_tie_by_first_appearance():
+    """stratified_split ranks a label's texts by their hashes; two texts with one hash (about 2**-64 a pair, forced
+    here) rank by where each first appears, whatever order a fast unstable sort would leave them in."""
+    from pipeline.data import _ranked
+
+    keys = split_order(pa.array([f"text {i}" for i in range(5000)]), 3)
+    first = np.random.default_rng(2).permutation(5000)
+    assert np.array_equal(_ranked(keys, first), np.lexsort((first, keys)))
+    tied = np.array([5, 3, 5, 3, 5, 3, 5, 3] * 40, dtype=np.uint64)
+    first = np.random.default_rng(4).permutation(len(tied))
+    assert np.array_equal(_ranked(tied, first), np.lexsort((first, tied)))
+    assert _ranked(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)).tolist() == []
 
 
 @pytest.mark.parametrize("own_splits", [False, True])
