@@ -41,3 +41,30 @@ def test_artifact_built_for_wandb_masks_secrets_and_checks_paths(tmp_path, monke
     assert list(art.manifest.entries) == ["weights/w.bin"]
     with pytest.raises(RegistryError, match="escapes"):
         make_wandb_artifact("model", "model", {"../w.bin": f}, {}, immutable=True)
+
+
+def _artifact(entity: str, project: str, name: str = "tickets", version: str = "v3"):
+    """What W&B's API hands back for an artifact: the attributes `to_version` reads (no server here)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        name=f"{name}:{version}", version=version, type="dataset", digest="d" * 32, size=10, metadata={"a": 1},
+        aliases=["latest"], created_at="2026-11-28T00:00:00", entity=entity, project=project,
+        qualified_name=f"{entity}/{project}/{name}:{version}", manifest=SimpleNamespace(entries={}),
+        logged_by=lambda: SimpleNamespace(id="run1"), used_by=lambda: [])
+
+
+@pytest.mark.parametrize("entity, project, ref", [
+    ("team", "proj", "tickets:v3"),                            # the configured project: the plain exact ref
+    ("team", "other", "team/other/tickets:v3"),                # another project's version
+    ("acme", "proj", "acme/proj/tickets:v3"),                  # another entity's project of the same name
+    ("team", "wandb-registry-model", "team/wandb-registry-model/tickets:v3"),  # a link in W&B's registry
+])
+def test_a_version_outside_the_configured_project_keeps_its_project_in_its_ref(entity, project, ref):
+    """The stages record a version's exact ref and resolve it again (finetune's dataset, evaluate's training data,
+    reproduce). A bare `tickets:v3` from another project was resolved again in the config's project: another
+    version, or none."""
+    reg = WandbRegistry(project="proj", entity="team")
+    version = reg.to_version(_artifact(entity, project))
+    assert version.ref == ref and version.to_dict()["ref"] == ref
+    assert reg.qualify(version.ref) == version.qualified_name == f"{entity}/{project}/tickets:v3"

@@ -40,11 +40,15 @@ class ArtifactVersion:
     # the W&B project the name belongs to: online, the artifact's; locally, the project of the run that made the name's
     # first version (None when no run made one: published by hand)
     project: str | None = None
+    # online, ``entity/project`` of a version outside the configured project (another project's, or a registry's
+    # link): its exact reference carries them, so that it names this version wherever it is resolved again
+    home: str | None = None
 
     @property
     def ref(self) -> str:
-        """The exact reference, ``name:vN``: what result files and lineage record."""
-        return f"{self.name}:v{self.version}"
+        """The exact reference, ``name:vN`` (``entity/project/name:vN`` for a version outside the configured
+        project, online): what result files and lineage record, and what the stages resolve again."""
+        return f"{self.home + '/' if self.home else ''}{self.name}:v{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -99,8 +99,10 @@ class WandbRegistry:
         entity = r.entity or self.entity
         return f"{entity}/{r.project or self.project}/{r.name}:{r.tag}"
 
-    @staticmethod
-    def to_version(art: Any) -> ArtifactVersion:
+    def to_version(self, art: Any) -> ArtifactVersion:
+        """A W&B artifact as the registry's version. One outside the configured entity and project (another
+        project's, or a link in W&B's registry) keeps them in its `ref`: resolved again with the config's
+        project, a bare ``name:vN`` would name another version, or none."""
         producer, users = None, []
         try:
             run = art.logged_by()
@@ -122,6 +124,7 @@ class WandbRegistry:
             files=[FileEntry(e.path, e.digest, int(e.size or 0)) for e in art.manifest.entries.values()],
             qualified_name=art.qualified_name,
             project=art.project,
+            home=None if (art.project == self.project and art.entity == self.entity) else f"{art.entity}/{art.project}",
         )
 
     def _artifact(self, ref: str, type: str | None = None):
