@@ -68,3 +68,5 @@ def test_a_version_outside_the_configured_project_keeps_its_project_in_its_ref(e
     version = reg.to_version(_artifact(entity, project))
     assert version.ref == ref and version.to_dict()["ref"] == ref
     assert reg.qualify(version.ref) == version.qualified_name == f"{entity}/{project}/tickets:v3"
+    # its aliases are looked up where it is (evaluate's production, delete's latest)
+    assert reg.qualify(version.tagged("production")) == f"{entity}/{project}/tickets:production"

@@ -48,7 +48,11 @@ class ArtifactVersion:
     def ref(self) -> str:
         """The exact reference, ``name:vN`` (``entity/project/name:vN`` for a version outside the configured
         project, online): what result files and lineage record, and what the stages resolve again."""
-        return f"{self.home + '/' if self.home else ''}{self.name}:v{self.version}"
+        return self.tagged(f"v{self.version}")
+
+    def tagged(self, tag: str) -> str:
+        """The reference to `tag` (an alias, ``latest``) of this version's name, where this version is."""
+        return f"{self.home + '/' if self.home else ''}{self.name}:{tag}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

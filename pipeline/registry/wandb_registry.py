@@ -274,7 +274,7 @@ class WandbRegistry:
         art.delete(delete_aliases=True)  # W&B counts `latest` as an alias too; the others were checked above
         version.deleted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
-            latest = self.resolve(f"{version.name}:latest").ref
+            latest = self.resolve(version.tagged("latest")).ref
         except RefError:
             latest = None
         # W&B's garbage collection frees the storage later, and only for files no other version shares.

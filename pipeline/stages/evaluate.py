@@ -365,7 +365,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     check_split_not_empty(config, ds)
     class_recall_minimums(config.evaluate.gate, label_names or list(ds.metadata.get("label_names") or []))
     try:
-        champion = registry.resolve(f"{challenger.name}:{PRODUCTION}", type="model")
+        champion = registry.resolve(challenger.tagged(PRODUCTION), type="model")  # in the challenger's project
     except RefError:
         champion = None  # no production version yet: the first one passes on the minimums alone
     already = champion is not None and champion.ref == challenger.ref
