@@ -43,15 +43,24 @@ def test_artifact_built_for_wandb_masks_secrets_and_checks_paths(tmp_path, monke
         make_wandb_artifact("model", "model", {"../w.bin": f}, {}, immutable=True)
 
 
-def _artifact(entity: str, project: str, name: str = "tickets", version: str = "v3"):
-    """What W&B's API hands back for an artifact: the attributes `to_version` reads (no server here)."""
+def _run(entity: str, project: str, run_id: str, logged=(), used=()):
+    """What W&B's API hands back for a run: the attributes the registry reads (no server here)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=run_id, entity=entity, project=project, job_type="finetune", group="g", state="finished",
+                           config={}, summary={}, created_at="2026-11-28", logged_artifacts=lambda: list(logged),
+                           used_artifacts=lambda: list(used))
+
+
+def _artifact(entity: str, project: str, name: str = "tickets", version: str = "v3", producer=None, users=()):
+    """What W&B's API hands back for an artifact: the attributes `to_version` reads."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
         name=f"{name}:{version}", version=version, type="dataset", digest="d" * 32, size=10, metadata={"a": 1},
         aliases=["latest"], created_at="2026-11-28T00:00:00", entity=entity, project=project,
         qualified_name=f"{entity}/{project}/{name}:{version}", manifest=SimpleNamespace(entries={}),
-        logged_by=lambda: SimpleNamespace(id="run1"), used_by=lambda: [])
+        logged_by=lambda: producer or _run(entity, project, "run1"), used_by=lambda: list(users))
 
 
 @pytest.mark.parametrize("entity, project, ref", [
@@ -70,3 +79,27 @@ def test_a_version_outside_the_configured_project_keeps_its_project_in_its_ref(e
     assert reg.qualify(version.ref) == version.qualified_name == f"{entity}/{project}/tickets:v3"
     # its aliases are looked up where it is (evaluate's production, delete's latest)
     assert reg.qualify(version.tagged("production")) == f"{entity}/{project}/tickets:production"
+
+
+def test_lineage_online_names_another_projects_runs_and_versions_where_they_are():
+    """lineage walks W&B's runs and artifacts: a version's producing run in another project is looked up there (it
+    was looked up in the config's project, and shown as not recorded), and what a run consumed from another
+    project keeps its project in its ref."""
+    data = _artifact("team", "shared-data", "tickets", "v2", producer=_run("team", "shared-data", "pub1"))
+    model = _artifact("team", "proj", "clf", "v0", producer=_run("team", "proj", "ft1"))
+    runs = {"team/shared-data/pub1": _run("team", "shared-data", "pub1", logged=[data]),
+            "team/proj/ft1": _run("team", "proj", "ft1", logged=[model], used=[data])}
+
+    class Api:  # W&B's public API, as far as get_run asks it
+        def run(self, path):
+            return runs[path]
+
+    reg = WandbRegistry(project="proj", entity="team")
+    reg._api = Api()
+    assert reg.to_version(data).produced_by == "team/shared-data/pub1"
+    assert reg.to_version(model).produced_by == "ft1"
+    trained = reg.get_run("ft1")
+    assert trained["consumed"] == ["team/shared-data/tickets:v2"] and trained["produced"] == ["clf:v0"]
+    published = reg.get_run(reg.to_version(data).produced_by)
+    assert published["id"] == "team/shared-data/pub1" and published["project"] == "shared-data"
+    assert published["produced"] == ["team/shared-data/tickets:v2"]

@@ -106,8 +106,8 @@ class WandbRegistry:
         producer, users = None, []
         try:
             run = art.logged_by()
-            producer = run.id if run else None
-            users = [r.id for r in art.used_by()]
+            producer = self._run_id(run) if run else None
+            users = [self._run_id(r) for r in art.used_by()]
         except Exception:  # lineage is best effort for listings; `lineage` asks again
             pass
         return ArtifactVersion(
@@ -124,8 +124,22 @@ class WandbRegistry:
             files=[FileEntry(e.path, e.digest, int(e.size or 0)) for e in art.manifest.entries.values()],
             qualified_name=art.qualified_name,
             project=art.project,
-            home=None if (art.project == self.project and art.entity == self.entity) else f"{art.entity}/{art.project}",
+            home=self._home(art),
         )
+
+    def _home(self, thing: Any) -> str | None:
+        """``entity/project`` of a W&B artifact or run outside the configured project; None inside it."""
+        return None if (thing.project == self.project and thing.entity == self.entity) else f"{thing.entity}/{thing.project}"
+
+    def _exact_ref(self, art: Any) -> str:
+        """An artifact's exact reference (`ArtifactVersion.ref`) without reading its lineage and manifest."""
+        home = self._home(art)
+        return f"{home + '/' if home else ''}{art.name}"
+
+    def _run_id(self, run: Any) -> str:
+        """A run's id; ``entity/project/id`` for a run of another project, which `get_run` finds there."""
+        home = self._home(run)
+        return f"{home + '/' if home else ''}{run.id}"
 
     def _artifact(self, ref: str, type: str | None = None):
         import wandb
@@ -266,7 +280,7 @@ class WandbRegistry:
         """W&B soft-deletes the version and collects its files later; the same refusals as the local registry."""
         art = self._artifact(ref)
         version = self.to_version(art)
-        dependents = sorted({f"{a.name.split(':')[0]}:{a.version}" for run in art.used_by()
+        dependents = sorted({self._exact_ref(a) for run in art.used_by()
                              for a in run.logged_artifacts() if a.id != art.id})
         held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force)
         if dry_run:
@@ -284,16 +298,17 @@ class WandbRegistry:
         """A run as lineage needs it, from W&B (``used_artifacts``, ``logged_artifacts``)."""
         import wandb
 
+        path = run_id if "/" in run_id else f"{self.entity}/{self.project}/{run_id}"  # another project's: `_run_id`
         try:
-            r = self.api.run(f"{self.entity}/{self.project}/{run_id}")
+            r = self.api.run(path)
         except (wandb.errors.CommError, ValueError) as e:
-            raise RefError(f"no run {run_id!r} in W&B project {self.entity}/{self.project}: {e}") from None
+            raise RefError(f"no run {path!r} in W&B: {e}") from None
         return {
-            "id": r.id, "project": self.project, "job_type": r.job_type, "run_group": r.group, "status": r.state,
+            "id": run_id, "project": r.project, "job_type": r.job_type, "run_group": r.group, "status": r.state,
             "config": dict(r.config), "summary": {k: v for k, v in dict(r.summary).items() if not k.startswith("_")},
             "started_at": str(r.created_at), "ended_at": None, "mode": "online", "wandb_dir": None,
-            "produced": [a.name for a in r.logged_artifacts()],
-            "consumed": [a.name for a in r.used_artifacts()],
+            "produced": [self._exact_ref(a) for a in r.logged_artifacts()],
+            "consumed": [self._exact_ref(a) for a in r.used_artifacts()],
         }
 
     def start_run(self, run: TrackedRun) -> None:
