@@ -131,15 +131,18 @@ class WandbRegistry:
         """``entity/project`` of a W&B artifact or run outside the configured project; None inside it."""
         return None if (thing.project == self.project and thing.entity == self.entity) else f"{thing.entity}/{thing.project}"
 
+    def _placed(self, thing: Any, name: str) -> str:
+        """`name` (of a W&B artifact or run), led by ``entity/project/`` where `thing` is outside the configured project."""
+        home = self._home(thing)
+        return f"{home}/{name}" if home else name
+
     def _exact_ref(self, art: Any) -> str:
         """An artifact's exact reference (`ArtifactVersion.ref`) without reading its lineage and manifest."""
-        home = self._home(art)
-        return f"{home + '/' if home else ''}{art.name}"
+        return self._placed(art, art.name)
 
     def _run_id(self, run: Any) -> str:
         """A run's id; ``entity/project/id`` for a run of another project, which `get_run` finds there."""
-        home = self._home(run)
-        return f"{home + '/' if home else ''}{run.id}"
+        return self._placed(run, run.id)
 
     def _artifact(self, ref: str, type: str | None = None):
         import wandb
