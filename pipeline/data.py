@@ -809,7 +809,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             unknown &= reason == 0
             if unknown.any():
                 found = sorted(label.take(arrow.from_numpy(np.flatnonzero(unknown))).unique().to_pylist())
-                flag("unknown_label", unknown, f"label(s) {', '.join(_near_label(f, labels) for f in found[:SHOW])}"
+                flag("unknown_label", unknown, f"label(s) {', '.join(near_label(f, labels) for f in found[:SHOW])}"
                      f"{' and more' if len(found) > SHOW else ''} are not in dataset.labels")
 
         label_codes, label_values = _encode(label)
@@ -916,7 +916,7 @@ def likely_match(name: str, candidates: list[str]) -> str | None:
     return (same or difflib.get_close_matches(name, candidates, n=1, cutoff=0.75) or [None])[0]
 
 
-def _near_label(found: str, listed: list[str]) -> str:
+def near_label(found: str, listed: list[str]) -> str:
     """`found`, quoted, with the listed label it is probably meant to be."""
     near = likely_match(found, listed)
     return f"{found!r} (maybe {near!r})" if near else repr(found)

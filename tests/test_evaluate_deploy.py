@@ -461,7 +461,7 @@ def test_thresholds_and_no_promote(env):
     with pytest.raises(RefError, match="no alias 'production'"):
         registry(strict).resolve("clf:production")
     runs_before = len(registry(strict).resolve("clf:v0").used_by)
-    with pytest.raises(ConfigError, match="labels the model does not have: \\['nonsense'\\]; labels: \\['account_access', "):
+    with pytest.raises(ConfigError, match="labels the model does not have: 'nonsense'; labels: \\['account_access', "):
         evaluate.run(env("evaluate.gate.min_class_recall={nonsense: 0.5}"))
     assert len(registry(strict).resolve("clf:v0").used_by) == runs_before  # refused before a run was opened
 

@@ -361,7 +361,9 @@ def test_a_run_training_in_another_process_is_not_continued_until_that_process_i
     (("model.base=/no/such/model",), None, r"model.base='/no/such/model': no such folder"),
     ((f"model.base={REPO / 'pyproject.toml'}",), None, r"pyproject.toml is a file; give the model's folder"),
     (("train.class_weights={billing: 2, nosuch: 3}",), None,
-     r"train.class_weights names labels tickets:v0 does not have: \['nosuch'\]; labels: \['account_access'"),
+     r"train.class_weights names labels tickets:v0 does not have: 'nosuch'; labels: \['account_access'"),
+    (("train.class_weights={Billing: 2, biling: 3}",), None,  # what each one probably means
+     r"does not have: 'Billing' \(maybe 'billing'\), 'biling' \(maybe 'billing'\); labels: \['account_access'"),
 ])
 def test_bad_input_fails_before_training_and_publishes_nothing(tmp_path, tiny_model, tickets_csv, extra, dataset, message):
     refused_before_a_run(make_cfg(tmp_path, tiny_model, tickets_csv, *extra), message, dataset)
@@ -705,7 +707,7 @@ def test_run_refuses_what_evaluate_would_refuse_before_training(tmp_path, tiny_m
     assert not list((Path(cfg.tracking.dir) / "checkpoints").glob("*/*"))  # nothing trained
     # likewise a gate that names a label the data does not have
     with offline(tmp_path), pytest.raises(ConfigError, match=r"evaluate.gate.min_class_recall names labels the model "
-                                                             r"does not have: \['biling'\]"):
+                                                             r"does not have: 'biling' \(maybe 'billing'\); labels"):
         run_all(make_cfg(tmp_path, tiny_model, tickets_csv, "evaluate.gate.min_class_recall={biling: 0.5}"))
     assert reg.list_versions(type="model") == [] and "finetune" not in [r["job_type"] for r in reg_runs(reg)]
     # scoring the validation split instead, the same dataset version goes through

@@ -162,8 +162,10 @@ def class_recall_minimums(gate: GateConfig, label_names: list[str]) -> dict[str,
         return dict.fromkeys(label_names, gate.min_class_recall)
     unknown = sorted(set(gate.min_class_recall) - set(label_names))
     if unknown:
-        raise ConfigError(f"evaluate.gate.min_class_recall names labels the model does not have: {unknown}; "
-                          f"labels: {label_names}")
+        from pipeline.data import near_label
+
+        raise ConfigError(f"evaluate.gate.min_class_recall names labels the model does not have: "
+                          f"{', '.join(near_label(u, label_names) for u in unknown)}; labels: {label_names}")
     return dict(gate.min_class_recall)
 
 

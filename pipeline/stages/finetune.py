@@ -457,7 +457,10 @@ def class_weights(setting: str | dict[str, float], label_names: list[str], train
     if isinstance(setting, dict):
         unknown = sorted(set(setting) - set(label_names))
         if unknown:
-            raise ConfigError(f"train.class_weights names labels {dataset} does not have: {unknown}; labels: {label_names}")
+            from pipeline.data import near_label
+
+            raise ConfigError(f"train.class_weights names labels {dataset} does not have: "
+                              f"{', '.join(near_label(u, label_names) for u in unknown)}; labels: {label_names}")
         return [float(setting.get(name, 1.0)) for name in label_names]
     counts = [int(train_counts.get(name, 0)) for name in label_names]
     total = sum(counts)
