@@ -608,7 +608,7 @@ def test_the_weighted_loss_is_a_per_row_mean_that_gradient_accumulation_adds_up(
     assert finetune.class_weights("none", ["a", "b"], {"a": 3, "b": 1}) is None
     assert finetune.class_weights("balanced", ["a", "b"], {"a": 3, "b": 1}) == [4 / 6, 4 / 2]
     assert finetune.class_weights({"b": 3.0}, ["a", "b"], {}) == [1.0, 3.0]
-    with pytest.raises(ConfigError, match=r"names labels the dataset does not have: \['c'\]"):
+    with pytest.raises(ConfigError, match=r"names labels the dataset does not have: 'c'; labels: \['a', 'b'\]"):
         finetune.class_weights({"c": 2.0}, ["a", "b"], {})
 
 
