@@ -341,11 +341,13 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                text = line.decode("utf-8").rstrip("\r\n")
+                yield number, json.loads(text)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} line {number}: undecodable bytes: {e.reason}; save the file as UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: not valid JSON: {e.msg} (character {e.colno})") from None
+            except json.JSONDecodeError as e:  # where in the line: its end, for a record cut short
+                at = "at the end of the line" if e.pos >= len(text) else f"at character {e.pos + 1}"
+                raise DataError(f"{path} line {number}: not valid JSON: {e.msg} {at}") from None
 
 
 def _json_kind(value: Any) -> str:

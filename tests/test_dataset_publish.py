@@ -771,7 +771,11 @@ def test_malformed_files_are_reported_at_the_right_line_or_row(tmp_path, cfg_for
     lines[25_000] = '{"id": "r-bad", "text": oops}'    # line 25,001
     jsonl = tmp_path / "broken.jsonl"
     jsonl.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON"):
+    with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON: Expecting value at character 25$"):
+        dataset_publish.run(cfg_for(jsonl))
+    lines[25_000] = '{"id": "r-bad", "text": "cut short", "label": '  # a record cut short: its line's end, not "character 1"
+    jsonl.write_text("\r\n".join(lines) + "\r\n")
+    with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON: Expecting value at the end of the line$"):
         dataset_publish.run(cfg_for(jsonl))
 
     typed = [dict(r) for r in records]
