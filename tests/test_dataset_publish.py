@@ -825,6 +825,16 @@ def test_a_missing_source_names_where_a_relative_path_was_looked_for(tmp_path, c
         dataset_publish.run(cfg_for(Path("data/tickets.csv")))
     with pytest.raises(DataError, match=rf"dataset source not found: {tmp_path}/gone.csv$"):
         dataset_publish.run(cfg_for(tmp_path / "gone.csv"))
+    # a name close to one beside it: a typo, probably
+    write_rows(tmp_path / "data" / "tickets.csv", rows())
+    with pytest.raises(DataError, match=rf"dataset source not found: {tmp_path}/data/ticket.csv; did you mean "
+                                        rf"{tmp_path}/data/tickets.csv\?$"):
+        dataset_publish.run(cfg_for(tmp_path / "data" / "ticket.csv"))
+    # relative, NAME/NAME may be a hub id; offline it is not one, and the folder is there
+    with pytest.raises(DataError, match=r"\(is the path misspelt\? data/ is a local folder; did you mean data/tickets.csv\?\)$"):
+        dataset_publish.run(cfg_for(Path("data/tickets.cvs")))
+    with pytest.raises(DataError, match=rf"dataset source not found: {tmp_path}/nowhere/tickets.csv$"):  # no such folder
+        dataset_publish.run(cfg_for(tmp_path / "nowhere" / "tickets.csv"))
 
 
 def test_a_named_pipe_as_the_source_is_refused_before_it_is_read(tmp_path, cfg_for):
