@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError, RefError
+from pipeline.errors import ConfigError, RefError, near_name
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None,
         if folder.is_file():
             raise ConfigError(f"model.base={spec!r}: {folder} is a file; give the model's folder (config.json, weights, tokenizer)")
         if not folder.is_dir():
-            raise ConfigError(f"model.base={spec!r}: no such folder ({folder})")
+            raise ConfigError(f"model.base={spec!r}: no such folder ({folder}){near_name(folder)}")
     elif is_registry_ref(spec):
         if registry is None:
             raise ConfigError(f"model.base={spec!r} is a registry reference, and no registry was given to resolve it")

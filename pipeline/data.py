@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import arrow
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, near_name
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
@@ -115,7 +115,7 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
         return _one_format(files, path, "match this pattern")
     if not path.exists():
         relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
-        raise DataError(f"{what} not found: {path}{relative}{_near_name(path)}")
+        raise DataError(f"{what} not found: {path}{relative}{near_name(path)}")
     if format_suffix(path) not in SUFFIXES:
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))} (text "
                         f"formats may be compressed: {', '.join(COMPRESSIONS)})")
@@ -125,18 +125,6 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
         raise DataError(f"{path}: not a regular file (a named pipe or a device); the {what} is read more than once, "
                         "so write the data to a file first")
     return [path]
-
-
-def _near_name(path: Path, looked_at: int = 10_000) -> str:
-    """``; did you mean NAME?`` for a file or folder beside `path` whose name is close to its name, or nothing.
-    Only the first `looked_at` entries of a huge folder are compared."""
-    try:
-        with os.scandir(path.parent if str(path.parent) else ".") as entries:
-            names = [e.name for _, e in zip(range(looked_at), entries) if not e.name.startswith(".")]
-    except OSError:  # no such folder, or not one this user may list
-        return ""
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
-    return f"; did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?" if close else ""
 
 
 def format_suffix(path: Path) -> str:
@@ -615,7 +603,7 @@ def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict], 
                 why += f" that can be read ({first})"
         top = Path(source).parts[0]
         if "/" in source and Path(top).is_dir():
-            why += f" (is the path misspelt? {top}/ is a local folder{_near_name(Path(source))})"
+            why += f" (is the path misspelt? {top}/ is a local folder{near_name(Path(source))})"
         raise DataError(
             f"dataset.source {source!r} is not a file or folder, and {why}"
         ) from None

@@ -7,10 +7,12 @@ is a bug and keeps its full traceback.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class PipelineError(Exception):
@@ -125,3 +127,15 @@ class StageFailed(PipelineError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def near_name(path: Path, looked_at: int = 10_000) -> str:
+    """``; did you mean NAME?`` for a file or folder beside `path` whose name is close to its name, or nothing.
+    Only the first `looked_at` entries of a huge folder are compared."""
+    try:
+        with os.scandir(path.parent if str(path.parent) else ".") as entries:
+            names = [e.name for _, e in zip(range(looked_at), entries) if not e.name.startswith(".")]
+    except OSError:  # no such folder, or not one this user may list
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
+    return f"; did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?" if close else ""

@@ -612,6 +612,17 @@ def test_the_weighted_loss_is_a_per_row_mean_that_gradient_accumulation_adds_up(
         finetune.class_weights({"c": 2.0}, ["a", "b"], {})
 
 
+def test_a_base_model_folder_that_is_not_there_names_a_close_one_beside_it(tiny_model):
+    """model.base with a typo in the folder's name: the message names the folder it probably means."""
+    from pipeline.basemodel import resolve_base_model
+
+    typo = tiny_model.parent / "berf"
+    with pytest.raises(ConfigError, match=rf"model.base='{typo}': no such folder \({typo}\); did you mean {tiny_model}\?$"):
+        resolve_base_model(str(typo))
+    with pytest.raises(ConfigError, match=r"model.base='/no/such/model': no such folder \(/no/such/model\)$"):
+        resolve_base_model("/no/such/model")
+
+
 def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv):
     """Entries of an older layout (no marker, or another format) and day-old half-written ones go when an
     entry is written; current entries, unreadable markers and fresh half-written ones stay."""
