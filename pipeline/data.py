@@ -14,7 +14,6 @@ import glob
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
