@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import OutOfMemory, PipelineError, out_of_memory
+from pipeline.errors import OutOfMemory, PipelineError, near_name, out_of_memory
 
 
 @dataclass
@@ -37,7 +37,8 @@ class Classifier:
         with ``model.trust_remote_code: true`` carries its base's code); off, such a folder is refused."""
         self.dir = Path(model_dir)
         if not (self.dir / "config.json").is_file():  # said before torch and transformers load (seconds)
-            raise PipelineError(f"{self.dir} is not a model folder (no config.json); fetch one with deploy-fetch")
+            why = "no config.json" if self.dir.exists() else f"it does not exist{near_name(self.dir)}"  # a typo, maybe
+            raise PipelineError(f"{self.dir} is not a model folder ({why}); fetch one with deploy-fetch")
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 

@@ -118,8 +118,11 @@ def test_a_source_url_the_stage_cannot_read_is_refused_by_name(make_config):
 
 
 def test_missing_file_and_non_mapping(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match=rf"config file not found: {tmp_path}/nope.yaml$"):
         load_config(tmp_path / "nope.yaml")
+    (tmp_path / "demo.yaml").write_text("project: p\n")
+    with pytest.raises(ConfigError, match=rf"config file not found: {tmp_path}/dmo.yaml; did you mean {tmp_path}/demo.yaml\?$"):
+        load_config(tmp_path / "dmo.yaml")
     p = tmp_path / "list.yaml"
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

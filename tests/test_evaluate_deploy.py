@@ -652,7 +652,10 @@ def test_predict_command_and_function(env, template, tmp_path, cli_here):
     row = json.loads(js.stdout)
     assert row["label"] == "shipping" and len(row["top"]) == 2
     missing = cli_here("predict", "--model-dir", str(tmp_path / "nothing"), "x")
-    assert missing.returncode == 2 and "not a model folder" in missing.stderr
+    assert missing.returncode == 2 and f"{tmp_path / 'nothing'} is not a model folder (it does not exist); " in missing.stderr
+    typo = dest.parent / (dest.name[:-1] + "x")  # one letter off: the deployed folder is named
+    misspelt = cli_here("predict", "--model-dir", str(typo), "x")
+    assert misspelt.returncode == 2 and f"(it does not exist; did you mean {dest}?)" in misspelt.stderr
     base = cli_here("predict", "--model-dir", str(template[1]), "x")  # the base encoder: no trained head
     assert base.returncode == 2 and "is not a trained classifier (its config.json says ['BertModel']" in base.stderr
 
