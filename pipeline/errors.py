@@ -133,8 +133,8 @@ def near_name(path: Path, looked_at: int = 10_000) -> str:
     """``; did you mean NAME?`` for a file or folder beside `path` whose name is close to its name, or nothing.
     Only the first `looked_at` entries of a huge folder are compared."""
     try:
-        with os.scandir(path.parent if str(path.parent) else ".") as entries:
-            names = [e.name for _, e in zip(range(looked_at), entries) if not e.name.startswith(".")]
+        with os.scandir(path.parent) as entries:  # a dangling link's own name is not offered for it
+            names = [e.name for _, e in zip(range(looked_at), entries) if not e.name.startswith(".") and e.name != path.name]
     except OSError:  # no such folder, or not one this user may list
         return ""
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
