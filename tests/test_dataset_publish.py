@@ -835,6 +835,9 @@ def test_a_missing_source_names_where_a_relative_path_was_looked_for(tmp_path, c
         dataset_publish.run(cfg_for(Path("data/tickets.cvs")))
     with pytest.raises(DataError, match=rf"dataset source not found: {tmp_path}/nowhere/tickets.csv$"):  # no such folder
         dataset_publish.run(cfg_for(tmp_path / "nowhere" / "tickets.csv"))
+    (tmp_path / "link.csv").symlink_to(tmp_path / "moved.csv")  # a link whose file went: not offered as its own match
+    with pytest.raises(DataError, match=rf"dataset source not found: {tmp_path}/link.csv$"):
+        dataset_publish.run(cfg_for(tmp_path / "link.csv"))
 
 
 def test_a_named_pipe_as_the_source_is_refused_before_it_is_read(tmp_path, cfg_for):
