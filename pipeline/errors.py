@@ -139,3 +139,9 @@ def near_name(path: Path, looked_at: int = 10_000) -> str:
         return ""
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
     return f"; did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?" if close else ""
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    """`` (did you mean 'NAME'?)`` for the candidate closest to `word` in spelling, or nothing."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -140,8 +140,14 @@ def test_unknown_name_version_alias_list_what_exists(reg, tmp_path):
         reg.resolve("nope:v0")
     with pytest.raises(RefError, match=r"ds has no version 'v9'; versions: v0, v1; aliases: golden -> v0, latest -> v1"):
         reg.resolve("ds:v9")
-    with pytest.raises(RefError, match=r"ds has no alias 'production'.*golden -> v0"):
+    with pytest.raises(RefError, match=r"ds has no alias 'production'; versions: v0, v1; aliases: golden -> v0"):
         reg.resolve("ds:production")
+    # a name or alias one slip off one that exists: named
+    reg.publish("tickets", "dataset", write(tmp_path / "c", {"f": "3"}))
+    with pytest.raises(RefError, match=r"no artifact named 'tickest' in .* \(did you mean 'tickets'\?\); known artifacts: ds, tickets$"):
+        reg.resolve("tickest:v0")
+    with pytest.raises(RefError, match=r"ds has no alias 'goldne' \(did you mean 'golden'\?\); versions: v0, v1; aliases"):
+        reg.resolve("ds:goldne")
     with pytest.raises(RefError, match="cannot parse"):
         reg.resolve("ds:")
     with pytest.raises(RefError, match="not a 'model' artifact"):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import refstore, runlock
 from pipeline.errors import (AliasMoved, DiskFull, IntegrityError, PipelineError, ProjectMismatch, RefError, RegistryError,
-                             no_space_left)
+                             did_you_mean, no_space_left)
 from pipeline.redact import redact
 from pipeline.refs import parse_ref, validate_alias, validate_name
 from pipeline.registry.base import (
@@ -459,7 +459,7 @@ class LocalRegistry:
         if not versions:
             names = [x[0] for x in conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
             known = ", ".join(names) if names else "none: the registry is empty"
-            raise RefError(f"no artifact named {r.name!r} in {self.root}; known artifacts: {known}")
+            raise RefError(f"no artifact named {r.name!r} in {self.root}{did_you_mean(r.name, names)}; known artifacts: {known}")
         self._check_owner(conn, r.name, self.project)
         if r.version is not None:
             row = next((v for v in versions if v["version"] == r.version), None)
@@ -477,8 +477,8 @@ class LocalRegistry:
             ).fetchall()
             vs = ", ".join(f"v{v['version']}" + (" (deleted)" if v["deleted_at"] else "") for v in versions)
             al = ", ".join(f"{a[0]} -> v{a[1]}" for a in alias_rows) or "none"
-            what = "version" if r.version is not None else "alias"
-            raise RefError(f"{r.name} has no {what} {r.tag!r}; versions: {vs}; aliases: {al}")
+            what, near = ("version", "") if r.version is not None else ("alias", did_you_mean(r.tag, [a[0] for a in alias_rows]))
+            raise RefError(f"{r.name} has no {what} {r.tag!r}{near}; versions: {vs}; aliases: {al}")
         if type is not None and row["type"] != type:
             raise RefError(f"{r.name}:v{row['version']} is a {row['type']!r} artifact, not a {type!r} artifact")
         return row
