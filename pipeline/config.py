@@ -8,7 +8,6 @@ One precedence rule: field defaults, then the YAML file, then the standard ``WAN
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError, near_name
+from pipeline.errors import ConfigError, closest, near_name
 from pipeline.refs import NAME_PATTERN
 
 
@@ -593,8 +592,8 @@ def _did_you_mean(loc: tuple) -> str:
         if not groups:
             return ""
         model = groups[0]
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.75)
-    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
+    close = closest(str(loc[-1]), list(model.model_fields))
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close])}?)" if close else ""
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

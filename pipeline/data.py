@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import difflib
 import glob
 import io
 import json
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import arrow
-from pipeline.errors import PipelineError, near_name
+from pipeline.errors import PipelineError, closest, near_name
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
@@ -915,7 +914,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
 def likely_match(name: str, candidates: list[str]) -> str | None:
     """The candidate `name` probably means: the same but for case or spacing, else a close spelling."""
     same = [c for c in candidates if " ".join(c.casefold().split()) == " ".join(name.casefold().split())]
-    return (same or difflib.get_close_matches(name, candidates, n=1, cutoff=0.75) or [None])[0]
+    return same[0] if same else closest(name, candidates)
 
 
 def near_label(found: str, listed: list[str]) -> str:

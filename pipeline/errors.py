@@ -137,11 +137,17 @@ def near_name(path: Path, looked_at: int = 10_000) -> str:
             names = [e.name for _, e in zip(range(looked_at), entries) if not e.name.startswith(".") and e.name != path.name]
     except OSError:  # no such folder, or not one this user may list
         return ""
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
-    return f"; did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?" if close else ""
+    close = closest(path.name, names)
+    return f"; did you mean {path.parent / close if str(path.parent) != '.' else close}?" if close else ""
 
 
 def did_you_mean(word: str, candidates: list[str]) -> str:
     """`` (did you mean 'NAME'?)`` for the candidate closest to `word` in spelling, or nothing."""
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(word, candidates)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+def closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate a misspelt `word` probably is (difflib's ratio at least 0.75), or None: what every "did you
+    mean" of the pipeline offers."""
+    return next(iter(difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)), None)
