@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import arrow
-from pipeline.errors import PipelineError, closest, near_name
+from pipeline.errors import PipelineError, likely_match, near_label, near_name
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
@@ -909,18 +909,6 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
                               for f, i in zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(),
                                               mixed_idx[:SHOW].tolist())],
     )
-
-
-def likely_match(name: str, candidates: list[str]) -> str | None:
-    """The candidate `name` probably means: the same but for case or spacing, else a close spelling."""
-    same = [c for c in candidates if " ".join(c.casefold().split()) == " ".join(name.casefold().split())]
-    return same[0] if same else closest(name, candidates)
-
-
-def near_label(found: str, listed: list[str]) -> str:
-    """`found`, quoted, with the listed label it is probably meant to be."""
-    near = likely_match(found, listed)
-    return f"{found!r} (maybe {near!r})" if near else repr(found)
 
 
 def is_blank(texts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:

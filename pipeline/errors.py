@@ -151,3 +151,15 @@ def closest(word: str, candidates: list[str]) -> str | None:
     """The candidate a misspelt `word` probably is (difflib's ratio at least 0.75), or None: what every "did you
     mean" of the pipeline offers."""
     return next(iter(difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)), None)
+
+
+def likely_match(name: str, candidates: list[str]) -> str | None:
+    """The candidate `name` probably means: the same but for case or spacing, else a close spelling."""
+    same = [c for c in candidates if " ".join(c.casefold().split()) == " ".join(name.casefold().split())]
+    return same[0] if same else closest(name, candidates)
+
+
+def near_label(found: str, listed: list[str]) -> str:
+    """`found`, quoted, with the listed label it is probably meant to be."""
+    near = likely_match(found, listed)
+    return f"{found!r} (maybe {near!r})" if near else repr(found)

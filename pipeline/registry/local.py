@@ -596,7 +596,8 @@ class LocalRegistry:
             self._discard_unreferenced(created_objects)
             raise
         if known and created_objects:
-            restored = sorted(p for p, (h, _) in hashed.items() if h in set(created_objects))
+            created = set(created_objects)
+            restored = sorted(p for p, (h, _) in hashed.items() if h in created)
             log.warning("%s: its stored %s %s missing or damaged; restored from the same files published again",
                         result.version.ref, ", ".join(restored), "was" if len(restored) == 1 else "were")
         if run is not None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.basemodel import check_code_trusted
 from pipeline.config import Config, GateConfig
-from pipeline.errors import AliasMoved, ConfigError, RefError, RegistryError, StageFailed
+from pipeline.errors import AliasMoved, ConfigError, RefError, RegistryError, StageFailed, near_label
 from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, paired_bootstrap, scores
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry, tracked_run
@@ -162,8 +162,6 @@ def class_recall_minimums(gate: GateConfig, label_names: list[str]) -> dict[str,
         return dict.fromkeys(label_names, gate.min_class_recall)
     unknown = sorted(set(gate.min_class_recall) - set(label_names))
     if unknown:
-        from pipeline.data import near_label
-
         raise ConfigError(f"evaluate.gate.min_class_recall names labels the model does not have: "
                           f"{', '.join(near_label(u, label_names) for u in unknown)}; labels: {label_names}")
     return dict(gate.min_class_recall)

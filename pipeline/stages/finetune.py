@@ -31,7 +31,7 @@ from pipeline.basemodel import (BaseModel, check_architecture, check_max_length,
 from pipeline import provenance, runlock
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed, no_space_left,
-                             out_of_memory)
+                             near_label, out_of_memory)
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
@@ -457,8 +457,6 @@ def class_weights(setting: str | dict[str, float], label_names: list[str], train
     if isinstance(setting, dict):
         unknown = sorted(set(setting) - set(label_names))
         if unknown:
-            from pipeline.data import near_label
-
             raise ConfigError(f"train.class_weights names labels {dataset} does not have: "
                               f"{', '.join(near_label(u, label_names) for u in unknown)}; labels: {label_names}")
         return [float(setting.get(name, 1.0)) for name in label_names]
