@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -319,17 +320,33 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
         found.append(row)
         return "error"
 
-    try:
-        csv.read_csv(path, read_options=read, convert_options=convert,
-                     parse_options=csv.ParseOptions(delimiter=parse.delimiter, newlines_in_values=parse.newlines_in_values,
-                                                    invalid_row_handler=keep_first))
-    except pa.ArrowException:
-        pass
+    def quiet(unraisable) -> None:
+        # Arrow decodes the row's text before it calls the handler; a row that is not valid UTF-8 fails there,
+        # and Arrow can only print that ("Exception ignored ..."). It is read again as Latin-1 below.
+        if not (unraisable.object is keep_first and isinstance(unraisable.exc_value, UnicodeDecodeError)):
+            hook(unraisable)
+
+    hook = sys.unraisablehook
+    utf8 = read.encoding.lower().replace("-", "") == "utf8"
+    for encoding in (read.encoding, "latin-1") if utf8 else (read.encoding,):
+        read.encoding = encoding  # Latin-1 decodes any bytes, and a line's bytes and number stay the same
+        sys.unraisablehook = quiet
+        try:
+            csv.read_csv(path, read_options=read, convert_options=convert,
+                         parse_options=csv.ParseOptions(delimiter=parse.delimiter, newlines_in_values=parse.newlines_in_values,
+                                                        invalid_row_handler=keep_first))
+        except pa.ArrowException:
+            pass
+        finally:
+            sys.unraisablehook = hook
+        if found:
+            break
     if found and found[0].number is not None:
         row = found[0]
         header_rows = 0 if read.column_names else 1  # rows are numbered as data rows
+        shown = " (shown as Latin-1: the row is not valid UTF-8)" if utf8 and encoding == "latin-1" else ""
         return DataError(f"{path} row {row.number - header_rows}: expected {row.expected_columns} fields, found "
-                         f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}")
+                         f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}{shown}")
     return DataError(f"{path}: cannot read as {kind}: {error}")
 
 

@@ -153,6 +153,19 @@ def test_compressed_files_report_bad_rows_and_bad_compression(tmp_path, cfg_for)
     assert registry_of(cfg_for(ragged)).list_versions() == []
 
 
+def test_a_ragged_row_that_is_not_utf8_is_still_named(tmp_path, cfg_for, capfd):
+    # Arrow hands a malformed row to the handler that numbers it as text: a row in Latin-1 could not be,
+    # and the error said "CSV parse error" with no row, after an "Exception ignored" traceback on stderr.
+    lines = write_rows(tmp_path / "plain.csv", _many(300)).read_text().splitlines()
+    lines[120] = "r-x,merci, très bien,billing"  # data row 120: an unquoted comma, in Latin-1
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^{ragged} row 120: expected 3 fields, found 4 .*: 'r-x,merci, très bien,"
+                                        r"billing' \(shown as Latin-1: the row is not valid UTF-8\)$"):
+        dataset_publish.prepare(cfg_for(ragged))
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("layout", ["dictionary", "large", "view", "large_binary"])
 def test_parquet_text_in_any_arrow_layout_gives_the_same_split_files(tmp_path, cfg_for, layout):
     """pandas categoricals (dictionaries), large and view strings: the artifact holds plain strings."""
