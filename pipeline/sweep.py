@@ -525,8 +525,11 @@ def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | Non
 
 def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
         publish_trials: bool = False, callbacks: tuple = (), seed: int | None = None,
-        on_failure: dict[str, Any] | None = None) -> SweepResult:
+        on_failure: dict[str, Any] | None = None, dataset: str | None = None) -> SweepResult:
     """Run up to `count` trials of a new sweep, or `count` more of sweep `resume`, with the offline engine.
+
+    `dataset`: the dataset version a new sweep's trials train on (default ``<dataset.name>:latest``), pinned to its
+    ``vN`` when the sweep starts; a resumed sweep keeps the version it started on, and one named must be that one.
 
     `resume` ``"auto"``: the trials left of the count of the interrupted sweep that `_sweep_to_continue` finds (the
     same command, retried), else a new sweep. `on_failure` (a dict) gets ``resume``, the sweep id, once the sweep
@@ -549,7 +552,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
         continued, auto = False, resume == AUTO  # continued: --resume auto goes on with an interrupted sweep
         if auto:
-            resume, count = _sweep_to_continue(config, sweep, storage, registry, count, seed)
+            resume, count = _sweep_to_continue(config, sweep, storage, registry, count, seed, dataset)
             continued = resume is not None
         if resume:
             try:
@@ -565,6 +568,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                                   + describe_diff(changed)
                                   + "; its trials would not be comparable")
             sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
+            _check_pinned_dataset(sweep_id, dataset_ref, dataset, registry)
             lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
             study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                       pruner=_pruner(sweep, config))
@@ -575,7 +579,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                 study.set_user_attr("count", _trials_run(study) + count)
                 study.set_user_attr("finished", None)
         else:
-            dataset_ref, base_ref = _before_trials(config, sweep, registry)
+            dataset_ref, base_ref = _before_trials(config, sweep, registry, dataset)
             sweep_id = new_run_id()
             lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
             # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
@@ -731,7 +735,7 @@ def _trials_run(study) -> int:
 
 
 def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry, count: int,
-                       seed: int | None) -> tuple[str | None, int]:
+                       seed: int | None, dataset: str | None = None) -> tuple[str | None, int]:
     """`--resume auto`: (the newest unfinished sweep that this command started, the trials it has left of its count),
     else (None, `count`): a new sweep. This command's sweep: the same sweep file, the same config but for the swept
     keys and ``dataset.*``, the dataset version (and base model version) a new sweep would pin now, so that a
@@ -742,7 +746,7 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
                if "count" in s.user_attrs and not s.user_attrs.get("finished")]
     if not studies:
         return None, count
-    dataset_ref = registry.resolve(f"{config.dataset.name}:latest", type="dataset").ref
+    dataset_ref = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset").ref
     base_ref = pinned_base(config, sweep, registry)
     passed = []  # why each unfinished sweep is not this command's: said when none is
     for summary in sorted(studies, key=lambda s: s.user_attrs.get("started", 0), reverse=True):
@@ -778,18 +782,31 @@ DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sw
 BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry (`pinned_base`)
 
 
-def _before_trials(config: Config, sweep: SweepSpec, registry) -> tuple[str, str | None]:
+def _before_trials(config: Config, sweep: SweepSpec, registry, dataset: str | None = None) -> tuple[str, str | None]:
     """Everything a trial needs, checked before the first one starts, so that a problem fails the sweep once,
-    not each trial: the exact dataset version every trial trains on (one finetune can train on), the pinned
-    base model version (`pinned_base`), and the config of each grid point. (dataset ref, base ref or None)"""
+    not each trial: the exact dataset version every trial trains on (`dataset`, default ``<dataset.name>:latest``;
+    one finetune can train on), the pinned base model version (`pinned_base`), and the config of each grid point.
+    (dataset ref, base ref or None)"""
     from pipeline.stages import finetune
 
-    version = registry.resolve(f"{config.dataset.name}:latest", type="dataset")
+    version = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")
     finetune.check_trainable(version)
     base_ref = pinned_base(config, sweep, registry)
     for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
         trial_config(config, combo, sweep)
     return version.ref, base_ref
+
+
+def _check_pinned_dataset(sweep_id: str, pinned: str, dataset: str | None, registry) -> None:
+    """A resumed sweep trains on the dataset version it started on: `dataset` (``--dataset``), when given, must name
+    that version, or its trials would not be comparable."""
+    if dataset is None:
+        return
+    given = registry.resolve(dataset, type="dataset").ref
+    if given != pinned:
+        raise ConfigError(f"sweep {sweep_id} trains on {pinned}, and --dataset {dataset} "
+                          + (f"names {given}" if given != dataset else "is another version")
+                          + f"; resume it without --dataset, or start a new sweep on {given}")
 
 
 def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
@@ -842,9 +859,10 @@ def _check_online_config(config: Config, sweep: SweepSpec, runs: list, path: str
 
 
 def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
-               publish_trials: bool = False, callbacks: tuple = (), on_failure: dict[str, Any] | None = None) -> SweepResult:
+               publish_trials: bool = False, callbacks: tuple = (), on_failure: dict[str, Any] | None = None,
+               dataset: str | None = None) -> SweepResult:
     """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process, on a thread the agent
-    starts for it. `callbacks` and `on_failure`: as `run`'s."""
+    starts for it. `callbacks`, `on_failure` and `dataset`: as `run`'s."""
     import wandb
 
     from pipeline.tracking import open_registry, run_settings, wandb_root
@@ -860,10 +878,11 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
             raise RefError(f"no W&B sweep {path}: {e}") from None
         runs = list(api_sweep.runs or [])
         dataset_ref, base_ref = _online_sweep_pins(api_sweep.config or {}, sweep, path)
+        _check_pinned_dataset(path, dataset_ref, dataset, registry)
         _check_online_config(config, sweep, runs, path)
         first = len(runs)
     else:
-        dataset_ref, base_ref = _before_trials(config, sweep, registry)
+        dataset_ref, base_ref = _before_trials(config, sweep, registry, dataset)
         raw = json.loads(json.dumps(sweep.raw))
         raw["parameters"][DATASET_PARAM] = {"value": dataset_ref}
         if base_ref:

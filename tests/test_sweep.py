@@ -508,6 +508,39 @@ def test_a_sampled_value_the_config_rejects_is_caught_before_the_first_trial(cfg
         sweeps.run(cfg(), sweep=spec, count=2)
 
 
+def test_a_sweep_trains_on_the_dataset_version_it_is_given(cfg, tmp_path, cli_here):
+    import optuna
+
+    # As finetune's --dataset: a sweep on an older version (a golden cut, the data a production model had) while
+    # tickets:latest is newer. Before, a sweep could only train on tickets:latest.
+    write_tickets(tmp_path / "more.csv", rows=300, seed=11)
+    c = cfg("train.max_steps=1")
+    assert dataset_publish.run(cfg(f"dataset.source={tmp_path / 'more.csv'}")).produced == ["tickets:v1"]
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.003]}}})
+    out = sweeps.run(c, sweep=spec, count=1, dataset="tickets:v0")
+    assert out.dataset == "tickets:v0" and out.to_stage_result().consumed == ["tickets:v0"]
+    assert registry(c).resolve(out.best_model).metadata["dataset"]["ref"] == "tickets:v0"
+    with pytest.raises(RefError, match=r"tickets has no version 'v7'; versions: v0, v1"):
+        sweeps.run(c, sweep=spec, count=1, dataset="tickets:v7")
+    assert len(optuna.get_all_study_summaries(sweeps._storage(c))) == 1  # refused before a sweep was made
+    # a sweep keeps the version it started on: another one named when it is resumed is refused
+    with pytest.raises(ConfigError, match=rf"^sweep {out.sweep_id} trains on tickets:v0, and --dataset tickets names "
+                                          r"tickets:v1; resume it without --dataset, or start a new sweep on tickets:v1$"):
+        sweeps.run(c, sweep=spec, count=1, resume=out.sweep_id, dataset="tickets")
+    assert sweeps.run(c, sweep=spec, count=1, resume=out.sweep_id, dataset="tickets:v0").dataset == "tickets:v0"
+    # --resume auto looks for an interrupted sweep on the version given, as it does for tickets:latest
+    assert sweeps._sweep_to_continue(c, spec, sweeps._storage(c), registry(c), 1, None, "tickets:v0")[0] is None
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec.raw))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(c.to_dict()))
+    cli = cli_here("sweep", "--config", str(config), "--sweep", str(path), "--count", "1", "--dataset", "tickets:v0",
+                   "--result-json", str(tmp_path / "r.json"))
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["consumed"] == ["tickets:v0"]
+
+
 def test_a_dataset_for_evaluation_only_is_refused_before_the_first_trial(cfg):
     c = cfg("dataset.name=golden", "dataset.split.train=0", "dataset.split.validation=0", "dataset.split.test=1")
     dataset_publish.run(c)
@@ -756,11 +789,18 @@ def test_an_online_sweep_resumed_by_id_trains_on_its_pinned_data_with_the_sweep_
                                           r"from the one its trials trained with in train.weight_decay \(0.01 -> 0.2\)"):
         sweeps.run_online(cfg("train.max_steps=1", "train.weight_decay=0.2", "train.learning_rate=0.1"), sweep=spec,
                           count=1, resume="swp00003")  # (the swept learning rate may differ)
+    with pytest.raises(ConfigError, match=r"^sweep me/support-intents/swp00003 trains on tickets:v0, and --dataset "
+                                          r"tickets names tickets:v1; resume it without --dataset"):
+        sweeps.run_online(c, sweep=spec, count=1, resume="swp00003", dataset="tickets")
     assert server.started == [] and not (Path(c.tracking.dir) / "sweeps").exists()  # refused before any trial
 
     out = sweeps.run_online(c, sweep=spec, count=1, resume="swp00003")
     assert out.dataset == "tickets:v0" and [t.number for t in out.trials] == [2]  # after the sweep's two runs
     assert registry(c).resolve(out.best_model).metadata["dataset"]["ref"] == "tickets:v0"
+    # a new sweep on a version named (--dataset), not tickets:latest: W&B's sweep config pins it
+    server.plan["agent1"] = [0.003]
+    assert sweeps.run_online(c, sweep=spec, count=1, dataset="tickets:v0").dataset == "tickets:v0"
+    assert server.sweeps["swp00004"]["config"]["parameters"][sweeps.DATASET_PARAM] == {"value": "tickets:v0"}
 
 
 class StoppedByAgent(TrainerCallback):

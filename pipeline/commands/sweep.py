@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue this sweep for N more trials (its trials count towards run_cap); auto, offline: "
                         "continue the newest interrupted sweep of this sweep file, config and dataset version for "
                         "the trials it has left of its --count, else start a new one (for an orchestrator's retries)")
+    p.add_argument("--dataset", metavar="NAME:REF",
+                   help="dataset version the trials train on (default: <dataset.name>:latest), pinned to its vN when "
+                        "the sweep starts; a resumed sweep keeps its own")
     p.add_argument("--publish-trials", action="store_true",
                    help="publish every trial's model (default: only the best one, at the end)")
     p.add_argument("--seed", type=int, metavar="N",
@@ -55,12 +58,13 @@ def main(args: argparse.Namespace) -> int:
                 from pipeline.sweep import run_online
 
                 outcome = run_online(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                                     publish_trials=args.publish_trials, on_failure=on_failure)
+                                     publish_trials=args.publish_trials, on_failure=on_failure, dataset=args.dataset)
             else:
                 from pipeline.sweep import run
 
                 outcome = run(config, sweep=spec, count=args.count, resume=args.resume, group=args.group,
-                              publish_trials=args.publish_trials, seed=args.seed, on_failure=on_failure)
+                              publish_trials=args.publish_trials, seed=args.seed, on_failure=on_failure,
+                              dataset=args.dataset)
     except BaseException as e:
         if args.result_json:
             result = failed("sweep", e)
