@@ -1037,6 +1037,34 @@ def test_unchanged_data_is_not_published_twice(tmp_path, cfg_for):
     assert dataset_publish.run(cfg_for(changed)).produced == ["tickets:v1"]
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_data_published_again_after_other_data_says_latest_is_not_it(tmp_path, cfg_for, caplog, monkeypatch, reuse):
+    # Data reverted to what v0 holds is v0 again, but `latest` stays on v1, the newest: finetune, which reads
+    # tickets:latest unless told, would train on v1's data, not on what was just published. The result says so,
+    # whether the data was read again or known from its files (reuse).
+    from pipeline import provenance
+
+    monkeypatch.setattr(provenance, "code_version", lambda: {"git_commit": "a" * 40, "git_dirty": False})
+    src = write_rows(tmp_path / "d.csv", rows())
+    cfg = cfg_for(src)
+    dataset_publish.run(cfg, reuse=reuse)
+    write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
+    assert dataset_publish.run(cfg, reuse=reuse).produced == ["tickets:v1"]
+    write_rows(tmp_path / "d.csv", rows())
+    again = dataset_publish.run(cfg, reuse=reuse)
+    assert (again.status, again.produced) == ("unchanged", ["tickets:v0"])
+    assert again.message.startswith("tickets:v0 was published from these same files" if reuse else "the data is")
+    said = ("tickets:latest is tickets:v1, which holds other data: finetune and sweep read tickets:latest unless "
+            "told, so name this version (--dataset tickets:v0)")
+    assert again.message.endswith("; " + said) and said in caplog.text
+    assert registry_of(cfg).resolve("tickets:latest").version == 1  # `latest` follows the newest version
+    caplog.clear()
+    newest = dataset_publish.run(cfg_for(write_rows(tmp_path / "d.csv", rows()[:-1])), reuse=reuse)
+    assert newest.produced == ["tickets:v2"]
+    assert dataset_publish.run(cfg_for(tmp_path / "d.csv"), reuse=reuse).message.count("latest") == 0  # v2 is latest
+    assert "latest" not in caplog.text
+
+
 def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg_for, monkeypatch, cli_here):
     """The command line's default (reuse): a live version published from the same files (by sha256), dataset config,
     code and libraries is the result, status unchanged, without reading the data; anything changed reads it."""

@@ -32,7 +32,7 @@ from pipeline.config import Config
 from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataError, constant, format_problems,
                            list_input_files, load_hub_dataset, load_saved_dataset, looks_like_hub_id, read_files,
                            saved_dataset, saved_dataset_files, stratified_split, validate)
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RefError
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
@@ -513,6 +513,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
             + ", ".join(f"{k} {n}" for k, n in manifest["dropped"].items()) + ")"] if manifest["dropped"] else []
     if status == "unchanged":
         said.append(f"the data is {published.ref}'s byte for byte: no new version")
+        said.extend(_latest_is_other(registry, published.version))
     result = _result(status, trun, published.version, manifest, message="; ".join(said) or None)
     result.details["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return result
@@ -537,8 +538,25 @@ def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
                          published_by=earlier.produced_by)
         log.info("data unchanged: %s was published from these same files (by sha256), dataset config and code; they are "
                  "not read again and no new version is made", earlier.ref)
-    return _result("unchanged", trun, earlier, meta,
-                   message=f"{earlier.ref} was published from these same files, config and code; not read again")
+    said = [f"{earlier.ref} was published from these same files, config and code; not read again",
+            *_latest_is_other(registry, earlier)]
+    return _result("unchanged", trun, earlier, meta, message="; ".join(said))
+
+
+def _latest_is_other(registry, version) -> list[str]:
+    """For data that is an older version's again: that `latest` is another version (it follows the newest), which
+    the stages that read ``NAME:latest`` unless told would read instead of this data. Warned, and returned to be
+    said in the result; empty when this version is `latest`."""
+    try:
+        latest = version if "latest" in version.aliases else registry.resolve(version.tagged("latest"), "dataset")
+    except RefError:  # `latest` went with a version deleted meanwhile
+        return []
+    if latest.version == version.version:
+        return []
+    said = (f"{version.tagged('latest')} is {latest.ref}, which holds other data: finetune and sweep read "
+            f"{version.tagged('latest')} unless told, so name this version (--dataset {version.ref})")
+    log.warning("%s", said)
+    return [said]
 
 
 def _result(status: str, trun, version, manifest: dict[str, Any], message: str | None = None) -> StageResult:
