@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError, RefError, near_name
+from pipeline.errors import ConfigError, RefError, closest, near_name
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,11 @@ def _hub_path(spec: str, code: bool = False) -> tuple[Path, str | None]:
         folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
                                                               *(["*.py"] if code else [])]))
     except LocalEntryNotFoundError:
+        packaged = closest(spec, list(PACKAGED))
         raise ConfigError(
             f"model.base={spec!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
             "reached (offline). Use model.base=minilm (packaged), a local model folder, or a model version in the "
-            "registry (NAME:vN or NAME:ALIAS)"
+            "registry (NAME:vN or NAME:ALIAS)" + (f"; did you mean {packaged}?" if packaged else near_name(Path(spec)))
         ) from None
     except RepositoryNotFoundError:
         raise ConfigError(f"model.base={spec!r}: no such model on the Hugging Face hub (or no access to it)") from None

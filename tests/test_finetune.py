@@ -612,7 +612,7 @@ def test_the_weighted_loss_is_a_per_row_mean_that_gradient_accumulation_adds_up(
         finetune.class_weights({"c": 2.0}, ["a", "b"], {})
 
 
-def test_a_base_model_folder_that_is_not_there_names_a_close_one_beside_it(tiny_model):
+def test_a_base_model_folder_that_is_not_there_names_a_close_one_beside_it(tiny_model, monkeypatch):
     """model.base with a typo in the folder's name: the message names the folder it probably means."""
     from pipeline.basemodel import resolve_base_model
 
@@ -621,6 +621,15 @@ def test_a_base_model_folder_that_is_not_there_names_a_close_one_beside_it(tiny_
         resolve_base_model(str(typo))
     with pytest.raises(ConfigError, match=r"model.base='/no/such/model': no such folder \(/no/such/model\)$"):
         resolve_base_model("/no/such/model")
+    # a bare name is a hub id unless it is a folder here: a typo of a folder beside, or of `minilm`, is named too
+    monkeypatch.chdir(tiny_model.parent)
+    with pytest.raises(ConfigError, match=r"^model.base='berf' is neither a local folder nor in the Hugging Face cache, "
+                                          rf".*\(NAME:vN or NAME:ALIAS\); did you mean {tiny_model.name}\?$"):
+        resolve_base_model("berf")
+    with pytest.raises(ConfigError, match=r"; did you mean minilm\?$"):
+        resolve_base_model("minlm")
+    with pytest.raises(ConfigError, match=r"\(NAME:vN or NAME:ALIAS\)$"):
+        resolve_base_model("nothing-like-it")
 
 
 def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv):
