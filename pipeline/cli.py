@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from pipeline.errors import DiskFull, no_space_left, out_of_memory
 
+        if (said := _wandb_problem(e)) is not None:
+            logging.getLogger("pipeline").debug("W&B refused", exc_info=True)  # where, with -v
+            print(f"error: {said[0]}", file=sys.stderr)
+            return said[1]
         if out_of_memory(e) and not no_space_left(e):  # where no stage said what to lower (loading a model, say)
             logging.getLogger("pipeline").debug("out of memory", exc_info=True)  # where, with -v
             print(f"error: out of memory: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
@@ -186,6 +190,24 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
         print(f"error: {DiskFull(getattr(e, 'filename', None))}", file=sys.stderr)
         return DiskFull.exit_code
+
+
+def _wandb_problem(error: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for what W&B itself refuses online (no API key, a key it rejects, a server it cannot
+    reach), which the user fixes outside the pipeline: one line instead of W&B's traceback. None for other errors.
+    W&B's messages name no key; they are redacted all the same."""
+    errors = sys.modules.get("wandb.errors")  # only W&B raises these: not imported, not one of them
+    if errors is None or not isinstance(error, (errors.UsageError, errors.AuthenticationError, errors.CommError)):
+        return None
+    from pipeline.redact import redact
+
+    message = "W&B: " + redact(" ".join(str(error).split()) or type(error).__name__)
+    if isinstance(error, errors.CommError):  # the network or the server: perhaps gone by the next try
+        return message, 1
+    if "api key" in str(error).lower():
+        message = message.rstrip(".") + ("; online mode needs a W&B API key: set WANDB_API_KEY or run `wandb login`, or run offline "
+                    "(WANDB_MODE=offline: no account needed, artifacts in the local registry)")
+    return message, 2
 
 
 def _write_failed(path: str, command: str, error: BaseException) -> None:

@@ -306,6 +306,25 @@ def test_a_command_stopped_by_its_config_writes_a_failed_result_over_an_earlier_
     assert sorted(p.name for p in result.parent.iterdir()) == ["finetune.json"]  # written whole, nothing left over
 
 
+def test_online_mode_with_no_api_key_is_one_message_and_a_failed_result(tmp_path):
+    """WANDB_MODE=online on a machine with no W&B key: W&B's UsageError ended the command in a traceback."""
+    (tmp_path / "c.yaml").write_text(f"dataset: {{name: d, source: {tmp_path / 'data.csv'}}}\nmodel: {{name: m}}\n"
+                                     f"tracking: {{dir: {tmp_path / 'track'}}}\n")
+    (tmp_path / "data.csv").write_text("text,label\na,x\nb,y\n")
+    online = {"WANDB_MODE": "online"}
+    for argv in (["artifacts", "list"], ["dataset-publish", "--result-json", str(tmp_path / "r.json")]):
+        cli = run_cli(*argv, "--config", str(tmp_path / "c.yaml"), env=online, timeout=120)
+        assert (cli.returncode, cli.stdout) == (2, ""), cli.stderr[-2000:]
+        assert cli.stderr.startswith("error: W&B: No API key configured. Use `wandb login` to log in; online mode")
+        assert "Traceback" not in cli.stderr
+        assert cli.stderr.rstrip().endswith("online mode needs a W&B API key: set WANDB_API_KEY or run `wandb login`, "
+                                            "or run offline (WANDB_MODE=offline: no account needed, artifacts in the "
+                                            "local registry)")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["status"], result["produced"]) == ("failed", []) and "No API key" in result["message"]
+    assert not (tmp_path / "track" / "registry").exists()  # nothing was made
+
+
 def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys):
     """ENOSPC wherever a stage meets it (here writing the split files on a worker thread): one message, exit 1."""
     import errno
