@@ -202,11 +202,13 @@ def _wandb_problem(error: BaseException) -> tuple[str, int] | None:
     from pipeline.redact import redact
 
     message = "W&B: " + redact(" ".join(str(error).split()) or type(error).__name__)
+    offline = "or run offline (WANDB_MODE=offline: no account needed, artifacts in the local registry)"
+    if isinstance(error, errors.AuthenticationError):  # a key W&B rejects (a CommError too)
+        return message.rstrip(".") + f"; check WANDB_API_KEY (or `wandb login --relogin`), {offline}", 2
     if isinstance(error, errors.CommError):  # the network or the server: perhaps gone by the next try
         return message, 1
     if "api key" in str(error).lower():
-        message = message.rstrip(".") + ("; online mode needs a W&B API key: set WANDB_API_KEY or run `wandb login`, or run offline "
-                    "(WANDB_MODE=offline: no account needed, artifacts in the local registry)")
+        message = message.rstrip(".") + f"; online mode needs a W&B API key: set WANDB_API_KEY or run `wandb login`, {offline}"
     return message, 2
 
 

@@ -323,6 +323,11 @@ def test_online_mode_with_no_api_key_is_one_message_and_a_failed_result(tmp_path
     result = json.loads((tmp_path / "r.json").read_text())
     assert (result["status"], result["produced"]) == ("failed", []) and "No API key" in result["message"]
     assert not (tmp_path / "track" / "registry").exists()  # nothing was made
+    # a key W&B rejects before it is sent (too short): said, and the key is not
+    cli = run_cli("artifacts", "list", "--config", str(tmp_path / "c.yaml"), env={**online, "WANDB_API_KEY": "Zq9xK"})
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr and "Zq9xK" not in cli.stderr, cli.stderr[-2000:]
+    assert re.match(r"error: W&B: WANDB_API_KEY invalid: .*; check WANDB_API_KEY \(or `wandb login --relogin`\), or run "
+                    r"offline \(WANDB_MODE=offline", cli.stderr)
 
 
 def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys):
