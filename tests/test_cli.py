@@ -193,6 +193,42 @@ def test_artifacts_list_show_json(tmp_path):
     assert [v["ref"] for v in as_json] == ["ds:v0"]
 
 
+def test_an_alias_moved_by_hand_rolls_production_back_and_is_recorded(tmp_path, capsys):
+    """Production misbehaves in a way the test split did not show: the operator points it at the version before
+    (the gate is not asked), and the move is recorded with who, when, from where and why."""
+    from pipeline.cli import main
+
+    track = tmp_path / "track"
+    reg = LocalRegistry(track / "registry")
+    for n in range(2):
+        (tmp_path / f"w{n}").write_text(f"weights {n}")
+        reg.publish("clf", "model", {"model.safetensors": tmp_path / f"w{n}"}, metadata={"n": n}, aliases=["production"])
+    s = ["--set", f"tracking.dir={track}"]
+    assert reg.resolve("clf:production").ref == "clf:v1"
+    assert main(["artifacts", "alias", "clf:v0", "production", "--reason", "v1 misroutes refunds", *s]) == 0
+    assert capsys.readouterr().out == "production: clf:v1 -> clf:v0\n"
+    assert reg.resolve("clf:production").ref == "clf:v0" and "production" not in reg.resolve("clf:v1").aliases
+    [move] = reg.resolve("clf:v0").metadata["alias_moves"]
+    assert (move["alias"], move["from"], move["reason"]) == ("production", "clf:v1", "v1 misroutes refunds")
+    assert "@" in move["by"] and move["at"].startswith("20")
+    assert reg.resolve("clf:v0").metadata["n"] == 0  # the rest of the metadata stays
+    # again: nothing moves, nothing more is recorded
+    assert main(["artifacts", "alias", "clf:production", "production", "--json", *s]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ref": "clf:v0", "alias": "production", "from": "clf:v0", "moved": False}
+    assert len(reg.resolve("clf:v0").metadata["alias_moves"]) == 1
+    # a new alias (on no version yet), and forward again: each move its own record
+    assert main(["artifacts", "alias", "clf:v1", "staging", *s]) == 0 and "staging: on no version -> clf:v1" in capsys.readouterr().out
+    assert main(["artifacts", "alias", "clf:v1", "production", *s]) == 0
+    assert [m["from"] for m in reg.resolve("clf:v1").metadata["alias_moves"]] == [None, "clf:v0"]
+    # refused, nothing changed: latest, a version-like alias, an unknown version
+    for argv, said in ((["clf:v0", "latest"], "'latest' moves by itself"),
+                       (["clf:v0", "v3"], "invalid alias 'v3': names of the form vN are versions"),
+                       (["clf:v7", "production"], "clf has no version 'v7'")):
+        assert main(["artifacts", "alias", *argv, *s]) == 2
+        assert said in capsys.readouterr().err
+    assert reg.resolve("clf:production").ref == "clf:v1" and reg.resolve("clf:latest").ref == "clf:v1"
+
+
 def test_artifacts_takes_its_config_before_or_after_the_action(tmp_path, capsys):
     """`artifacts --config c.yaml list` was "invalid choice: 'c.yaml'": the options belonged to each action only."""
     from pipeline.cli import main

@@ -1,9 +1,10 @@
-"""``pipeline artifacts list | show REF | diff A B | verify | delete REF | prune NAME --keep N``."""
+"""``pipeline artifacts list | show REF | diff A B | verify | alias REF ALIAS | delete REF | prune NAME --keep N``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     diff.add_argument("ref_a", metavar="A", help="the earlier version (name:vN or name:ALIAS)")
     diff.add_argument("ref_b", metavar="B", help="the later version")
     diff.add_argument("--show", type=int, default=5, metavar="N", help="example rows of each kind (default 5)")
+    alias = sub.add_parser("alias", help="point an alias at a version by hand (production: a rollback), recorded",
+                           description="Point ALIAS at the version REF names, taking it off the version that holds "
+                           "it. For production this rolls back (or forward) without the gate: deploy-fetch then "
+                           "fetches that version, and the next evaluate compares its challenger with it. The move is "
+                           "recorded in the version's metadata (alias_moves: the alias, the version it was on, when, "
+                           "by whom, and --reason).")
+    alias.add_argument("ref", metavar="REF", help="the version to point it at: name:vN (or name:ALIAS)")
+    alias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. production (not latest, which follows the "
+                       "newest version)")
+    alias.add_argument("--reason", metavar="TEXT", help="why, recorded with the move (an incident, a ticket)")
     delete = sub.add_parser("delete", help="delete one version's files (its record stays for lineage)",
                             description="Delete one artifact version. Its files go (stored objects that no other "
                             "version shares are removed); its record, lineage and number stay, and the number is "
@@ -47,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="also delete versions that hold aliases other than latest, and those aliases")
         q.add_argument("--force", action="store_true",
                        help="also delete versions that live versions were made from (they can no longer be reproduced)")
-    for q in (ls, show, verify, diff, delete, prune):
+    for q in (ls, show, verify, diff, alias, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -132,6 +143,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.action == "prune":
         return _prune(registry, tracking_dir, args)
+
+    if args.action == "alias":
+        return _alias(registry, args)
 
     if args.action == "diff":
         from pipeline.diff import diff_versions, format_diff
@@ -261,6 +275,49 @@ def _deleted_line(result) -> str:
         parts.append(f"local copies removed: {', '.join(result.copies_removed)}")
     parts.append(f"latest is {result.latest_now}" if result.latest_now else f"no version of {result.version.name} is left")
     return "; ".join(parts)
+
+
+def _alias(registry, args: argparse.Namespace) -> int:
+    """Move an alias by hand (a rollback of production), with the move recorded in the version's metadata."""
+    from datetime import datetime, timezone
+
+    from pipeline.errors import RefError, RegistryError
+    from pipeline.refs import validate_alias
+
+    validate_alias(args.alias)
+    if args.alias == "latest":
+        raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+    version = registry.resolve(args.ref)
+    try:
+        before = registry.resolve(version.tagged(args.alias)).ref
+    except RefError:  # no version holds it yet
+        before = None
+    moved = before != version.ref
+    if moved:
+        # compare-and-set: an evaluation that promoted another version meanwhile is not overwritten unseen
+        registry.set_alias(version.ref, args.alias, expected=before)
+        record = {"alias": args.alias, "from": before, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "by": _who(), "reason": args.reason}
+        registry.update_metadata(version.ref, {"alias_moves": [*version.metadata.get("alias_moves", []), record]})
+    if args.json:
+        print(json.dumps({"ref": version.ref, "alias": args.alias, "from": before, "moved": moved}, indent=2))
+    elif moved:
+        print(f"{args.alias}: {before or 'on no version'} -> {version.ref}")
+    else:
+        print(f"{version.ref} already holds {args.alias}; nothing moved")
+    return 0
+
+
+def _who() -> str:
+    """``user@host``, for the record of a move made by hand (no secret: the account and machine names)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry and no USER
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _prune(registry, tracking_dir, args: argparse.Namespace) -> int:
