@@ -25,6 +25,7 @@ class Graph:
     edges: list[tuple[str, str]] = field(default_factory=list)  # ("artifact:x:v0", "run:id") = input, reverse = output
     upstream: list[dict[str, Any]] = field(default_factory=list)  # trees for text output
     downstream: list[dict[str, Any]] = field(default_factory=list)
+    reproductions: list[dict[str, Any]] = field(default_factory=list)  # the root's rebuilds (`reproduce`), oldest first
 
     def edge(self, src: str, dst: str) -> None:
         if (src, dst) not in self.edges:
@@ -38,6 +39,7 @@ class Graph:
             "edges": [{"from": a, "to": b, "kind": "input" if a.startswith("artifact:") else "output"} for a, b in self.edges],
             "upstream": self.upstream,
             "downstream": self.downstream,
+            "reproductions": self.reproductions,
         }
 
 
@@ -135,6 +137,7 @@ def build(registry: Registry, ref: str, depth: int = 5) -> Graph:
     walker.version(root.ref)
     graph.upstream = walker.up(root.ref, depth)
     graph.downstream = walker.down(root.ref, depth)
+    graph.reproductions = list(root.metadata.get("reproductions") or [])
     return graph
 
 
@@ -182,7 +185,24 @@ def to_text(g: Graph) -> str:
         tree(down_items(g.downstream), "")
     else:
         lines.append("   (not used by any run yet)")
+    if g.reproductions:
+        lines.append("reproduced (reproduce)")
+        tree([(f"run {r.get('run')}  {str(r.get('at'))[:19]}  {_reproduction(r)}", []) for r in g.reproductions], "")
     return "\n".join(lines) + "\n"
+
+
+def _reproduction(record: dict[str, Any]) -> str:
+    """One reproduction's outcome (`reproduce` records it in the original's metadata) in words."""
+    version = record.get("version")
+    if record.get("same_digest"):
+        return f"{version}: bit for bit (same digest)"
+    if record.get("same_weights") and record.get("matches"):
+        return f"{version}: the same weights, other files differ"
+    if record.get("matches"):
+        return f"{version}: matches within {record.get('tolerance')} (weights differ)"
+    return (f"{version}: differs (largest metric difference {record.get('max_abs_metric_delta', 0):.4g}; "
+            f"{record.get('test_predictions_differ')} of {record.get('test_rows')} {record.get('split', 'test')} "
+            "predictions differ)")
 
 
 class _MermaidIds:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,11 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     else:
         summary = (f"{rebuilt.ref} differs from {original.ref}: largest metric difference {worst:.6g} > {tolerance}; "
                    f"{test['predictions_differ']} of {test['rows']} {test['split']} predictions differ")
+    _record(registry, original.ref, {
+        "run": new.run_id, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": rebuilt.ref,
+        "same_digest": same_digest, "same_weights": same_weights, "matches": matches, "tolerance": tolerance,
+        "max_abs_metric_delta": worst, "test_predictions_differ": test["predictions_differ"], "test_rows": test["rows"],
+        "split": test["split"]})
     return StageResult(
         stage=STAGE,
         status=status,
@@ -172,6 +178,17 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _record(registry, ref: str, record: dict[str, Any]) -> None:
+    """Add a reproduction's outcome to the original version's metadata (``reproductions``), which `artifacts show`
+    and `lineage` read: a model that was rebuilt says so, and how closely. Read again just before: the rebuild
+    may have published to this very version (the same digest)."""
+    try:
+        done = registry.resolve(ref).metadata.get("reproductions") or []
+        registry.update_metadata(ref, {"reproductions": [*done, record]})
+    except Exception as e:  # noqa: BLE001 - online, another project's version this key may not write: the outcome stands
+        log.warning("the reproduction's outcome could not be recorded on %s: %s", ref, e)
 
 
 def _files(version) -> dict[str, str]:

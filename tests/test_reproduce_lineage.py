@@ -68,6 +68,15 @@ def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
     run = registry(cfg).get_run(result.run_id)
     assert run["job_type"] == "finetune" and run["summary"]["reproduces"] == "clf:v0"
     assert run["consumed"] == ["tickets:v0"]  # the exact recorded version, not latest
+    # the original records that it was rebuilt, and how closely: `artifacts show` and lineage tell it
+    [record] = registry(cfg).resolve("clf:v0").metadata["reproductions"]
+    assert {k: record[k] for k in ("run", "version", "same_digest", "matches", "max_abs_metric_delta",
+                                   "test_predictions_differ")} == {
+        "run": result.run_id, "version": "clf:v0", "same_digest": True, "matches": True, "max_abs_metric_delta": 0.0,
+        "test_predictions_differ": 0}
+    text = render(build(registry(cfg), "clf:v0"), "text").splitlines()
+    assert text[text.index("reproduced (reproduce)") + 1] == (f"└─ run {result.run_id}  {record['at'][:19]}  clf:v0: bit for "
+                                                            "bit (same digest)")
 
 
 def test_a_relative_base_folder_is_the_one_it_was_when_reproduced_from_another_directory(chain, tmp_path, monkeypatch):
@@ -115,6 +124,13 @@ def test_changed_config_is_reported_and_check_fails(env, tmp_path, cli_here):
     assert result.details["config_diff"] == {"train.learning_rate": {"original": 0.003, "reproduction": 0.01}}
     assert result.produced == ["clf:v1"] and "differs from clf:v0" in result.message
     assert registry(cfg).resolve("clf:production").ref == "clf:v0"  # a reproduction moves no alias but latest
+    [record] = registry(cfg).resolve("clf:v0").metadata["reproductions"]
+    assert (record["version"], record["same_digest"], record["matches"]) == ("clf:v1", False, False)
+    line = render(build(registry(cfg), "clf:v0"), "text").splitlines()[-1]
+    assert line.startswith(f"└─ run {result.run_id}  ") and line.endswith(
+        f"clf:v1: differs (largest metric difference {record['max_abs_metric_delta']:.4g}; "
+        f"{record['test_predictions_differ']} of {result.details['test']['rows']} test predictions differ)")
+    assert json.loads(render(build(registry(cfg), "clf:v0"), "json"))["reproductions"] == [record]
     # the command line: exit 1 under --check, and the result file carries every comparison
     cli = cli_here("reproduce", "clf:v0", "--check", "--set", f"tracking.dir={cfg.tracking.dir}", "--set", "train.seed=9",
                   "--result-json", str(tmp_path / "r.json"))
@@ -122,6 +138,7 @@ def test_changed_config_is_reported_and_check_fails(env, tmp_path, cli_here):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["status"] == "failed" and data["details"]["config_diff"]["train.seed"] == {"original": 42, "reproduction": 9}
     assert {"dataset", "base_model", "code", "packages_differ", "validation_metrics", "test", "warnings"} <= set(data["details"])
+    assert [r["run"] for r in registry(cfg).resolve("clf:v0").metadata["reproductions"]] == [result.run_id, data["run_id"]]
 
 
 def test_missing_inputs_are_named_and_nothing_is_published(env):
