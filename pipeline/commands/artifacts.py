@@ -281,12 +281,10 @@ def _alias(registry, args: argparse.Namespace) -> int:
     """Move an alias by hand (a rollback of production), with the move recorded in the version's metadata."""
     from datetime import datetime, timezone
 
-    from pipeline.errors import RefError, RegistryError
-    from pipeline.refs import validate_alias
+    from pipeline.errors import RefError
+    from pipeline.registry.base import settable_alias
 
-    validate_alias(args.alias)
-    if args.alias == "latest":
-        raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+    settable_alias(args.alias)  # before anything is read: `latest` is refused, not found "already" in place
     version = registry.resolve(args.ref)
     try:
         before = registry.resolve(version.tagged(args.alias)).ref

@@ -177,6 +177,16 @@ class Registry(Protocol):
     def finish_run(self, run: TrackedRun, status: str) -> None: ...
 
 
+def settable_alias(alias: str) -> str:
+    """`alias` when it may be set by hand (`set_alias`): a valid alias, and not ``latest``, which the registry moves."""
+    from pipeline.refs import validate_alias
+
+    validate_alias(alias)
+    if alias == "latest":
+        raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+    return alias
+
+
 def check_deletable(ref: str, aliases: list[str], dependents: list[str], *, delete_aliases: bool, force: bool) -> list[str]:
     """The refusals of `Registry.delete`, the same in both registries; returns the aliases (not `latest`) that go."""
     held = [a for a in aliases if a != "latest"]

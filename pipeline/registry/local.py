@@ -47,6 +47,7 @@ from pipeline.registry.base import (
     check_deletable,
     collect_files,
     refresh_extras,
+    settable_alias,
     swap_into_place,
 )
 
@@ -769,9 +770,7 @@ class LocalRegistry:
         With `expected`, a compare-and-set: the check and the move are one write transaction, so
         of two writers that both expect the same current version, exactly one moves the alias.
         """
-        validate_alias(alias)
-        if alias == "latest":
-            raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+        settable_alias(alias)
         with self._write() as conn:
             row = self._resolve_row(conn, ref, None)
             if expected is not ...:

@@ -30,6 +30,7 @@ from pipeline.registry.base import (
     check_deletable,
     collect_files,
     refresh_extras,
+    settable_alias,
     swap_into_place,
 )
 
@@ -231,9 +232,7 @@ class WandbRegistry:
         return PublishResult(version=version, created=created, bytes_stored=version.size if created else 0)
 
     def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
-        validate_alias(alias)
-        if alias == "latest":
-            raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+        settable_alias(alias)
         art = self._artifact(ref)
         if expected is not ...:
             # W&B has no conditional alias write: this check narrows the race to the moment before save().
