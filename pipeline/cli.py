@@ -75,6 +75,7 @@ def _setup_logging(verbose: bool) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
+    handler.addFilter(_without_notices)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -91,6 +92,17 @@ def _setup_logging(verbose: bool) -> None:
 
 
 _LIBRARIES = ("huggingface_hub", "datasets", "transformers")
+
+# Library warnings that ask nothing of the user: (logger, start of the message).
+_NOTICES = (
+    # The Trainer orders checkpoints by their folders' mtimes, and by their step numbers when two were written within a
+    # second (small models, frequent evaluations): the order the pipeline's numbered checkpoints have anyway.
+    ("transformers.trainer_utils", "mtime may not be reliable"),
+)
+
+
+def _without_notices(record: logging.LogRecord) -> bool:
+    return not any(record.name == name and str(record.msg).startswith(start) for name, start in _NOTICES)
 
 
 class _LibraryLogger(logging.Logger):

@@ -74,6 +74,8 @@ def test_hugging_face_library_logs_are_printed_once_with_the_time_and_secrets_ma
         "hub.get_logger('huggingface_hub.file_download').warning('retrying the hub')\n"
         "ds.get_logger('datasets.load').warning('no cache for this dataset')\n"
         "tf.get_logger('transformers.trainer').warning('token %s', os.environ['WANDB_API_KEY'])\n"
+        "tf.get_logger('transformers.trainer_utils').warning('mtime may not be reliable on this filesystem, falling "
+        "back to numerical ordering')\n"  # a notice that asks nothing of the user: not printed
         "tf.set_verbosity_error()\n"
         "tf.get_logger('transformers.trainer').warning('below the verbosity asked for')\n"
     )
