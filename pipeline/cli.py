@@ -215,8 +215,12 @@ def _wandb_problem(error: BaseException) -> tuple[str, int] | None:
 
     message = "W&B: " + redact(" ".join(str(error).split()) or type(error).__name__)
     offline = "or run offline (WANDB_MODE=offline: no account needed, artifacts in the local registry)"
-    if isinstance(error, errors.AuthenticationError):  # a key W&B rejects (a CommError too)
-        return message.rstrip(".") + f"; check WANDB_API_KEY (or `wandb login --relogin`), {offline}", 2
+    if isinstance(error, errors.AuthenticationError):  # a CommError too
+        # A key W&B rejects, or one it could not check: the server did not answer (W&B says "Failed to execute API
+        # request"), which a later try may get past, as other network errors (exit 1).
+        unanswered = "failed to execute api request" in str(error).lower()
+        return (message.rstrip(".") + "; check WANDB_API_KEY (or `wandb login --relogin`) and that W&B can be reached "
+                f"(WANDB_BASE_URL), {offline}"), 1 if unanswered else 2
     if isinstance(error, errors.CommError):  # the network or the server: perhaps gone by the next try
         return message, 1
     if "api key" in str(error).lower():

@@ -195,6 +195,23 @@ def test_artifacts_list_show_json(tmp_path):
     assert [v["ref"] for v in as_json] == ["ds:v0"]
 
 
+def test_what_wandb_raises_is_told_apart_network_from_key():
+    """W&B's own exceptions as its SDK raises them: a key it could not check because the server did not answer is a
+    network problem (exit 1, a retry may pass), a key it rejects is the user's to fix (exit 2)."""
+    import wandb.errors
+
+    from pipeline.cli import _wandb_problem
+
+    unanswered = wandb.errors.AuthenticationError("Failed to verify credentials with https://api.wandb.ai: Failed to "
+                                                  "execute API request: the service process is busy and did not respond")
+    assert _wandb_problem(unanswered)[1] == 1
+    assert _wandb_problem(wandb.errors.AuthenticationError("API key is invalid"))[1] == 2
+    assert _wandb_problem(wandb.errors.CommError("Connection refused")) == ("W&B: Connection refused", 1)
+    assert _wandb_problem(wandb.errors.UsageError("run.log_artifact takes an Artifact")) == (
+        "W&B: run.log_artifact takes an Artifact", 2)
+    assert _wandb_problem(ValueError("not W&B's")) is None
+
+
 def test_an_alias_moved_by_hand_rolls_production_back_and_is_recorded(tmp_path, capsys):
     """Production misbehaves in a way the test split did not show: the operator points it at the version before
     (the gate is not asked), and the move is recorded with who, when, from where and why."""
@@ -364,8 +381,8 @@ def test_online_mode_with_no_api_key_is_one_message_and_a_failed_result(tmp_path
     # a key W&B rejects before it is sent (too short): said, and the key is not
     cli = run_cli("artifacts", "list", "--config", str(tmp_path / "c.yaml"), env={**online, "WANDB_API_KEY": "Zq9xK"})
     assert cli.returncode == 2 and "Traceback" not in cli.stderr and "Zq9xK" not in cli.stderr, cli.stderr[-2000:]
-    assert re.match(r"error: W&B: WANDB_API_KEY invalid: .*; check WANDB_API_KEY \(or `wandb login --relogin`\), or run "
-                    r"offline \(WANDB_MODE=offline", cli.stderr)
+    assert re.match(r"error: W&B: WANDB_API_KEY invalid: .*; check WANDB_API_KEY \(or `wandb login --relogin`\) and "
+                    r"that W&B can be reached \(WANDB_BASE_URL\), or run offline \(WANDB_MODE=offline", cli.stderr)
 
 
 def test_no_space_met_by_a_file_write_is_one_message_and_publishes_nothing(tmp_path, monkeypatch, capsys):
