@@ -246,6 +246,17 @@ def test_an_alias_moved_by_hand_rolls_production_back_and_is_recorded(tmp_path, 
         assert main(["artifacts", "alias", *argv, *s]) == 2
         assert said in capsys.readouterr().err
     assert reg.resolve("clf:production").ref == "clf:v1" and reg.resolve("clf:latest").ref == "clf:v1"
+    # an alias taken off (a model withdrawn, a stage emptied): on no version then, and recorded where it was
+    assert main(["artifacts", "unalias", "clf:staging", "--reason", "stage torn down", *s]) == 0
+    assert capsys.readouterr().out == "staging: taken off clf:v1; no version of clf holds it now\n"
+    assert "staging" not in reg.resolve("clf:v1").aliases and "production" in reg.resolve("clf:v1").aliases
+    last = reg.resolve("clf:v1").metadata["alias_moves"][-1]
+    assert (last["alias"], last["removed"], last["reason"]) == ("staging", True, "stage torn down")
+    for argv, said in ((["clf:staging"], "clf has no alias 'staging'"), (["clf"], "'latest' moves by itself"),
+                       (["clf:v1"], "names of the form vN are versions")):
+        assert main(["artifacts", "unalias", *argv, *s]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(reg.resolve("clf:v1").aliases) == ["latest", "production"]
 
 
 def test_artifacts_takes_its_config_before_or_after_the_action(tmp_path, capsys):

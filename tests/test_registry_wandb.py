@@ -81,6 +81,29 @@ def test_a_version_outside_the_configured_project_keeps_its_project_in_its_ref(e
     assert reg.qualify(version.tagged("production")) == f"{entity}/{project}/tickets:production"
 
 
+def test_an_alias_taken_off_online_is_saved_on_the_version_that_held_it():
+    """`artifacts unalias` online: W&B's artifact loses the alias and is saved; latest and vN are refused unread."""
+    art = _artifact("team", "proj", "clf", "v2")
+    art.aliases.append("staging")
+    saved = []
+    art.save = lambda: saved.append(list(art.aliases))
+    asked = []
+
+    class Api:  # W&B's public API, as far as the registry's lookup asks it
+        def artifact(self, path, type=None):
+            asked.append(path)
+            return art
+
+    reg = WandbRegistry(project="proj", entity="team")
+    reg._api = Api()
+    assert reg.remove_alias("clf:staging").aliases == ["latest"]
+    assert asked == ["team/proj/clf:staging"] and saved == [["latest"]]
+    for ref, said in (("clf:latest", "'latest' moves by itself"), ("clf:v2", "names of the form vN are versions")):
+        with pytest.raises((RegistryError, RefError), match=said):
+            reg.remove_alias(ref)
+    assert asked == ["team/proj/clf:staging"]
+
+
 def test_lineage_online_names_another_projects_runs_and_versions_where_they_are():
     """lineage walks W&B's runs and artifacts: a version's producing run in another project is looked up there (it
     was looked up in the config's project, and shown as not recorded), and what a run consumed from another

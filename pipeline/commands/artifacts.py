@@ -1,4 +1,5 @@
-"""``pipeline artifacts list | show REF | diff A B | verify | alias REF ALIAS | delete REF | prune NAME --keep N``."""
+"""``pipeline artifacts list | show REF | diff A B | verify | alias REF ALIAS | unalias NAME:ALIAS | delete REF |
+prune NAME --keep N``."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     alias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. production (not latest, which follows the "
                        "newest version)")
     alias.add_argument("--reason", metavar="TEXT", help="why, recorded with the move (an incident, a ticket)")
+    unalias = sub.add_parser("unalias", help="take an alias off its version by hand (production: withdrawn), recorded",
+                             description="Take ALIAS off the version that holds it, leaving it on none: for production, "
+                             "a model withdrawn with no version to replace it (deploy-fetch of NAME:production then "
+                             "fails, naming the aliases there are). Recorded in that version's metadata (alias_moves).")
+    unalias.add_argument("ref", metavar="NAME:ALIAS", help="the alias to take off, e.g. intent-classifier:staging")
+    unalias.add_argument("--reason", metavar="TEXT", help="why, recorded with the removal")
     delete = sub.add_parser("delete", help="delete one version's files (its record stays for lineage)",
                             description="Delete one artifact version. Its files go (stored objects that no other "
                             "version shares are removed); its record, lineage and number stay, and the number is "
@@ -58,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="also delete versions that hold aliases other than latest, and those aliases")
         q.add_argument("--force", action="store_true",
                        help="also delete versions that live versions were made from (they can no longer be reproduced)")
-    for q in (ls, show, verify, diff, alias, delete, prune):
+    for q in (ls, show, verify, diff, alias, unalias, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -146,6 +153,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.action == "alias":
         return _alias(registry, args)
+
+    if args.action == "unalias":
+        return _unalias(registry, args)
 
     if args.action == "diff":
         from pipeline.diff import diff_versions, format_diff
@@ -279,8 +289,6 @@ def _deleted_line(result) -> str:
 
 def _alias(registry, args: argparse.Namespace) -> int:
     """Move an alias by hand (a rollback of production), with the move recorded in the version's metadata."""
-    from datetime import datetime, timezone
-
     from pipeline.errors import RefError
     from pipeline.registry.base import settable_alias
 
@@ -294,9 +302,7 @@ def _alias(registry, args: argparse.Namespace) -> int:
     if moved:
         # compare-and-set: an evaluation that promoted another version meanwhile is not overwritten unseen
         registry.set_alias(version.ref, args.alias, expected=before)
-        record = {"alias": args.alias, "from": before, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "by": _who(), "reason": args.reason}
-        registry.update_metadata(version.ref, {"alias_moves": [*version.metadata.get("alias_moves", []), record]})
+        _record_move(registry, version, {"alias": args.alias, "from": before}, args.reason)
     if args.json:
         print(json.dumps({"ref": version.ref, "alias": args.alias, "from": before, "moved": moved}, indent=2))
     elif moved:
@@ -304,6 +310,30 @@ def _alias(registry, args: argparse.Namespace) -> int:
     else:
         print(f"{version.ref} already holds {args.alias}; nothing moved")
     return 0
+
+
+def _unalias(registry, args: argparse.Namespace) -> int:
+    """Take an alias off its version by hand, recorded in that version's metadata."""
+    from pipeline.refs import parse_ref
+    from pipeline.registry.base import settable_alias
+
+    alias = settable_alias(parse_ref(args.ref).tag)  # NAME:vN and latest: refused before anything is read
+    version = registry.remove_alias(args.ref)
+    _record_move(registry, version, {"alias": alias, "removed": True}, args.reason)
+    if args.json:
+        print(json.dumps({"ref": version.ref, "alias": alias, "removed": True}, indent=2))
+    else:
+        print(f"{alias}: taken off {version.ref}; no version of {version.name} holds it now")
+    return 0
+
+
+def _record_move(registry, version, move: dict, reason: str | None) -> None:
+    """Add a move made by hand to the version's metadata (``alias_moves``), with when, by whom and why."""
+    from datetime import datetime, timezone
+
+    record = {**move, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": _who(), "reason": reason}
+    done = registry.resolve(version.ref).metadata.get("alias_moves") or []  # as it is now, not as first read
+    registry.update_metadata(version.ref, {"alias_moves": [*done, record]})
 
 
 def _who() -> str:

@@ -782,6 +782,13 @@ class LocalRegistry:
             self._move_alias(conn, row["name"], alias, row["id"])
             return self._load(conn, row)
 
+    def remove_alias(self, ref: str) -> ArtifactVersion:
+        alias = settable_alias(parse_ref(ref).tag)
+        with self._write() as conn:
+            row = self._resolve_row(conn, ref, None)  # the version that holds it (a RefError naming those there are)
+            conn.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (row["name"], alias))
+            return self._load(conn, row)
+
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion:
         """Merge `patch` into a version's metadata (top-level keys). Content and digest stay as they are."""
         with self._write() as conn:

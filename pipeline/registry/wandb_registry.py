@@ -248,6 +248,13 @@ class WandbRegistry:
             art.save()
         return self.to_version(art)
 
+    def remove_alias(self, ref: str) -> ArtifactVersion:
+        alias = settable_alias(parse_ref(ref).tag)
+        art = self._artifact(ref)  # the version that holds it
+        art.aliases.remove(alias)
+        art.save()
+        return self.to_version(art)
+
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion:
         art = self._artifact(ref)
         art.metadata.update(redact(dict(patch)))
