@@ -11,6 +11,7 @@ credentials come from the usual environment variables of each cloud).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pipeline.errors import ConfigError, IntegrityError, RegistryError
 
 SCHEMES = ("file", "s3", "gs")
 CHUNK = 8 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ def _is_local(fs) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def put(local: Path, root: str, sha256: str, suffix: str = "") -> Reference:
-    """Store `local` (whose sha256 is known) under `root`, unless the same content is already there."""
+def put(local: Path, root: str, sha256: str, suffix: str = "", *, verify: bool = False) -> Reference:
+    """Store `local` (whose sha256 is known) under `root`, unless the same content is already there: a file of its
+    size at its content address, and with `verify` one whose bytes hash to `sha256` (read back: a damaged file of
+    the same size is written again)."""
     import pyarrow.fs as pafs
 
     uri = f"{check_uri(root)}/sha256/{sha256[:2]}/{sha256}{suffix}"
@@ -65,7 +69,9 @@ def put(local: Path, root: str, sha256: str, suffix: str = "") -> Reference:
     size = local.stat().st_size
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File and info.size == size:
-        return Reference(uri, sha256, size)  # content-addressed: the same bytes are there already
+        if not verify or _sha256(fs, path) == sha256:
+            return Reference(uri, sha256, size)  # content-addressed: the same bytes are there already
+        log.warning("%s does not hold the bytes its name says (changed since it was written): writing them again", uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     # Local files appear by rename; object stores make an upload visible only once it completes.
     target = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if _is_local(fs) else path
@@ -83,6 +89,14 @@ def put(local: Path, root: str, sha256: str, suffix: str = "") -> Reference:
                 pass
         raise
     return Reference(uri, sha256, size)
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as src:
+        while chunk := src.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_verified(ref: Reference, dest: Path) -> None:

@@ -363,13 +363,15 @@ def _data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
             **{f"data/dropped_{k}": v for k, v in manifest["dropped"].items()}}
 
 
-def _upload_references(files: dict[str, Path], root: str) -> dict[str, Reference]:
-    """Reference mode: the split files go to `root` (content-addressed); dataset.json stays a stored file."""
+def _upload_references(files: dict[str, Path], root: str, verify: bool) -> dict[str, Reference]:
+    """Reference mode: the split files go to `root` (content-addressed); dataset.json stays a stored file. A file
+    already there is taken as the same bytes by its size, and with `verify` (reading again: --reread) only once
+    read back and hashed, so that a damaged one is written again."""
     refs = {}
     for name, path in files.items():
         if name.endswith(".parquet"):
             sha, _ = hash_file(path)
-            refs[name] = put(path, root, sha, suffix=".parquet")
+            refs[name] = put(path, root, sha, suffix=".parquet", verify=verify)
             log.info("%s -> %s", name, refs[name].uri)
     return refs
 
@@ -494,7 +496,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
                 "config": trun.config,
                 **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
             }
-            references = _upload_references(files, d.reference) if d.reference else {}
+            references = _upload_references(files, d.reference, verify=not reuse) if d.reference else {}
             if references:
                 files = {k: v for k, v in files.items() if k not in references}
                 metadata["reference"] = d.reference
