@@ -187,7 +187,7 @@ def settable_alias(alias: str) -> str:
 
     validate_alias(alias)
     if alias == "latest":
-        raise RegistryError("'latest' moves by itself to each new version; it cannot be set by hand")
+        raise RegistryError("'latest' moves by itself to each new version; it cannot be set or taken off by hand")
     return alias
 
 
