@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.demo_data import write_csv
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
-from tests.conftest import REPO, inspect_summary, local_http, run_cli, unused_port
+from tests.conftest import REPO, inspect_summary, local_http, run_cli, unused_port, write_yaml
 
 LABELS = ["billing", "shipping", "tech"]
 
@@ -1035,6 +1035,34 @@ def test_unchanged_data_is_not_published_twice(tmp_path, cfg_for):
     assert sorted(p for p in reg.objects.rglob("*") if p.is_file()) == stored
     changed = write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
     assert dataset_publish.run(cfg_for(changed)).produced == ["tickets:v1"]
+
+
+def test_a_dry_run_checks_and_splits_the_data_and_leaves_nothing(tmp_path, cfg_for, make_config):
+    """`--dry-run`: a new export checked (in CI, before a nightly publish) as the stage would check it, with the
+    split counts it would give, and nothing made: no version, no W&B run, no registry folder."""
+    src = write_rows(tmp_path / "d.csv", rows() + [{"id": "x1", "text": "", "label": "billing"}])
+    cfg = cfg_for(src, "dataset.on_invalid=drop")
+    checked = dataset_publish.run(cfg, dry_run=True)
+    published = dataset_publish.run(cfg)  # the same counts as the real thing
+    assert (checked.status, checked.produced, checked.run_id) == ("ok", [], None)
+    assert checked.metrics == published.metrics and checked.details["dropped"] == {"empty_text": 1}
+    n = published.metrics
+    assert checked.message == (f"valid: {int(n['rows_train'] + n['rows_validation'] + n['rows_test'])} rows (train "
+                               f"{int(n['rows_train'])}, validation {int(n['rows_validation'])}, test "
+                               f"{int(n['rows_test'])}), {int(n['num_labels'])} labels; 1 invalid row would be dropped "
+                               "(empty_text 1); nothing published (--dry-run)")
+    fresh = make_config(f"dataset.source={src}", "dataset.id_column=id", f"tracking.dir={tmp_path / 'untouched'}")
+    with pytest.raises(DataError, match=r"empty_text \(1 rows"):  # on_invalid=error: the report, as publishing gives
+        dataset_publish.run(fresh, dry_run=True)
+    clean = make_config(f"dataset.source={write_rows(tmp_path / 'ok.csv', rows())}", "dataset.id_column=id",
+                        f"tracking.dir={tmp_path / 'untouched'}")
+    assert dataset_publish.run(clean, dry_run=True).message.endswith("labels; nothing published (--dry-run)")
+    assert not (tmp_path / "untouched").exists()
+    cli = run_cli("dataset-publish", "--config", str(write_yaml(tmp_path, clean)), "--dry-run", "--result-json",
+                  str(tmp_path / "r.json"))
+    assert (cli.returncode, cli.stdout) == (0, ""), cli.stderr[-2000:]
+    assert cli.stderr.splitlines()[-1].startswith("dataset-publish: ok: valid: ")
+    assert json.loads((tmp_path / "r.json").read_text())["produced"] == [] and not (tmp_path / "untouched").exists()
 
 
 @pytest.mark.parametrize("reuse", [False, True])

@@ -402,13 +402,31 @@ def _arrow_pool() -> Iterator[None]:
         pa.set_memory_pool(previous)
 
 
-def run(config: Config, *, group: str | None = None, reuse: bool = False) -> StageResult:
+def run(config: Config, *, group: str | None = None, reuse: bool = False, dry_run: bool = False) -> StageResult:
     """Publish the configured data as the next version of ``dataset.name`` (status ``unchanged`` with the version
     that holds it, when one does). `reuse` (the command line's default): when a live version was published from
     the same files (by sha256), dataset config, code and libraries (`input_signature`), that version is the result
-    and the data is not read again."""
+    and the data is not read again. `dry_run`: read, check and split the data as publishing would, and make nothing
+    (no version, no W&B run, no registry folder); the result gives the counts, and invalid data raises as ever."""
     with _arrow_pool():
-        return _run(config, group, reuse)
+        return _dry_run(config) if dry_run else _run(config, group, reuse)
+
+
+def _dry_run(config: Config) -> StageResult:
+    _, manifest, _ = prepare(config)
+    counts = manifest["num_rows"]
+    said = [f"valid: {sum(counts.values())} rows (" + ", ".join(f"{s} {n}" for s, n in counts.items())
+            + f"), {len(manifest['label_names'])} labels"]
+    if dropped := manifest["dropped"]:
+        total = sum(dropped.values())
+        said.append(f"{total} invalid row{'s' if total != 1 else ''} would be dropped ("
+                    + ", ".join(f"{k} {n}" for k, n in dropped.items()) + ")")
+    said.append("nothing published (--dry-run)")
+    return StageResult(stage=STAGE, status="ok", run_id=None, message="; ".join(said),
+                       metrics={**{f"rows_{s}": float(n) for s, n in counts.items()},
+                                "num_labels": float(len(manifest["label_names"])), "dropped": float(sum(dropped.values()))},
+                       details={"dry_run": True, "dropped": dropped, "label_names": manifest["label_names"],
+                                "label_counts": manifest["label_counts"]})
 
 
 def _local_files_only(config: Config) -> bool:
