@@ -26,6 +26,7 @@ class Graph:
     upstream: list[dict[str, Any]] = field(default_factory=list)  # trees for text output
     downstream: list[dict[str, Any]] = field(default_factory=list)
     reproductions: list[dict[str, Any]] = field(default_factory=list)  # the root's rebuilds (`reproduce`), oldest first
+    alias_moves: list[dict[str, Any]] = field(default_factory=list)  # aliases moved on the root by hand, oldest first
 
     def edge(self, src: str, dst: str) -> None:
         if (src, dst) not in self.edges:
@@ -40,6 +41,7 @@ class Graph:
             "upstream": self.upstream,
             "downstream": self.downstream,
             "reproductions": self.reproductions,
+            "alias_moves": self.alias_moves,
         }
 
 
@@ -138,6 +140,7 @@ def build(registry: Registry, ref: str, depth: int = 5) -> Graph:
     graph.upstream = walker.up(root.ref, depth)
     graph.downstream = walker.down(root.ref, depth)
     graph.reproductions = list(root.metadata.get("reproductions") or [])
+    graph.alias_moves = list(root.metadata.get("alias_moves") or [])
     return graph
 
 
@@ -188,7 +191,20 @@ def to_text(g: Graph) -> str:
     if g.reproductions:
         lines.append("reproduced (reproduce)")
         tree([(f"run {r.get('run')}  {str(r.get('at'))[:19]}  {_reproduction(r)}", []) for r in g.reproductions], "")
+    if g.alias_moves:
+        lines.append("aliases moved by hand (artifacts alias, unalias)")
+        tree([(_alias_move(m), []) for m in g.alias_moves], "")
     return "\n".join(lines) + "\n"
+
+
+def _alias_move(move: dict[str, Any]) -> str:
+    """One alias moved by hand (`artifacts alias` or `unalias` records it in the version's metadata) in words."""
+    if move.get("removed"):
+        what = f"{move.get('alias')} taken off"
+    else:
+        what = f"{move.get('alias')} set ({'from ' + move['from'] if move.get('from') else 'on no version before'})"
+    why = f"  {move['reason']}" if move.get("reason") else ""
+    return f"{what}  {str(move.get('at'))[:19]}  {move.get('by')}{why}"
 
 
 def _reproduction(record: dict[str, Any]) -> str:

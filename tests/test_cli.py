@@ -257,6 +257,16 @@ def test_an_alias_moved_by_hand_rolls_production_back_and_is_recorded(tmp_path, 
         assert main(["artifacts", "unalias", *argv, *s]) == 2
         assert said in capsys.readouterr().err
     assert sorted(reg.resolve("clf:v1").aliases) == ["latest", "production"]
+    # lineage tells the moves made by hand on the version, with who and why
+    from pipeline.lineage import build, render
+
+    text = render(build(reg, "clf:v1"), "text").splitlines()
+    moves = text[text.index("aliases moved by hand (artifacts alias, unalias)") + 1:]
+    assert [line.split("  ", 2)[0] for line in moves] == ["├─ staging set (on no version before)",
+                                                          "├─ production set (from clf:v0)",
+                                                          "└─ staging taken off"]
+    assert moves[-1].endswith("  stage torn down") and "@" in moves[-1]
+    assert json.loads(render(build(reg, "clf:v1"), "json"))["alias_moves"] == reg.resolve("clf:v1").metadata["alias_moves"]
 
 
 def test_artifacts_takes_its_config_before_or_after_the_action(tmp_path, capsys):
