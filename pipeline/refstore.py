@@ -126,11 +126,7 @@ def check(ref: Reference) -> str:
     fs, path = _fs(ref.uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return "missing"
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as src:
-        while chunk := src.read(CHUNK):
-            h.update(chunk)
-    return "ok" if h.hexdigest() == ref.sha256 else "corrupt"
+    return "ok" if _sha256(fs, path) == ref.sha256 else "corrupt"
 
 
 def materialize(uri: str, dest: Path, what: str = "dataset.source") -> Path:

@@ -182,11 +182,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 def _record(registry, ref: str, record: dict[str, Any]) -> None:
     """Add a reproduction's outcome to the original version's metadata (``reproductions``), which `artifacts show`
-    and `lineage` read: a model that was rebuilt says so, and how closely. Read again just before: the rebuild
-    may have published to this very version (the same digest)."""
+    and `lineage` read: a model that was rebuilt says so, and how closely. (The rebuild may have published to this
+    very version, the same digest: `append_record` reads the metadata as it is then.)"""
+    from pipeline.registry.base import append_record
+
     try:
-        done = registry.resolve(ref).metadata.get("reproductions") or []
-        registry.update_metadata(ref, {"reproductions": [*done, record]})
+        append_record(registry, ref, "reproductions", record)
     except Exception as e:  # noqa: BLE001 - online, another project's version this key may not write: the outcome stands
         log.warning("the reproduction's outcome could not be recorded on %s: %s", ref, e)
 

@@ -315,10 +315,9 @@ def _alias(registry, args: argparse.Namespace) -> int:
 def _unalias(registry, args: argparse.Namespace) -> int:
     """Take an alias off its version by hand, recorded in that version's metadata."""
     from pipeline.refs import parse_ref
-    from pipeline.registry.base import settable_alias
 
-    alias = settable_alias(parse_ref(args.ref).tag)  # NAME:vN and latest: refused before anything is read
-    version = registry.remove_alias(args.ref)
+    alias = parse_ref(args.ref).tag
+    version = registry.remove_alias(args.ref)  # NAME:vN and latest: refused before anything is read
     _record_move(registry, version, {"alias": alias, "removed": True}, args.reason)
     if args.json:
         print(json.dumps({"ref": version.ref, "alias": alias, "removed": True}, indent=2))
@@ -331,9 +330,10 @@ def _record_move(registry, version, move: dict, reason: str | None) -> None:
     """Add a move made by hand to the version's metadata (``alias_moves``), with when, by whom and why."""
     from datetime import datetime, timezone
 
-    record = {**move, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": _who(), "reason": reason}
-    done = registry.resolve(version.ref).metadata.get("alias_moves") or []  # as it is now, not as first read
-    registry.update_metadata(version.ref, {"alias_moves": [*done, record]})
+    from pipeline.registry.base import append_record
+
+    append_record(registry, version.ref, "alias_moves",
+                  {**move, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": _who(), "reason": reason})
 
 
 def _who() -> str:

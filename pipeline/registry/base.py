@@ -181,6 +181,13 @@ class Registry(Protocol):
     def finish_run(self, run: TrackedRun, status: str) -> None: ...
 
 
+def append_record(registry: Registry, ref: str, key: str, record: dict[str, Any], keep: int = 50) -> ArtifactVersion:
+    """Add `record` to the list `key` of a version's metadata (its newest `keep`), as the metadata is when written,
+    not as first read: the history of what was done to a version (`reproductions`, `alias_moves`)."""
+    done = list(registry.resolve(ref).metadata.get(key) or [])
+    return registry.update_metadata(ref, {key: [*done, record][-keep:]})
+
+
 def settable_alias(alias: str) -> str:
     """`alias` when it may be set by hand (`set_alias`): a valid alias, and not ``latest``, which the registry moves."""
     from pipeline.refs import validate_alias

@@ -417,16 +417,25 @@ def _dry_run(config: Config) -> StageResult:
     counts = manifest["num_rows"]
     said = [f"valid: {sum(counts.values())} rows (" + ", ".join(f"{s} {n}" for s, n in counts.items())
             + f"), {len(manifest['label_names'])} labels"]
-    if dropped := manifest["dropped"]:
-        total = sum(dropped.values())
-        said.append(f"{total} invalid row{'s' if total != 1 else ''} would be dropped ("
-                    + ", ".join(f"{k} {n}" for k, n in dropped.items()) + ")")
+    if manifest["dropped"]:
+        said.append(_dropped(manifest["dropped"], "would be dropped"))
     said.append("nothing published (--dry-run)")
-    return StageResult(stage=STAGE, status="ok", run_id=None, message="; ".join(said),
-                       metrics={**{f"rows_{s}": float(n) for s, n in counts.items()},
-                                "num_labels": float(len(manifest["label_names"])), "dropped": float(sum(dropped.values()))},
-                       details={"dry_run": True, "dropped": dropped, "label_names": manifest["label_names"],
+    return StageResult(stage=STAGE, status="ok", run_id=None, message="; ".join(said), metrics=_metrics(manifest),
+                       details={"dry_run": True, "dropped": manifest["dropped"], "label_names": manifest["label_names"],
                                 "label_counts": manifest["label_counts"]})
+
+
+def _dropped(dropped: dict[str, int], verb: str) -> str:
+    """``6 invalid rows dropped (duplicate_id 1, ...)``: what the result says of the rows `drop` leaves out."""
+    total = sum(dropped.values())
+    return (f"{total} invalid row{'s' if total != 1 else ''} {verb} ("
+            + ", ".join(f"{k} {n}" for k, n in dropped.items()) + ")")
+
+
+def _metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    """The result's metrics: rows per split, labels, rows dropped."""
+    return {**{f"rows_{s}": float(n) for s, n in manifest["num_rows"].items()},
+            "num_labels": float(len(manifest["label_names"])), "dropped": float(sum(manifest["dropped"].values()))}
 
 
 def _local_files_only(config: Config) -> bool:
@@ -529,8 +538,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
                              **{f"timing/{k}_s": round(v, 3) for k, v in timings.items()})
             if not published.created:
                 log.info("data unchanged: %s already holds it; no new version", published.ref)
-    said = [f"{sum(manifest['dropped'].values())} invalid rows dropped ("
-            + ", ".join(f"{k} {n}" for k, n in manifest["dropped"].items()) + ")"] if manifest["dropped"] else []
+    said = [_dropped(manifest["dropped"], "dropped")] if manifest["dropped"] else []
     if status == "unchanged":
         said.append(f"the data is {published.ref}'s byte for byte: no new version")
         said.extend(_latest_is_other(registry, published.version))
@@ -586,11 +594,7 @@ def _result(status: str, trun, version, manifest: dict[str, Any], message: str |
         run_id=trun.id,
         produced=[version.ref],
         message=message,
-        metrics={
-            **{f"rows_{s}": float(n) for s, n in manifest["num_rows"].items()},
-            "num_labels": float(len(manifest["label_names"])),
-            "dropped": float(sum(manifest["dropped"].values())),
-        },
+        metrics=_metrics(manifest),
         paths={"run_dir": str(trun.wandb_dir) if trun.wandb_dir else ""},
         details={"dropped": manifest["dropped"], "digest": version.digest},
     )
