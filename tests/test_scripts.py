@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,3 +29,50 @@ def test_a_benchmark_script_runs_to_its_report(script, args, reports, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert reports in out.stdout
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_within_the_ranges_pyproject_allows():
+    """scripts/setup.sh installs constraints.txt's versions: each of pyproject.toml's requirements (the test
+    extras too) must be pinned there, at a version its range admits, or a fresh set-up fails or drifts."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]]
+    pins = _pins()
+    unpinned = [str(r) for r in wanted if canonicalize_name(r.name) not in pins]
+    outside = [f"{r} (pinned {pins[canonicalize_name(r.name)]})" for r in wanted
+               if canonicalize_name(r.name) in pins and not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True)]
+    assert not unpinned and not outside, f"run scripts/update_constraints.sh: unpinned {unpinned}, outside their range {outside}"
+
+
+@pytest.mark.skipif(os.environ.get("PIPELINE_UNPINNED") == "1", reason="set up with PIPELINE_UNPINNED=1: newest releases")
+def test_the_tests_run_on_the_versions_constraints_pins():
+    """What the suite passes on is what constraints.txt gives a fresh set-up (a local label, torch's +cpu, aside)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    differ = {}
+    for name, pinned in _pins().items():
+        try:
+            installed = version(name).split("+", 1)[0]
+        except PackageNotFoundError:
+            installed = None
+        if installed != pinned:
+            differ[name] = (pinned, installed)
+    assert not differ, f"installed versions differ from constraints.txt (pinned, installed): {differ}; " \
+                       "bash scripts/setup.sh --test installs the pins, scripts/update_constraints.sh moves them"
