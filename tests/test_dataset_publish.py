@@ -1066,10 +1066,10 @@ def test_a_dry_run_checks_and_splits_the_data_and_leaves_nothing(tmp_path, cfg_f
 
 
 @pytest.mark.parametrize("reuse", [False, True])
-def test_data_published_again_after_other_data_says_latest_is_not_it(tmp_path, cfg_for, caplog, monkeypatch, reuse):
-    # Data reverted to what v0 holds is v0 again, but `latest` stays on v1, the newest: finetune, which reads
-    # tickets:latest unless told, would train on v1's data, not on what was just published. The result says so,
-    # whether the data was read again or known from its files (reuse).
+def test_data_published_again_after_other_data_makes_its_version_latest_again(tmp_path, cfg_for, caplog, monkeypatch, reuse):
+    # Data reverted to what v0 holds is v0 again, and `latest` with it, as on W&B (which merges a deduplicated
+    # artifact's aliases into the version it matched): finetune and sweep, which read tickets:latest unless told,
+    # train on what was just published, whether the data was read again or known from its files (reuse).
     from pipeline import provenance
 
     monkeypatch.setattr(provenance, "code_version", lambda: {"git_commit": "a" * 40, "git_dirty": False})
@@ -1079,18 +1079,19 @@ def test_data_published_again_after_other_data_says_latest_is_not_it(tmp_path, c
     write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
     assert dataset_publish.run(cfg, reuse=reuse).produced == ["tickets:v1"]
     write_rows(tmp_path / "d.csv", rows())
+    caplog.set_level("INFO")
     again = dataset_publish.run(cfg, reuse=reuse)
     assert (again.status, again.produced) == ("unchanged", ["tickets:v0"])
     assert again.message.startswith("tickets:v0 was published from these same files" if reuse else "the data is")
-    said = ("tickets:latest is tickets:v1, which holds other data: finetune and sweep read tickets:latest unless "
-            "told, so name this version (--dataset tickets:v0)")
+    said = "tickets:latest is tickets:v0 again (it was tickets:v1)"
     assert again.message.endswith("; " + said) and said in caplog.text
-    assert registry_of(cfg).resolve("tickets:latest").version == 1  # `latest` follows the newest version
+    reg = registry_of(cfg)
+    assert reg.resolve("tickets:latest").ref == "tickets:v0" and reg.resolve("tickets:v1").aliases == []
     caplog.clear()
+    assert "latest" not in dataset_publish.run(cfg, reuse=reuse).message  # it is latest already: nothing to say
     newest = dataset_publish.run(cfg_for(write_rows(tmp_path / "d.csv", rows()[:-1])), reuse=reuse)
-    assert newest.produced == ["tickets:v2"]
-    assert dataset_publish.run(cfg_for(tmp_path / "d.csv"), reuse=reuse).message.count("latest") == 0  # v2 is latest
-    assert "latest" not in caplog.text
+    assert newest.produced == ["tickets:v2"] and reg.resolve("tickets:latest").ref == "tickets:v2"
+    assert "latest is" not in caplog.text
 
 
 def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg_for, monkeypatch, cli_here):

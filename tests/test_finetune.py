@@ -1227,6 +1227,7 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     assert again.details["trained_by"] == first.run_id and again.run_id != first.run_id
     assert again.metrics["eval_accuracy"] == first.metrics["eval_accuracy"]
     assert reg.resolve("clf:candidate").ref == "clf:v0"  # as publishing the same content again would
+    assert reg.resolve("clf:latest").ref == "clf:v0" and reg.resolve("clf:v1").aliases == []  # and `latest` too
     assert reg.get_run(again.run_id)["consumed"] == ["tickets:v0"] and reg.get_run(again.run_id)["produced"] == ["clf:v0"]
     assert not (tmp_path / "track" / "checkpoints" / "clf" / again.run_id).exists()  # nothing was trained
     assert inspect_summary(Path(again.paths["run_dir"]))["summary"]["status"] == "unchanged"

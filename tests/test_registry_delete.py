@@ -210,6 +210,18 @@ def test_cli_delete_prune_show_and_lineage(reg, tmp_path):
     assert bad.returncode == 2 and "keep at least 1 version" in bad.stderr
 
 
+def test_prune_keeps_an_older_version_that_is_latest_again(reg, tmp_path):
+    """Content published again puts `latest` on its older version: what finetune reads next is not pruned."""
+    for i in range(4):
+        reg.publish("ds", "dataset", write(tmp_path / f"d{i}", {"rows": f"rows {i}"}))
+    reg.publish("ds", "dataset", write(tmp_path / "again", {"rows": "rows 0"}))  # the data reverted to v0's
+    pruned = run_cli("artifacts", "prune", "ds", "--keep", "2", "--json", "--set", f"tracking.dir={tmp_path / 'track'}")
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["kept"] == [{"ref": "ds:v0", "reason": "holds latest"}]
+    assert [v.ref for v in reg.list_versions(name="ds")] == ["ds:v0", "ds:v2", "ds:v3"]
+    assert reg.resolve("ds:latest").ref == "ds:v0"
+
+
 def test_a_version_deleted_after_it_was_resolved_is_reported_as_deleted_when_fetched(reg, tmp_path):
     v = reg.publish("m", "model", write(tmp_path / "a", {"w.bin": "weights"})).version  # resolved, then ...
     reg.delete("m:v0")  # ... deleted by another process before the fetch

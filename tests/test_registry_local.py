@@ -87,6 +87,23 @@ def test_dedupe_same_digest_same_version_no_new_bytes(reg, tmp_path):
     assert reg.resolve("ds:v0").metadata == {"run": 1}  # the stored version is unchanged
 
 
+def test_an_older_versions_content_published_again_makes_it_latest_again(reg, tmp_path):
+    """As on W&B, which merges a deduplicated artifact's aliases (`latest` among them) into the version it matched:
+    `latest` is on the version published last, new or not; the result says where it was before."""
+    v0 = reg.publish("ds", "dataset", write(tmp_path / "0", {"a.txt": "old"}))
+    v1 = reg.publish("ds", "dataset", write(tmp_path / "1", {"a.txt": "new"}))
+    assert (v0.latest_before, v1.latest_before) == (None, "ds:v0")
+    again = reg.publish("ds", "dataset", write(tmp_path / "again", {"a.txt": "old"}))
+    assert (again.created, again.ref, again.latest_before) == (False, "ds:v0", "ds:v1")
+    assert reg.resolve("ds:latest").ref == "ds:v0" and reg.resolve("ds:v1").aliases == []
+    assert catalog(reg, "SELECT COUNT(*) FROM aliases WHERE alias = 'latest'") == [(1,)]
+    assert reg.publish("ds", "dataset", write(tmp_path / "2", {"a.txt": "newest"})).ref == "ds:v2"  # the next number
+    assert reg.mark_latest("ds:v1").aliases == ["latest"]  # what a stage that reuses v1 rather than publish it does
+    assert reg.resolve("ds:latest").ref == "ds:v1" and reg.resolve("ds:v2").aliases == []
+    with pytest.raises(RefError, match="ds has no version 'v7'"):
+        reg.mark_latest("ds:v7")
+
+
 def test_alias_moves_off_the_old_version(reg, tmp_path):
     v0 = reg.publish("m", "model", write(tmp_path / "0", {"w": "0"}), aliases=["candidate"]).version
     v1 = reg.publish("m", "model", write(tmp_path / "1", {"w": "1"}), aliases=["candidate"]).version

@@ -104,6 +104,26 @@ def test_an_alias_taken_off_online_is_saved_on_the_version_that_held_it():
     assert asked == ["team/proj/clf:staging"]
 
 
+def test_latest_put_on_a_reused_version_online_is_saved_on_it():
+    """A stage that reuses an older version (its content published again) puts `latest` on it, as W&B does when the
+    same content is logged again: the alias is added and the artifact saved (W&B takes it off the other version);
+    a version that holds it already is not saved again."""
+    art = _artifact("team", "proj", "tickets", "v0")
+    art.aliases.remove("latest")
+    saved = []
+    art.save = lambda: saved.append(list(art.aliases))
+
+    class Api:
+        def artifact(self, path, type=None):
+            return art
+
+    reg = WandbRegistry(project="proj", entity="team")
+    reg._api = Api()
+    assert reg.mark_latest("tickets:v0").aliases == ["latest"] and saved == [["latest"]]
+    reg.mark_latest("tickets:v0")
+    assert saved == [["latest"]]
+
+
 def test_lineage_online_names_another_projects_runs_and_versions_where_they_are():
     """lineage walks W&B's runs and artifacts: a version's producing run in another project is looked up there (it
     was looked up in the config's project, and shown as not recorded), and what a run consumed from another

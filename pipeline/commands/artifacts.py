@@ -359,7 +359,7 @@ def _prune(registry, tracking_dir, args: argparse.Namespace) -> int:
     old = versions[args.keep:]
     deleted, kept = [], []
     for v in reversed(old):  # oldest first
-        held = [a for a in v.aliases if a != "latest"]
+        held = list(v.aliases)  # `latest` too: on an old version when its content was published again
         if held and not args.delete_aliases:
             kept.append({"ref": v.ref, "reason": f"holds {', '.join(held)}"})
             continue

@@ -79,6 +79,7 @@ class PublishResult:
     version: ArtifactVersion
     created: bool  # False: an existing version had the same digest; nothing new was stored
     bytes_stored: int  # bytes newly written to the object store
+    latest_before: str | None = None  # where ``NAME:latest`` was (an exact ``name:vN``) before; None: on no version
 
     @property
     def ref(self) -> str:
@@ -158,6 +159,12 @@ class Registry(Protocol):
         """Take the alias ``NAME:ALIAS`` (not ``latest``) off the version that holds it; that version, without it."""
         ...
 
+    def mark_latest(self, ref: str) -> ArtifactVersion:
+        """Put ``latest`` on `ref`'s version, as publishing its content again does (W&B merges the aliases of a
+        logged artifact that dedupes to an existing version, ``latest`` among them, into that version): for a stage
+        whose result is a version it knows it would publish again, without publishing (reuse)."""
+        ...
+
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion: ...
 
     def list_versions(self, name: str | None = None, type: str | None = None) -> list[ArtifactVersion]: ...
@@ -194,7 +201,7 @@ def settable_alias(alias: str) -> str:
 
     validate_alias(alias)
     if alias == "latest":
-        raise RegistryError("'latest' moves by itself to each new version; it cannot be set or taken off by hand")
+        raise RegistryError("'latest' moves by itself to the version published last; it cannot be set or taken off by hand")
     return alias
 
 

@@ -658,6 +658,7 @@ class LocalRegistry:
                 raise RegistryError(f"{name!r} already exists with type {types.pop()!r}; cannot add a {type!r} version")
             row = conn.execute("SELECT * FROM versions WHERE name = ? AND digest = ? AND deleted_at IS NULL",
                                (name, digest)).fetchone()
+            latest_before = self._latest(conn, name)
             created = row is None
             if created:
                 # A concurrent clean-up may have removed an object we found present earlier:
@@ -680,13 +681,22 @@ class LocalRegistry:
                     [(vid, p, h, s, None) for p, (h, s) in sorted(hashed.items())]
                     + [(vid, p, r.sha256, r.size, r.uri) for p, r in sorted(references.items())],
                 )
-                self._move_alias(conn, name, "latest", vid)
             else:
                 vid = row["id"]
-            for alias in aliases:
+            # An existing version's content published again is `latest` again, as W&B merges a deduplicated
+            # artifact's aliases (`latest` among them) into the version it matched.
+            for alias in ("latest", *aliases):
                 self._move_alias(conn, name, alias, vid)
             version = self._load(conn, conn.execute("SELECT * FROM versions WHERE id = ?", (vid,)).fetchone())
-        return PublishResult(version=version, created=created, bytes_stored=stored if created else 0)
+        return PublishResult(version=version, created=created, bytes_stored=stored if created else 0,
+                             latest_before=latest_before)
+
+    @staticmethod
+    def _latest(conn: sqlite3.Connection, name: str) -> str | None:
+        """The exact reference ``name:latest`` is on; None when no version holds it."""
+        row = conn.execute("SELECT v.version FROM aliases a JOIN versions v ON v.id = a.version_id "
+                           "WHERE a.name = ? AND a.alias = 'latest'", (name,)).fetchone()
+        return f"{name}:v{row[0]}" if row else None
 
     @staticmethod
     def _move_alias(conn: sqlite3.Connection, name: str, alias: str, version_id: int) -> None:
@@ -787,6 +797,12 @@ class LocalRegistry:
         with self._write() as conn:
             row = self._resolve_row(conn, ref, None)  # the version that holds it (a RefError naming those there are)
             conn.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (row["name"], alias))
+            return self._load(conn, row)
+
+    def mark_latest(self, ref: str) -> ArtifactVersion:
+        with self._write() as conn:
+            row = self._resolve_row(conn, ref, None)
+            self._move_alias(conn, row["name"], "latest", row["id"])
             return self._load(conn, row)
 
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion:

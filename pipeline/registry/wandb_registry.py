@@ -229,7 +229,8 @@ class WandbRegistry:
         version = self.to_version(final)
         created = before is None or int(str(before).lstrip("v")) < version.version
         run.note_produced(version.ref)
-        return PublishResult(version=version, created=created, bytes_stored=version.size if created else 0)
+        return PublishResult(version=version, created=created, bytes_stored=version.size if created else 0,
+                             latest_before=f"{version.name}:{before}" if before is not None else None)
 
     def set_alias(self, ref: str, alias: str, *, expected: str | None | object = ...) -> ArtifactVersion:
         settable_alias(alias)
@@ -253,6 +254,13 @@ class WandbRegistry:
         art = self._artifact(ref)  # the version that holds it
         art.aliases.remove(alias)
         art.save()
+        return self.to_version(art)
+
+    def mark_latest(self, ref: str) -> ArtifactVersion:
+        art = self._artifact(ref)
+        if "latest" not in art.aliases:  # W&B takes an alias off the collection's other version when it is saved here
+            art.aliases.append("latest")
+            art.save()
         return self.to_version(art)
 
     def update_metadata(self, ref: str, patch: Mapping[str, Any]) -> ArtifactVersion:

@@ -541,7 +541,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
     said = [_dropped(manifest["dropped"], "dropped")] if manifest["dropped"] else []
     if status == "unchanged":
         said.append(f"the data is {published.ref}'s byte for byte: no new version")
-        said.extend(_latest_is_other(registry, published.version))
+        said.extend(_latest_again(published.version, published.latest_before))
     result = _result(status, trun, published.version, manifest, message="; ".join(said) or None)
     result.details["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return result
@@ -561,29 +561,34 @@ def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
     again, and the result is that version, status ``unchanged``, as publishing the same content again gives."""
     meta = earlier.metadata
     with tracked_run(config, STAGE, group=group, registry=registry, tags=["reused"]) as trun:
+        before = earlier.ref if "latest" in earlier.aliases else _latest_ref(registry, earlier)
+        if before != earlier.ref:
+            registry.mark_latest(earlier.ref)  # as publishing its content again does
         trun.note_produced(earlier.ref)
         trun.set_summary(**_data_summary(meta), artifact=earlier.ref, status="unchanged", reused=earlier.ref,
                          published_by=earlier.produced_by)
         log.info("data unchanged: %s was published from these same files (by sha256), dataset config and code; they are "
                  "not read again and no new version is made", earlier.ref)
     said = [f"{earlier.ref} was published from these same files, config and code; not read again",
-            *_latest_is_other(registry, earlier)]
+            *_latest_again(earlier, before)]
     return _result("unchanged", trun, earlier, meta, message="; ".join(said))
 
 
-def _latest_is_other(registry, version) -> list[str]:
-    """For data that is an older version's again: that `latest` is another version (it follows the newest), which
-    the stages that read ``NAME:latest`` unless told would read instead of this data. Warned, and returned to be
-    said in the result; empty when this version is `latest`."""
+def _latest_ref(registry, version) -> str | None:
+    """The exact version ``NAME:latest`` is on now; None when none is."""
     try:
-        latest = version if "latest" in version.aliases else registry.resolve(version.tagged("latest"), "dataset")
+        return registry.resolve(version.tagged("latest"), "dataset").ref
     except RefError:  # `latest` went with a version deleted meanwhile
+        return None
+
+
+def _latest_again(version, before: str | None) -> list[str]:
+    """For data that an older version holds, published again: that version is ``NAME:latest`` again (as on W&B),
+    which finetune and sweep read unless told. Said in the result and logged; empty when it was `latest` before."""
+    if before == version.ref:
         return []
-    if latest.version == version.version:
-        return []
-    said = (f"{version.tagged('latest')} is {latest.ref}, which holds other data: finetune and sweep read "
-            f"{version.tagged('latest')} unless told, so name this version (--dataset {version.ref})")
-    log.warning("%s", said)
+    said = f"{version.tagged('latest')} is {version.ref} again" + (f" (it was {before})" if before else "")
+    log.info("%s", said)
     return [said]
 
 

@@ -956,7 +956,7 @@ def trained_before(config: Config, signature: str | None, registry):
 
 def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summary) -> StageResult:
     """The stage's run for a version trained before from the same inputs: it records the inputs it was
-    given, moves `aliases` to that version (as publishing its content again would) and trains nothing."""
+    given, moves `aliases` and ``latest`` to that version (as publishing its content again would) and trains nothing."""
     with tracked_run(config, STAGE, group=group or plan_.group, run_id=plan_.run_id, tags=[*tags, "reused"],
                      registry=plan_.registry) as trun:
         if summary:
@@ -964,6 +964,9 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
         plan_.use_inputs(trun)
         for alias in aliases:
             trun.registry.set_alias(earlier.ref, alias)
+        if "latest" not in earlier.aliases:
+            trun.registry.mark_latest(earlier.ref)
+            log.info("%s is %s again", earlier.tagged("latest"), earlier.ref)
         trun.note_produced(earlier.ref)
         trun.set_summary(artifact=earlier.ref, status="unchanged", reused=earlier.ref, trained_by=earlier.produced_by)
         log.info("%s was already trained from these same inputs (dataset %s, base model, model and train config, code "
