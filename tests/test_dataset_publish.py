@@ -1094,6 +1094,33 @@ def test_data_published_again_after_other_data_makes_its_version_latest_again(tm
     assert "latest is" not in caplog.text
 
 
+def test_a_reused_version_stands_when_the_registry_refuses_to_move_latest_onto_it(tmp_path, cfg_for, monkeypatch):
+    # Online, W&B manages `latest` and might refuse it by hand: the reuse is still the result, and it says where
+    # `latest` is and which version to name.
+    from pipeline import provenance
+    from pipeline.errors import RegistryError
+    from pipeline.registry.local import LocalRegistry
+
+    monkeypatch.setattr(provenance, "code_version", lambda: {"git_commit": "a" * 40, "git_dirty": False})
+    src = write_rows(tmp_path / "d.csv", rows())
+    cfg = cfg_for(src)
+    dataset_publish.run(cfg, reuse=True)
+    write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
+    dataset_publish.run(cfg, reuse=True)
+    write_rows(tmp_path / "d.csv", rows())
+
+    def refuse(self, ref):
+        raise RegistryError("'latest' is managed by the server")
+
+    monkeypatch.setattr(LocalRegistry, "mark_latest", refuse)
+    again = dataset_publish.run(cfg, reuse=True)
+    assert (again.status, again.produced) == ("unchanged", ["tickets:v0"])
+    assert again.message.endswith("; tickets:latest is still tickets:v1: putting it on tickets:v0 failed ('latest' is "
+                                  "managed by the server); finetune and sweep read tickets:latest unless told, so name "
+                                  "this version (--dataset tickets:v0)")
+    assert registry_of(cfg).resolve("tickets:latest").ref == "tickets:v1"
+
+
 def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg_for, monkeypatch, cli_here):
     """The command line's default (reuse): a live version published from the same files (by sha256), dataset config,
     code and libraries is the result, status unchanged, without reading the data; anything changed reads it."""

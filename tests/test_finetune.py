@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from pipeline.commands.stage import run_stage
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, RefError, StageFailed
+from pipeline.errors import ConfigError, RefError, RegistryError, StageFailed
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
@@ -1205,7 +1205,8 @@ def test_a_run_from_a_registry_base_resumes_from_the_same_version_after_its_alia
     assert sorted(reg.get_run(resumed.run_id)["consumed"]) == ["clf:v0", "tickets:v0"]
 
 
-def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_path, tiny_model, tickets_csv, monkeypatch):
+def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_path, tiny_model, tickets_csv, monkeypatch,
+                                                                            caplog):
     """finetune's command-line default (reuse): the same dataset version, base model, model and train config,
     code and libraries give the version trained before, status unchanged, without training; any of them
     changed trains. A source tree with uncommitted changes cannot be named, so it always trains."""
@@ -1272,3 +1273,14 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     deploying = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", f"deploy.dir={tmp_path / 'deploy'}")
     assert run_all(deploying, reuse=True).stages[1].details.get("reused")
     assert "reused" not in run_all(deploying).stages[1].details
+    # a registry that refuses to move `latest` (online, W&B manages it): the reused version is the result all the same
+    from pipeline.registry.local import LocalRegistry
+
+    reg.mark_latest("clf:v0")
+    def refuse(self, ref):
+        raise RegistryError("managed")
+
+    monkeypatch.setattr(LocalRegistry, "mark_latest", refuse)
+    seven = finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", "train.seed=7"), reuse=True)
+    assert (seven.status, seven.produced, seven.details.get("reused")) == ("unchanged", ["clf:v1"], True)
+    assert "clf:latest did not move to clf:v1: managed" in caplog.text and reg.resolve("clf:latest").ref == "clf:v0"

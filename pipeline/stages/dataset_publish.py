@@ -562,15 +562,13 @@ def _reuse(config: Config, group: str | None, registry, earlier) -> StageResult:
     meta = earlier.metadata
     with tracked_run(config, STAGE, group=group, registry=registry, tags=["reused"]) as trun:
         before = earlier.ref if "latest" in earlier.aliases else _latest_ref(registry, earlier)
-        if before != earlier.ref:
-            registry.mark_latest(earlier.ref)  # as publishing its content again does
+        latest = _mark_latest(registry, earlier, before)  # as publishing its content again does
         trun.note_produced(earlier.ref)
         trun.set_summary(**_data_summary(meta), artifact=earlier.ref, status="unchanged", reused=earlier.ref,
                          published_by=earlier.produced_by)
         log.info("data unchanged: %s was published from these same files (by sha256), dataset config and code; they are "
                  "not read again and no new version is made", earlier.ref)
-    said = [f"{earlier.ref} was published from these same files, config and code; not read again",
-            *_latest_again(earlier, before)]
+    said = [f"{earlier.ref} was published from these same files, config and code; not read again", *latest]
     return _result("unchanged", trun, earlier, meta, message="; ".join(said))
 
 
@@ -580,6 +578,22 @@ def _latest_ref(registry, version) -> str | None:
         return registry.resolve(version.tagged("latest"), "dataset").ref
     except RefError:  # `latest` went with a version deleted meanwhile
         return None
+
+
+def _mark_latest(registry, version, before: str | None) -> list[str]:
+    """Put ``latest`` on a version reused rather than published again, and say so (`_latest_again`). Should the
+    registry refuse (online, W&B manages ``latest``), the version stands as the result and the message says where
+    ``latest`` still is, and which version to name."""
+    if before == version.ref:
+        return []
+    try:
+        registry.mark_latest(version.ref)
+    except Exception as e:  # noqa: BLE001 - the data is published either way; only the pointer did not move
+        said = (f"{version.tagged('latest')} is still {before}: putting it on {version.ref} failed ({e}); finetune and "
+                f"sweep read {version.tagged('latest')} unless told, so name this version (--dataset {version.ref})")
+        log.warning("%s", said)
+        return [said]
+    return _latest_again(version, before)
 
 
 def _latest_again(version, before: str | None) -> list[str]:

@@ -965,8 +965,11 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
         for alias in aliases:
             trun.registry.set_alias(earlier.ref, alias)
         if "latest" not in earlier.aliases:
-            trun.registry.mark_latest(earlier.ref)
-            log.info("%s is %s again", earlier.tagged("latest"), earlier.ref)
+            try:
+                trun.registry.mark_latest(earlier.ref)
+                log.info("%s is %s again", earlier.tagged("latest"), earlier.ref)
+            except Exception as e:  # noqa: BLE001 - online, W&B manages `latest`; the reused version stands
+                log.warning("%s did not move to %s: %s", earlier.tagged("latest"), earlier.ref, e)
         trun.note_produced(earlier.ref)
         trun.set_summary(artifact=earlier.ref, status="unchanged", reused=earlier.ref, trained_by=earlier.produced_by)
         log.info("%s was already trained from these same inputs (dataset %s, base model, model and train config, code "
