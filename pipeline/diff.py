@@ -230,7 +230,7 @@ def format_diff(d: Diff, limit: int = 20) -> str:
     if d.metadata:
         lines.append(f"  metadata ({len(d.metadata)} keys differ):")
         for key, va, vb in d.metadata[:limit]:
-            lines.append(f"    {key}: {_short(va)} -> {_short(vb)}")
+            lines.append(f"    {key}: {_list_change(va, vb) or f'{_short(va)} -> {_short(vb)}'}")
         if len(d.metadata) > limit:
             lines.append(f"    ... and {len(d.metadata) - limit} more (--json lists them all)")
     else:
@@ -251,6 +251,32 @@ def format_diff(d: Diff, limit: int = 20) -> str:
 def _unless_same(value: Any) -> Any:
     """A row's [before, after] as one value when it did not change (a moved row keeps its label)."""
     return value[0] if isinstance(value, list) and len(value) == 2 and value[0] == value[1] else value
+
+
+def _list_change(a: Any, b: Any, width: int = 80) -> str | None:
+    """Two lists of plain values too long to show whole (`label_names`), as what changed: the items one has and the
+    other not, or an order changed (which, for label names, changes every label id). None for anything else."""
+    if not (isinstance(a, list) and isinstance(b, list)) or any(isinstance(x, (dict, list)) for x in (*a, *b)):
+        return None
+    import json
+
+    def listed(values: list) -> str:
+        text = json.dumps(values, default=str, ensure_ascii=False).translate(_ESCAPES)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    if max(len(listed(a)), len(listed(b))) < width:
+        return None  # shown whole
+    added, removed = [x for x in b if x not in a], [x for x in a if x not in b]
+    said = [f"{len(a)} -> {len(b)} items"]
+    if added:
+        said.append(f"added {listed(added)}")
+    if removed:
+        said.append(f"removed {listed(removed)}")
+    if not added and not removed:
+        said.append("the same items in another order" if len(a) == len(b) else "the same items, some repeated")
+    elif [x for x in a if x in b] != [x for x in b if x in a]:
+        said.append("the items in both in another order")
+    return "; ".join(said)
 
 
 _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.diff import ABSENT, DiffError, _dict_diff, _short, diff_versions
+from pipeline.diff import _list_change, ABSENT, DiffError, _dict_diff, _short, diff_versions
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish
 from tests.conftest import run_cli
@@ -150,3 +150,28 @@ def test_a_value_shown_in_a_report_keeps_its_letters():
     assert _short(["Höhe & Co", "🚀", "tab\there"]) == '["Höhe & Co", "🚀", "tab\\there"]'
     assert _short("über\nalles") == "über\\nalles"
 
+
+
+def test_a_long_list_that_changed_is_shown_as_what_was_added_removed_or_reordered():
+    """`label_names` of two dataset versions cut at 80 characters hid the label added at its end."""
+    six = ["account_access", "billing", "cancellation", "product_question", "shipping", "technical_issue"]
+    seven = [*six[:4], "sales", *six[4:]]
+    assert _list_change(six, seven) == '6 -> 7 items; added ["sales"]'
+    assert _list_change(seven, six[1:]) == '7 -> 5 items; removed ["account_access", "sales"]'
+    assert _list_change(six, six[::-1]) == "6 -> 6 items; the same items in another order"
+    assert _list_change([*six[1:], "refunds", six[0]], six) == ('7 -> 6 items; removed ["refunds"]; the items in both in '
+                                                               'another order')
+    assert _list_change(["a"], ["a", "b"]) is None  # short enough to be shown whole
+    assert _list_change([{"path": "a"}] * 9, [{"path": "b"}] * 9) is None  # records: compared key by key instead
+
+
+def test_a_label_added_to_a_dataset_shows_in_its_diff(publish, tmp_path):
+    names = ["account_access_request", "billing_and_invoices", "cancellation_of_contract", "shipping_and_delivery"]
+    rows = [{"id": f"{n}-{i}", "text": f"{n} question number {i}", "label": n} for n in names for i in range(10)]
+    a = publish(rows, "a.csv", "dataset.id_column=id")
+    b = publish(rows + [{"id": f"sales-{i}", "text": f"a quote for {i} seats", "label": "sales"} for i in range(10)],
+                "b.csv", "dataset.id_column=id")
+    cli = run_cli("artifacts", "diff", a, b, "--set", f"tracking.dir={tmp_path / 'track'}")
+    assert cli.returncode == 0, cli.stderr
+    assert '    label_names: 4 -> 5 items; added ["sales"]; the items in both in another order' not in cli.stdout
+    assert '    label_names: 4 -> 5 items; added ["sales"]' in cli.stdout.splitlines()
