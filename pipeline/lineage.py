@@ -55,7 +55,9 @@ def _run_summary(run: dict[str, Any]) -> str:
         return f"source={d.get('source')}"
     if job == "finetune":
         t, m = cfg.get("train") or {}, cfg.get("model") or {}
-        parts = [f"base={m.get('base')}", f"epochs={t.get('epochs')}", f"lr={t.get('learning_rate')}",
+        epochs = t.get("epochs")  # a float in the config (fractions allowed): 3, not 3.0
+        epochs = int(epochs) if isinstance(epochs, float) and epochs.is_integer() else epochs
+        parts = [f"base={m.get('base')}", f"epochs={epochs}", f"lr={t.get('learning_rate')}",
                  f"batch={t.get('batch_size')}", f"seed={t.get('seed')}"]
         if "reproduces" in summary:
             parts.append(f"reproduces={summary['reproduces']}")

@@ -187,7 +187,7 @@ def test_lineage_in_three_formats(env):
     text = render(g, "text")
     lines = text.splitlines()
     assert lines[0].startswith("clf:v0  model  aliases: candidate, latest, production")
-    assert any(f"run {runs['finetune']}  finetune  finished" in ln and "lr=0.003" in ln for ln in lines)
+    assert any(f"run {runs['finetune']}  finetune  finished" in ln and "epochs=4, lr=0.003" in ln for ln in lines)
     assert any("tickets:v0  dataset" in ln for ln in lines)
     assert any(f"run {runs['dataset-publish']}  dataset-publish" in ln and "source=" in ln for ln in lines)
     assert any(f"run {runs['evaluate']}  evaluate" in ln and "gate: promoted" in ln for ln in lines)
