@@ -81,6 +81,36 @@ def test_a_version_outside_the_configured_project_keeps_its_project_in_its_ref(e
     assert reg.qualify(version.tagged("production")) == f"{entity}/{project}/tickets:production"
 
 
+@pytest.mark.parametrize("logged_as, made_by, created", [
+    ("v1", "run-v1", False),  # v1's content again, while `latest` is on v0: W&B matched v1, which another run made
+    ("v2", "now", True),      # new content: the next version, made by this run
+    ("v0", "run-v0", False),  # what `latest` is on
+])
+def test_online_publish_says_new_only_for_a_version_this_run_made(tmp_path, logged_as, made_by, created):
+    """`latest` is not always the newest version (content published again puts it back on an older one), so a
+    version number above it does not make a version new."""
+    from types import SimpleNamespace
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    versions = {"latest": _artifact("team", "proj", "clf", "v0", producer=_run("team", "proj", "run-v0")),
+                logged_as: _artifact("team", "proj", "clf", logged_as, producer=_run("team", "proj", made_by))}
+
+    class Api:
+        def artifact(self, path, type=None):
+            return versions[path.rsplit(":", 1)[-1]]
+
+    logged = []
+    wandb_run = SimpleNamespace(id="now", log_artifact=lambda art, aliases: logged.append(aliases) or
+                                SimpleNamespace(version=logged_as, wait=lambda: None))
+    run = SimpleNamespace(wandb_run=wandb_run, id="now", note_produced=lambda ref: None)
+    reg = WandbRegistry(project="proj", entity="team")
+    reg._api = Api()
+    result = reg.publish("clf", "model", {"w.bin": f}, run=run)
+    assert (result.created, result.ref, result.latest_before) == (created, f"clf:{logged_as}", "clf:v0")
+    assert logged == [["latest"]] and (result.bytes_stored > 0) == created
+
+
 def test_an_alias_taken_off_online_is_saved_on_the_version_that_held_it():
     """`artifacts unalias` online: W&B's artifact loses the alias and is saved; latest and vN are refused unread."""
     art = _artifact("team", "proj", "clf", "v2")

@@ -227,7 +227,11 @@ class WandbRegistry:
         if self.link_registry and type == "model":
             run.wandb_run.link_artifact(final, f"wandb-registry-{self.link_registry}/{name}", aliases=aliases or None)
         version = self.to_version(final)
+        # A version above the one `latest` was on is new, unless another run made it: `latest` sits on an older
+        # version when that one's content was logged again, and W&B matches content to any live version.
         created = before is None or int(str(before).lstrip("v")) < version.version
+        if created and version.produced_by is not None:
+            created = version.produced_by.rsplit("/", 1)[-1] == run.wandb_run.id
         run.note_produced(version.ref)
         return PublishResult(version=version, created=created, bytes_stored=version.size if created else 0,
                              latest_before=f"{version.name}:{before}" if before is not None else None)
