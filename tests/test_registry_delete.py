@@ -222,6 +222,15 @@ def test_prune_keeps_an_older_version_that_is_latest_again(reg, tmp_path):
     assert reg.resolve("ds:latest").ref == "ds:v0"
 
 
+def test_deleting_a_version_that_is_not_latest_says_latest_stays_where_it_is(reg, tmp_path):
+    for i in range(3):
+        reg.publish("ds", "dataset", write(tmp_path / f"d{i}", {"rows": f"rows {i}"}))
+    reg.publish("ds", "dataset", write(tmp_path / "again", {"rows": "rows 0"}))  # `latest` back on v0
+    assert reg.delete("ds:v2", dry_run=True).latest_now == "ds:v0"
+    assert reg.delete("ds:v2").latest_now == "ds:v0" and reg.resolve("ds:latest").ref == "ds:v0"
+    assert reg.delete("ds:v0").latest_now == "ds:v1" and reg.resolve("ds:latest").ref == "ds:v1"  # it held it
+
+
 def test_a_version_deleted_after_it_was_resolved_is_reported_as_deleted_when_fetched(reg, tmp_path):
     v = reg.publish("m", "model", write(tmp_path / "a", {"w.bin": "weights"})).version  # resolved, then ...
     reg.delete("m:v0")  # ... deleted by another process before the fetch

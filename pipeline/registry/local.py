@@ -744,7 +744,10 @@ class LocalRegistry:
             held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force)
             newest = conn.execute("SELECT id, version FROM versions WHERE name = ? AND deleted_at IS NULL AND id != ? "
                                   "ORDER BY version DESC LIMIT 1", (row["name"], row["id"])).fetchone()
-            latest_now = f"{row['name']}:v{newest['version']}" if newest is not None else None
+            if "latest" in version.aliases:  # it moves to the newest version left
+                latest_now = f"{row['name']}:v{newest['version']}" if newest is not None else None
+            else:  # it stays where it is: on an older version whose content was published again, say
+                latest_now = self._latest(conn, row["name"])
             objects = [f.digest for f in version.files if not f.ref]
             if dry_run:  # the same checks, and what would be freed: content no other version names
                 alone = conn.execute(
