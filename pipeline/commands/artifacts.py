@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "recorded in the version's metadata (alias_moves: the alias, the version it was on, when, "
                            "by whom, and --reason).")
     alias.add_argument("ref", metavar="REF", help="the version to point it at: name:vN (or name:ALIAS)")
-    alias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. production (not latest, which follows the "
-                       "newest version)")
+    alias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. production (not latest, which is on the "
+                       "version published last)")
     alias.add_argument("--reason", metavar="TEXT", help="why, recorded with the move (an incident, a ticket)")
     unalias = sub.add_parser("unalias", help="take an alias off its version by hand (production: withdrawn), recorded",
                              description="Take ALIAS off the version that holds it, leaving it on none: for production, "
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     delete = sub.add_parser("delete", help="delete one version's files (its record stays for lineage)",
                             description="Delete one artifact version. Its files go (stored objects that no other "
                             "version shares are removed); its record, lineage and number stay, and the number is "
-                            "never used again. `latest` moves back to the newest remaining version.")
+                            "never used again. `latest`, if it held it, moves to the newest remaining version.")
     delete.add_argument("ref", metavar="REF", help="name:vN (or name:ALIAS)")
     prune = sub.add_parser("prune", help="delete all but the newest versions of an artifact",
                            description="Delete the versions of NAME older than the newest --keep ones. Versions that "
@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     for q in (delete, prune):
         q.add_argument("--delete-aliases", action="store_true",
-                       help="also delete versions that hold aliases other than latest, and those aliases")
+                       help="also delete versions that hold aliases, and those aliases (delete: latest never stops it, and "
+                            "moves to the newest version left; prune keeps an older version that holds latest without it)")
         q.add_argument("--force", action="store_true",
                        help="also delete versions that live versions were made from (they can no longer be reproduced)")
     for q in (ls, show, verify, diff, alias, unalias, delete, prune):

@@ -96,7 +96,7 @@ class FetchResult:
 @dataclass
 class DeleteResult:
     version: ArtifactVersion  # the deleted version's record (``deleted_at`` set)
-    aliases_removed: list[str]  # aliases it held, `latest` excepted (that one moves to the newest live version)
+    aliases_removed: list[str]  # aliases it held, `latest` excepted (if it held it, it moves to the newest live version)
     latest_now: str | None  # where `latest` of the name points afterwards (None: no live version left)
     bytes_freed: int  # object-store bytes removed (content no other version shares)
     copies_removed: list[str] = field(default_factory=list)  # local copies removed: the registry's fetched copy, tokenised caches
