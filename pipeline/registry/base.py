@@ -195,6 +195,16 @@ def append_record(registry: Registry, ref: str, key: str, record: dict[str, Any]
     return registry.update_metadata(ref, {key: [*done, record][-keep:]})
 
 
+def put_latest(registry: Registry, ref: str) -> str | None:
+    """`Registry.mark_latest` for a stage that reuses a version: None when ``latest`` is on it now, else why the
+    registry refused (online, W&B manages ``latest``). A refusal leaves the reused version the stage's result."""
+    try:
+        registry.mark_latest(ref)
+    except Exception as e:  # noqa: BLE001 - only the pointer did not move
+        return str(e)
+    return None
+
+
 def settable_alias(alias: str) -> str:
     """`alias` when it may be set by hand (`set_alias`): a valid alias, and not ``latest``, which the registry moves."""
     from pipeline.refs import validate_alias

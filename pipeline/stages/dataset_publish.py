@@ -34,6 +34,7 @@ from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataEr
                            saved_dataset, saved_dataset_files, stratified_split, validate)
 from pipeline.errors import ConfigError, RefError
 from pipeline.refstore import Reference, is_uri, materialize, put
+from pipeline.registry.base import put_latest
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
 from pipeline.tracking import tracked_run, warm_up
@@ -586,10 +587,9 @@ def _mark_latest(registry, version, before: str | None) -> list[str]:
     ``latest`` still is, and which version to name."""
     if before == version.ref:
         return []
-    try:
-        registry.mark_latest(version.ref)
-    except Exception as e:  # noqa: BLE001 - the data is published either way; only the pointer did not move
-        said = (f"{version.tagged('latest')} is still {before}: putting it on {version.ref} failed ({e}); finetune and "
+    refused = put_latest(registry, version.ref)
+    if refused:
+        said = (f"{version.tagged('latest')} is still {before}: putting it on {version.ref} failed ({refused}); finetune and "
                 f"sweep read {version.tagged('latest')} unless told, so name this version (--dataset {version.ref})")
         log.warning("%s", said)
         return [said]

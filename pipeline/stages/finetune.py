@@ -32,6 +32,7 @@ from pipeline import provenance, runlock
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed, no_space_left,
                              near_label, out_of_memory)
+from pipeline.registry.base import put_latest
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
 
@@ -965,11 +966,11 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
         for alias in aliases:
             trun.registry.set_alias(earlier.ref, alias)
         if "latest" not in earlier.aliases:
-            try:
-                trun.registry.mark_latest(earlier.ref)
+            refused = put_latest(trun.registry, earlier.ref)
+            if refused:
+                log.warning("%s did not move to %s: %s", earlier.tagged("latest"), earlier.ref, refused)
+            else:
                 log.info("%s is %s again", earlier.tagged("latest"), earlier.ref)
-            except Exception as e:  # noqa: BLE001 - online, W&B manages `latest`; the reused version stands
-                log.warning("%s did not move to %s: %s", earlier.tagged("latest"), earlier.ref, e)
         trun.note_produced(earlier.ref)
         trun.set_summary(artifact=earlier.ref, status="unchanged", reused=earlier.ref, trained_by=earlier.produced_by)
         log.info("%s was already trained from these same inputs (dataset %s, base model, model and train config, code "
