@@ -274,9 +274,17 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     assert (f"no interrupted run of clf is of this config and tickets:v0 ({killed}: config differs in "
             "train.learning_rate (0.003 -> 0.01)): training afresh") in caplog.text
     assert finetune.plan(cfg, resume="auto").run_id == killed
+    # the dataset named as the first call named it, by an alias or by name (an orchestrator retrying the same
+    # command line): the version it stands for is the run's, so the run goes on
+    for named in ("tickets:latest", "tickets"):
+        assert finetune.plan(cfg, dataset=named, resume="auto").run_id == killed
+        assert finetune.plan(cfg, dataset=named, resume=killed).run_id == killed
     write_tickets(tmp_path / "more.csv", rows=260)
     dataset_publish.run(make_cfg(tmp_path, tiny_model, tmp_path / "more.csv"))  # tickets:latest moves to v1
     assert finetune.plan(cfg, resume="auto").resume_from is None
+    with pytest.raises(ConfigError, match=rf"cannot resume run {killed} on tickets:latest \(tickets:v1\): it was "
+                                          "training on tickets:v0"):
+        finetune.plan(cfg, dataset="tickets:latest", resume=killed)
     continued = finetune.run(cfg, dataset="tickets:v0", resume="auto")
     assert continued.run_id == killed and continued.details["resumed_from"].endswith("checkpoint-5")
     assert finetune.plan(cfg, dataset="tickets:v0", resume="auto").resume_from is None  # nothing left to continue

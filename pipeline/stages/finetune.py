@@ -238,8 +238,11 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
                 f"cannot resume run {saved['run_id']}: the config differs from the interrupted run's in "
                 + describe_diff(changed)
             )
-        if dataset is not None and dataset != saved["dataset"]:
-            raise ConfigError(f"cannot resume run {saved['run_id']} on {dataset}: it was training on {saved['dataset']}")
+        if dataset is not None:  # named as the first call may have named it (`tickets:latest`): by the version
+            asked = registry.resolve(dataset, type="dataset").ref
+            if asked != saved["dataset"]:
+                said = dataset if asked == dataset else f"{dataset} ({asked})"
+                raise ConfigError(f"cannot resume run {saved['run_id']} on {said}: it was training on {saved['dataset']}")
         dataset = saved["dataset"]
         base = saved.get("base") or base  # the base version the run started from, wherever its alias is now
     ref = dataset or f"{config.dataset.name}:latest"
