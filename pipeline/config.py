@@ -230,6 +230,20 @@ class DatasetConfig(_Group):
     def _location(cls, value: str) -> str:
         return _readable_location(value)
 
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DatasetConfig:
+        """The text, label, id and pair columns are different columns: one column read as two (the text as its own
+        label, say) would publish nonsense."""
+        named: dict[str, str] = {}
+        for key in ("text_column", "label_column", "id_column", "text_pair_column"):
+            column = getattr(self, key)
+            if column is None:
+                continue
+            if column in named:
+                raise ValueError(f"{named[column]} and {key} both name the column {column!r}; they must be different columns")
+            named[column] = key
+        return self
+
     @field_validator("reference")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
@@ -447,18 +461,6 @@ class Config(_Group):
         if len(value) > 128:
             raise ValueError(f"a W&B project name is at most 128 characters (this one has {len(value)})")
         return value
-
-    @model_validator(mode="after")
-    def _check_related(self) -> Config:
-        problems = []
-        cols = [self.dataset.text_column, self.dataset.label_column, self.dataset.id_column,
-                self.dataset.text_pair_column]
-        named = [c for c in cols if c]
-        if len(set(named)) != len(named):
-            problems.append("dataset: text, label, id and text-pair columns must be different columns")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON types: what runs and artifacts record."""

@@ -195,6 +195,10 @@ def test_values_no_stage_could_use_are_refused_at_load(make_config, override, me
     ("project=" + "p" * 129, "project: a W&B project name is at most 128 characters (this one has 129)"),
     ("tracking.tags=[nightly, " + "t" * 65 + "]", f"tracking.tags: a W&B tag is 1 to 64 characters; '{'t' * 65}' has 65"),
     ("tracking.tags=[nightly, '']", "tracking.tags: a W&B tag is 1 to 64 characters; '' has 0"),
+    # one column read as two: named by its keys, under the group that holds them
+    ("dataset.label_column=text", "dataset: text_column and label_column both name the column 'text'"),
+    ("dataset.id_column=label", "dataset: label_column and id_column both name the column 'label'"),
+    ("dataset.text_pair_column=text", "dataset: text_column and text_pair_column both name the column 'text'"),
 ])
 def test_an_empty_value_or_a_project_name_wandb_refuses_is_a_config_error(make_config, override, message):
     """`--set tracking.dir=$DIR` with DIR unset, or a project W&B's `Settings` refuses when the run opens (a traceback,
