@@ -187,6 +187,8 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
         if dist.endswith("_values") and lo <= 0:
             raise ConfigError(f"{where}: {dist} needs min above 0 (got {lo})")
     if dist in ("normal", "q_normal", "log_normal", "q_log_normal"):
+        if not all(isinstance(spec.get(k, 0), (int, float)) and not isinstance(spec.get(k), bool) for k in ("mu", "sigma")):
+            raise ConfigError(f"{where}: mu and sigma must be numbers")
         if spec.get("sigma", 1) <= 0:
             raise ConfigError(f"{where}: sigma must be above 0")
     if "q" in spec and not (isinstance(spec["q"], (int, float)) and spec["q"] > 0):
@@ -792,9 +794,68 @@ def _before_trials(config: Config, sweep: SweepSpec, registry, dataset: str | No
     version = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")
     finetune.check_trainable(version)
     base_ref = pinned_base(config, sweep, registry)
-    for combo in (sweep.grid() if sweep.method == "grid" else [{}]):
-        trial_config(config, combo, sweep)
+    if sweep.method == "grid":
+        for combo in sweep.grid():
+            trial_config(config, combo, sweep)
+    else:
+        check_values(config, sweep)
     return version.ref, base_ref
+
+
+class _End:
+    """Stands in for a random generator in `sample_random` to give the low (or high) end of a distribution as it
+    is sampled (its transform and quantisation included); a normal distribution gives its mean."""
+
+    def __init__(self, high: bool):
+        self.high = high
+
+    def uniform(self, low, high):
+        return high if self.high else low
+
+    def integers(self, low, high):  # high is exclusive, as NumPy's
+        return high - 1 if self.high else low
+
+    def normal(self, mu, sigma):
+        return mu
+
+
+PROBES = 8  # draws of each distribution checked, besides its ends
+
+
+def check_values(config: Config, sweep: SweepSpec, seed: int = 0) -> None:
+    """A random or bayes sweep's parameters give values the config accepts: each listed value, each end of a range
+    and a few draws, each with the config's other settings. A value no trial can use (a batch size of 0, a float
+    batch size from ``min: 8.0``) fails the sweep before it starts, not every trial it is drawn in. Only a problem
+    with the parameter's own key counts: one that depends on another parameter's value (``eval_steps`` with
+    ``eval_strategy: steps``) is the trial's to report."""
+    import numpy as np
+    from pydantic import ValidationError
+
+    rng = np.random.default_rng(seed)
+    base = config.to_dict()
+    for param in sweep.params:
+        if param.distribution == "categorical":
+            values = list(param.spec["values"])
+        else:
+            values = [sample_random(param, _End(False)), sample_random(param, _End(True)),
+                      *(sample_random(param, rng) for _ in range(PROBES if param.distribution != "constant" else 0))]
+        group, *rest = param.key.split(".")
+        for value in values:
+            data = json.loads(json.dumps(base))
+            node = data.setdefault(group, {})
+            for part in rest[:-1]:
+                node = node.setdefault(part, {})
+            node[rest[-1]] = value
+            try:
+                Config.model_validate(data)
+            except ValidationError as e:
+                own = [err for err in e.errors() if tuple(map(str, err["loc"]))[:len(rest) + 1] == (group, *rest)]
+                if own:
+                    said = own[0]["msg"].removeprefix("Value error, ")
+                    if own[0]["type"] == "int_from_float":
+                        said += " (int_uniform, q_uniform with a whole q, or values give whole numbers)"
+                    raise ConfigError(f"sweep parameter {param.name} ({param.distribution}) gives {param.key}={value!r}, "
+                                      f"which no trial can train with: {said}") from None
 
 
 def _check_pinned_dataset(sweep_id: str, pinned: str, dataset: str | None, registry) -> None:

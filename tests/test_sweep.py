@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -467,6 +468,8 @@ def test_random_draws_follow_wandb_distributions():
     ({"parameters": {"learning_rate": {"min": float("nan"), "max": 0.01}}}, "parameters.learning_rate: min must be a "
                                                                           "finite number"),
     ({"metric": {"name": "val/loss", "target": float("nan")}}, "metric.target must be a finite number"),
+    ({"parameters": {"learning_rate": {"distribution": "normal", "mu": 0, "sigma": "wide"}}},
+     "parameters.learning_rate: mu and sigma must be numbers"),  # was a TypeError's traceback
     ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"class_weights": {"values": ["none", "balanced"]}}},
      "a sweep over class_weights cannot rank its trials by val/loss: each trial's validation loss is weighted"),
 ])
@@ -506,6 +509,43 @@ def test_a_sampled_value_the_config_rejects_is_caught_before_the_first_trial(cfg
                                "parameters": {"batch_size": {"values": [16, 0]}}})
     with pytest.raises(ConfigError, match="train.batch_size: Input should be greater than 0"):
         sweeps.run(cfg(), sweep=spec, count=2)
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("random", {"batch_size": {"values": [16, 0]}},
+     "sweep parameter batch_size (categorical) gives train.batch_size=0, which no trial can train with: Input should "
+     "be greater than 0"),
+    # min: 8.0 makes it a float range: every draw was a failed trial
+    ("random", {"batch_size": {"min": 8.0, "max": 64.0}},
+     "got a number with a fractional part (int_uniform, q_uniform with a whole q, or values give whole numbers)"),
+    ("bayes", {"learning_rate": {"distribution": "uniform", "min": 0, "max": 0.01}},
+     "gives train.learning_rate=0.0, which no trial can train with: Input should be greater than 0"),
+    ("random", {"epochs": {"distribution": "int_uniform", "min": 0, "max": 3}}, "gives train.epochs=0"),
+    ("random", {"class_weights": {"values": ["none", "heavy"]}},
+     "gives train.class_weights='heavy', which no trial can train with: expected none, balanced or {label: weight}"),
+])
+def test_random_and_bayes_values_the_config_rejects_are_caught_before_the_first_trial(cfg, method, params, message):
+    """Listed values, the ends of a range and a few draws are checked: each was a failed trial whenever drawn."""
+    c = cfg()
+    runs = set((Path(c.tracking.dir) / "wandb").glob("offline-run-*"))
+    spec = sweeps.parse_sweep({"method": method, "metric": {"name": "val/macro_f1", "goal": "maximize"}, "parameters": params})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sweeps.run(c, sweep=spec, count=2)
+    assert set((Path(c.tracking.dir) / "wandb").glob("offline-run-*")) == runs  # no trial ran
+    assert not (Path(c.tracking.dir) / "sweeps").exists()
+
+
+def test_values_checked_before_a_sweep_may_depend_on_each_other(cfg):
+    """eval_strategy=steps needs eval_steps: a problem of the combination, not of either value, is the trial's."""
+    c = cfg()
+    for params in ({"eval_strategy": {"values": ["epoch", "steps"]}, "eval_steps": {"values": [5, 10]}},
+                   {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-3},
+                    "batch_size": {"distribution": "q_uniform", "min": 8, "max": 64, "q": 8},
+                    "warmup_ratio": {"distribution": "uniform", "min": 0.0, "max": 0.2},
+                    "class_weights": {"values": ["none", "balanced", {"billing": 2}]}}):
+        spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/macro_f1", "goal": "maximize"},
+                                   "parameters": params})
+        sweeps.check_values(c, spec)  # no error
 
 
 def test_a_sweep_trains_on_the_dataset_version_it_is_given(cfg, tmp_path, cli_here):
@@ -690,8 +730,9 @@ def test_online_agents_of_one_sweep_on_one_machine_keep_and_publish_their_own_be
     c = cfg(f"dataset.source={write_separable_tickets(tmp_path / 'easy.csv')}", "train.epochs=2", "train.batch_size=16")
     dataset_publish.run(c)
     spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
-                               "parameters": {"learning_rate": {"values": [0.003, 1e-7, -1.0]}}})
-    # agent0: a trial that learns, then one with a value the config refuses (it fails: no model). agent1, started
+                               "parameters": {"learning_rate": {"values": [0.003, 1e-7]}}})
+    # agent0: a trial that learns, then one with a value the config refuses (it fails: no model; W&B hands it out,
+    # the sweep file does not list it, as the file is checked before any trial). agent1, started
     # while agent0 runs, after a third agent was killed holding a copy of agent0's best: a trial that learns nothing.
     server = FakeSweepServer(monkeypatch, "swp00001", {"agent0": [0.003, -1.0], "agent1": [1e-7]})
     sweeps_dir = Path(c.tracking.dir) / "sweeps"
