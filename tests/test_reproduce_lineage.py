@@ -416,3 +416,32 @@ def test_a_base_whose_architecture_is_its_own_code_runs_only_where_trusted(tmp_p
         reproduce.run(cfg, model="clf:v0")
     again = reproduce.run(cfg, model="clf:v0", check=True, trust_remote_code=True)
     assert again.status == "ok" and again.produced == ["clf:v0"]  # rebuilt bit for bit
+
+
+def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_difference_named(env, caplog):
+    """What reproduce cannot make the same is said, before the training and in the result: a model trained at
+    another commit, from a tree with uncommitted changes, with other package versions (a model made last month on
+    another machine)."""
+    from pipeline.provenance import code_version, package_versions
+
+    make, _ = env
+    cfg = make()
+    reg = registry(cfg)
+    meta = reg.resolve("clf:v0").metadata
+    then = {**meta["packages"], "torch": "2.0.0"}
+    del then["accelerate"]
+    reg.update_metadata("clf:v0", {"code": {**meta["code"], "git_commit": "0" * 40, "git_dirty": True},
+                                   "packages": then})
+    caplog.set_level("WARNING", logger="pipeline.reproduce")
+    result = reproduce.run(cfg, model="clf:v0", check=True)
+    now = package_versions()
+    said = result.details["warnings"]
+    assert f"code version differs: clf:v0 was made at commit {'0' * 40}, this is {code_version()['git_commit']}" in said
+    assert "clf:v0 was made from a tree with uncommitted changes: its code cannot be pinned exactly" in said
+    assert (f"package versions differ: accelerate None -> {now['accelerate']}, torch 2.0.0 -> {now['torch']}"
+            in said)
+    assert result.details["packages_differ"] == {"accelerate": {"original": None, "reproduction": now["accelerate"]},
+                                                 "torch": {"original": "2.0.0", "reproduction": now["torch"]}}
+    assert all(w in caplog.text for w in said)  # in the log before the training, too
+    # the rebuild itself is the same: the differences are warnings, not a failed check
+    assert result.status == "ok" and result.details["matches"]
