@@ -460,6 +460,21 @@ def test_a_dataset_for_evaluation_only_has_no_train_rows(tmp_path, cfg_for, frac
         assert sorted(usual["test"].column("id").to_pylist()) == sorted(tables["test"].column("id").to_pylist())
 
 
+def test_train_rows_without_validation_rows_are_published_with_a_warning_that_finetune_cannot_use_them(tmp_path, cfg_for,
+                                                                                                      caplog):
+    """finetune refuses a version without validation rows; the publish says so at once rather than after it."""
+    src = write_rows(tmp_path / "d.csv", rows(40))
+    caplog.set_level("WARNING", logger="pipeline.stages.dataset_publish")
+    result = dataset_publish.run(cfg_for(src, "dataset.split.train=0.8", "dataset.split.validation=0", "dataset.split.test=0.2"))
+    assert result.status == "ok"
+    assert (f"{src}: no validation split (dataset.split.validation is 0), so finetune and sweep cannot train on this "
+            "version") in caplog.text
+    caplog.clear()
+    dataset_publish.run(cfg_for(src, "dataset.split.train=0", "dataset.split.validation=0", "dataset.split.test=1"))
+    dataset_publish.run(cfg_for(src))
+    assert "no validation split" not in caplog.text  # a held-out set, and the usual split, say nothing
+
+
 def test_rows_keep_their_split_when_rows_are_added_or_removed(tmp_path, cfg_for):
     """A text's place depends on the text and the seed alone: a new dataset version moves only the few
     rows next to a cut, so its test rows were not the last version's train rows (which production

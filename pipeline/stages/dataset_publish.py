@@ -202,6 +202,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     tables = {s: base.take(arrow.from_numpy(index[s].astype(np.int64))) for s in SPLITS}
 
     counts = {s: dict(zip(label_names, np.bincount(labels[index[s]], minlength=len(label_names)).tolist())) for s in SPLITS}
+    if len(index["train"]) and not len(index["validation"]):  # with train 0 it is a held-out set, as meant
+        log.warning("%s: no validation split (dataset.split.validation is 0), so finetune and sweep cannot train on this "
+                    "version: they choose the checkpoint on the validation split; set dataset.split.validation above 0 "
+                    "to train on it", where)
     timings["split"] = time.perf_counter() - started - timings["read"] - timings["validate"]
     manifest = {
         "format_version": FORMAT_VERSION,
