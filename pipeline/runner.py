@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.results import StageResult, failed
 from pipeline.tracking import new_run_id, open_registry, runs_opened
 
@@ -74,6 +74,12 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         # the data is read, not once a new dataset version stands beside a model that cannot be trained (dataset-publish
         # asks for its own name)
         open_registry(config.tracking, project=config.project, entity=config.entity).check_project(config.model.name)
+        split = config.dataset.split
+        if not config.dataset.split_files and not (split.train and split.validation):  # finetune would refuse it
+            fix = ("to publish a held-out set, run `dataset-publish`, then score a model on it with `evaluate --dataset "
+                   "NAME:vN`" if not split.train else "finetune chooses the checkpoint on the validation split")
+            raise ConfigError(f"`run` trains on the dataset it publishes, so dataset.split.train and validation must be "
+                              f"above 0 (train {split.train:g}, validation {split.validation:g}); {fix}")
         return dataset_publish.run(config, **kwargs)
 
     data = step("dataset-publish", publish, reuse=reuse)

@@ -1703,6 +1703,23 @@ def test_a_project_may_not_publish_train_or_judge_under_another_projects_names(t
     assert "fresh-data" not in {v.name for v in reg.list_versions()}  # not published, then left beside no model
 
 
+@pytest.mark.parametrize("split", [("0", "0", "1"), ("0.8", "0", "0.2")])
+def test_run_refuses_a_split_finetune_cannot_train_on_before_it_publishes(tmp_path, cfg_for, split):
+    """`run` hands the version it publishes to finetune, which needs train and validation rows: refused before the
+    data is read, not after a version that no stage of this run can use was published."""
+    from pipeline.runner import PipelineResult, run_all
+
+    src = write_rows(tmp_path / "d.csv", rows(40))
+    cfg = cfg_for(src, *(f"dataset.split.{s}={f}" for s, f in zip(("train", "validation", "test"), split)))
+    outcome = PipelineResult(group="g")
+    with pytest.raises(ConfigError, match=rf"`run` trains on the dataset it publishes, so dataset.split.train and "
+                                          rf"validation must be above 0 \(train {split[0]}, validation 0\)"):
+        run_all(cfg, result=outcome)
+    assert [(s.stage, s.status) for s in outcome.stages] == [("dataset-publish", "failed")]
+    reg = LocalRegistry(Path(cfg.tracking.dir) / "registry")
+    assert reg.list_versions() == [] and catalog_runs(reg) == []  # nothing published, no run opened
+
+
 def catalog_runs(reg: LocalRegistry) -> list[tuple[str, str]]:
     import sqlite3
 
