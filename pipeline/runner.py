@@ -75,11 +75,16 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         # asks for its own name)
         open_registry(config.tracking, project=config.project, entity=config.entity).check_project(config.model.name)
         split = config.dataset.split
-        if not config.dataset.split_files and not (split.train and split.validation):  # finetune would refuse it
-            fix = ("to publish a held-out set, run `dataset-publish`, then score a model on it with `evaluate --dataset "
-                   "NAME:vN`" if not split.train else "finetune chooses the checkpoint on the validation split")
-            raise ConfigError(f"`run` trains on the dataset it publishes, so dataset.split.train and validation must be "
-                              f"above 0 (train {split.train:g}, validation {split.validation:g}); {fix}")
+        needs = {"train": "finetune trains on it", "validation": "finetune chooses the checkpoint on it",
+                 config.evaluate.split: f"evaluate scores it (evaluate.split: {config.evaluate.split})"}
+        missing = [s for s in needs if not getattr(split, s)]
+        if not config.dataset.split_files and missing:  # a version the next stages refuse: said before it is published
+            held_out = ("; to publish a held-out set, run `dataset-publish`, then score a model on it with `evaluate "
+                        "--dataset NAME:vN`" if "train" in missing else "")
+            raise ConfigError(f"`run` trains and evaluates on the dataset it publishes, which would have no "
+                              f"{' and no '.join(missing)} rows (dataset.split: train {split.train:g}, validation "
+                              f"{split.validation:g}, test {split.test:g}): {'; '.join(needs[s] for s in missing)}"
+                              f"{held_out}")
         return dataset_publish.run(config, **kwargs)
 
     data = step("dataset-publish", publish, reuse=reuse)

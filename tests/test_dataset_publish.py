@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1703,17 +1704,24 @@ def test_a_project_may_not_publish_train_or_judge_under_another_projects_names(t
     assert "fresh-data" not in {v.name for v in reg.list_versions()}  # not published, then left beside no model
 
 
-@pytest.mark.parametrize("split", [("0", "0", "1"), ("0.8", "0", "0.2")])
-def test_run_refuses_a_split_finetune_cannot_train_on_before_it_publishes(tmp_path, cfg_for, split):
-    """`run` hands the version it publishes to finetune, which needs train and validation rows: refused before the
-    data is read, not after a version that no stage of this run can use was published."""
+@pytest.mark.parametrize("split, message", [
+    (("0", "0", "1"), "which would have no train and no validation rows (dataset.split: train 0, validation 0, test 1): "
+                      "finetune trains on it; finetune chooses the checkpoint on it; to publish a held-out set, run "
+                      "`dataset-publish`, then score a model on it with `evaluate --dataset NAME:vN`"),
+    (("0.8", "0", "0.2"), "which would have no validation rows (dataset.split: train 0.8, validation 0, test 0.2): "
+                          "finetune chooses the checkpoint on it"),
+    (("0.9", "0.1", "0"), "which would have no test rows (dataset.split: train 0.9, validation 0.1, test 0): evaluate "
+                          "scores it (evaluate.split: test)"),
+])
+def test_run_refuses_a_split_the_later_stages_cannot_use_before_it_publishes(tmp_path, cfg_for, split, message):
+    """`run` hands the version it publishes to finetune (train and validation rows) and evaluate (`evaluate.split`):
+    refused before the data is read, not after a version that the run cannot use was published."""
     from pipeline.runner import PipelineResult, run_all
 
     src = write_rows(tmp_path / "d.csv", rows(40))
     cfg = cfg_for(src, *(f"dataset.split.{s}={f}" for s, f in zip(("train", "validation", "test"), split)))
     outcome = PipelineResult(group="g")
-    with pytest.raises(ConfigError, match=rf"`run` trains on the dataset it publishes, so dataset.split.train and "
-                                          rf"validation must be above 0 \(train {split[0]}, validation 0\)"):
+    with pytest.raises(ConfigError, match=re.escape(f"`run` trains and evaluates on the dataset it publishes, {message}")):
         run_all(cfg, result=outcome)
     assert [(s.stage, s.status) for s in outcome.stages] == [("dataset-publish", "failed")]
     reg = LocalRegistry(Path(cfg.tracking.dir) / "registry")

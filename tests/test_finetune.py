@@ -716,29 +716,28 @@ def test_a_diverged_training_fails_clearly_and_publishes_nothing(tmp_path, tiny_
 
 def test_run_refuses_what_evaluate_would_refuse_before_training(tmp_path, tiny_model, tickets_csv):
     """`dataset.split.test: 0` with evaluate scoring the test split, or a gate naming a label the data lacks: the chain
-    used to train, publish a model and only then fail in evaluate. It now stops before finetune opens a run, with
-    evaluate's own message."""
+    used to train, publish a model and only then fail in evaluate. The split is refused before the data is read; the
+    label, which only the published data shows, before finetune opens a run, with evaluate's own message."""
     from pipeline.runner import PipelineResult, run_all
 
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "dataset.split.train=0.8", "dataset.split.validation=0.2",
                    "dataset.split.test=0")
     outcome = PipelineResult(group="no-test-rows")
     with offline(tmp_path):
-        with pytest.raises(ConfigError, match=r"the test split of tickets:v0 is empty; nothing to evaluate on \(set "
-                                              r"evaluate.split, or publish the dataset with a dataset.split fraction"):
+        with pytest.raises(ConfigError, match=r"which would have no test rows \(dataset.split: train 0.8, validation "
+                                              r"0.2, test 0\): evaluate scores it \(evaluate.split: test\)"):
             run_all(cfg, result=outcome)
     reg = registry_of(cfg)
-    assert reg.list_versions(type="model") == []
-    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]  # no finetune run was opened
+    assert reg.list_versions() == [] and reg_runs(reg) == []  # nothing published, no run opened
     out = outcome.to_dict()
-    assert [(s["stage"], s["status"]) for s in out["stages"]] == [("dataset-publish", "ok"), ("finetune", "failed")]
-    assert not list((Path(cfg.tracking.dir) / "checkpoints").glob("*/*"))  # nothing trained
+    assert [(s["stage"], s["status"]) for s in out["stages"]] == [("dataset-publish", "failed")]
     # likewise a gate that names a label the data does not have
     with offline(tmp_path), pytest.raises(ConfigError, match=r"evaluate.gate.min_class_recall names labels the model "
                                                              r"does not have: 'biling' \(maybe 'billing'\); labels"):
         run_all(make_cfg(tmp_path, tiny_model, tickets_csv, "evaluate.gate.min_class_recall={biling: 0.5}"))
-    assert reg.list_versions(type="model") == [] and "finetune" not in [r["job_type"] for r in reg_runs(reg)]
-    # scoring the validation split instead, the same dataset version goes through
+    assert reg.list_versions(type="model") == [] and [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish"]
+    assert not list((Path(cfg.tracking.dir) / "checkpoints").glob("*/*"))  # nothing trained
+    # scoring the validation split instead, a split without test rows goes through
     assert run_all(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"split": "validation"})}),
                    result=PipelineResult(group="validation")).status in ("ok", "gate_failed")
 
