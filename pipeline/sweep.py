@@ -342,14 +342,19 @@ def suggest_bayes(param: Param, trial) -> Any:
 
 
 # -- trials ----------------------------------------------------------------------------------
+def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted config `key` (``train.learning_rate``) in a config held as data."""
+    group, *rest = key.split(".")
+    node = data.setdefault(group, {})
+    for part in rest[:-1]:
+        node = node.setdefault(part, {})
+    node[rest[-1]] = value
+
+
 def trial_config(base: Config, params: dict[str, Any], spec: SweepSpec) -> Config:
     data = base.to_dict()
     for key, value in params.items():
-        group, *rest = key.split(".")
-        node = data.setdefault(group, {})
-        for part in rest[:-1]:
-            node = node.setdefault(part, {})
-        node[rest[-1]] = value
+        _set_key(data, key, value)
     # keep the checkpoint that is best by the sweep's own metric
     data["train"]["metric_for_best_model"] = spec.metric
     return config_from_dict(data, origin="sweep trial " + json.dumps(params, default=str))
@@ -839,17 +844,14 @@ def check_values(config: Config, sweep: SweepSpec, seed: int = 0) -> None:
         else:
             values = [sample_random(param, _End(False)), sample_random(param, _End(True)),
                       *(sample_random(param, rng) for _ in range(PROBES if param.distribution != "constant" else 0))]
-        group, *rest = param.key.split(".")
+        key = tuple(param.key.split("."))
         for value in values:
             data = json.loads(json.dumps(base))
-            node = data.setdefault(group, {})
-            for part in rest[:-1]:
-                node = node.setdefault(part, {})
-            node[rest[-1]] = value
+            _set_key(data, param.key, value)
             try:
                 Config.model_validate(data)
             except ValidationError as e:
-                own = [err for err in e.errors() if tuple(map(str, err["loc"]))[:len(rest) + 1] == (group, *rest)]
+                own = [err for err in e.errors() if tuple(map(str, err["loc"]))[:len(key)] == key]
                 if own:
                     said = own[0]["msg"].removeprefix("Value error, ")
                     if own[0]["type"] == "int_from_float":
