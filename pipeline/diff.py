@@ -62,7 +62,7 @@ def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
     a, b = registry.resolve(ref_a, include_deleted=True), registry.resolve(ref_b, include_deleted=True)
     if a.type != b.type:
         raise DiffError(f"{a.ref} is a {a.type!r} artifact and {b.ref} a {b.type!r} artifact; compare versions of one type")
-    out = Diff(a=a, b=b, files=None, metadata=_dict_diff(_configs_completed(a.metadata), _configs_completed(b.metadata)))
+    out = Diff(a=a, b=b, files=None, metadata=_dict_diff(_configs_completed(a.metadata, a.type), _configs_completed(b.metadata, b.type)))
     gone = [v.ref for v in (a, b) if v.deleted_at]
     if gone:  # the record keeps metadata and lineage; files and rows went with the delete
         out.skipped = f"{' and '.join(gone)} {'was deleted; its' if len(gone) == 1 else 'were deleted; their'} files are gone"
@@ -84,16 +84,23 @@ def diff_versions(registry, ref_a: str, ref_b: str, examples: int = 5) -> Diff:
     return out
 
 
-def _configs_completed(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The metadata as compared: the recorded config with the keys added since at their defaults (a version made
-    before a setting existed ran as its default does, so that is no change), and without the input signatures
-    that reuse matches (hashes of what `config`, `dataset`, `code` and `packages` already show)."""
-    from pipeline.config import with_defaults
+def _configs_completed(metadata: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The metadata of a version of type `kind` as compared: the recorded config with the keys added since at their
+    defaults (a version made before a setting existed ran as its default does, so that is no change), only the
+    groups that make such a version, and without the input signatures that reuse matches (hashes of
+    what `config`, `dataset`, `code` and `packages` already show)."""
+    from pipeline.config import MODEL_GROUPS, with_defaults
 
     metadata = {k: v for k, v in metadata.items() if k != "input_signatures"}
     if not isinstance(metadata.get("config"), dict):
         return metadata
-    return {**metadata, "config": with_defaults(metadata["config"])}
+    config = with_defaults(metadata["config"])
+    # A dataset is made by `dataset.*` alone, a model by the groups finetune reads: the rest of the config its run
+    # recorded (a dataset version has train.* too) did not shape it, and a change there is no change to it.
+    groups = {"dataset": ("dataset",), "model": MODEL_GROUPS}.get(kind)
+    if groups is not None:
+        config = {g: config[g] for g in groups if g in config}
+    return {**metadata, "config": config}
 
 
 class _Absent:

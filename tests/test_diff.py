@@ -87,16 +87,39 @@ def test_a_setting_added_since_a_version_was_made_is_no_change_at_its_default(pu
     reg = registry(tmp_path)
     a = publish(tickets(), "a.csv")
     older = json.loads(json.dumps(reg.resolve(a).metadata["config"]))
-    del older["train"]["class_weights"]  # recorded before the setting existed
+    del older["dataset"]["sample_rows"]  # recorded before the setting existed
     reg.update_metadata(a, {"config": older})
-    b = publish(tickets(), "b.csv", "train.class_weights=balanced")
+    b = publish(tickets(), "b.csv", "dataset.sample_rows=5")
     c = publish(tickets()[1:], "c.csv")
     for ref, signature in ((a, "1" * 64), (c, "2" * 64)):  # what reuse matches: hashes, not news for a person
         reg.update_metadata(ref, {"input_signatures": [signature]})
     keys = {key for key, _, _ in diff_versions(reg, a, c).metadata}
-    assert "config.dataset.source" in keys and not any(k.startswith("config.train") for k in keys)
+    assert "config.dataset.source" in keys and "config.dataset.sample_rows" not in keys
     assert not any(k.startswith("input_signatures") for k in keys)
-    assert ("config.train.class_weights", "none", "balanced") in diff_versions(reg, a, b).metadata
+    assert ("config.dataset.sample_rows", 20, 5) in diff_versions(reg, a, b).metadata
+
+
+def test_only_the_config_groups_that_make_a_version_are_compared(publish, tmp_path):
+    """A dataset version records its run's whole config; train.*, model.* or tracking.* did not make it, and showing
+    them as its changes (`config.train.epochs: 2.0 -> 12.0` between two versions of data) said they did. A model's
+    comparison keeps dataset.*, model.* and train.*, and leaves out evaluate.* and the rest."""
+    reg = registry(tmp_path)
+    a = publish(tickets(), "a.csv")
+    b = publish(tickets()[1:], "b.csv", "train.epochs=12", "model.max_length=32", "evaluate.gate.min_accuracy=0.9",
+                "tracking.group=nightly")
+    keys = {key for key, _, _ in diff_versions(reg, a, b).metadata}
+    assert "config.dataset.source" in keys and not [k for k in keys if k.startswith("config.") and
+                                                    not k.startswith("config.dataset.")]
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    recorded = {v: reg.resolve(v).metadata["config"] for v in (a, b)}
+    m0 = reg.publish("clf", "model", model_dir, metadata={"config": recorded[a]}).version.ref
+    (model_dir / "config.json").write_text('{"changed": true}')
+    m1 = reg.publish("clf", "model", model_dir, metadata={"config": recorded[b]}).version.ref
+    keys = {key for key, _, _ in diff_versions(reg, m0, m1).metadata}
+    assert {"config.dataset.source", "config.train.epochs", "config.model.max_length"} <= keys
+    assert not [k for k in keys if k.startswith(("config.evaluate", "config.project", "config.tracking"))]
 
 
 def test_without_ids_rows_are_matched_by_text_and_copies_are_counted(publish, tmp_path):
