@@ -236,8 +236,8 @@ def format_diff(d: Diff, limit: int = 20) -> str:
         lines.append(f"  files: {'; '.join(changed) if changed else 'the same'}")
     if d.metadata:
         lines.append(f"  metadata ({len(d.metadata)} keys differ):")
-        for key, va, vb in d.metadata[:limit]:
-            lines.append(f"    {key}: {_list_change(va, vb) or f'{_short(va)} -> {_short(vb)}'}")
+        for key, va, vb in sorted(d.metadata, key=lambda change: _telling(change[0]))[:limit]:
+            lines.append(f"    {key}: {_list_change(va, vb) or _numbers_change(va, vb) or f'{_short(va)} -> {_short(vb)}'}")
         if len(d.metadata) > limit:
             lines.append(f"    ... and {len(d.metadata) - limit} more (--json lists them all)")
     else:
@@ -253,6 +253,30 @@ def format_diff(d: Diff, limit: int = 20) -> str:
         moved = [f"{label} {a} -> {b}" for label, (a, b) in r.label_counts.items() if a != b]
         lines.append(f"  rows per label: {'; '.join(moved) if moved else 'the same'}")
     return "\n".join(lines)
+
+
+# What the report lists first, of the metadata keys that differ: what made the version (its config, data, base and
+# code), then what it scored; a model's evaluation records (a metric per class each) come last.
+_FIRST = ("config", "dataset", "base_model", "training", "code", "packages", "metrics")
+_LAST = ("evaluation", "evaluations", "reproductions", "alias_moves")
+
+
+def _telling(key: str) -> tuple[int, int, str]:
+    top = key.split(".", 1)[0]
+    if top in _FIRST:
+        return 0, _FIRST.index(top), key
+    return (2, _LAST.index(top), key) if top in _LAST else (1, 0, key)
+
+
+def _numbers_change(a: Any, b: Any) -> str | None:
+    """Two floats with as few digits as tell them apart (at least 4): ``0.9231 -> 0.8824``, not 16 digits each."""
+    if not (isinstance(a, float) and isinstance(b, float)):
+        return None
+    for digits in range(4, 18):
+        shown = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if shown[0] != shown[1]:
+            return f"{shown[0]} -> {shown[1]}"
+    return f"{a!r} -> {b!r}"
 
 
 def _unless_same(value: Any) -> Any:

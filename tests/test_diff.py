@@ -198,3 +198,28 @@ def test_a_label_added_to_a_dataset_shows_in_its_diff(publish, tmp_path):
     assert cli.returncode == 0, cli.stderr
     assert '    label_names: 4 -> 5 items; added ["sales"]; the items in both in another order' not in cli.stdout
     assert '    label_names: 4 -> 5 items; added ["sales"]' in cli.stdout.splitlines()
+
+
+def test_the_report_lists_what_made_a_model_first_and_numbers_with_the_digits_that_tell_them_apart(tmp_path):
+    """A model's diff had 87 keys, sorted by name: its evaluation's per-class scores (16 digits each) came before
+    what it was made from, and the first 20 lines were all evaluation."""
+    reg = registry(tmp_path)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    made = []
+    for n, (acc, loss, ref) in enumerate(((0.9230769230769231, 0.123456789, "tickets:v0"),
+                                          (0.8823529411764706, 0.123456788, "tickets:v1"))):
+        (model_dir / "config.json").write_text(json.dumps({"n": n}))
+        metadata = {"dataset": {"ref": ref}, "metrics": {"best": {"accuracy": acc, "loss": loss}},
+                    "evaluation": {"per_class": {lbl: {"f1": acc - i / 10} for i, lbl in enumerate(LABELS)}},
+                    "alias_moves": [{"alias": "production"}] * n, "zeta": n}
+        made.append(reg.publish("clf", "model", model_dir, metadata=metadata).version.ref)
+    from pipeline.diff import format_diff
+
+    lines = format_diff(diff_versions(reg, *made)).splitlines()[3:]
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "dataset.ref", "metrics.best.accuracy", "metrics.best.loss", "zeta", "evaluation.per_class.billing.f1",
+        "evaluation.per_class.shipping.f1", "evaluation.per_class.tech.f1", "alias_moves"]
+    assert lines[1].strip() == "metrics.best.accuracy: 0.9231 -> 0.8824"
+    assert lines[2].strip() == "metrics.best.loss: 0.123456789 -> 0.123456788"  # as many digits as differ
+    assert lines[3].strip() == "zeta: 0 -> 1"
