@@ -448,6 +448,34 @@ def test_non_inferiority_needs_the_whole_interval_within_max_regression():
                   ["a", "b"]).passed
 
 
+def test_a_value_exactly_at_its_threshold_passes_whatever_floating_point_makes_of_the_threshold():
+    """70 of 100 against production's 80 of 100, with max_regression 0.1: exactly 0.1 below is allowed, but 0.8 - 0.1 is
+    0.7000000000000001 in floating point, and the gate said `accuracy vs production 0.7000 < 0.7000`."""
+    from pipeline.config import GateConfig
+    from pipeline.stages.evaluate import Comparison, Scored, decide
+
+    def scored(ref: str, accuracy: float) -> Scored:
+        return Scored(ref=ref, metrics={"accuracy": accuracy, "macro_f1": accuracy}, per_class={},
+                      confusion=np.zeros((2, 2)), calibration={}, logp=np.zeros((0, 2)), refs=np.zeros(0, dtype=np.int64),
+                      label_names=["a", "b"])
+
+    assert 0.8 - 0.1 > 0.7 and 0.7 - 0.8 < -0.1  # what the comparisons met
+    rows = {"label": ["a"] * 100}
+    for mine, theirs in ((0.7, 0.8), (0.82, 0.92), (0.83, 0.93)):
+        lo = mine - theirs  # the difference as the bootstrap computes it
+        cmp = Comparison(challenger=scored("m:v2", mine), champion=scored("m:v1", theirs), rows=rows, total=100,
+                         intervals={"accuracy": [lo, 0.0], "macro_f1": [lo, 0.0]})
+        for test in ("point", "non_inferiority"):
+            decision = decide(GateConfig(max_regression=0.1, regression_test=test), cmp.challenger, cmp, ["a", "b"])
+            assert decision.passed, (mine, theirs, test, decision.failed)
+        assert decide(GateConfig(min_accuracy=mine, min_macro_f1=mine), cmp.challenger, None, ["a", "b"]).passed
+    # a hair below still fails
+    below = Comparison(challenger=scored("m:v2", 0.6999), champion=scored("m:v1", 0.8), rows=rows, total=100,
+                       intervals={"accuracy": [-0.1001, 0.0], "macro_f1": [-0.1001, 0.0]})
+    for test in ("point", "non_inferiority"):
+        assert not decide(GateConfig(max_regression=0.1, regression_test=test), below.challenger, below, ["a", "b"]).passed
+
+
 def test_thresholds_and_no_promote(env):
     strict = env("evaluate.gate.min_accuracy=0.99", "evaluate.gate.min_class_recall=0.99")
     result = evaluate.run(strict)

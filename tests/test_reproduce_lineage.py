@@ -445,3 +445,13 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     assert all(w in caplog.text for w in said)  # in the log before the training, too
     # the rebuild itself is the same: the differences are warnings, not a failed check
     assert result.status == "ok" and result.details["matches"]
+
+
+def test_a_difference_of_exactly_the_tolerance_is_within_it():
+    """`reproduce --tolerance 0.01` of 0.92 against 0.91: the difference is 0.010000000000000009 in floating point, and
+    the rebuild was said to differ, `0.01 > 0.01`."""
+    assert abs(0.91 - 0.92) > 0.01  # what the comparison met
+    assert reproduce.within(abs(0.91 - 0.92), 0.01, predictions_differ=3)
+    assert not reproduce.within(0.0101, 0.01, predictions_differ=0)
+    # no tolerance: the same metrics and not one test prediction changed
+    assert reproduce.within(0.0, 0.0, predictions_differ=0) and not reproduce.within(0.0, 0.0, predictions_differ=1)
