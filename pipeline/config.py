@@ -571,6 +571,8 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     if not all(part.strip() for part in parts):  # `train..epochs`, `.train`, `train.`: a key with a part missing
         raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part; expected key.sub=value")
+    if isinstance(value, (bool, int, float)) and _text_field(parts):
+        value = raw.strip()  # a text setting as written: `dataset.text_column=1`, `dataset.name=2024`, a path `yes`
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -582,19 +584,40 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _did_you_mean(loc: tuple) -> str:
-    """`` (did you mean train.learning_rate?)`` for a misspelt key, or nothing."""
+def _group(parts: tuple | list) -> Any:
+    """The config group (a model class) at a key's leading parts (``["dataset", "split"]``), or None."""
     model: Any = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    for part in parts:
+        field = model.model_fields.get(str(part))
         if field is None:
-            return ""
+            return None
         groups = [a for a in (field.annotation, *typing.get_args(field.annotation))
                   if isinstance(a, type) and issubclass(a, BaseModel)]
         if not groups:
-            return ""
+            return None
         model = groups[0]
-    close = closest(str(loc[-1]), list(model.model_fields))
+    return model
+
+
+def _field(parts: tuple | list) -> Any:
+    """The config field at a key's parts (``["dataset", "name"]``), or None when there is none."""
+    group = _group(parts[:-1])
+    return None if group is None else group.model_fields.get(str(parts[-1]))
+
+
+def _text_field(parts: list[str]) -> bool:
+    """Whether the key is a text setting: a string or a path (either or None)."""
+    field = _field(parts)
+    if field is None:
+        return False
+    kinds = set(typing.get_args(field.annotation)) - {type(None)} or {field.annotation}
+    return len(kinds) == 1 and kinds <= {str, Path}
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean train.learning_rate?)`` for a misspelt key, or nothing."""
+    model = _group(loc[:-1])
+    close = closest(str(loc[-1]), list(model.model_fields)) if model is not None else None
     return f" (did you mean {'.'.join([*map(str, loc[:-1]), close])}?)" if close else ""
 
 
@@ -611,6 +634,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages, as written
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
+                if kind == "string_type" and isinstance(e["input"], (bool, int, float)):  # YAML read `1`, `yes` as such
+                    msg += "; quote it to make it text, as YAML reads 1, 1.5, yes and no as numbers and booleans"
         # a group's own check names the key it is about ("train.eval_steps ..."): not "train: train.eval_steps ..."
         lines.append(f"  {msg}" if msg.startswith(f"{loc}.") else f"  {loc}: {msg}")
     return f"invalid config ({origin}):\n" + "\n".join(lines)

@@ -255,6 +255,28 @@ def test_yes_or_no_is_not_taken_for_a_number_in_a_label_mapping(make_config, ove
         make_config(override)
 
 
+def test_a_text_setting_given_by_set_is_the_text_as_written(make_config):
+    """YAML reads `1`, `007`, `2024` and `yes` as numbers and booleans: a text setting was refused (`dataset.text_column:
+    Input should be a valid string (got 1)`), or would have been `7` for `007`. A numeric setting stays a number."""
+    cfg = make_config("dataset.text_column=1", "dataset.label_column=007", "dataset.name=2024", "project=2024",
+                      "dataset.source=yes", "dataset.id_column=12", "tracking.dir=1.5", "train.epochs=3")
+    d = cfg.dataset
+    assert (d.text_column, d.label_column, d.name, cfg.project, d.source, d.id_column) == ("1", "007", "2024", "2024",
+                                                                                           "yes", "12")
+    assert cfg.tracking.dir == Path("1.5") and cfg.train.epochs == 3.0
+    assert make_config("dataset.id_column=null").dataset.id_column is None  # null still unsets an optional one
+
+
+def test_a_number_where_a_config_file_wants_text_says_to_quote_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: {name: d, source: data.csv, text_column: 1, label_column: yes}\nmodel: {name: m}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert ("dataset.text_column: Input should be a valid string (got 1); quote it to make it text, as YAML reads 1, "
+            "1.5, yes and no as numbers and booleans") in str(e.value)
+    assert "dataset.label_column: Input should be a valid string (got True); quote it" in str(e.value)
+
+
 def test_integer_labels_can_be_named_as_written_in_label_mappings(make_config):
     """YAML reads {0: 2.0} with a number as the key; labels are text, as the label column is read."""
     cfg = make_config("train.class_weights={0: 2.0, 10: 1.0}", "evaluate.gate.min_class_recall={1: 0.5}",
