@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -693,3 +694,26 @@ def test_a_registry_this_user_cannot_write_is_still_listed_shown_verified_and_tr
         assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == before  # nothing written there
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_reading_commands_where_there_is_no_registry_create_none_and_say_so(tmp_path, monkeypatch, capsys):
+    """`artifacts list` (or show, verify, lineage) run in a folder with no registry, from the wrong directory say,
+    made an empty `.pipeline/registry` there, and said only that the registry was empty. Now nothing is created, and
+    each says where it looked; a dataset-publish whose source is not there creates no registry either."""
+    from pipeline.cli import main as cli
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    where = tmp_path / ".pipeline" / "registry"
+    assert cli(["artifacts", "list"]) == 0
+    assert capsys.readouterr().out == f"no artifact versions (there is no registry at {where})\n"
+    assert cli(["artifacts", "verify"]) == 0
+    for argv in (["artifacts", "show", "tickets:v0"], ["lineage", "tickets:v0"]):
+        assert cli(argv) == 2, argv
+        assert f"no artifact named 'tickets' in {where}; there is no registry there" in capsys.readouterr().err
+    assert cli(["artifacts", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+    config = tmp_path / "c.yaml"
+    config.write_text("project: p\ndataset: {name: tickets, source: data/tickets.csv}\nmodel: {name: m}\n")
+    assert cli(["dataset-publish", "--config", str(config)]) == 2
+    assert "dataset source not found: data/tickets.csv" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no .pipeline, no result file

@@ -240,6 +240,10 @@ class LocalRegistry:
         self.live = self.root / "live"  # <run id>/training.lock: held by the process of each open run (`start_run`)
         self._holding: dict[str, contextlib.ExitStack] = {}
         self._read_only_uri: str | None = None  # set: the catalog is opened read-only, by this URI
+        self.missing = read_only and not self.db_path.exists()  # no registry here: read as empty, nothing created
+        if self.missing:
+            self._open_empty()
+            return
         try:
             for d in (self.objects, self.tmp, self.live):  # live/ stays: a run's folder in it comes and goes
                 d.mkdir(parents=True, exist_ok=True)
@@ -279,6 +283,15 @@ class LocalRegistry:
         if current < _SCHEMA_VERSION:
             raise RegistryError(f"{self.db_path} was written by an older version of the pipeline (schema {current}), "
                                 "and this user cannot write it to upgrade it: a stage run by its owner does")
+
+    def _open_empty(self) -> None:
+        """No catalog at `db_path` (a reading command run where nothing was published, from another folder say):
+        an empty catalog in memory, so that the command reads nothing, and leaves no registry folder behind."""
+        self._read_only_uri = f"file:pipeline-empty-registry-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        self._empty_catalog = self._connect()  # an in-memory database lasts while a connection to it is open
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                self._empty_catalog.execute(stmt)
 
     @property
     def read_only(self) -> bool:
@@ -459,6 +472,9 @@ class LocalRegistry:
         versions = conn.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (r.name,)).fetchall()
         if not versions:
             names = [x[0] for x in conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+            if self.missing:
+                raise RefError(f"no artifact named {r.name!r} in {self.root}; there is no registry there (nothing was "
+                               "published with this tracking.dir; a relative one starts from the current directory)")
             known = ", ".join(names) if names else "none: the registry is empty"
             raise RefError(f"no artifact named {r.name!r} in {self.root}{did_you_mean(r.name, names)}; known artifacts: {known}")
         self._check_owner(conn, r.name, self.project)

@@ -494,6 +494,8 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
     from pipeline.tracking import open_registry
 
     local = _local_files_only(config)  # else no input signature: see `input_signature`
+    if local:  # a source that is not there (the command run from another folder) is named before a registry is made
+        _list_sources(config, _named_sources(config))
     registry = open_registry(config.tracking, project=config.project, entity=config.entity)
     registry.check_project(config.dataset.name)  # another project's name: refused before the data is read
     look_up = local and reuse and _signed_versions(config, registry)
