@@ -74,7 +74,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     else:
         tracking, project, entity = config, os.environ.get("WANDB_PROJECT") or Config.model_fields["project"].default, \
             os.environ.get("WANDB_ENTITY")
-    registry = open_registry(tracking, project=project, entity=entity, scoped=False)  # any project's version; its
+    registry = open_registry(tracking, project=project, entity=entity, scoped=False, consuming=True)  # any project's version; its
     # rebuild runs in the project it recorded (finetune's own registry is scoped to it)
     original, cfg = reproduction_config(registry, model, tracking.model_dump(mode="json"), overrides)
     meta = original.metadata

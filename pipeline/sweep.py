@@ -553,8 +553,10 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
         if count < 1:
             raise ConfigError("--count must be at least 1")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        registry = open_registry(config.tracking, project=config.project, entity=config.entity, consuming=True)
+        if getattr(registry, "missing", False):  # nothing published with this tracking.dir: said before a sweeps catalog is made
+            registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")
         storage = _storage(config)
-        registry = open_registry(config.tracking, project=config.project, entity=config.entity)
         registry.check_project(config.model.name)  # each trial publishes it: another project's, refused before the first
         more = resume not in (None, AUTO)  # --resume ID --count N: N more trials (auto: as many as the sweep has left)
         continued, auto = False, resume == AUTO  # continued: --resume auto goes on with an interrupted sweep

@@ -62,10 +62,14 @@ def resolve_mode(configured: str = "auto") -> str:
 
 
 def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project: str | None = None,
-                  entity: str | None = None, scoped: bool = True, read_only: bool = False) -> Registry:
+                  entity: str | None = None, scoped: bool = True, read_only: bool = False,
+                  consuming: bool = False) -> Registry:
     """The registry for this mode: W&B when online (unless configured local), else local. A local registry is
     scoped to `project` (it refuses other projects' names) unless not `scoped`: for reading any version. With
-    `read_only` (commands that only read), a local registry this user cannot write is read as it stands."""
+    `read_only` (commands that only read), a local registry this user cannot write is read as it stands.
+    `read_only` and `consuming` (a stage that reads a version before it records anything: finetune, evaluate,
+    deploy-fetch, sweep, reproduce): where there is no local registry, none is made, and what the command looks up
+    is not found there, saying so."""
     mode = mode or resolve_mode(tracking.mode)
     kind = tracking.registry
     if kind == "auto":
@@ -79,7 +83,8 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
                              fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
 
-    return LocalRegistry(Path(tracking.dir) / "registry", project=project if scoped else None, read_only=read_only)
+    return LocalRegistry(Path(tracking.dir) / "registry", project=project if scoped else None, read_only=read_only,
+                         consuming=consuming)
 
 
 def new_run_id() -> str:

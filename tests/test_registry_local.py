@@ -717,3 +717,23 @@ def test_reading_commands_where_there_is_no_registry_create_none_and_say_so(tmp_
     assert cli(["dataset-publish", "--config", str(config)]) == 2
     assert "dataset source not found: data/tickets.csv" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no .pipeline, no result file
+
+
+def test_stages_that_read_a_version_make_no_registry_where_there_is_none(tmp_path, monkeypatch, capsys):
+    """finetune, evaluate, deploy-fetch, sweep and reproduce need a version from the registry before they record
+    anything: run where there is none (from another folder than the project's), each made an empty registry there on
+    its way to "known artifacts: none: the registry is empty". Now each says there is no registry, and makes none."""
+    from pipeline.cli import main as cli
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("project: p\ndataset: {name: tickets, source: data/tickets.csv}\nmodel: {name: clf}\n")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("method: grid\nmetric: {name: val/loss, goal: minimize}\nparameters: {epochs: {values: [1]}}\n")
+    where = tmp_path / ".pipeline" / "registry"
+    for argv, missing in ((["finetune"], "tickets"), (["evaluate"], "clf"), (["deploy-fetch"], "clf"),
+                          (["sweep", "--sweep", str(sweep), "--count", "1"], "tickets"), (["reproduce", "clf:v0"], "clf")):
+        assert cli([*argv, "--config", str(config)]) == 2, argv
+        assert f"no artifact named {missing!r} in {where}; there is no registry there" in capsys.readouterr().err, argv
+        assert not (tmp_path / ".pipeline" / "registry").exists(), argv

@@ -224,14 +224,17 @@ def _copy_verified(src: Path, dst: Path, expected_sha256: str, progress: _Progre
 class LocalRegistry:
     kind = "local"
 
-    def __init__(self, root: str | Path, project: str | None = None, *, read_only: bool = False):
+    def __init__(self, root: str | Path, project: str | None = None, *, read_only: bool = False, consuming: bool = False):
         """`project`: the W&B project whose stages use this registry. One registry serves every project that shares
         a tracking.dir, but W&B keeps each project's artifacts apart; so a name belongs to the project whose run
         made its first version, and a registry opened for another project refuses it (`check_project`).
         Without `project` (``artifacts``, ``lineage``, reading a version to reproduce it) every name is open.
 
         `read_only`: for commands that only read. A registry this user cannot write (another account's, a
-        read-only mount) is then read as it stands, and nothing is written there; any write is refused."""
+        read-only mount) is then read as it stands, and nothing is written there; any write is refused.
+
+        Where there is no catalog yet, a registry opened `read_only` or `consuming` (by a stage that must find a
+        version before it records anything) is `missing`: read as empty, and nothing is created."""
         self.root = Path(os.path.abspath(root))
         self.project = project
         self.objects = self.root / "objects" / "sha256"
@@ -240,7 +243,7 @@ class LocalRegistry:
         self.live = self.root / "live"  # <run id>/training.lock: held by the process of each open run (`start_run`)
         self._holding: dict[str, contextlib.ExitStack] = {}
         self._read_only_uri: str | None = None  # set: the catalog is opened read-only, by this URI
-        self.missing = read_only and not self.db_path.exists()  # no registry here: read as empty, nothing created
+        self.missing = (read_only or consuming) and not self.db_path.exists()  # read as empty, nothing created
         if self.missing:
             self._open_empty()
             return
@@ -315,6 +318,8 @@ class LocalRegistry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction: all of it or none of it."""
+        if self.missing:
+            raise RegistryError(f"there is no registry at {self.root}: this command does not make one")
         if self._read_only_uri:
             raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): "
                                 f"only {READERS}, read it so")

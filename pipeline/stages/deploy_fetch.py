@@ -54,7 +54,7 @@ def smoke_test(model_dir: Path, label_names: list[str], trust_remote_code: bool 
 
 def run(config: Config, *, group: str | None = None, model: str | None = None, to: str | Path | None = None,
         force: bool = False) -> StageResult:
-    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity, consuming=True)
     version = registry.resolve(model or f"{config.model.name}:production", type="model")
     check_code_trusted(version, config.model.trust_remote_code)  # the smoke test would run its code
     dest = Path(to or config.deploy.dir).resolve()

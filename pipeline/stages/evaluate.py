@@ -342,7 +342,7 @@ def _log(run, prefix: str, s: Scored, rows: dict[str, list], max_rows: int) -> N
 
 def run(config: Config, *, group: str | None = None, model: str | None = None, dataset: str | None = None,
         promote: bool = True) -> StageResult:
-    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity, consuming=True)
     challenger = registry.resolve(model or f"{config.model.name}:candidate", type="model")
     recorded = (challenger.metadata.get("dataset") or {}).get("ref")
     ds_ref = dataset or recorded

@@ -226,7 +226,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     relative local path stood for when the model being reproduced was trained (`resolve_base_model`).
 
     `resume` ``"auto"``: the interrupted run that `_run_to_continue` finds, else a fresh run."""
-    registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+    registry = open_registry(config.tracking, project=config.project, entity=config.entity, consuming=True)
     registry.check_project(config.model.name)  # the name it will publish: another project's, refused before training
     if resume == "auto":
         resume = _run_to_continue(config, registry, dataset)
