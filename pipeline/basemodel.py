@@ -289,6 +289,8 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+    if (missing := missing_vocabulary(tokenizer)) is not None:
+        raise ConfigError(f"model.base={base_id or str(path)!r}: {missing}")
     changes = set_padding(tokenizer)
     if tokenizer.pad_token is None:
         raise ConfigError(
@@ -302,6 +304,18 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
         for change in changes:
             log.info("the base model's %s", change)
     return tokenizer
+
+
+def missing_vocabulary(tokenizer) -> str | None:
+    """What is wrong with a tokenizer that has no vocabulary, else None. From a folder with tokenizer_config.json but
+    not the vocabulary file it goes with, transformers makes a tokenizer of the special tokens alone, without a
+    word of warning: every word then reads as the unknown token, and a model sees only how long each text is."""
+    specials = len(set(tokenizer.all_special_ids))
+    if len(tokenizer) > specials:
+        return None
+    return (f"its tokenizer has no vocabulary (only its {specials} special tokens): the folder lacks the tokenizer's "
+            "vocabulary file (tokenizer.json, vocab.txt, vocab.json and merges.txt, or a sentencepiece model); copy "
+            "it from the model the folder came from")
 
 
 def _pair_boundary(tokenizer) -> bool | None:

@@ -45,7 +45,7 @@ class Classifier:
         from safetensors import SafetensorError
 
         from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
-                                        separate_pairs, set_padding)
+                                        missing_vocabulary, separate_pairs, set_padding)
 
         trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:
@@ -60,6 +60,8 @@ class Classifier:
                     f"{self.dir} is a {'regression' if config.num_labels < 2 or config.problem_type == 'regression' else 'multi-label'} "
                     "model; predict gives one label per text, from a single-label classifier (as finetune makes)")
             self.tokenizer = AutoTokenizer.from_pretrained(self.dir, **trust)
+            if (missing := missing_vocabulary(self.tokenizer)) is not None:  # every word would read as unknown
+                raise PipelineError(f"{self.dir}: {missing}" + _compared_with_manifest(self.dir))
             self.model = AutoModelForSequenceClassification.from_pretrained(self.dir, **trust)
         except ValueError as e:
             if is_custom_code_error(e) and not trust_remote_code:

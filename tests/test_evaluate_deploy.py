@@ -532,6 +532,39 @@ def test_a_model_that_scores_nan_is_refused_and_production_stays(env, tmp_path):
     assert skipped["ref"] == "clf:v1" and "clf:v1 gives scores that are not numbers" in skipped["not_compared"]
 
 
+def test_deploy_fetch_deploys_no_model_whose_smoke_prediction_fails(env, tmp_path):
+    """The smoke test stands between a model version and the deployment folder: a version that will not load (its
+    tokenizer files are gone: transformers made a tokenizer of special tokens alone, and every text read as unknown
+    words, with a confident label) or names a label its dataset does not have (its config was edited) is refused
+    with what went wrong, exit 1, and the model deployed before stays in place, byte for byte."""
+    cfg = env()
+    reg = registry(cfg)
+    v0 = reg.resolve("clf:v0")
+    with offline(tmp_path):
+        deploy_fetch.run(cfg, model="clf:v0")
+    deployed = {p.name: p.read_bytes() for p in Path(cfg.deploy.dir).iterdir()}
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(reg.fetch(v0).path, no_tokenizer)
+    for f in no_tokenizer.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    renamed = tmp_path / "renamed"
+    shutil.copytree(reg.fetch(v0).path, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    config["id2label"] = {k: f"{v}_old" for k, v in config["id2label"].items()}
+    config["label2id"] = {f"{k}_old": v for k, v in config["label2id"].items()}
+    (renamed / "config.json").write_text(json.dumps(config))
+    for folder, said in ((no_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has no "
+                                        r"vocabulary \(only its 5 special tokens\)"),
+                         (renamed, r"smoke prediction gave unknown label '\w+_old'; expected one of \['account_access'")):
+        bad = reg.publish("clf", "model", folder, metadata=v0.metadata).version
+        with offline(tmp_path):
+            with pytest.raises(StageFailed, match=said) as failed:
+                deploy_fetch.run(cfg, model=bad.ref)
+        assert failed.value.exit_code == 1
+        assert {p.name: p.read_bytes() for p in Path(cfg.deploy.dir).iterdir()} == deployed, bad.ref
+
+
 def test_evaluate_bad_references(env):
     cfg = env()
     with pytest.raises(RefError, match="clf has no version 'v9'; versions: v0; aliases: candidate -> v0, latest -> v0"):

@@ -640,6 +640,27 @@ def test_a_base_model_folder_that_is_not_there_names_a_close_one_beside_it(tiny_
         resolve_base_model("nothing-like-it")
 
 
+def test_a_base_model_without_its_vocabulary_is_refused_before_training(tmp_path, tiny_model, tickets_csv):
+    """A base folder with no tokenizer files, or with tokenizer_config.json but not the vocabulary it goes with:
+    transformers makes a tokenizer of its special tokens alone from the latter, every word of every text became
+    [UNK], and the model trained on nothing but the texts' lengths. Both are refused before training, naming the
+    folder."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+    for name, kept in (("no-tokenizer", ()), ("config-only", ("tokenizer_config.json",))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("config.json", "model.safetensors", *kept):
+            shutil.copy(tiny_model / f, folder / f)
+        said = (rf"model.base='{folder}': {folder} has no tokenizer files \(tokenizer.json, " if not kept else
+                rf"model.base='{folder}': its tokenizer has no vocabulary \(only its 5 special tokens\): the folder "
+                r"lacks the tokenizer's vocabulary file \(tokenizer.json, vocab.txt, vocab.json and merges.txt, or a ")
+        with offline(tmp_path), pytest.raises(ConfigError, match=said):
+            finetune.plan(make_cfg(tmp_path, folder, tickets_csv))
+    assert [v.ref for v in registry_of(cfg).list_versions(type="model")] == []
+
+
 def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv):
     """Entries of an older layout (no marker, or another format) and day-old half-written ones go when an
     entry is written; current entries, unreadable markers and fresh half-written ones stay."""
