@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError, RefError, closest, near_name
 
@@ -249,9 +250,13 @@ def load_classifier(path: str | Path, label_names: list[str], trust_remote_code:
     else:
         base_labels = [base_config.id2label[i] for i in range(base_config.num_labels)]
     if base_labels is None or base_labels == list(label_names):
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, ignore_mismatched_sizes=True, **trust, **labels)
-    old = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **trust)
+        model, loaded = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True, **trust, **labels)
+        _check_body_loaded(model, loaded, path)
+        return model
+    old, loaded = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                                     **trust)
+    _check_body_loaded(old, loaded, path)
     weights = old.state_dict()
     backbone = old.base_model_prefix + "."
     # The head's tensors with a row per label (a RoBERTa head's dense layer has none, and is kept)
@@ -278,6 +283,24 @@ def load_classifier(path: str | Path, label_names: list[str], trust_remote_code:
         log.info("the base model classifies other labels (%s); its head is made afresh",
                  ", ".join(map(repr, base_labels[:5])) + (" ..." if len(base_labels) > 5 else ""))
     return model
+
+
+def _check_body_loaded(model, loaded: dict[str, Any], path: str | Path) -> None:
+    """The base model's body (all but the classification head) came from its checkpoint. transformers fills tensors
+    the checkpoint lacks with random values, saying so only in a warning (which finetune silences, as a new head
+    is expected): a checkpoint saved under another prefix (``module.`` from DistributedDataParallel) or for another
+    architecture would train from random values. A missing pooler (sentence-embedding checkpoints often have none)
+    is only warned of: it starts from random values, as a new head does."""
+    prefix = f"{model.base_model_prefix}."
+    body = [k for k in loaded["missing_keys"] if k.startswith(prefix)]
+    pooler = [k for k in body if k.startswith(f"{prefix}pooler.")]
+    total = sum(k.startswith(prefix) for k in model.state_dict())
+    if len(body) > len(pooler):
+        raise ConfigError(f"model.base={str(path)!r}: {missing_weights(body, loaded['unexpected_keys'], total)}; "
+                          "training would start from random values, not from the base model")
+    if pooler:
+        log.warning("the base model's checkpoint has no pooler weights (%s): the pooler starts from random values, "
+                    "as the classification head does", ", ".join(sorted(pooler)))
 
 
 def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool = False, pairs: bool = False,
@@ -316,6 +339,19 @@ def missing_vocabulary(tokenizer) -> str | None:
     return (f"its tokenizer has no vocabulary (only its {specials} special tokens): the folder lacks the tokenizer's "
             "vocabulary file (tokenizer.json, vocab.txt, vocab.json and merges.txt, or a sentencepiece model); copy "
             "it from the model the folder came from")
+
+
+def missing_weights(missing: set[str] | list[str], unexpected: set[str] | list[str], total: int) -> str:
+    """What a checkpoint lacks, from transformers' loading info: how many of the model's `total` tensors it has no
+    weights for (the first few named), and what it holds instead, if anything (a prefix the model does not use,
+    ``module.`` from DistributedDataParallel, say, or another architecture's names)."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    said = f"{len(missing)} of its {total} weight tensors are not in the checkpoint ({', '.join(missing[:3])}" + \
+        (", ...)" if len(missing) > 3 else ")")
+    if unexpected:
+        said += (f", which holds {len(unexpected)} it does not use instead ({', '.join(unexpected[:2])}"
+                 + (", ...)" if len(unexpected) > 2 else ")") + ": the checkpoint's names do not match the architecture")
+    return said
 
 
 def _pair_boundary(tokenizer) -> bool | None:

@@ -45,7 +45,7 @@ class Classifier:
         from safetensors import SafetensorError
 
         from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
-                                        missing_vocabulary, separate_pairs, set_padding)
+                                        missing_vocabulary, missing_weights, separate_pairs, set_padding)
 
         trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:
@@ -62,7 +62,12 @@ class Classifier:
             self.tokenizer = AutoTokenizer.from_pretrained(self.dir, **trust)
             if (missing := missing_vocabulary(self.tokenizer)) is not None:  # every word would read as unknown
                 raise PipelineError(f"{self.dir}: {missing}" + _compared_with_manifest(self.dir))
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.dir, **trust)
+            self.model, loaded = AutoModelForSequenceClassification.from_pretrained(self.dir, output_loading_info=True,
+                                                                                    **trust)
+            if loaded["missing_keys"]:  # transformers fills them with random values, and says so only in a warning
+                raise PipelineError(
+                    f"{self.dir}: {missing_weights(loaded['missing_keys'], loaded['unexpected_keys'], len(self.model.state_dict()))}; "
+                    "without them its predictions would be random" + _compared_with_manifest(self.dir))
         except ValueError as e:
             if is_custom_code_error(e) and not trust_remote_code:
                 raise PipelineError(f"{self.dir}: its architecture is Python code shipped in the folder (transformers' "

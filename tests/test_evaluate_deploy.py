@@ -535,8 +535,11 @@ def test_a_model_that_scores_nan_is_refused_and_production_stays(env, tmp_path):
 def test_deploy_fetch_deploys_no_model_whose_smoke_prediction_fails(env, tmp_path):
     """The smoke test stands between a model version and the deployment folder: a version that will not load (its
     tokenizer files are gone: transformers made a tokenizer of special tokens alone, and every text read as unknown
-    words, with a confident label) or names a label its dataset does not have (its config was edited) is refused
+    words, with a confident label), whose weights are saved under names the architecture does not use (they were
+    random, and so was each label) or names a label its dataset does not have (its config was edited) is refused
     with what went wrong, exit 1, and the model deployed before stays in place, byte for byte."""
+    from safetensors.torch import load_file, save_file
+
     cfg = env()
     reg = registry(cfg)
     v0 = reg.resolve("clf:v0")
@@ -554,8 +557,16 @@ def test_deploy_fetch_deploys_no_model_whose_smoke_prediction_fails(env, tmp_pat
     config["id2label"] = {k: f"{v}_old" for k, v in config["id2label"].items()}
     config["label2id"] = {f"{k}_old": v for k, v in config["label2id"].items()}
     (renamed / "config.json").write_text(json.dumps(config))
+    prefixed = tmp_path / "prefixed"  # saved from a DistributedDataParallel wrapper: every name under module.
+    shutil.copytree(reg.fetch(v0).path, prefixed)
+    weights = load_file(prefixed / "model.safetensors")
+    save_file({f"module.{k}": v for k, v in weights.items()}, prefixed / "model.safetensors", metadata={"format": "pt"})
     for folder, said in ((no_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has no "
                                         r"vocabulary \(only its 5 special tokens\)"),
+                         (prefixed, r"smoke prediction failed on .*: PipelineError: .*: (\d+) of its \1 weight tensors "
+                                    r"are not in the checkpoint \(bert\.embeddings.*\), which holds \1 it does not use "
+                                    r"instead \(module\.bert\.embeddings.*\): the checkpoint's names do not match the "
+                                    r"architecture; without them its predictions would be random"),
                          (renamed, r"smoke prediction gave unknown label '\w+_old'; expected one of \['account_access'")):
         bad = reg.publish("clf", "model", folder, metadata=v0.metadata).version
         with offline(tmp_path):

@@ -661,6 +661,34 @@ def test_a_base_model_without_its_vocabulary_is_refused_before_training(tmp_path
     assert [v.ref for v in registry_of(cfg).list_versions(type="model")] == []
 
 
+def test_a_base_checkpoint_whose_weights_the_architecture_does_not_find_is_refused(tmp_path, tiny_model, tickets_csv,
+                                                                                   caplog):
+    """A base checkpoint saved under a prefix (``module.``, from DistributedDataParallel) loaded as a model of random
+    values: transformers' warning is silenced in finetune (a new head is expected), so it trained from scratch and
+    recorded the base as its start. It is refused, naming what the checkpoint holds instead. A checkpoint without
+    pooler weights (sentence-embedding models often have none) trains, with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1")
+    with offline(tmp_path):
+        dataset_publish.run(cfg)
+    weights = load_file(tiny_model / "model.safetensors")
+    for name, kept in (("prefixed", {f"module.{k}": v for k, v in weights.items()}),
+                       ("no-pooler", {k: v for k, v in weights.items() if not k.startswith("pooler.")})):
+        shutil.copytree(tiny_model, tmp_path / name)
+        save_file(kept, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    with offline(tmp_path), pytest.raises(ConfigError, match=rf"model.base='{tmp_path / 'prefixed'}': (\d+) of its \1 "
+                                                              r"weight tensors are not in the checkpoint \(bert\.embeddings\..*"
+                                                              r"which holds \1 it does not use instead \(module\.embeddings.*; "
+                                                              r"training would start from random values"):
+        finetune.run(make_cfg(tmp_path, tmp_path / "prefixed", tickets_csv, "train.epochs=1"))
+    assert registry_of(cfg).list_versions(type="model") == []
+    with offline(tmp_path), caplog.at_level("WARNING", logger="pipeline.basemodel"):
+        result = finetune.run(make_cfg(tmp_path, tmp_path / "no-pooler", tickets_csv, "train.epochs=1"))
+    assert result.produced == ["clf:v0"]
+    assert "the base model's checkpoint has no pooler weights (bert.pooler.dense.bias, bert.pooler.dense.weight)" in caplog.text
+
+
 def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv):
     """Entries of an older layout (no marker, or another format) and day-old half-written ones go when an
     entry is written; current entries, unreadable markers and fresh half-written ones stay."""
