@@ -311,9 +311,12 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
     changed for padding."""
     from transformers import AutoTokenizer
 
+    from transformers import AutoConfig
+
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
-    if (missing := missing_vocabulary(tokenizer)) is not None:
-        raise ConfigError(f"model.base={base_id or str(path)!r}: {missing}")
+    rows = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "vocab_size", None)
+    if (wrong := missing_vocabulary(tokenizer) or too_many_tokens(tokenizer, rows)) is not None:
+        raise ConfigError(f"model.base={base_id or str(path)!r}: {wrong}")
     changes = set_padding(tokenizer)
     if tokenizer.pad_token is None:
         raise ConfigError(
@@ -339,6 +342,16 @@ def missing_vocabulary(tokenizer) -> str | None:
     return (f"its tokenizer has no vocabulary (only its {specials} special tokens): the folder lacks the tokenizer's "
             "vocabulary file (tokenizer.json, vocab.txt, vocab.json and merges.txt, or a sentencepiece model); copy "
             "it from the model the folder came from")
+
+
+def too_many_tokens(tokenizer, rows: int | None) -> str | None:
+    """What is wrong when the tokenizer's ids run past the model's `rows` embeddings (its config's ``vocab_size``):
+    tokenizer files of another model, beside these weights. Every text with such a token would stop the model with
+    an IndexError. None when they fit, or the config does not say."""
+    if not isinstance(rows, int) or len(tokenizer) <= rows:
+        return None
+    return (f"its tokenizer has {len(tokenizer)} tokens, but the model has embeddings for {rows} (vocab_size): the "
+            "tokenizer files are another model's; copy the ones that came with these weights")
 
 
 def missing_weights(missing: set[str] | list[str], unexpected: set[str] | list[str], total: int) -> str:

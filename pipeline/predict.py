@@ -45,7 +45,8 @@ class Classifier:
         from safetensors import SafetensorError
 
         from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
-                                        missing_vocabulary, missing_weights, separate_pairs, set_padding)
+                                        missing_vocabulary, missing_weights, separate_pairs, set_padding,
+                                        too_many_tokens)
 
         trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:
@@ -68,6 +69,9 @@ class Classifier:
                 raise PipelineError(
                     f"{self.dir}: {missing_weights(loaded['missing_keys'], loaded['unexpected_keys'], len(self.model.state_dict()))}; "
                     "without them its predictions would be random" + _compared_with_manifest(self.dir))
+            embeddings = self.model.get_input_embeddings()
+            if (wrong := too_many_tokens(self.tokenizer, getattr(embeddings, "num_embeddings", None))) is not None:
+                raise PipelineError(f"{self.dir}: {wrong}" + _compared_with_manifest(self.dir))
         except ValueError as e:
             if is_custom_code_error(e) and not trust_remote_code:
                 raise PipelineError(f"{self.dir}: its architecture is Python code shipped in the folder (transformers' "

@@ -535,10 +535,12 @@ def test_a_model_that_scores_nan_is_refused_and_production_stays(env, tmp_path):
 def test_deploy_fetch_deploys_no_model_whose_smoke_prediction_fails(env, tmp_path):
     """The smoke test stands between a model version and the deployment folder: a version that will not load (its
     tokenizer files are gone: transformers made a tokenizer of special tokens alone, and every text read as unknown
-    words, with a confident label), whose weights are saved under names the architecture does not use (they were
-    random, and so was each label) or names a label its dataset does not have (its config was edited) is refused
+    words, with a confident label), that has another model's tokenizer (an IndexError on the words past its
+    embeddings), whose weights are saved under names the architecture does not use (they were random, and so was
+    each label) or names a label its dataset does not have (its config was edited) is refused
     with what went wrong, exit 1, and the model deployed before stays in place, byte for byte."""
     from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
 
     cfg = env()
     reg = registry(cfg)
@@ -561,7 +563,14 @@ def test_deploy_fetch_deploys_no_model_whose_smoke_prediction_fails(env, tmp_pat
     shutil.copytree(reg.fetch(v0).path, prefixed)
     weights = load_file(prefixed / "model.safetensors")
     save_file({f"module.{k}": v for k, v in weights.items()}, prefixed / "model.safetensors", metadata={"format": "pt"})
-    for folder, said in ((no_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has no "
+    other_tokenizer = tmp_path / "other-tokenizer"  # another model's, with more tokens than these weights have rows
+    shutil.copytree(reg.fetch(v0).path, other_tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(other_tokenizer)
+    tokenizer.add_tokens([f"word{i}" for i in range(10)])
+    tokenizer.save_pretrained(other_tokenizer)
+    for folder, said in ((other_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has (\d+) "
+                                           r"tokens, but the model has embeddings for (\d+) \(vocab_size\)"),
+                         (no_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has no "
                                         r"vocabulary \(only its 5 special tokens\)"),
                          (prefixed, r"smoke prediction failed on .*: PipelineError: .*: (\d+) of its \1 weight tensors "
                                     r"are not in the checkpoint \(bert\.embeddings.*\), which holds \1 it does not use "

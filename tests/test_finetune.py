@@ -644,7 +644,9 @@ def test_a_base_model_without_its_vocabulary_is_refused_before_training(tmp_path
     """A base folder with no tokenizer files, or with tokenizer_config.json but not the vocabulary it goes with:
     transformers makes a tokenizer of its special tokens alone from the latter, every word of every text became
     [UNK], and the model trained on nothing but the texts' lengths. Both are refused before training, naming the
-    folder."""
+    folder; as is another model's tokenizer, with more tokens than the weights have embeddings."""
+    from transformers import AutoTokenizer
+
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
     with offline(tmp_path):
         dataset_publish.run(cfg)
@@ -658,6 +660,16 @@ def test_a_base_model_without_its_vocabulary_is_refused_before_training(tmp_path
                 r"lacks the tokenizer's vocabulary file \(tokenizer.json, vocab.txt, vocab.json and merges.txt, or a ")
         with offline(tmp_path), pytest.raises(ConfigError, match=said):
             finetune.plan(make_cfg(tmp_path, folder, tickets_csv))
+    # another model's tokenizer beside these weights: its ids ran past the embeddings (an IndexError mid-training)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens([f"word{i}" for i in range(10)])
+    tokenizer.save_pretrained(other)
+    with offline(tmp_path), pytest.raises(ConfigError, match=rf"model.base='{other}': its tokenizer has (\d+) tokens, but "
+                                                              r"the model has embeddings for (\d+) \(vocab_size\): the "
+                                                              r"tokenizer files are another model's"):
+        finetune.plan(make_cfg(tmp_path, other, tickets_csv))
     assert [v.ref for v in registry_of(cfg).list_versions(type="model")] == []
 
 
