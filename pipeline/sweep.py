@@ -252,11 +252,11 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
         if "min_iter" not in et and "max_iter" not in et:
             raise ConfigError(f"{source}: early_terminate needs min_iter or max_iter")
         for k in ("min_iter", "max_iter", "s", "eta"):
-            if k in et and not (isinstance(et[k], int) and et[k] > 0):
+            if k in et and not (isinstance(et[k], int) and not isinstance(et[k], bool) and et[k] > 0):  # `true` is no count
                 raise ConfigError(f"{source}: early_terminate.{k} must be a positive integer")
         hyperband = dict(et)
     run_cap = raw.get("run_cap")
-    if run_cap is not None and not (isinstance(run_cap, int) and run_cap > 0):
+    if run_cap is not None and not (isinstance(run_cap, int) and not isinstance(run_cap, bool) and run_cap > 0):
         raise ConfigError(f"{source}: run_cap must be a positive integer")
     return SweepSpec(method=method, metric_name=str(metric["name"]), metric=mapped, goal=goal, target=target,
                      params=params, hyperband=hyperband, run_cap=run_cap, raw=raw)
