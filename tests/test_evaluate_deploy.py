@@ -596,6 +596,12 @@ def test_evaluate_bad_references(env):
         evaluate.run(cfg, dataset="golden:latest")
     with pytest.raises(RefError, match=r"^--dataset tickets:v7: tickets has no version 'v7'"):
         evaluate.run(cfg, dataset="tickets:v7")
+    # the dataset the model trained on was deleted (pruned): the way on is another version, named with --dataset
+    registry(cfg).delete("tickets:v0", delete_aliases=True, force=True)
+    with pytest.raises(RefError, match=r"^clf:v0 was trained on tickets:v0, which cannot be found: tickets:v0 was deleted "
+                                       r"\(.*\); its files are gone, its record stays for lineage; evaluate it on another "
+                                       r"dataset version with --dataset NAME:vN$"):
+        evaluate.run(cfg)
 
 
 def test_deploy_fetch_is_atomic_verified_and_idempotent(env, tmp_path, cli_here):

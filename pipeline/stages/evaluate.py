@@ -353,7 +353,8 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
     except RefError as e:
         if dataset:
             raise RefError(f"--dataset {ds_ref}: {e}") from None
-        raise RefError(f"{challenger.ref} was trained on {ds_ref}, which cannot be found: {e}") from None
+        raise RefError(f"{challenger.ref} was trained on {ds_ref}, which cannot be found: {e}; evaluate it on another "
+                       "dataset version with --dataset NAME:vN") from None
     label_names = list(challenger.metadata.get("label_names") or [])
     # Rows are matched to the model's labels by name: another dataset version may order them otherwise (its
     # class ids differ) or hold fewer, but not hold a label the model cannot predict.
