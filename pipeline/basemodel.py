@@ -79,7 +79,9 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(spec))
 
 
-def _max_positions(folder: Path) -> int | None:
+def max_positions(folder: Path) -> int | None:
+    """The most tokens the model in `folder` takes: its position embeddings (less the 2 that RoBERTa-like models
+    cannot use), or its tokenizer's limit when lower; None when neither says."""
     limits = []
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -163,7 +165,7 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None,
             tok_hashes[name] = hash_file(folder / name)[0]
     return BaseModel(
         spec=spec, id=ident, source=source, path=folder, digest=folder_digest(folder),
-        tokenizer_digest=manifest_digest(tok_hashes), revision=revision, max_positions=_max_positions(folder),
+        tokenizer_digest=manifest_digest(tok_hashes), revision=revision, max_positions=max_positions(folder),
     )
 
 

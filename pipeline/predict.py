@@ -45,8 +45,8 @@ class Classifier:
         from safetensors import SafetensorError
 
         from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
-                                        missing_vocabulary, missing_weights, separate_pairs, set_padding,
-                                        too_many_tokens)
+                                        max_positions, missing_vocabulary, missing_weights, separate_pairs,
+                                        set_padding, too_many_tokens)
 
         trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:
@@ -93,7 +93,7 @@ class Classifier:
         try:
             self.max_length = max_length or int(training["model"]["max_length"])
         except (KeyError, TypeError, ValueError):
-            self.max_length = min(512, int(getattr(self.tokenizer, "model_max_length", 512) or 512))
+            self.max_length = min(512, max_positions(self.dir) or 512)  # a folder finetune did not make
         # Sentence-pair models record their inputs (finetune writes them); single-text ones never had the key.
         self.takes_pairs = training.get("inputs") == ["text", "text_pair"]
         if self.takes_pairs and training.get("pair_separator"):

@@ -806,6 +806,24 @@ def test_predict_command_and_function(env, template, tmp_path, cli_here):
     assert [row[0] for row in streamed] == [p.label for p in predict(dest, [*texts, "refund please"])]
 
 
+def test_a_classifier_folder_finetune_did_not_make_reads_no_more_tokens_than_its_positions(env, tmp_path):
+    """A Hugging Face classifier's folder has no training_config.json to say its max_length, and a tokenizer saved
+    without model_max_length says no limit: texts were cut at 512 tokens, and one longer than the model's 128
+    positions stopped predict with a RuntimeError about tensor sizes. The limit is the model's positions."""
+    cfg = env()
+    reg = registry(cfg)
+    folder = tmp_path / "hub-like"
+    shutil.copytree(reg.fetch(reg.resolve("clf:v0")).path, folder)
+    (folder / "training_config.json").unlink()
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("model_max_length", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    classifier = load_classifier(folder)
+    assert classifier.max_length == json.loads((folder / "config.json").read_text())["max_position_embeddings"] == 128
+    [prediction] = classifier.predict([" ".join(["my parcel never arrived"] * 60)])
+    assert prediction.label in classifier.label_names and classifier.truncated == 1
+
+
 def test_printed_predictions_keep_one_column_per_field_when_a_label_or_id_holds_a_tab(capsys):
     """Labels are kept as the training data wrote them, so a tab or a line break can be part of one; printed as is,
     it would shift every column after it or split the row."""
