@@ -363,7 +363,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DataError(f"{path} line {number}: undecodable bytes: {e.reason}; save the file as UTF-8") from None
             except json.JSONDecodeError as e:  # where in the line: its end, for a record cut short
                 at = "at the end of the line" if e.pos >= len(text) else f"at character {e.pos + 1}"
-                raise DataError(f"{path} line {number}: not valid JSON: {e.msg} {at}") from None
+                # e.msg may end in "at" itself ("Unterminated string starting at")
+                raise DataError(f"{path} line {number}: not valid JSON: {e.msg.removesuffix(' at')} {at}") from None
 
 
 def _json_kind(value: Any) -> str:

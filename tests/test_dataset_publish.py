@@ -806,6 +806,15 @@ def test_malformed_files_are_reported_at_the_right_line_or_row(tmp_path, cfg_for
     jsonl.write_text("\r\n".join(lines) + "\r\n")
     with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON: Expecting value at the end of the line$"):
         dataset_publish.run(cfg_for(jsonl))
+    lines[25_000] = '{"id": "r-bad", "text": "a quote never closed, "label": "x"}'  # was "starting at at character 25"
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON: Expecting ',' delimiter at character 49$"):
+        dataset_publish.run(cfg_for(jsonl))
+    lines[25_000] = '{"id": "r-bad", "text": "cut short'
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{jsonl} line 25001: not valid JSON: Unterminated string starting at "
+                                        r"character 25$"):
+        dataset_publish.run(cfg_for(jsonl))
 
     typed = [dict(r) for r in records]
     typed[20_000]["label"] = 7                         # a number among strings: line 20,001, record 20,001
