@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from pipeline.commands.stage import run_stage
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, RefError, RegistryError, StageFailed
+from pipeline.errors import ConfigError, PipelineError, RefError, RegistryError, StageFailed
 from pipeline.provenance import folder_digest
 from pipeline.registry.local import LocalRegistry
 from pipeline.stages import dataset_publish, finetune
@@ -252,6 +252,22 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
         assert resumed.metrics[key] == uninterrupted.metrics[key]
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder_to_resume(tmp_path, tiny_model, tickets_csv,
+                                                                             cli_here):
+    """Stopped before its first checkpoint, a run left its folder (the state to resume it by, and nothing to resume
+    from): `artifacts list` showed it as an interrupted run, "none (nothing to resume)", until it was deleted by hand.
+    Nothing can continue it, so it goes, as a sweep trial's does."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)  # a checkpoint at each epoch's end (15 steps)
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(2),))
+    [killed] = [r for r in reg_runs(registry_of(cfg)) if r["status"] == "killed"]
+    assert not (Path(cfg.tracking.dir) / "checkpoints" / "clf" / killed["id"]).exists()
+    assert "finetune checkpoints" not in cli_here("artifacts", "list", "--set", f"tracking.dir={cfg.tracking.dir}").stdout
+    with pytest.raises(PipelineError, match=r"nothing to resume: no interrupted finetune run of clf with a checkpoint"):
+        finetune.run(cfg, resume="latest")
 
 
 def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_model, tickets_csv, caplog):

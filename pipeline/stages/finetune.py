@@ -884,7 +884,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
                     log.error("finetune run %s stopped; its last checkpoint is %s. Continue it with: "
                               "python -m pipeline finetune --config ... --resume %s", plan_.run_id, checkpoint, plan_.run_id)
                     trun.on_failure.update(resume=plan_.run_id, checkpoint=str(checkpoint))  # for the result file
-                else:
+                else:  # nothing to continue it from: its folder (the state to resume it by) goes
+                    shutil.rmtree(plan_.output_dir, ignore_errors=True)
                     log.error("finetune run %s stopped before its first checkpoint; start it again", plan_.run_id)
                 if full:
                     raise DiskFull(str(plan_.output_dir)) from e
