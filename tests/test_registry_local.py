@@ -712,6 +712,12 @@ def test_reading_commands_where_there_is_no_registry_create_none_and_say_so(tmp_
         assert cli(argv) == 2, argv
         assert f"no artifact named 'tickets' in {where}; there is no registry there" in capsys.readouterr().err
     assert cli(["artifacts", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+    for argv in (["artifacts", "delete", "tickets:v0"], ["artifacts", "prune", "tickets", "--keep", "1"],
+                 ["artifacts", "alias", "tickets:v0", "production"], ["artifacts", "unalias", "tickets:production"]):
+        assert cli(argv) == 2, argv
+        said = capsys.readouterr().err  # a write refused, or the version not found: each says there is no registry
+        assert f"there is no registry at {where} (nothing was published" in said or \
+            f"in {where}; there is no registry there" in said, argv
     config = tmp_path / "c.yaml"
     config.write_text("project: p\ndataset: {name: tickets, source: data/tickets.csv}\nmodel: {name: m}\n")
     assert cli(["dataset-publish", "--config", str(config)]) == 2

@@ -76,15 +76,16 @@ READING = ("list", "show", "diff", "verify")
 
 
 def _open(args: argparse.Namespace, read_only: bool = False):
-    """(registry, tracking.dir)."""
+    """(registry, tracking.dir). Every action reads or changes versions there are: where there is no registry, none
+    is made."""
     from pipeline.config import Config, load_tracking
     from pipeline.tracking import open_registry
 
     cfg = load_tracking(args.config, args.overrides)
     if isinstance(cfg, Config):
         return open_registry(cfg.tracking, project=cfg.project, entity=cfg.entity, scoped=False,
-                             read_only=read_only), cfg.tracking.dir
-    return open_registry(cfg, read_only=read_only), cfg.dir
+                             read_only=read_only, consuming=True), cfg.tracking.dir
+    return open_registry(cfg, read_only=read_only, consuming=True), cfg.dir
 
 
 def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False):

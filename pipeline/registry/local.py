@@ -319,7 +319,8 @@ class LocalRegistry:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction: all of it or none of it."""
         if self.missing:
-            raise RegistryError(f"there is no registry at {self.root}: this command does not make one")
+            raise RegistryError(f"there is no registry at {self.root} (nothing was published with this tracking.dir; a "
+                                "relative one starts from the current directory): this command does not make one")
         if self._read_only_uri:
             raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): "
                                 f"only {READERS}, read it so")
