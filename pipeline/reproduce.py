@@ -140,6 +140,8 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     status = "failed" if check and not matches else "ok"
     if same_digest:
         summary = f"{rebuilt.ref} reproduces {original.ref} bit for bit: same digest, so the registry kept one version"
+        if new.details.get("latest_again"):  # publishing its content again put `latest` on it, as on W&B
+            summary += f"; {new.details['latest_again']}"
     elif same_weights and matches:
         summary = (f"{rebuilt.ref} has the same weights as {original.ref}, bit for bit; other files differ "
                    f"({', '.join(differ)}), so it is a new version")

@@ -79,6 +79,24 @@ def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
                                                             "bit (same digest)")
 
 
+def test_a_bit_for_bit_reproduction_says_that_latest_is_back_on_the_original(env, tmp_path):
+    """Publishing an older version's bytes again puts `latest` on it, as on W&B: a reproduction of clf:v0 made
+    clf:latest, which `model.base: clf:latest` trains from, the old model without a word. It is said now."""
+    make, _ = env
+    cfg = make()
+    reg = registry(cfg)
+    v0 = reg.resolve("clf:v0")
+    newer = tmp_path / "newer"
+    shutil.copytree(reg.fetch(v0).path, newer)
+    (newer / "README.md").write_text("another card\n")
+    reg.publish("clf", "model", newer, metadata=v0.metadata)
+    assert reg.resolve("clf:latest").ref == "clf:v1"
+    result = reproduce.run(cfg, model="clf:v0")
+    assert result.message.endswith("reproduces clf:v0 bit for bit: same digest, so the registry kept one version; "
+                                   "clf:latest is clf:v0 again (it was clf:v1)")
+    assert reg.resolve("clf:latest").ref == "clf:v0"
+
+
 def test_a_relative_base_folder_is_the_one_it_was_when_reproduced_from_another_directory(chain, tmp_path, monkeypatch):
     from pipeline.stages import dataset_publish, finetune
 

@@ -85,6 +85,19 @@ class PublishResult:
     def ref(self) -> str:
         return self.version.ref
 
+    def latest_again(self) -> str | None:
+        """For content an older version holds, published again: that version is ``NAME:latest`` again (as on W&B),
+        in words; None when the version is new, or `latest` was on it already."""
+        return None if self.created else latest_again(self.version, self.latest_before)
+
+
+def latest_again(version: ArtifactVersion, before: str | None) -> str | None:
+    """``NAME:latest is NAME:vN again (it was NAME:vM)``: what is said when `latest` comes back to an older
+    `version` from where it was `before`; None when it was on it already."""
+    if before == version.ref:
+        return None
+    return f"{version.tagged('latest')} is {version.ref} again" + (f" (it was {before})" if before else "")
+
 
 @dataclass
 class FetchResult:

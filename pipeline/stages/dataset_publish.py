@@ -34,7 +34,7 @@ from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataEr
                            saved_dataset, saved_dataset_files, stratified_split, validate)
 from pipeline.errors import ConfigError, RefError
 from pipeline.refstore import Reference, is_uri, materialize, put
-from pipeline.registry.base import put_latest
+from pipeline.registry.base import latest_again, put_latest
 from pipeline.registry.local import hash_file
 from pipeline.results import StageResult
 from pipeline.tracking import tracked_run, warm_up
@@ -605,9 +605,9 @@ def _mark_latest(registry, version, before: str | None) -> list[str]:
 def _latest_again(version, before: str | None) -> list[str]:
     """For data that an older version holds, published again: that version is ``NAME:latest`` again (as on W&B),
     which finetune and sweep read unless told. Said in the result and logged; empty when it was `latest` before."""
-    if before == version.ref:
+    said = latest_again(version, before)
+    if said is None:
         return []
-    said = f"{version.tagged('latest')} is {version.ref} again" + (f" (it was {before})" if before else "")
     log.info("%s", said)
     return [said]
 

@@ -903,6 +903,9 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             else:
                 published = _publish(config, plan_, trun, trainer, tokenizer, shared, details, metrics, metadata, aliases)
                 status = "ok" if published.created else "unchanged"
+                if (moved := published.latest_again()) is not None:  # as on W&B; what `model.base: NAME:latest` reads
+                    log.info("%s", moved)
+                    details["latest_again"] = moved
                 provenance.add_signature(trun.registry, published.version, signature)
                 produced, digest = [published.ref], published.version.digest
                 trun.set_summary(**{"artifact": published.ref, "status": status})
@@ -915,7 +918,8 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
         run_id=trun.id,
         consumed=plan_.consumed,
         produced=produced,
-        message=f"trained, and the files are {produced[0]}'s byte for byte: no new version" if status == "unchanged" else None,
+        message=(f"trained, and the files are {produced[0]}'s byte for byte: no new version"
+                 + (f"; {details['latest_again']}" if details.get("latest_again") else "")) if status == "unchanged" else None,
         metrics={
             **{f"eval_{k}": v for k, v in best.items() if k != "step"},
             **{k: train_metrics[k] for k in ("train_loss", "train_runtime", "train_samples_per_second") if k in train_metrics},
