@@ -717,9 +717,10 @@ def test_a_base_checkpoint_whose_weights_the_architecture_does_not_find_is_refus
     assert "the base model's checkpoint has no pooler weights (bert.pooler.dense.bias, bert.pooler.dense.weight)" in caplog.text
 
 
-def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv):
+def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_model, tickets_csv, monkeypatch):
     """Entries of an older layout (no marker, or another format) and day-old half-written ones go when an
-    entry is written; current entries, unreadable markers and fresh half-written ones stay."""
+    entry is written; current entries, unreadable markers and fresh half-written ones stay. An entry made with
+    other versions of the tokenizing packages is not read."""
     from pipeline.basemodel import resolve_base_model
 
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
@@ -743,6 +744,13 @@ def test_a_new_cache_entry_retires_those_no_code_reads_again(tmp_path, tiny_mode
     made, hit = finetune.tokenize(data, version.digest, base, 48, cache)
     assert not hit and made.is_dir() and kept.is_dir()
     assert sorted(p.name for p in cache.iterdir()) == sorted([kept.name, made.name, "damaged", ".y.new.tmp"])
+    # another release of tokenizers or transformers may split the same text otherwise: its entry is its own
+    installed = finetune.tokenizing_packages()
+    assert set(installed) == {"tokenizers", "transformers"}
+    assert json.loads((kept / finetune.CACHE_SOURCE).read_text())["packages"] == installed
+    monkeypatch.setattr(finetune, "tokenizing_packages", lambda: {**installed, "tokenizers": "0.0.1"})
+    other, hit = finetune.tokenize(data, version.digest, base, 32, cache)
+    assert not hit and other != kept and kept.is_dir()
 
 
 def test_a_confusion_matrix_of_120_labels_reaches_the_run_whole(tmp_path, tiny_model):

@@ -314,14 +314,22 @@ def _mixed_precision(precision: str) -> list[str]:
 
 
 # -- data ------------------------------------------------------------------------------------
+def tokenizing_packages() -> dict[str, str]:
+    """The versions of the packages that turn text into token ids: a tokenised cache entry is theirs alone."""
+    import importlib.metadata
+
+    return {name: importlib.metadata.version(name) for name in ("tokenizers", "transformers")}
+
+
 def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: int, cache_root: Path,
              trust_remote_code: bool = False) -> tuple[Path, bool]:
     """The train and validation splits tokenised and saved with ``save_to_disk``; (folder, reused from the cache)."""
     from pipeline.provenance import digest_text
 
     # a trusted tokenizer's own code is in the base's folder, beyond the tokenizer files: the whole folder counts
+    packages = tokenizing_packages()  # another release may split the same text otherwise
     key = digest_text("tokenized", TOKENIZE_FORMAT, dataset_digest, base.tokenizer_digest, max_length,
-                      *([base.digest] if trust_remote_code else []))[:24]
+                      *([base.digest] if trust_remote_code else []), *sorted(packages.items()))[:24]
     out = cache_root / key
     if (out / "dataset_dict.json").is_file():
         return out, True
@@ -359,6 +367,7 @@ def tokenize(data_dir: Path, dataset_digest: str, base: BaseModel, max_length: i
         # What the entry was made from, so deleting a dataset version can drop its tokenised copies.
         (tmp / CACHE_SOURCE).write_text(json.dumps({"dataset_digest": dataset_digest, "tokenizer_digest": base.tokenizer_digest,
                                                     "max_length": max_length, "format": TOKENIZE_FORMAT,
+                                                    "packages": packages,
                                                     "rows": {s: len(d) for s, d in dd.items()},
                                                     "truncated": truncated}) + "\n")
         try:
