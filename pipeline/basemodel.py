@@ -311,9 +311,7 @@ def load_tokenizer(path: str | Path, base_id: str | None = None, announce: bool 
     dataset) putting a token between a pair's texts as `separate_pairs` says; one with no padding
     token and no end-of-sequence token is a ConfigError naming `base_id`. `announce` logs what was
     changed for padding."""
-    from transformers import AutoTokenizer
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
     rows = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "vocab_size", None)

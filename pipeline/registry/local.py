@@ -99,6 +99,7 @@ def network_file_system(path: Path) -> str | None:
 # 2: files.ref (reference-mode entries); 3: versions.deleted_at; 4: fetches.dest relative to the tracking folder
 # for copies inside it (see `_fetch_key`)
 _SCHEMA_VERSION = 4
+NOTHING_HERE = "nothing was published with this tracking.dir; a relative one starts from the current directory"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     id INTEGER PRIMARY KEY,
@@ -319,8 +320,7 @@ class LocalRegistry:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction: all of it or none of it."""
         if self.missing:
-            raise RegistryError(f"there is no registry at {self.root} (nothing was published with this tracking.dir; a "
-                                "relative one starts from the current directory): this command does not make one")
+            raise RegistryError(f"there is no registry at {self.root} ({NOTHING_HERE}): this command does not make one")
         if self._read_only_uri:
             raise RegistryError(f"the local registry at {self.root} is open read-only (this user cannot write it): "
                                 f"only {READERS}, read it so")
@@ -479,8 +479,7 @@ class LocalRegistry:
         if not versions:
             names = [x[0] for x in conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
             if self.missing:
-                raise RefError(f"no artifact named {r.name!r} in {self.root}; there is no registry there (nothing was "
-                               "published with this tracking.dir; a relative one starts from the current directory)")
+                raise RefError(f"no artifact named {r.name!r} in {self.root}; there is no registry there ({NOTHING_HERE})")
             known = ", ".join(names) if names else "none: the registry is empty"
             raise RefError(f"no artifact named {r.name!r} in {self.root}{did_you_mean(r.name, names)}; known artifacts: {known}")
         self._check_owner(conn, r.name, self.project)
