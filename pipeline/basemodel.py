@@ -287,7 +287,29 @@ def load_classifier(path: str | Path, label_names: list[str], trust_remote_code:
     return model
 
 
-def _check_body_loaded(model, loaded: dict[str, Any], path: str | Path) -> None:
+def check_base_weights(base: BaseModel, trust_remote_code: bool = False) -> None:
+    """The base checkpoint holds the weights of its architecture's body (`_check_body_loaded`), checked before any
+    work: tokenising a large dataset takes minutes, and training would only then load the model. On the meta
+    device: transformers matches the checkpoint's tensor names to the architecture's without reading a weight.
+    What cannot be loaded so is left to the load for training, which says what is wrong."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report of the new head, expected
+    try:
+        model, loaded = AutoModelForSequenceClassification.from_pretrained(
+            base.path, device_map="meta", ignore_mismatched_sizes=True, output_loading_info=True,
+            trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - an early check only: the load for training reports any failure
+        log.debug("the base model's weights were not checked before training: %s", e)
+        return
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_body_loaded(model, loaded, base.path, warn=False)
+
+
+def _check_body_loaded(model, loaded: dict[str, Any], path: str | Path, warn: bool = True) -> None:
     """The base model's body (all but the classification head) came from its checkpoint. transformers fills tensors
     the checkpoint lacks with random values, saying so only in a warning (which finetune silences, as a new head
     is expected): a checkpoint saved under another prefix (``module.`` from DistributedDataParallel) or for another
@@ -300,7 +322,7 @@ def _check_body_loaded(model, loaded: dict[str, Any], path: str | Path) -> None:
     if len(body) > len(pooler):
         raise ConfigError(f"model.base={str(path)!r}: {missing_weights(body, loaded['unexpected_keys'], total)}; "
                           "training would start from random values, not from the base model")
-    if pooler:
+    if pooler and warn:
         log.warning("the base model's checkpoint has no pooler weights (%s): the pooler starts from random values, "
                     "as the classification head does", ", ".join(sorted(pooler)))
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.basemodel import (BaseModel, check_architecture, check_max_length, load_classifier, load_tokenizer, match_padding,
-                                resolve_base_model, separate_pairs)
+from pipeline.basemodel import (BaseModel, check_architecture, check_base_weights, check_max_length, load_classifier,
+                                load_tokenizer, match_padding, resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed, no_space_left,
@@ -256,6 +256,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
     check_architecture(base, trust_remote_code=trust)
     load_tokenizer(base.path, base.id, announce=True, trust_remote_code=trust)  # a tokenizer that cannot pad fails here
+    check_base_weights(base, trust_remote_code=trust)  # a checkpoint the architecture does not find itself in too
     if resume is not None:
         run_id, group = saved["run_id"], saved.get("group")
         if saved.get("dataset_digest") and saved["dataset_digest"] != version.digest:
