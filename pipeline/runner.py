@@ -73,7 +73,8 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         # the model name finetune will publish, another project's (a local registry that projects share): said before
         # the data is read, not once a new dataset version stands beside a model that cannot be trained (dataset-publish
         # asks for its own name)
-        open_registry(config.tracking, project=config.project, entity=config.entity).check_project(config.model.name)
+        open_registry(config.tracking, project=config.project, entity=config.entity,
+                      consuming=True).check_project(config.model.name)  # only read: no registry made for it
         split = config.dataset.split
         needs = {"train": "finetune trains on it", "validation": "finetune chooses the checkpoint on it",
                  config.evaluate.split: f"evaluate scores it (evaluate.split: {config.evaluate.split})"}

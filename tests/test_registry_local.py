@@ -720,8 +720,9 @@ def test_reading_commands_where_there_is_no_registry_create_none_and_say_so(tmp_
             f"in {where}; there is no registry there" in said, argv
     config = tmp_path / "c.yaml"
     config.write_text("project: p\ndataset: {name: tickets, source: data/tickets.csv}\nmodel: {name: m}\n")
-    assert cli(["dataset-publish", "--config", str(config)]) == 2
-    assert "dataset source not found: data/tickets.csv" in capsys.readouterr().err
+    for stage in ("dataset-publish", "run"):
+        assert cli([stage, "--config", str(config)]) == 2, stage
+        assert "dataset source not found: data/tickets.csv" in capsys.readouterr().err, stage
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no .pipeline, no result file
 
 
