@@ -69,8 +69,11 @@ class Classifier:
                 raise PipelineError(
                     f"{self.dir}: {missing_weights(loaded['missing_keys'], loaded['unexpected_keys'], len(self.model.state_dict()))}; "
                     "without them its predictions would be random" + _compared_with_manifest(self.dir))
-            embeddings = self.model.get_input_embeddings()
-            if (wrong := too_many_tokens(self.tokenizer, getattr(embeddings, "num_embeddings", None))) is not None:
+            try:
+                rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
+            except (NotImplementedError, AttributeError):  # an architecture (its own code, say) that does not say
+                rows = None
+            if (wrong := too_many_tokens(self.tokenizer, rows)) is not None:
                 raise PipelineError(f"{self.dir}: {wrong}" + _compared_with_manifest(self.dir))
         except ValueError as e:
             if is_custom_code_error(e) and not trust_remote_code:
