@@ -106,6 +106,10 @@ class Classifier:
 
     def _not_loading(self, error: BaseException) -> PipelineError:
         reason = (str(error).strip().splitlines() or [""])[0][:300]
+        if "ignore_mismatched_sizes" in reason:  # transformers names a setting of its own, not what is wrong
+            return PipelineError(f"{self.dir}: the model does not load: the shapes of its weights do not match its "
+                                 "config.json (transformers' load report above names them): the config and the "
+                                 "weights are of different models, or one was edited" + _compared_with_manifest(self.dir))
         return PipelineError(f"{self.dir}: the model does not load ({type(error).__name__}: {reason})"
                              + _compared_with_manifest(self.dir))
 

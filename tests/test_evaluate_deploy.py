@@ -568,7 +568,15 @@ def test_deploy_fetch_deploys_no_model_whose_smoke_prediction_fails(env, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(other_tokenizer)
     tokenizer.add_tokens([f"word{i}" for i in range(10)])
     tokenizer.save_pretrained(other_tokenizer)
-    for folder, said in ((other_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has (\d+) "
+    more_labels = tmp_path / "more-labels"  # config.json says 7 labels; the head's weights have a row for 6
+    shutil.copytree(reg.fetch(v0).path, more_labels)
+    config = json.loads((more_labels / "config.json").read_text())
+    config["id2label"] = {**config["id2label"], str(len(config["id2label"])): "extra"}
+    config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
+    (more_labels / "config.json").write_text(json.dumps(config))
+    for folder, said in ((more_labels, r"smoke prediction failed on .*: PipelineError: .*: the model does not load: the "
+                                       r"shapes of its weights do not match its config.json"),
+                         (other_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has (\d+) "
                                            r"tokens, but the model has embeddings for (\d+) \(vocab_size\)"),
                          (no_tokenizer, r"smoke prediction failed on .*: PipelineError: .*: its tokenizer has no "
                                         r"vocabulary \(only its 5 special tokens\)"),
