@@ -322,6 +322,13 @@ def _check_body_loaded(model, loaded: dict[str, Any], path: str | Path, warn: bo
     if len(body) > len(pooler):
         raise ConfigError(f"model.base={str(path)!r}: {missing_weights(body, loaded['unexpected_keys'], total)}; "
                           "training would start from random values, not from the base model")
+    # a new head of another size is expected (ignore_mismatched_sizes); a body tensor of another size is made afresh
+    reshaped = sorted((k, tuple(was), tuple(now)) for k, was, now in loaded.get("mismatched_keys") or () if k.startswith(prefix))
+    if reshaped:
+        shown = "; ".join(f"{k}: {list(was)} in the checkpoint, {list(now)} by config.json" for k, was, now in reshaped[:2])
+        raise ConfigError(f"model.base={str(path)!r}: {len(reshaped)} of its weight tensors have other shapes in the "
+                          f"checkpoint than its config.json gives ({shown}{'; ...' if len(reshaped) > 2 else ''}): they "
+                          "would start from random values; the config is another model's, or was edited")
     if pooler and warn:
         log.warning("the base model's checkpoint has no pooler weights (%s): the pooler starts from random values, "
                     "as the classification head does", ", ".join(sorted(pooler)))

@@ -713,6 +713,18 @@ def test_a_base_checkpoint_whose_weights_the_architecture_does_not_find_is_refus
         finetune.run(make_cfg(tmp_path, tmp_path / "prefixed", tickets_csv, "train.epochs=1"))
     assert registry_of(cfg).list_versions(type="model") == []
     assert [r["job_type"] for r in reg_runs(registry_of(cfg))] == ["dataset-publish"]  # refused before a run opened
+    # a config.json whose sizes are not the checkpoint's: the embeddings were made afresh (as a new head may be)
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tiny_model, reshaped)
+    config = json.loads((reshaped / "config.json").read_text())
+    rows = config["vocab_size"]
+    (reshaped / "config.json").write_text(json.dumps({**config, "vocab_size": rows + 50}))
+    with offline(tmp_path), pytest.raises(ConfigError, match=rf"model.base='{reshaped}': 1 of its weight tensors have other "
+                                                              r"shapes in the checkpoint than its config.json gives \(bert\."
+                                                              rf"embeddings.word_embeddings.weight: \[{rows}, 32\] in the "
+                                                              rf"checkpoint, \[{rows + 50}, 32\] by config.json\)"):
+        finetune.run(make_cfg(tmp_path, reshaped, tickets_csv, "train.epochs=1"))
+    assert [r["job_type"] for r in reg_runs(registry_of(cfg))] == ["dataset-publish"]
     with offline(tmp_path), caplog.at_level("WARNING", logger="pipeline.basemodel"):
         result = finetune.run(make_cfg(tmp_path, tmp_path / "no-pooler", tickets_csv, "train.epochs=1"))
     assert result.produced == ["clf:v0"]
