@@ -292,6 +292,7 @@ def check_base_weights(base: BaseModel, trust_remote_code: bool = False) -> None
     work: tokenising a large dataset takes minutes, and training would only then load the model. On the meta
     device: transformers matches the checkpoint's tensor names to the architecture's without reading a weight.
     What cannot be loaded so is left to the load for training, which says what is wrong."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -301,6 +302,9 @@ def check_base_weights(base: BaseModel, trust_remote_code: bool = False) -> None
         model, loaded = AutoModelForSequenceClassification.from_pretrained(
             base.path, device_map="meta", ignore_mismatched_sizes=True, output_loading_info=True,
             trust_remote_code=trust_remote_code)
+    except (OSError, SafetensorError) as e:  # a shard its index names is missing, a weights file is cut short
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"model.base={base.spec!r}: its weights do not load ({type(e).__name__}: {reason})") from None
     except Exception as e:  # noqa: BLE001 - an early check only: the load for training reports any failure
         log.debug("the base model's weights were not checked before training: %s", e)
         return

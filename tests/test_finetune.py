@@ -724,6 +724,20 @@ def test_a_base_checkpoint_whose_weights_the_architecture_does_not_find_is_refus
                                                               rf"embeddings.word_embeddings.weight: \[{rows}, 32\] in the "
                                                               rf"checkpoint, \[{rows + 50}, 32\] by config.json\)"):
         finetune.run(make_cfg(tmp_path, reshaped, tickets_csv, "train.epochs=1"))
+    # a weights file cut short, or a shard its index names missing: a traceback from inside the run before
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model, cut)
+    (cut / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:30_000])
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model, sharded, ignore=shutil.ignore_patterns("model.safetensors"))
+    names = sorted(weights)
+    save_file({k: weights[k] for k in names[:10]}, sharded / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: f"model-0000{1 if i < 10 else 2}-of-00002.safetensors" for i, k in enumerate(names)}}))
+    for folder, why in ((cut, r"SafetensorError: Error while deserializing header"),
+                        (sharded, r"FileNotFoundError: .*model-00002-of-00002.safetensors")):
+        with offline(tmp_path), pytest.raises(ConfigError, match=rf"model.base='{folder}': its weights do not load \({why}"):
+            finetune.run(make_cfg(tmp_path, folder, tickets_csv, "train.epochs=1"))
     assert [r["job_type"] for r in reg_runs(registry_of(cfg))] == ["dataset-publish"]
     with offline(tmp_path), caplog.at_level("WARNING", logger="pipeline.basemodel"):
         result = finetune.run(make_cfg(tmp_path, tmp_path / "no-pooler", tickets_csv, "train.epochs=1"))
