@@ -31,8 +31,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 if ! "$VENV/bin/python" -m pip install --quiet -e ".${extras}" "${pin[@]}"; then
-  [ ${#pin[@]} -gt 0 ] && echo "setup: the versions pinned in constraints.txt could not be installed here (another Python" \
-    "version or platform?); PIPELINE_UNPINNED=1 bash scripts/setup.sh${extras:+ --test} installs the newest that pyproject.toml allows" >&2
+  [ ${#pin[@]} -gt 0 ] && echo "setup: the versions pinned in constraints.txt could not be installed here. If pip's error" \
+    "above is a failed download or connection, run this again; if no release matches (another Python version or" \
+    "platform), PIPELINE_UNPINNED=1 bash scripts/setup.sh${extras:+ --test} installs the newest that pyproject.toml allows" >&2
   exit 1
 fi
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, transformers, wandb; print(f"torch {torch.__version__}, transformers {transformers.__version__}, wandb {wandb.__version__}")')"
