@@ -554,7 +554,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
             raise ConfigError("--count must be at least 1")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         registry = open_registry(config.tracking, project=config.project, entity=config.entity, consuming=True)
-        if getattr(registry, "missing", False):  # nothing published with this tracking.dir: said before a sweeps catalog is made
+        if registry.missing:  # nothing published with this tracking.dir: said before a sweeps catalog is made
             registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")
         storage = _storage(config)
         registry.check_project(config.model.name)  # each trial publishes it: another project's, refused before the first

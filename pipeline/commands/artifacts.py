@@ -131,8 +131,7 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps([v.to_dict() for v in versions], indent=2))
             return 0
         if not versions:
-            missing = getattr(registry, "missing", False)  # the local registry, where none was made
-            print("no artifact versions" + (f" (there is no registry at {registry.root})" if missing else ""))
+            print("no artifact versions" + (f" (there is no registry at {registry.root})" if registry.missing else ""))
         else:
             _table([("REF", "TYPE", "SIZE", "ALIASES", "CREATED", "PROJECT", "PRODUCED BY")] + [
                 (v.ref, v.type, _size(v.size), ",".join(sorted(v.aliases)) or "-", v.created_at[:19], v.project or "-",

@@ -140,6 +140,7 @@ class Registry(Protocol):
     """What a stage may do with artifacts. Two implementations: local and W&B."""
 
     kind: str
+    missing: bool  # no registry where one was looked for, and none was made (a local one opened to read); W&B: never
 
     def resolve(self, ref: str, type: str | None = None, *, include_deleted: bool = False) -> ArtifactVersion: ...
 

@@ -73,6 +73,7 @@ def _add_unchecked_reference(art, uri: str, name: str) -> None:
 
 class WandbRegistry:
     kind = "wandb"
+    missing = False  # W&B holds the project's artifacts, whatever it holds
 
     def __init__(self, project: str, entity: str | None = None, link_registry: str | None = None,
                  fetch_root: Path | None = None):
