@@ -954,7 +954,9 @@ def _fold(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     texts = pc.ascii_lower(texts)  # leaves the non-ASCII rows, lowered above, as they are
     odd = _odd_spacing(texts)
     if odd.any():
-        texts = _rewrite(texts, odd, lambda t: pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"[\t\n\v\f\r ]+", " ")))
+        # runs of ASCII spacing are one space, and that space is trimmed at either end; other characters (U+0085,
+        # U+001C) are left as the texts without odd spacing have them
+        texts = _rewrite(texts, odd, lambda t: pc.utf8_trim(pc.replace_substring_regex(t, r"[\t\n\v\f\r ]+", " "), " "))
     return texts
 
 

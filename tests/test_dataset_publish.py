@@ -572,6 +572,22 @@ def test_odd_spacing_finds_what_the_regular_expression_finds():
     assert _odd_spacing(garbage).tolist() == [False, False]
 
 
+def test_folding_is_the_same_whether_or_not_a_text_has_odd_spacing():
+    """A text is folded to lower case with runs of ASCII whitespace as one space and none at either end (after
+    NFKC). Characters NFKC keeps (U+0085, U+001C, U+2028) are text, not spacing: trimming them off only the texts
+    that also had odd spacing made "\x85reset it " and "\x85reset it" two different texts."""
+    from pipeline.data import Columns, copy_key
+
+    cols = Columns(text="text", label="label")
+    for sep in ("\x85", "\x1c", "\u2028", "\u1680"):
+        variants = [f"{sep}Reset it", f"{sep}reset it ", f"{sep}reset\t it", f" {sep}reset it", f"{sep}reset  it\n"]
+        keys = copy_key({"text": pa.chunked_array([pa.array(variants)])}, cols).to_pylist()
+        assert keys == [f"{sep}reset it"] * len(variants), (repr(sep), keys)
+        ends = [f"reset it{sep}", f"reset  it{sep}", f"reset it {sep}"]
+        keys = copy_key({"text": pa.chunked_array([pa.array(ends)])}, cols).to_pylist()
+        assert keys == [f"reset it{sep}", f"reset it{sep}", f"reset it {sep}"], (repr(sep), keys)
+
+
 def test_a_label_with_too_few_texts_is_found_when_no_text_repeats():
     texts = [f"text number {i}" for i in range(8)]
     table = pa.table({"text": pa.array(texts, pa.binary()), "label": ["a", "a", "a", "b", "b", "b", "c", "c"],
