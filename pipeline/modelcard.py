@@ -58,7 +58,7 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         "## Training data",
         "",
         f"- Dataset version: `{dataset_ref}` (digest `{dataset_digest}`)",
-        "- Rows: " + ", ".join(f"{split} {n}" for split, n in num_rows.items()),
+        "- Rows: " + ", ".join(f"{split} {n}" for split, n in sorted(num_rows.items(), key=lambda kv: _split_rank(kv[0]))),
         "- Labels (id order): " + ", ".join(f"{i}={n}" for i, n in enumerate(label_names)),
         "",
         "## Training procedure",
@@ -69,7 +69,7 @@ def render(*, model_name: str, base: dict[str, Any], dataset_ref: str, dataset_d
         *(["- Texts longer than that, cut to it: " + ", ".join(f"{split} {n} of {num_rows.get(split, '?')}"
                                                               for split, n in truncated.items())]
           if truncated and any(truncated.values()) else []),
-        *(f"- {k}: {v}" for k, v in train.items() if v is not None),
+        *(f"- {k}: {_number(v)}" for k, v in train.items() if v is not None),
         f"- Model kept: the checkpoint with the best validation `{best_metric}`",
         "",
         "## Validation metrics",
@@ -110,3 +110,14 @@ def _code(text: str) -> str:
     fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _split_rank(split: str) -> tuple[int, str]:
+    """train, validation, test first, in that order; any other split after them, by name."""
+    order = ("train", "validation", "test")
+    return (order.index(split), "") if split in order else (len(order), split)
+
+
+def _number(value: object) -> object:
+    """A whole float as the integer it is (``epochs: 3``, as the config was written), anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value

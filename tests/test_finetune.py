@@ -114,6 +114,9 @@ def test_model_artifact_carries_lineage_and_provenance(trained, tiny_model, tmp_
     assert "base_model" not in front  # the Hub takes a model id there, never a local folder's path
     assert front["model-index"][0]["results"][0]["dataset"]["name"] == "tickets:v0"
     assert "Intended use" in card and "cut to it" not in card
+    rows = meta["num_rows"] if "num_rows" in meta else dataset.metadata["num_rows"]
+    assert f"- Rows: train {rows['train']}, validation {rows['validation']}, test {rows['test']}\n" in card
+    assert f"- epochs: {int(cfg.train.epochs)}\n" in card  # as written in the config, not 3.0
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     clf = AutoModelForSequenceClassification.from_pretrained(fetched)
