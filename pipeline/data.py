@@ -402,11 +402,12 @@ def _strip_block_row(error: Exception) -> str:
 
 
 def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFormat = CsvFormat(),
-               name: Callable[[Path], str] = str, optional: Collection[str] = ()) -> pa.Table:
+               name: Callable[[Path], str] = str, optional: Collection[str] = (), typed_ids: bool = False) -> pa.Table:
     """One table of the input files (from ``list_input_files(source)``) with ``_file`` and ``_row``;
     `fmt` says how CSV/TSV files are written; `name` gives the ``_file`` that reports show for a file
     (the URI of a downloaded one). Configured columns in `optional` may be missing from a file: its rows
-    hold nulls there."""
+    hold nulls there. With `typed_ids`, an id column of numbers in every file (JSON, Parquet) stays numbers, as
+    a caller that hands the ids back (``predict --output``) needs them to join its own table; else ids are text."""
     root = _static_root(source)
     tables = []
     label_typed = []  # per file: its labels were numbers or booleans (JSON, Parquet), not text
@@ -418,13 +419,21 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
             if key not in t.column_names:
                 t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))
         label_typed.append(bool(cols.label) and cols.label in t.column_names and _typed(t.schema.field(cols.label).type))
-        tables.append(_normalise(t, name(path), cols))
+        tables.append(_normalise(t, name(path), cols, typed_ids))
     if any(label_typed) and not all(label_typed):
         _check_label_spelling(tables, label_typed, cols.label, source)
+    if typed_ids and cols.id and not all(_number_ids(t.schema.field(cols.id).type) for t in tables):
+        # numbers in one file and text (or none) in another: all of them as text, as they are compared
+        tables = [t.set_column(t.schema.get_field_index(cols.id), cols.id, _to_string(t.column(cols.id), source, cols.id))
+                  for t in tables]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
+
+
+def _number_ids(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def _typed(t: pa.DataType) -> bool:
@@ -514,14 +523,17 @@ def _check_columns(names: list[str], where: str, cols: Columns) -> None:
                         "all but one, so the configured column is not a guess")
 
 
-def _normalise(t: pa.Table, name: str, cols: Columns) -> pa.Table:
-    """Check and keep the configured columns, text as binary, plus ``_file`` and ``_row`` (1-based)."""
+def _normalise(t: pa.Table, name: str, cols: Columns, typed_ids: bool = False) -> pa.Table:
+    """Check and keep the configured columns, text as binary, plus ``_file`` and ``_row`` (1-based); ids and labels
+    as text (with `typed_ids`, ids of numbers stay numbers)."""
     _check_columns(t.column_names, name, cols)
     t = t.select(cols.required)
     for c in cols.text_columns:
         if not pa.types.is_binary(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
     for c in (cols.id, cols.label):  # compared as strings: numeric ids in one file and text ids in the next agree
+        if c == cols.id and typed_ids and _number_ids(t.schema.field(c).type):
+            continue
         if c and not pa.types.is_string(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_string(t.column(c), name, c))
     t = t.append_column("_file", constant(name, t.num_rows))

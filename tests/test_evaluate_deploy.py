@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -913,6 +914,26 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     out = cli_here(*args, "--output", str(linked))
     assert out.returncode == 2 and f"--output {linked} is not a regular file (a link or a pipe)" in out.stderr
     assert linked.is_symlink()
+
+    # ids of numbers (JSON Lines, Parquet) come back as numbers, so the predictions join the caller's own table;
+    # text beside numbers (another file of a folder) or rows named by file and row make them all text
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    (numbered / "a.jsonl").write_text('{"ticket": 7, "body": "my parcel is late"}\n{"ticket": 8, "body": "refund"}\n')
+    pq.write_table(pa.table({"ticket": pa.array([9], pa.int32()), "body": ["charged twice"]}), tmp_path / "b.parquet")
+    for source, ids in ((numbered / "a.jsonl", [7, 8]), (tmp_path / "b.parquet", [9])):
+        for name in ("n.jsonl", "n.parquet", "n.csv"):
+            out = cli_here("predict", "--model-dir", str(dest), "--input", str(source), "--text-column", "body",
+                           "--id-column", "ticket", "--output", str(tmp_path / name))
+            assert out.returncode == 0, out.stderr[-2000:]
+        assert [json.loads(line)["id"] for line in (tmp_path / "n.jsonl").read_text().splitlines()] == ids
+        assert pq.read_table(tmp_path / "n.parquet").column("id").to_pylist() == ids
+        assert (tmp_path / "n.csv").read_text().splitlines()[1].startswith(f"{ids[0]},")
+    (numbered / "c.jsonl").write_text('{"ticket": "T-10", "body": "where is it"}\n')
+    mixed = cli_here("predict", "--model-dir", str(dest), "--input", str(numbered), "--text-column", "body",
+                     "--id-column", "ticket", "--json")
+    assert mixed.returncode == 0, mixed.stderr[-2000:]
+    assert [json.loads(line)["id"] for line in mixed.stdout.splitlines()] == ["7", "8", "T-10"]
 
 
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_here):

@@ -247,7 +247,7 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column to match" + args.columns_from)
     table = read_files(list_input_files(args.input, "--input"), cols, args.input,
-                       optional=[cols.id] if getattr(args, "id_optional", False) else ())
+                       optional=[cols.id] if getattr(args, "id_optional", False) else (), typed_ids=True)
     texts = {}
     for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):
         if column:
@@ -265,6 +265,8 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                     "classified as the empty text, so their labels say nothing about them", n_blank, table.num_rows,
                     column, table.column("_file")[first], table.column("_row")[first])
     ids = table.column(cols.id) if cols.id else None
+    if ids is not None and ids.null_count and getattr(args, "id_optional", False):  # named by file and row: text
+        ids = pc.cast(ids, "string")
     for start in range(0, table.num_rows, CHUNK):
         part = {k: v.slice(start, CHUNK).to_pylist() for k, v in texts.items()}
         files, rows = (table.column(c).slice(start, CHUNK).to_pylist() for c in ("_file", "_row"))
