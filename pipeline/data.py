@@ -422,8 +422,9 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
         tables.append(_normalise(t, name(path), cols, typed_ids))
     if any(label_typed) and not all(label_typed):
         _check_label_spelling(tables, label_typed, cols.label, source)
-    if typed_ids and cols.id and not all(_number_ids(t.schema.field(cols.id).type) for t in tables):
-        # numbers in one file and text (or none) in another: all of them as text, as they are compared
+    if typed_ids and cols.id and len({t.schema.field(cols.id).type for t in tables}) > 1:
+        # numbers in one file and text (or none, or other numbers: 7 beside 7.5 would become 7.0) in another: all
+        # of them as text, as they are compared
         tables = [t.set_column(t.schema.get_field_index(cols.id), cols.id, _to_string(t.column(cols.id), source, cols.id))
                   for t in tables]
     try:

@@ -929,11 +929,12 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
         assert [json.loads(line)["id"] for line in (tmp_path / "n.jsonl").read_text().splitlines()] == ids
         assert pq.read_table(tmp_path / "n.parquet").column("id").to_pylist() == ids
         assert (tmp_path / "n.csv").read_text().splitlines()[1].startswith(f"{ids[0]},")
-    (numbered / "c.jsonl").write_text('{"ticket": "T-10", "body": "where is it"}\n')
+    (numbered / "c.jsonl").write_text('{"ticket": 10.5, "body": "where is it"}\n')  # not 7.0 beside 10.5
+    (numbered / "d.jsonl").write_text('{"ticket": "T-11", "body": "wrong size"}\n')
     mixed = cli_here("predict", "--model-dir", str(dest), "--input", str(numbered), "--text-column", "body",
                      "--id-column", "ticket", "--json")
     assert mixed.returncode == 0, mixed.stderr[-2000:]
-    assert [json.loads(line)["id"] for line in mixed.stdout.splitlines()] == ["7", "8", "T-10"]
+    assert [json.loads(line)["id"] for line in mixed.stdout.splitlines()] == ["7", "8", "10.5", "T-11"]
 
 
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_here):
