@@ -197,9 +197,11 @@ def is_custom_code_error(error: BaseException) -> bool:
     return "custom code" in str(error)
 
 
-def check_architecture(base: BaseModel, trust_remote_code: bool = False) -> None:
+def check_architecture(base: BaseModel, trust_remote_code: bool = False, activation_checkpointing: bool = False) -> None:
     """The base model's type has a sequence-classification class in transformers, or in its own code
-    when that is trusted (else training would stop at the model's load, with the run already open)."""
+    when that is trusted (else training would stop at the model's load, with the run already open); with
+    `activation_checkpointing` (gradient checkpointing, as transformers 4 called it), one that supports it (else
+    training would stop as it starts)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
@@ -222,6 +224,13 @@ def check_architecture(base: BaseModel, trust_remote_code: bool = False) -> None
             f"transformers (AutoModelForSequenceClassification){' nor in its own code (auto_map)' if own_code else ''}; "
             "use a text encoder such as BERT, RoBERTa or MiniLM, or a decoder such as GPT-2 or Llama"
         )
+    if activation_checkpointing and type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and \
+            "AutoModelForSequenceClassification" not in own_code:
+        architecture = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+        if not architecture.supports_gradient_checkpointing:
+            raise ConfigError(f"train.activation_checkpointing: transformers' {architecture.__name__} (model.base="
+                              f"{base.spec!r}, model type {config.model_type!r}) does not support it; leave it off, and "
+                              "save memory with a smaller train.batch_size and more gradient_accumulation_steps")
 
 
 def load_classifier(path: str | Path, label_names: list[str], trust_remote_code: bool = False):

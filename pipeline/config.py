@@ -330,6 +330,19 @@ class TrainConfig(_Group):
     """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """The learning rate after the warmup: ``linear`` falls to 0 at the last step, ``cosine`` falls to 0 along a
+    half cosine, ``constant`` stays at ``learning_rate``."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradients are clipped to this total norm before each optimizer step; ``null``: not clipped."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy: the target gives this share of its probability evenly to every class
+    (0.1 is common). The validation loss is computed the same way, so ``metric_for_best_model: loss`` compares
+    smoothed losses; the evaluate stage's scores do not depend on it."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (gradient checkpointing, as
+    transformers 4 called it): less memory (a larger batch or model on a GPU) for about a third more compute. Refused for architectures transformers does not support it
+    in (ALBERT, MPNet, XLNet, ...)."""
     eval_strategy: Literal["epoch", "steps"] = "epoch"
     """When to evaluate on the validation split (checkpoints are saved at the same points)."""
     eval_steps: int | None = Field(None, gt=0)
@@ -614,10 +627,25 @@ def _text_field(parts: list[str]) -> bool:
     return len(kinds) == 1 and kinds <= {str, Path}
 
 
+# keys as transformers' TrainingArguments and training scripts name them -> this config's
+OTHER_NAMES = {
+    ("train",): {"num_train_epochs": "epochs", "lr": "learning_rate", "per_device_train_batch_size": "batch_size",
+                 "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+                 "lr_scheduler_type": "lr_scheduler", "warmup_steps": "warmup_ratio",
+                 "label_smoothing_factor": "label_smoothing", "gradient_checkpointing": "activation_checkpointing",
+                 "evaluation_strategy": "eval_strategy", "save_strategy": "eval_strategy",
+                 "dataloader_num_workers": "dataloader_workers", "fp16": "precision", "bf16": "precision",
+                 "clip_grad_norm": "max_grad_norm"},
+    ("model",): {"model_name_or_path": "base", "pretrained_model_name_or_path": "base", "base_model": "base",
+                 "max_seq_length": "max_length"},
+}
+
+
 def _did_you_mean(loc: tuple) -> str:
-    """`` (did you mean train.learning_rate?)`` for a misspelt key, or nothing."""
+    """`` (did you mean train.learning_rate?)`` for a misspelt key, or one named as transformers names it; or nothing."""
     model = _group(loc[:-1])
-    close = closest(str(loc[-1]), list(model.model_fields)) if model is not None else None
+    close = OTHER_NAMES.get(tuple(map(str, loc[:-1])), {}).get(str(loc[-1])) or \
+        (closest(str(loc[-1]), list(model.model_fields)) if model is not None else None)
     return f" (did you mean {'.'.join([*map(str, loc[:-1]), close])}?)" if close else ""
 
 

@@ -227,11 +227,14 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
     dup = sorted({p.key for p in params if [q.key for q in params].count(p.key) > 1})
     if dup:
         raise ConfigError(f"{source}: several parameters set {dup}")
-    weighted = next((p for p in params if p.key == "train.class_weights"), None)
-    if weighted is not None and mapped == "loss" and len(weighted.spec.get("values") or [None]) > 1:
-        raise ConfigError(f"{source}: a sweep over class_weights cannot rank its trials by {metric['name']}: each "
-                          "trial's validation loss is weighted by its own class weights; rank them by a metric such "
-                          "as val/macro_f1 (goal: maximize)")
+    # settings that change how the loss itself is computed: trials' validation losses are not comparable
+    for key, how in (("class_weights", "weighted by its own class weights"), ("label_smoothing", "smoothed by its own "
+                                                                                                  "label smoothing")):
+        swept = next((p for p in params if p.key == f"train.{key}"), None)
+        if swept is not None and mapped == "loss" and (swept.distribution != "constant" and
+                                                       len(swept.spec.get("values") or [None, None]) > 1):
+            raise ConfigError(f"{source}: a sweep over {key} cannot rank its trials by {metric['name']}: each trial's "
+                              f"validation loss is {how}; rank them by a metric such as val/macro_f1 (goal: maximize)")
     if method == "grid":
         bad = [p.name for p in params if p.distribution not in ("categorical", "constant")]
         if bad:

@@ -69,6 +69,25 @@ def test_misspelt_keys_get_a_suggestion():
         assert expected in msg + "\n", msg
 
 
+def test_keys_named_as_transformers_names_them_get_this_config_s_name():
+    """A config written from a TrainingArguments script: each key named as it is here."""
+    from pipeline.config import TrainConfig
+
+    named = {"train.num_train_epochs": "train.epochs", "train.per_device_train_batch_size": "train.batch_size",
+             "train.lr": "train.learning_rate", "train.lr_scheduler_type": "train.lr_scheduler",
+             "train.gradient_checkpointing": "train.activation_checkpointing", "train.fp16": "train.precision",
+             "train.label_smoothing_factor": "train.label_smoothing", "model.model_name_or_path": "model.base",
+             "model.max_seq_length": "model.max_length"}
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["dataset.name=d", "dataset.source=x.csv", "model.name=m", *(f"{k}=1" for k in named)])
+    for theirs, ours in named.items():
+        assert f"{theirs}: unknown key (did you mean {ours}?)" in str(e.value), str(e.value)
+    from pipeline.config import OTHER_NAMES, ModelConfig
+
+    for group, names in OTHER_NAMES.items():  # every suggestion is a key that exists
+        assert set(names.values()) <= set({"train": TrainConfig, "model": ModelConfig}[group[0]].model_fields)
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("dataset:\n  name: [unclosed\nmodel: {name: m}\n")

@@ -472,6 +472,10 @@ def test_random_draws_follow_wandb_distributions():
      "parameters.learning_rate: mu and sigma must be numbers"),  # was a TypeError's traceback
     ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"class_weights": {"values": ["none", "balanced"]}}},
      "a sweep over class_weights cannot rank its trials by val/loss: each trial's validation loss is weighted"),
+    ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"label_smoothing": {"min": 0.0, "max": 0.2}}},
+     "a sweep over label_smoothing cannot rank its trials by val/loss: each trial's validation loss is smoothed"),
+    ({"metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"label_smoothing": {"values": [0.0, 0.1]}}},
+     "a sweep over label_smoothing cannot rank its trials by val/loss"),
     ({"parameters": {"learning_rate": 0.1}}, r"parameters.learning_rate: expected a mapping \(value, values, distribution"),
     ({"parameters": {"learning_rate": {"values": [0.1], "step": 2}}}, r"parameters.learning_rate: unknown keys \['step'\]"),
     ({"parameters": {"learning_rate": {"distribution": "constant"}}}, "parameters.learning_rate: constant needs value"),

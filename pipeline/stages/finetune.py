@@ -254,7 +254,7 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     base = resolve_base_model(config.model.base, registry, pinned=base, trust_remote_code=trust)
     check_max_length(base, config.model.max_length)
     _precision_flags(config.train.precision)  # fp16 without a GPU fails here, not mid-run
-    check_architecture(base, trust_remote_code=trust)
+    check_architecture(base, trust_remote_code=trust, activation_checkpointing=config.train.activation_checkpointing)
     load_tokenizer(base.path, base.id, announce=True, trust_remote_code=trust)  # a tokenizer that cannot pad fails here
     check_base_weights(base, trust_remote_code=trust)  # a checkpoint the architecture does not find itself in too
     if resume is not None:
@@ -294,6 +294,8 @@ def _out_of_memory(config: Config) -> OutOfMemory:
               f"{t.gradient_accumulation_steps}) to keep {t.batch_size * t.gradient_accumulation_steps} rows per "
               f"optimizer step", f"lower train.eval_batch_size (now {t.eval_batch()}) if it stopped while evaluating",
               f"lower model.max_length (now {config.model.max_length})"]
+    if not t.activation_checkpointing:
+        advice.append("set train.activation_checkpointing: true (less memory, about a third more compute)")
     if torch.cuda.is_available() and not _mixed_precision(t.precision):  # fp32 on a GPU
         advice.append("train in mixed precision (train.precision: auto)")
     return OutOfMemory(f"out of memory on {where} while training: " + "; ".join(advice) + ". Nothing was published")
@@ -480,21 +482,31 @@ def class_weights(setting: str | dict[str, float], label_names: list[str], train
     return [total / (len(counts) * c) if c else 0.0 for c in counts]
 
 
-def weighted_loss(weights: list[float]):
-    """A `Trainer` ``compute_loss_func``: cross-entropy with each row weighted by its label's weight.
+# train settings added after the first model versions; their defaults are how those versions were trained
+LATER_SETTINGS = ("lr_scheduler", "max_grad_norm", "label_smoothing", "activation_checkpointing")
+
+# train.lr_scheduler -> the Trainer's: "constant" keeps the warmup (transformers' own "constant" skips it silently)
+LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def weighted_loss(weights: list[float] | None, smoothing: float = 0.0):
+    """A `Trainer` ``compute_loss_func``: cross-entropy with each row weighted by its label's weight (None: all 1),
+    and `smoothing` (``train.label_smoothing``) as torch's ``label_smoothing`` applies it.
 
     Summed and divided by the number of rows in the whole accumulated batch when the Trainer gives it
     (``num_items_in_batch``), as the Trainer expects of a loss function, so gradient accumulation gives
-    the gradient of the full batch; else the mean over the batch's rows.
+    the gradient of the full batch; else the mean over the batch's rows. (The Trainer's own
+    ``label_smoothing_factor`` is not used: it does not reach a ``compute_loss_func``.)
     """
     import torch
 
-    table = torch.tensor(weights, dtype=torch.float32)
+    table = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
 
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        w = table.to(logits.device)
-        total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=w, reduction="sum")
+        w = table.to(logits.device) if table is not None else None
+        total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=w, reduction="sum",
+                                                  label_smoothing=smoothing)
         rows = num_items_in_batch if num_items_in_batch is not None else labels.numel()
         if isinstance(rows, torch.Tensor):
             rows = rows.to(total.device)
@@ -580,6 +592,9 @@ def _training_args(config: Config, output_dir: Path, run_id: str, report: bool):
         average_tokens_across_devices=False,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
+        lr_scheduler_type=LR_SCHEDULERS[t.lr_scheduler],
+        max_grad_norm=t.max_grad_norm or 0.0,  # 0: the Trainer does not clip
+        activation_checkpointing=t.activation_checkpointing,
         eval_strategy=t.eval_strategy,
         eval_steps=t.eval_steps,
         save_strategy=t.eval_strategy,  # checkpoints where evaluations are, so the best one can be kept
@@ -663,7 +678,8 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=capture,
             callbacks=callbacks,
-            compute_loss_func=weighted_loss(shared["class_weights"]) if shared.get("class_weights") else None,
+            compute_loss_func=weighted_loss(shared.get("class_weights"), config.train.label_smoothing)
+            if shared.get("class_weights") or config.train.label_smoothing else None,
         )
     return trainer, tokenizer
 
@@ -736,7 +752,10 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
     trainer.model.save_pretrained(out)  # safetensors weights and config.json with id2label; no optimizer state
     tokenizer.save_pretrained(out)
     weights = _weights_by_label(shared)
-    train = config.train.model_dump(mode="json", exclude=set() if weights else {"class_weights"})
+    # settings added since the first versions are written only when set, so a model trained as before has the
+    # files it had (a reproduction of an older version is compared file by file)
+    train = config.train.model_dump(mode="json", exclude=({"class_weights"} if not weights else set()) | {
+        k for k in LATER_SETTINGS if getattr(config.train, k) == type(config.train).model_fields[k].default})
     (out / "labels.json").write_text(json.dumps(
         {"label_names": label_names, "id2label": dict(enumerate(label_names))}, indent=2) + "\n", encoding="utf-8")
     training = {
@@ -754,7 +773,7 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
     (out / "training_config.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shown = {k: train[k] for k in ("epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
-                                   "warmup_ratio", "weight_decay", "seed")}
+                                   "warmup_ratio", "weight_decay", *LATER_SETTINGS, "seed") if k in train}
     if weights:
         how = train["class_weights"] if isinstance(train["class_weights"], str) else "by label"
         shown["class_weights"] = f"{how} ({', '.join(f'{n} {w:.3g}' for n, w in weights.items())})"
