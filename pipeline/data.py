@@ -533,7 +533,7 @@ def _normalise(t: pa.Table, name: str, cols: Columns, typed_ids: bool = False) -
         if not pa.types.is_binary(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
     for c in (cols.id, cols.label):  # compared as strings: numeric ids in one file and text ids in the next agree
-        if c == cols.id and typed_ids and _number_ids(t.schema.field(c).type):
+        if c is not None and c == cols.id and typed_ids and _number_ids(t.schema.field(c).type):
             continue
         if c and not pa.types.is_string(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_string(t.column(c), name, c))
