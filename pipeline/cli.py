@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # a log file or an orchestrator's pipe: no progress bars redrawn with \r
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers (the Trainer's bars: finetune)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' map and save_to_disk
-    from pipeline.errors import PipelineError
+    from pipeline.errors import TERMINATED, PipelineError, sigterm_as_interrupt
 
     # Under torchrun only the main process writes the result file.
     result_json = getattr(args, "result_json", None) if os.environ.get("RANK", "0") == "0" else None
@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             # removed now, so the file is this command's result or absent.
             Path(result_json).unlink(missing_ok=True)
         try:
-            return int(importlib.import_module(args._module).main(args) or 0)
+            # SIGTERM ends the command as Ctrl-C does (its result file written, its run marked killed), from its
+            # first step: not only once a stage's run is open. It exits 143 (128 + 15), as a process stopped by it.
+            with sigterm_as_interrupt():
+                return int(importlib.import_module(args._module).main(args) or 0)
         except BaseException as e:
             if result_json and not os.path.exists(result_json) and not (isinstance(e, SystemExit) and not e.code):
                 _write_failed(result_json, args.command, e)  # stopped before the stage could say so (a config error)
@@ -179,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if str(e) == TERMINATED:
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do

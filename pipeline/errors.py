@@ -11,7 +11,10 @@ import difflib
 import errno
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -68,6 +71,27 @@ class OutOfMemory(PipelineError):
 # How torch words an allocation that failed: CUDA's and ROCm's (torch.OutOfMemoryError), Apple's MPS, the CPU's.
 _OUT_OF_MEMORY_WORDS = ("CUDA out of memory", "HIP out of memory", "MPS backend out of memory",
                         "DefaultCPUAllocator: can't allocate memory")
+
+
+TERMINATED = f"signal {int(signal.SIGTERM)}"  # the KeyboardInterrupt that SIGTERM becomes (`sigterm_as_interrupt`)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside, so that a stage ends
+    as on Ctrl-C: its W&B run marked killed, a finetune's checkpoints kept, nothing half-published."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _causes(e: BaseException | None) -> Iterator[BaseException]:

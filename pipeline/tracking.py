@@ -12,7 +12,6 @@ import logging
 import netrc
 import os
 import secrets as _secrets
-import signal
 import string
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, sigterm_as_interrupt
 from pipeline.redact import redact
 
 if TYPE_CHECKING:
@@ -288,23 +287,6 @@ def runs_opened() -> Iterator[list[TrackedRun]]:
         del _watching[next(i for i, w in enumerate(_watching) if w is opened)]  # by identity: empty lists are equal
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mode):
     return wandb.init(
         project=config.project,
@@ -390,7 +372,7 @@ def tracked_run(
     status, exit_code = "failed", 1
     try:
         registry.start_run(run)  # inside: a registry that cannot record the run (a full disk) still closes it
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             yield run
         status, exit_code = "finished", 0
     except KeyboardInterrupt:

@@ -459,3 +459,47 @@ def test_a_really_full_disk_is_one_message_and_the_registry_stays_whole(small_di
     assert [v.ref for v in LocalRegistry(track / "registry").list_versions()] == ["support-tickets:v0"]
     again = run_cli("dataset-publish", *cli, "--set", "dataset.split.seed=2")
     assert again.returncode == 0 and again.stdout.strip() == "support-tickets:v1"
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_and_exits_143(tmp_path, monkeypatch, capsys):
+    """An orchestrator stops a task with SIGTERM, at any step: before the stage's run opened (here while the data is
+    read), the command still ends as on Ctrl-C, with its result file, and exits 143 (128 + SIGTERM), as a process
+    stopped by it; Ctrl-C stays 130. (SIGTERM once the run is open: tests/test_finetune.py.)"""
+    import signal
+
+    from pipeline import cli
+    from pipeline.stages import dataset_publish
+    from tests.tiny import write_tickets
+
+    read = dataset_publish.read_files
+    stop = {"signal": signal.SIGTERM}
+
+    def stopped_while_reading(*args, **kwargs):
+        if stop["signal"] == signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_publish, "read_files", stopped_while_reading)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    for library in cli._LIBRARIES:
+        logging.getLogger(library)
+    track, result = tmp_path / "track", tmp_path / "result.json"
+    argv = ["dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), "--set", f"tracking.dir={track}",
+            "--set", f"dataset.source={write_tickets(tmp_path / 't.csv')}", "--result-json", str(result)]
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(argv) == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone with it
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("terminated (SIGTERM)") and "Traceback" not in err
+    written = json.loads(result.read_text())
+    assert (written["stage"], written["status"], written["produced"]) == ("dataset-publish", "failed", [])
+    assert written["message"] == "interrupted (signal 15)"
+    assert not (track / "registry").exists() or LocalRegistry(track / "registry").list_versions() == []
+
+    stop["signal"] = signal.SIGINT
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.rstrip().endswith("interrupted")
+    assert json.loads(result.read_text())["message"] == "interrupted"
