@@ -125,6 +125,9 @@ def test_each_sweep_draws_its_own_trials_and_a_seed_draws_them_again(cfg, tmp_pa
                   "--resume", first.sweep_id)
     assert cli.returncode == 2 and "--seed goes with a new offline sweep: a resumed sweep keeps the seed it started " \
                                    "with" in cli.stderr
+    for seed in ("-1", str(2**32)):  # NumPy's and Optuna's seeds: 0 to 2**32 - 1
+        cli = run_cli("sweep", "--config", str(config), "--sweep", str(tmp_path / "s.yaml"), "--count", "1", "--seed", seed)
+        assert cli.returncode == 2 and "--seed must be between 0 and 2**32 - 1" in cli.stderr, cli.stderr[-2000:]
 
 
 def test_grid_exhaustion_stops_the_sweep(cfg, tmp_path, cli_here):
