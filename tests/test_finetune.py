@@ -1499,3 +1499,16 @@ def test_activation_checkpointing_is_refused_before_a_run_for_an_architecture_wi
         finetune.run(cfg)
     assert set((Path(cfg.tracking.dir) / "wandb").glob("offline-run-*")) == runs  # no run opened
     assert registry_of(cfg).list_versions(type="model") == []
+
+
+def test_a_dataset_version_without_validation_rows_is_refused_before_a_run(tmp_path, tiny_model, tickets_csv):
+    """A version published with `dataset.split.validation: 0` (for evaluation elsewhere, say) cannot pick the
+    checkpoint to keep: refused naming the setting, before a run opens."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "dataset.split.validation=0", "dataset.split.train=0.9")
+    assert dataset_publish.run(cfg).produced == ["tickets:v0"]
+    runs = set((Path(cfg.tracking.dir) / "wandb").glob("offline-run-*"))
+    with pytest.raises(ConfigError, match=r"^tickets:v0 has no validation rows; finetune evaluates on the validation "
+                                          r"split \(set dataset.split.validation above 0 and publish again\)$"):
+        finetune.run(cfg)
+    assert set((Path(cfg.tracking.dir) / "wandb").glob("offline-run-*")) == runs
+    assert registry_of(cfg).list_versions(type="model") == []
