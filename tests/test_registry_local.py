@@ -431,6 +431,11 @@ def test_verify_cli_exit_codes(tmp_path):
     assert bad.returncode == 1
     assert "CORRUPT" in bad.stdout and "ds:v0 (w.bin)" in bad.stdout and "affected versions: ds:v0" in bad.stderr
     assert "publishing the same content again restores a missing or damaged file" in bad.stderr
+    as_json = run_cli("artifacts", "verify", "--json", "--set", f"tracking.dir={track}")  # for a monitoring job
+    assert as_json.returncode == 1
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is False and report["objects_checked"] == 1 and report["affected_versions"] == ["ds:v0"]
+    assert report["corrupt"] == {v.files[0].digest: ["ds:v0 (w.bin)"]} and report["missing"] == {}
 
 
 def test_lineage_edges_recorded(reg, tmp_path, make_config):
