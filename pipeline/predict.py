@@ -38,7 +38,8 @@ class Classifier:
         self.dir = Path(model_dir)
         if not (self.dir / "config.json").is_file():  # said before torch and transformers load (seconds)
             why = "no config.json" if self.dir.exists() else f"it does not exist{near_name(self.dir)}"  # a typo, maybe
-            raise PipelineError(f"{self.dir} is not a model folder ({why}); fetch one with deploy-fetch")
+            since = _compared_with_manifest(self.dir)  # a deployed folder whose config.json went: how to restore it
+            raise PipelineError(f"{self.dir} is not a model folder ({why}){since or '; fetch one with deploy-fetch'}")
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 

@@ -773,6 +773,12 @@ def test_predict_command_and_function(env, template, tmp_path, cli_here):
     assert f"since deploy-fetch put clf:v0 here: model.safetensors changed. Run deploy-fetch --model clf:v0 --to {dest}" \
         in damaged.stderr
     deploy_fetch.run(env(), model="clf:v0", to=dest)  # as the message says: the verified copy is back
+    (dest / "config.json").unlink()  # a file gone, even the one that makes it a model folder, is named the same way
+    gone = cli_here("predict", "--model-dir", str(dest), "where is my parcel")
+    assert gone.returncode == 2 and gone.stderr.strip() == (
+        f"error: {dest} is not a model folder (no config.json); since deploy-fetch put clf:v0 here: config.json "
+        f"missing. Run deploy-fetch --model clf:v0 --to {dest} again to restore it")
+    deploy_fetch.run(env(), model="clf:v0", to=dest)
     assert [p.label for p in predict(dest, ["i was charged twice for my invoice"])] == ["billing"]
 
     # One string is one text, not a sequence of characters; a non-string is named by its index.
