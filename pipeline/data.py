@@ -695,7 +695,14 @@ def _to_string(col: pa.ChunkedArray, path: Path | str, name: str) -> pa.ChunkedA
         raise DataError(f"{path}: column {name!r} holds {col.type}, not text or numbers")
     try:
         return pc.cast(col, pa.string())
-    except pa.ArrowInvalid as e:  # binary that is not UTF-8
+    except pa.ArrowInvalid as e:  # binary that is not UTF-8: the first such row is named
+        for i, value in enumerate(col.to_pylist(), 1):
+            try:
+                if isinstance(value, bytes):
+                    value.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise DataError(f"{path} row {i}: column {name!r} is not valid UTF-8 text (byte {bad.start + 1} of "
+                                f"{value[:40]!r}{'...' if len(value) > 40 else ''}: {bad.reason})") from None
         raise DataError(f"{path}: column {name!r} cannot be read as text: {e}") from None
 
 

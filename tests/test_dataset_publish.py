@@ -1758,3 +1758,25 @@ def catalog_runs(reg: LocalRegistry) -> list[tuple[str, str]]:
 
     with sqlite3.connect(reg.db_path) as conn:
         return conn.execute("SELECT project, job_type FROM runs ORDER BY started_at").fetchall()
+
+
+def test_binary_ids_or_labels_that_are_not_utf8_name_their_row(tmp_path, cfg_for):
+    """Parquet written with bytes (not strings) for an id or label: the first row that is not UTF-8 is named, as for
+    text columns; Arrow's own message named neither the row nor the bytes."""
+    ok = [f"T{i}".encode() for i in range(30)]
+    for column in ("id", "label"):
+        table = {"id": pa.array(ok, pa.binary()), "text": [f"text number {i}" for i in range(30)],
+                 "label": pa.array([b"a", b"b", b"c"] * 10, pa.binary())}
+        bad = list(table[column].to_pylist())
+        bad[6] = b"caf\xe9"
+        table[column] = pa.array(bad, pa.binary())
+        src = tmp_path / f"{column}.parquet"
+        pq.write_table(pa.table(table), src)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(src))} row 7: column '{column}' is not valid UTF-8 text "
+                                            r"\(byte 4 of b'caf\\xe9': unexpected end of data\)$"):
+            dataset_publish.run(cfg_for(src))
+        assert not (tmp_path / "track").exists() or registry_of(cfg_for(src)).list_versions() == []
+    table["label"] = pa.array([b"a", b"b", b"c"] * 10, pa.binary())
+    table["id"] = pa.array(ok, pa.binary())
+    pq.write_table(pa.table(table), tmp_path / "fine.parquet")  # bytes that are UTF-8 are read as text
+    assert dataset_publish.run(cfg_for(tmp_path / "fine.parquet")).produced
