@@ -11,6 +11,7 @@ import codecs
 import contextlib
 import glob
 import io
+import itertools
 import json
 import logging
 import re
@@ -216,12 +217,15 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             if wide := _wide_encoding(path):
                 raise DataError(f"{path}: the file is {wide.upper()} (it starts with that byte-order mark); "
                                 "JSON Lines must be UTF-8: save it as UTF-8")
+            if (line := _null_line(path)) is not None:  # Arrow's reader crashes the process on one (pyarrow 26)
+                raise DataError(f"{path} line {line}: expected a JSON object, found a null")
             try:
-                return _growing_blocks(lambda block: pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block)))
+                table = _growing_blocks(lambda block: pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block)))
             except pa.ArrowInvalid as e:
                 # Arrow numbers rows within its 1 MiB block, not within the file: find the line here.
                 raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
                                 or f"{path}: cannot read as jsonl: {_strip_block_row(e)}") from None
+            return _exact_numbers(table, path, cols, lambda: _jsonl_records(path), "line")
         if kind == "json":
             with _open(path) as f:
                 data = json.loads(f.read())
@@ -233,10 +237,16 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             if stray is not None:  # from_pylist would make a row of nulls of it
                 raise DataError(f"{path} record {stray}: expected a JSON object, found a {_json_kind(data[stray - 1])}")
             try:
-                return pa.Table.from_pylist(data)
+                table = pa.Table.from_pylist(data)
             except pa.ArrowException as e:  # a field whose type changes from record to record
                 raise DataError(_locate_json_error(enumerate(data, 1), str(path), "record")
                                 or f"{path}: cannot read as json: {e}") from None
+            except OverflowError:  # a whole number beyond 64 bits (Python's json keeps it exactly; Arrow cannot)
+                number, key, value = next((i, k, v) for i, r in enumerate(data, 1) for k, v in r.items()
+                                          if type(v) is int and not -2**63 <= v < 2**64)
+                raise DataError(f"{path} record {number}: field {key!r} holds {value}, a whole number beyond 64 bits; "
+                                f"write it as a string (\"{value}\") in the file") from None
+            return _exact_numbers(table, path, cols, lambda: enumerate(data, 1), "record")
         import pyarrow.parquet as pq
 
         names = pq.read_schema(path).names
@@ -365,6 +375,59 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 at = "at the end of the line" if e.pos >= len(text) else f"at character {e.pos + 1}"
                 # e.msg may end in "at" itself ("Unterminated string starting at")
                 raise DataError(f"{path} line {number}: not valid JSON: {e.msg.removesuffix(' at')} {at}") from None
+
+
+def _exact_numbers(table: pa.Table, path: Path, cols: Columns, records: Callable[[], Iterable[tuple[int, Any]]],
+                   unit: str) -> pa.Table:
+    """`table`, read from JSON, unless its id or label column lost digits.
+
+    JSON has one kind of number: a column of whole numbers is read as 64-bit floats when one of them is beyond 64
+    bits or has a fraction, and a float holds whole numbers exactly only up to 2**53, so the ids
+    12345678901234567890123 and 12345678901234567890124 would be read as one (a duplicate id, dropped with `drop`).
+    The first such value is named, as the file writes it (`records`: (line or record number, parsed value))."""
+    for c in (cols.id, cols.label):
+        if not c or c not in table.column_names or not pa.types.is_floating(table.schema.field(c).type):
+            continue
+        inexact = arrow.to_numpy(pc.greater_equal(pc.abs(table.column(c)), arrow.scalar(float(2**53))), fill=False)
+        if inexact.any():
+            number, record = next(itertools.islice(records(), int(inexact.argmax()), None))
+            value = record.get(c) if isinstance(record, dict) else None
+            raise DataError(f"{path} {unit} {number}: {c} {value} is too large to be read exactly: the column is read as "
+                            f"64-bit floating point, exact to 2**53 only, where it is {float(value or 0):.17g}, the "
+                            f"same as numbers that differ from it in the last digits; write the {c} values as "
+                            f"strings (\"{value}\") in the file")
+    return table
+
+
+def _null_line(path: Path, chunk: int = 1 << 20) -> int | None:
+    """The number of the first line of a JSON Lines file that is ``null``, or None.
+
+    pyarrow 26's JSON reader ends the process with a segmentation fault where a block it parses starts with a
+    ``null`` line (any line may start a block), and reads one elsewhere as a row of nulls. A line that starts with
+    ``{`` (nearly all of them) is not looked at; the line starts are found with NumPy a MiB at a time (small
+    arrays: large fresh ones cost more in page faults than the comparison): about 0.06 s for 100 MB."""
+    carry, first_line = b"", 1  # the unfinished last line of the bytes before; the number of the line `part` starts with
+    with _open(path) as f:
+        while True:
+            block = f.read(chunk)
+            data = carry + block
+            end = data.rfind(b"\n") + 1 if block else len(data)  # whole lines, and the last one at the end
+            part, carry = data[:end], data[end:]
+            if len(carry) > 64:  # a line this long is not `null`: one byte stands for it (a long line is not copied on)
+                carry = b"x"
+            if part:
+                view = np.frombuffer(part, dtype=np.uint8)
+                breaks = np.flatnonzero(view == 10)
+                starts = np.concatenate(([0], breaks + 1))[:len(breaks) + (not part.endswith(b"\n"))]
+                for i in np.flatnonzero(view[starts] != ord("{")).tolist():  # blank, spaced or not an object
+                    start = int(starts[i])
+                    stop = part.find(b"\n", start)
+                    line = part[start:stop if stop >= 0 else len(part)]
+                    if line.removeprefix(b"\xef\xbb\xbf" if first_line + i == 1 else b"").strip() == b"null":
+                        return first_line + i
+                first_line += len(breaks)
+            if not block:
+                return None
 
 
 def _json_kind(value: Any) -> str:

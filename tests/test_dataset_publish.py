@@ -1780,3 +1780,46 @@ def test_binary_ids_or_labels_that_are_not_utf8_name_their_row(tmp_path, cfg_for
     table["id"] = pa.array(ok, pa.binary())
     pq.write_table(pa.table(table), tmp_path / "fine.parquet")  # bytes that are UTF-8 are read as text
     assert dataset_publish.run(cfg_for(tmp_path / "fine.parquet")).produced
+
+
+def test_a_null_line_in_json_lines_is_refused_not_a_crash(tmp_path, cfg_for):
+    """pyarrow 26's JSON reader ends the process (a segmentation fault) where a block starts with a `null` line, and
+    reads one elsewhere as a row of nulls; the line is named before Arrow reads the file. Run in a child process:
+    a crash would take the test runner with it."""
+    good = '{"id": "a%d", "text": "text %d", "label": "%s"}\n'
+    rows = "".join(good % (i, i, "xyz"[i % 3]) for i in range(30))
+    for content, line in (("null\n" + rows, 1), (rows + "\n  null \r\n" + rows, 32), ("\ufeffnull\n" + rows, 1)):
+        src = tmp_path / "d.jsonl"
+        src.write_text(content, encoding="utf-8", newline="")
+        cfg = write_yaml(tmp_path, cfg_for(src))
+        out = run_cli("dataset-publish", "--config", str(cfg), "--dry-run")
+        assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+        assert f"error: {src} line {line}: expected a JSON object, found a null" in out.stderr
+    # the lines are found across the chunks the file is read in, and only a line that is null
+    from pipeline.data import _null_line
+
+    cases = {'{"a": null}\n{"b": "null"}\n nully\n': None, '{"a":1}\r\n\r\nnull\r\n': 3, "\n\n\n null\n": 4,
+             "x" * 200 + "null\nnull": 2, '{"a":1}': None, "": None}
+    for content, line in cases.items():
+        (tmp_path / "n.jsonl").write_text(content, encoding="utf-8", newline="")
+        assert {_null_line(tmp_path / "n.jsonl", chunk=size) for size in (1, 2, 3, 7, 70, 1 << 20)} == {line}, content
+
+
+def test_json_numbers_too_large_for_an_exact_id_are_refused(tmp_path, cfg_for):
+    """JSON has one kind of number: Arrow reads ids beyond 64 bits as floating point, where two ids that differ in
+    their last digits are one (a duplicate, dropped with `drop`); Python's json keeps them, but Arrow cannot take
+    them from a JSON array. Either is named, with the id as the file writes it."""
+    rows = [{"id": 12345678901234567890123 + i, "text": f"text {i}", "label": "xyz"[i % 3]} for i in range(30)]
+    lines = tmp_path / "big.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(lines))} line 1: id 12345678901234567890123 is too large to "
+                                        r"be read exactly: .* write the id values as strings \(\"12345678901234567890123\"\)"):
+        dataset_publish.run(cfg_for(lines))
+    array = tmp_path / "big.json"
+    array.write_text(json.dumps(rows[3:]))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(array))} record 1: field 'id' holds 12345678901234567890126, a "
+                                        r"whole number beyond 64 bits; write it as a string"):
+        dataset_publish.run(cfg_for(array))
+    # written as strings, they are ids like any other
+    lines.write_text("".join(json.dumps({**r, "id": str(r["id"])}) + "\n" for r in rows))
+    assert dataset_publish.run(cfg_for(lines)).produced
