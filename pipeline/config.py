@@ -341,8 +341,8 @@ class TrainConfig(_Group):
     smoothed losses; the evaluate stage's scores do not depend on it."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (gradient checkpointing, as
-    transformers 4 called it): less memory (a larger batch or model on a GPU) for about a third more compute. Refused for architectures transformers does not support it
-    in (ALBERT, MPNet, XLNet, ...)."""
+    transformers 4 called it): less memory (a larger batch or model on a GPU) for about a third more compute.
+    Refused for architectures transformers does not support it in (ALBERT, MPNet, XLNet, ...)."""
     eval_strategy: Literal["epoch", "steps"] = "epoch"
     """When to evaluate on the validation split (checkpoints are saved at the same points)."""
     eval_steps: int | None = Field(None, gt=0)
