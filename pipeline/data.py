@@ -239,8 +239,14 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             try:
                 table = pa.Table.from_pylist(data)
             except pa.ArrowException as e:  # a field whose type changes from record to record
-                raise DataError(_locate_json_error(enumerate(data, 1), str(path), "record")
-                                or f"{path}: cannot read as json: {e}") from None
+                said = _locate_json_error(enumerate(data, 1), str(path), "record")
+                if said is None and "exactly representable" in str(e):  # a whole number beside fractions, beyond 2**53
+                    said = next((f"{path} record {i}: field {k!r} holds {v}, a whole number too large to be read exactly "
+                                 "beside the numbers with a fraction in that field (read as 64-bit floating point, "
+                                 f"exact to 2**53 only); write it as a string (\"{v}\") in the file"
+                                 for i, r in enumerate(data, 1) for k, v in r.items() if type(v) is int and abs(v) > 2**53),
+                                None)
+                raise DataError(said or f"{path}: cannot read as json: {e}") from None
             except OverflowError:  # a whole number beyond 64 bits (Python's json keeps it exactly; Arrow cannot)
                 number, key, value = next((i, k, v) for i, r in enumerate(data, 1) for k, v in r.items()
                                           if type(v) is int and not -2**63 <= v < 2**64)

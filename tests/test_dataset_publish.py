@@ -1820,6 +1820,11 @@ def test_json_numbers_too_large_for_an_exact_id_are_refused(tmp_path, cfg_for):
     with pytest.raises(DataError, match=rf"^{re.escape(str(array))} record 1: field 'id' holds 12345678901234567890126, a "
                                         r"whole number beyond 64 bits; write it as a string"):
         dataset_publish.run(cfg_for(array))
+    # beyond 2**53 beside a number with a fraction (a JSON array): Arrow's own words named no record
+    array.write_text(json.dumps([{"id": 1.5, "text": "a", "label": "x"}, {"id": 2**53 + 1, "text": "b", "label": "y"}]))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(array))} record 2: field 'id' holds {2**53 + 1}, a whole "
+                                        r"number too large to be read exactly beside the numbers with a fraction"):
+        dataset_publish.run(cfg_for(array))
     # written as strings, they are ids like any other
     lines.write_text("".join(json.dumps({**r, "id": str(r["id"])}) + "\n" for r in rows))
     assert dataset_publish.run(cfg_for(lines)).produced
