@@ -6,7 +6,8 @@
 #   tests  pytest tests/test_gpu.py (each train.precision on the GPU, float32 weights published, the
 #          same predictions on the GPU and the CPU, more processes than GPUs refused, a sweep's trials
 #          freed from the GPU one by one), then tests/test_finetune.py and tests/test_sweep.py as they
-#          run on a GPU (resume, reuse, tables, class weights, pruning... in bf16 by train.precision=auto)
+#          run on a GPU (resume, reuse, tables, class weights, label smoothing, activation checkpointing,
+#          pruning... in bf16 by train.precision=auto)
 #   demo   the README's main job (`pipeline run`, configs/demo.yaml: the packaged MiniLM, train.precision
 #          auto) in a fresh tracking folder, then `reproduce --check` of the model it made: whether a GPU
 #          retrains it bit for bit, and if not how far its test metrics move
