@@ -425,7 +425,7 @@ def _null_line(path: Path, chunk: int = 1 << 20) -> int | None:
                 view = np.frombuffer(part, dtype=np.uint8)
                 breaks = np.flatnonzero(view == 10)
                 starts = np.concatenate(([0], breaks + 1))[:len(breaks) + (not part.endswith(b"\n"))]
-                for i in np.flatnonzero(view[starts] != ord("{")).tolist():  # blank, spaced or not an object
+                for i in _maybe_null(view, starts).tolist():
                     start = int(starts[i])
                     stop = part.find(b"\n", start)
                     line = part[start:stop if stop >= 0 else len(part)]
@@ -434,6 +434,19 @@ def _null_line(path: Path, chunk: int = 1 << 20) -> int | None:
                 first_line += len(breaks)
             if not block:
                 return None
+
+
+def _maybe_null(view: np.ndarray, starts: np.ndarray, window: int = 16) -> np.ndarray:
+    """The indices of the lines (starting at `starts` in `view`) that may be ``null``: those whose first byte other
+    than spacing or a byte-order mark, among their first `window`, is ``n`` (or that have none there). Vectorised, so
+    that a file of many lines that do not start with ``{`` (pretty-printed JSON named .jsonl) costs no loop per line."""
+    lines = np.flatnonzero(view[starts] != ord("{"))  # nearly all lines of JSON Lines start with it
+    if not len(lines):
+        return lines
+    seen = view[np.minimum(starts[lines][:, None] + np.arange(window), len(view) - 1)]
+    spacing = np.isin(seen, (0x20, 0x09, 0x0B, 0x0C, 0x0D, 0xEF, 0xBB, 0xBF))  # spaces, tab, VT, FF, CR; a BOM's bytes
+    first = np.argmax(~spacing, axis=1)
+    return lines[spacing.all(axis=1) | (seen[np.arange(len(lines)), first] == ord("n"))]
 
 
 def _json_kind(value: Any) -> str:

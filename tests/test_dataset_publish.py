@@ -1799,7 +1799,8 @@ def test_a_null_line_in_json_lines_is_refused_not_a_crash(tmp_path, cfg_for):
     from pipeline.data import _null_line
 
     cases = {'{"a": null}\n{"b": "null"}\n nully\n': None, '{"a":1}\r\n\r\nnull\r\n': 3, "\n\n\n null\n": 4,
-             "x" * 200 + "null\nnull": 2, '{"a":1}': None, "": None}
+             "x" * 200 + "null\nnull": 2, '{"a":1}': None, "": None, " " * 30 + "null\n": 1, " \nn\nnull": 3,
+             json.dumps([{"a": None}] * 3, indent=2): None}  # pretty-printed JSON: lines not starting with {
     for content, line in cases.items():
         (tmp_path / "n.jsonl").write_text(content, encoding="utf-8", newline="")
         assert {_null_line(tmp_path / "n.jsonl", chunk=size) for size in (1, 2, 3, 7, 70, 1 << 20)} == {line}, content
