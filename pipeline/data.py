@@ -174,6 +174,10 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             delimiter = fmt.delimiter or ("\t" if kind == "tsv" else ",")
             parse = csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
             encoding = _wide_encoding(path) or fmt.encoding  # Excel's "Unicode Text" export is UTF-16
+            if encoding == fmt.encoding and (utf8 := _utf8_text(path, encoding)):
+                log.warning("%s: dataset.encoding is %s, but the file's non-ASCII text is valid UTF-8 (%r); read as %s, "
+                            "it becomes %r. Leave dataset.encoding out if the file is UTF-8", path, encoding, utf8,
+                            encoding, utf8.encode("utf-8").decode(encoding, errors="replace"))
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
             as_written = {**{c: pa.string() for c in (cols.id, cols.label) if c}, **text_as_binary}
@@ -310,6 +314,24 @@ def _plain_header(first: str | None, delimiter: str) -> list[str] | None:
     if first is None or '"' in first or "\ufffd" in first or not first.endswith(("\n", "\r")):
         return None
     return first.rstrip("\r\n").split(delimiter)
+
+
+def _utf8_text(path: Path, encoding: str, sample: int = 1 << 20) -> str | None:
+    """For a CSV read in another encoding than UTF-8 (``dataset.encoding``): the first non-ASCII word of its first MiB
+    when that MiB is valid UTF-8 with some non-ASCII text, which the other encoding would read as other characters
+    ("café" as "cafÃ©" in cp1252) without an error. None when it is not, or the encoding is UTF-8 anyway. Text
+    written in cp1252 or Latin-1 is almost never valid UTF-8 (é is a lone byte E9, which UTF-8 cannot end on)."""
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        return None
+    try:
+        with _open(path) as f:
+            head = f.read(sample)
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except (OSError, pa.ArrowException, UnicodeDecodeError):
+        return None
+    if text.isascii():
+        return None
+    return next(word for word in re.split(r"[\s,;\t\"]+", text) if not word.isascii())[:40]
 
 
 def _wide_encoding(path: Path) -> str | None:

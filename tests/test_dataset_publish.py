@@ -943,6 +943,25 @@ def test_a_declared_encoding_reads_windows_excel_csv(tmp_path, cfg_for):
     assert "técnico" in dataset_publish.prepare(cfg_for(labelled, "dataset.encoding=cp1252"))[1]["label_names"]
 
 
+def test_a_declared_encoding_on_a_utf8_file_is_warned_of(tmp_path, cfg_for, caplog):
+    """Any bytes read as cp1252: a UTF-8 file with dataset.encoding set (an export tool that moved to UTF-8) would be
+    published as "cafÃ©" without an error. Said, with the text as the file has it and as it would read."""
+    records = rows()
+    records[4]["text"] = "café crème"
+    utf8 = write_rows(tmp_path / "utf8.csv", records)
+    caplog.set_level("WARNING", logger="pipeline")
+    tables = dataset_publish.prepare(cfg_for(utf8, "dataset.encoding=cp1252"))[0]
+    assert "cafÃ© crÃ¨me" in [t for table in tables.values() for t in table.column("text").to_pylist()]
+    assert (f"{utf8}: dataset.encoding is cp1252, but the file's non-ASCII text is valid UTF-8 ('café'); read as "
+            "cp1252, it becomes 'cafÃ©'. Leave dataset.encoding out if the file is UTF-8") in caplog.text
+    caplog.clear()
+    excel = tmp_path / "excel.csv"  # the same text written in cp1252: read as it should be, nothing said
+    excel.write_bytes(utf8.read_text(encoding="utf-8").encode("cp1252"))
+    tables = dataset_publish.prepare(cfg_for(excel, "dataset.encoding=cp1252"))[0]
+    assert "café crème" in [t for table in tables.values() for t in table.column("text").to_pylist()]
+    assert "valid UTF-8" not in caplog.text
+
+
 def test_a_declared_delimiter_reads_semicolon_csv(tmp_path, cfg_for):
     records = rows()
     records[3]["text"] = "a text with a , comma and a ; semicolon in quotes"
