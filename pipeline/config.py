@@ -26,6 +26,10 @@ SEED_MAX = 2**32 - 1  # what NumPy accepts (transformers' set_seed seeds it too)
 TABLE_ROWS = 10_000  # W&B keeps the first this many rows of a logged table (wandb.Table.MAX_ROWS) and drops the rest
 
 
+# settings that a space or a tab is a value of, not an empty one: a tab-separated file named .csv
+SPACING_ALLOWED = {"delimiter"}
+
+
 class _Group(BaseModel):
     # inf and nan are no setting: `epochs: 1e400` would train forever and could not be recorded as JSON.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -35,7 +39,7 @@ class _Group(BaseModel):
     def _not_empty(cls, value: Any, info) -> Any:
         """An empty value is no setting: `--set tracking.dir=$DIR` with DIR unset would keep the registry in the
         current folder, an empty `dataset.source` would read the current folder, an empty column names none."""
-        if isinstance(value, str) and not value.strip():
+        if isinstance(value, str) and not value.strip() and not (value and info.field_name in SPACING_ALLOWED):
             field = cls.model_fields[info.field_name]
             if field.is_required():
                 raise ValueError("is empty")
@@ -578,9 +582,11 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key.sub=value")
     try:
-        value = safe_load_unique(raw) if raw.strip() else ""
+        value = safe_load_unique(raw) if raw.strip() else raw  # a tab given as it is (or "" when nothing is)
     except yaml.YAMLError:
         value = raw  # not YAML: keep the text and let validation judge it
+    if value == "" and raw.strip() in ("|", ">", "|-", ">-", "|+", ">+"):
+        value = raw.strip()  # YAML's block-scalar marks, alone: `dataset.delimiter=|` is a pipe, not an empty text
     parts = key.split(".")
     if not all(part.strip() for part in parts):  # `train..epochs`, `.train`, `train.`: a key with a part missing
         raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part; expected key.sub=value")

@@ -187,11 +187,19 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             # into nulls, reported as empty when the file holds a value.
             convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
                                          strings_can_be_null=True, quoted_strings_can_be_null=False)
+            first, skip = _first_line(path, encoding), 0
+            if (said := _excel_separator(first)) is not None:  # Excel's `sep=;` line: the separator, then the header
+                if fmt.delimiter and fmt.delimiter != said:
+                    raise DataError(f"{path}: its first line, {first.strip()!r}, says the fields are separated by "
+                                    f"{said!r}, but dataset.delimiter is {fmt.delimiter!r}")
+                delimiter, skip = said, 1
+                parse = csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+                first = _first_line(path, encoding, skip=1)
             # A first line without the delimiter is one column, so the configured columns cannot all be there.
-            first = _first_line(path, encoding)
             if (seen := _other_delimiter(first, delimiter)) is not None:
+                # in double quotes, as YAML and --set read them: '\t' in single quotes is a backslash and a t
                 raise DataError(f"{path}: the first line has no {delimiter!r}, but it has {seen!r}: set "
-                                f"dataset.delimiter={seen!r} for a file separated by it")
+                                f"dataset.delimiter={json.dumps(seen)} for a file separated by it")
             try:
                 # The header first: a missing, misspelt or doubled column is named. Arrow reads it (one 64 KiB
                 # block, parsed and converted: as much as the whole of a small file) only when quotes make it
@@ -199,14 +207,14 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                 header = list(fmt.column_names) if fmt.column_names else _plain_header(first, delimiter)
                 if header is None:
                     header = _growing_blocks(lambda block: csv.open_csv(
-                        path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=block),
+                        path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=block, skip_rows=skip),
                         convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names, first=1 << 16)
                 elsewhere = [c for c in from_folders if c not in header]
                 _check_columns(header + elsewhere, str(path), cols)
                 if elsewhere:
                     convert.include_columns = [c for c in cols.required if c not in elsewhere]
                 return _growing_blocks(lambda block: csv.read_csv(
-                    path, read_options=fmt.read_options(encoding, block_size=block), parse_options=parse,
+                    path, read_options=fmt.read_options(encoding, block_size=block, skip_rows=skip), parse_options=parse,
                     convert_options=convert))
             except pa.ArrowInvalid as e:
                 if "invalid UTF8" in str(e):  # in an id or label column (text columns are checked row by row)
@@ -214,7 +222,8 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                                     "e.g. cp1252") from None
                 if "CSV parse error" not in str(e):
                     raise
-                raise _locate_csv_error(path, kind, fmt.read_options(encoding, use_threads=False), parse, convert, e) from None
+                raise _locate_csv_error(path, kind, fmt.read_options(encoding, use_threads=False, skip_rows=skip), parse, convert,
+                                        e) from None
         if kind == "jsonl":
             from pyarrow import json as pajson
 
@@ -289,15 +298,28 @@ def _growing_blocks(read, first: int = BLOCK):
             block = min(block * 16, MAX_BLOCK)
 
 
-def _first_line(path: Path, encoding: str) -> str | None:
-    """The file's first line as Arrow's CSV reader sees it (at most 64 KiB, its line break kept; a UTF-8 byte-order
-    mark dropped; undecodable bytes as U+FFFD); None when the file cannot be read (the reader reports it)."""
+def _first_line(path: Path, encoding: str, skip: int = 0) -> str | None:
+    """The file's first line (after `skip` lines) as Arrow's CSV reader sees it (at most 64 KiB, its line break kept;
+    a UTF-8 byte-order mark dropped; undecodable bytes as U+FFFD); None when the file cannot be read (the reader
+    reports it)."""
     try:
         with io.TextIOWrapper(_open(path), encoding=encoding, errors="replace", newline="") as f:
+            for _ in range(skip):
+                f.readline(1 << 16)
             first = f.readline(1 << 16)
     except (OSError, LookupError, pa.ArrowException):
         return None
     return first.removeprefix("\ufeff")
+
+
+_EXCEL_SEPARATOR = re.compile(r'"?sep=(.)"?(?:\1)*\r?\n?')
+
+
+def _excel_separator(first: str | None) -> str | None:
+    """The separator a first line ``sep=;`` names (Excel writes and reads it, to say how the fields are separated;
+    re-saved, it may be padded with more of them: ``sep=;;;``), or None."""
+    found = _EXCEL_SEPARATOR.fullmatch(first or "")
+    return found.group(1) if found and found.group(1) not in "\r\n\"" else None
 
 
 def _other_delimiter(first: str | None, delimiter: str) -> str | None:
@@ -381,7 +403,7 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
             break
     if found and found[0].number is not None:
         row = found[0]
-        header_rows = 0 if read.column_names else 1  # rows are numbered as data rows
+        header_rows = (0 if read.column_names else 1) + read.skip_rows  # rows are numbered as data rows
         shown = " (shown as Latin-1: the row is not valid UTF-8)" if utf8 and encoding == "latin-1" else ""
         return DataError(f"{path} row {row.number - header_rows}: expected {row.expected_columns} fields, found "
                          f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}{shown}")

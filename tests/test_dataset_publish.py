@@ -971,7 +971,7 @@ def test_a_declared_delimiter_reads_semicolon_csv(tmp_path, cfg_for):
         w = csv.DictWriter(f, fieldnames=["id", "text", "label"], delimiter=";")
         w.writeheader()
         w.writerows(records)
-    with pytest.raises(DataError, match=rf"{semi}: the first line has no ',', but it has ';': set dataset.delimiter=';'"):
+    with pytest.raises(DataError, match=rf"{semi}: the first line has no ',', but it has ';': set dataset.delimiter=\";\""):
         dataset_publish.prepare(cfg_for(semi))
     dataset_publish.run(cfg_for(plain))
     dataset_publish.run(cfg_for(semi, "dataset.delimiter=;"))
@@ -983,6 +983,61 @@ def test_a_declared_delimiter_reads_semicolon_csv(tmp_path, cfg_for):
     assert "delimiter" not in json.loads(want["dataset.json"].read_text())  # recorded only when set
     with pytest.raises(ConfigError, match="dataset.delimiter: the delimiter is one character other than a quote"):
         cfg_for(semi, "dataset.delimiter=;;")
+
+
+@pytest.mark.parametrize("delimiter", ["\t", "|"])
+def test_the_delimiter_the_message_names_can_be_set_as_it_says(tmp_path, cfg_for, delimiter):
+    """A tab-separated (or pipe-separated) file named .csv: the message names the setting in double quotes, as YAML
+    and --set read a tab, and the setting works, written so or plainly. A tab was refused as an empty value, and a
+    bare `|` was YAML's block-scalar mark (an empty text)."""
+    import json as jsonlib
+
+    records = rows()
+    plain = write_rows(tmp_path / "plain.csv", records)
+    other = tmp_path / "other.csv"
+    with open(other, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "text", "label"], delimiter=delimiter)
+        w.writeheader()
+        w.writerows(records)
+    hint = f"dataset.delimiter={jsonlib.dumps(delimiter)}"
+    with pytest.raises(DataError, match=rf"the first line has no ',', but it has '{re.escape(delimiter.encode('unicode_escape').decode())}': set "
+                                        rf"{re.escape(hint)} for a file separated by it"):
+        dataset_publish.prepare(cfg_for(other))
+    dataset_publish.run(cfg_for(plain))
+    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
+    for setting in (hint, f"dataset.delimiter={delimiter}"):  # as the message writes it, and as the shell passes it
+        tables = dataset_publish.prepare(cfg_for(other, setting))[0]
+        for split in ("train", "validation", "test"):
+            assert tables[split].column("text").to_pylist() == pq.read_table(want[f"{split}.parquet"]).column("text").to_pylist()
+
+
+@pytest.mark.parametrize("line", ["sep=;", '"sep=;"', "sep=;;;"])
+def test_excel_s_separator_line_names_the_delimiter(tmp_path, cfg_for, line):
+    """Excel writes and reads a first line `sep=;` saying how the fields are separated; the header is the line after.
+    It was read as the header ("the file has: sep="). The same rows as the file without it; a delimiter set to
+    another one is refused; a malformed row is numbered as a data row still."""
+    records = rows()
+    records[3]["text"] = "a text with a , comma and a ; semicolon in quotes"
+    plain = write_rows(tmp_path / "plain.csv", records)
+    semi = tmp_path / "excel.csv"
+    with open(semi, "w", newline="", encoding="utf-8") as f:
+        f.write(line + "\r\n")
+        w = csv.DictWriter(f, fieldnames=["id", "text", "label"], delimiter=";")
+        w.writeheader()
+        w.writerows(records)
+    dataset_publish.run(cfg_for(plain))
+    dataset_publish.run(cfg_for(semi))
+    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
+    got = artifact_files(cfg_for(semi), "tickets:v1", tmp_path)
+    for split in ("train.parquet", "validation.parquet", "test.parquet"):
+        assert got[split].read_bytes() == want[split].read_bytes()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(semi))}: its first line, '{re.escape(line)}', says the fields "
+                                        r"are separated by ';', but dataset.delimiter is '\|'$"):
+        dataset_publish.prepare(cfg_for(semi, "dataset.delimiter=|"))
+    with open(semi, "a", encoding="utf-8", newline="") as f:
+        f.write("x99;one;field;too many\r\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(semi))} row {len(records) + 1}: expected 3 fields, found 4"):
+        dataset_publish.prepare(cfg_for(semi))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv"])
