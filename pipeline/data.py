@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import re
+import shlex
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,15 @@ class CsvFormat:
     encoding: str = "utf-8"
     delimiter: str | None = None  # None: a comma for .csv, a tab for .tsv
     column_names: tuple[str, ...] | None = None  # the columns of files without a header row; None: row 1 is it
+    flags: bool = False  # set by command-line flags (`predict --delimiter`), not `dataset.*`: what messages name
+
+    def setting(self, name: str, value: str | None = None) -> str:
+        """How the user sets `name` (``delimiter``, ``encoding``), with `value` when given: ``dataset.delimiter=";"``
+        (in double quotes, as YAML and --set read them: '\\t' in single quotes is a backslash and a t), or for
+        flags ``--delimiter ';'``."""
+        if self.flags:
+            return f"--{name}" + ("" if value is None else " " + ("'\\t'" if value == "\t" else shlex.quote(value)))
+        return f"dataset.{name}" + ("" if value is None else f"={json.dumps(value)}")
 
     def read_options(self, encoding: str, **kwargs):
         from pyarrow import csv
@@ -175,9 +185,9 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             parse = csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
             encoding = _wide_encoding(path) or fmt.encoding  # Excel's "Unicode Text" export is UTF-16
             if encoding == fmt.encoding and (utf8 := _utf8_text(path, encoding)):
-                log.warning("%s: dataset.encoding is %s, but the file's non-ASCII text is valid UTF-8 (%r); read as %s, "
-                            "it becomes %r. Leave dataset.encoding out if the file is UTF-8", path, encoding, utf8,
-                            encoding, utf8.encode("utf-8").decode(encoding, errors="replace"))
+                log.warning("%s: %s is %s, but the file's non-ASCII text is valid UTF-8 (%r); read as %s, it becomes "
+                            "%r. Leave %s out if the file is UTF-8", path, fmt.setting("encoding"), encoding, utf8,
+                            encoding, utf8.encode("utf-8").decode(encoding, errors="replace"), fmt.setting("encoding"))
             text_as_binary = {c: pa.binary() for c in cols.text_columns}
             # Ids and labels as written: type inference would read "007" as 7 and "01" as 1.
             as_written = {**{c: pa.string() for c in (cols.id, cols.label) if c}, **text_as_binary}
@@ -191,15 +201,14 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             if (said := _excel_separator(first)) is not None:  # Excel's `sep=;` line: the separator, then the header
                 if fmt.delimiter and fmt.delimiter != said:
                     raise DataError(f"{path}: its first line, {first.strip()!r}, says the fields are separated by "
-                                    f"{said!r}, but dataset.delimiter is {fmt.delimiter!r}")
+                                    f"{said!r}, but {fmt.setting('delimiter')} is {fmt.delimiter!r}")
                 delimiter, skip = said, 1
                 parse = csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
                 first = _first_line(path, encoding, skip=1)
             # A first line without the delimiter is one column, so the configured columns cannot all be there.
             if (seen := _other_delimiter(first, delimiter)) is not None:
-                # in double quotes, as YAML and --set read them: '\t' in single quotes is a backslash and a t
-                raise DataError(f"{path}: the first line has no {delimiter!r}, but it has {seen!r}: set "
-                                f"dataset.delimiter={json.dumps(seen)} for a file separated by it")
+                raise DataError(f"{path}: the first line has no {delimiter!r}, but it has {seen!r}: "
+                                f"{'pass' if fmt.flags else 'set'} {fmt.setting('delimiter', seen)} for a file separated by it")
             try:
                 # The header first: a missing, misspelt or doubled column is named. Arrow reads it (one 64 KiB
                 # block, parsed and converted: as much as the whole of a small file) only when quotes make it
@@ -218,7 +227,7 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                     convert_options=convert))
             except pa.ArrowInvalid as e:
                 if "invalid UTF8" in str(e):  # in an id or label column (text columns are checked row by row)
-                    raise DataError(f"{path}: {e}; a CSV saved in another encoding needs dataset.encoding, "
+                    raise DataError(f"{path}: {e}; a CSV saved in another encoding needs {fmt.setting('encoding')}, "
                                     "e.g. cp1252") from None
                 if "CSV parse error" not in str(e):
                     raise

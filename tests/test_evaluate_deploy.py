@@ -942,6 +942,29 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     assert mixed.returncode == 0, mixed.stderr[-2000:]
     assert [json.loads(line)["id"] for line in mixed.stdout.splitlines()] == ["7", "8", "10.5", "T-11"]
 
+    # a CSV as Excel writes it in many locales (;) or on Windows (cp1252): the message names predict's own flags
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("ticket;body\nE1;caf\u00e9 charged twice for my invoice\nE2;where is my parcel\n".encode("cp1252"))
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(excel), "--text-column", "body", "--id-column",
+                   "ticket")
+    assert out.returncode == 2 and f"{excel}: the first line has no ',', but it has ';': pass --delimiter ';'" in out.stderr
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(excel), "--text-column", "body", "--id-column",
+                   "ticket", "--delimiter", ";")
+    assert out.returncode == 2 and f"{excel} row 1: column 'body' is not valid UTF-8; a CSV saved in another encoding " \
+        "needs --encoding, e.g. cp1252" in out.stderr
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(excel), "--text-column", "body", "--id-column",
+                   "ticket", "--delimiter", ";", "--encoding", "cp1252", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [(r["id"], r["text"]) for r in map(json.loads, out.stdout.splitlines())] == [
+        ("E1", "caf\u00e9 charged twice for my invoice"), ("E2", "where is my parcel")]
+    tabbed = tmp_path / "tabbed.csv"
+    tabbed.write_text("ticket\tbody\nE1\twhere is my parcel\n", encoding="utf-8")
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(tabbed), "--text-column", "body", "--delimiter", "\\t")
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("where is my parcel"), out.stderr[-2000:]
+    assert "--delimiter goes with --input" in cli_here("predict", "--model-dir", str(dest), "--delimiter", ";", "x").stderr
+    assert "--encoding 'klingon': unknown text encoding" in cli_here(
+        "predict", "--model-dir", str(dest), "--input", str(excel), "--encoding", "klingon").stderr
+
 
 def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_here):
     """A second text column travels through finetune, evaluate, the deploy smoke test and predict."""

@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-column", metavar="NAME", help="with --input: a column to identify each row in the output "
                                                       "(default: the training data's id column, in the files that have "
                                                       "it, as for --text-column; else the file and row)")
+    p.add_argument("--delimiter", metavar="CHAR",
+                   help="with --input: the field separator of CSV files (default: a comma; a tab for .tsv); '\\t' is a tab")
+    p.add_argument("--encoding", metavar="NAME",
+                   help="with --input: the text encoding of CSV/TSV files (default utf-8), e.g. cp1252 for Excel's CSV "
+                        "on Windows")
     p.add_argument("--output", metavar="PATH",
                    help=f"write the predictions to this file ({', '.join(OUTPUT_FORMATS)}) instead of printing them")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="labels to show per text (default 1)")
@@ -61,11 +66,12 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("--top-k must be at least 1")
     if args.input and args.texts:
         raise ConfigError("give texts either as TEXT arguments or with --input, not both")
-    for flag in ("text_pair_column", "id_column", "text_column"):
+    for flag in ("text_pair_column", "id_column", "text_column", "delimiter", "encoding"):
         if getattr(args, flag) is not None and not args.input:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --input")
     if args.input:
         _default_columns(args)
+        args.csv_format = _csv_format(args)
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: name a {', '.join(OUTPUT_FORMATS)} file")
@@ -238,6 +244,24 @@ def _default_columns(args: argparse.Namespace) -> None:
                          if trained and defaulted else "")
 
 
+def _csv_format(args: argparse.Namespace):
+    """--delimiter and --encoding, checked as dataset.delimiter and dataset.encoding are."""
+    import codecs
+
+    from pipeline.data import CsvFormat
+    from pipeline.errors import ConfigError
+
+    delimiter = "\t" if args.delimiter == "\\t" else args.delimiter
+    if delimiter is not None and (len(delimiter) != 1 or delimiter in "\"\r\n"):
+        raise ConfigError(f"--delimiter {args.delimiter!r}: the delimiter is one character other than a quote or a line "
+                          "break, e.g. ';', '|' or '\\t'")
+    try:
+        encoding = codecs.lookup(args.encoding).name if args.encoding is not None else "utf-8"
+    except LookupError:
+        raise ConfigError(f"--encoding {args.encoding!r}: unknown text encoding (e.g. utf-8, cp1252, latin-1)") from None
+    return CsvFormat(encoding=encoding, delimiter=delimiter, flags=True)
+
+
 def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The rows of `--input` as dataset-publish reads files: every row, in order; a missing text is ""."""
     import pyarrow.compute as pc
@@ -246,7 +270,7 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column to match" + args.columns_from)
-    table = read_files(list_input_files(args.input, "--input"), cols, args.input,
+    table = read_files(list_input_files(args.input, "--input"), cols, args.input, args.csv_format,
                        optional=[cols.id] if getattr(args, "id_optional", False) else (), typed_ids=True)
     texts = {}
     for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):
@@ -255,7 +279,8 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             if bad.any():
                 i = int(bad.argmax())
                 raise DataError(f"{table.column('_file')[i]} row {table.column('_row')[i]}: column {column!r} is not "
-                                "valid UTF-8")
+                                f"valid {'UTF-8' if args.csv_format.encoding == 'utf-8' else args.csv_format.encoding}; "
+                                "a CSV saved in another encoding needs --encoding, e.g. cp1252")
             texts[key] = pc.fill_null(decoded, "")
             blank = is_blank(texts[key])
             if (n_blank := pc.sum(blank).as_py() or 0):
