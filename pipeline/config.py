@@ -26,6 +26,23 @@ SEED_MAX = 2**32 - 1  # what NumPy accepts (transformers' set_seed seeds it too)
 TABLE_ROWS = 10_000  # W&B keeps the first this many rows of a logged table (wandb.Table.MAX_ROWS) and drops the rest
 
 
+def check_delimiter(value: str | None) -> str | None:
+    """A CSV delimiter (``dataset.delimiter``, ``predict --delimiter``): one character, not a quote or a line break."""
+    if value is not None and (len(value) != 1 or value in "\"\r\n"):
+        raise ValueError("the delimiter is one character other than a quote or a line break, e.g. ';', '|' or a tab")
+    return value
+
+
+def check_encoding(value: str) -> str:
+    """A text encoding's one spelling ("UTF8", "utf_8" -> "utf-8"); ValueError for one Python does not know."""
+    import codecs
+
+    try:
+        return codecs.lookup(value).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, cp1252, latin-1)") from None
+
+
 # settings that a space or a tab is a value of, not an empty one: a tab-separated file named .csv
 SPACING_ALLOWED = {"delimiter"}
 
@@ -256,9 +273,7 @@ class DatasetConfig(_Group):
     @field_validator("delimiter")
     @classmethod
     def _one_character(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) != 1 or value in "\"\r\n"):
-            raise ValueError("the delimiter is one character other than a quote or a line break, e.g. ';' or '|'")
-        return value
+        return check_delimiter(value)
 
     @field_validator("column_names")
     @classmethod
@@ -292,12 +307,7 @@ class DatasetConfig(_Group):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
-        import codecs
-
-        try:
-            return codecs.lookup(value).name  # one spelling: "UTF8", "utf_8" -> "utf-8"
-        except LookupError:
-            raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, cp1252, latin-1)") from None
+        return check_encoding(value)
 
 
 class ModelConfig(_Group):

@@ -1025,12 +1025,7 @@ def test_excel_s_separator_line_names_the_delimiter(tmp_path, cfg_for, line):
         w = csv.DictWriter(f, fieldnames=["id", "text", "label"], delimiter=";")
         w.writeheader()
         w.writerows(records)
-    dataset_publish.run(cfg_for(plain))
-    dataset_publish.run(cfg_for(semi))
-    want = artifact_files(cfg_for(plain), "tickets:v0", tmp_path)
-    got = artifact_files(cfg_for(semi), "tickets:v1", tmp_path)
-    for split in ("train.parquet", "validation.parquet", "test.parquet"):
-        assert got[split].read_bytes() == want[split].read_bytes()
+    assert_same_split_files(cfg_for, plain, semi, tmp_path)
     with pytest.raises(DataError, match=rf"^{re.escape(str(semi))}: its first line, '{re.escape(line)}', says the fields "
                                         r"are separated by ';', but dataset.delimiter is '\|'$"):
         dataset_publish.prepare(cfg_for(semi, "dataset.delimiter=|"))

@@ -962,7 +962,7 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     out = cli_here("predict", "--model-dir", str(dest), "--input", str(tabbed), "--text-column", "body", "--delimiter", "\\t")
     assert out.returncode == 0 and out.stdout.rstrip().endswith("where is my parcel"), out.stderr[-2000:]
     assert "--delimiter goes with --input" in cli_here("predict", "--model-dir", str(dest), "--delimiter", ";", "x").stderr
-    assert "--encoding 'klingon': unknown text encoding" in cli_here(
+    assert "--encoding: unknown text encoding 'klingon'" in cli_here(
         "predict", "--model-dir", str(dest), "--input", str(excel), "--encoding", "klingon").stderr
 
 

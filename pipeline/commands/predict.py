@@ -245,20 +245,19 @@ def _default_columns(args: argparse.Namespace) -> None:
 
 
 def _csv_format(args: argparse.Namespace):
-    """--delimiter and --encoding, checked as dataset.delimiter and dataset.encoding are."""
-    import codecs
-
+    """--delimiter and --encoding, checked as dataset.delimiter and dataset.encoding are ('\\t' is a tab)."""
+    from pipeline.config import check_delimiter, check_encoding
     from pipeline.data import CsvFormat
     from pipeline.errors import ConfigError
 
-    delimiter = "\t" if args.delimiter == "\\t" else args.delimiter
-    if delimiter is not None and (len(delimiter) != 1 or delimiter in "\"\r\n"):
-        raise ConfigError(f"--delimiter {args.delimiter!r}: the delimiter is one character other than a quote or a line "
-                          "break, e.g. ';', '|' or '\\t'")
     try:
-        encoding = codecs.lookup(args.encoding).name if args.encoding is not None else "utf-8"
-    except LookupError:
-        raise ConfigError(f"--encoding {args.encoding!r}: unknown text encoding (e.g. utf-8, cp1252, latin-1)") from None
+        delimiter = check_delimiter("\t" if args.delimiter == "\\t" else args.delimiter)
+    except ValueError as e:
+        raise ConfigError(f"--delimiter {args.delimiter!r}: {e}") from None
+    try:
+        encoding = check_encoding(args.encoding) if args.encoding is not None else "utf-8"
+    except ValueError as e:
+        raise ConfigError(f"--encoding: {e}") from None
     return CsvFormat(encoding=encoding, delimiter=delimiter, flags=True)
 
 
