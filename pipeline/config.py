@@ -61,7 +61,9 @@ class _Group(BaseModel):
             if field.is_required():
                 raise ValueError("is empty")
             unset = " (or write null to unset it)" if type(None) in typing.get_args(field.annotation) else ""
-            raise ValueError(f"is empty; leave the key out for its default{unset}")
+            quote = ('; YAML reads a bare | or > as the start of a block of text: quote it, delimiter: "|"'
+                     if info.field_name in SPACING_ALLOWED else "")
+            raise ValueError(f"is empty; leave the key out for its default{unset}{quote}")
         return value
 
     @field_validator("*", mode="before")

@@ -88,6 +88,19 @@ def test_keys_named_as_transformers_names_them_get_this_config_s_name():
         assert set(names.values()) <= set({"train": TrainConfig, "model": ModelConfig}[group[0]].model_fields)
 
 
+def test_a_delimiter_yaml_reads_as_a_block_mark_says_to_quote_it(tmp_path):
+    """`delimiter: |` in a YAML file is the start of a block of text (empty here), not a pipe."""
+    p = tmp_path / "c.yaml"
+    p.write_text("dataset:\n  name: d\n  source: x.csv\n  delimiter: |\nmodel: {name: m}\n")
+    with pytest.raises(ConfigError, match=r'dataset.delimiter: is empty; .*YAML reads a bare \| or > as the start of a '
+                                          r'block of text: quote it, delimiter: "\|"'):
+        load_config(p)
+    p.write_text('dataset:\n  name: d\n  source: x.csv\n  delimiter: "|"\nmodel: {name: m}\n')
+    assert load_config(p).dataset.delimiter == "|"
+    p.write_text('dataset:\n  name: d\n  source: x.csv\n  delimiter: "\\t"\nmodel: {name: m}\n')
+    assert load_config(p).dataset.delimiter == "\t"  # a tab is a delimiter, not an empty value
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("dataset:\n  name: [unclosed\nmodel: {name: m}\n")
