@@ -270,10 +270,11 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                                 None)
                 raise DataError(said or f"{path}: cannot read as json: {e}") from None
             except OverflowError:  # a whole number beyond 64 bits (Python's json keeps it exactly; Arrow cannot)
-                number, key, value = next((i, k, v) for i, r in enumerate(data, 1) for k, v in r.items()
-                                          if type(v) is int and not -2**63 <= v < 2**64)
+                number, key, value = next(((i, k, big) for i, r in enumerate(data, 1) for k, v in r.items()
+                                           if (big := _beyond_64_bits(v)) is not None), (None, None, None))
                 raise DataError(f"{path} record {number}: field {key!r} holds {value}, a whole number beyond 64 bits; "
-                                f"write it as a string (\"{value}\") in the file") from None
+                                f"write it as a string (\"{value}\") in the file" if number is not None else
+                                f"{path}: cannot read as json: a whole number beyond 64 bits") from None
             return _exact_numbers(table, path, cols, lambda: enumerate(data, 1), "record")
         import pyarrow.parquet as pq
 
@@ -434,6 +435,14 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 at = "at the end of the line" if e.pos >= len(text) else f"at character {e.pos + 1}"
                 # e.msg may end in "at" itself ("Unterminated string starting at")
                 raise DataError(f"{path} line {number}: not valid JSON: {e.msg.removesuffix(' at')} {at}") from None
+
+
+def _beyond_64_bits(value: Any) -> int | None:
+    """The first whole number in a JSON value (at any depth) that Arrow's signed 64 bits cannot hold, or None."""
+    if type(value) is int:
+        return value if not -2**63 <= value < 2**63 else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((big for v in items if (big := _beyond_64_bits(v)) is not None), None)
 
 
 def _exact_numbers(table: pa.Table, path: Path, cols: Columns, records: Callable[[], Iterable[tuple[int, Any]]],

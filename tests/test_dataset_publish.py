@@ -1890,6 +1890,11 @@ def test_json_numbers_too_large_for_an_exact_id_are_refused(tmp_path, cfg_for):
     with pytest.raises(DataError, match=rf"^{re.escape(str(array))} record 1: field 'id' holds 12345678901234567890126, a "
                                         r"whole number beyond 64 bits; write it as a string"):
         dataset_publish.run(cfg_for(array))
+    # 2**63 is beyond Arrow's signed 64 bits too, and so is a number inside a list of a column not read
+    array.write_text(json.dumps([{"id": "a", "text": "a", "label": "x", "other": [1, 2**63]}]))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(array))} record 1: field 'other' holds {2**63}, a whole "
+                                        r"number beyond 64 bits"):
+        dataset_publish.run(cfg_for(array))
     # beyond 2**53 beside a number with a fraction (a JSON array): Arrow's own words named no record
     array.write_text(json.dumps([{"id": 1.5, "text": "a", "label": "x"}, {"id": 2**53 + 1, "text": "b", "label": "y"}]))
     with pytest.raises(DataError, match=rf"^{re.escape(str(array))} record 2: field 'id' holds {2**53 + 1}, a whole "
