@@ -555,6 +555,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
     root = _static_root(source)
     tables = []
     label_typed = []  # per file: its labels were numbers or booleans (JSON, Parquet), not text
+    label_types = []  # per file: its label column's type, as read
     for path in files:
         # a column missing from the file comes from its key=value folder, else (when optional) is null
         folders = {**dict.fromkeys(optional), **{k: v for k, v in hive_partitions(path, root).items() if k in cols.required}}
@@ -563,6 +564,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
             if key not in t.column_names:
                 t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))
         label_typed.append(bool(cols.label) and cols.label in t.column_names and _typed(t.schema.field(cols.label).type))
+        label_types.append(t.schema.field(cols.label).type if cols.label and cols.label in t.column_names else pa.null())
         tables.append(_normalise(t, name(path), cols, typed_ids))
     if any(label_typed) and not all(label_typed):
         _check_label_spelling(tables, label_typed, cols.label, source)
@@ -572,9 +574,66 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
         tables = [t.set_column(t.schema.get_field_index(cols.id), cols.id, _to_string(t.column(cols.id), source, cols.id))
                   for t in tables]
     try:
-        return pa.concat_tables(tables, promote_options="permissive")
+        table = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
+    return with_label_type(table, label_type(label_types))
+
+
+# What the label column held in the source, when not text: its labels are compared, published and trained on as text
+# ("0", "1", "true"), and `predict` gives them back as the source had them (0, 1, true), so they join the caller's
+# table. Kept in the read table's schema metadata.
+LABEL_TYPES = ("integer", "number", "boolean")
+KIND_TYPES = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), None: pa.string()}  # one of each
+_LABEL_TYPE_KEY = b"pipeline.label_type"
+
+
+def label_type(types: Iterable[pa.DataType]) -> str | None:
+    """``integer``, ``number`` (floating point, or whole numbers beside it) or ``boolean`` when every file's label
+    column (`types`, as read) holds that kind; None when any holds text or another kind, or none holds any."""
+    kinds = set()
+    for t in types:
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        if pa.types.is_null(t):  # a file whose labels are all null: it says nothing about the others
+            continue
+        kinds.add("integer" if pa.types.is_integer(t) else "number" if pa.types.is_floating(t)
+                  else "boolean" if pa.types.is_boolean(t) else None)
+    if kinds == {"integer", "number"}:
+        return "number"
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
+def with_label_type(table: pa.Table, kind: str | None) -> pa.Table:
+    """`table`, recording in its schema metadata that its (text) labels were of the `kind` in the source."""
+    metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != _LABEL_TYPE_KEY}
+    if kind is not None:
+        metadata[_LABEL_TYPE_KEY] = kind.encode()
+    return table.replace_schema_metadata(metadata or None)
+
+
+def read_label_type(table: pa.Table) -> str | None:
+    """What `with_label_type` recorded in `table`: the label column's kind in the source, or None (text)."""
+    kind = (table.schema.metadata or {}).get(_LABEL_TYPE_KEY, b"").decode()
+    return kind if kind in LABEL_TYPES else None
+
+
+def typed_labels(names: list[str], kind: str | None) -> list[Any] | None:
+    """Label names (text, as published and trained on) as the source wrote them: ints, floats or booleans for
+    `kind`; None when `kind` is None or a name does not read as one (a folder edited by hand, say)."""
+    if kind not in LABEL_TYPES:
+        return None
+    out: list[Any] = []
+    for n in names:
+        if kind == "boolean":
+            if n not in ("true", "false"):
+                return None
+            out.append(n == "true")
+            continue
+        try:
+            out.append(int(n) if kind == "integer" else float(n))
+        except (TypeError, ValueError):
+            return None
+    return out
 
 
 def _number_ids(t: pa.DataType) -> bool:
@@ -730,7 +789,7 @@ def hub_table(dataset_dict, source: str, cols: Columns, named: Callable[[str], s
     """All splits of a Hugging Face ``DatasetDict`` as one table (class ids become their names), their
     sources, and the label column's ``ClassLabel`` names in id order (None when it has none). `named`: how a
     report names a split's rows (a hub dataset's: ``hf://datasets/ID/SPLIT``)."""
-    tables, sources, class_names = [], [], None
+    tables, sources, class_names, label_types = [], [], None, []
     for split in sorted(dataset_dict):
         ds = dataset_dict[split]
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
@@ -746,9 +805,11 @@ def hub_table(dataset_dict, source: str, cols: Columns, named: Callable[[str], s
             names = np.array(feature.names, dtype=object)[np.maximum(ids, 0)]
             names[ids < 0] = None  # -1: no label (test splits of some hub datasets)
             table = table.set_column(table.schema.get_field_index(cols.label), cols.label, arrow.strings(names))
+        label_types.append(table.schema.field(cols.label).type if cols.label in table.column_names else pa.null())
         tables.append(_normalise(table, name, cols))
         sources.append({"path": name, "fingerprint": ds._fingerprint, "rows": ds.num_rows})
-    return pa.concat_tables(tables, promote_options="permissive"), sources, class_names
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return with_label_type(table, label_type(label_types)), sources, class_names
 
 
 def load_hub_dataset(source: str, cols: Columns) -> tuple[pa.Table, list[dict], list[str] | None]:

@@ -22,9 +22,9 @@ from pipeline.errors import OutOfMemory, PipelineError, near_name, out_of_memory
 
 @dataclass
 class Prediction:
-    label: str
+    label: Any  # a label name (text); an int, float or bool where the training data's source had such labels
     confidence: float
-    top: list[tuple[str, float]]
+    top: list[tuple[Any, float]]
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "confidence": self.confidence, "top": [{"label": n, "score": p} for n, p in self.top]}
@@ -92,6 +92,9 @@ class Classifier:
         self.model.to(self.device).eval()
         cfg = self.model.config
         self.label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
+        # the labels as predictions give them: as the training data's source had them (0 and 1 where its label
+        # column held numbers, so they join that table), else the names
+        self.labels = self._typed_labels() or list(self.label_names)
         self.truncated = 0  # texts classified so far that were longer than max_length (their beginning was)
         training = self._training_config()
         try:
@@ -113,6 +116,19 @@ class Classifier:
                                  "weights are of different models, or one was edited" + _compared_with_manifest(self.dir))
         return PipelineError(f"{self.dir}: the model does not load ({type(error).__name__}: {reason})"
                              + _compared_with_manifest(self.dir))
+
+    def _typed_labels(self) -> list[Any] | None:
+        """The label names as ints, floats or booleans, when ``labels.json`` (finetune writes it) says the training
+        data's source had them so, and names these labels."""
+        from pipeline.data import typed_labels
+
+        try:
+            recorded = json.loads((self.dir / "labels.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(recorded, dict) or recorded.get("label_names") != self.label_names:
+            return None
+        return typed_labels(self.label_names, recorded.get("label_type"))
 
     def _training_config(self) -> dict[str, Any]:
         try:
@@ -167,7 +183,7 @@ class Classifier:
         preds = []
         for row in probs:
             order = np.argsort(-row, kind="stable")[:top_k]
-            top = [(self.label_names[j], float(row[j])) for j in order]
+            top = [(self.labels[j], float(row[j])) for j in order]
             preds.append(Prediction(label=top[0][0], confidence=top[0][1], top=top))
         return preds
 

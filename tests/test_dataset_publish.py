@@ -1492,6 +1492,7 @@ def test_a_folder_saved_by_save_to_disk_is_read_by_datasets_with_its_class_names
     assert dataset_publish.run(cfg).status == "ok"
     version = registry_of(cfg).resolve("tickets:v0")
     assert version.metadata["label_names"] == names  # the ClassLabel's order, its ids as their names
+    assert "label_type" not in version.metadata  # names, not numbers
     assert sum(version.metadata["num_rows"].values()) == dd["train"].num_rows + dd["test"].num_rows
     files = sorted(str(f.relative_to(saved)) for f in saved.rglob("*") if f.is_file())
     assert sorted(str(Path(s["path"]).relative_to(saved)) for s in version.metadata["sources"]) == files
@@ -1512,6 +1513,10 @@ def test_a_folder_saved_by_save_to_disk_is_read_by_datasets_with_its_class_names
                                features=dd["train"].features).save_to_disk(str(single))
     with pytest.raises(DataError, match=rf"empty_text .*{single} \(train split\) row 2"):
         dataset_publish.run(cfg_for(single, "dataset.id_column=null", "dataset.name=single"))
+    plain = tmp_path / "plain"  # labels that are numbers without class names: numbers, as in a JSON file
+    datasets.Dataset.from_dict({"text": [f"text {i}" for i in range(20)], "label": [0, 1] * 10}).save_to_disk(str(plain))
+    _, manifest, _ = dataset_publish.prepare(cfg_for(plain, "dataset.id_column=null", "dataset.name=plain"))
+    assert manifest["label_names"] == ["0", "1"] and manifest["label_type"] == "integer"
     # predict --input and split files read data files: such a folder is named, not read as JSON
     with pytest.raises(DataError, match=rf"^{saved}: a folder saved by datasets' save_to_disk, which only dataset.source "
                                         r"reads; export it for the --input with .to_parquet"):
@@ -1550,6 +1555,37 @@ def test_integer_labels_take_numeric_order(tmp_path, cfg_for):
     mixed = write_rows(tmp_path / "mixed.csv", records[:15] + [{"id": f"x{i}", "text": f"zero {i}", "label": "01"}
                                                                for i in range(5)])
     assert dataset_publish.prepare(cfg_for(mixed))[1]["label_names"] == ["0", "01", "10", "2"]
+
+
+def test_the_label_type_of_the_source_is_recorded_when_it_is_not_text(tmp_path, cfg_for):
+    """Labels are published as text; numbers or booleans in every file of the source are recorded as
+    `label_type` (predict gives them back so). Text labels, "0" in JSON or any CSV, leave the manifest as it was."""
+    ints = [{"id": f"{lbl}-{i}", "text": f"question {i} of kind {lbl}", "label": lbl} for lbl in (0, 1, 2) for i in range(5)]
+
+    def recorded(source: Path, *extra: str):
+        tables, manifest, _ = dataset_publish.prepare(cfg_for(source, *extra))
+        assert tables["train"].schema.field("label").type == pa.string()
+        return manifest.get("label_type")
+
+    assert recorded(write_rows(tmp_path / "a.jsonl", ints)) == "integer"
+    assert recorded(write_rows(tmp_path / "a.csv", ints)) is None
+    assert recorded(write_rows(tmp_path / "s.jsonl", [{**r, "label": str(r["label"])} for r in ints])) is None
+    assert recorded(write_rows(tmp_path / "f.json", [{**r, "label": r["label"] + 0.5} for r in ints])) == "number"
+    flags = [{**r, "label": r["label"] == 1} for r in ints if r["label"] < 2]
+    assert recorded(write_rows(tmp_path / "b.parquet", flags)) == "boolean"
+    small = pa.Table.from_pylist(ints).set_column(2, "label", pa.array([r["label"] for r in ints], pa.int8()).dictionary_encode())
+    pq.write_table(small, tmp_path / "d.parquet")  # a pandas categorical of small ints
+    assert recorded(tmp_path / "d.parquet") == "integer"
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", ints[:8])
+    write_rows(folder / "b.jsonl", [{**r, "label": r["label"] + 0.0} for r in ints[8:]])
+    assert recorded(folder) == "number"  # whole numbers beside floats: floats
+    write_rows(folder / "c.jsonl", [{"id": "c1", "text": "one more of kind 0", "label": "0"}])
+    assert recorded(folder) is None  # one file of text: text
+    parts = {s: write_rows(tmp_path / f"{s}.jsonl", [{**r, "id": f"{s}-{r['id']}", "text": f"{s}: {r['text']}"} for r in ints])
+             for s in ("train", "validation", "test")}
+    assert recorded(tmp_path / "a.jsonl", *(f"dataset.split_files.{s}={p}" for s, p in parts.items())) == "integer"
 
 
 def test_dataset_labels_set_the_order_and_refuse_other_labels(tmp_path, cfg_for):

@@ -848,8 +848,9 @@ def test_printed_predictions_keep_one_column_per_field_when_a_label_or_id_holds_
 
     record = {"id": "T\t1", "text": "refund\nplease", "label": "new\tline",
               "top": [{"label": "new\tline", "score": 0.61}, {"label": "multi\nline", "score": 0.39}]}
-    _print(record, argparse.Namespace(json=False))
-    _print(record, argparse.Namespace(json=True))
+    as_written = {"new\tline": "new\tline", "multi\nline": "multi\nline"}
+    _print(record, argparse.Namespace(json=False, as_written=as_written))
+    _print(record, argparse.Namespace(json=True, as_written=as_written))
     printed, as_json = capsys.readouterr().out.splitlines()
     assert printed.split("\t") == ["T 1", "new line", "0.6100", "multi line", "0.3900", "refund please"]
     assert json.loads(as_json) == record  # --json keeps everything as it is
@@ -1146,3 +1147,62 @@ def test_orchestrator_chain_through_result_files(env, tmp_path):
                             "--workdir", str(tmp_path / "r2")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert gated.returncode == 3 and "gate said no" in gated.stdout
     assert not (tmp_path / "r2" / "4-deploy-fetch.json").exists()
+
+
+def test_labels_that_were_numbers_in_the_source_are_predicted_as_numbers(template, tmp_path, cli_here):
+    """Class ids 0..5 in JSON Lines are published and trained on as the texts "0".."5" (compared as text everywhere),
+    and predict gives them back as numbers, so its predictions compare equal to the caller's own labels: as the
+    texts, pandas' `"1" == 1` would be False on every row without a word."""
+    import pandas as pd
+
+    root, model_dir, tickets = template
+    with open(tickets, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r["label"] for r in rows})
+    source = tmp_path / "ids.jsonl"
+    source.write_text("".join(json.dumps({"n": i, "body": r["text"], "y": names.index(r["label"])}) + "\n"
+                              for i, r in enumerate(rows)), encoding="utf-8")
+    cfg = load_config(None, [*overrides(tmp_path, model_dir, source), "dataset.name=ids", "dataset.id_column=n",
+                             "dataset.text_column=body", "dataset.label_column=y", "model.name=idclf", "train.epochs=2",
+                             "evaluate.gate.better_than_chance=false"])
+    result = run_all(cfg)
+    assert [s.status for s in result.stages] == ["ok"] * 4, result.to_dict()
+    reg = LocalRegistry(Path(cfg.tracking.dir) / "registry")
+    dataset = reg.resolve("ids:v0")
+    manifest = json.loads((reg.fetch(dataset, tmp_path / "ds").path / "dataset.json").read_text())
+    assert manifest["label_names"] == ["0", "1", "2", "3", "4", "5"] and manifest["label_type"] == "integer"
+    assert dataset.metadata["label_type"] == "integer"
+    assert pq.read_table(tmp_path / "ds" / "train.parquet").schema.field("label").type == pa.string()  # as text
+    deployed = tmp_path / "deploy"
+    assert json.loads((deployed / "labels.json").read_text())["label_type"] == "integer"
+    assert reg.resolve("idclf:v0").metadata["label_type"] == "integer"
+    assert json.loads((deployed / "manifest.json").read_text())["smoke"]["label"] in manifest["label_names"]
+
+    classifier = load_classifier(deployed)
+    assert classifier.label_names == manifest["label_names"] and classifier.labels == [0, 1, 2, 3, 4, 5]
+    texts = [r["text"] for r in rows]
+    expected = [p.label for p in classifier.predict(texts)]
+    assert {type(label) for label in expected} == {int}
+    for name in ("p.jsonl", "p.parquet", "p.csv"):
+        out = cli_here("predict", "--model-dir", str(deployed), "--input", str(source), "--top-k", "2",
+                       "--output", str(tmp_path / name))
+        assert out.returncode == 0, out.stderr[-2000:]
+    truth = pd.read_json(source, lines=True)
+    for frame in (pd.read_json(tmp_path / "p.jsonl", lines=True), pd.read_parquet(tmp_path / "p.parquet"),
+                  pd.read_csv(tmp_path / "p.csv")):
+        assert frame["label"].tolist() == expected and frame["label"].dtype == truth["y"].dtype
+        joined = truth.merge(frame, left_on="n", right_on="id")
+        assert len(joined) == len(rows)
+        assert (joined["y"] == joined["label"]).mean() == pytest.approx(np.mean([p == y for p, y in zip(expected, truth["y"])]))
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].split(",")[2] == str(expected[0])  # written as in the data
+    printed = cli_here("predict", "--model-dir", str(deployed), "--json", texts[0])
+    assert json.loads(printed.stdout)["label"] == expected[0]
+    printed = cli_here("predict", "--model-dir", str(deployed), texts[0])
+    assert printed.stdout.split("\t")[0] == str(expected[0])
+
+    # a labels.json edited so that its names are not numbers, or without label_type: the names, as before
+    labels = json.loads((deployed / "labels.json").read_text())
+    (deployed / "labels.json").write_text(json.dumps({**labels, "label_type": "boolean"}))
+    assert load_classifier(deployed).labels == manifest["label_names"]
+    (deployed / "labels.json").write_text(json.dumps({k: v for k, v in labels.items() if k != "label_type"}))
+    assert load_classifier(deployed).predict(texts[:1])[0].label == str(expected[0])

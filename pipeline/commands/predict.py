@@ -87,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model_dir} classifies text pairs: name the second text's column with --text-pair-column"
                           if classifier.takes_pairs else
                           f"{args.model_dir} classifies single texts; --text-pair-column is for sentence-pair models")
+    # labels that were numbers or booleans in the training data come as such (--json, .jsonl, .parquet); printed, and
+    # in CSV and TSV, as the data wrote them ("true", not Python's "True")
+    args.as_written = dict(zip(classifier.labels, classifier.label_names))
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(rows, CHUNK)), []))
     # Each chunk is classified and passed on when done: a pipe sees results as they come, and memory does not
     # grow with the input. An error further in stops there, naming its row or line.
@@ -98,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
             done += len(chunk)
             sys.stdout.flush()
     else:
-        done = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args)), args.top_k)
+        done = _write(output, (record for chunk in chunks for record in _classify(classifier, chunk, args)), args.top_k,
+                      args.as_written)
         print(f"{done} predictions written to {output}", file=sys.stderr)
     if classifier.truncated:
         logging.getLogger(__name__).warning(
@@ -132,7 +136,7 @@ def _print(record: dict[str, Any], args: argparse.Namespace) -> None:
         return
     # one line per text, one column per field: a file's text or id, or a label as the training data wrote it, may
     # hold line breaks or tabs (--json and --output keep them)
-    scores = "\t".join(f"{_one_line(t['label'])}\t{t['score']:.4f}" for t in record["top"])
+    scores = "\t".join(f"{_one_line(args.as_written[t['label']])}\t{t['score']:.4f}" for t in record["top"])
     texts = [_one_line(record["text"]), *([_one_line(record["text_pair"])] if "text_pair" in record else [])]
     print("\t".join([*([_one_line(str(record["id"]))] if "id" in record else []), scores, *texts]))
 
@@ -141,8 +145,9 @@ def _one_line(text: str) -> str:
     return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " ")
 
 
-def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int) -> int:
-    """The records as a table file, written beside `path` and renamed into place once complete."""
+def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int, as_written: dict[Any, str]) -> int:
+    """The records as a table file, written beside `path` and renamed into place once complete; in CSV and TSV, the
+    labels `as_written` names them."""
     from pipeline.errors import PipelineError
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +175,7 @@ def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int) -> int:
             with open(partial, "w", newline="", encoding="utf-8") as f:
                 writer = None
                 for r in records:
-                    row = _flat(r, top_k)
+                    row = _flat(r, top_k, as_written)
                     if kind == ".jsonl":
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
                     else:
@@ -188,12 +193,14 @@ def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int) -> int:
     return n
 
 
-def _flat(record: dict[str, Any], top_k: int) -> dict[str, Any]:
-    """One table row: the texts, the label and its confidence, then the next labels and scores up to `top_k`."""
+def _flat(record: dict[str, Any], top_k: int, as_written: dict[Any, str] | None = None) -> dict[str, Any]:
+    """One table row: the texts, the label and its confidence, then the next labels and scores up to `top_k`;
+    with `as_written`, the labels as text."""
+    label = (lambda value: as_written[value]) if as_written else (lambda value: value)
     row = {k: record[k] for k in ("id", "text", "text_pair") if k in record}
-    row |= {"label": record["label"], "confidence": record["confidence"]}
+    row |= {"label": label(record["label"]), "confidence": record["confidence"]}
     for i, t in enumerate(record["top"][1:top_k], 2):
-        row |= {f"label_{i}": t["label"], f"score_{i}": t["score"]}
+        row |= {f"label_{i}": label(t["label"]), f"score_{i}": t["score"]}
     return row
 
 

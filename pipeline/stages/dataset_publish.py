@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 
 from pipeline import arrow
 from pipeline.config import Config
-from pipeline.data import (DROPPED_ROWS_LOGGED, SHOW, Columns, CsvFormat, DataError, constant, format_problems,
-                           list_input_files, load_hub_dataset, load_saved_dataset, looks_like_hub_id, read_files,
-                           saved_dataset, saved_dataset_files, stratified_split, validate)
+from pipeline.data import (DROPPED_ROWS_LOGGED, KIND_TYPES, SHOW, Columns, CsvFormat, DataError, constant,
+                           format_problems, label_type, list_input_files, load_hub_dataset, load_saved_dataset,
+                           looks_like_hub_id, read_files, read_label_type, saved_dataset, saved_dataset_files,
+                           stratified_split, typed_labels, validate, with_label_type)
 from pipeline.errors import ConfigError, RefError
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.base import latest_again, put_latest
@@ -136,6 +137,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         parts = {s: read_files(listed[s], cols, getattr(d.split_files, s), fmt, shown) for s in SPLITS}
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
+        table = with_label_type(table, label_type(KIND_TYPES[read_label_type(t)] for t in parts.values() if t.num_rows))
         min_per_class = 1
     else:
         if not listed:
@@ -148,6 +150,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
         raise DataError(f"{where}: no data rows (only a header, or empty files)")
+    source_label_type = read_label_type(table)
     timings["read"] = time.perf_counter() - started
     checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed, labels=d.labels)
     if checked.problems and d.on_invalid == "error":
@@ -221,6 +224,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
     }
+    if source_label_type and typed_labels(label_names, source_label_type) is not None:
+        # labels that were numbers or booleans in the source (JSON, Parquet), which predict gives back as such;
+        # recorded only then, so text labels keep the manifest they always had
+        manifest["label_type"] = source_label_type
     if d.encoding != "utf-8":  # recorded only when set, so UTF-8 data keeps the manifest it always had
         manifest["encoding"] = d.encoding
     if d.delimiter is not None:  # likewise
@@ -524,6 +531,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
             metadata = {
                 "format_version": FORMAT_VERSION,
                 "label_names": manifest["label_names"],
+                **({"label_type": manifest["label_type"]} if "label_type" in manifest else {}),
                 "num_rows": manifest["num_rows"],
                 "dropped": manifest["dropped"],
                 "sources": manifest["sources"],

@@ -756,8 +756,10 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
     # files it had (a reproduction of an older version is compared file by file)
     train = config.train.model_dump(mode="json", exclude=({"class_weights"} if not weights else set()) | {
         k for k in LATER_SETTINGS if getattr(config.train, k) == type(config.train).model_fields[k].default})
-    (out / "labels.json").write_text(json.dumps(
-        {"label_names": label_names, "id2label": dict(enumerate(label_names))}, indent=2) + "\n", encoding="utf-8")
+    labels = {"label_names": label_names, "id2label": dict(enumerate(label_names))}
+    if shared.get("label_type"):  # only then: a model of text labels has the file it always had
+        labels["label_type"] = shared["label_type"]
+    (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
     training = {
         "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
         "base_model": {k: v for k, v in plan_.base.to_dict().items() if k != "spec"},
@@ -795,6 +797,8 @@ def _weights_by_label(shared: dict[str, Any]) -> dict[str, float] | None:
 
 def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Main process, inside the run: record the input, fetch and tokenise. (shared, details)"""
+    from pipeline.data import typed_labels
+
     registry = trun.registry
     version = plan_.use_inputs(trun)
     fetched = registry.fetch(version)
@@ -826,6 +830,8 @@ def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tup
         "base_path": str(plan_.base.path),
         "tokenized": str(tokenized),
         "label_names": label_names,
+        # numbers or booleans in the data's source ("0", "1" were 0, 1): predict gives them back so
+        "label_type": manifest.get("label_type") if typed_labels(label_names, manifest.get("label_type")) else None,
         "validation_rows": validation_rows,
         "resume_from": str(plan_.resume_from) if plan_.resume_from else None,
         "class_weights": class_weights(config.train.class_weights, label_names, manifest["label_counts"]["train"]),
@@ -1035,6 +1041,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "dataset": {"ref": plan_.dataset_ref, "digest": plan_.dataset_digest},
         "base_model": plan_.base.to_dict(),
         "label_names": shared["label_names"],
+        **({"label_type": shared["label_type"]} if shared.get("label_type") else {}),
         # what it classifies, from the dataset version it trained on: the config's dataset.* need not describe that
         # version (finetune --dataset names any), so evaluate asks this
         "inputs": ["text", "text_pair"] if "text_pair" in shared["validation_rows"] else ["text"],
