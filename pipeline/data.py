@@ -178,6 +178,9 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                     f.read(1)
             except (OSError, pa.ArrowException) as e:
                 raise DataError(f"{path}: not {codec}-compressed, though its name ends in {path.suffix} ({e})") from None
+        if kind != "parquet" and _blank(path):  # an empty part file (Spark writes one for an empty partition)
+            log.info("%s: an empty file (no rows)", path)
+            return pa.table({c: pa.nulls(0) for c in cols.required})
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
@@ -234,27 +237,23 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                 raise _locate_csv_error(path, kind, fmt.read_options(encoding, use_threads=False, skip_rows=skip), parse, convert,
                                         e) from None
         if kind == "jsonl":
-            from pyarrow import json as pajson
-
-            if wide := _wide_encoding(path):
-                raise DataError(f"{path}: the file is {wide.upper()} (it starts with that byte-order mark); "
-                                "JSON Lines must be UTF-8: save it as UTF-8")
-            if (line := _null_line(path)) is not None:  # Arrow's reader crashes the process on one (pyarrow 26)
-                raise DataError(f"{path} line {line}: expected a JSON object, found a null")
-            try:
-                table = _growing_blocks(lambda block: pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block)))
-            except pa.ArrowInvalid as e:
-                # Arrow numbers rows within its 1 MiB block, not within the file: find the line here.
-                raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
-                                or f"{path}: cannot read as jsonl: {_strip_block_row(e)}") from None
-            return _exact_numbers(table, path, cols, lambda: _jsonl_records(path), "line")
+            return _read_jsonl(path, cols)
         if kind == "json":
             with _open(path) as f:
-                data = json.loads(f.read())
-            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-                data = next(iter(data.values()))  # {"data": [...]} as some exports write
+                text = f.read()
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg == "Extra data" and text.lstrip()[:1] == b"{":
+                    # one object per line: JSON Lines named .json, as Spark's write.json, datasets' to_json and
+                    # pandas' to_json(lines=True) name it
+                    return _read_jsonl(path, cols)
+                raise
+            data = _json_records(data, cols)
             if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines in a .jsonl file)")
+                raise DataError(f"{path}: expected a JSON array of objects, or JSON Lines (one object per line)")
+            if not data:
+                return pa.table({c: pa.nulls(0) for c in cols.required})
             stray = next((i for i, r in enumerate(data, 1) if not isinstance(r, dict)), None)
             if stray is not None:  # from_pylist would make a row of nulls of it
                 raise DataError(f"{path} record {stray}: expected a JSON object, found a {_json_kind(data[stray - 1])}")
@@ -288,6 +287,62 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         raise DataError(f"{path}: undecodable bytes at byte {e.start}: {e.reason}; save the file as UTF-8") from None
     except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
+
+
+def _json_records(data: Any, cols: Columns) -> Any:
+    """The records of a JSON document, as exports and pandas' ``to_json`` write them: an array of objects
+    (``orient="records"``), ``{"data": [...]}`` (any one key), ``orient="table"`` (``{"schema": ..., "data": [...]}``),
+    ``orient="split"`` (``{"columns": [...], "data": [[...]]}``), ``orient="columns"``, pandas' default
+    (``{column: {index: value}}``), or ``orient="index"`` (``{index: {column: value}}``); one object is one record."""
+    if not isinstance(data, dict):
+        return data
+    values = list(data.values())
+    if len(data) == 1 and isinstance(values[0], list):
+        return values[0]
+    if isinstance(data.get("data"), list) and isinstance(data.get("schema"), dict):  # orient="table"
+        return data["data"]
+    if isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) and \
+            all(isinstance(row, list) for row in data["data"]):  # orient="split"
+        return [dict(zip(data["columns"], row)) for row in data["data"]]
+    if values and all(isinstance(v, dict) for v in values):
+        if any(c in data for c in cols.required):  # orient="columns": the keys are the columns
+            index = list(dict.fromkeys(k for v in values for k in v))
+            return [{column: v.get(k) for column, v in data.items()} for k in index]
+        return values  # orient="index": the values are the rows
+    return [data]  # one record: a JSON Lines file of one line, or one object pretty-printed
+
+
+def _read_jsonl(path: Path, cols: Columns) -> pa.Table:
+    """A JSON Lines file (named .jsonl, or .json with one object per line)."""
+    from pyarrow import json as pajson
+
+    if wide := _wide_encoding(path):
+        raise DataError(f"{path}: the file is {wide.upper()} (it starts with that byte-order mark); "
+                        "JSON Lines must be UTF-8: save it as UTF-8")
+    if (line := _null_line(path)) is not None:  # Arrow's reader crashes the process on one (pyarrow 26)
+        raise DataError(f"{path} line {line}: expected a JSON object, found a null")
+    try:
+        table = _growing_blocks(lambda block: pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block)))
+    except pa.ArrowInvalid as e:
+        # Arrow numbers rows within its 1 MiB block, not within the file: find the line here.
+        raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
+                        or f"{path}: cannot read as jsonl: {_strip_block_row(e)}") from None
+    return _exact_numbers(table, path, cols, lambda: _jsonl_records(path), "line")
+
+
+def _blank(path: Path) -> bool:
+    """Whether a text file holds nothing, or only spacing (and a UTF-8 byte-order mark): no header and no rows, as
+    Spark and export scripts write a part file for an empty partition. Reads up to the first other byte."""
+    try:
+        with _open(path) as f:
+            start = b"\xef\xbb\xbf"
+            while chunk := f.read(1 << 16):
+                if (chunk.removeprefix(start) if start else chunk).strip():
+                    return False
+                start = b""
+    except (OSError, pa.ArrowException):
+        return False  # not readable: the reader says why
+    return True
 
 
 BLOCK = 1 << 20  # Arrow's own default block for CSV and JSON Lines
@@ -568,7 +623,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
         tables.append(_normalise(t, name(path), cols, typed_ids))
     if any(label_typed) and not all(label_typed):
         _check_label_spelling(tables, label_typed, cols.label, source)
-    if typed_ids and cols.id and len({t.schema.field(cols.id).type for t in tables}) > 1:
+    if typed_ids and cols.id and len({t.schema.field(cols.id).type for t in tables if t.num_rows}) > 1:
         # numbers in one file and text (or none, or other numbers: 7 beside 7.5 would become 7.0) in another: all
         # of them as text, as they are compared
         tables = [t.set_column(t.schema.get_field_index(cols.id), cols.id, _to_string(t.column(cols.id), source, cols.id))
@@ -736,8 +791,9 @@ def _normalise(t: pa.Table, name: str, cols: Columns, typed_ids: bool = False) -
         if not pa.types.is_binary(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_binary(t.column(c), name, c))
     for c in (cols.id, cols.label):  # compared as strings: numeric ids in one file and text ids in the next agree
-        if c is not None and c == cols.id and typed_ids and _number_ids(t.schema.field(c).type):
-            continue
+        if c is not None and c == cols.id and typed_ids and (_number_ids(t.schema.field(c).type) or
+                                                             (pa.types.is_null(t.schema.field(c).type) and not t.num_rows)):
+            continue  # numbers, or an empty file's column of no type
         if c and not pa.types.is_string(t.schema.field(c).type):
             t = t.set_column(t.schema.get_field_index(c), c, _to_string(t.column(c), name, c))
     t = t.append_column("_file", constant(name, t.num_rows))

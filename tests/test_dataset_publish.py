@@ -113,6 +113,67 @@ def test_compressed_text_files_publish_the_same_dataset(tmp_path, cfg_for, fmt, 
     assert dataset_publish.run(cfg_for(packed.parent, "dataset.on_invalid=drop")).status == "ok"
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json"])
+def test_empty_part_files_in_a_folder_add_no_rows(tmp_path, cfg_for, fmt):
+    """Spark and export scripts write a part file for an empty partition: no bytes, no header. It was refused
+    ("cannot read as csv: Empty CSV file"), so the whole folder could not be published."""
+    plain = write_rows(tmp_path / "plain" / f"data.{fmt}", rows())
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / f"part-00000.{fmt}").write_bytes(plain.read_bytes())
+    (parts / f"part-00001.{fmt}").write_bytes(b"")
+    (parts / f"part-00002.{fmt}").write_bytes(b"\xef\xbb\xbf\n\n  \r\n")  # a byte-order mark and blank lines
+    with pa.CompressedOutputStream(str(parts / f"part-00003.{fmt}.gz"), "gzip"):
+        pass  # compressed nothing: not empty as stored
+    if fmt == "json":
+        (parts / "part-00004.json").write_text("[]")
+    got = assert_same_split_files(cfg_for, plain, parts, tmp_path)
+    assert len(json.loads(got["dataset.json"].read_text())["sources"]) == (5 if fmt == "json" else 4)
+    with pytest.raises(DataError, match=rf"^{parts / 'part-00001'}.{fmt}: no data rows \(only a header, or empty files\)"):
+        dataset_publish.prepare(cfg_for(parts / f"part-00001.{fmt}"))
+
+
+def test_json_lines_named_json_are_read_as_json_lines(tmp_path, cfg_for):
+    """Spark's write.json, datasets' to_json and pandas' to_json(lines=True) write one object per line in files
+    named .json; they were refused ("cannot read as json: Extra data: line 2 column 1")."""
+    plain = write_rows(tmp_path / "plain" / "data.jsonl", rows())
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    (spark / "part-00000-4b1c-c000.json").write_bytes(plain.read_bytes())
+    assert_same_split_files(cfg_for, plain, spark, tmp_path)
+    with pa.CompressedOutputStream(str(tmp_path / "data.json.gz"), "gzip") as out:
+        out.write(plain.read_bytes())
+    assert sum(dataset_publish.prepare(cfg_for(tmp_path / "data.json.gz"))[1]["num_rows"].values()) == 30
+    lines = plain.read_text().splitlines()
+    broken = tmp_path / "broken.json"  # a bad line is named as in a .jsonl file
+    broken.write_text("\n".join(lines[:6] + ['{"id": "x", "text": "cut off'] + lines[6:]) + "\n")
+    with pytest.raises(DataError, match=rf"^{broken} line 7: "):
+        dataset_publish.prepare(cfg_for(broken))
+    one = tmp_path / "one.json"  # one object, pretty-printed: one record
+    one.write_text(json.dumps(rows()[0], indent=2))
+    from pipeline.data import Columns, read_files
+
+    table = read_files([one], Columns(text="text", label="label", id="id"), one)
+    assert table.num_rows == 1 and table.column("id").to_pylist() == [rows()[0]["id"]]
+    (tmp_path / "scalar.json").write_text("5")
+    with pytest.raises(DataError, match="expected a JSON array of objects, or JSON Lines"):
+        dataset_publish.prepare(cfg_for(tmp_path / "scalar.json"))
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "split", "table", "records"])
+def test_json_as_pandas_writes_it_in_each_orient_publishes_the_same_dataset(tmp_path, cfg_for, orient):
+    """`df.to_json("tickets.json")` writes {column: {index: value}} (orient="columns", pandas' default), which was
+    read as one row of structs ("column 'text' holds struct<0: string, ..."); the other orients likewise."""
+    import pandas as pd
+
+    plain = write_rows(tmp_path / "plain" / "data.json", rows())
+    written = tmp_path / orient / "data.json"
+    written.parent.mkdir()
+    pd.DataFrame(rows()).to_json(written, orient=orient)
+    got = assert_same_split_files(cfg_for, plain, written, tmp_path)
+    assert sum(json.loads(got["dataset.json"].read_text())["num_rows"].values()) == 30
+
+
 def test_split_files_do_not_depend_on_how_the_input_is_chunked(tmp_path, cfg_for):
     """Arrow reads a file in blocks (row groups, 1 MiB of CSV), and Parquet's page boundaries, so its bytes,
     follow the chunks of the table written: the split files are written from whole columns, so the same rows

@@ -936,6 +936,10 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
         assert [json.loads(line)["id"] for line in (tmp_path / "n.jsonl").read_text().splitlines()] == ids
         assert pq.read_table(tmp_path / "n.parquet").column("id").to_pylist() == ids
         assert (tmp_path / "n.csv").read_text().splitlines()[1].startswith(f"{ids[0]},")
+    (numbered / "b.jsonl").write_text("")  # an empty part file: no rows, and no type that makes the ids text
+    shard = cli_here("predict", "--model-dir", str(dest), "--input", str(numbered), "--text-column", "body",
+                     "--id-column", "ticket", "--json")
+    assert [json.loads(line)["id"] for line in shard.stdout.splitlines()] == [7, 8], shard.stderr[-2000:]
     (numbered / "c.jsonl").write_text('{"ticket": 10.5, "body": "where is it"}\n')  # not 7.0 beside 10.5
     (numbered / "d.jsonl").write_text('{"ticket": "T-11", "body": "wrong size"}\n')
     mixed = cli_here("predict", "--model-dir", str(dest), "--input", str(numbered), "--text-column", "body",
