@@ -33,6 +33,17 @@ def check_delimiter(value: str | None) -> str | None:
     return value
 
 
+def check_escape_char(value: str | None, delimiter: str | None = None) -> str | None:
+    """A CSV escape character (``dataset.escape_char``, ``predict --escape-char``): one character, not a quote, a line
+    break or the delimiter."""
+    if value is not None and (len(value) != 1 or value in "\"\r\n"):
+        raise ValueError("the escape character is one character other than a quote or a line break, e.g. '\\' "
+                         "(a backslash, as Spark writes CSV)")
+    if value is not None and value == (delimiter or ","):
+        raise ValueError(f"the escape character {value!r} is also the delimiter")
+    return value
+
+
 def check_encoding(value: str) -> str:
     """A text encoding's one spelling ("UTF8", "utf_8" -> "utf-8"); ValueError for one Python does not know."""
     import codecs
@@ -233,6 +244,10 @@ class DatasetConfig(_Group):
     delimiter: str | None = None
     """Field separator of CSV/TSV sources, e.g. ``;`` (Excel's CSV in many European locales); unset: a comma
     for ``.csv`` and a tab for ``.tsv``."""
+    escape_char: str | None = None
+    """The character that escapes a quote inside a quoted CSV/TSV field: ``\\`` for CSV as Spark writes it
+    (``"he said \\"hi\\""``); unset: a quote inside a field is doubled (``""``), as RFC 4180 has it and Excel,
+    pandas and Python's csv write it."""
     column_names: list[str] | None = None
     """Column names of CSV/TSV files that have no header row, in file order (Spark writes CSV without one by
     default); unset: the first row is the header."""
@@ -276,6 +291,14 @@ class DatasetConfig(_Group):
     @classmethod
     def _one_character(cls, value: str | None) -> str | None:
         return check_delimiter(value)
+
+    @model_validator(mode="after")
+    def _one_escape_character(self) -> DatasetConfig:
+        try:
+            check_escape_char(self.escape_char, self.delimiter)
+        except ValueError as e:
+            raise ValueError(f"dataset.escape_char: {e} (got {self.escape_char!r})") from None
+        return self
 
     @field_validator("column_names")
     @classmethod

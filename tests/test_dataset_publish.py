@@ -141,9 +141,11 @@ def test_json_lines_named_json_are_read_as_json_lines(tmp_path, cfg_for):
     spark.mkdir()
     (spark / "part-00000-4b1c-c000.json").write_bytes(plain.read_bytes())
     assert_same_split_files(cfg_for, plain, spark, tmp_path)
-    with pa.CompressedOutputStream(str(tmp_path / "data.json.gz"), "gzip") as out:
-        out.write(plain.read_bytes())
-    assert sum(dataset_publish.prepare(cfg_for(tmp_path / "data.json.gz"))[1]["num_rows"].values()) == 30
+    for name in ("data.json.gz", "data.ndjson", "data.ndjson.gz"):  # .ndjson: as polars' write_ndjson names it
+        with pa.CompressedOutputStream(str(tmp_path / name), "gzip") if name.endswith(".gz") else \
+                open(tmp_path / name, "wb") as out:
+            out.write(plain.read_bytes())
+        assert sum(dataset_publish.prepare(cfg_for(tmp_path / name))[1]["num_rows"].values()) == 30
     lines = plain.read_text().splitlines()
     broken = tmp_path / "broken.json"  # a bad line is named as in a .jsonl file
     broken.write_text("\n".join(lines[:6] + ['{"id": "x", "text": "cut off'] + lines[6:]) + "\n")
@@ -1070,6 +1072,45 @@ def test_the_delimiter_the_message_names_can_be_set_as_it_says(tmp_path, cfg_for
         tables = dataset_publish.prepare(cfg_for(other, setting))[0]
         for split in ("train", "validation", "test"):
             assert tables[split].column("text").to_pylist() == pq.read_table(want[f"{split}.parquet"]).column("text").to_pylist()
+
+
+def test_spark_s_backslash_escaped_quotes_are_read_with_escape_char_and_warned_of_without(tmp_path, cfg_for, caplog):
+    """Spark's CSV writer escapes a quote inside a field with a backslash (`"he said \\"hi\\" today"`). Read with quotes
+    doubled (RFC 4180), the text became `he said \\hi\\" today"` without a word; with a delimiter after the quote, the
+    row split into too many fields with no hint why."""
+    records = rows()
+    records[4]["text"] = 'he said "hi" today'
+    records[7]["text"] = 'a "quoted, comma" inside'
+    plain = write_rows(tmp_path / "plain.csv", records)
+    spark = tmp_path / "part-00000.csv"
+    spark.write_text("id,text,label\n" + "".join(
+        f'{r["id"]},"{r["text"].replace(chr(34), chr(92) + chr(34))}",{r["label"]}\n' for r in records), encoding="utf-8")
+    assert '"he said \\"hi\\" today"' in spark.read_text()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(spark))} row 8: expected 3 fields, found 4 .*the row has a "
+                                        r"backslash before a quote: a file that escapes quotes so, as Spark writes CSV, "
+                                        r"needs dataset.escape_char=\"\\\\\"$"):
+        dataset_publish.prepare(cfg_for(spark))
+    got = assert_same_split_files(lambda source: cfg_for(source, *(["dataset.escape_char=\\"] if source == spark else [])),
+                                  plain, spark, tmp_path)
+    assert json.loads(got["dataset.json"].read_text())["escape_char"] == "\\"
+    # without the comma, the row reads (wrongly) without an error: warned of, naming the row and the setting
+    del records[7]
+    spark.write_text("id,text,label\n" + "".join(
+        f'{r["id"]},"{r["text"].replace(chr(34), chr(92) + chr(34))}",{r["label"]}\n' for r in records), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        tables = dataset_publish.prepare(cfg_for(spark))[0]
+    assert 'he said \\hi\\" today"' in [t for s in tables.values() for t in s.column("text").to_pylist()]
+    assert (f"{spark} row 5: column 'text' holds a backslash before a quote ('he said \\\\hi\\\\\" today\"'; 1 rows do): "
+            'if the file escapes quotes with a backslash, as Spark writes CSV, set dataset.escape_char="\\\\"') in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        dataset_publish.prepare(cfg_for(spark, "dataset.escape_char=\\"))
+        dataset_publish.prepare(cfg_for(plain))
+    assert "backslash" not in caplog.text
+    for bad, said in (("\\\\", "one character other than a quote"), ('\'"\'', "one character other than a quote"),
+                      (",", "the escape character ',' is also the delimiter")):
+        with pytest.raises(ConfigError, match=f"dataset.escape_char: .*{said}"):
+            cfg_for(spark, f"dataset.escape_char={bad}")
 
 
 @pytest.mark.parametrize("line", ["sep=;", '"sep=;"', "sep=;;;"])

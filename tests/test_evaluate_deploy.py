@@ -966,6 +966,15 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     tabbed.write_text("ticket\tbody\nE1\twhere is my parcel\n", encoding="utf-8")
     out = cli_here("predict", "--model-dir", str(dest), "--input", str(tabbed), "--text-column", "body", "--delimiter", "\\t")
     assert out.returncode == 0 and out.stdout.rstrip().endswith("where is my parcel"), out.stderr[-2000:]
+    spark = tmp_path / "spark.csv"  # quotes escaped with a backslash, as Spark writes CSV
+    spark.write_text('ticket,body\nS1,"he said \\"my parcel\\" never came"\n', encoding="utf-8")
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(spark), "--text-column", "body", "--json")
+    assert out.returncode == 0 and "holds a backslash before a quote" in out.stderr and "set --escape-char '\\'" in out.stderr
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(spark), "--text-column", "body", "--json",
+                   "--escape-char", "\\")
+    assert out.returncode == 0 and json.loads(out.stdout)["text"] == 'he said "my parcel" never came', out.stderr[-2000:]
+    assert "backslash" not in out.stderr
+    assert "--escape-char goes with --input" in cli_here("predict", "--model-dir", str(dest), "--escape-char", "\\", "x").stderr
     assert "--delimiter goes with --input" in cli_here("predict", "--model-dir", str(dest), "--delimiter", ";", "x").stderr
     assert "--encoding: unknown text encoding 'klingon'" in cli_here(
         "predict", "--model-dir", str(dest), "--input", str(excel), "--encoding", "klingon").stderr

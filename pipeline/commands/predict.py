@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "it, as for --text-column; else the file and row)")
     p.add_argument("--delimiter", metavar="CHAR",
                    help="with --input: the field separator of CSV files (default: a comma; a tab for .tsv); '\\t' is a tab")
+    p.add_argument("--escape-char", metavar="CHAR",
+                   help="with --input: the character that escapes a quote inside a quoted CSV field ('\\' for CSV as "
+                        "Spark writes it; default: quotes are doubled)")
     p.add_argument("--encoding", metavar="NAME",
                    help="with --input: the text encoding of CSV/TSV files (default utf-8), e.g. cp1252 for Excel's CSV "
                         "on Windows")
@@ -66,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("--top-k must be at least 1")
     if args.input and args.texts:
         raise ConfigError("give texts either as TEXT arguments or with --input, not both")
-    for flag in ("text_pair_column", "id_column", "text_column", "delimiter", "encoding"):
+    for flag in ("text_pair_column", "id_column", "text_column", "delimiter", "escape_char", "encoding"):
         if getattr(args, flag) is not None and not args.input:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --input")
     if args.input:
@@ -252,8 +255,9 @@ def _default_columns(args: argparse.Namespace) -> None:
 
 
 def _csv_format(args: argparse.Namespace):
-    """--delimiter and --encoding, checked as dataset.delimiter and dataset.encoding are ('\\t' is a tab)."""
-    from pipeline.config import check_delimiter, check_encoding
+    """--delimiter, --escape-char and --encoding, checked as dataset.delimiter, dataset.escape_char and
+    dataset.encoding are ('\\t' is a tab)."""
+    from pipeline.config import check_delimiter, check_encoding, check_escape_char
     from pipeline.data import CsvFormat
     from pipeline.errors import ConfigError
 
@@ -262,10 +266,14 @@ def _csv_format(args: argparse.Namespace):
     except ValueError as e:
         raise ConfigError(f"--delimiter {args.delimiter!r}: {e}") from None
     try:
+        escape_char = check_escape_char(args.escape_char, delimiter)
+    except ValueError as e:
+        raise ConfigError(f"--escape-char {args.escape_char!r}: {e}") from None
+    try:
         encoding = check_encoding(args.encoding) if args.encoding is not None else "utf-8"
     except ValueError as e:
         raise ConfigError(f"--encoding: {e}") from None
-    return CsvFormat(encoding=encoding, delimiter=delimiter, flags=True)
+    return CsvFormat(encoding=encoding, delimiter=delimiter, flags=True, escape_char=escape_char)
 
 
 def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
