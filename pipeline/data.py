@@ -35,6 +35,7 @@ SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
             ".pq": "parquet"}  # .ndjson: JSON Lines as polars' write_ndjson and many log exports name it
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
 # readers decompress by the same suffixes. Parquet compresses inside the file.
+SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # not read: the message says how to export them
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,10 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
         relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
         raise DataError(f"{what} not found: {path}{relative}{near_name(path)}")
     if format_suffix(path) not in SUFFIXES:
+        sheet = ("; save a spreadsheet as CSV (Excel: Save As, 'CSV UTF-8'), or with pandas: "
+                 "pd.read_excel(path).to_parquet('data.parquet')" if path.suffix.lower() in SPREADSHEETS else "")
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))} (text "
-                        f"formats may be compressed: {', '.join(COMPRESSIONS)})")
+                        f"formats may be compressed: {', '.join(COMPRESSIONS)}){sheet}")
     if not path.is_file():  # a folder's files and a pattern's matches are regular files already
         # dataset-publish reads a source twice at once (its rows, its sha256 on another thread): two readers of a
         # pipe would each get part of its bytes, or wait for a writer forever; Arrow's readers also seek

@@ -212,8 +212,13 @@ def test_compressed_files_report_bad_rows_and_bad_compression(tmp_path, cfg_for)
         dataset_publish.run(cfg_for(truncated))
     parquet_gz = tmp_path / "plain.parquet.gz"  # Parquet compresses inside the file
     parquet_gz.write_bytes(gzip.compress(b"PAR1"))
-    with pytest.raises(DataError, match=r"unsupported format '.gz'.*text formats may be compressed: .gz, .bz2"):
+    with pytest.raises(DataError, match=r"unsupported format '.gz'.*text formats may be compressed: .gz, .bz2[^;]*$"):
         dataset_publish.run(cfg_for(parquet_gz))
+    sheet = tmp_path / "labelled.xlsx"  # a spreadsheet: how to export it
+    sheet.write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match=r"unsupported format '.xlsx'.*; save a spreadsheet as CSV \(Excel: Save As, "
+                                        r"'CSV UTF-8'\), or with pandas: pd.read_excel\(path\).to_parquet"):
+        dataset_publish.run(cfg_for(sheet))
     assert registry_of(cfg_for(ragged)).list_versions() == []
 
 
