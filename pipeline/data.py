@@ -156,6 +156,14 @@ def format_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _arrow_input(path: Path) -> Any:
+    """What Arrow's CSV and JSON readers are given for `path`: the path itself, or, compressed, a stream that
+    decompresses it by our reading of its suffix (Arrow's own detection is case-sensitive: DATA.CSV.GZ was read as
+    its compressed bytes)."""
+    codec = _compression(path)
+    return str(path) if codec is None else pa.input_stream(str(path), compression=codec)
+
+
 def _compression(path: Path) -> str | None:
     """The codec of a compressed text file (data.csv.gz: gzip); None for any other file."""
     return COMPRESSIONS.get(path.suffix.lower()) if format_suffix(path) != path.suffix.lower() else None
@@ -230,14 +238,14 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                 header = list(fmt.column_names) if fmt.column_names else _plain_header(first, delimiter)
                 if header is None:
                     header = _growing_blocks(lambda block: csv.open_csv(
-                        path, parse_options=parse, read_options=fmt.read_options(encoding, block_size=block, skip_rows=skip),
+                        _arrow_input(path), parse_options=parse, read_options=fmt.read_options(encoding, block_size=block, skip_rows=skip),
                         convert_options=csv.ConvertOptions(column_types=text_as_binary)).schema.names, first=1 << 16)
                 elsewhere = [c for c in from_folders if c not in header]
                 _check_columns(header + elsewhere, str(path), cols)
                 if elsewhere:
                     convert.include_columns = [c for c in cols.required if c not in elsewhere]
                 table = _growing_blocks(lambda block: csv.read_csv(
-                    path, read_options=fmt.read_options(encoding, block_size=block, skip_rows=skip), parse_options=parse,
+                    _arrow_input(path), read_options=fmt.read_options(encoding, block_size=block, skip_rows=skip), parse_options=parse,
                     convert_options=convert))
                 if not fmt.escape_char:
                     _warn_of_backslash_quotes(table, path, cols, fmt)
@@ -336,7 +344,7 @@ def _read_jsonl(path: Path, cols: Columns) -> pa.Table:
     if (line := _null_line(path)) is not None:  # Arrow's reader crashes the process on one (pyarrow 26)
         raise DataError(f"{path} line {line}: expected a JSON object, found a null")
     try:
-        table = _growing_blocks(lambda block: pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block)))
+        table = _growing_blocks(lambda block: pajson.read_json(_arrow_input(path), read_options=pajson.ReadOptions(block_size=block)))
     except pa.ArrowInvalid as e:
         # Arrow numbers rows within its 1 MiB block, not within the file: find the line here.
         raise DataError(_locate_json_error(_jsonl_records(path), str(path), "line")
@@ -508,7 +516,7 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
         read.encoding = encoding  # Latin-1 decodes any bytes, and a line's bytes and number stay the same
         sys.unraisablehook = quiet
         try:
-            csv.read_csv(path, read_options=read, convert_options=convert,
+            csv.read_csv(_arrow_input(path), read_options=read, convert_options=convert,
                          parse_options=csv.ParseOptions(delimiter=parse.delimiter, newlines_in_values=parse.newlines_in_values,
                                                         escape_char=parse.escape_char, invalid_row_handler=keep_first))
         except pa.ArrowException:

@@ -107,6 +107,10 @@ def test_compressed_text_files_publish_the_same_dataset(tmp_path, cfg_for, fmt, 
         out.write(plain.read_bytes())
     got = assert_same_split_files(cfg_for, plain, packed, tmp_path)
     assert json.loads(got["dataset.json"].read_text())["sources"][0]["path"] == str(packed)  # the file as stored
+    shouting = tmp_path / f"DATA.{fmt.upper()}.{suffix.upper()}"  # as Windows tools may name it: Arrow's own
+    shouting.write_bytes(packed.read_bytes())  # detection of the codec is case-sensitive (read as compressed bytes)
+    texts = {s: t.column("text").to_pylist() for s, t in dataset_publish.prepare(cfg_for(plain))[0].items()}
+    assert {s: t.column("text").to_pylist() for s, t in dataset_publish.prepare(cfg_for(shouting))[0].items()} == texts
     # a folder of compressed parts is one format with plain files of the same kind
     with open(packed.parent / f"part-00001.{fmt}", "wb") as f:
         f.write(plain.read_bytes())
