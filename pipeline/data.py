@@ -36,6 +36,7 @@ SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
 # readers decompress by the same suffixes. Parquet compresses inside the file.
 SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # not read: the message says how to export them
+ARCHIVES = (".zip", ".tar", ".tgz", ".7z", ".rar")  # likewise (Kaggle's downloads are .zip, pandas writes .csv.zip)
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,8 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
         relative = "" if path.is_absolute() else f" (relative paths start from the current directory: {Path.cwd()})"
         raise DataError(f"{what} not found: {path}{relative}{near_name(path)}")
     if format_suffix(path) not in SUFFIXES:
-        sheet = ("; save a spreadsheet as CSV (Excel: Save As, 'CSV UTF-8'), or with pandas: "
-                 "pd.read_excel(path).to_parquet('data.parquet')" if path.suffix.lower() in SPREADSHEETS else "")
         raise DataError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(sorted(SUFFIXES))} (text "
-                        f"formats may be compressed: {', '.join(COMPRESSIONS)}){sheet}")
+                        f"formats may be compressed: {', '.join(COMPRESSIONS)}){_format_hint(path)}")
     if not path.is_file():  # a folder's files and a pattern's matches are regular files already
         # dataset-publish reads a source twice at once (its rows, its sha256 on another thread): two readers of a
         # pipe would each get part of its bytes, or wait for a writer forever; Arrow's readers also seek
@@ -154,6 +153,19 @@ def format_suffix(path: Path) -> str:
     if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS and SUFFIXES.get(suffixes[-2], "parquet") != "parquet":
         return suffixes[-2]
     return path.suffix.lower()
+
+
+def _format_hint(path: Path) -> str:
+    """How to turn a file of a format that is not read into one that is: a spreadsheet, an archive, xz."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if path.suffix.lower() in SPREADSHEETS:
+        return ("; save a spreadsheet as CSV (Excel: Save As, 'CSV UTF-8'), or with pandas: "
+                "pd.read_excel(path).to_parquet('data.parquet')")
+    if path.suffix.lower() in ARCHIVES or suffixes[-2:-1] == [".tar"]:
+        return "; this is an archive: extract its files and give the file, or the folder they are in"
+    if path.suffix.lower() in (".xz", ".lzma"):
+        return f"; xz is not read: decompress it (xz -dk {shlex.quote(str(path))}) or compress with gzip or zstd instead"
+    return ""
 
 
 def _arrow_input(path: Path) -> Any:

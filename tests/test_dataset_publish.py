@@ -223,6 +223,15 @@ def test_compressed_files_report_bad_rows_and_bad_compression(tmp_path, cfg_for)
     with pytest.raises(DataError, match=r"unsupported format '.xlsx'.*; save a spreadsheet as CSV \(Excel: Save As, "
                                         r"'CSV UTF-8'\), or with pandas: pd.read_excel\(path\).to_parquet"):
         dataset_publish.run(cfg_for(sheet))
+    for name in ("tickets.csv.zip", "tickets.zip", "export.tar.gz", "export.tgz"):  # archives: extract them
+        (tmp_path / name).write_bytes(b"PK\x03\x04")
+        with pytest.raises(DataError, match=r"unsupported format .*; this is an archive: extract its files and give "
+                                            r"the file, or the folder they are in$"):
+            dataset_publish.run(cfg_for(tmp_path / name))
+    (tmp_path / "tickets.csv.xz").write_bytes(b"\xfd7zXZ")
+    with pytest.raises(DataError, match=rf"unsupported format '.xz'.*; xz is not read: decompress it \(xz -dk "
+                                        rf"{tmp_path / 'tickets.csv.xz'}\) or compress with gzip or zstd instead$"):
+        dataset_publish.run(cfg_for(tmp_path / "tickets.csv.xz"))
     assert registry_of(cfg_for(ragged)).list_versions() == []
 
 
