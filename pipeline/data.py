@@ -311,10 +311,15 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             return _exact_numbers(table, path, cols, lambda: enumerate(data, 1), "record")
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
-        elsewhere = [c for c in from_folders if c not in names]
-        _check_columns(names + elsewhere, str(path), cols)
-        return pq.read_table(path, columns=[c for c in cols.required if c not in elsewhere])  # only the configured columns
+        schema = pq.read_schema(path)
+        elsewhere = [c for c in from_folders if c not in schema.names]
+        _check_columns(schema.names + elsewhere, str(path), cols)
+        table = pq.read_table(path, columns=[c for c in cols.required if c not in elsewhere])  # only the configured columns
+        if cols.label and cols.label in schema.names and (names := _parquet_class_names(schema, cols.label)) is not None:
+            # class ids with their names in the file (datasets' to_parquet): the names, as from the hub
+            table = _class_ids_named(table, cols.label, names, str(path))
+            table = table.replace_schema_metadata({_CLASS_NAMES_KEY: json.dumps(names).encode()})
+        return table
     except DataError:
         raise
     except UnicodeDecodeError as e:
@@ -685,6 +690,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
     tables = []
     label_typed = []  # per file: its labels were numbers or booleans (JSON, Parquet), not text
     label_types = []  # per file: its label column's type, as read
+    class_names = None  # (the first file with them, the ClassLabel names of its label column)
     for path in files:
         # a column missing from the file comes from its key=value folder, else (when optional) is null
         folders = {**dict.fromkeys(optional), **{k: v for k, v in hive_partitions(path, root).items() if k in cols.required}}
@@ -694,6 +700,11 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
                 t = t.append_column(key, constant(value, t.num_rows) if value is not None else pa.nulls(t.num_rows, pa.string()))
         label_typed.append(bool(cols.label) and cols.label in t.column_names and _typed(t.schema.field(cols.label).type))
         label_types.append(t.schema.field(cols.label).type if cols.label and cols.label in t.column_names else pa.null())
+        if (names := read_class_names(t)) is not None:
+            if class_names is not None and names != class_names[1]:
+                raise DataError(f"{source}: the files name their classes differently: {class_names[0]} has "
+                                f"{class_names[1]} and {name(path)} has {names} (ClassLabel names kept by datasets)")
+            class_names = class_names or (name(path), names)
         tables.append(_normalise(t, name(path), cols, typed_ids))
     if any(label_typed) and not all(label_typed):
         _check_label_spelling(tables, label_typed, cols.label, source)
@@ -706,7 +717,11 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
         table = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
-    return with_label_type(table, label_type(label_types))
+    table = with_label_type(table, label_type(label_types))
+    if class_names is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               _CLASS_NAMES_KEY: json.dumps(class_names[1]).encode()})
+    return table
 
 
 # What the label column held in the source, when not text: its labels are compared, published and trained on as text
@@ -914,6 +929,43 @@ def load_saved_dataset(path: Path, cols: Columns) -> tuple[pa.Table, list[str] |
     return table, class_names
 
 
+def _class_ids_named(table: pa.Table, column: str, names: list[str], where: str) -> pa.Table:
+    """The class ids of a ``ClassLabel`` column replaced by their names; -1 (or null) is no label, as the test
+    splits of some hub datasets have it."""
+    ids = pc.fill_null(table.column(column), -1).to_numpy(zero_copy_only=False)
+    beyond = np.flatnonzero(ids >= len(names))
+    if len(beyond):
+        raise DataError(f"{where}: row {int(beyond[0]) + 1} has class id {int(ids[beyond[0]])} in column "
+                        f"{column!r}, but its ClassLabel names only {len(names)} classes")
+    named = np.array(names, dtype=object)[np.maximum(ids, 0)] if len(names) else np.full(len(ids), None, dtype=object)
+    named[ids < 0] = None
+    return table.set_column(table.schema.get_field_index(column), column, arrow.strings(named))
+
+
+def _parquet_class_names(schema: pa.Schema, column: str) -> list[str] | None:
+    """The ``ClassLabel`` names of `column` that Hugging Face ``datasets`` keeps in a Parquet file it writes
+    (``to_parquet``, the hub's Parquet conversion): its features, in the schema's ``huggingface`` metadata."""
+    try:
+        feature = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"][column]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel" or not isinstance(feature.get("names"), list):
+        return None
+    if not pa.types.is_integer(schema.field(column).type):
+        return None
+    return [str(n) for n in feature["names"]]
+
+
+_CLASS_NAMES_KEY = b"pipeline.class_names"
+
+
+def read_class_names(table: pa.Table) -> list[str] | None:
+    """The ``ClassLabel`` names that `read_files` found in the files (Parquet written by ``datasets``), in id
+    order; None when they had none."""
+    raw = (table.schema.metadata or {}).get(_CLASS_NAMES_KEY)
+    return json.loads(raw) if raw else None
+
+
 def hub_table(dataset_dict, source: str, cols: Columns, named: Callable[[str], str] | None = None
               ) -> tuple[pa.Table, list[dict], list[str] | None]:
     """All splits of a Hugging Face ``DatasetDict`` as one table (class ids become their names), their
@@ -927,14 +979,7 @@ def hub_table(dataset_dict, source: str, cols: Columns, named: Callable[[str], s
         feature = ds.features.get(cols.label)
         if feature is not None and hasattr(feature, "names") and cols.label in table.column_names:
             class_names = class_names or [str(n) for n in feature.names]
-            ids = pc.fill_null(table.column(cols.label), -1).to_numpy(zero_copy_only=False)  # null: no label
-            beyond = np.flatnonzero(ids >= len(feature.names))
-            if len(beyond):
-                raise DataError(f"{name}: row {int(beyond[0]) + 1} has class id {int(ids[beyond[0]])} in column "
-                                f"{cols.label!r}, but its ClassLabel names only {len(feature.names)} classes")
-            names = np.array(feature.names, dtype=object)[np.maximum(ids, 0)]
-            names[ids < 0] = None  # -1: no label (test splits of some hub datasets)
-            table = table.set_column(table.schema.get_field_index(cols.label), cols.label, arrow.strings(names))
+            table = _class_ids_named(table, cols.label, [str(n) for n in feature.names], name)
         label_types.append(table.schema.field(cols.label).type if cols.label in table.column_names else pa.null())
         tables.append(_normalise(table, name, cols))
         sources.append({"path": name, "fingerprint": ds._fingerprint, "rows": ds.num_rows})

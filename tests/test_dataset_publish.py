@@ -1643,6 +1643,49 @@ def test_a_folder_saved_by_save_to_disk_is_read_by_datasets_with_its_class_names
         list_input_files(saved, "--input")
 
 
+def test_parquet_written_by_datasets_keeps_its_class_label_names(cfg_for, tmp_path):
+    """`Dataset.to_parquet` (and the hub's own Parquet conversion) stores class ids, with the ClassLabel names in
+    the file's schema metadata; the labels were published as "0", "1", ... and the model's classes named so."""
+    dd, names = _hub_like_dataset()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for split, ds in dd.items():
+        ds.to_parquet(str(shards / f"{split}.parquet"))
+    assert pq.read_table(shards / "train.parquet").schema.field("label").type == pa.int64()
+    cfg = cfg_for(shards, "dataset.id_column=null")
+    assert dataset_publish.run(cfg).status == "ok"
+    version = registry_of(cfg).resolve("tickets:v0")
+    assert version.metadata["label_names"] == names and "label_type" not in version.metadata  # names, in id order
+    # the same rows as the names in a CSV, in that order: the same split files
+    rows = dd["test"].to_list() + dd["train"].to_list()
+    as_csv = write_rows(tmp_path / "same.csv", [{"text": r["text"], "label": names[r["label"]]} for r in rows])
+    dataset_publish.run(cfg_for(as_csv, "dataset.id_column=null", "dataset.name=same", f"dataset.labels={json.dumps(names)}"))
+    same = registry_of(cfg).resolve("same:v0")
+    assert {f.path: f.digest for f in same.files if f.path.endswith(".parquet")} == \
+        {f.path: f.digest for f in version.files if f.path.endswith(".parquet")}
+    # as split files too; shards whose names differ, or ids beside names, are refused
+    own = tmp_path / "own"
+    own.mkdir()
+    half = dd["test"].num_rows // 2
+    dd["train"].to_parquet(str(own / "train.parquet"))
+    dd["test"].select(range(half)).to_parquet(str(own / "validation.parquet"))
+    dd["test"].select(range(half, dd["test"].num_rows)).to_parquet(str(own / "test.parquet"))
+    splits = [f"dataset.split_files.{s}={own / s}.parquet" for s in ("train", "validation", "test")]
+    assert dataset_publish.prepare(cfg_for(shards, "dataset.id_column=null", "dataset.on_invalid=drop",
+                                           *splits))[1]["label_names"] == names
+    other = dd["test"].cast_column("label", __import__("datasets").ClassLabel(names=sorted(names)))
+    other.select(range(half, dd["test"].num_rows)).to_parquet(str(own / "test.parquet"))
+    with pytest.raises(DataError, match=r"^split_files: the splits name their classes differently \(train: .*; test: "):
+        dataset_publish.prepare(cfg_for(shards, "dataset.id_column=null", "dataset.on_invalid=drop", *splits))
+    other.to_parquet(str(shards / "test.parquet"))
+    with pytest.raises(DataError, match=rf"{shards}: the files name their classes differently: {shards / 'test.parquet'} "
+                                        r"has \[.*\] and .*train.parquet has"):
+        dataset_publish.prepare(cfg)
+    pq.write_table(pq.read_table(shards / "test.parquet").replace_schema_metadata(None), shards / "test.parquet")
+    with pytest.raises(DataError, match=r"column 'label' holds numbers in .*test.parquet .* but names in .*train.parquet"):
+        dataset_publish.prepare(cfg)
+
+
 def test_a_hub_class_id_beyond_its_class_label_names_is_refused(cfg_for, tmp_path, monkeypatch):
     import datasets
 

@@ -31,7 +31,7 @@ from pipeline import arrow
 from pipeline.config import Config
 from pipeline.data import (DROPPED_ROWS_LOGGED, KIND_TYPES, SHOW, Columns, CsvFormat, DataError, constant,
                            format_problems, label_type, list_input_files, load_hub_dataset, load_saved_dataset,
-                           looks_like_hub_id, read_files, read_label_type, saved_dataset, saved_dataset_files,
+                           looks_like_hub_id, read_class_names, read_files, read_label_type, saved_dataset, saved_dataset_files,
                            stratified_split, typed_labels, validate, with_label_type)
 from pipeline.errors import ConfigError, RefError
 from pipeline.refstore import Reference, is_uri, materialize, put
@@ -138,6 +138,11 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         table = pa.concat_tables([t.append_column("_split", constant(s, t.num_rows)) for s, t in parts.items()],
                                  promote_options="permissive")
         table = with_label_type(table, label_type(KIND_TYPES[read_label_type(t)] for t in parts.values() if t.num_rows))
+        named = {s: names for s, t in parts.items() if (names := read_class_names(t)) is not None}
+        if len({tuple(n) for n in named.values()}) > 1:
+            raise DataError(f"split_files: the splits name their classes differently ("
+                            f"{'; '.join(f'{s}: {n}' for s, n in named.items())}; ClassLabel names kept by datasets)")
+        class_names = next(iter(named.values()), None)
         min_per_class = 1
     else:
         if not listed:
@@ -146,6 +151,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
             table, class_names = load_saved_dataset(Path(source), cols)
         else:
             table = read_files(listed["all"], cols, source, fmt, shown)
+            class_names = read_class_names(table)  # Parquet written by datasets keeps its ClassLabel names
         fractions = d.split.model_dump()
         min_per_class = sum(1 for s in SPLITS if fractions[s] > 0)
     if table.num_rows == 0:
