@@ -1221,6 +1221,16 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         elif not pa.types.is_string(label.type):  # numbers, large or view strings, dictionaries: plain strings
             label = pc.cast(label, pa.string())
         label = pc.utf8_trim_whitespace(label)
+        label_codes, label_values = _encode(label)
+        # A CSV's header line again inside the data (files joined with `cat` keep each one's header): its label is
+        # the label column's name and its text the text column's. Looked for among the rows of that label only.
+        if (named := label_values.index(cols.label).as_py()) >= 0:
+            rows_named = np.flatnonzero(label_codes == named)
+            heading = decoded[cols.text].take(arrow.from_numpy(rows_named))
+            again = np.zeros(n, dtype=bool)
+            again[rows_named] = arrow.to_numpy(pc.equal(heading, arrow.scalar(cols.text)), fill=False)
+            flag("header_row", again, f"the row repeats the header ({cols.text!r}, {cols.label!r}): files joined "
+                 "one after another keep each one's header line")
         flag("null_label", arrow.to_numpy(pc.equal(pc.utf8_length(label), arrow.scalar(0)), fill=True),
              f"column {cols.label!r} is empty or null")
         if labels is not None:
@@ -1231,7 +1241,6 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
                 flag("unknown_label", unknown, f"label(s) {', '.join(near_label(f, labels) for f in found[:SHOW])}"
                      f"{' and more' if len(found) > SHOW else ''} are not in dataset.labels")
 
-        label_codes, label_values = _encode(label)
         order = None
         if split_seed is None:
             text_codes = copies_job.result()

@@ -874,6 +874,25 @@ def test_each_validation_failure_is_reported_with_file_and_row(tmp_path, cfg_for
     assert registry_of(cfg).list_versions() == []
 
 
+def test_a_header_line_repeated_inside_the_data_is_named_as_such(tmp_path, cfg_for):
+    """`cat a.csv b.csv > all.csv` keeps b's header as a data row: text 'text', label 'label'. It was reported as
+    a class too small to split, label 'label', which does not say what the row is."""
+    first = write_rows(tmp_path / "a.csv", rows())
+    second = write_rows(tmp_path / "b.csv", [{**r, "id": f"b-{r['id']}", "text": f"{r['text']} again"} for r in rows()])
+    joined = tmp_path / "all.csv"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    with pytest.raises(DataError, match=rf"header_row \(1 rows, the row repeats the header \('text', 'label'\): files "
+                                        rf"joined one after another keep each one's header line\): {joined} row 31\n"):
+        dataset_publish.prepare(cfg_for(joined))
+    _, manifest, dropped = dataset_publish.prepare(cfg_for(joined, "dataset.on_invalid=drop"))
+    assert manifest["dropped"] == {"header_row": 1} and sum(manifest["num_rows"].values()) == 60
+    assert dropped.column("_row").to_pylist() == [31]
+    # a class named "label" is a class: only the row that is the header again is one
+    labelled = write_rows(tmp_path / "c.csv", rows() + [{"id": f"l{i}", "text": f"label me {i}", "label": "label"}
+                                                         for i in range(3)])
+    assert "label" in dataset_publish.prepare(cfg_for(labelled))[1]["label_names"]
+
+
 def test_undecodable_bytes_and_missing_column(tmp_path, cfg_for):
     src = tmp_path / "latin1.csv"
     body = "id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n" for r in rows())
