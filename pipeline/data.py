@@ -1224,7 +1224,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         label_codes, label_values = _encode(label)
         # A CSV's header line again inside the data (files joined with `cat` keep each one's header): its label is
         # the label column's name and its text the text column's. Looked for among the rows of that label only.
-        if (named := label_values.index(cols.label).as_py()) >= 0:
+        if (named := pc.index(label_values, arrow.scalar(cols.label)).as_py()) >= 0:  # not Array.index: it imports pandas
             rows_named = np.flatnonzero(label_codes == named)
             heading = decoded[cols.text].take(arrow.from_numpy(rows_named))
             again = np.zeros(n, dtype=bool)
