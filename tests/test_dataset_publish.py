@@ -391,6 +391,17 @@ def test_labels_that_differ_only_in_case_or_spacing_are_kept_but_flagged(tmp_pat
     assert any("labels 'Billing', 'billing' differ only in case or spacing" in w for w in warned)
     assert any("labels 'shipping', 'shipping_'" in w for w in warned)
     assert not any("'tech'" in w for w in warned)
+    # "café" as one character, and as "cafe" and a combining accent (macOS file names, some exports): they print
+    # alike, and were two classes without a word
+    for r in records[20:25]:
+        r["label"] = "caf\u00e9"
+    for r in records[25:30]:
+        r["label"] = "cafe\u0301"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.stages.dataset_publish"):
+        dataset_publish.prepare(cfg_for(write_rows(tmp_path / "accents.csv", records)))
+    assert ("labels 'cafe\\u0301', 'caf\\xe9' differ only in case or spacing or in how their characters are encoded "
+            "(Unicode normal forms); they are kept as 2 classes") in caplog.text
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])

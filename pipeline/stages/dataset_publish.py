@@ -309,13 +309,19 @@ def _warn_about_suspicious_labels(label_names: list[str], source: str) -> None:
     if markers:
         log.warning("%s: label(s) %s look like missing-value markers; they are kept as classes (only an empty "
                     "label is missing)", source, ", ".join(map(repr, markers)))
+    import unicodedata
+
     groups: dict[str, list[str]] = {}
     for name in label_names:
-        groups.setdefault(" ".join(name.casefold().replace("_", " ").replace("-", " ").split()), []).append(name)
+        folded = unicodedata.normalize("NFKC", name).casefold()  # "café" composed or as "cafe" and an accent
+        groups.setdefault(" ".join(folded.replace("_", " ").replace("-", " ").split()), []).append(name)
     for names in groups.values():
         if len(names) > 1:
-            log.warning("%s: labels %s differ only in case or spacing; they are kept as %d classes",
-                        source, ", ".join(map(repr, names)), len(names))
+            # labels that print alike (one é as one character, one as two) are shown with their code points
+            alike = len({unicodedata.normalize("NFC", n) for n in names}) < len(names)
+            log.warning("%s: labels %s differ only in case or spacing%s; they are kept as %d classes",
+                        source, ", ".join(map(ascii if alike else repr, names)),
+                        " or in how their characters are encoded (Unicode normal forms)" if alike else "", len(names))
 
 
 def _source_name(path: Path, renames: list[tuple[str, str]]) -> str:
