@@ -244,6 +244,10 @@ class DatasetConfig(_Group):
     delimiter: str | None = None
     """Field separator of CSV/TSV sources, e.g. ``;`` (Excel's CSV in many European locales); unset: a comma
     for ``.csv`` and a tab for ``.tsv``."""
+    quoting: bool = True
+    """Whether CSV/TSV fields may be quoted (``"a, b"``, a quote inside doubled: ``""``). ``false``: a quote is a
+    character of the text like any other, as in GLUE's TSV files and the TSV most Unix tools write, where a text
+    that starts with a quote would otherwise lose its quotes."""
     escape_char: str | None = None
     """The character that escapes a quote inside a quoted CSV/TSV field: ``\\`` for CSV as Spark writes it
     (``"he said \\"hi\\""``); unset: a quote inside a field is doubled (``""``), as RFC 4180 has it and Excel,
@@ -298,6 +302,9 @@ class DatasetConfig(_Group):
             check_escape_char(self.escape_char, self.delimiter)
         except ValueError as e:
             raise ValueError(f"dataset.escape_char: {e} (got {self.escape_char!r})") from None
+        if self.escape_char is not None and not self.quoting:
+            raise ValueError("dataset.escape_char escapes quotes inside quoted fields; with dataset.quoting false no "
+                             "field is quoted: set one or the other")
         return self
 
     @field_validator("column_names")

@@ -975,6 +975,13 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     assert out.returncode == 0 and json.loads(out.stdout)["text"] == 'he said "my parcel" never came', out.stderr[-2000:]
     assert "backslash" not in out.stderr
     assert "--escape-char goes with --input" in cli_here("predict", "--model-dir", str(dest), "--escape-char", "\\", "x").stderr
+    glue = tmp_path / "glue.tsv"  # never quoted, as GLUE's TSV files
+    glue.write_text('ticket\tbody\nG1\t"my parcel" never came\n', encoding="utf-8")
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(glue), "--text-column", "body", "--json")
+    assert out.returncode == 0 and "set --no-quoting" in out.stderr and json.loads(out.stdout)["text"] == "my parcel never came"
+    out = cli_here("predict", "--model-dir", str(dest), "--input", str(glue), "--text-column", "body", "--json", "--no-quoting")
+    assert out.returncode == 0 and json.loads(out.stdout)["text"] == '"my parcel" never came', out.stderr[-2000:]
+    assert "--no-quoting goes with --input" in cli_here("predict", "--model-dir", str(dest), "--no-quoting", "x").stderr
     assert "--delimiter goes with --input" in cli_here("predict", "--model-dir", str(dest), "--delimiter", ";", "x").stderr
     assert "--encoding: unknown text encoding 'klingon'" in cli_here(
         "predict", "--model-dir", str(dest), "--input", str(excel), "--encoding", "klingon").stderr

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--escape-char", metavar="CHAR",
                    help="with --input: the character that escapes a quote inside a quoted CSV field ('\\' for CSV as "
                         "Spark writes it; default: quotes are doubled)")
+    p.add_argument("--no-quoting", dest="quoting", action="store_false",
+                   help="with --input: CSV/TSV fields are not quoted; a quote is a character of the text (GLUE's TSV "
+                        "files, Unix tools' output)")
     p.add_argument("--encoding", metavar="NAME",
                    help="with --input: the text encoding of CSV/TSV files (default utf-8), e.g. cp1252 for Excel's CSV "
                         "on Windows")
@@ -72,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("text_pair_column", "id_column", "text_column", "delimiter", "escape_char", "encoding"):
         if getattr(args, flag) is not None and not args.input:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --input")
+    if not args.quoting and not args.input:
+        raise ConfigError("--no-quoting goes with --input")
     if args.input:
         _default_columns(args)
         args.csv_format = _csv_format(args)
@@ -269,11 +274,13 @@ def _csv_format(args: argparse.Namespace):
         escape_char = check_escape_char(args.escape_char, delimiter)
     except ValueError as e:
         raise ConfigError(f"--escape-char {args.escape_char!r}: {e}") from None
+    if escape_char is not None and not args.quoting:
+        raise ConfigError("--escape-char escapes quotes inside quoted fields; with --no-quoting no field is quoted")
     try:
         encoding = check_encoding(args.encoding) if args.encoding is not None else "utf-8"
     except ValueError as e:
         raise ConfigError(f"--encoding: {e}") from None
-    return CsvFormat(encoding=encoding, delimiter=delimiter, flags=True, escape_char=escape_char)
+    return CsvFormat(encoding=encoding, delimiter=delimiter, flags=True, escape_char=escape_char, quoting=args.quoting)
 
 
 def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:

@@ -130,7 +130,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     timings = {} if timings is None else timings
     started = time.perf_counter()
     where = "split_files" if d.split_files else d.source  # what a report names as the data's origin
-    fmt = CsvFormat(d.encoding, d.delimiter, tuple(d.column_names) if d.column_names else None, escape_char=d.escape_char)
+    fmt = CsvFormat(d.encoding, d.delimiter, tuple(d.column_names) if d.column_names else None, escape_char=d.escape_char,
+                    quoting=d.quoting)
     hub_sources: list[dict] = []
     class_names = None  # a hub dataset's ClassLabel names
     if d.split_files:
@@ -240,6 +241,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         manifest["delimiter"] = d.delimiter
     if d.escape_char is not None:  # likewise
         manifest["escape_char"] = d.escape_char
+    if not d.quoting:  # likewise
+        manifest["quoting"] = False
     if d.column_names:  # likewise
         manifest["column_names"] = d.column_names
     if repeats:  # likewise
