@@ -278,6 +278,8 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         if kind == "jsonl":
             return _read_jsonl(path, cols)
         if kind == "json":
+            if _json_lines_within(path):  # said by its first lines, before a big file is read whole into memory
+                return _read_jsonl(path, cols)
             with _open(path) as f:
                 text = f.read()
             try:
@@ -331,6 +333,23 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         raise DataError(f"{path}: undecodable bytes at byte {e.start}: {e.reason}; save the file as UTF-8") from None
     except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
+
+
+def _json_lines_within(path: Path) -> bool:
+    """Whether a .json file is JSON Lines, as its first line says: a whole JSON object, and more after it (Spark's
+    part files are hundreds of MB: read whole and parsed as one document, they would be held in memory twice)."""
+    try:
+        with _open(path) as f:
+            head = f.read(1 << 20)
+    except (OSError, pa.ArrowException):
+        return False
+    first, newline, rest = head.removeprefix(b"\xef\xbb\xbf").lstrip().partition(b"\n")
+    if not newline or not first.startswith(b"{") or not rest.strip():
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
 
 
 def _json_records(data: Any, cols: Columns) -> Any:

@@ -151,6 +151,9 @@ def test_json_lines_named_json_are_read_as_json_lines(tmp_path, cfg_for):
             out.write(plain.read_bytes())
         assert sum(dataset_publish.prepare(cfg_for(tmp_path / name))[1]["num_rows"].values()) == 30
     lines = plain.read_text().splitlines()
+    long_first = tmp_path / "long.json"  # a first line past the MiB that says JSON Lines: the whole file says it
+    long_first.write_text(json.dumps({**rows()[0], "text": "a pasted log " * 200_000}) + "\n" + "\n".join(lines[1:]) + "\n")
+    assert sum(dataset_publish.prepare(cfg_for(long_first))[1]["num_rows"].values()) == 30
     broken = tmp_path / "broken.json"  # a bad line is named as in a .jsonl file
     broken.write_text("\n".join(lines[:6] + ['{"id": "x", "text": "cut off'] + lines[6:]) + "\n")
     with pytest.raises(DataError, match=rf"^{broken} line 7: "):
