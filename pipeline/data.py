@@ -33,8 +33,8 @@ from pipeline.errors import PipelineError, likely_match, near_label, near_name
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
             ".pq": "parquet"}  # .ndjson: JSON Lines as polars' write_ndjson and many log exports name it
-# Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): pyarrow's
-# readers decompress by the same suffixes. Parquet compresses inside the file.
+# Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): they are read
+# through a stream that decompresses them by the suffix, in any case (`_arrow_input`). Parquet compresses inside.
 SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # not read: the message says how to export them
 ARCHIVES = (".zip", ".tar", ".tgz", ".7z", ".rar")  # likewise (Kaggle's downloads are .zip, pandas writes .csv.zip)
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
