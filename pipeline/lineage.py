@@ -64,10 +64,11 @@ def _run_summary(run: dict[str, Any]) -> str:
         if summary.get("reused"):  # trained nothing: a version trained before from the same inputs
             parts.append(f"reused {summary['reused']} (trained before from the same inputs)")
         return ", ".join(parts)
+    # a run that failed before it decided or deployed anything shows only its state ("failed"), not "gate: ?"
     if job == "evaluate":
-        return f"gate: {summary.get('gate/outcome', '?')}"
+        return f"gate: {summary['gate/outcome']}" if summary.get("gate/outcome") else ""
     if job == "deploy-fetch":
-        return f"deployed to {summary.get('deploy/dir', '?')}"
+        return f"deployed to {summary['deploy/dir']}" if summary.get("deploy/dir") else ""
     return ""
 
 

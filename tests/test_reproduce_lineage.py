@@ -226,6 +226,16 @@ def test_lineage_in_three_formats(env):
     assert bad.returncode == 2 and "clf has no version 'v7'" in bad.stderr
 
 
+def test_a_run_that_failed_before_deciding_shows_its_state_not_a_question_mark():
+    """A deploy-fetch whose smoke test failed recorded no folder: lineage said `failed ... deployed to ?`."""
+    from pipeline.lineage import _run_summary
+
+    assert _run_summary({"job_type": "deploy-fetch", "summary": {}}) == ""
+    assert _run_summary({"job_type": "evaluate", "summary": {}}) == ""
+    assert _run_summary({"job_type": "deploy-fetch", "summary": {"deploy/dir": "/srv/clf"}}) == "deployed to /srv/clf"
+    assert _run_summary({"job_type": "evaluate", "summary": {"gate/outcome": "rejected"}}) == "gate: rejected"
+
+
 def test_mermaid_keeps_names_apart_that_differ_only_in_punctuation():
     """`tickets-v2` and `tickets_v2` are two names; Mermaid ids allow neither `-` nor `:`, and one id for both would
     draw one node with both datasets' edges: a model made from data it never saw."""
