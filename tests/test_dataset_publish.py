@@ -370,10 +370,10 @@ def test_csv_ids_and_labels_are_kept_as_written(tmp_path, cfg_for, fmt):
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
 @pytest.mark.parametrize("where", [0, 17])
 def test_a_text_longer_than_arrow_s_read_block_is_read_whole(tmp_path, cfg_for, fmt, where):
-    """Arrow reads CSV and JSON Lines in 1 MiB blocks (64 KiB for the header) and fails on a longer row
-    ("straddling object straddles two block boundaries"): a ticket with a pasted log is not rare."""
+    """Arrow reads CSV in 4 MiB blocks and JSON Lines in 1 MiB ones (64 KiB for a header) and fails on a longer row
+    ("straddling object straddles two block boundaries", a row past two of them): a pasted log is not rare."""
     records = rows()
-    long_text = "my export failed with this log: " + "ERROR line\t" * 300_000  # 3.3 MB, tabs and all
+    long_text = "my export failed with this log: " + "ERROR line\t" * 900_000  # 10 MB: past two blocks, tabs and all
     records[where] = {**records[where], "text": long_text}
     tables, manifest, _ = dataset_publish.prepare(cfg_for(write_rows(tmp_path / f"long.{fmt}", records)))
     texts = {i: t for table in tables.values() for i, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist())}
