@@ -383,7 +383,11 @@ def _read_jsonl(path: Path, cols: Columns) -> pa.Table:
         raise DataError(f"{path}: the file is {wide.upper()} (it starts with that byte-order mark); "
                         "JSON Lines must be UTF-8: save it as UTF-8")
     if (line := _null_line(path)) is not None:  # Arrow's reader crashes the process on one (pyarrow 26)
-        raise DataError(f"{path} line {line}: expected a JSON object, found a null")
+        with _open(path) as f:
+            text = next(itertools.islice(f, line - 1, None), b"")[:80].decode("utf-8", errors="replace")
+        text = text.removeprefix("\ufeff").strip()
+        raise DataError(f"{path} line {line}: expected a JSON object, found "
+                        + ("a null" if text == "null" else f"{text!r}, which is not JSON"))
     try:
         table = _growing_blocks(lambda block: pajson.read_json(_arrow_input(path), read_options=pajson.ReadOptions(block_size=block)))
     except pa.ArrowInvalid as e:
@@ -683,10 +687,11 @@ def _exact_numbers(table: pa.Table, path: Path, cols: Columns, records: Callable
 
 
 def _null_line(path: Path, chunk: int = 1 << 20) -> int | None:
-    """The number of the first line of a JSON Lines file that is ``null``, or None.
+    """The number of the first line of a JSON Lines file that is ``null`` or starts with it, or None.
 
     pyarrow 26's JSON reader ends the process with a segmentation fault where a block it parses starts with a
-    ``null`` line (any line may start a block), and reads one elsewhere as a row of nulls. A line that starts with
+    ``null`` line, or a line that starts with ``null`` (``nullx``, ``null 1``), as any line may start a block; it reads
+    one elsewhere as a row of nulls. A line that starts with
     ``{`` (nearly all of them) is not looked at; the line starts are found with NumPy a MiB at a time (small
     arrays: large fresh ones cost more in page faults than the comparison): about 0.06 s for 100 MB."""
     carry, first_line = b"", 1  # the unfinished last line of the bytes before; the number of the line `part` starts with
@@ -696,8 +701,8 @@ def _null_line(path: Path, chunk: int = 1 << 20) -> int | None:
             data = carry + block
             end = data.rfind(b"\n") + 1 if block else len(data)  # whole lines, and the last one at the end
             part, carry = data[:end], data[end:]
-            if len(carry) > 64:  # a line this long is not `null`: one byte stands for it (a long line is not copied on)
-                carry = b"x"
+            if len(carry) > 64:  # its start says whether it starts with `null` (a long line is not copied on)
+                carry = carry[:64]
             if part:
                 view = np.frombuffer(part, dtype=np.uint8)
                 breaks = np.flatnonzero(view == 10)
@@ -706,8 +711,8 @@ def _null_line(path: Path, chunk: int = 1 << 20) -> int | None:
                     start = int(starts[i])
                     stop = part.find(b"\n", start)
                     line = part[start:stop if stop >= 0 else len(part)]
-                    if line.removeprefix(b"\xef\xbb\xbf" if first_line + i == 1 else b"").strip() == b"null":
-                        return first_line + i
+                    if line.removeprefix(b"\xef\xbb\xbf" if first_line + i == 1 else b"").strip().startswith(b"null"):
+                        return first_line + i  # `null`, or `null` and more: either crashes the reader
                 first_line += len(breaks)
             if not block:
                 return None

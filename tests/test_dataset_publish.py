@@ -2162,17 +2162,21 @@ def test_a_null_line_in_json_lines_is_refused_not_a_crash(tmp_path, cfg_for):
     a crash would take the test runner with it."""
     good = '{"id": "a%d", "text": "text %d", "label": "%s"}\n'
     rows = "".join(good % (i, i, "xyz"[i % 3]) for i in range(30))
-    for content, line in (("null\n" + rows, 1), (rows + "\n  null \r\n" + rows, 32), ("\ufeffnull\n" + rows, 1)):
+    for content, line, found in (("null\n" + rows, 1, "a null"), (rows + "\n  null \r\n" + rows, 32, "a null"),
+                                 ("\ufeffnull\n" + rows, 1, "a null"),
+                                 ("nulltrue text\n" + rows, 1, "'nulltrue text', which is not JSON")):
         src = tmp_path / "d.jsonl"
         src.write_text(content, encoding="utf-8", newline="")
         cfg = write_yaml(tmp_path, cfg_for(src))
         out = run_cli("dataset-publish", "--config", str(cfg), "--dry-run")
         assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-        assert f"error: {src} line {line}: expected a JSON object, found a null" in out.stderr
+        assert f"error: {src} line {line}: expected a JSON object, found {found}" in out.stderr
     # the lines are found across the chunks the file is read in, and only a line that is null
     from pipeline.data import _null_line
 
-    cases = {'{"a": null}\n{"b": "null"}\n nully\n': None, '{"a":1}\r\n\r\nnull\r\n': 3, "\n\n\n null\n": 4,
+    cases = {'{"a": null}\n{"b": "null"}\n nul\n': None, '{"a":1}\r\n\r\nnull\r\n': 3, "\n\n\n null\n": 4,
+             '{"a": 1}\n nully\n': 2, "null 1\n": 1,  # a line that starts with null crashes the reader too
+             "null" + "x" * 200: 1, '{"a": 1}\n' + "x" * 200 + "\nnull": 3,  # a long line, read in several chunks
              "x" * 200 + "null\nnull": 2, '{"a":1}': None, "": None, " " * 30 + "null\n": 1, " \nn\nnull": 3,
              json.dumps([{"a": None}] * 3, indent=2): None}  # pretty-printed JSON: lines not starting with {
     for content, line in cases.items():
