@@ -222,9 +222,9 @@ class DatasetConfig(_Group):
     name: str = Field(pattern=NAME_PATTERN)
     """Dataset artifact name."""
     source: str
-    """A CSV, TSV, JSONL/JSON or Parquet file, a folder of them (a path or a file://, s3://, gs:// URI),
-    or a glob pattern of local files (``exports/**/part-*.csv``). Spark/Hive ``column=value`` folders give
-    a configured column the files lack (``partitionBy("label")``)."""
+    """A CSV, TSV, JSONL/JSON, Parquet or Arrow IPC (.arrow, .feather) file, a folder of them (a path or a file://,
+    s3://, gs:// URI), or a glob pattern of local files (``exports/**/part-*.csv``). Spark/Hive ``column=value``
+    folders give a configured column the files lack (``partitionBy("label")``)."""
     text_column: str = "text"
     """Column holding the text to classify."""
     label_column: str = "label"

@@ -32,7 +32,10 @@ from pipeline import arrow
 from pipeline.errors import PipelineError, likely_match, near_label, near_name
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
-            ".pq": "parquet"}  # .ndjson: JSON Lines as polars' write_ndjson and many log exports name it
+            ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow"}
+# .ndjson: JSON Lines as polars' write_ndjson and many log exports name it; .arrow, .feather: Arrow's IPC formats
+# (pandas' to_feather, the .arrow files datasets keeps), compressed inside as Parquet is
+BINARY_KINDS = ("parquet", "arrow")
 # Text formats may be compressed (data.csv.gz, part-0000.json.zst, as Spark and pandas write them): they are read
 # through a stream that decompresses them by the suffix, in any case (`_arrow_input`). Parquet compresses inside.
 SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # not read: the message says how to export them
@@ -153,7 +156,7 @@ def list_input_files(source: str | Path, what: str = "dataset source") -> list[P
 def format_suffix(path: Path) -> str:
     """The suffix that names the data format: ``.csv`` for data.csv and for data.csv.gz."""
     suffixes = [s.lower() for s in path.suffixes]
-    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS and SUFFIXES.get(suffixes[-2], "parquet") != "parquet":
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS and SUFFIXES.get(suffixes[-2], "parquet") not in BINARY_KINDS:
         return suffixes[-2]
     return path.suffix.lower()
 
@@ -212,7 +215,7 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                     f.read(1)
             except (OSError, pa.ArrowException) as e:
                 raise DataError(f"{path}: not {codec}-compressed, though its name ends in {path.suffix} ({e})") from None
-        if kind != "parquet" and _blank(path):  # an empty part file (Spark writes one for an empty partition)
+        if kind not in BINARY_KINDS and _blank(path):  # an empty part file (Spark writes one for an empty partition)
             log.info("%s: an empty file (no rows)", path)
             return pa.table({c: pa.nulls(0) for c in cols.required})
         if kind in ("csv", "tsv"):
@@ -316,14 +319,19 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
                                 f"write it as a string (\"{value}\") in the file" if number is not None else
                                 f"{path}: cannot read as json: a whole number beyond 64 bits") from None
             return _exact_numbers(table, path, cols, lambda: enumerate(data, 1), "record")
-        import pyarrow.parquet as pq
+        if kind == "arrow":
+            whole = _read_arrow_ipc(path)  # memory-mapped: the columns not configured are never read
+            schema, read = whole.schema, whole.select
+        else:
+            import pyarrow.parquet as pq
 
-        schema = pq.read_schema(path)
+            schema = pq.read_schema(path)
+            read = lambda columns: pq.read_table(path, columns=columns)  # noqa: E731
         elsewhere = [c for c in from_folders if c not in schema.names]
         _check_columns(schema.names + elsewhere, str(path), cols)
-        table = pq.read_table(path, columns=[c for c in cols.required if c not in elsewhere])  # only the configured columns
+        table = read([c for c in cols.required if c not in elsewhere])  # only the configured columns
         if cols.label and cols.label in schema.names and (names := _parquet_class_names(schema, cols.label)) is not None:
-            # class ids with their names in the file (datasets' to_parquet): the names, as from the hub
+            # class ids with their names in the file (datasets' to_parquet, its .arrow files): the names, as from the hub
             table = _class_ids_named(table, cols.label, names, str(path))
             table = table.replace_schema_metadata({_CLASS_NAMES_KEY: json.dumps(names).encode()})
         return table
@@ -333,6 +341,22 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         raise DataError(f"{path}: undecodable bytes at byte {e.start}: {e.reason}; save the file as UTF-8") from None
     except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
+
+
+def _read_arrow_ipc(path: Path) -> pa.Table:
+    """An Arrow IPC file: the file format (Feather v2, pandas' ``to_feather``), Feather v1, or the stream format
+    (the ``.arrow`` files of ``datasets``' cache and ``save_to_disk``)."""
+    import pyarrow.feather as feather
+
+    try:
+        table = feather.read_table(str(path), memory_map=True)
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    # IPC is read as it lies, unchecked: a damaged file gives offsets past its buffers, and text that is not UTF-8,
+    # which later steps would read out of bounds or fail on with Arrow's words. Checked here, once, in full.
+    table.validate(full=True)
+    return table
 
 
 def _json_lines_within(path: Path) -> bool:

@@ -117,6 +117,56 @@ def test_compressed_text_files_publish_the_same_dataset(tmp_path, cfg_for, fmt, 
     assert dataset_publish.run(cfg_for(packed.parent, "dataset.on_invalid=drop")).status == "ok"
 
 
+def test_arrow_ipc_files_publish_the_same_dataset(tmp_path, cfg_for):
+    """pandas' `to_feather`, an Arrow IPC stream, and the `.arrow` files `datasets` keeps (with its ClassLabel names)
+    give the split files the same rows give from Parquet; they were refused as an unsupported format."""
+    import datasets
+    import pandas as pd
+    import pyarrow.feather as feather
+
+    plain = write_rows(tmp_path / "plain" / "data.parquet", rows())
+    frame = pd.DataFrame(rows())
+    (tmp_path / "feather").mkdir()
+    frame.to_feather(tmp_path / "feather" / "data.feather")
+    assert_same_split_files(cfg_for, plain, tmp_path / "feather" / "data.feather", tmp_path)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+    feather.write_feather(table, tmp_path / "file.arrow")  # the IPC file format, under the other suffix
+    for name in ("stream.arrow", "file.arrow"):
+        tables = dataset_publish.prepare(cfg_for(tmp_path / name))[0]
+        assert sorted(i for t in tables.values() for i in t.column("id").to_pylist()) == sorted(r["id"] for r in rows())
+    # a datasets .arrow file: class ids, named (and ordered) by the ClassLabel its metadata keeps
+    order = ["tech", "billing", "shipping"]
+    features = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=order)})
+    datasets.Dataset.from_pandas(frame.assign(label=[order.index(x) for x in frame["label"]]), features=features,
+                                 preserve_index=False).save_to_disk(str(tmp_path / "saved"))
+    shard = next((tmp_path / "saved").glob("*.arrow"))
+    tables, manifest, _ = dataset_publish.prepare(cfg_for(shard))
+    assert manifest["label_names"] == order and "label_type" not in manifest
+    by_id = {i: lab for t in tables.values() for i, lab in zip(t.column("id").to_pylist(), t.column("label").to_pylist())}
+    assert by_id == {r["id"]: r["label"] for r in rows()}
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.arrow").write_bytes((tmp_path / "stream.arrow").read_bytes())
+    (tmp_path / "mixed" / "b.parquet").write_bytes(plain.read_bytes())
+    with pytest.raises(DataError, match=r"mixed file formats \(arrow, parquet\)"):
+        dataset_publish.prepare(cfg_for(tmp_path / "mixed"))
+    (tmp_path / "broken.feather").write_bytes(b"ARROW1 not really")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'broken.feather'}: cannot read as arrow: "):
+        dataset_publish.prepare(cfg_for(tmp_path / "broken.feather"))
+    # IPC is read as it lies, unchecked: labels that are not UTF-8 (a damaged file) are named at the read, not met
+    # as Arrow's "Invalid UTF8 sequence in input" traceback further on
+    n = 30
+    labels = pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32).tobytes()),
+                                                    pa.py_buffer(b"\xff" + b"x" * (n - 1))])
+    damaged = pa.table({"id": [f"i{i}" for i in range(n)], "text": [f"text {i}" for i in range(n)], "label": labels})
+    with pa.OSFile(str(tmp_path / "damaged.arrow"), "wb") as f, pa.ipc.new_stream(f, damaged.schema) as writer:
+        writer.write_table(damaged)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'damaged.arrow'}: cannot read as arrow: .*Invalid UTF8"):
+        dataset_publish.prepare(cfg_for(tmp_path / "damaged.arrow", "dataset.on_invalid=drop"))
+
+
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json"])
 def test_empty_part_files_in_a_folder_add_no_rows(tmp_path, cfg_for, fmt):
     """Spark and export scripts write a part file for an empty partition: no bytes, no header. It was refused

@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="texts to classify; none or '-': one text per line on stdin. A sentence-pair model takes "
                         "TEXT<TAB>PAIR")
     p.add_argument("--input", metavar="PATH",
-                   help="classify the rows of a file, folder or glob pattern instead (CSV, TSV, JSON Lines, JSON or "
-                        "Parquet, compressed too, as dataset-publish reads them)")
+                   help="classify the rows of a file, folder or glob pattern instead (CSV, TSV, JSON Lines, JSON, "
+                        "Parquet or Arrow IPC, compressed too, as dataset-publish reads them)")
     p.add_argument("--text-column", metavar="NAME",
                    help="with --input: the text column (default: the column the model's training data had, as "
                         "deploy-fetch records it in manifest.json; else text)")
