@@ -543,7 +543,7 @@ def _warn_of_backslash_quotes(table: pa.Table, path: Path, cols: Columns, fmt: C
         found = pc.match_substring(table.column(c), BACKSLASH_QUOTE)  # by row: a fifth of a second per million
         if not pc.any(found).as_py():  # the bytes were the end of one text and the start of the next
             continue
-        first = pc.index(found, True).as_py()
+        first = pc.index(found, arrow.scalar(True)).as_py()  # a Python True would import pandas (0.5 s)
         text = table.column(c)[first].as_py().decode(fmt.encoding, errors="replace")
         at = text.find(BACKSLASH_QUOTE)
         log.warning("%s row %d: column %r holds a backslash before a quote (%r; %d rows do): if the file escapes quotes "

@@ -85,6 +85,27 @@ def test_reading_validating_and_splitting_leave_pandas_unimported(tmp_path):
     assert int(dropped) >= 3 and int(repeated) > 0
 
 
+def test_the_reader_s_warnings_leave_pandas_unimported(tmp_path):
+    """The warnings of a CSV read (a backslash before a quote, a TSV that looks unquoted) take Arrow scalars, not
+    Python values, which pyarrow converts by importing pandas."""
+    src = tmp_path / "spark.csv"
+    src.write_text('id,text,label\n1,"he said \\"hi\\" today",a\n', encoding="utf-8")
+    tsv = tmp_path / "glue.tsv"
+    tsv.write_text('id\ttext\tlabel\n1\t"Hello," she said\ta\n', encoding="utf-8")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.data import Columns, read_files\n"
+        f"for p in (Path({str(src)!r}), Path({str(tsv)!r})):\n"
+        "    read_files([p], Columns(text='text', label='label', id='id'), p)\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "holds a backslash before a quote" in out.stderr and "goes on after the next quote" in out.stderr
+    assert out.stdout.split() == ["False"]
+
+
 def test_a_whole_publish_imports_no_pandas_and_w_and_b_still_spots_a_dataframe(tmp_path):
     """W&B asks of each logged value whether it is a DataFrame, importing pandas to ask; `pipeline.tracking`
     answers from sys.modules instead, so a whole dataset-publish (run, tables, charts) imports no pandas,
