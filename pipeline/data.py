@@ -330,7 +330,7 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         elsewhere = [c for c in from_folders if c not in schema.names]
         _check_columns(schema.names + elsewhere, str(path), cols)
         table = read([c for c in cols.required if c not in elsewhere])  # only the configured columns
-        if cols.label and cols.label in schema.names and (names := _parquet_class_names(schema, cols.label)) is not None:
+        if cols.label and cols.label in schema.names and (names := _class_label_names(schema, cols.label)) is not None:
             # class ids with their names in the file (datasets' to_parquet, its .arrow files): the names, as from the hub
             table = _class_ids_named(table, cols.label, names, str(path))
             table = table.replace_schema_metadata({_CLASS_NAMES_KEY: json.dumps(names).encode()})
@@ -1052,9 +1052,10 @@ def _class_ids_named(table: pa.Table, column: str, names: list[str], where: str)
     return table.set_column(table.schema.get_field_index(column), column, arrow.strings(named))
 
 
-def _parquet_class_names(schema: pa.Schema, column: str) -> list[str] | None:
-    """The ``ClassLabel`` names of `column` that Hugging Face ``datasets`` keeps in a Parquet file it writes
-    (``to_parquet``, the hub's Parquet conversion): its features, in the schema's ``huggingface`` metadata."""
+def _class_label_names(schema: pa.Schema, column: str) -> list[str] | None:
+    """The ``ClassLabel`` names of `column` that Hugging Face ``datasets`` keeps in a Parquet or Arrow IPC file it
+    writes (``to_parquet``, the hub's Parquet conversion, its ``.arrow`` files): its features, in the schema's
+    ``huggingface`` metadata."""
     try:
         feature = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"][column]
     except (KeyError, TypeError, ValueError):
