@@ -33,14 +33,18 @@ def check_delimiter(value: str | None) -> str | None:
     return value
 
 
-def check_escape_char(value: str | None, delimiter: str | None = None) -> str | None:
+def check_escape_char(value: str | None, delimiter: str | None = None, quoting: bool = True,
+                      quoting_off: str = "dataset.quoting false") -> str | None:
     """A CSV escape character (``dataset.escape_char``, ``predict --escape-char``): one character, not a quote, a line
-    break or the delimiter."""
+    break or the delimiter, and only where fields are quoted (`quoting_off` names the setting that turns that off)."""
     if value is not None and (len(value) != 1 or value in "\"\r\n"):
         raise ValueError("the escape character is one character other than a quote or a line break, e.g. '\\' "
                          "(a backslash, as Spark writes CSV)")
     if value is not None and value == (delimiter or ","):
         raise ValueError(f"the escape character {value!r} is also the delimiter")
+    if value is not None and not quoting:
+        raise ValueError(f"it escapes quotes inside quoted fields; with {quoting_off} no field is quoted: set one or "
+                         "the other")
     return value
 
 
@@ -299,12 +303,9 @@ class DatasetConfig(_Group):
     @model_validator(mode="after")
     def _one_escape_character(self) -> DatasetConfig:
         try:
-            check_escape_char(self.escape_char, self.delimiter)
+            check_escape_char(self.escape_char, self.delimiter, self.quoting)
         except ValueError as e:
             raise ValueError(f"dataset.escape_char: {e} (got {self.escape_char!r})") from None
-        if self.escape_char is not None and not self.quoting:
-            raise ValueError("dataset.escape_char escapes quotes inside quoted fields; with dataset.quoting false no "
-                             "field is quoted: set one or the other")
         return self
 
     @field_validator("column_names")

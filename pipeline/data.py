@@ -333,7 +333,7 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         if cols.label and cols.label in schema.names and (names := _class_label_names(schema, cols.label)) is not None:
             # class ids with their names in the file (datasets' to_parquet, its .arrow files): the names, as from the hub
             table = _class_ids_named(table, cols.label, names, str(path))
-            table = table.replace_schema_metadata({_CLASS_NAMES_KEY: json.dumps(names).encode()})
+            table = _with_class_names(table, names)
         return table
     except DataError:
         raise
@@ -828,10 +828,7 @@ def read_files(files: list[Path], cols: Columns, source: str | Path, fmt: CsvFor
     except pa.ArrowException as e:
         raise DataError(f"{source}: the files do not share one schema: {e}") from None
     table = with_label_type(table, label_type(label_types))
-    if class_names is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               _CLASS_NAMES_KEY: json.dumps(class_names[1]).encode()})
-    return table
+    return table if class_names is None else _with_class_names(table, class_names[1])
 
 
 # What the label column held in the source, when not text: its labels are compared, published and trained on as text
@@ -1068,6 +1065,11 @@ def _class_label_names(schema: pa.Schema, column: str) -> list[str] | None:
 
 
 _CLASS_NAMES_KEY = b"pipeline.class_names"
+
+
+def _with_class_names(table: pa.Table, names: list[str]) -> pa.Table:
+    """`table`, recording in its schema metadata the ``ClassLabel`` names its label column's ids had."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), _CLASS_NAMES_KEY: json.dumps(names).encode()})
 
 
 def read_class_names(table: pa.Table) -> list[str] | None:

@@ -271,11 +271,9 @@ def _csv_format(args: argparse.Namespace):
     except ValueError as e:
         raise ConfigError(f"--delimiter {args.delimiter!r}: {e}") from None
     try:
-        escape_char = check_escape_char(args.escape_char, delimiter)
+        escape_char = check_escape_char(args.escape_char, delimiter, args.quoting, quoting_off="--no-quoting")
     except ValueError as e:
         raise ConfigError(f"--escape-char {args.escape_char!r}: {e}") from None
-    if escape_char is not None and not args.quoting:
-        raise ConfigError("--escape-char escapes quotes inside quoted fields; with --no-quoting no field is quoted")
     try:
         encoding = check_encoding(args.encoding) if args.encoding is not None else "utf-8"
     except ValueError as e:
