@@ -982,6 +982,8 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     out = cli_here("predict", "--model-dir", str(dest), "--input", str(glue), "--text-column", "body", "--json", "--no-quoting")
     assert out.returncode == 0 and json.loads(out.stdout)["text"] == '"my parcel" never came', out.stderr[-2000:]
     assert "--no-quoting goes with --input" in cli_here("predict", "--model-dir", str(dest), "--no-quoting", "x").stderr
+    both = cli_here("predict", "--model-dir", str(dest), "--input", str(glue), "--no-quoting", "--escape-char", "\\")
+    assert both.returncode == 2 and "with --no-quoting no field is quoted: set one or the other" in both.stderr
     assert "--delimiter goes with --input" in cli_here("predict", "--model-dir", str(dest), "--delimiter", ";", "x").stderr
     assert "--encoding: unknown text encoding 'klingon'" in cli_here(
         "predict", "--model-dir", str(dest), "--input", str(excel), "--encoding", "klingon").stderr
