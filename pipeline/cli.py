@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
         return 141
     except Exception as e:
-        from pipeline.errors import DiskFull, no_space_left, out_of_memory
+        from pipeline.errors import DiskFull, full_path, no_space_left, out_of_memory
 
         if (said := _wandb_problem(e)) is not None:
             logging.getLogger("pipeline").debug("W&B refused", exc_info=True)  # where, with -v
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if not no_space_left(e):
             raise
         logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
-        print(f"error: {DiskFull(getattr(e, 'filename', None))}", file=sys.stderr)
+        print(f"error: {DiskFull(full_path(e))}", file=sys.stderr)
         return DiskFull.exit_code
 
 

@@ -130,6 +130,16 @@ def no_space_left(e: BaseException | None, where: str | os.PathLike | None = Non
     return False
 
 
+def full_path(e: BaseException) -> str | None:
+    """The path on the full disk that `e` (a `no_space_left` error, or what caused it) names: a copy's or a
+    rename's destination (``filename2``; its ``filename`` is the source, which may be on another disk), else the
+    file written."""
+    named = [c for c in _causes(e) if isinstance(c, OSError) and (c.filename2 or c.filename)]
+    for c in sorted(named, key=lambda c: c.errno not in (errno.ENOSPC, errno.EDQUOT)):  # the one that said so first
+        return str(c.filename2 or c.filename)
+    return None
+
+
 def _nearly_full(where: str | os.PathLike) -> bool:
     try:
         return shutil.disk_usage(where).free < 1 << 20

@@ -453,6 +453,9 @@ def test_a_really_full_disk_is_one_message_and_the_registry_stays_whole(small_di
     assert full.returncode == 1, full.stderr
     assert "error: the disk is full" in full.stderr and "Traceback" not in full.stderr, full.stderr
     assert "Logging error" not in full.stderr and full.stdout == ""
+    # the path named is on the disk that is full, not the file being copied onto it (a temporary split file)
+    named = re.search(r"the disk is full \((.+?)\)", full.stderr)
+    assert named and Path(named.group(1)).is_relative_to(small_disk), full.stderr
     filler.unlink()
     check = run_cli("artifacts", "verify", "--set", f"tracking.dir={track}")
     assert check.returncode == 0, check.stdout + check.stderr
