@@ -148,16 +148,47 @@ def _read(folder) -> tuple[Any, list[str]]:
 
 
 def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
+    import pyarrow.compute as pc
+
+    table_a, keys_a = _read(folder_a)
+    table_b, keys_b = _read(folder_b)
+    texts = [c for c in ("text", "text_pair") if c in table_a.column_names and c in table_b.column_names]
+    shown = [c for c in ("id", "text", "text_pair") if c in table_a.column_names and c in table_b.column_names]
+    if keys_a == keys_b == ["id"] and (table_a.column("id").null_count or table_b.column("id").null_count):
+        # An id column can leave rows without one (ids are checked for duplicates, not required): those rows are
+        # matched by their text, as a version without ids is; else they would be one null id that matches nothing.
+        with_a, with_b = pc.is_valid(table_a.column("id")), pc.is_valid(table_b.column("id"))
+        by_id = _match(table_a.filter(with_a), table_b.filter(with_b), ["id"], shown, examples)
+        by_text = _match(table_a.filter(pc.invert(with_a)), table_b.filter(pc.invert(with_b)), texts, shown, examples)
+        counts = {kind: by_id[0].get(kind, 0) + by_text[0].get(kind, 0) for kind in KINDS}
+        found = {kind: (by_id[1].get(kind, []) + by_text[1].get(kind, []))[:examples] for kind in KINDS
+                 if kind != "unchanged"}
+        key = "id, else text"
+    else:
+        keys = keys_a if keys_a == keys_b else texts
+        counts, found = _match(table_a, table_b, keys, shown, examples)
+        key = "id" if keys == ["id"] else "+".join(keys)
+    label_a = pc.value_counts(table_a.column("label")).to_pylist()
+    label_b = pc.value_counts(table_b.column("label")).to_pylist()
+    ca = {d["values"]: d["counts"] for d in label_a}
+    cb = {d["values"]: d["counts"] for d in label_b}
+    label_counts = {label: (ca.get(label, 0), cb.get(label, 0)) for label in sorted(set(ca) | set(cb))}
+    return RowDiff(key=key, counts=counts, examples=found, label_counts=label_counts)
+
+
+# What a row of one version is in the other, in the order they are told (each row the first that applies). Matched
+# by id, a row's text can be `edited`; matched by text, a text can have more or fewer `copies`.
+KINDS = ("added", "removed", "relabelled", "edited", "moved", "copies", "unchanged")
+
+
+def _match(table_a, table_b, keys: list[str], shown: list[str], examples: int
+           ) -> tuple[dict[str, int], dict[str, list[dict[str, Any]]]]:
+    """The rows of two versions matched on `keys`: (rows of each kind, the first `examples` of each kind but unchanged,
+    with the `shown` columns)."""
     import numpy as np
     import pyarrow.compute as pc
 
     from pipeline import arrow
-
-    table_a, keys_a = _read(folder_a)
-    table_b, keys_b = _read(folder_b)
-    keys = keys_a if keys_a == keys_b else [c for c in ("text", "text_pair") if c in table_a.column_names
-                                            and c in table_b.column_names]
-    shown = [c for c in ("id", "text", "text_pair") if c in table_a.column_names and c in table_b.column_names]
 
     def per_key(table):
         # One row per key: an id is unique in a version; copies of a text share one label (a conflict is
@@ -179,8 +210,11 @@ def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
     same_text = np.ones(len(both), dtype=bool)  # matched by id, a row's text (or pair) can have been edited
     for c in shown:
         if c not in keys:
-            same_text &= arrow.to_numpy(pc.equal(joined.column(f"{c}_a"), joined.column(f"{c}_b")), fill=False)
-    kinds = {  # each row one kind, the first that applies
+            # equal, or null on both sides (the id of rows matched by text: they have none)
+            same_text &= arrow.to_numpy(pc.or_kleene(pc.equal(joined.column(f"{c}_a"), joined.column(f"{c}_b")),
+                                                     pc.and_(pc.is_null(joined.column(f"{c}_a")),
+                                                             pc.is_null(joined.column(f"{c}_b")))), fill=False)
+    kinds = {
         "added": in_b & ~in_a,
         "removed": in_a & ~in_b,
         "relabelled": both & ~same_label,
@@ -200,12 +234,12 @@ def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
             return row[column]
         return row[f"{column}_a"] if row[f"{column}_a"] is not None else row[f"{column}_b"]
 
-    shown_examples: dict[str, list[dict[str, Any]]] = {}
+    found: dict[str, list[dict[str, Any]]] = {}
     for kind, mask in kinds.items():
         if kind == "unchanged":
             continue
         rows = joined.take(arrow.from_numpy(mask.nonzero()[0][:examples])).to_pylist()
-        shown_examples[kind] = [
+        found[kind] = [
             {**{c: value(r, c) for c in shown},
              **({"label": r["label_b"], "split": r["split_b"]} if kind == "added" else
                 {"label": r["label_a"], "split": r["split_a"]} if kind == "removed" else
@@ -216,13 +250,7 @@ def _row_diff(folder_a, folder_b, examples: int) -> RowDiff:
                  **({c: [r[f"{c}_a"], r[f"{c}_b"]] for c in shown if c not in keys and r[f"{c}_a"] != r[f"{c}_b"]}
                     if kind == "relabelled" else {})})}
             for r in rows]
-    label_a = pc.value_counts(table_a.column("label")).to_pylist()
-    label_b = pc.value_counts(table_b.column("label")).to_pylist()
-    ca = {d["values"]: d["counts"] for d in label_a}
-    cb = {d["values"]: d["counts"] for d in label_b}
-    label_counts = {label: (ca.get(label, 0), cb.get(label, 0)) for label in sorted(set(ca) | set(cb))}
-    return RowDiff(key="id" if keys == ["id"] else "+".join(keys), counts={k: int(v.sum()) for k, v in kinds.items()},
-                   examples=shown_examples, label_counts=label_counts)
+    return {k: int(v.sum()) for k, v in kinds.items()}, found
 
 
 def format_diff(d: Diff, limit: int = 20) -> str:

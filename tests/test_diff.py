@@ -133,6 +133,34 @@ def test_without_ids_rows_are_matched_by_text_and_copies_are_counted(publish, tm
     assert d.rows.examples["copies"][0]["copies"] == [1, 2]
 
 
+def test_rows_without_an_id_are_matched_by_text_and_each_is_counted(publish, tmp_path):
+    """An id column may leave rows without one (an id is checked for duplicates, not required): those rows are
+    matched by their text, not grouped under one null id that matches nothing (1 added and 1 removed for them all)."""
+    before = tickets()
+    for r in before[::6]:
+        r["id"] = ""
+    after = [dict(r) for r in before]
+    after[0]["label"] = "tech"                            # a row without an id relabelled
+    after[6]["text"] = "a rewritten billing question"     # one without an id rewritten: removed and added, by text
+    after[1]["label"] = "shipping"                        # a row with an id relabelled
+    a = publish(before, "a.csv", "dataset.id_column=id")
+    b = publish(after, "b.csv", "dataset.id_column=id")
+    d = diff_versions(registry(tmp_path), a, b)
+
+    assert d.rows.key == "id, else text"
+    counts = d.rows.counts
+    assert (counts["added"], counts["removed"], counts["relabelled"], counts["edited"], counts["copies"]) == (1, 1, 2, 0, 0)
+    assert sum(n for kind, n in counts.items() if kind != "removed") == len(after)
+    relabelled = d.rows.examples["relabelled"]
+    assert [(r["id"], r["text"], r["label"]) for r in relabelled] == [
+        ("billing-1", "billing question number 1", ["billing", "shipping"]),
+        (None, "billing question number 0", ["billing", "tech"])]
+    assert [(r["id"], r["text"]) for r in d.rows.examples["added"]] == [(None, "a rewritten billing question")]
+    assert [(r["id"], r["text"]) for r in d.rows.examples["removed"]] == [(None, "billing question number 6")]
+    cli = run_cli("artifacts", "diff", a, b, "--set", f"tracking.dir={tmp_path / 'track'}")
+    assert "rows (matched by id, else text): 1 added, 1 removed, 2 relabelled, 0 edited" in cli.stdout, cli.stdout
+
+
 def test_the_same_content_other_types_unknown_and_deleted_versions(publish, tmp_path):
     a = publish(tickets(), "a.csv")
     reg = registry(tmp_path)

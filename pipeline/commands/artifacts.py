@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     verify = sub.add_parser("verify", help="re-hash every stored object; exit 1 on any corruption")
     diff = sub.add_parser("diff", help="what changed between two versions: files, metadata, and a dataset's rows",
                           description="Compare two versions of one type: files by content hash, metadata key by key, "
-                          "and for datasets every row (matched by id, or by text when a version has no id): added, "
+                          "and for datasets every row (matched by id, or by text when a version or a row has no id): added, "
                           "removed, relabelled, moved to another split.")
     diff.add_argument("ref_a", metavar="A", help="the earlier version (name:vN or name:ALIAS)")
     diff.add_argument("ref_b", metavar="B", help="the later version")
