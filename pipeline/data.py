@@ -1314,7 +1314,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         file = files[int(i)].as_py()
         return f"row {int(rows[i])}" if file == files[int(beside)].as_py() else f"{file} row {int(rows[i])}"
 
-    ids = pc.cast(table.column(cols.id), pa.string()) if cols.id else None
+    ids = blank_as_missing(pc.cast(table.column(cols.id), pa.string())) if cols.id else None
     decoded = {}
     for c in cols.text_columns:
         strings, bad = _decode(table.column(c))
@@ -1455,6 +1455,15 @@ def is_blank(texts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """True where a text is empty or only whitespace (null where it is null). utf8_is_space stops at the first
     other character: no trimmed copy of every text is made."""
     return pc.or_kleene(pc.equal(pc.binary_length(texts), arrow.scalar(0)), pc.utf8_is_space(texts))
+
+
+def blank_as_missing(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Ids (text) that are empty or only whitespace as null: no id, as a CSV's empty field is. A quoted `""`, JSON's
+    ``""`` and spaces alike, so that rows without an id are not duplicates of one another in some formats only."""
+    blank = is_blank(ids)
+    if not pc.any(blank).as_py():
+        return ids
+    return pc.if_else(blank, arrow.strings([None])[0], ids)
 
 
 def copy_key(decoded: dict[str, pa.ChunkedArray], cols: Columns, as_written: bool = False) -> pa.ChunkedArray | pa.Array:

@@ -900,6 +900,30 @@ def test_the_same_file_cannot_be_two_splits(cfg_for, tmp_path):
                 f"dataset.split_files.validation={tmp_path / 'b.csv'}", f"dataset.split_files.test={tmp_path / '.' / 'b.csv'}")
 
 
+@pytest.mark.parametrize("fmt,blank", [("csv", ""), ("csv", "  "), ("jsonl", ""), ("jsonl", None), ("parquet", " \t")])
+def test_an_empty_or_blank_id_is_no_id_in_every_format(tmp_path, cfg_for, fmt, blank):
+    """An id column may leave rows without an id (CSV's empty field always could). An id written as "" (JSON, Parquet,
+    a CSV's quoted `""`) or as spaces is the same: no id, so such rows are not duplicates of each other, and the
+    version stores no id for them."""
+    records = rows()
+    for r in records[::4]:
+        r["id"] = blank
+    if fmt == "csv" and blank == "":  # Python's csv writes "" as an empty field: quote it, as other writers do
+        src = tmp_path / "blank.csv"
+        src.write_text("id,text,label\n" + "".join(
+            f'{chr(34) * 2 if r["id"] == "" else r["id"]},{r["text"]},{r["label"]}\n' for r in records))
+    else:
+        src = write_rows(tmp_path / f"blank.{fmt}", records)
+    cfg = cfg_for(src)
+    ref = dataset_publish.run(cfg).produced[0]
+    files = artifact_files(cfg, ref, tmp_path)
+    stored = pa.concat_tables([pq.read_table(files[f"{s}.parquet"]) for s in ("train", "validation", "test")])
+    assert stored.num_rows == len(records)
+    assert stored.column("id").null_count == len(records[::4])
+    assert sorted(i for i in stored.column("id").to_pylist() if i is not None) == sorted(
+        r["id"] for i, r in enumerate(records) if i % 4)
+
+
 def test_split_fractions_must_sum_to_one(cfg_for, tmp_path):
     from pipeline.errors import ConfigError
 

@@ -1060,6 +1060,13 @@ def test_sentence_pair_model_from_publish_to_predict(template, tmp_path, cli_her
         csvlib.writer(f).writerows([("question", "topic"), *((q, t) for _, q, t in in_file[:2])])
     named = cli_here("predict", "--model-dir", str(deployed), "--input", str(no_ids), "--json")
     assert [json.loads(line)["id"] for line in named.stdout.splitlines()] == [f"{no_ids}:1", f"{no_ids}:2"]
+    # and so is a row whose id is empty, quoted empty or blank: no id, as dataset-publish reads it
+    blank_ids = tmp_path / "blank_ids.csv"
+    blank_ids.write_text("pid,question,topic\n" + "".join(f'{pid},"{q}",{t}\n' for pid, (_, q, t) in
+                                                         zip(("", '""', "  ", "P9"), in_file[:4])))
+    named = cli_here("predict", "--model-dir", str(deployed), "--input", str(blank_ids), "--json")
+    assert [json.loads(line)["id"] for line in named.stdout.splitlines()] == [
+        f"{blank_ids}:1", f"{blank_ids}:2", f"{blank_ids}:3", "P9"], named.stderr[-2000:]
     # a model folder without them (copied by hand, or deployed before they were recorded) needs the flags
     bare = tmp_path / "bare"
     shutil.copytree(deployed, bare)

@@ -283,9 +283,10 @@ def _csv_format(args: argparse.Namespace):
 
 def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The rows of `--input` as dataset-publish reads files: every row, in order; a missing text is ""."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.data import Columns, DataError, _decode, is_blank, list_input_files, read_files
+    from pipeline.data import Columns, DataError, _decode, blank_as_missing, is_blank, list_input_files, read_files
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column to match" + args.columns_from)
@@ -309,6 +310,8 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                     "classified as the empty text, so their labels say nothing about them", n_blank, table.num_rows,
                     column, table.column("_file")[first], table.column("_row")[first])
     ids = table.column(cols.id) if cols.id else None
+    if ids is not None and pa.types.is_string(ids.type):
+        ids = blank_as_missing(ids)  # no id, as dataset-publish reads it
     if ids is not None and ids.null_count and getattr(args, "id_optional", False):  # named by file and row: text
         ids = pc.cast(ids, "string")
     for start in range(0, table.num_rows, CHUNK):
