@@ -90,6 +90,7 @@ def test_aliases_and_dependents_are_refused_and_nothing_changes(reg, tmp_path):
     trainer = run_record(reg, "fit00001", "finetune")
     reg.use("ds:v0", trainer)
     model = reg.publish("m", "model", write(tmp_path / "m", {"w.bin": "w"}), run=trainer).version
+    reg.finish_run(trainer, "finished")
     reg.set_alias("m:v0", "production")
     before = objects(reg)
 
@@ -178,6 +179,7 @@ def test_cli_delete_prune_show_and_lineage(reg, tmp_path):
     reg.use("ds:v0", trainer)
     for i in range(5):
         reg.publish("m", "model", write(tmp_path / f"m{i}", {"w.bin": f"weights {i}"}), run=trainer if i == 0 else None)
+    reg.finish_run(trainer, "finished")
     reg.set_alias("m:v1", "production")
     cli = ("--set", f"tracking.dir={track}")
 
@@ -208,6 +210,63 @@ def test_cli_delete_prune_show_and_lineage(reg, tmp_path):
 
     bad = run_cli("artifacts", "prune", "m", "--keep", "0", *cli)
     assert bad.returncode == 2 and "keep at least 1 version" in bad.stderr
+
+
+USING_RUN = """
+import os, signal, sys
+from pipeline.registry.local import LocalRegistry
+from pipeline.tracking import TrackedRun
+reg = LocalRegistry(sys.argv[1])
+run = TrackedRun(id=sys.argv[2], project="p", job_type="finetune", group=None, mode="disabled", config={}, registry=reg)
+reg.start_run(run)
+reg.use("ds:v0", run)
+print("using", flush=True)
+if sys.argv[3] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)  # ended outright: its run stays 'running' in the catalog, its lock goes
+sys.stdin.read()  # training, until told to stop
+reg.publish("m", "model", sys.argv[4], run=run)
+reg.finish_run(run, "finished")
+"""
+
+
+def test_a_version_a_running_run_uses_is_not_deleted_until_the_run_ends(reg, tmp_path):
+    """A finetune training on ds:v0 while `artifacts prune ds --keep 1` ran lost its dataset: the model it then
+    published was made from a deleted version, and evaluate refused it. A version that a run in progress (in any
+    process) uses is kept, as a version that live versions were made from is; a run whose process died is not one."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for i in range(2):
+        reg.publish("ds", "dataset", write(tmp_path / f"d{i}", {"train.parquet": f"rows {i}"}))
+    write(tmp_path / "m", {"w.bin": "weights"})
+    training = subprocess.Popen([sys.executable, "-c", USING_RUN, str(reg.root), "fit00002", "alive", str(tmp_path / "m")],
+                                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert training.stdout.readline().strip() == "using"
+        with pytest.raises(RegistryError, match=r"^ds:v0 is in use by run fit00002 \(finetune\), running now: what it "
+                                                r"makes would be made from a deleted version; delete it once that has "
+                                                r"ended, or pass --force$"):
+            reg.delete("ds:v0")
+        pruned = run_cli("artifacts", "prune", "ds", "--keep", "1", "--set", f"tracking.dir={reg.root.parent}")
+        assert pruned.returncode == 0, pruned.stderr
+        assert "kept ds:v0: ds:v0 is in use by run fit00002 (finetune), running now" in pruned.stdout
+        assert [v.ref for v in reg.list_versions(name="ds")] == ["ds:v0", "ds:v1"]
+        assert reg.delete("ds:v0", dry_run=True, force=True).version.ref == "ds:v0"  # --force overrides it
+    finally:
+        training.communicate("")  # the training ends: it publishes its model and closes its run
+    assert training.returncode == 0
+    # now the model it made holds on to it, as any model does
+    with pytest.raises(RegistryError, match=r"ds:v0 is what m:v0 was made from"):
+        reg.delete("ds:v0")
+
+    # a run whose process died without closing it (kill -9, the OOM killer) uses nothing any more
+    killed = subprocess.run([sys.executable, "-c", USING_RUN, str(reg.root), "fit00003", "killed", ""], cwd=REPO,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9 and reg.get_run("fit00003")["status"] == "crashed"
+    reg.delete("m:v0")
+    assert reg.delete("ds:v0").version.deleted_at
 
 
 def test_prune_keeps_an_older_version_that_is_latest_again(reg, tmp_path):

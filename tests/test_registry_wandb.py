@@ -176,3 +176,34 @@ def test_lineage_online_names_another_projects_runs_and_versions_where_they_are(
     published = reg.get_run(reg.to_version(data).produced_by)
     assert published["id"] == "team/shared-data/pub1" and published["project"] == "shared-data"
     assert published["produced"] == ["team/shared-data/tickets:v2"]
+
+
+def test_online_delete_refuses_a_version_a_running_run_uses():
+    """As the local registry: a dataset version a finetune is training on now is not deleted under it (its state is
+    W&B's `running`); a finished or crashed user does not hold it, and --force deletes it anyway."""
+    from pipeline.errors import RegistryError
+
+    training = _run("team", "proj", "fit9")
+    training.state = "running"
+    crashed = _run("team", "proj", "old1")
+    crashed.state = "crashed"
+    art = _artifact("team", "proj", "tickets", "v3", users=[crashed, training])
+    deleted = []
+    art.id = "a3"
+    art.delete = lambda delete_aliases: deleted.append(delete_aliases)
+
+    class Api:
+        def artifact(self, path, type=None):
+            if path.endswith(":latest"):
+                return _artifact("team", "proj", "tickets", "v4")
+            return art
+
+    reg = WandbRegistry(project="proj", entity="team")
+    reg._api = Api()
+    with pytest.raises(RegistryError, match=r"^tickets:v3 is in use by run fit9 \(finetune\), running now"):
+        reg.delete("tickets:v3")
+    assert deleted == []
+    training.state = "finished"
+    assert reg.delete("tickets:v3").latest_now == "tickets:v4" and deleted == [True]
+    training.state = "running"
+    assert reg.delete("tickets:v3", force=True).version.ref == "tickets:v3" and len(deleted) == 2

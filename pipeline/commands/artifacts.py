@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     delete.add_argument("ref", metavar="REF", help="name:vN (or name:ALIAS)")
     prune = sub.add_parser("prune", help="delete all but the newest versions of an artifact",
                            description="Delete the versions of NAME older than the newest --keep ones. Versions that "
-                           "hold an alias (production, ...) and versions other live versions were made from are kept.")
+                           "hold an alias (production, ...), versions other live versions were made from and versions a run "
+                           "in progress uses are kept.")
     prune.add_argument("name", metavar="NAME", help="artifact name")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="newest versions to keep (at least 1)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
@@ -65,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="also delete versions that hold aliases, and those aliases (delete: latest never stops it, and "
                             "moves to the newest version left; prune keeps an older version that holds latest without it)")
         q.add_argument("--force", action="store_true",
-                       help="also delete versions that live versions were made from (they can no longer be reproduced)")
+                       help="also delete versions that live versions were made from (they can no longer be reproduced), "
+                       "and versions a run in progress uses")
     for q in (ls, show, verify, diff, alias, unalias, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -229,8 +229,11 @@ def settable_alias(alias: str) -> str:
     return alias
 
 
-def check_deletable(ref: str, aliases: list[str], dependents: list[str], *, delete_aliases: bool, force: bool) -> list[str]:
-    """The refusals of `Registry.delete`, the same in both registries; returns the aliases (not `latest`) that go."""
+def check_deletable(ref: str, aliases: list[str], dependents: list[str], *, delete_aliases: bool, force: bool,
+                    in_use: list[str] = ()) -> list[str]:
+    """The refusals of `Registry.delete`, the same in both registries; returns the aliases (not `latest`) that go.
+    `in_use`: the runs running now that use the version (``run ID (JOB_TYPE)``): a finetune training on a dataset
+    version would publish a model made from a deleted one, which could be neither evaluated nor reproduced."""
     held = [a for a in aliases if a != "latest"]
     if held and not delete_aliases:
         raise RegistryError(f"{ref} holds the alias(es) {', '.join(held)}; move them first, or pass "
@@ -239,6 +242,9 @@ def check_deletable(ref: str, aliases: list[str], dependents: list[str], *, dele
         names = ", ".join(dependents)
         raise RegistryError(f"{ref} is what {names} {'was' if len(dependents) == 1 else 'were'} made from, which could "
                             f"not be reproduced without it; delete {names} first, or pass --force")
+    if in_use and not force:
+        raise RegistryError(f"{ref} is in use by {', '.join(in_use)}, running now: what {'it makes' if len(in_use) == 1 else 'they make'} "
+                            "would be made from a deleted version; delete it once that has ended, or pass --force")
     return held
 
 

@@ -762,7 +762,12 @@ class LocalRegistry:
                 "SELECT DISTINCT p.name, p.version FROM usage u JOIN versions p ON p.run_id = u.run_id "
                 "WHERE u.version_id = ? AND p.id != ? AND p.deleted_at IS NULL ORDER BY p.name, p.version",
                 (row["id"], row["id"]))]
-            held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force)
+            running = [(r[0], r[1]) for r in conn.execute(
+                "SELECT r.id, r.job_type FROM usage u JOIN runs r ON r.id = u.run_id WHERE u.version_id = ? "
+                "AND r.status = 'running' ORDER BY u.used_at", (row["id"],))]
+            in_use = [f"run {run_id} ({job_type})" for run_id, job_type in running if self._alive(run_id)]
+            held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force,
+                                   in_use=in_use)
             newest = conn.execute("SELECT id, version FROM versions WHERE name = ? AND deleted_at IS NULL AND id != ? "
                                   "ORDER BY version DESC LIMIT 1", (row["name"], row["id"])).fetchone()
             if "latest" in version.aliases:  # it moves to the newest version left
@@ -1065,15 +1070,20 @@ class LocalRegistry:
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         out = self._run_record(run_id)
-        live = self.live / run_id
         # A run read as running whose lock nobody holds: its process is gone without closing it (`start_run`), or it
         # closed the run after this read's snapshot. A run writes its status before it lets go of the lock, so a
-        # fresh read tells the two apart. Where locks do not work, no lock file is left to go by.
-        if out["status"] == "running" and (live / runlock.LOCK_FILE).exists() and runlock.holder(live) is None:
+        # fresh read tells the two apart.
+        if out["status"] == "running" and not self._alive(run_id):
             out = self._run_record(run_id)
             if out["status"] == "running":
                 out["status"] = "crashed"
         return out
+
+    def _alive(self, run_id: str) -> bool:
+        """Whether a run the catalog says is running has a process that still holds its lock (`start_run`). Where
+        locks do not work, no lock file is left to go by, and the catalog is taken at its word."""
+        live = self.live / run_id
+        return not (live / runlock.LOCK_FILE).exists() or runlock.holder(live) is not None
 
     def _run_record(self, run_id: str) -> dict[str, Any]:
         """A run as the catalog has it: its row, and the versions it produced and consumed."""

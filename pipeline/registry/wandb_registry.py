@@ -302,9 +302,11 @@ class WandbRegistry:
         """W&B soft-deletes the version and collects its files later; the same refusals as the local registry."""
         art = self._artifact(ref)
         version = self.to_version(art)
-        dependents = sorted({self._exact_ref(a) for run in art.used_by()
-                             for a in run.logged_artifacts() if a.id != art.id})
-        held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force)
+        users = list(art.used_by())
+        dependents = sorted({self._exact_ref(a) for run in users for a in run.logged_artifacts() if a.id != art.id})
+        in_use = [f"run {run.id} ({run.job_type})" for run in users if run.state == "running"]
+        held = check_deletable(version.ref, version.aliases, dependents, delete_aliases=delete_aliases, force=force,
+                               in_use=in_use)
         if dry_run:
             return DeleteResult(version=version, aliases_removed=held, latest_now=None, bytes_freed=0)
         art.delete(delete_aliases=True)  # W&B counts `latest` as an alias too; the others were checked above
