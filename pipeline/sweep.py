@@ -12,7 +12,8 @@ for each trial. Offline, a local engine with the same semantics runs on Optuna: 
 where an interrupted sweep stopped; ``bayes`` is Optuna's TPE sampler, hyperband early
 termination is Optuna's ``HyperbandPruner`` fed the validation metric at every evaluation;
 ``random`` draws from W&B's distributions exactly as documented, ``grid`` walks the cartesian
-product of the ``values`` in order and stops when it is exhausted.
+product of the ``values`` (and of int_uniform and q_uniform ranges, enumerated as W&B's grid does)
+in order and stops when it is exhausted.
 
 Every trial is a finetune run in the sweep's group on the same pinned dataset version. Trials
 publish nothing (no artifact bloat) unless asked; the best trial's model is published at the end
@@ -76,8 +77,37 @@ class SweepSpec:
 
     def grid(self) -> list[dict[str, Any]]:
         names = [p.key for p in self.params]
-        choices = [p.spec["values"] if p.distribution == "categorical" else [p.spec["value"]] for p in self.params]
-        return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+        return [dict(zip(names, combo)) for combo in itertools.product(*map(grid_values, self.params))]
+
+
+# What a grid walks: values, a constant, and the two distributions W&B's grid search enumerates itself
+GRID_DISTRIBUTIONS = ("categorical", "constant", "int_uniform", "q_uniform")
+GRID_LIMIT = 10_000  # combinations: a grid of finetunes beyond this is a mistake in the file, not a plan
+
+
+def grid_values(param: Param) -> list[Any]:
+    """A grid parameter's values in order, as W&B's grid search makes them: int_uniform from min to max, and
+    q_uniform min, min + q, ... below max (numpy's ``arange``, which W&B uses: max itself is left out)."""
+    spec = param.spec
+    if param.distribution == "categorical":
+        return list(spec["values"])
+    if param.distribution == "int_uniform":
+        return list(range(spec["min"], spec["max"] + 1))
+    if param.distribution == "q_uniform":
+        import numpy as np
+
+        return np.arange(spec["min"], spec["max"], spec["q"]).tolist()
+    return [spec["value"]]
+
+
+def _grid_size(param: Param) -> int:
+    """``len(grid_values(param))``, without making them (a grid too big to run is refused before it is built)."""
+    spec = param.spec
+    if param.distribution == "int_uniform":
+        return spec["max"] - spec["min"] + 1
+    if param.distribution == "q_uniform":
+        return max(0, math.ceil((spec["max"] - spec["min"]) / spec["q"]))  # numpy's arange length
+    return len(spec["values"]) if param.distribution == "categorical" else 1
 
 
 # -- reading and checking the sweep file -----------------------------------------------------------
@@ -236,9 +266,21 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
             raise ConfigError(f"{source}: a sweep over {key} cannot rank its trials by {metric['name']}: each trial's "
                               f"validation loss is {how}; rank them by a metric such as val/macro_f1 (goal: maximize)")
     if method == "grid":
-        bad = [p.name for p in params if p.distribution not in ("categorical", "constant")]
+        bad = [p for p in params if p.distribution not in GRID_DISTRIBUTIONS]
         if bad:
-            raise ConfigError(f"{source}: grid search needs value or values for every parameter; {bad} have distributions")
+            raise ConfigError(f"{source}: grid search needs value, values, int_uniform or q_uniform for every parameter; "
+                              f"{[p.name for p in bad]} ({', '.join(p.distribution for p in bad)}) have no grid")
+        for p in params:
+            if p.spec.get("probabilities") is not None:
+                raise ConfigError(f"{source}: parameters.{p.name}: probabilities are for random and bayes draws; a grid "
+                                  "tries every value (W&B refuses them in a grid too)")
+            if not _grid_size(p):
+                raise ConfigError(f"{source}: parameters.{p.name}: q_uniform from {p.spec['min']} to {p.spec['max']} by "
+                                  f"{p.spec['q']} has no value below max (a grid stops below max, as W&B's does)")
+        sizes = [(p.name, _grid_size(p)) for p in params]
+        if (total := math.prod(n for _, n in sizes)) > GRID_LIMIT:
+            raise ConfigError(f"{source}: grid search over {total} combinations "
+                              f"({', '.join(f'{name} {n}' for name, n in sizes)}); at most {GRID_LIMIT}: give fewer values")
     if method == "bayes":
         bad = [p.name for p in params if p.distribution in ("normal", "q_normal", "log_normal", "q_log_normal")]
         if bad:

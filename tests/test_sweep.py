@@ -466,7 +466,14 @@ def test_random_draws_follow_wandb_distributions():
     ({"metric": {"name": "train/perplexity", "goal": "minimize"}},
      "metric.name 'train/perplexity' is not logged by the finetune stage; use one of eval/accuracy"),
     ({"method": "grid", "parameters": {"learning_rate": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
-     "grid search needs value or values"),
+     r"grid search needs value, values, int_uniform or q_uniform for every parameter; \['learning_rate'\] "
+     r"\(uniform\) have no grid"),
+    ({"method": "grid", "parameters": {"batch_size": {"values": [8, 16], "probabilities": [0.5, 0.5]}}},
+     r"parameters.batch_size: probabilities are for random and bayes draws; a grid tries every value"),
+    ({"method": "grid", "parameters": {"batch_size": {"distribution": "q_uniform", "min": 8, "max": 8, "q": 8}}},
+     r"parameters.batch_size: q_uniform from 8 to 8 by 8 has no value below max"),
+    ({"method": "grid", "parameters": {"seed": {"distribution": "int_uniform", "min": 0, "max": 10 ** 6}}},
+     r"grid search over 1000001 combinations \(seed 1000001\); at most 10000"),
     ({"early_terminate": {"type": "median"}}, "early_terminate.type must be hyperband"),
     ({"parameters": {"learning_rate": {"min": float("nan"), "max": 0.01}}}, "parameters.learning_rate: min must be a "
                                                                           "finite number"),
@@ -531,6 +538,19 @@ def test_a_bad_sweep_config_is_one_message_before_any_trial(cfg, tmp_path):
     assert registry(c).list_versions(type="model") == []
     assert set((Path(c.tracking.dir) / "wandb").glob("offline-run-*")) == runs  # no run opened
     assert [r for r in registry(c).list_versions() if r.type == "dataset"]  # only the dataset from the fixture
+
+
+def test_a_grid_enumerates_int_uniform_and_q_uniform_as_w_and_b_does():
+    """W&B's grid search takes int_uniform (min to max) and q_uniform (min, min + q, ... below max: numpy's arange,
+    as W&B's own grid builds it) besides values; a sweep file `wandb sweep` runs was refused offline."""
+    spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss"}, "parameters": {
+        "epochs": {"distribution": "int_uniform", "min": 1, "max": 3},
+        "batch_size": {"distribution": "q_uniform", "min": 8, "max": 32, "q": 8},
+        "warmup_ratio": {"value": 0.1}}})
+    grid = spec.grid()
+    assert [(g["train.epochs"], g["train.batch_size"]) for g in grid] == [
+        (e, b) for e in (1, 2, 3) for b in (8, 16, 24)]
+    assert {g["train.warmup_ratio"] for g in grid} == {0.1} and all(type(g["train.batch_size"]) is int for g in grid)
 
 
 def test_class_weights_can_be_searched_when_trials_are_ranked_by_another_metric():
