@@ -76,8 +76,11 @@ class SweepSpec:
         return self.goal == "maximize"
 
     def grid(self) -> list[dict[str, Any]]:
-        names = [p.key for p in self.params]
-        return [dict(zip(names, combo)) for combo in itertools.product(*map(grid_values, self.params))]
+        """Every combination, in W&B's grid order: the product over the parameters sorted by name (W&B's
+        `HyperParameterSet` sorts them), each one's values in order (`grid_values`)."""
+        ordered = sorted(self.params, key=lambda p: p.name)
+        names = [p.key for p in ordered]
+        return [dict(zip(names, combo)) for combo in itertools.product(*map(grid_values, ordered))]
 
 
 # What a grid walks: values, a constant, and the two distributions W&B's grid search enumerates itself

@@ -542,14 +542,16 @@ def test_a_bad_sweep_config_is_one_message_before_any_trial(cfg, tmp_path):
 
 def test_a_grid_enumerates_int_uniform_and_q_uniform_as_w_and_b_does():
     """W&B's grid search takes int_uniform (min to max) and q_uniform (min, min + q, ... below max: numpy's arange,
-    as W&B's own grid builds it) besides values; a sweep file `wandb sweep` runs was refused offline."""
+    as W&B's own grid builds it) besides values; a sweep file `wandb sweep` runs was refused offline. The points come
+    in W&B's order, the product over the parameters sorted by name (not as the file lists them), so a grid cut short
+    by --count runs the same points offline as online."""
     spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss"}, "parameters": {
         "epochs": {"distribution": "int_uniform", "min": 1, "max": 3},
         "batch_size": {"distribution": "q_uniform", "min": 8, "max": 32, "q": 8},
         "warmup_ratio": {"value": 0.1}}})
     grid = spec.grid()
-    assert [(g["train.epochs"], g["train.batch_size"]) for g in grid] == [
-        (e, b) for e in (1, 2, 3) for b in (8, 16, 24)]
+    assert [(g["train.batch_size"], g["train.epochs"]) for g in grid] == [
+        (b, e) for b in (8, 16, 24) for e in (1, 2, 3)]
     assert {g["train.warmup_ratio"] for g in grid} == {0.1} and all(type(g["train.batch_size"]) is int for g in grid)
 
 
