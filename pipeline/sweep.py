@@ -173,6 +173,12 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
     where = f"{source}: parameters.{name}"
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping (value, values, distribution, min, max, ...)")
+    if isinstance(spec.get("parameters"), dict) and spec["parameters"]:
+        # W&B's nested form would set the trial run's whole `train` (or `model`) config key, which W&B then locks
+        # against the stage's own record of that group: the run would show the swept keys of it only.
+        inner = next(iter(spec["parameters"]))
+        raise ConfigError(f"{where}: nested parameters (`parameters:` inside a parameter) are not taken; name each "
+                          f"swept key with dots instead, e.g. `{name}.{inner}:` at the top of parameters")
     key = name if "." in name else f"train.{name}"
     if key not in keys:
         near = [k for k in keys if k.endswith("." + name.split(".")[-1])]

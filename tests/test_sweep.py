@@ -474,6 +474,9 @@ def test_random_draws_follow_wandb_distributions():
      r"parameters.batch_size: q_uniform from 8 to 8 by 8 has no value below max"),
     ({"method": "grid", "parameters": {"seed": {"distribution": "int_uniform", "min": 0, "max": 10 ** 6}}},
      r"grid search over 1000001 combinations \(seed 1000001\); at most 10000"),
+    ({"parameters": {"train": {"parameters": {"learning_rate": {"values": [1e-3]}}}}},
+     r"parameters.train: nested parameters \(`parameters:` inside a parameter\) are not taken; name each swept key "
+     r"with dots instead, e.g. `train.learning_rate:` at the top of parameters"),
     ({"early_terminate": {"type": "median"}}, "early_terminate.type must be hyperband"),
     ({"parameters": {"learning_rate": {"min": float("nan"), "max": 0.01}}}, "parameters.learning_rate: min must be a "
                                                                           "finite number"),
