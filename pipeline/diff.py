@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.printable import one_line
 from pipeline.registry.base import ArtifactVersion
 
 SPLITS = ("train", "validation", "test")
@@ -320,7 +321,7 @@ def _list_change(a: Any, b: Any, width: int = 80) -> str | None:
     import json
 
     def listed(values: list) -> str:
-        text = json.dumps(values, default=str, ensure_ascii=False).translate(_ESCAPES)
+        text = one_line(json.dumps(values, default=str, ensure_ascii=False))
         return text if len(text) <= width else text[: width - 3] + "..."
 
     if max(len(listed(a)), len(listed(b))) < width:
@@ -338,7 +339,6 @@ def _list_change(a: Any, b: Any, width: int = 80) -> str | None:
     return "; ".join(said)
 
 
-_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 def _short(value: Any, width: int = 80) -> str:
@@ -346,9 +346,9 @@ def _short(value: Any, width: int = 80) -> str:
 
     if value is ABSENT:
         return "(absent)"
-    # a line break or tab inside a text would break the report's lines: written as \n, \t
-    text = value.translate(_ESCAPES) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str,
-                                                                               ensure_ascii=False)  # Höhe, not H\u00f6he
+    # a line break or tab inside a text would break the report's lines: written as \n, \t (`one_line`)
+    text = one_line(value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str,
+                                                                    ensure_ascii=False))  # Höhe, not H\u00f6he
     if isinstance(value, list) and len(value) == 2 and not isinstance(value[0], (dict, list)):
         text = f"{_short(value[0], width // 2)} -> {_short(value[1], width // 2)}"
     return text if len(text) <= width else text[: width - 3] + "..."

@@ -200,6 +200,9 @@ def test_a_value_shown_in_a_report_keeps_its_letters():
     """Label names are often not ASCII; JSON's \\u00f6 escapes made `Höhe` unreadable in the report."""
     assert _short(["Höhe & Co", "🚀", "tab\there"]) == '["Höhe & Co", "🚀", "tab\\there"]'
     assert _short("über\nalles") == "über\\nalles"
+    # and cannot drive the terminal it is printed on: control characters and direction overrides come escaped
+    assert _short("red \x1b[31m\u2028\u202eevil") == "red \\x1b[31m\\u2028\\u202eevil"
+    assert _short({"label": "\x9bx\u2066"}) == '{"label": "\\x9bx\\u2066"}'
 
 
 

@@ -744,6 +744,14 @@ def test_predict_command_and_function(env, template, tmp_path, cli_here):
     assert "1 of 2 texts are longer than the model's max_length" in long.stderr
     label, score, text = out.stdout.strip().split("\t")
     assert label == "billing" and 0 < float(score) <= 1 and text == "i was charged twice for my invoice"
+    # A text (any data's) prints on its own line, and cannot drive the terminal: what splits lines (\x0b, NEL,
+    # U+2028, as str.splitlines() does) is a space as a tab or line break is, and a control character (a terminal
+    # escape sequence's ESC, DEL, C1) or a direction override is written escaped, as `cat -v` would show it.
+    odd = cli_here("predict", "--model-dir", str(dest), "red \x1b[31malert\x1b[0m", "a\x0bb\x85c\u2028d\u2029e",
+                   "\u202eevil\x7f\x9b")
+    assert odd.returncode == 0, odd.stderr
+    shown = [line.split("\t")[-1] for line in odd.stdout.splitlines()]
+    assert shown == ["red \\x1b[31malert\\x1b[0m", "a b c d e", "\\u202eevil\\x7f\\x9b"], odd.stdout
     js = cli_here("predict", "--model-dir", str(dest), "--json", "--top-k", "2", "tracking for my order has not updated since monday")
     row = json.loads(js.stdout)
     assert row["label"] == "shipping" and len(row["top"]) == 2

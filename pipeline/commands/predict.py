@@ -143,14 +143,16 @@ def _print(record: dict[str, Any], args: argparse.Namespace) -> None:
         print(json.dumps(record))
         return
     # one line per text, one column per field: a file's text or id, or a label as the training data wrote it, may
-    # hold line breaks or tabs (--json and --output keep them)
+    # hold line breaks, tabs or a terminal's escape sequences (--json and --output keep them as they are)
     scores = "\t".join(f"{_one_line(args.as_written[t['label']])}\t{t['score']:.4f}" for t in record["top"])
     texts = [_one_line(record["text"]), *([_one_line(record["text_pair"])] if "text_pair" in record else [])]
     print("\t".join([*([_one_line(str(record["id"]))] if "id" in record else []), scores, *texts]))
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " ")
+    from pipeline.printable import one_line
+
+    return one_line(text, breaks_as_spaces=True)
 
 
 def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int, as_written: dict[Any, str]) -> int:
