@@ -279,7 +279,7 @@ def format_diff(d: Diff, limit: int = 20) -> str:
                 lines.append(f"    {kind} (first {len(rows)}):")
                 for row in rows:
                     lines.append("      " + "  ".join(f"{k}={_short(_unless_same(v), 60)}" for k, v in row.items()))
-        moved = [f"{label} {a} -> {b}" for label, (a, b) in r.label_counts.items() if a != b]
+        moved = [f"{one_line(label)} {a} -> {b}" for label, (a, b) in r.label_counts.items() if a != b]
         lines.append(f"  rows per label: {'; '.join(moved) if moved else 'the same'}")
     return "\n".join(lines)
 

@@ -477,6 +477,23 @@ def test_a_value_exactly_at_its_threshold_passes_whatever_floating_point_makes_o
         assert not decide(GateConfig(max_regression=0.1, regression_test=test), below.challenger, below, ["a", "b"]).passed
 
 
+def test_a_label_with_control_characters_is_shown_escaped_in_the_gate_reasons():
+    """Labels are the data's: one holding a terminal escape sequence or a line break is written escaped in the
+    gate's check names and reasons, which the stage logs and prints."""
+    from pipeline.config import GateConfig
+    from pipeline.stages.evaluate import Scored, decide
+
+    labels = ["\x1b[2Jwipe", "two\nlines"]
+    challenger = Scored(ref="m:v2", metrics={"accuracy": 0.5, "macro_f1": 0.5},
+                        per_class={name: {"recall": 0.5, "support": 10} for name in labels},
+                        confusion=np.zeros((2, 2)), calibration={}, logp=np.zeros((0, 2)), refs=np.zeros(0, dtype=np.int64),
+                        label_names=labels)
+    decision = decide(GateConfig(min_class_recall=0.9, better_than_chance=False), challenger, None, labels)
+    recall = [c for c in decision.checks if c["check"].startswith("recall[")]
+    assert [c["check"] for c in recall] == ["recall[\\x1b[2Jwipe]", "recall[two\\nlines]"]
+    assert all("\x1b" not in c["reason"] and "\n" not in c["reason"] for c in recall)
+
+
 def test_thresholds_and_no_promote(env):
     strict = env("evaluate.gate.min_accuracy=0.99", "evaluate.gate.min_class_recall=0.99")
     result = evaluate.run(strict)

@@ -22,6 +22,7 @@ from pipeline.basemodel import check_code_trusted
 from pipeline.config import Config, GateConfig
 from pipeline.errors import AliasMoved, ConfigError, RefError, RegistryError, StageFailed, near_label
 from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, paired_bootstrap, scores
+from pipeline.printable import one_line
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry, tracked_run
 
@@ -187,10 +188,11 @@ def decide(gate: GateConfig, challenger: Scored, comparison: Comparison | None, 
     if gate.better_than_chance and challenger.confusion.sum():
         checks.append(chance_check(challenger))
     for label, minimum in class_recall_minimums(gate, label_names).items():
-        check = _check(f"recall[{label}]", challenger.per_class[label]["recall"], "below evaluate.gate.min_class_recall",
+        shown = one_line(label)  # the data's label, in a line of the stage's output
+        check = _check(f"recall[{shown}]", challenger.per_class[label]["recall"], "below evaluate.gate.min_class_recall",
                        minimum)
         if not challenger.per_class[label]["support"] and minimum > 0:  # another dataset version may lack the label
-            check |= {"passed": False, "reason": f"recall[{label}] cannot be checked: the split has no row labelled "
+            check |= {"passed": False, "reason": f"recall[{shown}] cannot be checked: the split has no row labelled "
                                                  f"{label!r} (evaluate.gate.min_class_recall asks for {minimum:.4f})"}
         checks.append(check)
     if comparison is not None:
