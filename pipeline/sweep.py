@@ -308,6 +308,11 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
         for k in ("min_iter", "max_iter", "s", "eta"):
             if k in et and not (isinstance(et[k], int) and not isinstance(et[k], bool) and et[k] > 0):  # `true` is no count
                 raise ConfigError(f"{source}: early_terminate.{k} must be a positive integer")
+        if et.get("eta", 3) < 2:  # W&B's schema: above 1 (each band keeps the best 1/eta of the trials)
+            raise ConfigError(f"{source}: early_terminate.eta must be above 1: each band keeps the best 1/eta of the trials")
+        if "max_iter" in et and "min_iter" not in et and "s" not in et:  # W&B's schema: max_iter with s, or min_iter
+            raise ConfigError(f"{source}: early_terminate with max_iter needs s, the number of bands below it (as W&B "
+                              "requires), or give min_iter")
         hyperband = dict(et)
     run_cap = raw.get("run_cap")
     if run_cap is not None and not (isinstance(run_cap, int) and not isinstance(run_cap, bool) and run_cap > 0):
@@ -548,10 +553,25 @@ def _pruner(spec: SweepSpec, config: Config):
     if not spec.hyperband:
         return optuna.pruners.NopPruner()
     hb = spec.hyperband
-    # W&B counts hyperband iterations in logged metric values: here, evaluations of the validation split
-    return optuna.pruners.HyperbandPruner(min_resource=hb.get("min_iter", 1),
+    return optuna.pruners.HyperbandPruner(min_resource=_first_band(hb),
                                           max_resource=hb.get("max_iter", _evaluations_per_trial(config) or "auto"),
                                           reduction_factor=hb.get("eta", 3))
+
+
+def _first_band(hb: dict[str, Any]) -> int:
+    """The first evaluation at which hyperband compares trials. W&B counts its iterations in logged metric values:
+    here, evaluations of the validation split. Given ``max_iter`` and ``s`` (and no ``min_iter``), W&B's bands are
+    max_iter / eta, / eta**2, ... s of them, each at least 1: the first is the last of those."""
+    if "min_iter" in hb or "max_iter" not in hb:
+        return hb.get("min_iter", 1)
+    eta, band = hb.get("eta", 3), hb["max_iter"]
+    first = band
+    for _ in range(hb["s"]):
+        band /= eta
+        if band < 1:
+            break
+        first = int(band)
+    return first
 
 
 def _sampler(spec: SweepSpec, seed: int):

@@ -516,6 +516,9 @@ def test_random_draws_follow_wandb_distributions():
      r"the offline bayes engine \(Optuna TPE\) needs bounded parameters; \['warmup_ratio'\] are unbounded normals"),
     ({"early_terminate": {"type": "hyperband", "min_iter": 2, "rungs": 3}}, r"early_terminate has unknown keys \['rungs'\]"),
     ({"early_terminate": {"type": "hyperband"}}, "early_terminate needs min_iter or max_iter"),
+    ({"early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 1}}, "early_terminate.eta must be above 1"),
+    ({"early_terminate": {"type": "hyperband", "max_iter": 9}}, "early_terminate with max_iter needs s, the number of "
+                                                               "bands below it"),
     ({"early_terminate": {"type": "hyperband", "min_iter": 0}}, "early_terminate.min_iter must be a positive integer"),
     ({"early_terminate": {"type": "hyperband", "min_iter": True}}, "early_terminate.min_iter must be a positive integer"),
     ({"run_cap": 0}, "run_cap must be a positive integer"),
@@ -651,6 +654,21 @@ def test_a_dataset_for_evaluation_only_is_refused_before_the_first_trial(cfg):
     with pytest.raises(ConfigError, match="golden:v0 has no train rows"):
         sweeps.run(c, sweep=spec, count=1)
     assert registry(c).list_versions(type="model") == [] and not (Path(c.tracking.dir) / "sweeps").exists()
+
+
+@pytest.mark.parametrize("early_terminate, first", [
+    ({"min_iter": 2, "eta": 3}, 2),
+    ({"max_iter": 27, "s": 2, "eta": 3}, 3),   # W&B's bands: 27 / 3 = 9, 9 / 3 = 3
+    ({"max_iter": 27, "s": 5, "eta": 3}, 1),   # 9, 3, 1, and no band below 1
+    ({"max_iter": 10, "s": 1}, 3),             # eta 3 by default: int(10 / 3)
+])
+def test_hyperband_compares_trials_first_where_w_and_b_s_first_band_is(cfg, early_terminate, first):
+    """With max_iter and s, W&B's hyperband puts its bands at max_iter / eta, / eta**2, ...; the offline pruner started
+    at evaluation 1 whatever they said."""
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [1e-3]}},
+                               "early_terminate": {"type": "hyperband", **early_terminate}})
+    assert sweeps._pruner(spec, cfg())._min_resource == first
 
 
 def test_a_trial_the_pruner_rejects_at_its_last_evaluation_ran_in_full_and_is_complete():
