@@ -338,11 +338,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
 def sample_random(param: Param, rng) -> Any:
     """One draw from a W&B sweep distribution, as W&B documents them."""
     s, d = param.spec, param.distribution
-    q = s.get("q", 1)
 
     def quant(x):
-        v = round(x / q) * q
-        return int(v) if isinstance(q, int) else float(v)
+        return _quantised(x, s.get("q", 1))
 
     if d == "constant":
         return s["value"]
@@ -378,8 +376,15 @@ def sample_random(param: Param, rng) -> Any:
     return quant(math.exp(x))  # q_log_normal
 
 
+def _quantised(x: float, q: int | float) -> int | float:
+    """`x` rounded to a multiple of `q`, as W&B's q_ distributions give it: a whole number when `q` is one."""
+    v = round(x / q) * q
+    return int(v) if isinstance(q, int) else float(v)
+
+
 def suggest_bayes(param: Param, trial) -> Any:
-    """The same parameter as an Optuna suggestion, for TPE."""
+    """The same parameter as an Optuna suggestion, for TPE; a q_ distribution's value quantised as `sample_random`
+    quantises it (TPE models the value before rounding)."""
     s, d = param.spec, param.distribution
     if d == "constant":
         return s["value"]
@@ -387,17 +392,17 @@ def suggest_bayes(param: Param, trial) -> Any:
         return trial.suggest_categorical(param.key, s["values"])
     if d == "int_uniform":
         return trial.suggest_int(param.key, s["min"], s["max"])
-    if d == "uniform":
-        return trial.suggest_float(param.key, s["min"], s["max"])
-    if d == "q_uniform":
-        return trial.suggest_float(param.key, s["min"], s["max"], step=s.get("q", 1))
-    if d in ("log_uniform", "q_log_uniform"):
-        return trial.suggest_float(param.key, math.exp(s["min"]), math.exp(s["max"]), log=True)
-    if d in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values"):
-        return trial.suggest_float(param.key, s["min"], s["max"], log=True)
-    if d == "inv_log_uniform":
-        return trial.suggest_float(param.key, math.exp(-s["max"]), math.exp(-s["min"]), log=True)
-    raise ConfigError(f"bayes cannot sample {param.name} ({d})")
+    if d in ("uniform", "q_uniform"):
+        x = trial.suggest_float(param.key, s["min"], s["max"])
+    elif d in ("log_uniform", "q_log_uniform"):
+        x = trial.suggest_float(param.key, math.exp(s["min"]), math.exp(s["max"]), log=True)
+    elif d in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values"):
+        x = trial.suggest_float(param.key, s["min"], s["max"], log=True)
+    elif d == "inv_log_uniform":
+        x = trial.suggest_float(param.key, math.exp(-s["max"]), math.exp(-s["min"]), log=True)
+    else:
+        raise ConfigError(f"bayes cannot sample {param.name} ({d})")
+    return _quantised(x, s.get("q", 1)) if d.startswith("q_") else float(x)
 
 
 # -- trials ----------------------------------------------------------------------------------

@@ -561,6 +561,28 @@ def test_a_grid_enumerates_int_uniform_and_q_uniform_as_w_and_b_does():
     assert {g["train.warmup_ratio"] for g in grid} == {0.1} and all(type(g["train.batch_size"]) is int for g in grid)
 
 
+def test_bayes_draws_quantised_values_as_random_does():
+    """The offline bayes engine drew q_log_uniform(_values) parameters unquantised (a batch size of 13.65: every
+    trial was refused) and q_uniform ones as floats; they are multiples of q, whole numbers when q is, as W&B's."""
+    import optuna
+
+    spec = sweeps.parse_sweep({"method": "bayes", "metric": {"name": "val/loss"}, "parameters": {
+        "batch_size": {"distribution": "q_log_uniform_values", "min": 8, "max": 64, "q": 8},
+        "eval_batch_size": {"distribution": "q_uniform", "min": 8, "max": 64, "q": 8},
+        "logging_steps": {"distribution": "q_log_uniform", "min": 0, "max": 4},  # q 1 by default: whole numbers
+        "warmup_ratio": {"distribution": "q_uniform", "min": 0.0, "max": 0.3, "q": 0.1}}})
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+    for _ in range(12):
+        trial = study.ask()
+        drawn = {p.key: sweeps.suggest_bayes(p, trial) for p in spec.params}
+        study.tell(trial, float(drawn["train.batch_size"]))
+        for key in ("train.batch_size", "train.eval_batch_size"):
+            assert type(drawn[key]) is int and drawn[key] % 8 == 0 and 8 <= drawn[key] <= 64, drawn
+        assert type(drawn["train.logging_steps"]) is int and 1 <= drawn["train.logging_steps"] <= 55, drawn
+        assert isinstance(drawn["train.warmup_ratio"], float) and round(drawn["train.warmup_ratio"] * 10, 6) % 1 == 0
+        sweeps.trial_config(load_config(None, ["dataset.name=t", "dataset.source=x.csv", "model.name=m"]), drawn, spec)
+
+
 def test_class_weights_can_be_searched_when_trials_are_ranked_by_another_metric():
     spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/macro_f1", "goal": "maximize"},
                                "parameters": {"class_weights": {"values": ["none", "balanced"]}}})
