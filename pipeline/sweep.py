@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 METHODS = ("random", "grid", "bayes")
 DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform", "log_uniform_values",
                  "q_log_uniform", "q_log_uniform_values", "inv_log_uniform", "inv_log_uniform_values", "normal", "q_normal",
-                 "log_normal", "q_log_normal")
+                 "log_normal", "q_log_normal", "beta", "q_beta")
 STAGE_METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "weighted_f1", "loss")
 _PREFIXES = ("eval", "val", "valid", "validation")
 _ALIASES = {"f1": "macro_f1", "acc": "accuracy", "precision": "macro_precision", "recall": "macro_recall"}
@@ -189,14 +189,14 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
                                      "reach them" if key.startswith("dataset.") else "it does not change what a trial trains")
         raise ConfigError(f"{where}: {key} cannot be swept: {why}; a trial's model is shaped by train.* and model.* "
                           f"(not {' or '.join(NOT_SWEPT)})")
-    numbers = {k: spec[k] for k in ("min", "max", "mu", "sigma", "q") if isinstance(spec.get(k), float)}
+    numbers = {k: spec[k] for k in ("min", "max", "mu", "sigma", "q", "a", "b") if isinstance(spec.get(k), float)}
     if any(not math.isfinite(v) for v in numbers.values()):  # .nan or .inf in YAML: every draw would be refused
         raise ConfigError(f"{where}: {', '.join(k for k, v in numbers.items() if not math.isfinite(v))} must be a finite "
                           "number")
     dist = _infer_distribution(name, spec, where)
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
-    known = {"distribution", "value", "values", "probabilities", "min", "max", "mu", "sigma", "q"}
+    known = {"distribution", "value", "values", "probabilities", "min", "max", "mu", "sigma", "q", "a", "b"}
     extra = sorted(set(spec) - known)
     if extra:
         raise ConfigError(f"{where}: unknown keys {extra}")
@@ -230,6 +230,9 @@ def _check_param(name: str, spec: Any, keys: dict[str, Any], source: str) -> Par
             raise ConfigError(f"{where}: mu and sigma must be numbers")
         if spec.get("sigma", 1) <= 0:
             raise ConfigError(f"{where}: sigma must be above 0")
+    if dist in ("beta", "q_beta") and not all(isinstance(spec.get(k, 1), (int, float)) and not isinstance(spec.get(k), bool)
+                                              and spec.get(k, 1) > 0 for k in ("a", "b")):
+        raise ConfigError(f"{where}: {dist}'s a and b must be numbers above 0")
     if "q" in spec and not (isinstance(spec["q"], (int, float)) and spec["q"] > 0):
         raise ConfigError(f"{where}: q must be a number above 0")
     return Param(name=name, key=key, distribution=dist, spec=dict(spec))
@@ -365,6 +368,9 @@ def sample_random(param: Param, rng) -> Any:
         return float(math.exp(-rng.uniform(s["min"], s["max"])))
     if d == "inv_log_uniform_values":  # 1/X log-uniform between 1/max and 1/min
         return float(1.0 / math.exp(rng.uniform(math.log(1 / s["max"]), math.log(1 / s["min"]))))
+    if d in ("beta", "q_beta"):  # on [0, 1]; a and b 1 by default, as W&B's schema has them
+        x = float(rng.beta(s.get("a", 1), s.get("b", 1)))
+        return quant(x) if d == "q_beta" else x
     mu, sigma = s.get("mu", 0.0), s.get("sigma", 1.0)
     x = rng.normal(mu, sigma)
     if d == "normal":
@@ -400,6 +406,8 @@ def suggest_bayes(param: Param, trial) -> Any:
         x = trial.suggest_float(param.key, s["min"], s["max"], log=True)
     elif d == "inv_log_uniform":
         x = trial.suggest_float(param.key, math.exp(-s["max"]), math.exp(-s["min"]), log=True)
+    elif d in ("beta", "q_beta"):  # TPE searches its support, [0, 1]
+        x = trial.suggest_float(param.key, 0.0, 1.0)
     else:
         raise ConfigError(f"bayes cannot sample {param.name} ({d})")
     return _quantised(x, s.get("q", 1)) if d.startswith("q_") else float(x)
@@ -903,6 +911,9 @@ class _End:
 
     def normal(self, mu, sigma):
         return mu
+
+    def beta(self, a, b):
+        return 1.0 if self.high else 0.0
 
 
 PROBES = 8  # draws of each distribution checked, besides its ends

@@ -561,6 +561,23 @@ def test_a_grid_enumerates_int_uniform_and_q_uniform_as_w_and_b_does():
     assert {g["train.warmup_ratio"] for g in grid} == {0.1} and all(type(g["train.batch_size"]) is int for g in grid)
 
 
+def test_beta_distributions_are_drawn_as_w_and_b_draws_them():
+    """W&B's sweep configs take beta and q_beta (a, b; 1 by default); the offline engines refused them as unknown."""
+    import numpy as np
+
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"}, "parameters": {
+        "warmup_ratio": {"distribution": "beta", "a": 2, "b": 5},
+        "weight_decay": {"distribution": "q_beta", "q": 0.25}}})
+    rng = np.random.default_rng(0)
+    draws = [{p.key: sweeps.sample_random(p, rng) for p in spec.params} for _ in range(4000)]
+    warmup = [d["train.warmup_ratio"] for d in draws]
+    assert all(0 <= w <= 1 for w in warmup) and abs(np.mean(warmup) - 2 / 7) < 0.01  # the mean of beta(2, 5)
+    assert {d["train.weight_decay"] for d in draws} == {0.0, 0.25, 0.5, 0.75, 1.0}
+    with pytest.raises(ConfigError, match="parameters.warmup_ratio: beta's a and b must be numbers above 0"):
+        sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                            "parameters": {"warmup_ratio": {"distribution": "beta", "a": 0}}})
+
+
 def test_bayes_draws_quantised_values_as_random_does():
     """The offline bayes engine drew q_log_uniform(_values) parameters unquantised (a batch size of 13.65: every
     trial was refused) and q_uniform ones as floats; they are multiples of q, whole numbers when q is, as W&B's."""
@@ -570,6 +587,7 @@ def test_bayes_draws_quantised_values_as_random_does():
         "batch_size": {"distribution": "q_log_uniform_values", "min": 8, "max": 64, "q": 8},
         "eval_batch_size": {"distribution": "q_uniform", "min": 8, "max": 64, "q": 8},
         "logging_steps": {"distribution": "q_log_uniform", "min": 0, "max": 4},  # q 1 by default: whole numbers
+        "weight_decay": {"distribution": "q_beta", "q": 0.5},
         "warmup_ratio": {"distribution": "q_uniform", "min": 0.0, "max": 0.3, "q": 0.1}}})
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
     for _ in range(12):
@@ -580,6 +598,7 @@ def test_bayes_draws_quantised_values_as_random_does():
             assert type(drawn[key]) is int and drawn[key] % 8 == 0 and 8 <= drawn[key] <= 64, drawn
         assert type(drawn["train.logging_steps"]) is int and 1 <= drawn["train.logging_steps"] <= 55, drawn
         assert isinstance(drawn["train.warmup_ratio"], float) and round(drawn["train.warmup_ratio"] * 10, 6) % 1 == 0
+        assert drawn["train.weight_decay"] in (0.0, 0.5, 1.0)
         sweeps.trial_config(load_config(None, ["dataset.name=t", "dataset.source=x.csv", "model.name=m"]), drawn, spec)
 
 
