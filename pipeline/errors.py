@@ -135,9 +135,10 @@ def full_path(e: BaseException) -> str | None:
     rename's destination (``filename2``; its ``filename`` is the source, which may be on another disk), else the
     file written."""
     named = [c for c in _causes(e) if isinstance(c, OSError) and (c.filename2 or c.filename)]
-    for c in sorted(named, key=lambda c: c.errno not in (errno.ENOSPC, errno.EDQUOT)):  # the one that said so first
-        return str(c.filename2 or c.filename)
-    return None
+    if not named:
+        return None
+    said = min(named, key=lambda c: c.errno not in (errno.ENOSPC, errno.EDQUOT))  # the first that said "no space"
+    return str(said.filename2 or said.filename)
 
 
 def _nearly_full(where: str | os.PathLike) -> bool:
