@@ -254,3 +254,27 @@ def test_the_report_lists_what_made_a_model_first_and_numbers_with_the_digits_th
     assert lines[1].strip() == "metrics.best.accuracy: 0.9231 -> 0.8824"
     assert lines[2].strip() == "metrics.best.loss: 0.123456789 -> 0.123456788"  # as many digits as differ
     assert lines[3].strip() == "zeta: 0 -> 1"
+
+
+def test_one_line_leaves_no_line_break_control_character_or_direction_override():
+    """`printable.one_line` on random text: one line for str.splitlines(), no control character (Cc) or
+    bidirectional override left; text without them comes back unchanged."""
+    import random
+    import unicodedata
+
+    from pipeline.printable import one_line
+
+    rng = random.Random(0)
+    pool = [chr(c) for c in [*range(0x250), *range(0x2000, 0x2070), 0x1F600, 0xFEFF, 0x200B]]
+
+    def override(c: str) -> bool:
+        return 0x202A <= ord(c) <= 0x202E or 0x2066 <= ord(c) <= 0x2069
+
+    for _ in range(5000):
+        text = "".join(rng.choice(pool) for _ in range(rng.randrange(30)))
+        for spaces in (False, True):
+            shown = one_line(text, breaks_as_spaces=spaces)
+            assert len(shown.splitlines()) <= 1, (text, shown)
+            assert not any(unicodedata.category(c) == "Cc" or override(c) for c in shown), (text, shown)
+        plain = "".join(c for c in text if unicodedata.category(c) != "Cc" and c not in "\u2028\u2029" and not override(c))
+        assert one_line(plain) == plain == one_line(plain, breaks_as_spaces=True)
