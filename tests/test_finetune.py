@@ -257,6 +257,34 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
 
 
+def test_the_dataset_an_interrupted_run_resumes_from_is_not_deleted_under_it(tmp_path, tiny_model, tickets_csv, cli_here):
+    """A training stopped with checkpoints is continued with --resume on its dataset version; a nightly
+    `artifacts prune` in between deleted that version, and with it the resume (and the data to train again from)."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
+    dataset_publish.run(cfg)
+    dataset_publish.run(make_cfg(tmp_path, tiny_model, tickets_csv, "dataset.split.seed=7"))  # tickets:v1, newer
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, dataset="tickets:v0", callbacks=(StopAt(6),))
+    run_id = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    folder = Path(cfg.tracking.dir).resolve() / "checkpoints" / "clf" / run_id
+    track = ("--set", f"tracking.dir={cfg.tracking.dir}")
+
+    refused = cli_here("artifacts", "delete", "tickets:v0", *track)
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stderr.strip() == (
+        f"error: tickets:v0 is what interrupted finetune run {run_id} resumes from (its checkpoints: {folder}); "
+        f"continue it (finetune --resume {run_id}) or delete that folder first, or pass --force")
+    pruned = cli_here("artifacts", "prune", "tickets", "--keep", "1", *track)
+    assert pruned.returncode == 0 and f"kept tickets:v0: tickets:v0 is what interrupted finetune run {run_id}" in pruned.stdout
+    assert [v.ref for v in registry_of(cfg).list_versions(type="dataset")] == ["tickets:v0", "tickets:v1"]
+
+    resumed = finetune.run(cfg, resume=run_id)  # what the kept version is for
+    assert resumed.run_id == run_id and resumed.consumed == ["tickets:v0"]
+    assert cli_here("artifacts", "prune", "tickets", "--keep", "1", *track).returncode == 0  # its model holds it now
+    cli_here("artifacts", "delete", "clf:v0", "--delete-aliases", *track)
+    assert cli_here("artifacts", "delete", "tickets:v0", *track).returncode == 0  # nothing needs it any more
+
+
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder_to_resume(tmp_path, tiny_model, tickets_csv,
                                                                              cli_here):
     """Stopped before its first checkpoint, a run left its folder (the state to resume it by, and nothing to resume

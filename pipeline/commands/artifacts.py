@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prune = sub.add_parser("prune", help="delete all but the newest versions of an artifact",
                            description="Delete the versions of NAME older than the newest --keep ones. Versions that "
                            "hold an alias (production, ...), versions other live versions were made from and versions a run "
-                           "in progress uses are kept.")
+                           "in progress uses or an interrupted finetune resumes from are kept.")
     prune.add_argument("name", metavar="NAME", help="artifact name")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="newest versions to keep (at least 1)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "moves to the newest version left; prune keeps an older version that holds latest without it)")
         q.add_argument("--force", action="store_true",
                        help="also delete versions that live versions were made from (they can no longer be reproduced), "
-                       "and versions a run in progress uses")
+                       "and versions a run in progress uses or an interrupted finetune resumes from")
     for q in (ls, show, verify, diff, alias, unalias, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -91,7 +91,18 @@ def _open(args: argparse.Namespace, read_only: bool = False):
 
 
 def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False):
-    """Delete one version; a dataset's tokenised copies go with its content's last live version."""
+    """Delete one version; a dataset's tokenised copies go with its content's last live version. A version that an
+    interrupted finetune run resumes from (its dataset or base model) is refused, as the registry refuses one that a
+    run in progress uses: deleting it would leave the run's checkpoints nothing to continue on."""
+    if not args.force:
+        from pipeline.errors import RegistryError
+
+        exact = registry.resolve(ref).ref
+        for run in _resumable_runs(tracking_dir):
+            if exact in (run["dataset"], run["base"]):
+                raise RegistryError(f"{exact} is what interrupted finetune run {run['run_id']} resumes from (its "
+                                    f"checkpoints: {run['path']}); continue it (finetune --resume {run['run_id']}) or "
+                                    "delete that folder first, or pass --force")
     result = registry.delete(ref, delete_aliases=args.delete_aliases, force=args.force, dry_run=dry_run)
     v = result.version
     if not dry_run and v.type == "dataset" and not any(o.digest == v.digest for o in registry.list_versions(type="dataset")):
@@ -100,6 +111,23 @@ def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run:
         result.copies_removed += [str(p) for p in drop_tokenized(Path(tracking_dir).resolve() / "cache" / "tokenized",
                                                                   v.digest)]
     return result
+
+
+def _resumable_runs(tracking_dir) -> list[dict]:
+    """The interrupted finetune runs under `tracking_dir` that `finetune --resume` can continue (a checkpoint kept, not a
+    sweep trial's, not training now), each with the dataset and base model versions it resumes from."""
+    from pipeline.stages.finetune import RESUME_FILE, interrupted_runs
+
+    out = []
+    for run in interrupted_runs(tracking_dir):
+        if run["sweep_trial"] or run["checkpoint"] is None or run["training"] is not None:
+            continue
+        try:
+            state = json.loads((Path(run["path"]) / RESUME_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # finished (its folder removed) since it was listed, or unreadable
+            continue
+        out.append({**run, "dataset": state.get("dataset"), "base": state.get("base")})
+    return out
 
 
 def _size(n: int) -> str:
