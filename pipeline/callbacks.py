@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from pipeline.config import TABLE_ROWS
 from pipeline.metrics import SUMMARY_KEYS, load_metric, log_softmax
+from pipeline.printable import table_text
 
 log = logging.getLogger(__name__)
 STEP_METRIC = "train/global_step"  # the x-axis transformers' WandbCallback defines
@@ -71,8 +72,8 @@ def misclassified_rows(
         top3 = ", ".join(f"{label_names[j]} {probs[i, j]:.3f}" for j in top)
         rows.append([
             str(ids[i]) if ids is not None else str(i),
-            texts[i],
-            *([text_pairs[i]] if text_pairs is not None else []),
+            table_text(texts[i]),
+            *([table_text(text_pairs[i])] if text_pairs is not None else []),
             label_names[labels[i]],
             label_names[preds[i]],
             round(float(probs[i, preds[i]]), 6),

@@ -1645,6 +1645,35 @@ def test_publishing_the_same_data_again_restores_a_version_s_missing_or_damaged_
     assert dataset_publish.run(cfg, reuse=True).status == "unchanged" and len(reads) == 3 and not reg.verify().ok
     assert dataset_publish.run(cfg).status == "unchanged" and len(reads) == 4 and reg.verify().ok
 
+def test_sample_tables_show_the_beginning_of_a_long_text_and_the_version_keeps_all_of_it(tmp_path, cfg_for):
+    """Documents of 100 KB each put 6 MB of sample tables in the run (60 MB for 1 MB texts), uploaded at every sync;
+    a table shows a text's first TABLE_TEXT characters and how many more there are. The split files keep them whole."""
+    from pipeline.printable import TABLE_TEXT
+
+    records = rows()
+    for i, r in enumerate(records):
+        r["text"] = f"{r['text']} " + "long " * (2000 + i)  # 10,000 characters and more
+    result = dataset_publish.run(cfg_for(write_rows(tmp_path / "long.csv", records)))
+    [table] = (Path(result.paths["run_dir"]) / "files" / "media" / "table" / "samples").glob("train_*.table.json")
+    shown = json.loads(table.read_text())
+    text_at = shown["columns"].index("text")
+    full = {r["id"]: r["text"] for r in records}
+    for row in shown["data"]:
+        whole = full[row[shown["columns"].index("id")]]
+        assert row[text_at] == f"{whole[:TABLE_TEXT]}… [+{len(whole) - TABLE_TEXT} characters]"
+    stored = pq.read_table(artifact_files(cfg_for(tmp_path / "long.csv"), result.produced[0], tmp_path)["train.parquet"])
+    assert all(t == full[i] for i, t in zip(stored.column("id").to_pylist(), stored.column("text").to_pylist()))
+
+    # the dropped rows' table too, whatever the source calls its text column
+    named = [{"id": r["id"], "body": r["text"], "label": r["label"]} for r in records]
+    named.append({**named[0], "body": "other " * 3000})  # a duplicate id: dropped
+    dropped = dataset_publish.run(cfg_for(write_rows(tmp_path / "named.csv", named), "dataset.text_column=body",
+                                          "dataset.on_invalid=drop"))
+    [table] = (Path(dropped.paths["run_dir"]) / "files" / "media" / "table" / "data").glob("dropped_rows_*.table.json")
+    shown = json.loads(table.read_text())
+    assert shown["data"][0][shown["columns"].index("body")] == f"{'other ' * 3000}"[:TABLE_TEXT] + "… [+16000 characters]"
+
+
 def test_offline_run_holds_stats_and_sample_tables(tmp_path, cfg_for):
     src = write_rows(tmp_path / "d.csv", rows())
     result = dataset_publish.run(cfg_for(src))

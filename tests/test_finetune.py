@@ -154,6 +154,24 @@ def test_offline_run_holds_misclassification_tables_and_summaries(trained):
     assert steps == sorted(steps) and len(steps) == 3
 
 
+def test_misclassified_tables_show_the_beginning_of_a_long_text():
+    """The misclassified tables (every evaluation of finetune, and evaluate's) showed whole texts: 100 rows of
+    1 MB documents put 100 MB into the run at each evaluation, for a model that reads its first max_length tokens."""
+    import numpy as np
+
+    from pipeline.callbacks import misclassified_rows
+    from pipeline.printable import TABLE_TEXT
+
+    long, pair = "word " * 1000, "topic " * 500
+    columns, rows = misclassified_rows(np.array([[0.0, 2.0], [2.0, 0.0]]), np.array([0, 0]), ["a", "b"],
+                                       [long, "short"], ids=["x", "y"], text_pairs=[pair, "p"])
+    [row] = rows  # the second is right
+    assert row[columns.index("text")] == f"{long[:TABLE_TEXT]}… [+{len(long) - TABLE_TEXT} characters]"
+    assert row[columns.index("text_pair")] == f"{pair[:TABLE_TEXT]}… [+{len(pair) - TABLE_TEXT} characters]"
+    _, short_rows = misclassified_rows(np.array([[0.0, 2.0]]), np.array([0]), ["a", "b"], ["short"])
+    assert short_rows[0][1] == "short"
+
+
 def history(run_dir: Path) -> list[dict]:
     return [r["history"]["item"] for r in inspect_records(run_dir) if r["type"] == "history"]
 

@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -376,13 +376,21 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
             take = np.sort(rng.choice(t.num_rows, min(sample_rows, t.num_rows), replace=False))
             sample = t.take(arrow.from_numpy(take)).to_pylist()
             columns = [c for c in t.column_names]
-            data[f"samples/{split}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in sample])
+            data[f"samples/{split}"] = wandb.Table(columns=columns, data=[[_cell(r, c) for c in columns] for r in sample])
     if dropped is not None and dropped.num_rows:
         keep = [c for c in dropped.column_names]
         rows = dropped.slice(0, DROPPED_ROWS_LOGGED).to_pylist()
-        data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[r[c] for c in keep] for r in rows])
+        texts = {manifest["columns"][c] for c in ("text", "text_pair") if c in manifest["columns"]}  # as the source names them
+        data["data/dropped_rows"] = wandb.Table(columns=keep, data=[[_cell(r, c, texts) for c in keep] for r in rows])
     run.log(data)
     run.set_summary(**_data_summary(manifest))
+
+
+def _cell(row: dict[str, Any], column: str, texts: Collection[str] = ("text", "text_pair")) -> Any:
+    """A row's value in a W&B table: a text (a column of `texts`) as `table_text` shows it, the others as they are."""
+    from pipeline.printable import table_text
+
+    return table_text(row[column]) if column in texts else row[column]
 
 
 def _data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
