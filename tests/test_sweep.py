@@ -252,6 +252,12 @@ def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the
     row = next(line.split() for line in listed.splitlines() if line.strip().startswith(sweep_id))
     # SWEEP MODEL SIZE(2) BEST TRIAL(2) PUBLISHED WRITTEN FOLDER
     assert row[1] == "clf" and row[4] == "0" and row[6] == "-" and row[-1].endswith(f"sweeps/{sweep_id}")
+    # the dataset version it trains on is kept for it: deleted, its best model could never be published
+    refused = cli_here("artifacts", "delete", "tickets:v0", "--set", track)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: tickets:v0 is what sweep {sweep_id} trains on (its best model so far, not published yet: "
+        f"{Path(c.tracking.dir).resolve() / 'sweeps' / sweep_id}); continue it (sweep --resume {sweep_id}) or delete "
+        "that folder first, or pass --force")
 
     # other commands do not continue it; the log says why for each one
     other_file = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"run_cap": 9})

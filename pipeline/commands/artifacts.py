@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prune = sub.add_parser("prune", help="delete all but the newest versions of an artifact",
                            description="Delete the versions of NAME older than the newest --keep ones. Versions that "
                            "hold an alias (production, ...), versions other live versions were made from and versions a run "
-                           "in progress uses or an interrupted finetune resumes from are kept.")
+                           "in progress uses, an interrupted finetune resumes from or an unpublished sweep trains on are kept.")
     prune.add_argument("name", metavar="NAME", help="artifact name")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="newest versions to keep (at least 1)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "moves to the newest version left; prune keeps an older version that holds latest without it)")
         q.add_argument("--force", action="store_true",
                        help="also delete versions that live versions were made from (they can no longer be reproduced), "
-                       "and versions a run in progress uses or an interrupted finetune resumes from")
+                       "and versions a run in progress uses, an interrupted finetune resumes from or an unpublished sweep trains on")
     for q in (ls, show, verify, diff, alias, unalias, delete, prune):
         add_config_arguments(q, required=False)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -92,8 +92,9 @@ def _open(args: argparse.Namespace, read_only: bool = False):
 
 def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False):
     """Delete one version; a dataset's tokenised copies go with its content's last live version. A version that an
-    interrupted finetune run resumes from (its dataset or base model) is refused, as the registry refuses one that a
-    run in progress uses: deleting it would leave the run's checkpoints nothing to continue on."""
+    interrupted finetune run resumes from, or a sweep with an unpublished best model trains on (its dataset or base
+    model), is refused, as the registry refuses one that a run in progress uses: deleted, the run's checkpoints
+    would have nothing to continue on, and the sweep's best model nothing to be published from."""
     if not args.force:
         from pipeline.errors import RegistryError
 
@@ -103,6 +104,11 @@ def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run:
                 raise RegistryError(f"{exact} is what interrupted finetune run {run['run_id']} resumes from (its "
                                     f"checkpoints: {run['path']}); continue it (finetune --resume {run['run_id']}) or "
                                     "delete that folder first, or pass --force")
+        for sweep in _unpublished_sweeps(tracking_dir):
+            if exact in (sweep["dataset"], sweep["base"]):
+                then = ("let it publish it" if sweep["running"] else f"continue it (sweep --resume {sweep['sweep']})")
+                raise RegistryError(f"{exact} is what sweep {sweep['sweep']} trains on (its best model so far, not "
+                                    f"published yet: {sweep['path']}); {then} or delete that folder first, or pass --force")
     result = registry.delete(ref, delete_aliases=args.delete_aliases, force=args.force, dry_run=dry_run)
     v = result.version
     if not dry_run and v.type == "dataset" and not any(o.digest == v.digest for o in registry.list_versions(type="dataset")):
@@ -127,6 +133,23 @@ def _resumable_runs(tracking_dir) -> list[dict]:
         except (OSError, ValueError):  # finished (its folder removed) since it was listed, or unreadable
             continue
         out.append({**run, "dataset": state.get("dataset"), "base": state.get("base")})
+    return out
+
+
+def _unpublished_sweeps(tracking_dir) -> list[dict]:
+    """The sweeps keeping a best model they have not published (running, or interrupted until `sweep --resume`), each
+    with the dataset version it trains on and its registry base model version, read from that model's metadata."""
+    from pipeline.sweep import kept_models
+
+    out = []
+    for sweep in kept_models(tracking_dir):
+        try:
+            meta = json.loads((Path(sweep["path"]) / "best" / "metadata.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # published (its folder removed) since it was listed, or no model kept yet
+            continue
+        base = meta.get("base_model") or {}
+        out.append({**sweep, "dataset": (meta.get("dataset") or {}).get("ref"),
+                    "base": base.get("id") if base.get("source") == "registry" else None})
     return out
 
 
