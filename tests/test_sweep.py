@@ -608,6 +608,16 @@ def test_bayes_draws_quantised_values_as_random_does():
         sweeps.trial_config(load_config(None, ["dataset.name=t", "dataset.source=x.csv", "model.name=m"]), drawn, spec)
 
 
+@pytest.mark.parametrize("spec", [{"values": [1, 2, 3]}, {"value": 4}, {"distribution": "int_uniform", "min": -2, "max": 5},
+                                  {"distribution": "q_uniform", "min": 8, "max": 64, "q": 8},
+                                  {"distribution": "q_uniform", "min": 0.0, "max": 0.35, "q": 0.1},
+                                  {"distribution": "q_uniform", "min": 1, "max": 10, "q": 3}])
+def test_a_grid_is_counted_before_it_is_built_as_it_is_built(spec):
+    """The size check (a grid over 10,000 combinations is refused before it is made) counts what the grid makes."""
+    [param] = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"seed": spec}}).params
+    assert sweeps._grid_size(param) == len(sweeps.grid_values(param)) > 0
+
+
 def test_class_weights_can_be_searched_when_trials_are_ranked_by_another_metric():
     spec = sweeps.parse_sweep({"method": "grid", "metric": {"name": "val/macro_f1", "goal": "maximize"},
                                "parameters": {"class_weights": {"values": ["none", "balanced"]}}})
