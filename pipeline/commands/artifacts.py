@@ -90,25 +90,18 @@ def _open(args: argparse.Namespace, read_only: bool = False):
     return open_registry(cfg, read_only=read_only, consuming=True), cfg.dir
 
 
-def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False):
-    """Delete one version; a dataset's tokenised copies go with its content's last live version. A version that an
-    interrupted finetune run resumes from, or a sweep with an unpublished best model trains on (its dataset or base
-    model), is refused, as the registry refuses one that a run in progress uses: deleted, the run's checkpoints
-    would have nothing to continue on, and the sweep's best model nothing to be published from."""
+def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run: bool = False,
+            needed: dict[str, str] | None = None):
+    """Delete one version; a dataset's tokenised copies go with its content's last live version. A version that
+    `_needed` names (`needed`: its result, when the caller has it for several versions) is refused, as the registry
+    refuses one that a run in progress uses."""
     if not args.force:
         from pipeline.errors import RegistryError
 
-        exact = registry.resolve(ref).ref
-        for run in _resumable_runs(tracking_dir):
-            if exact in (run["dataset"], run["base"]):
-                raise RegistryError(f"{exact} is what interrupted finetune run {run['run_id']} resumes from (its "
-                                    f"checkpoints: {run['path']}); continue it (finetune --resume {run['run_id']}) or "
-                                    "delete that folder first, or pass --force")
-        for sweep in _unpublished_sweeps(tracking_dir):
-            if exact in (sweep["dataset"], sweep["base"]):
-                then = ("let it publish it" if sweep["running"] else f"continue it (sweep --resume {sweep['sweep']})")
-                raise RegistryError(f"{exact} is what sweep {sweep['sweep']} trains on (its best model so far, not "
-                                    f"published yet: {sweep['path']}); {then} or delete that folder first, or pass --force")
+        needed = _needed(tracking_dir) if needed is None else needed
+        exact = registry.resolve(ref).ref if needed else ref  # a name or an alias: the version it stands for
+        if exact in needed:
+            raise RegistryError(f"{exact} is what {needed[exact]}, or pass --force")
     result = registry.delete(ref, delete_aliases=args.delete_aliases, force=args.force, dry_run=dry_run)
     v = result.version
     if not dry_run and v.type == "dataset" and not any(o.digest == v.digest for o in registry.list_versions(type="dataset")):
@@ -119,38 +112,41 @@ def _delete(registry, tracking_dir, ref: str, args: argparse.Namespace, dry_run:
     return result
 
 
-def _resumable_runs(tracking_dir) -> list[dict]:
-    """The interrupted finetune runs under `tracking_dir` that `finetune --resume` can continue (a checkpoint kept, not a
-    sweep trial's, not training now), each with the dataset and base model versions it resumes from."""
+def _needed(tracking_dir) -> dict[str, str]:
+    """The versions (exact refs: a dataset or a registry base model) that work kept on disk still needs, each with
+    who needs it and how to let it go: an interrupted finetune run that `finetune --resume` continues (a checkpoint
+    kept, not a sweep trial's, not training now), and a sweep keeping a best model it has not published (running, or
+    interrupted until `sweep --resume`). Deleted, the run's checkpoints would have nothing to continue on, and the
+    sweep's model nothing to be published from. Read from the listings `artifacts list` prints."""
     from pipeline.stages.finetune import RESUME_FILE, interrupted_runs
+    from pipeline.sweep import kept_models
 
-    out = []
+    def state(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # finished or published (its folder removed) since it was listed, or unreadable
+            return {}
+
+    needed: dict[str, str] = {}
     for run in interrupted_runs(tracking_dir):
         if run["sweep_trial"] or run["checkpoint"] is None or run["training"] is not None:
             continue
-        try:
-            state = json.loads((Path(run["path"]) / RESUME_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # finished (its folder removed) since it was listed, or unreadable
-            continue
-        out.append({**run, "dataset": state.get("dataset"), "base": state.get("base")})
-    return out
-
-
-def _unpublished_sweeps(tracking_dir) -> list[dict]:
-    """The sweeps keeping a best model they have not published (running, or interrupted until `sweep --resume`), each
-    with the dataset version it trains on and its registry base model version, read from that model's metadata."""
-    from pipeline.sweep import kept_models
-
-    out = []
+        resume = state(Path(run["path"]) / RESUME_FILE)
+        why = (f"interrupted finetune run {run['run_id']} resumes from (its checkpoints: {run['path']}); continue it "
+               f"(finetune --resume {run['run_id']}) or delete that folder first")
+        for ref in (resume.get("dataset"), resume.get("base")):
+            if ref:
+                needed.setdefault(ref, why)
     for sweep in kept_models(tracking_dir):
-        try:
-            meta = json.loads((Path(sweep["path"]) / "best" / "metadata.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # published (its folder removed) since it was listed, or no model kept yet
-            continue
+        meta = state(Path(sweep["path"]) / "best" / "metadata.json")
         base = meta.get("base_model") or {}
-        out.append({**sweep, "dataset": (meta.get("dataset") or {}).get("ref"),
-                    "base": base.get("id") if base.get("source") == "registry" else None})
-    return out
+        then = "let it publish it" if sweep["running"] else f"continue it (sweep --resume {sweep['sweep']})"
+        why = (f"sweep {sweep['sweep']} trains on (its best model so far, not published yet: {sweep['path']}); {then} "
+               "or delete that folder first")
+        for ref in ((meta.get("dataset") or {}).get("ref"), base.get("id") if base.get("source") == "registry" else None):
+            if ref:
+                needed.setdefault(ref, why)
+    return needed
 
 
 def _size(n: int) -> str:
@@ -412,6 +408,7 @@ def _prune(registry, tracking_dir, args: argparse.Namespace) -> int:
     if not versions:
         registry.resolve(args.name)  # the RefError that lists the names there are
     old = versions[args.keep:]
+    needed = _needed(tracking_dir) if old and not args.force else {}  # once, for every version below
     deleted, kept = [], []
     for v in reversed(old):  # oldest first
         held = list(v.aliases)  # `latest` too: on an old version when its content was published again
@@ -419,7 +416,7 @@ def _prune(registry, tracking_dir, args: argparse.Namespace) -> int:
             kept.append({"ref": v.ref, "reason": f"holds {', '.join(held)}"})
             continue
         try:
-            result = _delete(registry, tracking_dir, v.ref, args, dry_run=args.dry_run)
+            result = _delete(registry, tracking_dir, v.ref, args, dry_run=args.dry_run, needed=needed)
         except RegistryError as e:  # live versions were made from it, or an alias arrived since the listing
             kept.append({"ref": v.ref, "reason": str(e)})
             continue

@@ -34,6 +34,7 @@ from pipeline.data import (DROPPED_ROWS_LOGGED, KIND_TYPES, SHOW, Columns, CsvFo
                            looks_like_hub_id, read_class_names, read_files, read_label_type, saved_dataset, saved_dataset_files,
                            stratified_split, typed_labels, validate, with_label_type)
 from pipeline.errors import ConfigError, RefError
+from pipeline.printable import table_text
 from pipeline.refstore import Reference, is_uri, materialize, put
 from pipeline.registry.base import latest_again, put_latest
 from pipeline.registry.local import hash_file
@@ -388,8 +389,6 @@ def _log_stats(run, tables: dict[str, pa.Table], manifest: dict[str, Any], dropp
 
 def _cell(row: dict[str, Any], column: str, texts: Collection[str] = ("text", "text_pair")) -> Any:
     """A row's value in a W&B table: a text (a column of `texts`) as `table_text` shows it, the others as they are."""
-    from pipeline.printable import table_text
-
     return table_text(row[column]) if column in texts else row[column]
 
 
