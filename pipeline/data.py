@@ -947,6 +947,18 @@ def hive_partitions(path: Path, root: Path | None) -> dict[str, str | None]:
     return out
 
 
+def name_below_source(path: Path, source: str | Path) -> str:
+    """A data file's name below its source as configured, with ``/`` between folders: a file source's own name, a
+    folder's or a glob pattern's file by its path below the folder (or the pattern's fixed part). Where the source
+    lies is not in it: the same files read from another folder have the same names, as W&B names a file by
+    ``add_file`` (its name) and ``add_dir`` (its path inside the folder)."""
+    root = _static_root(source)
+    try:
+        return path.relative_to(root).as_posix() if root is not None else path.name
+    except ValueError:  # not below it (cannot happen for a file the source listed): the name alone
+        return path.name
+
+
 def _static_root(source: str | Path) -> Path | None:
     """The folder a source's files are found under: the folder itself, or a glob pattern's fixed part."""
     path = Path(source)

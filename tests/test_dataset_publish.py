@@ -90,7 +90,8 @@ def test_every_format_publishes_the_same_dataset(tmp_path, cfg_for, fmt):
     meta = json.loads(files["dataset.json"].read_text())
     assert meta["label_names"] == LABELS
     assert sum(meta["num_rows"].values()) == 30
-    assert meta["sources"][0]["path"] == str(src) and len(meta["sources"][0]["sha256"]) == 64
+    assert meta["sources"][0]["path"] == src.name and len(meta["sources"][0]["sha256"]) == 64  # where: in metadata
+    assert registry_of(cfg_for(src)).resolve("tickets:v0").metadata["sources"][0]["path"] == str(src)
     train = pq.read_table(files["train.parquet"])
     assert train.column_names == ["id", "text", "label", "label_id"]
     assert set(train.column("label").to_pylist()) == set(LABELS)
@@ -106,7 +107,7 @@ def test_compressed_text_files_publish_the_same_dataset(tmp_path, cfg_for, fmt, 
     with pa.CompressedOutputStream(str(packed), codec) as out:
         out.write(plain.read_bytes())
     got = assert_same_split_files(cfg_for, plain, packed, tmp_path)
-    assert json.loads(got["dataset.json"].read_text())["sources"][0]["path"] == str(packed)  # the file as stored
+    assert json.loads(got["dataset.json"].read_text())["sources"][0]["path"] == packed.name  # the file as stored
     shouting = tmp_path / f"DATA.{fmt.upper()}.{suffix.upper()}"  # as Windows tools may name it: Arrow's own
     shouting.write_bytes(packed.read_bytes())  # detection of the codec is case-sensitive (read as compressed bytes)
     texts = {s: t.column("text").to_pylist() for s, t in dataset_publish.prepare(cfg_for(plain))[0].items()}
@@ -1445,6 +1446,41 @@ def test_unchanged_data_is_not_published_twice(tmp_path, cfg_for):
     assert sorted(p for p in reg.objects.rglob("*") if p.is_file()) == stored
     changed = write_rows(tmp_path / "d.csv", rows() + [{"id": "new", "text": "brand new", "label": "tech"}])
     assert dataset_publish.run(cfg_for(changed)).produced == ["tickets:v1"]
+
+
+@pytest.mark.parametrize("layout", ["file", "folder", "glob", "split_files"])
+def test_the_same_files_in_another_folder_are_the_same_version(tmp_path, cfg_for, layout):
+    """A fresh checkout, a teammate's machine, an orchestrator's download folder: the same files read from another
+    place are the same data. dataset.json names each source file below the source as configured (a file by its
+    name, a folder's or a pattern's files by their paths below it, as W&B's add_file and add_dir name them), so its
+    bytes do not depend on where the files lay; the version's metadata keeps where they were read from."""
+    def place(root: Path) -> list[str]:
+        if layout == "file":
+            return [f"dataset.source={write_rows(root / 'tickets.csv', rows())}"]
+        if layout == "split_files":
+            parts = {s: write_rows(root / f"{s}.csv", [r for i, r in enumerate(rows(12)) if i % 3 == k])
+                     for k, s in enumerate(("train", "validation", "test"))}
+            return [f"dataset.source={root}", *(f"dataset.split_files.{s}={p}" for s, p in parts.items())]
+        write_rows(root / "export" / "a.csv", rows()[:15])
+        write_rows(root / "export" / "2026" / "b.csv", rows()[15:])
+        return [f"dataset.source={root / 'export' / ('**/*.csv' if layout == 'glob' else '')}"]
+
+    first = dataset_publish.run(cfg_for(tmp_path, *place(tmp_path / "checkout-a")))
+    again = dataset_publish.run(cfg_for(tmp_path, *place(tmp_path / "elsewhere" / "checkout-b")))
+    assert first.produced == ["tickets:v0"] and (again.status, again.produced) == ("unchanged", ["tickets:v0"])
+    cfg = cfg_for(tmp_path)
+    recorded = json.loads(artifact_files(cfg, "tickets:v0", tmp_path)["dataset.json"].read_text())["sources"]
+    names = {"file": ["tickets.csv"], "split_files": ["train.csv", "validation.csv", "test.csv"]}.get(
+        layout, ["2026/b.csv", "a.csv"])
+    assert [s["path"] for s in recorded] == names and all(len(s["sha256"]) == 64 for s in recorded)
+    if layout == "split_files":
+        assert [s["split"] for s in recorded] == ["train", "validation", "test"]
+    located = registry_of(cfg).resolve("tickets:v0").metadata["sources"]  # where the first publish read them
+    assert [Path(s["path"]).relative_to(tmp_path / "checkout-a").as_posix() for s in located] == [
+        n if layout in ("file", "split_files") else f"export/{n}" for n in names]
+    if layout == "file":  # a file's name is part of what is recorded, as a file's name is in a W&B artifact
+        renamed = write_rows(tmp_path / "renamed" / "tickets-2026-11-29.csv", rows())
+        assert dataset_publish.run(cfg_for(renamed)).produced == ["tickets:v1"]
 
 
 def test_a_dry_run_checks_and_splits_the_data_and_leaves_nothing(tmp_path, cfg_for, make_config):

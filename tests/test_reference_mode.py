@@ -39,7 +39,8 @@ def test_reference_mode_records_uris_and_checksums_instead_of_copies(make_config
     # only dataset.json was copied into the registry
     assert [p.name for p in stored_objects(cfg)] == [next(f.digest for f in version.files if f.path == "dataset.json")]
     manifest_sources = json.loads(Path(registry(cfg).fetch(version, tmp_path / "ds").path / "dataset.json").read_text())["sources"]
-    assert manifest_sources[0]["path"] == f"file://{csv}"  # the source as the user named it
+    assert manifest_sources[0]["path"] == "tickets.csv"  # by its name: the version's bytes hold no location
+    assert version.metadata["sources"][0]["path"] == f"file://{csv}"  # the source as the user named it
     assert version.metadata["reference"] == f"file://{store}"
     shown = run_cli("artifacts", "show", "tickets:v0", "--set", f"tracking.dir={cfg.tracking.dir}")
     assert "train.parquet" in shown.stdout and refs["train.parquet"].ref in shown.stdout

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +31,8 @@ from pipeline import arrow
 from pipeline.config import Config
 from pipeline.data import (DROPPED_ROWS_LOGGED, KIND_TYPES, SHOW, Columns, CsvFormat, DataError, constant,
                            format_problems, label_type, list_input_files, load_hub_dataset, load_saved_dataset,
-                           looks_like_hub_id, read_class_names, read_files, read_label_type, saved_dataset, saved_dataset_files,
-                           stratified_split, typed_labels, validate, with_label_type)
+                           looks_like_hub_id, name_below_source, read_class_names, read_files, read_label_type,
+                           saved_dataset, saved_dataset_files, stratified_split, typed_labels, validate, with_label_type)
 from pipeline.errors import ConfigError, RefError
 from pipeline.printable import table_text
 from pipeline.refstore import Reference, is_uri, materialize, put
@@ -56,9 +56,23 @@ def _columns(config: Config) -> Columns:
     return Columns(text=d.text_column, label=d.label_column, id=d.id_column, text_pair=d.text_pair_column)
 
 
+class Prepared(NamedTuple):
+    """The data read, validated and split."""
+
+    tables: dict[str, pa.Table]  # per split
+    manifest: dict[str, Any]  # dataset.json's content; its `sources` name each file below the source (`_recorded`)
+    dropped: pa.Table | None  # the rows `on_invalid: drop` left out, with why
+    located: list[dict[str, Any]]  # each source file where it was read (path or URI), sha256 and size
+
+
 def prepare(config: Config, timings: dict[str, float] | None = None) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table | None]:
     """Read, validate and split: (tables per split, dataset.json content, dropped rows). `timings`, when given,
     gets the seconds each step took (``read``, ``validate``, ``split``)."""
+    return _read(config, timings)[:3]
+
+
+def _read(config: Config, timings: dict[str, float] | None = None) -> Prepared:
+    """`prepare`, and where each source file was read (`Prepared.located`)."""
     d = config.dataset
     # What is read: the user's split files (then `source` is only a label), else the source.
     wanted = _named_sources(config)
@@ -97,10 +111,11 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
             for job in digests:
                 job.cancel()
             raise
-        if files:  # a hub source has no files; _prepare_tables recorded its splits' fingerprints
-            manifest["sources"] = _source_records(files, (job.result() for job in digests),
-                                                  lambda f: _source_name(f, renames))
-    return tables, manifest, dropped
+        if not files:  # a hub source: _prepare_tables recorded its splits' fingerprints
+            return Prepared(tables, manifest, dropped, manifest["sources"])
+        located = _source_records(files, [job.result() for job in digests], lambda f: _source_name(f, renames))
+    manifest["sources"] = _recorded(listed, sources, located, parts=bool(d.split_files))
+    return Prepared(tables, manifest, dropped, located)
 
 
 def _named_sources(config: Config) -> dict[str, str]:
@@ -112,6 +127,14 @@ def _named_sources(config: Config) -> dict[str, str]:
 def _source_records(files: list[Path], digests: Iterable[tuple[str, int]], name: Callable[[Path], str] = str) -> list[dict]:
     """``dataset.json``'s ``sources``: each file as reports name it, its sha256 and size."""
     return [{"path": name(f), "sha256": sha, "size": size} for f, (sha, size) in zip(files, digests)]
+
+
+def _recorded(listed: dict[str, list[Path]], sources: dict[str, str], located: list[dict], parts: bool) -> list[dict]:
+    """dataset.json's ``sources``: the files of `located` (in `listed`'s order) by their names below the source
+    (`name_below_source`), not where they lay, so the same files read from another folder give the same bytes; with
+    ``dataset.split_files``, each names the split it is read for."""
+    named = [(part, name_below_source(f, sources[part])) for part, fs in listed.items() for f in fs]
+    return [{**r, "path": name, **({"split": part} if parts else {})} for (part, name), r in zip(named, located)]
 
 
 def _list_sources(config: Config, sources: dict[str, str]) -> dict[str, list[Path]]:
@@ -227,7 +250,8 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         "num_rows": {s: tables[s].num_rows for s in SPLITS},
         "label_counts": {s: {n: counts[s].get(n, 0) for n in label_names} for s in SPLITS},
         "sources": hub_sources,  # a file source's digests replace these in _prepare
-        "split": ({"files": d.split_files.model_dump()} if d.split_files else
+        # each split's file (folder, pattern) by its last name, as `sources` name files: not where it lay
+        "split": ({"files": {s: Path(p).name for s, p in d.split_files.model_dump().items()}} if d.split_files else
                   {"stratified": d.split.model_dump(), "order": SPLIT_ORDER}),
         "on_invalid": d.on_invalid,
         "dropped": dict(sorted(checked.dropped.items())),
@@ -539,9 +563,9 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
         if earlier is not None:
             return _reuse(config, group, registry, earlier)
         timings: dict[str, float] = {}  # seconds per step: the run's summary (timing/*) and the result's details
-        tables, manifest, dropped = prepare(config, timings)
+        tables, manifest, dropped, located = _read(config, timings)
         code, packages = provenance.result() if local else ({}, {})
-    signature = input_signature(config, manifest["sources"], code, packages)
+    signature = input_signature(config, located, code, packages)
     d = config.dataset
     with tempfile.TemporaryDirectory(prefix="dataset-publish-") as tmp, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-artifact") as pool:
@@ -558,7 +582,7 @@ def _run(config: Config, group: str | None, reuse: bool) -> StageResult:
                 **({"label_type": manifest["label_type"]} if "label_type" in manifest else {}),
                 "num_rows": manifest["num_rows"],
                 "dropped": manifest["dropped"],
-                "sources": manifest["sources"],
+                "sources": located,  # where this publish read them; dataset.json names them below the source
                 "config": trun.config,
                 **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
             }
