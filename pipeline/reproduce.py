@@ -104,6 +104,16 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
                           f"cannot be found: {e}") from None
 
     warnings = []
+    if recorded_base.get("digest") and recorded_base["digest"] != base.digest:
+        changed = (f"base model {base.id} has different files now (digest {recorded_base['digest'][:12]} -> "
+                   f"{base.digest[:12]})")
+        if not any(o.partition("=")[0].strip() == "model.base" for o in overrides):
+            # as for the dataset: the recorded input is not there, so the rebuild could not give the model back
+            raise PipelineError(f"the base model {base.id} has other files now (digest {base.digest[:12]}), but "
+                                f"{original.ref} was trained from {recorded_base['digest'][:12]}: the recorded base is "
+                                f"not there to rebuild from; put its files back, or rebuild from this base on purpose "
+                                f"with --set model.base={cfg.model.base}")
+        warnings.append(changed)  # another base on purpose (--set model.base=...)
     code_then, code_now = meta.get("code") or {}, code_version()
     if code_then.get("git_commit") != code_now.get("git_commit"):
         warnings.append(f"code version differs: {original.ref} was made at commit {code_then.get('git_commit')}, "
@@ -117,8 +127,6 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
                 for k in sorted(pk_then.keys() | pk_now.keys()) if pk_then.get(k) != pk_now.get(k)}
     if packages:
         warnings.append("package versions differ: " + ", ".join(f"{k} {v['original']} -> {v['reproduction']}" for k, v in packages.items()))
-    if recorded_base.get("digest") and recorded_base["digest"] != base.digest:
-        warnings.append(f"base model {base.id} has different files now (digest {recorded_base['digest'][:12]} -> {base.digest[:12]})")
     diff = config_diff(meta["config"], cfg.to_dict())
     for w in warnings:
         log.warning(w)

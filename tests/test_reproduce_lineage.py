@@ -182,6 +182,35 @@ def test_missing_inputs_are_named_and_nothing_is_published(env):
         reproduce.run(cfg, model="nothing:v0")
 
 
+def test_inputs_that_are_other_bytes_now_are_refused_before_a_run_opens(env, caplog):
+    """A dataset version or a base model folder whose files changed since cannot give the model back: reproduce
+    says which and stops before training (no run, no version, `latest` where it was), as it says when one is
+    gone. `--set model.base=...` rebuilds from another base on purpose: then the difference is a warning."""
+    from pipeline.errors import PipelineError
+
+    make, _ = env
+    cfg = make()
+    reg = registry(cfg)
+    meta = reg.resolve("clf:v0").metadata
+    runs = len(reg_runs(reg))
+    reg.update_metadata("clf:v0", {"dataset": {**meta["dataset"], "digest": "d" * 64}})
+    with pytest.raises(PipelineError, match=r"tickets:v0 has digest \w{12} now, but clf:v0 was trained on dddddddddddd"):
+        reproduce.run(cfg, model="clf:v0")
+    reg.update_metadata("clf:v0", {"dataset": meta["dataset"],
+                                   "base_model": {**meta["base_model"], "digest": "b" * 64}})  # its files changed
+    base = meta["base_model"]["id"]
+    with pytest.raises(PipelineError) as refused:
+        reproduce.run(cfg, model="clf:v0")
+    assert f"the base model {base} has other files now (digest " in str(refused.value)
+    assert "but clf:v0 was trained from bbbbbbbbbbbb" in str(refused.value)
+    assert "--set model.base=" in str(refused.value)
+    assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"] and len(reg_runs(reg)) == runs
+    assert reg.resolve("clf:latest").ref == "clf:v0"
+    rebuilt = reproduce.run(cfg, model="clf:v0", overrides=(f"model.base={base}",))  # on purpose: warned, rebuilt
+    assert rebuilt.produced and any("different files now" in w for w in rebuilt.details["warnings"])
+    assert rebuilt.details["base_model"]["same"] is False
+
+
 def test_lineage_in_three_formats(env):
     make, result = env
     cfg = make()
