@@ -355,6 +355,27 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
     assert finetune.plan(cfg, dataset="tickets:v0", resume="auto").resume_from is None  # nothing left to continue
 
 
+def test_a_run_is_not_resumed_from_a_base_model_whose_files_changed(tmp_path, tiny_model, tickets_csv, caplog):
+    """Its checkpoints were trained from the base as it was: going on from other files would publish a model that
+    records a base it did not start from. `--resume` says so; `--resume auto` (a retry) trains afresh."""
+    base = tmp_path / "bert"
+    shutil.copytree(tiny_model, base)
+    cfg = make_cfg(tmp_path, base, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(7),))
+    killed = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    assert finetune.plan(cfg, resume="auto").run_id == killed  # the same files: it goes on
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "attention_probs_dropout_prob": 0.3}))  # re-saved, other
+    with pytest.raises(PipelineError, match=rf"cannot resume run {killed}: the base model {base} has other files now "
+                                            r"\(digest \w{12}\) than the run began from \(\w{12}\)"):
+        finetune.plan(cfg, resume=killed)
+    with caplog.at_level("INFO", logger="pipeline.stages.finetune"):
+        fresh = finetune.plan(cfg, resume="auto")
+    assert fresh.resume_from is None and fresh.run_id != killed and "training afresh (--resume auto)" in caplog.text
+
+
 def test_run_again_continues_the_interrupted_finetune(tmp_path, tiny_model, tickets_csv, cli_here):
     """`pipeline run` after a stop in finetune continues that run, as `finetune --resume auto` does."""
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5",

@@ -228,7 +228,8 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
     `resume` ``"auto"``: the interrupted run that `_run_to_continue` finds, else a fresh run."""
     registry = open_registry(config.tracking, project=config.project, entity=config.entity, consuming=True)
     registry.check_project(config.model.name)  # the name it will publish: another project's, refused before training
-    if resume == "auto":
+    auto = resume == "auto"
+    if auto:
         resume = _run_to_continue(config, registry, dataset)
     if resume is not None:
         saved, ckpt = _find_resumable(config, None if resume in ("", "latest") else resume)
@@ -261,7 +262,16 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
         run_id, group = saved["run_id"], saved.get("group")
         if saved.get("dataset_digest") and saved["dataset_digest"] != version.digest:
             raise PipelineError(f"{version.ref} no longer has the digest run {run_id} trained on")
-    else:
+        if saved.get("base_digest") not in (None, base.digest):
+            # its checkpoints were trained from the files as they were; the model would record these
+            changed = (f"the base model {base.id} has other files now (digest {base.digest[:12]}) than the run began "
+                       f"from ({saved['base_digest'][:12]})")
+            if not auto:
+                raise PipelineError(f"cannot resume run {run_id}: {changed}; put those files back, or train afresh "
+                                    "(without --resume)")
+            log.info("not continuing interrupted run %s: %s; training afresh (--resume auto)", run_id, changed)
+            resume = None
+    if resume is None:
         run_id, group, ckpt = new_run_id(), None, None
     return Plan(dataset_ref=version.ref, dataset_digest=version.digest, base=base, run_id=run_id,
                 output_dir=_checkpoint_root(config) / run_id, group=group, resume_from=ckpt, registry=registry)
@@ -820,7 +830,7 @@ def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tup
                      "as text %r text_pair", separator)
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
-             "config": trun.config, "group": trun.group,
+             "base_digest": plan_.base.digest, "config": trun.config, "group": trun.group,
              **({"base": plan_.base_version} if plan_.base_version else {}), **({"sweep": sweep} if sweep else {})}
     (plan_.output_dir / (TRIAL_FILE if sweep else RESUME_FILE)).write_text(json.dumps(state, indent=2) + "\n",
                                                                            encoding="utf-8")
