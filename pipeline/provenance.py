@@ -69,28 +69,41 @@ def code_version() -> dict[str, Any]:
     """The git commit of the pipeline's source and whether its files (the package) had uncommitted changes.
 
     ``git_commit`` is None when the package is not running from a git checkout of its own source
-    (an installed wheel); the package version then identifies the code. That includes a wheel
-    installed in a virtual environment inside another repository (a project's ``.venv``): git
-    would answer with that repository's commit, so the package's files must be tracked there.
+    (an installed wheel); ``package_digest`` (`package_digest`) then names the code, as the package's
+    version cannot (every build of a branch says 0.1.0). That includes a wheel installed in a virtual
+    environment inside another repository (a project's ``.venv``): git would answer with that
+    repository's commit, so the package's files must be tracked there.
     """
     src = Path(__file__).resolve().parent
-    info: dict[str, Any] = {"git_commit": None, "git_dirty": None}
+    installed: dict[str, Any] = {"git_commit": None, "git_dirty": None}
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return info
-        tracked = subprocess.run(["git", "-C", str(src), "ls-files", "--error-unmatch", "--", Path(__file__).name],
-                                 capture_output=True, text=True, timeout=10)
-        if tracked.returncode != 0:
-            return info
-        # the package's own files: an edited config or a new data file in the checkout is not a change of code
-        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True,
-                                timeout=30)
+        tracked = commit.returncode == 0 and subprocess.run(
+            ["git", "-C", str(src), "ls-files", "--error-unmatch", "--", Path(__file__).name],
+            capture_output=True, text=True, timeout=10).returncode == 0
+        if tracked:
+            # the package's own files: an edited config or a new data file in the checkout is not a change of code
+            status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                                    text=True, timeout=30)
+            return {"git_commit": commit.stdout.strip(),
+                    "git_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
-        return info
-    info["git_commit"] = commit.stdout.strip()
-    info["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
-    return info
+        pass
+    return {**installed, "package_digest": package_digest(src)}
+
+
+def package_digest(package: Path) -> str:
+    """sha256 over the sorted relative paths and contents of a package's Python files (``__pycache__`` aside):
+    what names an installed pipeline's code exactly."""
+    from pipeline.registry.local import hash_file, manifest_digest
+
+    return manifest_digest({p.relative_to(package).as_posix(): hash_file(p)[0] for p in sorted(package.rglob("*.py"))
+                            if "__pycache__" not in p.relative_to(package).parts})
+
+
+def code_identity(code: dict[str, Any]) -> str | None:
+    """What names a run's code in an input signature: its commit, or an installed package's `package_digest`."""
+    return code.get("git_commit") or code.get("package_digest")
 
 
 def folder_digest(folder: Path) -> str:

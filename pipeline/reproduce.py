@@ -66,7 +66,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     ``model.trust_remote_code`` is rebuilt only with `trust_remote_code` (``--trust-remote-code``): the
     recorded config alone does not run the code in its base model's folder."""
     from pipeline.basemodel import resolve_base_model
-    from pipeline.provenance import code_version, package_versions
+    from pipeline.provenance import code_identity, code_version, package_versions
     from pipeline.stages import finetune
 
     if isinstance(config, Config):
@@ -115,9 +115,9 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
                                 f"with --set model.base={cfg.model.base}")
         warnings.append(changed)  # another base on purpose (--set model.base=...)
     code_then, code_now = meta.get("code") or {}, code_version()
-    if code_then.get("git_commit") != code_now.get("git_commit"):
-        warnings.append(f"code version differs: {original.ref} was made at commit {code_then.get('git_commit')}, "
-                        f"this is {code_now.get('git_commit')}")
+    if code_identity(code_then) != code_identity(code_now):
+        warnings.append(f"code version differs: {original.ref} was made at {_code_named(code_then)}, this is "
+                        f"{_code_named(code_now)}")
     if code_then.get("git_dirty"):
         warnings.append(f"{original.ref} was made from a tree with uncommitted changes: its code cannot be pinned exactly")
     if code_now.get("git_dirty"):
@@ -193,6 +193,15 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
             "warnings": warnings,
         },
     )
+
+
+def _code_named(code: dict[str, Any]) -> str:
+    """A code version as a warning names it: its commit, or an installed package by the digest of its files."""
+    if code.get("git_commit"):
+        return f"commit {code['git_commit']}"
+    if code.get("package_digest"):
+        return f"an installed package (files {code['package_digest'][:12]})"
+    return "code that recorded no version"
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -1611,28 +1611,34 @@ def test_files_config_and_code_published_before_are_not_read_again(tmp_path, cfg
     assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 7
     assert len(reg.resolve("tickets:v0").metadata["input_signatures"]) == 3  # the pyarrow 99 one, and commit b
     assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 7
+    # an installed package (no checkout): the digest of its files names its code; another build is other code
+    code.update(git_commit=None, git_dirty=None, package_digest="c" * 64)
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 8
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 8
+    code.update(package_digest="d" * 64)
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 9
 
     # a folder that gains a file is other input
     folder = tmp_path / "in"
     write_rows(folder / "a.csv", rows()[:15])
     write_rows(folder / "b.csv", rows()[15:])
     assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v3"]
-    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v3"] and len(reads) == 8
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v3"] and len(reads) == 10
     write_rows(folder / "c.csv", [{"id": "c0", "text": "one more question", "label": "tech"}])
-    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v4"] and len(reads) == 9
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v4"] and len(reads) == 11
 
     # a deleted version is not the result: the data is read and published anew
     reg.delete("tickets:v4")
-    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v5"] and len(reads) == 10
+    assert dataset_publish.run(cfg_for(folder), reuse=True).produced == ["tickets:v5"] and len(reads) == 12
 
     # the command reuses by default; --reread reads
     track = ["--set", f"tracking.dir={cfg.tracking.dir}", "--set", "dataset.name=tickets", "--set", "dataset.id_column=id",
              "--set", "dataset.sample_rows=5", "--set", f"dataset.source={src}", "--set", "model.name=clf"]
     out = cli_here("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), *track)  # cfg's dataset config
-    assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 10)
+    assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 12)
     assert "tickets:v0 was published from these same files (by sha256), dataset config and code" in out.stderr
     out = cli_here("dataset-publish", "--config", str(REPO / "configs" / "demo.yaml"), *track, "--reread")
-    assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 11)
+    assert (out.returncode, out.stdout.strip(), len(reads)) == (0, "tickets:v0", 13)
 
 
 def test_publishing_the_same_data_again_restores_a_version_s_missing_or_damaged_files(tmp_path, cfg_for, monkeypatch,

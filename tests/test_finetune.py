@@ -1460,7 +1460,14 @@ def test_a_version_trained_from_the_same_inputs_is_reused_not_trained_again(tmp_
     assert finetune.run(cfg, reuse=True).details.get("reused")
     code["git_dirty"] = True
     assert "reused" not in finetune.run(cfg, reuse=True).details
-    code["git_dirty"] = False
+    # an installed package: the digest of its files names its code, and another build of it trains again
+    code.update(git_commit=None, git_dirty=None, package_digest="c" * 64)
+    assert "reused" not in finetune.run(cfg, reuse=True).details
+    assert finetune.run(cfg, reuse=True).details.get("reused")
+    code["package_digest"] = "d" * 64
+    assert "reused" not in finetune.run(cfg, reuse=True).details
+    code.update(git_commit="a" * 40, git_dirty=False)
+    del code["package_digest"]
     # without reuse (the library's default, reproduce's and a sweep's), and `run --retrain`: trained
     assert "reused" not in finetune.run(cfg).details
     deploying = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=1", f"deploy.dir={tmp_path / 'deploy'}")

@@ -353,7 +353,7 @@ def test_the_code_version_is_the_pipelines_own_checkout_never_a_repository_it_is
     import subprocess
     import sys
 
-    from pipeline.provenance import code_version
+    from pipeline.provenance import code_version, package_digest
     from tests.conftest import REPO
 
     project = tmp_path / "project"
@@ -371,7 +371,16 @@ def test_the_code_version_is_the_pipelines_own_checkout_never_a_repository_it_is
     git("commit", "-qm", "their project")
     installed = subprocess.run([sys.executable, "-c", "import json, pipeline.provenance as p; print(json.dumps(p.code_version()))"],
                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
-    assert json.loads(installed.stdout) == {"git_commit": None, "git_dirty": None}
+    # no commit names it: the digest of its Python files does (the version, 0.1.0, names no build)
+    assert json.loads(installed.stdout) == {"git_commit": None, "git_dirty": None,
+                                            "package_digest": package_digest(REPO / "pipeline")}
+    with open(site / "pipeline" / "refs.py", "a") as f:  # another build of the same version
+        f.write("# edited\n")
+    (site / "pipeline" / "__pycache__").mkdir(exist_ok=True)
+    (site / "pipeline" / "__pycache__" / "refs.cpython-311.pyc").write_bytes(b"compiled")  # not code that is read
+    edited = subprocess.run([sys.executable, "-c", "import json, pipeline.provenance as p; print(json.dumps(p.code_version()))"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
+    assert json.loads(edited.stdout)["package_digest"] == package_digest(site / "pipeline") != package_digest(REPO / "pipeline")
     # from its own checkout (this repository), the commit it is at
     assert code_version()["git_commit"] == git("rev-parse", "HEAD", where=REPO)
 
@@ -493,7 +502,7 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     result = reproduce.run(cfg, model="clf:v0", check=True)
     now = package_versions()
     said = result.details["warnings"]
-    assert f"code version differs: clf:v0 was made at commit {'0' * 40}, this is {code_version()['git_commit']}" in said
+    assert f"code version differs: clf:v0 was made at commit {'0' * 40}, this is commit {code_version()['git_commit']}" in said
     assert "clf:v0 was made from a tree with uncommitted changes: its code cannot be pinned exactly" in said
     assert (f"package versions differ: accelerate None -> {now['accelerate']}, torch 2.0.0 -> {now['torch']}"
             in said)
@@ -502,6 +511,11 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     assert all(w in caplog.text for w in said)  # in the log before the training, too
     # the rebuild itself is the same: the differences are warnings, not a failed check
     assert result.status == "ok" and result.details["matches"]
+    # made by an installed package (no checkout): its code is named by the digest of its files
+    reg.update_metadata("clf:v0", {"code": {"git_commit": None, "git_dirty": None, "package_digest": "e" * 64}})
+    said = reproduce.run(cfg, model="clf:v0").details["warnings"]
+    assert (f"code version differs: clf:v0 was made at an installed package (files eeeeeeeeeeee), this is commit "
+            f"{code_version()['git_commit']}") in said
 
 
 def test_a_difference_of_exactly_the_tolerance_is_within_it():

@@ -509,15 +509,16 @@ def _local_files_only(config: Config) -> bool:
 def input_signature(config: Config, sources: list[dict[str, Any]], code: dict[str, Any],
                     packages: dict[str, str]) -> str | None:
     """sha256 of what a dataset version is made from: the source files (each one's path as recorded, sha256 and
-    size), the dataset config, the artifact format, the pipeline's commit and the versions of `DATA_PACKAGES`.
+    size), the dataset config, the artifact format, the pipeline's commit (or an installed package's digest) and the
+    versions of `DATA_PACKAGES`.
     None when the pipeline's package has uncommitted changes (code that cannot be named) or the data is not
     local files."""
-    from pipeline.provenance import signature
+    from pipeline.provenance import code_identity, signature
 
     if code.get("git_dirty") or not _local_files_only(config):
         return None
     return signature({"dataset": config.to_dict()["dataset"], "sources": sources, "format_version": FORMAT_VERSION,
-                      "code": code.get("git_commit"), "packages": {p: packages.get(p) for p in DATA_PACKAGES}})
+                      "code": code_identity(code), "packages": {p: packages.get(p) for p in DATA_PACKAGES}})
 
 
 def _signed_versions(config: Config, registry) -> bool:

@@ -981,9 +981,9 @@ REUSE_PACKAGES = ("wandb-finetune-pipeline", "torch", "transformers", "tokenizer
 def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages: dict[str, str]) -> str | None:
     """sha256 of what a model is trained from: the dataset version's digest, the base model's weights and
     tokenizer digests, the model and train config (``model.name`` and how ``model.base`` is spelled aside),
-    the mixed precision it resolves to, the pipeline's commit, the versions of `REUSE_PACKAGES` and the
-    number of processes. None when the pipeline's package has uncommitted changes: code that cannot be
-    named is never the same code."""
+    the mixed precision it resolves to, the pipeline's commit (or an installed package's digest), the versions
+    of `REUSE_PACKAGES` and the number of processes. None when the pipeline's package has uncommitted
+    changes: code that cannot be named is never the same code."""
     if code.get("git_dirty"):
         return None
     now = config.to_dict()
@@ -992,7 +992,7 @@ def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages:
         "base": [plan_.base.digest, plan_.base.tokenizer_digest],
         "model": {k: v for k, v in now["model"].items() if k not in ("name", "base")},
         "train": now["train"],
-        "code": code.get("git_commit"),
+        "code": provenance.code_identity(code),
         "packages": {p: packages.get(p) for p in REUSE_PACKAGES},
         "processes": _world_size(),
         # train.precision=auto is bf16 or fp16 on a GPU and fp32 on the CPU: what it became is the input
