@@ -23,6 +23,7 @@ with aliases ``candidate`` and ``sweep-<id>-best``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -665,6 +666,10 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                                   + "; its trials would not be comparable")
             sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
             _check_pinned_dataset(sweep_id, dataset_ref, dataset, registry)
+            if attrs.get("base_digest") and (now := base_files(config, sweep)) != attrs["base_digest"]:
+                raise ConfigError(f"cannot resume sweep {sweep_id}: the base model {config.model.base} has other files "
+                                  f"now (digest {now[:12]}) than the sweep began with ({attrs['base_digest'][:12]}); "
+                                  "its trials would not be comparable")
             lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
             study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=_sampler(sweep, seed),
                                       pruner=_pruner(sweep, config))
@@ -676,6 +681,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                 study.set_user_attr("finished", None)
         else:
             dataset_ref, base_ref = _before_trials(config, sweep, registry, dataset)
+            base_digest = base_files(config, sweep)
             sweep_id = new_run_id()
             lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
             # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
@@ -688,7 +694,8 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                                         pruner=_pruner(sweep, config),
                                         direction="maximize" if sweep.maximize else "minimize")
             for k, v in {"sweep": sweep.raw, "dataset": dataset_ref, "seed": seed, "config": config.to_dict(),
-                         "count": count, "started": time.time(), **({"base": base_ref} if base_ref else {})}.items():
+                         "count": count, "started": time.time(), **({"base": base_ref} if base_ref else {}),
+                         **({"base_digest": base_digest} if base_digest else {})}.items():
                 study.set_user_attr(k, v)
         if on_failure is not None:
             on_failure["resume"] = sweep_id
@@ -844,6 +851,7 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
         return None, count
     dataset_ref = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset").ref
     base_ref = pinned_base(config, sweep, registry)
+    digest = functools.cache(lambda: base_files(config, sweep))  # hashed once, when a sweep recorded one
     passed = []  # why each unfinished sweep is not this command's: said when none is
     for summary in sorted(studies, key=lambda s: s.user_attrs.get("started", 0), reverse=True):
         attrs, name = summary.user_attrs, summary.study_name
@@ -858,6 +866,8 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
             passed.append(f"{name}: trains {attrs.get('base')}")
         elif changed:
             passed.append(f"{name}: config differs in {describe_diff(changed)}")
+        elif attrs.get("base_digest") and attrs["base_digest"] != digest():
+            passed.append(f"{name}: its base model's files changed since it began")
         elif seed is not None and attrs.get("seed") != seed:
             passed.append(f"{name}: drawn from seed {attrs.get('seed')}")
         else:
@@ -962,6 +972,17 @@ def _check_pinned_dataset(sweep_id: str, pinned: str, dataset: str | None, regis
         raise ConfigError(f"sweep {sweep_id} trains on {pinned}, and --dataset {dataset} "
                           + (f"names {given}" if given != dataset else "is another version")
                           + f"; resume it without --dataset, or start a new sweep on {given}")
+
+
+def base_files(config: Config, sweep: SweepSpec) -> str | None:
+    """The digest of the base model folder every trial starts from (`resolve_base_model`), recorded when a sweep
+    starts so that a resumed one goes on from the same files; None when the base is swept, or a registry version
+    (`pinned_base` pins that one)."""
+    from pipeline.basemodel import is_registry_ref, resolve_base_model
+
+    if "model.base" in {p.key for p in sweep.params} or is_registry_ref(config.model.base):
+        return None
+    return resolve_base_model(config.model.base, trust_remote_code=config.model.trust_remote_code).digest
 
 
 def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:

@@ -229,6 +229,35 @@ def test_resume_after_interruption_continues_the_count_on_the_pinned_data(cfg, a
     assert again.stop_reason == "run_cap 4 reached" and again.dataset == "tickets:v0"
 
 
+def test_a_sweep_is_not_resumed_from_a_base_model_whose_files_changed(cfg, assets, tmp_path, caplog):
+    """The trials after a resume would start from other weights than those before it, and the best of them all would
+    be chosen among models that are not comparable: `--resume ID` says so, `--resume auto` starts a new sweep."""
+    import optuna
+
+    model_dir, _ = assets
+    base = tmp_path / "bert"
+    shutil.copytree(model_dir, base)
+    c = cfg(f"model.base={base}", "train.max_steps=2")
+    spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML))
+    on_failure = {}
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),), on_failure=on_failure)
+    sweep_id = on_failure["resume"]
+    storage = f"sqlite:///{Path(c.tracking.dir) / 'registry' / 'sweeps.db'}"
+    assert sweeps._sweep_to_continue(c, spec, storage, registry(c), 3, None) == (sweep_id, 2)  # the same files
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    with pytest.raises(ConfigError, match=rf"cannot resume sweep {sweep_id}: the base model {re.escape(str(base))} has "
+                                          r"other files now \(digest \w{12}\) than the sweep began with \(\w{12}\); "
+                                          "its trials would not be comparable"):
+        sweeps.run(c, sweep=spec, count=1, resume=sweep_id)
+    trials = len(optuna.load_study(study_name=sweep_id, storage=storage).trials)
+    with caplog.at_level("INFO", logger="pipeline.sweep"):
+        assert sweeps._sweep_to_continue(c, spec, storage, registry(c), 3, None) == (None, 3)
+    assert f"{sweep_id}: its base model's files changed since it began" in caplog.text
+    assert len(optuna.load_study(study_name=sweep_id, storage=storage).trials) == trials  # refused: nothing ran
+
+
 def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the_trials_it_has_left(cfg, tmp_path,
                                                                                                        caplog, cli_here):
     import optuna
