@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,27 @@ import pytest
 from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+SYSTEM_TMP = tempfile.gettempdir()  # the machine's, before `scratch_under_pytest` points temporary files elsewhere
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_under_pytest(tmp_path_factory) -> Iterator[Path]:
+    """Temporary files of the code under test go under pytest's own temporary folder (which pytest prunes to the
+    last three sessions), in this process and in every process a test starts: W&B's service sockets and media
+    folders, torch.distributed's rendezvous folders, W&B Launch's config copies. A process that a test kills cannot
+    clean up after itself, and a test run left some fifty such entries in /tmp each time."""
+    scratch = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # computed again from TMPDIR
+    try:
+        yield scratch
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        tempfile.tempdir = None
 
 
 def _go_offline(mp: pytest.MonkeyPatch, tmp: Path) -> None:

@@ -657,7 +657,12 @@ def test_a_registry_this_user_cannot_write_is_still_listed_shown_verified_and_tr
     from pipeline.tracking import TrackedRun
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    base = Path(tempfile.mkdtemp(prefix="shared-registry-"))  # not under pytest's own folders, which only root may enter
+    from tests.conftest import SYSTEM_TMP
+
+    # not under pytest's own folders, which only root may enter: the registry, and diff's temporary copies
+    monkeypatch.setenv("TMPDIR", SYSTEM_TMP)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    base = Path(tempfile.mkdtemp(prefix="shared-registry-"))
     try:
         reg = LocalRegistry(base / "registry")
         run = TrackedRun(id="pub1", project="p", job_type="dataset-publish", group=None, mode="offline", config={},
