@@ -325,6 +325,24 @@ def parse_sweep(raw: Any, source: str = "sweep config") -> SweepSpec:
                      params=params, hyperband=hyperband, run_cap=run_cap, raw=raw)
 
 
+def keys_not_used(spec: SweepSpec, config: Config) -> list[str]:
+    """What a sweep file written for ``wandb sweep`` and ``wandb agent`` says that this command does not follow: its
+    program and command (each trial is the finetune stage, in this process), and a project or entity other than the
+    config's (the trials run in the config's, as ``wandb.sweep``'s project and entity arguments take precedence over
+    the file's). One line each, for the command to log."""
+    raw = spec.raw
+    said = []
+    if "program" in raw or "command" in raw:
+        said.append("the sweep file's program and command are not run: each trial is the finetune stage, in this process")
+    for key, used, name in (("project", config.project, repr(config.project)),
+                            ("entity", config.entity, repr(config.entity) if config.entity else "W&B's default entity")):
+        if raw.get(key) is not None and raw[key] != used:
+            said.append(f"the sweep file's {key} {raw[key]!r} is not where the trials run: they run in {name} (the "
+                        f"config's {key}, or WANDB_{key.upper()}), as wandb.sweep's {key} argument takes precedence "
+                        "over the file's")
+    return said
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     import yaml
 

@@ -63,6 +63,25 @@ def registry(c) -> LocalRegistry:
     return LocalRegistry(Path(c.tracking.dir) / "registry")
 
 
+def test_what_a_w_and_b_sweep_file_says_that_a_pipeline_sweep_does_not_use_is_said(cfg):
+    """A sweep file written for `wandb sweep` + `wandb agent` names a program, a command, a project and an entity.
+    Each trial here is the finetune stage in this process, in the config's project: so the program and command are
+    not run, and a project or entity other than the config's gives way to it, as wandb.sweep's own project and
+    entity arguments take precedence over the file's. Accepted, and said, rather than left for the user to find."""
+    c = cfg()
+    spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"program": "train.py", "command": ["${env}", "${program}"],
+                                                            "project": "old-project", "entity": "someone"})
+    said = sweeps.keys_not_used(spec, c)
+    assert said == [
+        "the sweep file's program and command are not run: each trial is the finetune stage, in this process",
+        f"the sweep file's project 'old-project' is not where the trials run: they run in {c.project!r} (the config's "
+        "project, or WANDB_PROJECT), as wandb.sweep's project argument takes precedence over the file's",
+        "the sweep file's entity 'someone' is not where the trials run: they run in W&B's default entity (the "
+        "config's entity, or WANDB_ENTITY), as wandb.sweep's entity argument takes precedence over the file's"]
+    same = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML) | {"project": c.project})
+    assert sweeps.keys_not_used(same, c) == [] and sweeps.keys_not_used(spec, cfg("entity=someone"))[2:] == []
+
+
 def test_the_issue_yaml_runs_verbatim_offline(cfg):
     assert yaml.safe_load((REPO / "configs" / "sweep.yaml").read_text()) == yaml.safe_load(ISSUE_YAML)
     c = cfg()

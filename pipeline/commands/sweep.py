@@ -29,18 +29,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import contextlib
+    import logging
     import sys
 
     from pipeline.commands.stage import EXIT_CODES
     from pipeline.config import load_config
     from pipeline.results import failed, write_json_atomic
-    from pipeline.sweep import load_sweep
+    from pipeline.sweep import keys_not_used, load_sweep
     from pipeline.tracking import resolve_mode
 
     from pipeline.errors import ConfigError
 
     config = load_config(args.config, args.overrides)
     spec = load_sweep(args.sweep)
+    for line in keys_not_used(spec, config):
+        logging.getLogger("pipeline.sweep").warning("%s", line)
     online = resolve_mode(config.tracking.mode) == "online" and config.tracking.registry != "local"
     if args.resume == "auto" and online:
         raise ConfigError("--resume auto continues offline sweeps (the local engine records each sweep's count and "
