@@ -194,6 +194,18 @@ class PreferLowerLossOnTies(TrainerCallback):
             state.best_metric = float(np.nextafter(state.best_metric, -np.inf if args.greater_is_better else np.inf))
 
 
+class StopAtStep(TrainerCallback):
+    """Stop training at step `step`, after that step's evaluation and checkpoint, as a callback that stopped it there
+    in an evaluation did (a sweep's hyperband pruner): what `reproduce` rebuilds such a model with."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
 class SweepMetricCallback(TrainerCallback):
     """At every evaluation: report the sweep metric to the pruner (hyperband) and stop the trial
     when it says so; online, also log the metric under the sweep file's own name for W&B's controller."""

@@ -131,8 +131,14 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     for w in warnings:
         log.warning(w)
 
-    new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned,
-                       tags=("reproduction",), summary={"reproduces": original.ref})
+    stop = (meta.get("training") or {}).get("stopped_at_step")
+    if stop is not None:  # stopped by a callback its config does not name, maybe: the rebuild stops where it did
+        from pipeline.callbacks import StopAtStep
+
+        log.info("%s stopped training at step %d of %d (early stopping, or a sweep's pruner, which its config does not "
+                 "name): the rebuild stops there too", original.ref, stop, meta["training"].get("max_steps", 0))
+    new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned, tags=("reproduction",),
+                       summary={"reproduces": original.ref}, callbacks=(StopAtStep(stop),) if stop is not None else ())
     rebuilt = registry.resolve(new.produced[0])
     same_digest = rebuilt.digest == original.digest
     files_then, files_now = _files(original), _files(rebuilt)
@@ -181,6 +187,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
             "files_differ": differ,
             "matches": matches,
             "tolerance": tolerance,
+            "stopped_at_step": stop,
             "config_diff": diff,
             "dataset": {"ref": dataset.ref, "recorded_digest": ds_digest, "digest": dataset.digest,
                         "same": ds_digest == dataset.digest},

@@ -79,6 +79,32 @@ def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
                                                             "bit (same digest)")
 
 
+def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_where_it_stopped(env):
+    """A hyperband sweep stops a trial at an evaluation (`SweepMetricCallback`), and a stopped trial can be the sweep's
+    best model: nothing in its config says so. Rebuilt from its config, it trained every step and differed from the
+    model it reproduces. The version records the step its training stopped at, and the rebuild stops there too."""
+    from transformers import TrainerCallback
+
+    from pipeline.stages import finetune
+
+    class Pruner(TrainerCallback):  # as a sweep's hyperband pruner stops a trial: after an evaluation
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.epoch >= 2:
+                control.should_training_stop = True
+
+    make, _ = env
+    cfg = make()
+    stopped = finetune.run(cfg, callbacks=(Pruner(),))
+    reg = registry(cfg)
+    training = reg.resolve(stopped.produced[0]).metadata["training"]
+    assert stopped.produced == ["clf:v1"] and stopped.details["stopped_early"]
+    assert 0 < training["stopped_at_step"] < training["max_steps"]
+    rebuilt = reproduce.run(cfg, model="clf:v1", check=True)
+    assert rebuilt.status == "ok" and rebuilt.details["same_digest"] and rebuilt.produced == ["clf:v1"]
+    assert rebuilt.details["stopped_at_step"] == training["stopped_at_step"]
+    assert reg.resolve("clf:v0").metadata["training"].get("stopped_at_step") is None  # trained every step
+
+
 def test_a_bit_for_bit_reproduction_says_that_latest_is_back_on_the_original(env, tmp_path):
     """Publishing an older version's bytes again puts `latest` on it, as on W&B: a reproduction of clf:v0 made
     clf:latest, which `model.base: clf:latest` trains from, the old model without a word. It is said now."""

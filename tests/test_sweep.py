@@ -475,6 +475,25 @@ def test_hyperband_stops_weak_trials_early(cfg, tmp_path):
     assert out.best.params["train.learning_rate"] == 0.003
 
 
+def test_a_trial_the_pruner_stopped_is_reproduced_stopping_where_it_stopped(cfg):
+    """A pruned trial's model (the sweep's best, or any with --publish-trials) was stopped by the pruner, which its
+    config does not name: its version records the step, and `reproduce` rebuilds it bit for bit."""
+    from pipeline import reproduce
+
+    spec = sweeps.parse_sweep({
+        "method": "grid", "metric": {"name": "eval/accuracy", "goal": "maximize"},
+        "parameters": {"learning_rate": {"values": [0.003, 1e-7]}},
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "max_iter": 1, "eta": 2},
+    })
+    c = cfg("train.epochs=3", "train.batch_size=8")
+    out = sweeps.run(c, sweep=spec, count=2, publish_trials=True)
+    [pruned] = [t for t in out.trials if t.state == "pruned"]
+    version = registry(c).resolve(pruned.produced[0])
+    assert version.metadata["training"]["stopped_at_step"] < version.metadata["training"]["max_steps"]
+    rebuilt = reproduce.run(c, model=version.ref, check=True)
+    assert rebuilt.status == "ok" and rebuilt.details["same_digest"] and rebuilt.produced == [version.ref]
+
+
 def test_random_draws_follow_wandb_distributions():
     params = {
         "train.learning_rate": {"distribution": "log_uniform", "min": -3, "max": 0},

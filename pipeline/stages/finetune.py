@@ -940,7 +940,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             best, final = _eval_history(trainer.state)
             _check_finite(best, final)
             metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
-            metadata = _metadata(config, plan_, trun, shared, metrics, signature, code, packages)
+            metadata = _metadata(config, plan_, trun, shared, metrics, signature, code, packages, trainer.state)
             if keep_model is not None:
                 _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
                 status, produced, digest = "ok", [], None
@@ -1044,7 +1044,7 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
 
 
 def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str | None, code: dict[str, Any],
-              packages: dict[str, str]) -> dict[str, Any]:
+              packages: dict[str, str], state) -> dict[str, Any]:
     if code.get("git_dirty"):
         log.warning("the pipeline's package has uncommitted changes; the model records git_dirty=true")
     return {
@@ -1062,7 +1062,11 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "packages": packages,
         # the W&B run that trained it: a sweep agent's own run when adopted, not the id of its checkpoint folder
         "training": {"run_id": trun.id, "resumed_from": shared["resume_from"], "processes": _world_size(),
-                     **_hardware(config.train.precision)},
+                     **_hardware(config.train.precision),
+                     # stopped before its last step (early stopping, or a sweep's pruner, which the config does not
+                     # name): `reproduce` stops there too
+                     **({"stopped_at_step": state.global_step, "max_steps": state.max_steps}
+                        if state.global_step < state.max_steps else {})},
         **({"input_signatures": [signature]} if signature else {}),  # see `input_signature`
         **({"class_weights": _weights_by_label(shared)} if shared.get("class_weights") else {}),
         **({"truncated": {"max_length": config.model.max_length, **shared["truncated"]}}  # rows cut to it, per split
