@@ -79,7 +79,7 @@ def test_cpu_reproduction_is_exact_and_keeps_one_version(env):
                                                             "bit (same digest)")
 
 
-def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_where_it_stopped(env):
+def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_where_it_stopped(env, monkeypatch):
     """A hyperband sweep stops a trial at an evaluation (`SweepMetricCallback`), and a stopped trial can be the sweep's
     best model: nothing in its config says so. Rebuilt from its config, it trained every step and differed from the
     model it reproduces. The version records the step its training stopped at, and the rebuild stops there too."""
@@ -92,6 +92,9 @@ def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_whe
             if state.epoch >= 2:
                 control.should_training_stop = True
 
+    from pipeline import provenance
+
+    monkeypatch.setattr(provenance, "code_version", lambda: {"git_commit": "a" * 40, "git_dirty": False})  # clean
     make, _ = env
     cfg = make()
     stopped = finetune.run(cfg, callbacks=(Pruner(),))
@@ -103,6 +106,11 @@ def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_whe
     assert rebuilt.status == "ok" and rebuilt.details["same_digest"] and rebuilt.produced == ["clf:v1"]
     assert rebuilt.details["stopped_at_step"] == training["stopped_at_step"]
     assert reg.resolve("clf:v0").metadata["training"].get("stopped_at_step") is None  # trained every step
+    # and it is not what this config trains: it records no input signature, so a finetune of this config that reuses
+    # a version trained from the same inputs trains (and gives clf:v0's bytes), rather than reuse the stopped clf:v1
+    assert "input_signatures" not in reg.resolve("clf:v1").metadata
+    again = finetune.run(cfg, reuse=True)
+    assert not again.details.get("reused") and again.produced == ["clf:v0"]
 
 
 def test_a_bit_for_bit_reproduction_says_that_latest_is_back_on_the_original(env, tmp_path):

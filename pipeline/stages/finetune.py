@@ -940,6 +940,11 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             best, final = _eval_history(trainer.state)
             _check_finite(best, final)
             metrics = {"best": best, "final": final, "best_metric": config.train.metric_for_best_model}
+            if _stopped_outside_config(trainer):  # not what this config trains: no signature for `trained_before`
+                log.info("training stopped at step %d of %d, by a callback the config does not name (a sweep's pruner): "
+                         "the model records no input signature, so a finetune of this config does not reuse it",
+                         trainer.state.global_step, trainer.state.max_steps)
+                signature = None
             metadata = _metadata(config, plan_, trun, shared, metrics, signature, code, packages, trainer.state)
             if keep_model is not None:
                 _keep(Path(keep_model), trainer, tokenizer, config, plan_, shared, details, metrics, metadata)
@@ -1041,6 +1046,18 @@ def _reuse(config: Config, plan_: Plan, earlier, *, group, aliases, tags, summar
         message=f"{earlier.ref} was already trained from the same inputs; reused",
         details={"reused": True, "trained_by": earlier.produced_by, "digest": earlier.digest},
     )
+
+
+def _stopped_outside_config(trainer) -> bool:
+    """Training ended before its last step, and not by the early stopping its config asks for: a callback that the
+    config does not name stopped it (a sweep's hyperband pruner, a caller's own callback)."""
+    from transformers import EarlyStoppingCallback
+
+    state = trainer.state
+    if state.global_step >= state.max_steps:
+        return False
+    early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    return early is None or early.early_stopping_patience_counter < early.early_stopping_patience
 
 
 def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str | None, code: dict[str, Any],
