@@ -75,7 +75,6 @@ def code_version() -> dict[str, Any]:
     repository's commit, so the package's files must be tracked there.
     """
     src = Path(__file__).resolve().parent
-    installed: dict[str, Any] = {"git_commit": None, "git_dirty": None}
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         tracked = commit.returncode == 0 and subprocess.run(
@@ -89,7 +88,7 @@ def code_version() -> dict[str, Any]:
                     "git_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
         pass
-    return {**installed, "package_digest": package_digest(src)}
+    return {"git_commit": None, "git_dirty": None, "package_digest": package_digest(src)}
 
 
 def package_digest(package: Path) -> str:
