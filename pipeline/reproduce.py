@@ -127,6 +127,8 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
                 for k in sorted(pk_then.keys() | pk_now.keys()) if pk_then.get(k) != pk_now.get(k)}
     if packages:
         warnings.append("package versions differ: " + ", ".join(f"{k} {v['original']} -> {v['reproduction']}" for k, v in packages.items()))
+    if (setup := _other_setup(original.ref, meta.get("training") or {}, finetune.trained_on(cfg.train.precision))):
+        warnings.append(setup)
     diff = config_diff(meta["config"], cfg.to_dict())
     for w in warnings:
         log.warning(w)
@@ -200,6 +202,22 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
             "warnings": warnings,
         },
     )
+
+
+def _other_setup(ref: str, then: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What a rebuild cannot make the same about how the original was trained: another device, precision or number of
+    processes (each takes a batch: two processes train on twice the rows a step); None when the original recorded the
+    same (or, made before they were recorded, nothing)."""
+    keys = ("device", "precision", "processes")
+    if not any(k in then for k in keys) or all(then.get(k, now[k]) == now[k] for k in keys):
+        return None
+
+    def said(t: dict[str, Any]) -> str:
+        n = t.get("processes", 1)
+        return f"on {t.get('device', '?')} in {t.get('precision', '?')} by {n} process{'es' if n != 1 else ''}"
+
+    return (f"{ref} was trained {said(then)}; this rebuild runs {said(now)}: another device, precision or number of "
+            "processes (each takes a batch) gives other weights")
 
 
 def _code_named(code: dict[str, Any]) -> str:

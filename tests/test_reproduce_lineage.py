@@ -531,7 +531,9 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     then = {**meta["packages"], "torch": "2.0.0"}
     del then["accelerate"]
     reg.update_metadata("clf:v0", {"code": {**meta["code"], "git_commit": "0" * 40, "git_dirty": True},
-                                   "packages": then})
+                                   "packages": then,  # and trained on a GPU, in two processes:
+                                   "training": {**meta["training"], "processes": 2, "device": "cuda:NVIDIA H200",
+                                                "precision": "bf16"}})
     caplog.set_level("WARNING", logger="pipeline.reproduce")
     result = reproduce.run(cfg, model="clf:v0", check=True)
     now = package_versions()
@@ -540,6 +542,8 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     assert "clf:v0 was made from a tree with uncommitted changes: its code cannot be pinned exactly" in said
     assert (f"package versions differ: accelerate None -> {now['accelerate']}, torch 2.0.0 -> {now['torch']}"
             in said)
+    assert ("clf:v0 was trained on cuda:NVIDIA H200 in bf16 by 2 processes; this rebuild runs on cpu in fp32 by 1 "
+            "process: another device, precision or number of processes (each takes a batch) gives other weights") in said
     assert result.details["packages_differ"] == {"accelerate": {"original": None, "reproduction": now["accelerate"]},
                                                  "torch": {"original": "2.0.0", "reproduction": now["torch"]}}
     assert all(w in caplog.text for w in said)  # in the log before the training, too

@@ -311,6 +311,12 @@ def _out_of_memory(config: Config) -> OutOfMemory:
     return OutOfMemory(f"out of memory on {where} while training: " + "; ".join(advice) + ". Nothing was published")
 
 
+def trained_on(precision: str) -> dict[str, Any]:
+    """The processes, arithmetic and device that train here (`_hardware`): what a version's metadata records in
+    ``training``, and what `reproduce` compares with it."""
+    return {"processes": _world_size(), **_hardware(precision)}
+
+
 def _hardware(precision: str) -> dict[str, str]:
     """What trained the weights, for the version's metadata: the arithmetic ``train.precision`` resolved to
     (``auto`` is bf16 or fp16 on a GPU, fp32 on the CPU) and the device's name."""
@@ -1078,8 +1084,7 @@ def _metadata(config: Config, plan_: Plan, trun, shared, metrics, signature: str
         "code": code,
         "packages": packages,
         # the W&B run that trained it: a sweep agent's own run when adopted, not the id of its checkpoint folder
-        "training": {"run_id": trun.id, "resumed_from": shared["resume_from"], "processes": _world_size(),
-                     **_hardware(config.train.precision),
+        "training": {"run_id": trun.id, "resumed_from": shared["resume_from"], **trained_on(config.train.precision),
                      # stopped before its last step (early stopping, or a sweep's pruner, which the config does not
                      # name): `reproduce` stops there too
                      **({"stopped_at_step": state.global_step, "max_steps": state.max_steps}
