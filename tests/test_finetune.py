@@ -376,6 +376,35 @@ def test_a_run_is_not_resumed_from_a_base_model_whose_files_changed(tmp_path, ti
     assert fresh.resume_from is None and fresh.run_id != killed and "training afresh (--resume auto)" in caplog.text
 
 
+def test_a_run_is_not_resumed_by_another_number_of_processes_or_in_other_arithmetic(tmp_path, tiny_model, tickets_csv,
+                                                                                    caplog):
+    """Each process takes a batch: a run begun by two processes (torchrun) and resumed by one goes on with half the
+    rows a step, and its model would record one process, as if the config had trained it so (and a later finetune of
+    that config reuse it). So would a run begun in bf16 on a GPU and resumed in fp32. `--resume` refuses;
+    `--resume auto` trains afresh."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(7),))
+    killed = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    state_file = tmp_path / "track" / "checkpoints" / "clf" / killed / finetune.RESUME_FILE
+    state = json.loads(state_file.read_text())
+    assert (state["processes"], state["precision"]) == (1, "fp32")  # what began it
+    for began, said in (({"processes": 2}, "it began with 2 processes, this is 1 (each process takes a batch)"),
+                        ({"precision": "bf16"}, "it began in bf16, this is fp32")):
+        state_file.write_text(json.dumps({**state, **began}))
+        with pytest.raises(ConfigError) as refused:
+            finetune.plan(cfg, resume=killed)
+        assert str(refused.value) == (f"cannot resume run {killed}: {said}; resume it as it began, or train afresh "
+                                      "(without --resume)")
+        with caplog.at_level("INFO", logger="pipeline.stages.finetune"):
+            fresh = finetune.plan(cfg, resume="auto")
+        assert fresh.resume_from is None and fresh.run_id != killed
+        assert f"not continuing interrupted run {killed}: {said}; training afresh (--resume auto)" in caplog.text
+    state_file.write_text(json.dumps(state))
+    assert finetune.plan(cfg, resume="auto").run_id == killed  # as it began: it goes on
+
+
 def test_run_again_continues_the_interrupted_finetune(tmp_path, tiny_model, tickets_csv, cli_here):
     """`pipeline run` after a stop in finetune continues that run, as `finetune --resume auto` does."""
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5",

@@ -207,6 +207,23 @@ def _run_to_continue(config: Config, registry, dataset: str | None) -> str | Non
     return None
 
 
+def _not_as_it_began(saved: dict[str, Any], base: BaseModel, config: Config) -> tuple[type, str, str] | None:
+    """Why an interrupted run cannot go on here as it began: (error, what differs, what to do), or None. Its
+    checkpoints were trained from the base model's files as they were, by as many processes (each takes a batch), in
+    one arithmetic; the model it publishes records those of the part that finishes it."""
+    if saved.get("base_digest") not in (None, base.digest):
+        return (PipelineError, f"the base model {base.id} has other files now (digest {base.digest[:12]}) than the run "
+                               f"began from ({saved['base_digest'][:12]})", "put those files back")
+    now = trained_on(config.train.precision)
+    if saved.get("processes") not in (None, now["processes"]):
+        n = saved["processes"]
+        return (ConfigError, f"it began with {n} process{'es' if n != 1 else ''}, this is {now['processes']} (each "
+                             "process takes a batch)", "resume it as it began")
+    if saved.get("precision") not in (None, now["precision"]):
+        return ConfigError, f"it began in {saved['precision']}, this is {now['precision']}", "resume it as it began"
+    return None
+
+
 def check_trainable(version) -> None:
     """A dataset version finetune can train on: it has train rows, and validation rows to evaluate on."""
     rows = version.metadata.get("num_rows", {})
@@ -262,13 +279,11 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
         run_id, group = saved["run_id"], saved.get("group")
         if saved.get("dataset_digest") and saved["dataset_digest"] != version.digest:
             raise PipelineError(f"{version.ref} no longer has the digest run {run_id} trained on")
-        if saved.get("base_digest") not in (None, base.digest):
-            # its checkpoints were trained from the files as they were; the model would record these
-            changed = (f"the base model {base.id} has other files now (digest {base.digest[:12]}) than the run began "
-                       f"from ({saved['base_digest'][:12]})")
+        refused = _not_as_it_began(saved, base, config)  # its model would record what it was not trained with
+        if refused is not None:
+            error, changed, fix = refused
             if not auto:
-                raise PipelineError(f"cannot resume run {run_id}: {changed}; put those files back, or train afresh "
-                                    "(without --resume)")
+                raise error(f"cannot resume run {run_id}: {changed}; {fix}, or train afresh (without --resume)")
             log.info("not continuing interrupted run %s: %s; training afresh (--resume auto)", run_id, changed)
             resume = None
     if resume is None:
@@ -836,7 +851,9 @@ def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tup
                      "as text %r text_pair", separator)
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
-             "base_digest": plan_.base.digest, "config": trun.config, "group": trun.group,
+             "base_digest": plan_.base.digest, **{k: v for k, v in trained_on(config.train.precision).items()
+                                                  if k != "device"},  # what resuming it must do the same
+             "config": trun.config, "group": trun.group,
              **({"base": plan_.base_version} if plan_.base_version else {}), **({"sweep": sweep} if sweep else {})}
     (plan_.output_dir / (TRIAL_FILE if sweep else RESUME_FILE)).write_text(json.dumps(state, indent=2) + "\n",
                                                                            encoding="utf-8")
