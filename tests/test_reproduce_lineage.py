@@ -245,6 +245,36 @@ def test_inputs_that_are_other_bytes_now_are_refused_before_a_run_opens(env, cap
     assert rebuilt.details["base_model"]["same"] is False
 
 
+def test_a_hub_base_is_rebuilt_from_the_commit_it_was_trained_from(tmp_path, monkeypatch):
+    """A hub model moves on (a new commit: a tokenizer setting edited, weights uploaded again). The version records
+    the commit its base was at, and `reproduce` takes that commit again, not the newest. (The hub here is a local
+    Hugging Face cache, offline, as a machine that downloaded both commits has it.)"""
+    from huggingface_hub import constants
+
+    from pipeline.stages import dataset_publish, finetune
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = hub / "models--someorg--tiny-bert"
+    then, later = "a" * 40, "b" * 40
+    write_tiny_model(repo / "snapshots" / then)
+    shutil.copytree(repo / "snapshots" / then, repo / "snapshots" / later)
+    config = json.loads((repo / "snapshots" / later / "config.json").read_text())
+    (repo / "snapshots" / later / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(then)
+    cfg = load_config(None, overrides(tmp_path, "someorg/tiny-bert", write_tickets(tmp_path / "tickets.csv", rows=240)))
+    dataset_publish.run(cfg)
+    trained = finetune.run(cfg)
+    base = registry(cfg).resolve(trained.produced[0]).metadata["base_model"]
+    assert (base["source"], base["id"], base["revision"]) == ("hub", "someorg/tiny-bert", then)
+    (repo / "refs" / "main").write_text(later)  # the hub moved on
+    assert finetune.plan(cfg).base.revision == later  # what a new training takes
+    rebuilt = reproduce.run(cfg, model=trained.produced[0], check=True)
+    assert rebuilt.details["same_digest"] and rebuilt.details["base_model"]["same"]
+
+
 def test_lineage_in_three_formats(env):
     make, result = env
     cfg = make()
