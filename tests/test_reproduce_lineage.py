@@ -274,6 +274,18 @@ def test_a_hub_base_is_rebuilt_from_the_commit_it_was_trained_from(tmp_path, mon
     rebuilt = reproduce.run(cfg, model=trained.produced[0], check=True)
     assert rebuilt.details["same_digest"] and rebuilt.details["base_model"]["same"]
 
+    # and an interrupted run goes on from the commit it began from, not the newest
+    from tests.test_finetune import StopAt
+
+    (repo / "refs" / "main").write_text(then)
+    steps = load_config(None, [*overrides(tmp_path, "someorg/tiny-bert", tmp_path / "tickets.csv"),
+                               "train.eval_strategy=steps", "train.eval_steps=5"])
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(steps, callbacks=(StopAt(7),))
+    (repo / "refs" / "main").write_text(later)
+    resumed = finetune.plan(steps, resume="latest")
+    assert resumed.resume_from is not None and resumed.base.revision == then
+
 
 def test_lineage_in_three_formats(env):
     make, result = env

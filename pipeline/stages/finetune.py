@@ -262,7 +262,8 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
                 said = dataset if asked == dataset else f"{dataset} ({asked})"
                 raise ConfigError(f"cannot resume run {saved['run_id']} on {said}: it was training on {saved['dataset']}")
         dataset = saved["dataset"]
-        base = saved.get("base") or base  # the base version the run started from, wherever its alias is now
+        # the base version the run started from, wherever its alias is now; or the hub commit it began from
+        base = saved.get("base") or saved.get("base_revision") or base
     ref = dataset or f"{config.dataset.name}:latest"
     version = registry.resolve(ref, type="dataset")
     check_trainable(version)
@@ -854,7 +855,9 @@ def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tup
              "base_digest": plan_.base.digest, **{k: v for k, v in trained_on(config.train.precision).items()
                                                   if k != "device"},  # what resuming it must do the same
              "config": trun.config, "group": trun.group,
-             **({"base": plan_.base_version} if plan_.base_version else {}), **({"sweep": sweep} if sweep else {})}
+             **({"base": plan_.base_version} if plan_.base_version else {}), **({"sweep": sweep} if sweep else {}),
+             # the hub commit it began from: resuming takes that one, not the newest
+             **({"base_revision": plan_.base.revision} if plan_.base.source == "hub" and plan_.base.revision else {})}
     (plan_.output_dir / (TRIAL_FILE if sweep else RESUME_FILE)).write_text(json.dumps(state, indent=2) + "\n",
                                                                            encoding="utf-8")
     shared = {
