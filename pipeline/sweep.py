@@ -684,7 +684,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                                   + "; its trials would not be comparable")
             sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
             _check_pinned_dataset(sweep_id, dataset_ref, dataset, registry)
-            if attrs.get("base_digest") and (now := base_files(config, sweep)) != attrs["base_digest"]:
+            if attrs.get("base_digest") and (now := base_files(config, sweep, base_ref)) != attrs["base_digest"]:
                 raise ConfigError(f"cannot resume sweep {sweep_id}: the base model {config.model.base} has other files "
                                   f"now (digest {now[:12]}) than the sweep began with ({attrs['base_digest'][:12]}); "
                                   "its trials would not be comparable")
@@ -699,7 +699,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                 study.set_user_attr("finished", None)
         else:
             dataset_ref, base_ref = _before_trials(config, sweep, registry, dataset)
-            base_digest = base_files(config, sweep)
+            base_digest = base_files(config, sweep, base_ref)
             sweep_id = new_run_id()
             lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
             # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
@@ -869,7 +869,7 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
         return None, count
     dataset_ref = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset").ref
     base_ref = pinned_base(config, sweep, registry)
-    digest = functools.cache(lambda: base_files(config, sweep))  # hashed once, when a sweep recorded one
+    digest = functools.cache(lambda: base_files(config, sweep, base_ref))  # hashed once, when a sweep recorded one
     passed = []  # why each unfinished sweep is not this command's: said when none is
     for summary in sorted(studies, key=lambda s: s.user_attrs.get("started", 0), reverse=True):
         attrs, name = summary.user_attrs, summary.study_name
@@ -903,7 +903,7 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
 
 # -- online: W&B sweeps and agents -----------------------------------------------------------
 DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sweep config as a constant
-BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry (`pinned_base`)
+BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry, or a hub commit (`pinned_base`)
 
 
 def _before_trials(config: Config, sweep: SweepSpec, registry, dataset: str | None = None) -> tuple[str, str | None]:
@@ -992,26 +992,31 @@ def _check_pinned_dataset(sweep_id: str, pinned: str, dataset: str | None, regis
                           + f"; resume it without --dataset, or start a new sweep on {given}")
 
 
-def base_files(config: Config, sweep: SweepSpec) -> str | None:
-    """The digest of the base model folder every trial starts from (`resolve_base_model`), recorded when a sweep
-    starts so that a resumed one goes on from the same files; None when the base is swept, or a registry version
-    (`pinned_base` pins that one)."""
+def base_files(config: Config, sweep: SweepSpec, base_ref: str | None = None) -> str | None:
+    """The digest of the base model folder every trial starts from (`resolve_base_model`; a hub model at the commit
+    `base_ref` pins), recorded when a sweep starts so that a resumed one goes on from the same files; None when the
+    base is swept, or a registry version (`pinned_base` pins that one)."""
     from pipeline.basemodel import is_registry_ref, resolve_base_model
 
     if "model.base" in {p.key for p in sweep.params} or is_registry_ref(config.model.base):
         return None
-    return resolve_base_model(config.model.base, trust_remote_code=config.model.trust_remote_code).digest
+    return resolve_base_model(config.model.base, pinned=base_ref, trust_remote_code=config.model.trust_remote_code).digest
 
 
 def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
-    """The exact ``name:vN`` of a base model given as a registry reference (``model.base: clf:production``), resolved
-    once for the whole sweep, so that every trial trains the same version even if the alias moves meanwhile;
-    None when the base is not a registry version, or is itself swept."""
-    from pipeline.basemodel import is_registry_ref, registry_base
+    """The exact ``name:vN`` of a base model given as a registry reference (``model.base: clf:production``), or the
+    commit a hub model is at, resolved once for the whole sweep, so that every trial trains from the same one even if
+    the alias moves, or the hub model gets a new commit, meanwhile; None when the base is a folder or the packaged
+    model, or is itself swept."""
+    from pipeline.basemodel import is_hub_id, is_registry_ref, registry_base, resolve_base_model
 
-    if "model.base" in {p.key for p in sweep.params} or not is_registry_ref(config.model.base):
+    if "model.base" in {p.key for p in sweep.params}:
         return None
-    return registry_base(config.model.base, registry).ref
+    if is_registry_ref(config.model.base):
+        return registry_base(config.model.base, registry).ref
+    if is_hub_id(config.model.base):  # downloaded here once, before the trials, which then find it in the cache
+        return resolve_base_model(config.model.base, trust_remote_code=config.model.trust_remote_code).revision
+    return None
 
 
 def _online_sweep_pins(started: dict[str, Any], sweep: SweepSpec, path: str) -> tuple[str, str | None]:

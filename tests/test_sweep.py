@@ -277,6 +277,42 @@ def test_a_sweep_is_not_resumed_from_a_base_model_whose_files_changed(cfg, asset
     assert len(optuna.load_study(study_name=sweep_id, storage=storage).trials) == trials  # refused: nothing ran
 
 
+def test_a_sweep_from_a_hub_model_trains_every_trial_from_the_commit_it_began_with(cfg, assets, monkeypatch, caplog):
+    """The hub model moves on (a new commit) while a sweep runs, or before it is resumed: its trials stay comparable
+    only if they all start from the commit the sweep began with, as they all train on the dataset version it pinned.
+    `--resume auto` starts a new sweep on the new commit, as it does on new data. (The hub is a local cache, offline.)"""
+    import optuna
+    from huggingface_hub import constants
+
+    model_dir, _ = assets
+    hub = Path(cfg().tracking.dir).parent / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = hub / "models--someorg--tiny-bert"
+    then, later = "a" * 40, "b" * 40
+    shutil.copytree(model_dir, repo / "snapshots" / then)
+    shutil.copytree(model_dir, repo / "snapshots" / later)
+    config = json.loads((repo / "snapshots" / later / "config.json").read_text())
+    (repo / "snapshots" / later / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(then)
+    c = cfg("model.base=someorg/tiny-bert", "train.max_steps=2")
+    spec = sweeps.parse_sweep(yaml.safe_load(ISSUE_YAML))
+    on_failure = {}
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.run(c, sweep=spec, count=3, callbacks=(InterruptTrial(1),), on_failure=on_failure)
+    sweep_id = on_failure["resume"]
+    (repo / "refs" / "main").write_text(later)  # the hub moved on
+    storage = f"sqlite:///{Path(c.tracking.dir) / 'registry' / 'sweeps.db'}"
+    with caplog.at_level("INFO", logger="pipeline.sweep"):
+        assert sweeps._sweep_to_continue(c, spec, storage, registry(c), 3, None) == (None, 3)
+    assert f"{sweep_id}: trains {then}" in caplog.text
+    out = sweeps.run(c, sweep=spec, count=1, resume=sweep_id)  # by its id: on the commit it began with
+    trained = [registry(c).get_run(t.run_id) for t in out.trials if t.state == "complete"]
+    assert len(trained) == 2 and optuna.load_study(study_name=sweep_id, storage=storage).user_attrs["base"] == then
+    assert out.best_model and registry(c).resolve(out.best_model).metadata["base_model"]["revision"] == then
+
+
 def test_resume_auto_continues_the_interrupted_sweep_of_the_same_command_for_the_trials_it_has_left(cfg, tmp_path,
                                                                                                        caplog, cli_here):
     import optuna
