@@ -10,8 +10,10 @@ the original. Bit-identical weights give the same digest, so the registry keeps 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -140,8 +142,10 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
 
         log.info("%s stopped training at step %d of %d (early stopping, or a sweep's pruner, which its config does not "
                  "name): the rebuild stops there too", original.ref, stop, meta["training"].get("max_steps", 0))
-    new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned, tags=("reproduction",),
-                       summary={"reproduces": original.ref}, callbacks=(StopAtStep(stop),) if stop is not None else ())
+    with _threads_of(meta.get("training") or {}, original.ref):
+        new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned, tags=("reproduction",),
+                           summary={"reproduces": original.ref},
+                           callbacks=(StopAtStep(stop),) if stop is not None else ())
     rebuilt = registry.resolve(new.produced[0])
     same_digest = rebuilt.digest == original.digest
     files_then, files_now = _files(original), _files(rebuilt)
@@ -203,6 +207,25 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
             "warnings": warnings,
         },
     )
+
+
+@contextlib.contextmanager
+def _threads_of(training: dict[str, Any], ref: str) -> Iterator[None]:
+    """torch's CPU threads set to those a CPU-trained original recorded, while the rebuild trains: the number of
+    threads decides how each sum is split, and another number gives other last bits of the weights."""
+    import torch
+
+    threads, before = training.get("threads"), torch.get_num_threads()
+    if training.get("device") != "cpu" or not threads or threads == before:
+        yield
+        return
+    log.info("%s was trained with %d CPU threads; the rebuild trains with as many (this machine's default: %d)", ref,
+             threads, before)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _other_setup(ref: str, then: dict[str, Any], now: dict[str, Any]) -> str | None:

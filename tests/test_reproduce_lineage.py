@@ -113,6 +113,30 @@ def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_whe
     assert not again.details.get("reused") and again.produced == ["clf:v0"]
 
 
+def test_a_cpu_model_is_rebuilt_with_the_threads_it_was_trained_with(env):
+    """On the CPU the number of threads decides how each sum is split, so a model trained with one thread and rebuilt
+    with two differs in the last bit of its weights (1.2e-7 on a tiny model): `reproduce` on a machine with more
+    cores than the one that trained it was never bit for bit. The version records the threads, and the rebuild uses
+    as many."""
+    import torch
+
+    from pipeline.stages import finetune
+
+    make, _ = env
+    cfg = make("train.seed=7")  # another model than the chain's
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        trained = finetune.run(cfg)
+        assert registry(cfg).resolve(trained.produced[0]).metadata["training"]["threads"] == 1
+        torch.set_num_threads(2)  # a machine with more cores
+        rebuilt = reproduce.run(cfg, model=trained.produced[0], check=True)
+        assert torch.get_num_threads() == 2  # as it was
+    finally:
+        torch.set_num_threads(before)
+    assert rebuilt.details["same_digest"] and rebuilt.produced == trained.produced
+
+
 def test_a_bit_for_bit_reproduction_says_that_latest_is_back_on_the_original(env, tmp_path):
     """Publishing an older version's bytes again puts `latest` on it, as on W&B: a reproduction of clf:v0 made
     clf:latest, which `model.base: clf:latest` trains from, the old model without a word. It is said now."""

@@ -328,9 +328,12 @@ def _out_of_memory(config: Config) -> OutOfMemory:
 
 
 def trained_on(precision: str) -> dict[str, Any]:
-    """The processes, arithmetic and device that train here (`_hardware`): what a version's metadata records in
-    ``training``, and what `reproduce` compares with it."""
-    return {"processes": _world_size(), **_hardware(precision)}
+    """The processes, arithmetic and device that train here (`_hardware`), and torch's CPU threads (how each sum is
+    split: on the CPU another number gives other last bits): what a version's metadata records in ``training``, and
+    what `reproduce` compares with it (and trains with: the threads)."""
+    import torch
+
+    return {"processes": _world_size(), **_hardware(precision), "threads": torch.get_num_threads()}
 
 
 def _hardware(precision: str) -> dict[str, str]:
@@ -853,7 +856,7 @@ def _prepare(config: Config, plan_: Plan, trun, sweep: str | None = None) -> tup
     plan_.output_dir.mkdir(parents=True, exist_ok=True)
     state = {"run_id": plan_.run_id, "dataset": version.ref, "dataset_digest": version.digest,
              "base_digest": plan_.base.digest, **{k: v for k, v in trained_on(config.train.precision).items()
-                                                  if k != "device"},  # what resuming it must do the same
+                                                  if k in ("processes", "precision")},  # what resuming must keep
              "config": trun.config, "group": trun.group,
              **({"base": plan_.base_version} if plan_.base_version else {}), **({"sweep": sweep} if sweep else {}),
              # the hub commit it began from: resuming takes that one, not the newest
