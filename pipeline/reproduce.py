@@ -216,7 +216,7 @@ def _threads_of(training: dict[str, Any], ref: str) -> Iterator[None]:
     import torch
 
     threads, before = training.get("threads"), torch.get_num_threads()
-    if training.get("device") != "cpu" or not threads or threads == before:
+    if not str(training.get("device")).startswith("cpu") or not threads or threads == before:
         yield
         return
     log.info("%s was trained with %d CPU threads; the rebuild trains with as many (this machine's default: %d)", ref,
@@ -233,6 +233,8 @@ def _other_setup(ref: str, then: dict[str, Any], now: dict[str, Any]) -> str | N
     processes (each takes a batch: two processes train on twice the rows a step); None when the original recorded the
     same (or, made before they were recorded, nothing)."""
     keys = ("device", "precision", "processes")
+    if then.get("device") == "cpu" and now["device"].startswith("cpu:"):  # recorded before the CPU was named
+        then = {**then, "device": now["device"]}
     if not any(k in then for k in keys) or all(then.get(k, now[k]) == now[k] for k in keys):
         return None
 

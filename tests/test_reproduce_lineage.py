@@ -608,8 +608,11 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     assert "clf:v0 was made from a tree with uncommitted changes: its code cannot be pinned exactly" in said
     assert (f"package versions differ: accelerate None -> {now['accelerate']}, torch 2.0.0 -> {now['torch']}"
             in said)
-    assert ("clf:v0 was trained on cuda:NVIDIA H200 in bf16 by 2 processes; this rebuild runs on cpu in fp32 by 1 "
-            "process: another device, precision or number of processes (each takes a batch) gives other weights") in said
+    from pipeline.stages.finetune import trained_on
+
+    assert (f"clf:v0 was trained on cuda:NVIDIA H200 in bf16 by 2 processes; this rebuild runs on "
+            f"{trained_on('auto')['device']} in fp32 by 1 process: another device, precision or number of processes "
+            "(each takes a batch) gives other weights") in said
     assert result.details["packages_differ"] == {"accelerate": {"original": None, "reproduction": now["accelerate"]},
                                                  "torch": {"original": "2.0.0", "reproduction": now["torch"]}}
     assert all(w in caplog.text for w in said)  # in the log before the training, too
@@ -620,6 +623,23 @@ def test_a_model_made_at_another_commit_with_other_packages_is_rebuilt_and_each_
     said = reproduce.run(cfg, model="clf:v0").details["warnings"]
     assert (f"code version differs: clf:v0 was made at an installed package (files eeeeeeeeeeee), this is commit "
             f"{code_version()['git_commit']}") in said
+
+
+def test_another_cpu_than_the_one_that_trained_a_model_is_named_before_its_rebuild():
+    """A CPU with other vector instructions sums in another order too: a rebuild there is not bit for bit, and the
+    warning says why. The device names the CPU (`cpu:<model name>`); a version that recorded only `cpu` (before the
+    name was) is not said to differ from any CPU."""
+    from pipeline.stages.finetune import trained_on
+
+    here = trained_on("auto")
+    assert here["device"].startswith("cpu:") and len(here["device"]) > len("cpu:")
+    then = {**here, "device": "cpu:AMD EPYC 9654 96-Core Processor"}
+    assert reproduce._other_setup("clf:v0", then, here) == (
+        f"clf:v0 was trained on cpu:AMD EPYC 9654 96-Core Processor in fp32 by 1 process; this rebuild runs on "
+        f"{here['device']} in fp32 by 1 process: another device, precision or number of processes (each takes a batch) "
+        "gives other weights")
+    assert reproduce._other_setup("clf:v0", {**here, "device": "cpu"}, here) is None
+    assert reproduce._other_setup("clf:v0", here, here) is None
 
 
 def test_a_difference_of_exactly_the_tolerance_is_within_it():

@@ -342,8 +342,23 @@ def _hardware(precision: str) -> dict[str, str]:
     import torch
 
     used = _mixed_precision(precision)
-    device = f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"cpu:{_cpu_name()}"
     return {"precision": used[0] if used else "fp32", "device": device}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows): a CPU with other vector
+    instructions sums in another order, so a rebuild on it is not bit for bit."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _mixed_precision(precision: str) -> list[str]:
