@@ -297,7 +297,9 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
         notes=redact(notes or config.tracking.notes),
         config=resolved,
         id=run.id,
-        resume="allow" if resume else None,
+        # said every time: each stage run has an id of its own, which WANDB_RESUME (meant for another script's run id)
+        # must not decide on (online, `must` with a new id fails at init)
+        resume="allow" if resume else "never",
         dir=root,
         settings=_wandb_settings(mode),
         # One stage run at a time, and it must be the global `wandb.run`: transformers'

@@ -41,6 +41,18 @@ def test_successful_run_reads_back(make_config, tmp_path):
     assert any(line.startswith("wandb==") for line in listed)
 
 
+def test_a_stage_run_resumes_only_when_the_stage_says_whatever_wandb_resume_says(make_config, monkeypatch):
+    """Each stage run has an id of its own (only `finetune --resume` goes on with one), so a WANDB_RESUME left in the
+    environment (a cluster template's `must`, for the preempted job it was written for) does not decide: online,
+    `must` with a new id failed every stage at wandb.init."""
+    monkeypatch.setenv("WANDB_RESUME", "must")
+    cfg = make_config()
+    with tracked_run(cfg, "dataset-publish") as run:
+        assert run.wandb_run.settings.resume == "never"
+    with tracked_run(cfg, "finetune", run_id=run.id, resume=True) as again:
+        assert again.wandb_run.settings.resume == "allow"
+
+
 def test_the_package_list_reads_only_the_metadata_headers(tmp_path, monkeypatch):
     from pipeline.tracking import _installed_packages
 
