@@ -287,13 +287,19 @@ def runs_opened() -> Iterator[list[TrackedRun]]:
         del _watching[next(i for i, w in enumerate(_watching) if w is opened)]  # by identity: empty lists are equal
 
 
+def _env_tags() -> list[str]:
+    """The tags in ``WANDB_TAGS`` (comma-separated, as W&B reads them)."""
+    return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+
+
 def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mode):
     return wandb.init(
         project=config.project,
         entity=config.entity,
         job_type=job_type,
         group=run.group,
-        tags=redact(list(dict.fromkeys([*config.tracking.tags, *tags]))) or None,
+        # WANDB_TAGS too: wandb.init's tags take the place of the variable's, and W&B users set it to tag every run
+        tags=redact(list(dict.fromkeys([*config.tracking.tags, *_env_tags(), *tags]))) or None,
         notes=redact(notes or config.tracking.notes),
         config=resolved,
         id=run.id,

@@ -53,6 +53,19 @@ def test_a_stage_run_resumes_only_when_the_stage_says_whatever_wandb_resume_says
         assert again.wandb_run.settings.resume == "allow"
 
 
+def test_wandb_tags_are_on_every_stage_run_beside_the_stage_s_own(make_config, monkeypatch):
+    """WANDB_TAGS tags every run, as W&B users set it to; a stage run that passed tags of its own (a reused version, a
+    reproduction, a sweep trial) lost them, since wandb.init's tags take the place of the variable's."""
+    monkeypatch.setenv("WANDB_TAGS", "nightly, team-a")
+    cfg = make_config("tracking.tags=[from-config]")
+    with tracked_run(cfg, "finetune", tags=["reused"]) as run:
+        pass
+    assert inspect_summary(run.wandb_dir)["tags"] == ["from-config", "nightly", "team-a", "reused"]
+    with tracked_run(cfg, "dataset-publish") as plain:
+        pass
+    assert inspect_summary(plain.wandb_dir)["tags"] == ["from-config", "nightly", "team-a"]
+
+
 def test_the_package_list_reads_only_the_metadata_headers(tmp_path, monkeypatch):
     from pipeline.tracking import _installed_packages
 
