@@ -287,9 +287,11 @@ def runs_opened() -> Iterator[list[TrackedRun]]:
         del _watching[next(i for i, w in enumerate(_watching) if w is opened)]  # by identity: empty lists are equal
 
 
-def _env_tags() -> list[str]:
-    """The tags in ``WANDB_TAGS`` (comma-separated, as W&B reads them)."""
-    return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+def _tags(config: Config, tags) -> list[str]:
+    """A stage run's tags: ``tracking.tags``, ``WANDB_TAGS`` (wandb.init's tags take the variable's place, and W&B
+    users set it to tag every run) and the stage's own, once each, redacted."""
+    from_env = [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return redact(list(dict.fromkeys([*config.tracking.tags, *from_env, *tags])))
 
 
 def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mode):
@@ -298,8 +300,7 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
         entity=config.entity,
         job_type=job_type,
         group=run.group,
-        # WANDB_TAGS too: wandb.init's tags take the place of the variable's, and W&B users set it to tag every run
-        tags=redact(list(dict.fromkeys([*config.tracking.tags, *_env_tags(), *tags]))) or None,
+        tags=_tags(config, tags) or None,
         notes=redact(notes or config.tracking.notes),
         config=resolved,
         id=run.id,
@@ -371,6 +372,8 @@ def tracked_run(
         run.id = wandb.run.id
         run.wandb_run = wandb.run
         run.wandb_run.config.update(resolved, allow_val_change=True)
+        # the tags the stage gives every run it opens: W&B's agent opened this one without them
+        run.wandb_run.tags = tuple(dict.fromkeys([*_tags(config, tags), *(run.wandb_run.tags or ())]))
     else:
         run.wandb_run = _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mode)
     if mode != "disabled":

@@ -1098,6 +1098,19 @@ class StoppedByAgent(TrainerCallback):
             raise Exception  # noqa: TRY002 - exactly what the agent raises
 
 
+def test_an_online_trial_s_run_carries_the_tags_every_stage_run_has(cfg, monkeypatch):
+    """A trial's run is the one W&B's agent opens (adopted, not opened by the stage): it got neither the stage's
+    `sweep` tag nor `tracking.tags` nor WANDB_TAGS, which an offline trial's run and every other stage run carry."""
+    monkeypatch.setenv("WANDB_TAGS", "nightly")
+    c = cfg("train.max_steps=2", "tracking.tags=[team-a]")
+    spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
+                               "parameters": {"learning_rate": {"values": [0.003]}}})
+    FakeSweepServer(monkeypatch, "swp00006", {"agent0": [0.003]})
+    out = sweeps.run_online(c, sweep=spec, count=1)
+    [run_dir] = Path(c.tracking.dir).glob(f"wandb/offline-run-*-{out.trials[0].run_id}")
+    assert inspect_summary(run_dir)["tags"] == ["team-a", "nightly", "sweep"]
+
+
 def test_an_online_trial_the_agent_stops_is_failed_leaves_nothing_and_the_agent_goes_on(cfg, monkeypatch):
     c = cfg("train.max_steps=2")
     spec = sweeps.parse_sweep({"method": "random", "metric": {"name": "val/loss"},
