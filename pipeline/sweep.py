@@ -1146,6 +1146,14 @@ class SweepResult:
     seed: int | None = None  # the offline engine's: the same seed draws the same trials
     metric_name: str = "value"  # the sweep's metric, as its file writes it (val/loss)
 
+    def _stopped(self) -> str:
+        """Said of a best trial that hyperband stopped: its config run as it is (best_config) trains longer."""
+        if self.best is None or self.best.state != "pruned":
+            return ""
+        n = self.best.evaluations
+        return (f"; the pruner stopped it after {n} evaluation{'s' if n != 1 else ''}" if n else
+                "; the pruner stopped it") + ", so its config run in full trains longer"
+
     def to_stage_result(self):
         from pipeline.results import StageResult
 
@@ -1155,8 +1163,8 @@ class SweepResult:
             metrics={"best_value": self.best.value} if self.best else {},
             paths={"run_dir": self.run_dir or ""},
             message=f"sweep {self.sweep_id}: {self.stop_reason}; "
-                    + (f"best trial {self.best.number} ({self.metric_name} {_number(self.best.value)}) -> {self.best_model}"
-                       if self.best else "no trial finished"),
+                    + (f"best trial {self.best.number} ({self.metric_name} {_number(self.best.value)}{self._stopped()}) "
+                       f"-> {self.best_model}" if self.best else "no trial finished"),
             details={"sweep_id": self.sweep_id, "stop_reason": self.stop_reason, "seed": self.seed,
                      "best_trial": self.best.number if self.best else None,
                      "best_params": self.best.params if self.best else {}, "best_config": self.best_config,

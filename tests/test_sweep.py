@@ -530,6 +530,21 @@ def test_a_trial_the_pruner_stopped_is_reproduced_stopping_where_it_stopped(cfg)
     assert rebuilt.status == "ok" and rebuilt.details["same_digest"] and rebuilt.produced == [version.ref]
 
 
+def test_a_best_trial_the_pruner_stopped_is_said_to_be_one():
+    """Its config (`details.best_config`) trains every step when run as it is: the model published as the best was
+    stopped after fewer evaluations, which the result says, beside the trial."""
+    best = sweeps.TrialOutcome(3, {"train.learning_rate": 0.003}, "pruned", value=0.91, run_id="r3", evaluations=2)
+    result = sweeps.SweepResult(sweep_id="s1", status="ok", best=best, best_config=None, best_model="clf:v4",
+                                trials=[best], stop_reason="count 4 done", dataset="tickets:v0",
+                                metric_name="eval/accuracy").to_stage_result()
+    assert result.message == ("sweep s1: count 4 done; best trial 3 (eval/accuracy 0.91; the pruner stopped it after 2 "
+                              "evaluations, so its config run in full trains longer) -> clf:v4")
+    complete = sweeps.TrialOutcome(1, {}, "complete", value=0.9, evaluations=4)
+    assert "pruner" not in sweeps.SweepResult(sweep_id="s1", status="ok", best=complete, best_config=None,
+                                              best_model="clf:v2", trials=[complete], stop_reason="count 4 done",
+                                              dataset="tickets:v0").to_stage_result().message
+
+
 def test_random_draws_follow_wandb_distributions():
     params = {
         "train.learning_rate": {"distribution": "log_uniform", "min": -3, "max": 0},
