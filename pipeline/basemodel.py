@@ -111,11 +111,6 @@ def is_registry_ref(spec: str) -> bool:
     return ":" in spec and spec not in PACKAGED and not _looks_like_path(spec)
 
 
-def is_hub_id(spec: str) -> bool:
-    """`model.base` names a Hugging Face hub model: not the packaged one, a folder or a registry reference."""
-    return spec not in PACKAGED and not _looks_like_path(spec) and not is_registry_ref(spec)
-
-
 def registry_base(spec: str, registry, pinned: str | None = None):
     """The model version a registry reference in ``model.base`` names (`pinned`, its exact ``name:vN``, when
     already known); a RefError that names ``model.base``."""

@@ -339,8 +339,6 @@ def _list_change(a: Any, b: Any, width: int = 80) -> str | None:
     return "; ".join(said)
 
 
-
-
 def _short(value: Any, width: int = 80) -> str:
     import json
 

@@ -23,7 +23,6 @@ with aliases ``candidate`` and ``sweep-<id>-best``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -684,7 +683,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                                   + "; its trials would not be comparable")
             sweep_id, dataset_ref, seed, base_ref = resume, attrs["dataset"], attrs["seed"], attrs.get("base")
             _check_pinned_dataset(sweep_id, dataset_ref, dataset, registry)
-            if attrs.get("base_digest") and (now := base_files(config, sweep, base_ref)) != attrs["base_digest"]:
+            if attrs.get("base_digest") and (now := base_pins(config, sweep, registry, base_ref)[1]) != attrs["base_digest"]:
                 raise ConfigError(f"cannot resume sweep {sweep_id}: the base model {config.model.base} has other files "
                                   f"now (digest {now[:12]}) than the sweep began with ({attrs['base_digest'][:12]}); "
                                   "its trials would not be comparable")
@@ -698,8 +697,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
                 study.set_user_attr("count", _trials_run(study) + count)
                 study.set_user_attr("finished", None)
         else:
-            dataset_ref, base_ref = _before_trials(config, sweep, registry, dataset)
-            base_digest = base_files(config, sweep, base_ref)
+            dataset_ref, base_ref, base_digest = _before_trials(config, sweep, registry, dataset)
             sweep_id = new_run_id()
             lock.enter_context(runlock.hold(sweep_folder(config, sweep_id), f"sweep {sweep_id}", doing="running"))
             # Each sweep draws its own trials, as W&B's do: a second sweep of the same config explores new points
@@ -868,8 +866,7 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
     if not studies:
         return None, count
     dataset_ref = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset").ref
-    base_ref = pinned_base(config, sweep, registry)
-    digest = functools.cache(lambda: base_files(config, sweep, base_ref))  # hashed once, when a sweep recorded one
+    base_ref, digest = base_pins(config, sweep, registry)
     passed = []  # why each unfinished sweep is not this command's: said when none is
     for summary in sorted(studies, key=lambda s: s.user_attrs.get("started", 0), reverse=True):
         attrs, name = summary.user_attrs, summary.study_name
@@ -884,7 +881,7 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
             passed.append(f"{name}: trains {attrs.get('base')}")
         elif changed:
             passed.append(f"{name}: config differs in {describe_diff(changed)}")
-        elif attrs.get("base_digest") and attrs["base_digest"] != digest():
+        elif attrs.get("base_digest") and attrs["base_digest"] != digest:
             passed.append(f"{name}: its base model's files changed since it began")
         elif seed is not None and attrs.get("seed") != seed:
             passed.append(f"{name}: drawn from seed {attrs.get('seed')}")
@@ -903,25 +900,26 @@ def _sweep_to_continue(config: Config, sweep: SweepSpec, storage: str, registry,
 
 # -- online: W&B sweeps and agents -----------------------------------------------------------
 DATASET_PARAM = "pipeline_dataset"  # the pinned dataset version rides in the sweep config as a constant
-BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry, or a hub commit (`pinned_base`)
+BASE_PARAM = "pipeline_base"  # and so does a base model version from the registry, or a hub commit (`base_pins`)
 
 
-def _before_trials(config: Config, sweep: SweepSpec, registry, dataset: str | None = None) -> tuple[str, str | None]:
+def _before_trials(config: Config, sweep: SweepSpec, registry,
+                   dataset: str | None = None) -> tuple[str, str | None, str | None]:
     """Everything a trial needs, checked before the first one starts, so that a problem fails the sweep once,
     not each trial: the exact dataset version every trial trains on (`dataset`, default ``<dataset.name>:latest``;
-    one finetune can train on), the pinned base model version (`pinned_base`), and the config of each grid point.
-    (dataset ref, base ref or None)"""
+    one finetune can train on), the base model's pin and digest (`base_pins`), and the config of each grid point.
+    (dataset ref, base pin or None, base digest or None)"""
     from pipeline.stages import finetune
 
     version = registry.resolve(dataset or f"{config.dataset.name}:latest", type="dataset")
     finetune.check_trainable(version)
-    base_ref = pinned_base(config, sweep, registry)
+    base_ref, base_digest = base_pins(config, sweep, registry)
     if sweep.method == "grid":
         for combo in sweep.grid():
             trial_config(config, combo, sweep)
     else:
         check_values(config, sweep)
-    return version.ref, base_ref
+    return version.ref, base_ref, base_digest
 
 
 class _End:
@@ -992,31 +990,22 @@ def _check_pinned_dataset(sweep_id: str, pinned: str, dataset: str | None, regis
                           + f"; resume it without --dataset, or start a new sweep on {given}")
 
 
-def base_files(config: Config, sweep: SweepSpec, base_ref: str | None = None) -> str | None:
-    """The digest of the base model folder every trial starts from (`resolve_base_model`; a hub model at the commit
-    `base_ref` pins), recorded when a sweep starts so that a resumed one goes on from the same files; None when the
-    base is swept, or a registry version (`pinned_base` pins that one)."""
-    from pipeline.basemodel import is_registry_ref, resolve_base_model
-
-    if "model.base" in {p.key for p in sweep.params} or is_registry_ref(config.model.base):
-        return None
-    return resolve_base_model(config.model.base, pinned=base_ref, trust_remote_code=config.model.trust_remote_code).digest
-
-
-def pinned_base(config: Config, sweep: SweepSpec, registry) -> str | None:
-    """The exact ``name:vN`` of a base model given as a registry reference (``model.base: clf:production``), or the
-    commit a hub model is at, resolved once for the whole sweep, so that every trial trains from the same one even if
-    the alias moves, or the hub model gets a new commit, meanwhile; None when the base is a folder or the packaged
-    model, or is itself swept."""
-    from pipeline.basemodel import is_hub_id, is_registry_ref, registry_base, resolve_base_model
+def base_pins(config: Config, sweep: SweepSpec, registry, pinned: str | None = None) -> tuple[str | None, str | None]:
+    """(pin, digest) of the base model every trial starts from, resolved once for the whole sweep (`pinned`: the pin
+    a sweep recorded, for a resumed one). The pin: the exact ``name:vN`` of a registry reference (``model.base:
+    clf:production``) or the commit a hub model is at, so that every trial trains from the same one even if the alias
+    moves, or the hub model gets a new commit, meanwhile; None for a folder or the packaged model. The digest of its
+    files (a hub model downloaded here once, before the trials, which then find it in the cache), recorded so that a
+    resumed sweep goes on from the same files; None for a registry version, whose pin fixes its files. (None, None)
+    when the base is itself swept."""
+    from pipeline.basemodel import is_registry_ref, registry_base, resolve_base_model
 
     if "model.base" in {p.key for p in sweep.params}:
-        return None
+        return None, None
     if is_registry_ref(config.model.base):
-        return registry_base(config.model.base, registry).ref
-    if is_hub_id(config.model.base):  # downloaded here once, before the trials, which then find it in the cache
-        return resolve_base_model(config.model.base, trust_remote_code=config.model.trust_remote_code).revision
-    return None
+        return registry_base(config.model.base, registry, pinned).ref, None
+    base = resolve_base_model(config.model.base, pinned=pinned, trust_remote_code=config.model.trust_remote_code)
+    return (base.revision if base.source == "hub" else None), base.digest
 
 
 def _online_sweep_pins(started: dict[str, Any], sweep: SweepSpec, path: str) -> tuple[str, str | None]:
@@ -1081,7 +1070,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
         _check_online_config(config, sweep, runs, path)
         first = len(runs)
     else:
-        dataset_ref, base_ref = _before_trials(config, sweep, registry, dataset)
+        dataset_ref, base_ref, _ = _before_trials(config, sweep, registry, dataset)
         raw = json.loads(json.dumps(sweep.raw))
         raw["parameters"][DATASET_PARAM] = {"value": dataset_ref}
         if base_ref:
