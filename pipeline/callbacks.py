@@ -196,13 +196,24 @@ class PreferLowerLossOnTies(TrainerCallback):
 
 class StopAtStep(TrainerCallback):
     """Stop training at step `step`, after that step's evaluation and checkpoint, as a callback that stopped it there
-    in an evaluation did (a sweep's hyperband pruner): what `reproduce` rebuilds such a model with."""
+    in an evaluation did (a sweep's hyperband pruner): what `reproduce` rebuilds such a model with.
 
-    def __init__(self, step: int):
-        self.step = step
+    `of`: the steps the stopped training had in all. A training of another length (``--set train.epochs=...``, another
+    batch size or number of processes) is another schedule, where step `step` is not where it stopped: it trains in
+    full, and `applied` says so."""
+
+    def __init__(self, step: int, of: int | None = None):
+        self.step, self.of = step, of
+        self.applied = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.of is not None and state.max_steps != self.of:
+            self.applied = False
+            log.warning("the training has %d steps, the one it rebuilds had %d: the step that one stopped at (%d) is "
+                        "another point of this schedule, so it trains in full", state.max_steps, self.of, self.step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
+        if self.applied and state.global_step >= self.step:
             control.should_training_stop = True
 
 

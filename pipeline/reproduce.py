@@ -136,16 +136,19 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     for w in warnings:
         log.warning(w)
 
-    stop = (meta.get("training") or {}).get("stopped_at_step")
+    stop, stopper = (meta.get("training") or {}).get("stopped_at_step"), None
     if stop is not None:  # stopped by a callback its config does not name, maybe: the rebuild stops where it did
         from pipeline.callbacks import StopAtStep
 
-        log.info("%s stopped training at step %d of %d (early stopping, or a sweep's pruner, which its config does not "
-                 "name): the rebuild stops there too", original.ref, stop, meta["training"].get("max_steps", 0))
+        of = meta["training"].get("max_steps")
+        stopper = StopAtStep(stop, of=of)
+        log.info("%s stopped training at step %d of %s (early stopping, or a sweep's pruner, which its config does not "
+                 "name): the rebuild stops there too, if it has as many steps", original.ref, stop, of or "?")
     with _threads_of(meta.get("training") or {}, original.ref):
         new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned, tags=("reproduction",),
-                           summary={"reproduces": original.ref},
-                           callbacks=(StopAtStep(stop),) if stop is not None else ())
+                           summary={"reproduces": original.ref}, callbacks=(stopper,) if stopper else ())
+    if stopper is not None and not stopper.applied:
+        stop = None  # another schedule (--set train.epochs=...): trained in full
     rebuilt = registry.resolve(new.produced[0])
     same_digest = rebuilt.digest == original.digest
     files_then, files_now = _files(original), _files(rebuilt)

@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError, RefError
 from pipeline.lineage import build, render
 from pipeline.registry.local import LocalRegistry
 from pipeline.runner import run_all
-from tests.conftest import offline, reg_runs, run_cli
+from tests.conftest import inspect_summary, offline, reg_runs, run_cli
 from tests.tiny import write_tickets, write_tiny_custom_code_model, write_tiny_model
 
 TRAIN = ["train.epochs=4", "train.batch_size=16", "train.learning_rate=3e-3", "train.warmup_ratio=0",
@@ -111,6 +111,13 @@ def test_a_model_whose_training_a_sweep_s_pruner_stopped_is_rebuilt_stopping_whe
     assert "input_signatures" not in reg.resolve("clf:v1").metadata
     again = finetune.run(cfg, reuse=True)
     assert not again.details.get("reused") and again.produced == ["clf:v0"]
+    # rebuilt on purpose with another schedule (more epochs), the step it stopped at is another point of it: the
+    # rebuild trains every step of its own, as it asked
+    longer = reproduce.run(cfg, model="clf:v1", overrides=("train.epochs=5",))
+    made = reg.resolve(longer.produced[0]).metadata["training"]
+    assert longer.details["stopped_at_step"] is None and made.get("stopped_at_step") is None
+    steps = inspect_summary(Path(longer.paths["run_dir"]))["summary"]["train/global_step"]
+    assert longer.produced == ["clf:v2"] and steps == training["max_steps"] * 5 // 4
 
 
 def test_a_cpu_model_is_rebuilt_with_the_threads_it_was_trained_with(env):
