@@ -1483,6 +1483,25 @@ def test_the_same_files_in_another_folder_are_the_same_version(tmp_path, cfg_for
         assert dataset_publish.run(cfg_for(renamed)).produced == ["tickets:v1"]
 
 
+def test_a_source_named_relative_to_the_folder_is_recorded_where_it_was_read(tmp_path, cfg_for, monkeypatch):
+    """`dataset.source: data/tickets.csv` (the demo's form) named the file relative to the folder the command ran in,
+    and the version's metadata recorded just that: not where the file was. It records the absolute path, and the
+    same command again is still known without reading the data (its input signature names the file alike)."""
+    from pipeline import provenance
+
+    monkeypatch.setattr(provenance, "code_version", lambda: {"git_commit": "a" * 40, "git_dirty": False})
+    real_read, reads = dataset_publish.read_files, []
+    monkeypatch.setattr(dataset_publish, "read_files", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    write_rows(tmp_path / "project" / "data" / "tickets.csv", rows())
+    monkeypatch.chdir(tmp_path / "project")
+    cfg = cfg_for(Path("data/tickets.csv"))
+    assert dataset_publish.run(cfg, reuse=True).produced == ["tickets:v0"] and len(reads) == 1
+    [located] = registry_of(cfg).resolve("tickets:v0").metadata["sources"]
+    assert located["path"] == str(tmp_path / "project" / "data" / "tickets.csv")
+    again = dataset_publish.run(cfg, reuse=True)
+    assert (again.status, again.produced, len(reads)) == ("unchanged", ["tickets:v0"], 1)  # not read again
+
+
 def test_a_dry_run_checks_and_splits_the_data_and_leaves_nothing(tmp_path, cfg_for, make_config):
     """`--dry-run`: a new export checked (in CI, before a nightly publish) as the stage would check it, with the
     split counts it would give, and nothing made: no version, no W&B run, no registry folder."""

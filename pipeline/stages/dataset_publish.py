@@ -113,7 +113,7 @@ def _prepare(config: Config, sources: dict[str, str], renames: list[tuple[str, s
             raise
         if not files:  # a hub source: _prepare_tables recorded its splits' fingerprints
             return Prepared(tables, manifest, dropped, manifest["sources"])
-        located = _source_records(files, [job.result() for job in digests], lambda f: _source_name(f, renames))
+        located = _source_records(files, [job.result() for job in digests], lambda f: _located_name(f, renames))
     manifest["sources"] = _recorded(listed, sources, located, parts=bool(d.split_files))
     return Prepared(tables, manifest, dropped, located)
 
@@ -360,6 +360,13 @@ def _source_name(path: Path, renames: list[tuple[str, str]]) -> str:
     return str(path)
 
 
+def _located_name(path: Path, renames: list[tuple[str, str]]) -> str:
+    """Where a source file was read, as the version's metadata records it: its URI, or its absolute path (a path as
+    the user named it, ``data.csv``, would not say in which folder; links are kept as named)."""
+    named = _source_name(path, renames)
+    return named if is_uri(named) else os.path.abspath(named)
+
+
 def write_artifact_dir(tables: dict[str, pa.Table], manifest: dict[str, Any], out: Path) -> dict[str, Path]:
     """The artifact's files. Same tables and manifest -> byte-identical files."""
     files = {f"{split}.parquet": out / f"{split}.parquet" for split in tables}
@@ -536,7 +543,7 @@ def published_before(config: Config, registry, provenance: Callable[[], tuple[di
     if code.get("git_dirty"):
         return None
     files = [f for fs in _list_sources(config, _named_sources(config)).values() for f in fs]
-    sources = _source_records(files, map(hash_file, files))
+    sources = _source_records(files, map(hash_file, files), lambda f: _located_name(f, []))
     return made_from(registry, config.dataset.name, "dataset", input_signature(config, sources, code, packages))
 
 
