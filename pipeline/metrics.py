@@ -131,11 +131,16 @@ _CLASS = None
 
 
 def load_metric(**kwargs):
-    """A `ClassificationMetrics` instance (in memory: no cache files, no hub)."""
+    """A `ClassificationMetrics` instance (in memory: no cache files, no hub). `evaluate` makes its cache folder
+    even so (``~/.cache/huggingface/metrics/...``, which a container's read-only home refuses); kept in memory, the
+    instance never uses it, so it is made in a temporary folder that goes at once."""
+    import tempfile
+
     global _CLASS
     if _CLASS is None:
         _CLASS = _metric_class()
-    return _CLASS(keep_in_memory=True, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="metric-") as unused:
+        return _CLASS(keep_in_memory=True, cache_dir=unused, **kwargs)
 
 
 def calibration(probs: np.ndarray, references: np.ndarray, bins: int = 10) -> dict[str, Any]:

@@ -78,12 +78,57 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
             raise ConfigError(f"tracking.registry=wandb needs online mode, but the mode is {mode}")
         from pipeline.registry.wandb_registry import WandbRegistry
 
+        wandb_home(tracking)  # its downloads go through W&B's cache
+
         return WandbRegistry(project=project, entity=entity, link_registry=tracking.link_registry,
                              fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
 
     return LocalRegistry(Path(tracking.dir) / "registry", project=project if scoped else None, read_only=read_only,
                          consuming=consuming)
+
+
+# W&B's folders outside its run folders, by the variable that moves each, and where they go when their default (in the
+# home folder) cannot be written: `wandb_home`.
+_WANDB_HOME = {"WANDB_DATA_DIR": ("user_data_dir", "data"),  # staging: the files of tables and artifacts logged
+               "WANDB_CACHE_DIR": ("user_cache_dir", "cache")}  # its artifact cache, and wandb-core's debug logs
+_wandb_home_done: set[str] = set()
+
+
+def wandb_home(tracking: TrackingConfig) -> None:
+    """Give W&B folders it can write, before it writes any. It keeps its staging files (every table a run logs is
+    staged there) and its cache and service logs in the home folder (``~/.local/share/wandb``, ``~/.cache/wandb``),
+    where a container run under another user id, or with a read-only root file system, cannot write: each stage then
+    ended in a traceback at its first table. Where a folder's default cannot be written and its variable is unset, it
+    goes under ``<tracking.dir>/wandb-home`` (kept: an offline run's staged tables are what `wandb sync` uploads)."""
+    key = str(tracking.dir)
+    if key in _wandb_home_done:
+        return
+    _wandb_home_done.add(key)
+    for var, (kind, name) in _WANDB_HOME.items():
+        if os.environ.get(var):
+            continue
+        import platformdirs  # W&B's own dependency, as W&B finds these folders
+
+        default = getattr(platformdirs, kind)("wandb")
+        problem = _cannot_write(default)
+        if problem is None:
+            continue
+        moved = Path(os.path.expanduser(str(tracking.dir))).absolute() / "wandb-home" / name
+        os.environ[var] = str(moved)
+        log.info("W&B's folder %s cannot be written (%s): W&B uses %s instead (%s)", default, problem, moved, var)
+
+
+def _cannot_write(folder: str) -> str | None:
+    """Why a file cannot be made in `folder` (made if missing), or None when one can."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
 
 def new_run_id() -> str:
@@ -152,6 +197,7 @@ def run_settings(config: Config):
     """The W&B settings of every run the pipeline opens: also for a run it opens itself (a sweep agent's trial),
     which would otherwise start from W&B's defaults (console capture on)."""
     _quicker_run_start()
+    wandb_home(config.tracking)
     return _wandb_settings(resolve_mode(config.tracking.mode))
 
 
@@ -258,6 +304,7 @@ def warm_up(config: Config) -> None:
     mode = resolve_mode(config.tracking.mode)
     if mode == "disabled":
         return
+    wandb_home(config.tracking)  # before W&B's service starts: it opens its log there
 
     def work() -> None:
         try:
@@ -317,7 +364,7 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
 
 # What the pipeline keeps under tracking.dir: the local registry (catalog and file store), its verified copies,
 # finetune's checkpoints, the tokenisation cache, and the sweeps' models; W&B's run folders go under `wandb_root`.
-PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps")
+PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps", "wandb-home")
 
 
 def wandb_root(config: Config) -> str:
@@ -364,6 +411,8 @@ def tracked_run(
     )
     if _warm_up is not None:
         _warm_up.join()
+    if mode != "disabled":
+        wandb_home(config.tracking)
     import wandb
 
     _quicker_run_start()
