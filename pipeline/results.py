@@ -84,15 +84,16 @@ def replaced_whole(path: Path) -> bool:
     return not ((path.exists() and not path.is_file()) or path.is_symlink())
 
 
-def check_writable(path: str | Path) -> None:
-    """Refuse a result path that cannot be written, before any work: a stage's result is not lost at the end."""
+def check_writable(path: str | Path, option: str = "--result-json") -> None:
+    """Refuse a path that cannot be written, before any work: a stage's result (or predict's table, `option`
+    ``--output``) is not lost at the end."""
     from pipeline.errors import ConfigError
 
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"--result-json {path} is a folder; give a file path")
+        raise ConfigError(f"{option} {path} is a folder; give a file path")
     if not replaced_whole(path):
-        raise ConfigError(f"--result-json {path} is not a regular file (a link, a device or a pipe); give the path of "
+        raise ConfigError(f"{option} {path} is not a regular file (a link, a device or a pipe); give the path of "
                           "a file, which is replaced whole")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def check_writable(path: str | Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"--result-json {path} cannot be written: {e.strerror}: {e.filename}") from None
+        raise ConfigError(f"{option} {path} cannot be written: {e.strerror}: {e.filename}") from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -946,6 +946,15 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
     out = cli_here(*args, "--output", str(linked))
     assert out.returncode == 2 and f"--output {linked} is not a regular file (a link or a pipe)" in out.stderr
     assert linked.is_symlink()
+    # a path that cannot be written, or a folder: said before any text is classified, as one line (a file where its
+    # folder would be ended in FileExistsError's traceback, after the model had loaded)
+    (tmp_path / "a-file").write_text("")
+    out = cli_here(*args, "--output", str(tmp_path / "a-file" / "p.csv"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--output {tmp_path / 'a-file' / 'p.csv'} cannot be written: File exists" in out.stderr
+    (tmp_path / "folder.csv").mkdir()
+    out = cli_here(*args, "--output", str(tmp_path / "folder.csv"))
+    assert out.returncode == 2 and f"--output {tmp_path / 'folder.csv'} is a folder; give a file path" in out.stderr
 
     # ids of numbers (JSON Lines, Parquet) come back as numbers, so the predictions join the caller's own table;
     # text beside numbers (another file of a folder) or rows named by file and row make them all text

@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a bar for loading a small model is noise here
     from pipeline.errors import ConfigError, PipelineError
     from pipeline.predict import load
-    from pipeline.results import replaced_whole
+    from pipeline.results import check_writable, replaced_whole
 
     if args.top_k < 1:
         raise PipelineError("--top-k must be at least 1")
@@ -83,9 +83,11 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: name a {', '.join(OUTPUT_FORMATS)} file")
-    if output is not None and not replaced_whole(output):  # the table is written whole and renamed over the path
+    if output is not None and not output.is_dir() and not replaced_whole(output):  # written whole, renamed over it
         raise ConfigError(f"--output {output} is not a regular file (a link or a pipe); give the path of a file, which "
                           "is replaced whole (or print to stdout, without --output)")
+    if output is not None:  # a folder, or one that cannot be made or written: said before the model loads
+        check_writable(output, "--output")
     rows = _file_rows(args) if args.input else _line_rows(args.texts)
     first = list(itertools.islice(rows, CHUNK))
     if not first:
@@ -160,11 +162,11 @@ def _write(path: Path, records: Iterator[dict[str, Any]], top_k: int, as_written
     labels `as_written` names them."""
     from pipeline.errors import PipelineError
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     kind = path.suffix.lower()
     n = 0
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if kind == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
