@@ -79,7 +79,6 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
         from pipeline.registry.wandb_registry import WandbRegistry
 
         wandb_home(tracking)  # its downloads go through W&B's cache
-
         return WandbRegistry(project=project, entity=entity, link_registry=tracking.link_registry,
                              fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
@@ -363,7 +362,8 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
 
 
 # What the pipeline keeps under tracking.dir: the local registry (catalog and file store), its verified copies,
-# finetune's checkpoints, the tokenisation cache, and the sweeps' models; W&B's run folders go under `wandb_root`.
+# finetune's checkpoints, the tokenisation cache, the sweeps' models, and W&B's own folders where the home folder cannot
+# hold them (`wandb_home`); W&B's run folders go under `wandb_root`.
 PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps", "wandb-home")
 
 
