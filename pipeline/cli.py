@@ -144,6 +144,9 @@ def _empty_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return None
 
 
+_QUOTA_THREADS: int | None = None  # OMP_NUM_THREADS as `run` set it from a cgroup CPU quota
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -153,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if empty.required else ", or leave it out for its default"), file=sys.stderr)
         return 2
     _setup_logging(args.verbose)
+    if _QUOTA_THREADS:
+        from pipeline.cpus import usable_cpus
+
+        logging.getLogger("pipeline").info(
+            "this process runs under a CPU quota of %d CPU(s) (a container's limit) on %d it can see: "
+            "OMP_NUM_THREADS=%d, so torch, NumPy and Arrow start as many threads", _QUOTA_THREADS, usable_cpus(),
+            _QUOTA_THREADS)
     # A log handler that cannot write (a full disk under W&B's debug log) must not print a traceback per record.
     logging.raiseExceptions = False
     if not sys.stderr.isatty():  # a log file or an orchestrator's pipe: no progress bars redrawn with \r
@@ -265,6 +275,10 @@ def run() -> None:
     library's allocator.
     """
     os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
+    from pipeline.cpus import limit_threads_to_quota
+
+    global _QUOTA_THREADS
+    _QUOTA_THREADS = limit_threads_to_quota()  # a container's CPU limit, before torch, NumPy or Arrow load
     code = main()
     gc.freeze()
     sys.exit(code)

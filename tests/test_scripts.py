@@ -31,6 +31,24 @@ def test_a_benchmark_script_runs_to_its_report(script, args, reports, tmp_path):
     assert reports in out.stdout
 
 
+def test_the_cpu_quota_benchmark_runs_to_its_report(tmp_path):
+    """It makes a cgroup with a CPU quota: where this machine lets it (root, a writable cgroup file system)."""
+    from tests.test_cpus import _cgroup_with_quota
+
+    probe = _cgroup_with_quota(tmp_path, 1.0)
+    if probe is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("no cgroup with a CPU quota below this machine's CPUs can be made here")
+    probe.rmdir()
+    write_tiny_model(tmp_path / "tiny")
+    write_tickets(tmp_path / "tickets.csv", rows=120)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_cpu_quota.py"), "--repeat", "1",
+                          f"--set=dataset.source={tmp_path}/tickets.csv", f"--set=model.base={tmp_path}/tiny",
+                          "--set=train.max_steps=2", "--set=model.max_length=16"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "a thread per CPU of the quota " in out.stdout
+
+
 def _pins() -> dict[str, str]:
     from packaging.utils import canonicalize_name
 

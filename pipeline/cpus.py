@@ -1,0 +1,100 @@
+"""The CPUs a container lets this process use, which torch, NumPy and Arrow do not see.
+
+A Kubernetes CPU limit or ``docker run --cpus`` is a cgroup *quota* of CPU time, not a set of
+cores: the process still sees every core of the host (``os.cpu_count()``, its affinity), and
+torch, NumPy's BLAS and Arrow start a thread per core. Those threads then share the quota, and
+the kernel stops them all whenever it is spent, so a training runs slower than it would with a
+thread per CPU of the quota. `cgroup_cpu_limit` reads the quota; `pipeline.cli.run` turns it into
+``OMP_NUM_THREADS`` (which all three read when they start) when the user has not set it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def cgroup_cpu_limit(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """Whole CPUs the tightest cgroup CPU quota over this process allows (its quota divided by its period, rounded
+    down, at least 1: a thread more than the quota can run gets the whole group throttled), or None where no quota
+    applies (no limit set, no cgroup file system, not Linux).
+
+    Both cgroup versions: v2's ``cpu.max`` (``"200000 100000"``; ``"max 100000"`` is no limit) and v1's
+    ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (a quota of -1 is no limit). The process's own cgroup and every
+    one above it count (a limit is often set on a parent: a Kubernetes pod's, above its containers'). Inside a
+    container the path /proc names may be the host's (``/kubepods/...``), which the container's mount does not have:
+    the mount's own root (the container's cgroup) is read then."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(root)
+    shares = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if not path.startswith("/"):
+            continue
+        if controllers == "":  # v2: one hierarchy, at the root (or at root/unified beside v1's, where cpu is v1's)
+            bases = [root, root / "unified"]
+        elif "cpu" in controllers.split(","):
+            bases = [d for d in _listdir(root) if "cpu" in d.name.split(",")]
+        else:
+            continue
+        for base in bases:
+            for folder in _up_from(base, path):
+                share = _quota(folder, v2=controllers == "")
+                if share is not None:
+                    shares.append(share)
+    return max(1, math.floor(min(shares))) if shares else None
+
+
+def _listdir(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
+def _up_from(base: Path, path: str) -> list[Path]:
+    """`base`/`path` and each folder above it up to `base`, those that exist; `base` alone when `path` is not there
+    (a host's path, seen from inside a container whose mount is its own cgroup)."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    folders = [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+    return [f for f in folders if f.is_dir()]
+
+
+def _quota(folder: Path, v2: bool) -> float | None:
+    """CPUs of the quota set on one cgroup folder, or None (no limit there, or not readable)."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota == "max":
+                return None
+        else:
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
+        q, p = int(quota), int(period)
+    except (OSError, ValueError):
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a cpuset), where the platform says."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def limit_threads_to_quota() -> int | None:
+    """Set ``OMP_NUM_THREADS`` to the cgroup quota's CPUs when it is below the CPUs the process can run on and the user
+    has not set it; the number set, or None. Before torch, NumPy or Arrow load: each reads it once, as it starts."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    limit = cgroup_cpu_limit()
+    if limit is None or limit >= usable_cpus():
+        return None
+    os.environ["OMP_NUM_THREADS"] = str(limit)
+    return limit
