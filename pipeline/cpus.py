@@ -5,7 +5,8 @@ cores: the process still sees every core of the host (``os.cpu_count()``, its af
 torch, NumPy's BLAS and Arrow start a thread per core. Those threads then share the quota, and
 the kernel stops them all whenever it is spent, so a training runs slower than it would with a
 thread per CPU of the quota. `cgroup_cpu_limit` reads the quota; `pipeline.cli.run` turns it into
-``OMP_NUM_THREADS`` (which all three read when they start) when the user has not set it.
+``OMP_NUM_THREADS`` (which all three read when they start; ``RAYON_NUM_THREADS`` for the tokenizers)
+when the user has not set it.
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def limit_threads_to_quota() -> int | None:
+def limit_threads_to_quota(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
     """Set ``OMP_NUM_THREADS`` to the cgroup quota's CPUs when it is below the CPUs the process can run on and the user
-    has not set it; the number set, or None. Before torch, NumPy or Arrow load: each reads it once, as it starts."""
+    has not set it (and ``RAYON_NUM_THREADS``, for the tokenizers' thread pool, unless set); the number set, or None.
+    Before torch, NumPy, Arrow or the tokenizers load: each reads it once, as it starts."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    limit = cgroup_cpu_limit()
+    limit = cgroup_cpu_limit(proc_cgroup, root)
     if limit is None or limit >= usable_cpus():
         return None
     os.environ["OMP_NUM_THREADS"] = str(limit)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(limit))
     return limit

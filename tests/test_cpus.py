@@ -60,9 +60,20 @@ def test_no_cgroup_file_system_or_a_garbled_file_is_no_limit(tmp_path):
     assert cgroup_cpu_limit(proc, tree(tmp_path / "fs", {"cpu.max": "lots\n"})) is None
 
 
-def test_the_user_s_omp_num_threads_wins(monkeypatch):
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs, to set a quota below them")
+def test_a_quota_below_the_cpus_sets_the_thread_pools_and_the_user_s_setting_wins(tmp_path, monkeypatch):
+    proc = tmp_path / "proc"
+    proc.write_text("0::/\n")
+    fs = tree(tmp_path / "fs", {"cpu.max": "100000 100000\n"})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    assert limit_threads_to_quota(proc, fs) == 1
+    assert (os.environ["OMP_NUM_THREADS"], os.environ["RAYON_NUM_THREADS"]) == ("1", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    assert limit_threads_to_quota() is None and os.environ["OMP_NUM_THREADS"] == "7"
+    assert limit_threads_to_quota(proc, fs) is None and os.environ["OMP_NUM_THREADS"] == "7"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    (fs / "cpu.max").write_text(f"{len(os.sched_getaffinity(0)) * 100000} 100000\n")  # as many as it has: unchanged
+    assert limit_threads_to_quota(proc, fs) is None and "OMP_NUM_THREADS" not in os.environ
 
 
 CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
