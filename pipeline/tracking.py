@@ -78,7 +78,7 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
             raise ConfigError(f"tracking.registry=wandb needs online mode, but the mode is {mode}")
         from pipeline.registry.wandb_registry import WandbRegistry
 
-        wandb_home(tracking)  # its downloads go through W&B's cache
+        wandb_home(tracking, mode)  # its downloads go through W&B's cache
         return WandbRegistry(project=project, entity=entity, link_registry=tracking.link_registry,
                              fetch_root=Path(tracking.dir) / "artifacts")  # where the local registry fetches too
     from pipeline.registry.local import LocalRegistry
@@ -87,25 +87,34 @@ def open_registry(tracking: TrackingConfig, mode: str | None = None, *, project:
                          consuming=consuming)
 
 
-# W&B's folders outside its run folders, by the variable that moves each, and where they go when their default (in the
-# home folder) cannot be written: `wandb_home`.
+# W&B's folders outside its run folders, by the variable that moves each, and the name of its place under
+# ``<W&B's root>/wandb-home`` when it moves: `wandb_home`.
 _WANDB_HOME = {"WANDB_DATA_DIR": ("user_data_dir", "data"),  # staging: the files of tables and artifacts logged
                "WANDB_CACHE_DIR": ("user_cache_dir", "cache")}  # its artifact cache, and wandb-core's debug logs
-_wandb_home_done: set[str] = set()
+_wandb_home_done: set[tuple[str, str]] = set()
 
 
-def wandb_home(tracking: TrackingConfig) -> None:
-    """Give W&B folders it can write, before it writes any. It keeps its staging files (every table a run logs is
-    staged there) and its cache and service logs in the home folder (``~/.local/share/wandb``, ``~/.cache/wandb``),
-    where a container run under another user id, or with a read-only root file system, cannot write: each stage then
-    ended in a traceback at its first table. Where a folder's default cannot be written and its variable is unset, it
-    goes under ``<tracking.dir>/wandb-home`` (kept: an offline run's staged tables are what `wandb sync` uploads)."""
-    key = str(tracking.dir)
-    if key in _wandb_home_done:
+def wandb_home(tracking: TrackingConfig, mode: str) -> None:
+    """Where W&B keeps what is not in its run folders, set before it writes any (a variable the user set stays).
+
+    W&B stages a copy of every table a run logs in its data folder (``~/.local/share/wandb``), and an offline run
+    records where: `wandb sync` uploads the tables from there. Offline, that folder is ``wandb-home/data`` beside the
+    run folders (``WANDB_DIR``, else ``tracking.dir``), so a run and its tables are kept, copied and deleted together:
+    in the home folder they were lost with a container's home (the runs, on a volume, synced later without their
+    tables), and stayed behind when run folders were deleted (32 files for the demo's four runs, each night).
+    Online, the staged copies go once uploaded, and W&B's folders stay where W&B puts them, unless the home folder
+    cannot be written (a container under another user id, a read-only root file system): each stage ended in a
+    traceback at its first table there. Then they go under ``wandb-home`` too."""
+    root = Path(os.path.expanduser(os.environ.get("WANDB_DIR") or str(tracking.dir))).absolute()
+    if (str(root), mode) in _wandb_home_done:
         return
-    _wandb_home_done.add(key)
+    _wandb_home_done.add((str(root), mode))
     for var, (kind, name) in _WANDB_HOME.items():
         if os.environ.get(var):
+            continue
+        moved = root / "wandb-home" / name
+        if var == "WANDB_DATA_DIR" and mode == "offline":
+            os.environ[var] = str(moved)
             continue
         import platformdirs  # W&B's own dependency, as W&B finds these folders
 
@@ -113,7 +122,6 @@ def wandb_home(tracking: TrackingConfig) -> None:
         problem = _cannot_write(default)
         if problem is None:
             continue
-        moved = Path(os.path.expanduser(str(tracking.dir))).absolute() / "wandb-home" / name
         os.environ[var] = str(moved)
         log.info("W&B's folder %s cannot be written (%s): W&B uses %s instead (%s)", default, problem, moved, var)
 
@@ -196,8 +204,9 @@ def run_settings(config: Config):
     """The W&B settings of every run the pipeline opens: also for a run it opens itself (a sweep agent's trial),
     which would otherwise start from W&B's defaults (console capture on)."""
     _quicker_run_start()
-    wandb_home(config.tracking)
-    return _wandb_settings(resolve_mode(config.tracking.mode))
+    mode = resolve_mode(config.tracking.mode)
+    wandb_home(config.tracking, mode)
+    return _wandb_settings(mode)
 
 
 def _wandb_settings(mode: str):
@@ -303,7 +312,7 @@ def warm_up(config: Config) -> None:
     mode = resolve_mode(config.tracking.mode)
     if mode == "disabled":
         return
-    wandb_home(config.tracking)  # before W&B's service starts: it opens its log there
+    wandb_home(config.tracking, mode)  # before W&B's service starts: it opens its log there
 
     def work() -> None:
         try:
@@ -412,7 +421,7 @@ def tracked_run(
     if _warm_up is not None:
         _warm_up.join()
     if mode != "disabled":
-        wandb_home(config.tracking)
+        wandb_home(config.tracking, mode)
     import wandb
 
     _quicker_run_start()

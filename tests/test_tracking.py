@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -338,10 +339,37 @@ def test_the_stages_run_where_the_home_folder_cannot_be_written(tmp_path):
         out = subprocess.run([sys.executable, "-m", "pipeline", stage, "--config", str(config), "--result-json",
                               str(result)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert f"W&B uses {track / 'wandb-home' / 'data'} instead (WANDB_DATA_DIR)" in out.stderr
+        assert f"W&B uses {track / 'wandb-home' / 'cache'} instead (WANDB_CACHE_DIR)" in out.stderr
         summary = inspect_summary(Path(json.loads(result.read_text())["paths"]["run_dir"]))["summary"]
         table = "samples/train" if stage == "dataset-publish" else "eval/misclassified"
         assert summary[table]["_type"] == "table-file"  # the run recorded its table
     staged = [p for p in (track / "wandb-home" / "data" / "artifacts" / "staging").iterdir() if p.is_file()]
     assert staged and all(json.loads(p.read_text())["columns"] for p in staged)  # the tables, kept for `wandb sync`
     assert not (blocker.parent / "home").exists()
+
+
+def test_an_offline_run_s_staged_tables_are_kept_beside_it_not_in_the_home_folder(tmp_path):
+    """W&B stages a copy of every table a run logs, and an offline run records that copy's path: `wandb sync` uploads
+    it from there. In the home folder (W&B's default), the copies stayed behind when run folders were deleted, and
+    were lost with a container's home while its runs, on a volume, waited to be synced. Offline, they are kept under
+    the W&B root (``tracking.dir``), beside the runs that name them."""
+    from tests.tiny import write_tickets
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "WANDB_DATA", "WANDB_CACHE"))}
+    env["HOME"] = str(home)
+    track = tmp_path / "track"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset: {{name: tickets, source: {write_tickets(tmp_path / 'data.csv', rows=120)}}}\n"
+                      f"model: {{name: clf}}\ntracking: {{dir: {track}}}\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "dataset-publish", "--config", str(config), "--result-json",
+                          str(tmp_path / "r.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not [p for p in (home / ".local" / "share").rglob("*") if p.is_file()]
+    run_dir = Path(json.loads((tmp_path / "r.json").read_text())["paths"]["run_dir"])
+    records = (next(run_dir.glob("*.wandb"))).read_bytes()
+    # what `wandb sync` will upload, where the run says it is
+    named = set(re.findall(rb"/[^\x00-\x20]*/artifacts/staging/tmp[0-9a-z_]{8}", records))
+    assert named and all(Path(p.decode()).is_file() for p in named)
+    assert all(Path(p.decode()).is_relative_to(track / "wandb-home" / "data") for p in named)
