@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.cpus import usable_cpus
 
         logging.getLogger("pipeline").info(
-            "this process runs under a CPU quota of %d CPU(s) (a container's limit) on %d it can see: "
+            "this process runs under a CPU quota of %d CPU(s) (a container's limit), of the %d it can run on: "
             "OMP_NUM_THREADS=%d, so torch, NumPy and Arrow start as many threads", _QUOTA_THREADS, usable_cpus(),
             _QUOTA_THREADS)
     # A log handler that cannot write (a full disk under W&B's debug log) must not print a traceback per record.
