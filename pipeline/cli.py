@@ -145,6 +145,8 @@ def _empty_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 _QUOTA_THREADS: int | None = None  # OMP_NUM_THREADS as `run` set it from a cgroup CPU quota
+# The commands that load a model (whose own code transformers may copy into its module cache)
+LOADS_MODELS = frozenset({"finetune", "evaluate", "deploy-fetch", "predict", "run", "sweep", "reproduce"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if empty.required else ", or leave it out for its default"), file=sys.stderr)
         return 2
     _setup_logging(args.verbose)
+    if args.command in LOADS_MODELS:
+        from pipeline.homes import hf_modules_where_writable
+
+        if (moved := hf_modules_where_writable()) is not None:
+            logging.getLogger("pipeline").info("the home folder's Hugging Face module cache cannot be written: a "
+                                               "model's own code is copied to %s (HF_MODULES_CACHE)", moved)
     if _QUOTA_THREADS:
         from pipeline.cpus import usable_cpus
 

@@ -118,24 +118,14 @@ def wandb_home(tracking: TrackingConfig, mode: str) -> None:
             continue
         import platformdirs  # W&B's own dependency, as W&B finds these folders
 
+        from pipeline.homes import cannot_write
+
         default = getattr(platformdirs, kind)("wandb")
-        problem = _cannot_write(default)
+        problem = cannot_write(default)
         if problem is None:
             continue
         os.environ[var] = str(moved)
         log.info("W&B's folder %s cannot be written (%s): W&B uses %s instead (%s)", default, problem, moved, var)
-
-
-def _cannot_write(folder: str) -> str | None:
-    """Why a file cannot be made in `folder` (made if missing), or None when one can."""
-    import tempfile
-
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as e:
-        return e.strerror or type(e).__name__
 
 
 def new_run_id() -> str:

@@ -321,25 +321,31 @@ def test_the_stages_run_where_the_home_folder_cannot_be_written(tmp_path):
     """A container run under another user id (``docker run --user``: HOME is ``/``) or with a read-only root file
     system: W&B stages every table a run logs in ``~/.local/share/wandb`` and opens its service log in
     ``~/.cache/wandb``, and `evaluate` makes ``~/.cache/huggingface/metrics`` even for a metric kept in memory. Each
-    stage ended in a traceback at its first table (finetune at its metric). W&B's folders go under
-    ``<tracking.dir>/wandb-home`` then, and the metric makes its folder in a temporary one."""
-    from tests.tiny import write_tickets, write_tiny_model
+    stage ended in a traceback at its first table (finetune at its metric), and a model that carries its own code
+    (trusted) failed as transformers copied that code to ``~/.cache/huggingface/modules``. W&B's folders go under
+    ``<tracking.dir>/wandb-home`` then, the metric makes its folder in a temporary one, and the module cache is a
+    temporary folder."""
+    from tests.tiny import write_tickets, write_tiny_custom_code_model
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # nothing can be made below a file, whoever runs the test (root ignores permissions)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "HF_HOME", "WANDB_DATA", "WANDB_CACHE"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XDG_", "HF_HOME", "HF_MODULES_CACHE", "WANDB_DATA", "WANDB_CACHE"))}
     env.update(HOME=str(blocker / "home"), XDG_CACHE_HOME=str(blocker / "cache"), XDG_DATA_HOME=str(blocker / "data"))
     track = tmp_path / "track"
     config = tmp_path / "c.yaml"
     config.write_text(f"dataset: {{name: tickets, source: {write_tickets(tmp_path / 'data.csv', rows=120)}, "
-                      f"id_column: ticket_id}}\nmodel: {{name: clf, base: {write_tiny_model(tmp_path / 'bert')}, "
-                      f"max_length: 32}}\ntrain: {{epochs: 1, batch_size: 16}}\ntracking: {{dir: {track}}}\n")
+                      f"id_column: ticket_id}}\nmodel: {{name: clf, base: {write_tiny_custom_code_model(tmp_path / 'm')}, "
+                      f"max_length: 32, trust_remote_code: true}}\ntrain: {{epochs: 1, batch_size: 16}}\n"
+                      f"tracking: {{dir: {track}}}\n")
     for stage in ("dataset-publish", "finetune"):
         result = tmp_path / f"{stage}.json"
         out = subprocess.run([sys.executable, "-m", "pipeline", stage, "--config", str(config), "--result-json",
                               str(result)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert f"W&B uses {track / 'wandb-home' / 'cache'} instead (WANDB_CACHE_DIR)" in out.stderr
+        if stage == "finetune":
+            assert "a model's own code is copied to " in out.stderr
         summary = inspect_summary(Path(json.loads(result.read_text())["paths"]["run_dir"]))["summary"]
         table = "samples/train" if stage == "dataset-publish" else "eval/misclassified"
         assert summary[table]["_type"] == "table-file"  # the run recorded its table

@@ -1,0 +1,41 @@
+"""Folders in the home folder that the libraries write, where a container's home cannot be written.
+
+A container run under another user id (``docker run --user``: ``HOME`` is ``/``) or with a read-only
+root file system has a home folder nothing can be written in. W&B's folders are moved by
+`pipeline.tracking.wandb_home`; transformers copies a model's own Python code (a model trusted with
+``trust_remote_code``) into ``~/.cache/huggingface/modules`` before it imports it, and failed there
+as if the model's config.json could not be read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+
+def cannot_write(folder: str) -> str | None:
+    """Why a file cannot be made in `folder` (made if missing), or None when one can."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def hf_modules_where_writable() -> str | None:
+    """Point ``HF_MODULES_CACHE`` at a temporary folder (removed as the process ends) when its default, in the home
+    folder, cannot be written and the user has not set it; the folder, or None. Before transformers is imported: it
+    reads the variable once. The copies there are made again each time a model is loaded, so none is lost."""
+    if os.environ.get("HF_MODULES_CACHE"):
+        return None
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    if cannot_write(os.path.join(os.path.expanduser(hf_home), "modules")) is None:
+        return None
+    folder = tempfile.mkdtemp(prefix="hf-modules-")
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ["HF_MODULES_CACHE"] = folder
+    return folder
