@@ -116,16 +116,26 @@ def wandb_home(tracking: TrackingConfig, mode: str) -> None:
         if var == "WANDB_DATA_DIR" and mode == "offline":
             os.environ[var] = str(moved)
             continue
-        import platformdirs  # W&B's own dependency, as W&B finds these folders
-
         from pipeline.homes import cannot_write
 
-        default = getattr(platformdirs, kind)("wandb")
+        default = _wandb_default(kind)
         problem = cannot_write(default)
         if problem is None:
             continue
         os.environ[var] = str(moved)
         log.info("W&B's folder %s cannot be written (%s): W&B uses %s instead (%s)", default, problem, moved, var)
+
+
+def _wandb_default(kind: str) -> str:
+    """The folder W&B takes by default (platformdirs' `user_data_dir` or `user_cache_dir` of "wandb"); on Linux read
+    from the XDG variables as platformdirs reads them, without its import (8 ms of every stage's start)."""
+    if sys.platform.startswith("linux"):
+        var, fallback = {"user_data_dir": ("XDG_DATA_HOME", "~/.local/share"),
+                         "user_cache_dir": ("XDG_CACHE_HOME", "~/.cache")}[kind]
+        return os.path.join(os.environ.get(var, "").strip() or os.path.expanduser(fallback), "wandb")
+    import platformdirs  # W&B's own dependency
+
+    return getattr(platformdirs, kind)("wandb")
 
 
 def new_run_id() -> str:

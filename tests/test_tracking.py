@@ -379,3 +379,20 @@ def test_an_offline_run_s_staged_tables_are_kept_beside_it_not_in_the_home_folde
     named = set(re.findall(rb"/[^\x00-\x20]*/artifacts/staging/tmp[0-9a-z_]{8}", records))
     assert named and all(Path(p.decode()).is_file() for p in named)
     assert all(Path(p.decode()).is_relative_to(track / "wandb-home" / "data") for p in named)
+
+
+@pytest.mark.parametrize("xdg", [{}, {"XDG_CACHE_HOME": "/x/cache", "XDG_DATA_HOME": "/x/data"},
+                                 {"XDG_CACHE_HOME": "  ", "XDG_DATA_HOME": ""}])
+def test_w_and_b_s_default_folders_are_found_as_w_and_b_finds_them(xdg, monkeypatch):
+    """W&B finds its data and cache folders with platformdirs; the stage reads the same XDG variables without
+    importing it (8 ms of every stage's start)."""
+    import platformdirs
+
+    from pipeline.tracking import _wandb_default
+
+    for var in ("XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in xdg.items():
+        monkeypatch.setenv(var, value)
+    for kind in ("user_data_dir", "user_cache_dir"):
+        assert _wandb_default(kind) == getattr(platformdirs, kind)("wandb")
