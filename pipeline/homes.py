@@ -15,10 +15,17 @@ import shutil
 import tempfile
 
 
-def cannot_write(folder: str) -> str | None:
-    """Why a file cannot be made in `folder` (made if missing), or None when one can."""
+def cannot_write(folder: str, make: bool = True) -> str | None:
+    """Why a file cannot be made in `folder`, or None when one can. `make`: the folder is made if missing (one a
+    library makes itself anyway); else a missing folder is judged by its nearest existing parent, left as it was."""
     try:
-        os.makedirs(folder, exist_ok=True)
+        if make:
+            os.makedirs(folder, exist_ok=True)
+        else:
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+                if os.path.lexists(folder):  # a file where the folder, or a folder above it, would be
+                    raise NotADirectoryError(20, "Not a directory", folder)
+                folder = os.path.dirname(folder)
         with tempfile.TemporaryFile(dir=folder):
             return None
     except OSError as e:
@@ -33,7 +40,7 @@ def hf_modules_where_writable() -> str | None:
         return None
     hf_home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
-    if cannot_write(os.path.join(os.path.expanduser(hf_home), "modules")) is None:
+    if cannot_write(os.path.join(os.path.expanduser(hf_home), "modules"), make=False) is None:
         return None
     folder = tempfile.mkdtemp(prefix="hf-modules-")
     atexit.register(shutil.rmtree, folder, True)
