@@ -371,8 +371,8 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
 
 
 # What the pipeline keeps under tracking.dir: the local registry (catalog and file store), its verified copies,
-# finetune's checkpoints, the tokenisation cache, the sweeps' models, and W&B's own folders where the home folder cannot
-# hold them (`wandb_home`); W&B's run folders go under `wandb_root`.
+# finetune's checkpoints, the tokenisation cache, the sweeps' models, and W&B's staged tables of offline runs (and its
+# cache where the home folder cannot be written: `wandb_home`); W&B's run folders go under `wandb_root`.
 PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps", "wandb-home")
 
 
