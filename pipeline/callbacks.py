@@ -4,12 +4,16 @@
 already produced and keeps them. `MisclassificationCallback` then builds its table and
 confusion matrix from those same logits in ``on_evaluate``, so the tables cost no second pass
 over the evaluation set. `PreferLowerLossOnTies` breaks the Trainer's ties for the best checkpoint.
-`SweepMetricCallback` feeds a sweep's pruner at every evaluation.
+`SweepMetricCallback` feeds a sweep's pruner at every evaluation. `CheckpointOnTerm` saves a checkpoint when
+SIGTERM stops a training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -215,6 +219,44 @@ class StopAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.applied and state.global_step >= self.step:
             control.should_training_stop = True
+
+
+class CheckpointOnTerm(TrainerCallback):
+    """SIGTERM while training (an orchestrator stopping the task: a preempted node, a pod evicted, a spot instance
+    reclaimed, with a grace period before SIGKILL) saves a checkpoint at the end of the step it arrives in, then stops
+    the training; the stage then ends as on SIGTERM before (its run killed, exit 143), and `--resume` continues from
+    that step instead of from the last evaluation's checkpoint, an epoch back by default. A second SIGTERM (or a
+    Ctrl-C) stops at once. `armed()` installs the handler for the training, in the main thread of one process only:
+    several processes must save together, and each sees the signal at its own step."""
+
+    def __init__(self):
+        self.signalled = False
+
+    @contextlib.contextmanager
+    def armed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.signalled:  # asked twice: do not wait for the step
+                raise KeyboardInterrupt(f"signal {signum}")
+            self.signalled = True
+            log.warning("SIGTERM: the training saves a checkpoint at the end of this step and stops (SIGTERM again "
+                        "stops at once)")
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signalled:
+            control.should_save = True
+            control.should_training_stop = True
+            # the step's checkpoint is what is needed; loading the best one back would only spend the grace period
+            args.load_best_model_at_end = False
 
 
 class SweepMetricCallback(TrainerCallback):

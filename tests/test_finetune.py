@@ -221,14 +221,14 @@ def test_second_run_reuses_tokenisation_and_reproduces_the_same_version(trained)
 
 
 class StopAt(TrainerCallback):
-    """Sends this process SIGTERM at a step, as an orchestrator stopping the task would."""
+    """Sends this process SIGTERM at a step, as an orchestrator stopping the task would (or `sig`: SIGINT, Ctrl-C)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, sig: int = signal.SIGTERM):
+        self.step, self.sig = step, sig
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.sig)
 
 
 def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path, tiny_model, tickets_csv, cli_here):
@@ -247,24 +247,26 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     assert len(killed) == 1 and killed[0]["job_type"] == "finetune"
     run_id = killed[0]["id"]
     ckpts = sorted(p.name for p in (Path(cfg.tracking.dir) / "checkpoints" / "clf" / run_id).glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-10", "checkpoint-5"]
+    # SIGTERM at step 12 saved that step before the run stopped (the last evaluation's was step 10): an orchestrator's
+    # preemption loses no training done; two are kept (train.save_total_limit), the best among them
+    assert ckpts == ["checkpoint-10", "checkpoint-12"]
     assert reg.resolve("clf:latest").ref == "clf:v0"  # nothing published by the stopped run
     # the result file names the stopped run, what it had consumed, and how to continue it
     stopped = json.loads(result_json.read_text())
     assert stopped["status"] == "failed" and stopped["message"] == "interrupted (signal 15)"
     assert stopped["run_id"] == run_id and stopped["consumed"] == ["tickets:v0"] and stopped["produced"] == []
-    assert stopped["details"]["resume"] == run_id and stopped["details"]["checkpoint"].endswith(f"{run_id}/checkpoint-10")
+    assert stopped["details"]["resume"] == run_id and stopped["details"]["checkpoint"].endswith(f"{run_id}/checkpoint-12")
     assert Path(stopped["paths"]["run_dir"]).name.endswith(run_id)
     # `artifacts list` shows the disk its checkpoints hold, and how to continue it
     track = f"tracking.dir={cfg.tracking.dir}"
     listed = cli_here("artifacts", "list", "--set", track).stdout
     assert "finetune checkpoints: " in listed and "finetune --resume RUN_ID" in listed
     row = next(line.split() for line in listed.splitlines() if run_id in line)
-    assert row[:2] == ["clf", run_id] and row[4] == "checkpoint-10" and row[-1].endswith(f"checkpoints/clf/{run_id}")
+    assert row[:2] == ["clf", run_id] and row[4] == "checkpoint-12" and row[-1].endswith(f"checkpoints/clf/{run_id}")
     assert run_id not in cli_here("artifacts", "list", "--type", "dataset", "--set", track).stdout
 
     resumed = finetune.run(cfg, resume="latest")
-    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-10")
+    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-12")
     assert "finetune checkpoints" not in cli_here("artifacts", "list", "--set", track).stdout  # a finished run leaves none
     assert reg.get_run(run_id)["status"] == "finished"
     wandb_dirs = list((Path(cfg.tracking.dir) / "wandb").glob(f"offline-run-*-{run_id}*"))
@@ -273,6 +275,24 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
         assert resumed.metrics[key] == uninterrupted.metrics[key]
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
+
+
+def test_a_second_sigterm_stops_the_training_at_once(tmp_path, tiny_model, tickets_csv):
+    """The first SIGTERM waits for its step's end to save a checkpoint; a second one (an impatient operator, a grace
+    period that is a second SIGTERM) stops at once, leaving the checkpoints the evaluations saved."""
+    class Twice(StopAt):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
+    dataset_publish.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(Twice(12),))
+    [killed] = [r for r in reg_runs(registry_of(cfg)) if r["status"] == "killed"]
+    folder = Path(cfg.tracking.dir) / "checkpoints" / "clf" / killed["id"]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
 
 
 def test_the_dataset_an_interrupted_run_resumes_from_is_not_deleted_under_it(tmp_path, tiny_model, tickets_csv, cli_here):
@@ -305,13 +325,13 @@ def test_the_dataset_an_interrupted_run_resumes_from_is_not_deleted_under_it(tmp
 
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder_to_resume(tmp_path, tiny_model, tickets_csv,
                                                                              cli_here):
-    """Stopped before its first checkpoint, a run left its folder (the state to resume it by, and nothing to resume
-    from): `artifacts list` showed it as an interrupted run, "none (nothing to resume)", until it was deleted by hand.
-    Nothing can continue it, so it goes, as a sweep trial's does."""
+    """Stopped before its first checkpoint (Ctrl-C: SIGTERM saves one), a run left its folder (the state to resume it
+    by, and nothing to resume from): `artifacts list` showed it as an interrupted run, "none (nothing to resume)",
+    until it was deleted by hand. Nothing can continue it, so it goes, as a sweep trial's does."""
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv)  # a checkpoint at each epoch's end (15 steps)
     dataset_publish.run(cfg)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(cfg, callbacks=(StopAt(2),))
+        finetune.run(cfg, callbacks=(StopAt(2, signal.SIGINT),))
     [killed] = [r for r in reg_runs(registry_of(cfg)) if r["status"] == "killed"]
     assert not (Path(cfg.tracking.dir) / "checkpoints" / "clf" / killed["id"]).exists()
     assert "finetune checkpoints" not in cli_here("artifacts", "list", "--set", f"tracking.dir={cfg.tracking.dir}").stdout
@@ -351,7 +371,7 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(tmp_path, tiny_mo
                                           "training on tickets:v0"):
         finetune.plan(cfg, dataset="tickets:latest", resume=killed)
     continued = finetune.run(cfg, dataset="tickets:v0", resume="auto")
-    assert continued.run_id == killed and continued.details["resumed_from"].endswith("checkpoint-5")
+    assert continued.run_id == killed and continued.details["resumed_from"].endswith("checkpoint-7")
     assert finetune.plan(cfg, dataset="tickets:v0", resume="auto").resume_from is None  # nothing left to continue
 
 
@@ -417,7 +437,7 @@ def test_run_again_continues_the_interrupted_finetune(tmp_path, tiny_model, tick
     out = cli_here("run", "--config", str(config), "--result-json", str(result))
     assert out.returncode == 3, out.stderr[-2000:]
     trained = json.loads(result.read_text())["stages"][1]
-    assert trained["run_id"] == killed and trained["details"]["resumed_from"].endswith(f"{killed}/checkpoint-5")
+    assert trained["run_id"] == killed and trained["details"]["resumed_from"].endswith(f"{killed}/checkpoint-7")
     # one run, one group: the one it started in, in the registry and in the W&B records of its second part
     assert registry_of(cfg).get_run(killed)["run_group"] == "first"
     record = next(r for r in inspect_records(Path(trained["paths"]["run_dir"])) if r["type"] == "run")["run"]
@@ -474,7 +494,7 @@ def test_a_run_training_in_another_process_is_not_continued_until_that_process_i
         other.kill()  # SIGKILL: no handler runs, the kernel lets go of its lock
         other.wait()
     resumed = finetune.run(cfg, resume="auto")  # interrupted again: continued
-    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith(f"{run_id}/checkpoint-5")
+    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith(f"{run_id}/checkpoint-7")
 
 
 @pytest.mark.parametrize("extra, dataset, message", [
@@ -1421,7 +1441,7 @@ def test_a_run_from_a_registry_base_resumes_from_the_same_version_after_its_alia
     finetune.run(make_cfg(tmp_path, tiny_model, tickets_csv, "train.seed=9"), aliases=("production",))  # clf:v1
     assert reg.resolve("clf:production").ref == "clf:v1"
     resumed = finetune.run(further, resume="latest")
-    assert resumed.details["resumed_from"].endswith("checkpoint-5")
+    assert resumed.details["resumed_from"].endswith("checkpoint-7")
     assert reg.resolve(resumed.produced[0]).metadata["base_model"]["id"] == "clf:v0"
     assert sorted(reg.get_run(resumed.run_id)["consumed"]) == ["clf:v0", "tickets:v0"]
 

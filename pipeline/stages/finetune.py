@@ -30,8 +30,8 @@ from pipeline.basemodel import (BaseModel, check_architecture, check_base_weight
                                 load_tokenizer, match_padding, resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
 from pipeline.config import Config, describe_diff, model_config_diff
-from pipeline.errors import (ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed, no_space_left,
-                             near_label, out_of_memory)
+from pipeline.errors import (TERMINATED, ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed,
+                             near_label, no_space_left, out_of_memory)
 from pipeline.registry.base import put_latest
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
@@ -958,11 +958,20 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
                                 "data/tokenize_cache": details["tokenize_cache"],
                                 **{f"data/truncated_{s}": n for s, n in shared["truncated"].items()}})
-            trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run, callbacks)
+            # SIGTERM saves a checkpoint at the end of its step before the run stops (one process: several would each
+            # see it at their own step, and must save together; not a sweep's trial, whose checkpoints go as it stops)
+            from pipeline.callbacks import CheckpointOnTerm
+
+            on_term = CheckpointOnTerm() if _world_size() == 1 and sweep is None else None
+            trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run,
+                                                (*callbacks, on_term) if on_term else callbacks)
             if trun.wandb_run is not None:
                 _define_summaries(trun.wandb_run)
             try:
-                output = trainer.train(resume_from_checkpoint=shared["resume_from"])
+                with on_term.armed() if on_term else contextlib.nullcontext():
+                    output = trainer.train(resume_from_checkpoint=shared["resume_from"])
+                if on_term is not None and on_term.signalled:
+                    raise KeyboardInterrupt(TERMINATED)  # stopped as SIGTERM stops a stage, its checkpoint saved
             except BaseException as e:
                 _close_progress_bars(trainer)
                 full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
