@@ -253,13 +253,13 @@ def load_classifier(path: str | Path, label_names: list[str], trust_remote_code:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    # problem_type said from the start: a multi-label or regression base would train with its loss (BCE, MSE) on
+    # these class ids; and transformers sets it at the first forward pass with labels, so a model that made none (a run
+    # resumed from its last checkpoint, with no step left) wrote a config.json without it: other bytes, a new version
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {n: i for i, n in enumerate(label_names)}}
+              "label2id": {n: i for i, n in enumerate(label_names)}, "problem_type": "single_label_classification"}
     trust = {"trust_remote_code": trust_remote_code}
     base_config = AutoConfig.from_pretrained(path, **trust)
-    if base_config.problem_type not in (None, "single_label_classification"):
-        # a multi-label or regression base would train with its loss (BCE, MSE) on these class ids
-        labels["problem_type"] = "single_label_classification"
     if not is_classifier(base_config):
         base_labels = None
     else:

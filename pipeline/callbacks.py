@@ -252,11 +252,20 @@ class CheckpointOnTerm(TrainerCallback):
             signal.signal(signal.SIGTERM, previous)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signalled:
+        if self.signalled and state.global_step < state.max_steps:  # at the last step the training ends as it would
             control.should_save = True
             control.should_training_stop = True
             # the step's checkpoint is what is needed; loading the best one back would only spend the grace period
             args.load_best_model_at_end = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # A stop within an epoch ends it early: the epoch's evaluation and checkpoint would come at the stop's step,
+        # where the uninterrupted run makes none, and overwrite the step's checkpoint with the random state after that
+        # evaluation (and record it): the resumed run would train on from another state. At an epoch's last step they
+        # are the uninterrupted run's own, and stay.
+        if self.signalled and abs(state.epoch - round(state.epoch)) > 1e-6:
+            control.should_evaluate = False
+            control.should_save = False
 
 
 class SweepMetricCallback(TrainerCallback):

@@ -277,6 +277,29 @@ def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
 
 
+@pytest.mark.parametrize("where", ["within the second epoch", "at the first epoch's end", "at the last step"])
+def test_a_run_stopped_by_sigterm_anywhere_resumes_bit_for_bit(where, tmp_path, tiny_model, tickets_csv):
+    """With evaluations at each epoch's end (the default), the checkpoint SIGTERM saves resumes to the uninterrupted
+    run's weights wherever it lands. A stop within an epoch ended that epoch early, and the epoch's evaluation and
+    checkpoint came at the stop's step and overwrote its checkpoint with the random state after an evaluation the
+    uninterrupted run never made there (the dropout of every later step differed); and a run resumed from its last
+    step, with no step left to train, wrote a config.json without problem_type (transformers sets it at the first
+    forward pass with labels): the same weights, another version."""
+    import math
+
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
+    dataset_publish.run(cfg)
+    uninterrupted = finetune.run(cfg)
+    per_epoch = math.ceil(registry_of(cfg).resolve("tickets:v0").metadata["num_rows"]["train"] / 16)
+    step = {"within the second epoch": per_epoch + per_epoch // 2, "at the first epoch's end": per_epoch,
+            "at the last step": 3 * per_epoch}[where]
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(step),))
+    resumed = finetune.run(cfg, resume="latest")
+    assert resumed.details["resumed_from"].endswith(f"checkpoint-{step}")
+    assert (resumed.status, resumed.produced) == ("unchanged", uninterrupted.produced)
+
+
 def test_a_second_sigterm_stops_the_training_at_once(tmp_path, tiny_model, tickets_csv):
     """The first SIGTERM waits for its step's end to save a checkpoint; a second one (an impatient operator, a grace
     period that is a second SIGTERM) stops at once, leaving the checkpoints the evaluations saved."""
