@@ -10,10 +10,7 @@ SIGTERM stops a training.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -232,24 +229,17 @@ class CheckpointOnTerm(TrainerCallback):
     def __init__(self):
         self.signalled = False
 
-    @contextlib.contextmanager
     def armed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        from pipeline.errors import interrupt, on_sigterm
 
         def handler(signum, frame):
             if self.signalled:  # asked twice: do not wait for the step
-                raise KeyboardInterrupt(f"signal {signum}")
+                interrupt(signum, frame)
             self.signalled = True
             log.warning("SIGTERM: the training saves a checkpoint at the end of this step and stops (SIGTERM again "
                         "stops at once)")
 
-        previous = signal.signal(signal.SIGTERM, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        return on_sigterm(handler)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signalled and state.global_step < state.max_steps:  # at the last step the training ends as it would

@@ -76,22 +76,29 @@ _OUT_OF_MEMORY_WORDS = ("CUDA out of memory", "HIP out of memory", "MPS backend 
 TERMINATED = f"signal {int(signal.SIGTERM)}"  # the KeyboardInterrupt that SIGTERM becomes (`sigterm_as_interrupt`)
 
 
+def interrupt(signum, frame) -> None:
+    """A signal handler: the signal as the KeyboardInterrupt that ends a stage (`TERMINATED` for SIGTERM)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside, so that a stage ends
-    as on Ctrl-C: its W&B run marked killed, a finetune's checkpoints kept, nothing half-published."""
+def on_sigterm(handler) -> Iterator[None]:
+    """`handler` answers SIGTERM while inside, then the one before again; in the main thread only (Python runs signal
+    handlers there, and only there may they be set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_as_interrupt():
+    """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside, so that a stage ends
+    as on Ctrl-C: its W&B run marked killed, a finetune's checkpoints kept, nothing half-published."""
+    return on_sigterm(interrupt)
 
 
 def _causes(e: BaseException | None) -> Iterator[BaseException]:

@@ -105,7 +105,7 @@ def wandb_home(tracking: TrackingConfig, mode: str) -> None:
     Online, the staged copies go once uploaded, and W&B's folders stay where W&B puts them, unless the home folder
     cannot be written (a container under another user id, a read-only root file system): each stage ended in a
     traceback at its first table there. Then they go under ``wandb-home`` too."""
-    root = Path(os.path.expanduser(os.environ.get("WANDB_DIR") or str(tracking.dir))).absolute()
+    root = Path(_root_of(tracking)).absolute()
     if (str(root), mode) in _wandb_home_done:
         return
     _wandb_home_done.add((str(root), mode))
@@ -376,9 +376,14 @@ def _init(wandb, config, job_type, run, tags, notes, resolved, resume, root, mod
 PIPELINE_FOLDERS = ("registry", "artifacts", "checkpoints", "cache", "sweeps", "wandb-home")
 
 
+def _root_of(tracking: TrackingConfig) -> str:
+    """``WANDB_DIR``, else ``tracking.dir``, ``~`` expanded as W&B reads it."""
+    return os.path.expanduser(os.environ.get("WANDB_DIR") or str(tracking.dir))
+
+
 def wandb_root(config: Config) -> str:
     """The folder W&B's run folders go under (made if missing): ``WANDB_DIR``, else ``tracking.dir``."""
-    root = os.path.expanduser(os.environ.get("WANDB_DIR") or str(config.tracking.dir))  # ~ as W&B reads it
+    root = _root_of(config.tracking)
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
     except OSError as e:
