@@ -223,11 +223,22 @@ class CheckpointOnTerm(TrainerCallback):
     reclaimed, with a grace period before SIGKILL) saves a checkpoint at the end of the step it arrives in, then stops
     the training; the stage then ends as on SIGTERM before (its run killed, exit 143), and `--resume` continues from
     that step instead of from the last evaluation's checkpoint, an epoch back by default. A second SIGTERM (or a
-    Ctrl-C) stops at once. `armed()` installs the handler for the training, in the main thread of one process only:
-    several processes must save together, and each sees the signal at its own step."""
+    Ctrl-C) stops at once. `armed()` installs the handler for the training, in the main thread.
+
+    With several processes (torchrun, accelerate launch: the launcher passes its SIGTERM on to each) every one sees
+    the signal at a step of its own, or only some see it, and they must save the same step's checkpoint together:
+    at each step's end they vote (a one-number all-reduce, in a gloo group of their own, so that a GPU's queue is not
+    waited on) and all stop at the first step that any of them was signalled in."""
 
     def __init__(self):
-        self.signalled = False
+        self.signalled = False  # this process got SIGTERM
+        self.stopping = False  # the training stops for it: every process agreed at a step's end
+        self._group = None  # the processes' vote, with several
+
+    @property
+    def stopped(self) -> bool:
+        """The training ended for SIGTERM (here, or in another process at the same step)."""
+        return self.signalled or self.stopping
 
     def armed(self):
         from pipeline.errors import interrupt, on_sigterm
@@ -241,19 +252,34 @@ class CheckpointOnTerm(TrainerCallback):
 
         return on_sigterm(handler)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")  # every process makes it, in the same order: here
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signalled and state.global_step < state.max_steps:  # at the last step the training ends as it would
+        self.stopping = self._vote() if self._group is not None else self.signalled
+        if self.stopping and state.global_step < state.max_steps:  # at the last step the training ends as it would
             control.should_save = True
             control.should_training_stop = True
             # the step's checkpoint is what is needed; loading the best one back would only spend the grace period
             args.load_best_model_at_end = False
 
+    def _vote(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        ballot = torch.tensor([int(self.signalled)], dtype=torch.int32)
+        dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(ballot.item())
+
     def on_epoch_end(self, args, state, control, **kwargs):
         # A stop within an epoch ends it early: the epoch's evaluation and checkpoint would come at the stop's step,
         # where the uninterrupted run makes none, and overwrite the step's checkpoint with the random state after that
         # evaluation (and record it): the resumed run would train on from another state. At an epoch's last step they
-        # are the uninterrupted run's own, and stay.
-        if self.signalled and abs(state.epoch - round(state.epoch)) > 1e-6:
+        # are the uninterrupted run's own, and stay. (What the processes agreed on, so that all of them skip it.)
+        if self.stopping and abs(state.epoch - round(state.epoch)) > 1e-6:
             control.should_evaluate = False
             control.should_save = False
 

@@ -98,11 +98,12 @@ def write_yaml(tmp_path: Path, cfg) -> Path:
     return path
 
 
-def torchrun(*args: str, cwd: Path, cpu: bool = True):
-    """Two processes of `pipeline ARGS` under torchrun; on the CPU (gloo) unless `cpu` is false, so that a machine
-    with one GPU runs them too (NCCL wants a GPU per process)."""
+def torchrun(*args: str, cwd: Path, cpu: bool = True, script: Path | None = None):
+    """Two processes of `pipeline ARGS` (or of `script ARGS`) under torchrun; on the CPU (gloo) unless `cpu` is false,
+    so that a machine with one GPU runs them too (NCCL wants a GPU per process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *args],
+    program = [str(script)] if script is not None else ["-m", "pipeline"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *program, *args],
                           cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -610,6 +610,56 @@ def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tin
     assert bad.returncode != 0 and "tickets has no version 'v9'" in bad.stderr
 
 
+TERM_IN_ONE_PROCESS = """\
+import os, signal, sys
+from transformers import TrainerCallback
+from pipeline import cli
+from pipeline.stages import finetune
+
+class TermAt(TrainerCallback):  # SIGTERM to this process alone, at a step's end
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {step} and os.environ["RANK"] == "{rank}":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+command = finetune.run
+finetune.run = lambda *a, callbacks=(), **k: command(*a, callbacks=(*callbacks, TermAt()), **k)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_processes_stopped_by_sigterm_save_the_same_step_together_and_resume_bit_for_bit(tmp_path, tiny_model,
+                                                                                         tickets_csv):
+    """Under torchrun each process gets SIGTERM at a step of its own (the launcher passes its own on to each), or only
+    one gets it (a `kill` of one pid): they vote at each step's end and all save that step's checkpoint and stop.
+    Before, the process that was not signalled failed at its next exchange with a gloo traceback ("Connection closed by
+    peer"), and the run went back to the last evaluation's checkpoint. Here only the second process is signalled,
+    within the second epoch."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
+    dataset_publish.run(cfg)
+    config = write_yaml(tmp_path, cfg)
+    whole = torchrun("finetune", "--config", str(config), "--result-json", str(tmp_path / "whole.json"), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    uninterrupted = json.loads((tmp_path / "whole.json").read_text())
+    per_epoch = uninterrupted["details"]["final"]["step"] // 3
+    step = per_epoch + per_epoch // 2
+    script = tmp_path / "term_at.py"
+    script.write_text(TERM_IN_ONE_PROCESS.format(step=step, rank=1))
+    stopped = torchrun("finetune", "--config", str(config), "--retrain", "--result-json", str(tmp_path / "stop.json"),
+                       cwd=tmp_path, script=script)
+    assert stopped.returncode != 0 and stopped.stderr.count("terminated (SIGTERM)") == 2, stopped.stderr[-3000:]
+    [killed] = [r for r in reg_runs(registry_of(cfg)) if r["status"] == "killed"]
+    saved = Path(cfg.tracking.dir) / "checkpoints" / "clf" / killed["id"] / f"checkpoint-{step}"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}  # each process's, at one step
+    assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == step
+    resumed = torchrun("finetune", "--config", str(config), "--resume", "--result-json", str(tmp_path / "again.json"),
+                       cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["details"]["resumed_from"] == str(saved)
+    assert (again["status"], again["produced"]) == ("unchanged", uninterrupted["produced"])
+
+
 def test_more_processes_on_a_machine_than_its_gpus_are_refused_before_they_meet(monkeypatch):
     """tests/test_gpu.py launches them on a real GPU; here the check itself, wherever torch sees no GPU."""
     import torch

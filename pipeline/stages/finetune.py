@@ -923,7 +923,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     early = plan(config, dataset, resume, base) if _launched_alone() else None
     state = _process_state()
     if not state.is_main_process:
-        return _follow(config, state, callbacks)
+        return _follow(config, state, callbacks, sweep)
     try:
         plan_ = early or plan(config, dataset, resume, base)
         code, packages = provenance.code_and_packages()
@@ -958,11 +958,11 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
                                 "data/tokenize_cache": details["tokenize_cache"],
                                 **{f"data/truncated_{s}": n for s, n in shared["truncated"].items()}})
-            # SIGTERM saves a checkpoint at the end of its step before the run stops (one process: several would each
-            # see it at their own step, and must save together; not a sweep's trial, whose checkpoints go as it stops)
+            # SIGTERM saves a checkpoint at the end of its step before the run stops (several processes agree on the
+            # step; not a sweep's trial, whose checkpoints go as it stops)
             from pipeline.callbacks import CheckpointOnTerm
 
-            on_term = CheckpointOnTerm() if _world_size() == 1 and sweep is None else None
+            on_term = CheckpointOnTerm() if sweep is None else None
             trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run,
                                                 (*callbacks, on_term) if on_term else callbacks)
             if trun.wandb_run is not None:
@@ -970,7 +970,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             try:
                 with on_term.armed() if on_term else contextlib.nullcontext():
                     output = trainer.train(resume_from_checkpoint=shared["resume_from"])
-                if on_term is not None and on_term.signalled:
+                if on_term is not None and on_term.stopped:
                     raise KeyboardInterrupt(TERMINATED)  # stopped as SIGTERM stops a stage, its checkpoint saved
             except BaseException as e:
                 _close_progress_bars(trainer)
@@ -1170,13 +1170,20 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _follow(config: Config, state, callbacks) -> StageResult:
-    """A non-main process: wait for the main one to prepare, then train alongside it."""
+def _follow(config: Config, state, callbacks, sweep: str | None) -> StageResult:
+    """A non-main process: wait for the main one to prepare, then train alongside it (and stop with it for SIGTERM,
+    as `run`: each has a `CheckpointOnTerm` or none does, or their votes would wait for each other)."""
     shared = _share(state, None)
     if "error" in shared:
         raise PipelineError(f"the main process stopped before training: {shared['error']}")
     if "reused" in shared:
         return StageResult(stage=STAGE, status="unchanged", produced=[shared["reused"]], details={"process": state.process_index})
-    trainer, _ = _build_trainer(config, shared, None, callbacks)
-    trainer.train(resume_from_checkpoint=shared["resume_from"])
+    from pipeline.callbacks import CheckpointOnTerm
+
+    on_term = CheckpointOnTerm() if sweep is None else None
+    trainer, _ = _build_trainer(config, shared, None, (*callbacks, on_term) if on_term else callbacks)
+    with on_term.armed() if on_term else contextlib.nullcontext():
+        trainer.train(resume_from_checkpoint=shared["resume_from"])
+    if on_term is not None and on_term.stopped:
+        raise KeyboardInterrupt(TERMINATED)  # the step's checkpoint saved, with the main process
     return StageResult(stage=STAGE, status="ok", run_id=shared["run_id"], details={"process": state.process_index})
