@@ -51,6 +51,8 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
     if result is None:
         result = PipelineResult(group=group or config.tracking.group or f"pipeline-{new_run_id()}")
     group = result.group
+    if finetune.is_follower():  # under torchrun: the main process publishes, evaluates and deploys; this one trains
+        return _follow(config, result, reuse=reuse, resume=resume)
 
     def step(name: str, fn, **kwargs) -> StageResult:
         log.info("== %s (group %s)", name, group)
@@ -88,13 +90,21 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
                               f"{held_out}")
         return dataset_publish.run(config, **kwargs)
 
-    data = step("dataset-publish", publish, reuse=reuse)
+    try:
+        data = step("dataset-publish", publish, reuse=reuse)
+    except Exception as e:  # the other processes of a torchrun wait to train: they stop too
+        finetune.stop_followers(f"dataset-publish failed: {e}")
+        raise
 
     def train(config: Config, **kwargs: Any) -> StageResult:
         # what evaluate would refuse (an empty evaluate.split, a gate naming labels the data lacks): said before
         # training, not after
-        registry = open_registry(config.tracking, project=config.project, entity=config.entity)
-        evaluate.check_evaluable(config, registry.resolve(data.produced[0], type="dataset"))
+        try:
+            registry = open_registry(config.tracking, project=config.project, entity=config.entity)
+            evaluate.check_evaluable(config, registry.resolve(data.produced[0], type="dataset"))
+        except Exception as e:
+            finetune.stop_followers(str(e))
+            raise
         return finetune.run(config, **kwargs)
 
     model = step("finetune", train, dataset=data.produced[0], reuse=reuse, resume=resume)
@@ -108,4 +118,17 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
         raise PipelineError(f"evaluate passed {model.produced[0]} but no production version is set")
     step("deploy-fetch", deploy_fetch.run, model=production)
     result.message = f"{production} deployed at {result.stages[-1].paths['model_dir']}"
+    return result
+
+
+def _follow(config: Config, result: PipelineResult, **kwargs: Any) -> PipelineResult:
+    """`run` in a process that torchrun (or accelerate launch) started beside the main one: it trains with the main
+    process, which hands it what to train once it has published the data (`finetune.run`), and ends there; the main
+    process alone publishes, evaluates and deploys, as each stage's own command does under a launcher. Each process
+    ran every stage before: both published, and evaluate failed in this one, on the model it does not publish."""
+    from pipeline.stages import finetune
+
+    trained = finetune.run(config, group=result.group, **kwargs)
+    result.stages.append(trained)
+    result.status = trained.status
     return result

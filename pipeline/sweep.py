@@ -635,6 +635,18 @@ def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | Non
     return best
 
 
+def _one_process() -> None:
+    """A sweep trains each trial in its own process. Under torchrun each process ran a sweep of its own (two sweeps,
+    one traceback from their shared catalog), and a trial cannot train in several: its pruner stops it in one."""
+    from pipeline.stages.finetune import launched_processes
+
+    if (n := launched_processes()) > 1:
+        raise ConfigError(f"a sweep trains each trial in one process, but a launcher (torchrun, accelerate launch, "
+                          f"mpirun) started this one as one of {n}, each of which would run a sweep of its own: start it "
+                          "with `python -m pipeline sweep ...`. To run trials side by side, run an online sweep's agents "
+                          "side by side (`sweep --resume SWEEP_ID` in each, one per GPU with CUDA_VISIBLE_DEVICES)")
+
+
 def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = None, group: str | None = None,
         publish_trials: bool = False, callbacks: tuple = (), seed: int | None = None,
         on_failure: dict[str, Any] | None = None, dataset: str | None = None) -> SweepResult:
@@ -646,6 +658,7 @@ def run(config: Config, *, sweep: SweepSpec, count: int, resume: str | None = No
     `resume` ``"auto"``: the trials left of the count of the interrupted sweep that `_sweep_to_continue` finds (the
     same command, retried), else a new sweep. `on_failure` (a dict) gets ``resume``, the sweep id, once the sweep
     exists: what a failed sweep's result file tells."""
+    _one_process()
     import numpy as np
     import optuna
     from optuna.trial import TrialState
@@ -1051,6 +1064,7 @@ def run_online(config: Config, *, sweep: SweepSpec, count: int, resume: str | No
                dataset: str | None = None) -> SweepResult:
     """``wandb.sweep`` + ``wandb.agent``; each trial runs the finetune stage in this process, on a thread the agent
     starts for it. `callbacks`, `on_failure` and `dataset`: as `run`'s."""
+    _one_process()
     import wandb
 
     from pipeline.tracking import open_registry, run_settings, wandb_root

@@ -589,25 +589,78 @@ def test_cli_reports_bad_batch_size_and_unknown_reference(tmp_path, tiny_model, 
 
 @pytest.mark.slow
 def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tiny_model, tickets_csv):
-    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=2")
-    dataset_publish.run(cfg)
+    """`pipeline run` under torchrun: the main process publishes, trains with the other, evaluates and deploys; the
+    other only trains. Before, each process ran every stage: both published, and evaluate failed in the other (an
+    IndexError: it publishes no model), so torchrun failed a pipeline that had deployed."""
+    # two epochs of a tiny model need not beat chance: the gate passes it, so that it is deployed
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=2", "evaluate.gate.better_than_chance=false")
     config = write_yaml(tmp_path, cfg)
-    done = torchrun("finetune", "--config", str(config), "--result-json", str(tmp_path / "r.json"), cwd=tmp_path)
+    done = torchrun("run", "--config", str(config), "--result-json", str(tmp_path / "r.json"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "r.json").read_text())
-    assert result["status"] == "ok" and result["produced"] == ["clf:v0"]
-    assert result["details"]["processes"] == 2
+    outcome = json.loads((tmp_path / "r.json").read_text())
+    assert outcome["status"] == "ok" and outcome["produced"] == ["tickets:v0", "clf:v0"]
+    assert done.stdout.strip() == "tickets:v0, clf:v0"  # said once, by the main process
+    assert (Path(outcome["paths"]["deploy-fetch/model_dir"]) / "model.safetensors").is_file()
+    result = outcome["stages"][1]
+    assert result["stage"] == "finetune" and result["details"]["processes"] == 2
     train_rows = registry_of(cfg).resolve("tickets:v0").metadata["num_rows"]["train"]
     assert result["details"]["final"]["step"] == 2 * math.ceil(train_rows / (16 * 2))  # each process takes half a batch set
     assert result["metrics"]["eval_loss"] < 2.5  # a per-example mean, not multiplied by the process count
     reg = registry_of(cfg)
-    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish", "finetune"]  # one run, from the main process
+    # one run of each stage, from the main process
+    assert [r["job_type"] for r in reg_runs(reg)] == ["dataset-publish", "finetune", "evaluate", "deploy-fetch"]
     assert len(list((Path(cfg.tracking.dir) / "wandb").glob(f"offline-run-*-{result['run_id']}*"))) == 1
-    assert [v.ref for v in reg.list_versions(type="model")] == ["clf:v0"]
+    assert [v.ref for v in reg.list_versions()] == ["clf:v0", "tickets:v0"]
     assert reg.resolve("clf:v0").metadata["training"]["processes"] == 2
     # a bad reference stops both processes with the main one's message, instead of leaving one waiting
     bad = torchrun("finetune", "--config", str(config), "--dataset", "tickets:v9", cwd=tmp_path)
     assert bad.returncode != 0 and "tickets has no version 'v9'" in bad.stderr
+    # so do data that cannot be published: the other process waited to train on them
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("text;label\nhello;greet\n", encoding="utf-8")
+    unpublished = torchrun("run", "--config", str(config), "--set", f"dataset.source={semicolons}", cwd=tmp_path)
+    assert unpublished.returncode != 0
+    assert "error: the main process stopped before training: dataset-publish failed: " in unpublished.stderr
+    # a sweep trains each trial in one process: each process refuses, before a sweep starts
+    sweep = torchrun("sweep", "--config", str(config), "--sweep", str(REPO / "configs" / "sweep.yaml"), "--count", "1",
+                     cwd=tmp_path)
+    assert sweep.returncode != 0 and sweep.stderr.count("error: a sweep trains each trial in one process, but a "
+                                                        "launcher (torchrun, accelerate launch, mpirun) started this "
+                                                        "one as one of 2") == 2
+    assert not (Path(cfg.tracking.dir) / "registry" / "sweeps.db").exists()
+    assert [v.ref for v in reg.list_versions()] == ["clf:v0", "tickets:v0"]
+
+
+TERM_WHILE_PREPARING = """\
+import os, signal, sys, time
+from pipeline import cli
+from pipeline.stages import finetune
+
+prepare = finetune._prepare
+def slow_prepare(*args, **kwargs):  # the launcher is stopped while the main process prepares (tokenising, say)
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(60)
+    return prepare(*args, **kwargs)
+
+finetune._prepare = slow_prepare
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_processes_stopped_while_the_main_one_prepares_end_as_killed(tmp_path, tiny_model, tickets_csv):
+    """The other processes wait for the main one to prepare; stopped then (torchrun passes its SIGTERM on to each),
+    they were gone when the main process told them it stopped, and gloo's "Connection closed by peer" took the place
+    of the SIGTERM: a traceback, and the run marked failed instead of killed."""
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv)
+    dataset_publish.run(cfg)
+    script = tmp_path / "term_while_preparing.py"
+    script.write_text(TERM_WHILE_PREPARING)
+    stopped = torchrun("finetune", "--config", str(write_yaml(tmp_path, cfg)), cwd=tmp_path, script=script)
+    assert stopped.returncode != 0 and "terminated (SIGTERM)" in stopped.stderr, stopped.stderr[-3000:]
+    assert "Connection closed by peer" not in stopped.stderr
+    assert [(r["job_type"], r["status"]) for r in reg_runs(registry_of(cfg))] == [("dataset-publish", "finished"),
+                                                                                   ("finetune", "killed")]
 
 
 TERM_IN_ONE_PROCESS = """\

@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import contextlib
+    import os
     import sys
 
     from pipeline.commands.stage import EXIT_CODES
@@ -36,6 +37,12 @@ def main(args: argparse.Namespace) -> int:
     def report(stage_result) -> None:
         print(stage_result.summary_line(), file=sys.stderr)  # as each stage's own command prints it
 
+    # Under torchrun the main process reports; the others train with it, and say nothing (`runner._follow`).
+    report_here = os.environ.get("RANK", "0") == "0"
+    if not report_here:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the main process's references
+            run_all(config, result=outcome, reuse=not args.retrain, resume=None if args.retrain else "auto")
+        return EXIT_CODES[outcome.status]
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the produced references
             # Run again after a stop, it continues an interrupted finetune of this config and data (bit for bit the

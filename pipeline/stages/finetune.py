@@ -569,15 +569,42 @@ def weighted_loss(weights: list[float] | None, smoothing: float = 0.0):
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as accelerate reads them
 
 
-def _launched_alone() -> bool:
-    """No launcher (torchrun, accelerate launch, mpirun) started this process as one of several."""
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun, accelerate launch, mpirun) started this one as one of: 1 without."""
     def size(var: str) -> int:
         try:
             return int(os.environ.get(var) or 1)
         except ValueError:
             return 2  # unreadable: let accelerate decide
 
-    return all(size(v) <= 1 for v in _WORLD_SIZE_VARS)
+    return max(size(v) for v in _WORLD_SIZE_VARS)
+
+
+def _launched_alone() -> bool:
+    """No launcher started this process as one of several."""
+    return launched_processes() <= 1
+
+
+def is_follower() -> bool:
+    """One of several processes, and not the main one: it only trains, alongside the main process (`_follow`)."""
+    return not _launched_alone() and not _process_state().is_main_process
+
+
+def stop_followers(reason: str) -> None:
+    """The main process of several, stopped before `run` (`pipeline run`'s dataset-publish failed, say): the others
+    wait in `_follow` for what to train, and stop with `reason` instead of waiting on."""
+    if not _launched_alone():
+        _stop_following(_process_state(), reason)
+
+
+def _stop_following(state, error: BaseException | str) -> None:
+    """The main process failed before training: the others, waiting for what to train, stop with its message. Those
+    already gone (the launcher passed its SIGTERM on to every process) cannot be told: the main process's own error
+    stands, not gloo's "Connection closed by peer" from telling them."""
+    try:
+        _share(state, {"error": str(error)})
+    except Exception:
+        log.debug("the other processes could not be told that the main one stopped (gone already?)", exc_info=True)
 
 
 def _process_state():
@@ -934,7 +961,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             log.info("the pipeline's package has uncommitted changes, so no version trained before is known to come "
                      "from this code: training")
     except BaseException as e:
-        _share(state, {"error": str(e)})
+        _stop_following(state, e)
         raise
     if earlier is not None:
         _share(state, {"reused": earlier.ref})
@@ -952,7 +979,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             try:
                 shared, details = _prepare(config, plan_, trun, sweep)
             except BaseException as e:
-                _share(state, {"error": str(e)})
+                _stop_following(state, e)
                 raise
             _share(state, shared)
             trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
