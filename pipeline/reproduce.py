@@ -133,7 +133,10 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     if (setup := _other_setup(original.ref, meta.get("training") or {}, finetune.trained_on(cfg.train.precision))):
         warnings.append(setup)
     diff = config_diff(meta["config"], cfg.to_dict())
-    for w in warnings:
+    # Under torchrun (a model trained by several processes is rebuilt by as many) the others only train, with the main
+    # process, which says what differs, compares and records; they failed on the version they do not publish before.
+    follower = finetune.is_follower()
+    for w in warnings if not follower else ():
         log.warning(w)
 
     stop, stopper = (meta.get("training") or {}).get("stopped_at_step"), None
@@ -147,6 +150,8 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     with _threads_of(meta.get("training") or {}, original.ref):
         new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned, tags=("reproduction",),
                            summary={"reproduces": original.ref}, callbacks=(stopper,) if stopper else ())
+    if follower:
+        return new
     if stopper is not None and not stopper.applied:
         stop = None  # another schedule (--set train.epochs=...): trained in full
     rebuilt = registry.resolve(new.produced[0])

@@ -590,7 +590,7 @@ def test_cli_reports_bad_batch_size_and_unknown_reference(tmp_path, tiny_model, 
 @pytest.mark.slow
 def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tiny_model, tickets_csv):
     """`pipeline run` under torchrun: the main process publishes, trains with the other, evaluates and deploys; the
-    other only trains. Before, each process ran every stage: both published, and evaluate failed in the other (an
+    other only trains (and so for `reproduce`). Before, each process ran every stage: both published, and evaluate failed in the other (an
     IndexError: it publishes no model), so torchrun failed a pipeline that had deployed."""
     # two epochs of a tiny model need not beat chance: the gate passes it, so that it is deployed
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.epochs=2", "evaluate.gate.better_than_chance=false")
@@ -612,6 +612,14 @@ def test_two_processes_train_together_and_only_the_main_one_tracks(tmp_path, tin
     assert len(list((Path(cfg.tracking.dir) / "wandb").glob(f"offline-run-*-{result['run_id']}*"))) == 1
     assert [v.ref for v in reg.list_versions()] == ["clf:v0", "tickets:v0"]
     assert reg.resolve("clf:v0").metadata["training"]["processes"] == 2
+    # reproduce rebuilds it with as many processes; the main one compares and records (the other failed on the
+    # version it does not publish)
+    again = torchrun("reproduce", "clf:v0", "--check", "--set", f"tracking.dir={cfg.tracking.dir}",
+                     "--result-json", str(tmp_path / "again.json"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "again.json").read_text())["details"]["same_digest"] is True
+    assert again.stdout.strip() == "clf:v0"
+    assert len(reg.resolve("clf:v0").metadata["reproductions"]) == 1
     # a bad reference stops both processes with the main one's message, instead of leaving one waiting
     bad = torchrun("finetune", "--config", str(config), "--dataset", "tickets:v9", cwd=tmp_path)
     assert bad.returncode != 0 and "tickets has no version 'v9'" in bad.stderr
