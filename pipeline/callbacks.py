@@ -227,13 +227,15 @@ class CheckpointOnTerm(TrainerCallback):
 
     With several processes (torchrun, accelerate launch: the launcher passes its SIGTERM on to each) every one sees
     the signal at a step of its own, or only some see it, and they must save the same step's checkpoint together:
-    at each step's end they vote (a one-number all-reduce, in a gloo group of their own, so that a GPU's queue is not
-    waited on) and all stop at the first step that any of them was signalled in."""
+    at each step's end they vote (a one-number all-reduce on the training's device, in the training's own process
+    group: on a GPU the Trainer waits for the step's loss there already, to check it is finite) and all stop at the
+    first step that any of them was signalled in. (A process group of their own, for a vote on the CPU, broke
+    torchrun's restarts: its address in the launcher's store was the last attempt's.)"""
 
     def __init__(self):
         self.signalled = False  # this process got SIGTERM
         self.stopping = False  # the training stops for it: every process agreed at a step's end
-        self._group = None  # the processes' vote, with several
+        self._vote_on = None  # the device the processes vote on, with several
 
     @property
     def stopped(self) -> bool:
@@ -256,10 +258,10 @@ class CheckpointOnTerm(TrainerCallback):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo")  # every process makes it, in the same order: here
+            self._vote_on = args.device
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.stopping = self._vote() if self._group is not None else self.signalled
+        self.stopping = self._vote() if self._vote_on is not None else self.signalled
         if self.stopping and state.global_step < state.max_steps:  # at the last step the training ends as it would
             control.should_save = True
             control.should_training_stop = True
@@ -270,8 +272,8 @@ class CheckpointOnTerm(TrainerCallback):
         import torch
         import torch.distributed as dist
 
-        ballot = torch.tensor([int(self.signalled)], dtype=torch.int32)
-        dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self._group)
+        ballot = torch.tensor([int(self.signalled)], dtype=torch.int32, device=self._vote_on)
+        dist.all_reduce(ballot, op=dist.ReduceOp.MAX)
         return bool(ballot.item())
 
     def on_epoch_end(self, args, state, control, **kwargs):

@@ -98,12 +98,16 @@ def write_yaml(tmp_path: Path, cfg) -> Path:
     return path
 
 
-def torchrun(*args: str, cwd: Path, cpu: bool = True, script: Path | None = None):
+def torchrun(*args: str, cwd: Path, cpu: bool = True, script: Path | None = None, restarts: int = 0):
     """Two processes of `pipeline ARGS` (or of `script ARGS`) under torchrun; on the CPU (gloo) unless `cpu` is false,
-    so that a machine with one GPU runs them too (NCCL wants a GPU per process)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
+    so that a machine with one GPU runs them too (NCCL wants a GPU per process). With `restarts`, torchrun starts
+    them again when one fails (``--max-restarts``), with the stores of its attempts apart: shared, torch hands a
+    restart the last attempt's addresses at times (`finetune.restart_store_hazard`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {}),
+           **({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if restarts else {})}
     program = [str(script)] if script is not None else ["-m", "pipeline"]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *program, *args],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           *(["--max-restarts", str(restarts)] if restarts else []), *program, *args],
                           cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 

