@@ -222,8 +222,8 @@ class CheckpointOnTerm(TrainerCallback):
     """SIGTERM while training (an orchestrator stopping the task: a preempted node, a pod evicted, a spot instance
     reclaimed, with a grace period before SIGKILL) saves a checkpoint at the end of the step it arrives in, then stops
     the training; the stage then ends as on SIGTERM before (its run killed, exit 143), and `--resume` continues from
-    that step instead of from the last evaluation's checkpoint, an epoch back by default. A second SIGTERM (or a
-    Ctrl-C) stops at once. `armed()` installs the handler for the training, in the main thread.
+    that step instead of from the last evaluation's checkpoint, an epoch back by default. A second SIGTERM (a second
+    or more after the first) or a Ctrl-C stops at once. `armed()` installs the handler for the training, in the main thread.
 
     With several processes (torchrun, accelerate launch: the launcher passes its SIGTERM on to each) every one sees
     the signal at a step of its own, or only some see it, and they must save the same step's checkpoint together:
@@ -234,6 +234,7 @@ class CheckpointOnTerm(TrainerCallback):
 
     def __init__(self):
         self.signalled = False  # this process got SIGTERM
+        self._first = 0.0  # when (time.monotonic)
         self.stopping = False  # the training stops for it: every process agreed at a step's end
         self._vote_on = None  # the device the processes vote on, with several
 
@@ -242,15 +243,24 @@ class CheckpointOnTerm(TrainerCallback):
         """The training ended for SIGTERM (here, or in another process at the same step)."""
         return self.signalled or self.stopping
 
+    # A SIGTERM this soon after the first is the same request: accelerate launch passes its own on twice, 4 ms apart,
+    # which stopped each process at once, its step's checkpoint unsaved. An operator's second one comes later.
+    REPEATED_WITHIN_S = 1.0
+
     def armed(self):
+        import time
+
         from pipeline.errors import interrupt, on_sigterm
 
         def handler(signum, frame):
-            if self.signalled:  # asked twice: do not wait for the step
-                interrupt(signum, frame)
-            self.signalled = True
-            log.warning("SIGTERM: the training saves a checkpoint at the end of this step and stops (SIGTERM again "
-                        "stops at once)")
+            now = time.monotonic()
+            if self.signalled:
+                if now - self._first < self.REPEATED_WITHIN_S:
+                    return
+                interrupt(signum, frame)  # asked again: do not wait for the step
+            self.signalled, self._first = True, now
+            log.warning("SIGTERM: the training saves a checkpoint at the end of this step and stops (SIGTERM again, a "
+                        "second or more later, stops at once)")
 
         return on_sigterm(handler)
 

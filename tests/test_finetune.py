@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -300,22 +301,37 @@ def test_a_run_stopped_by_sigterm_anywhere_resumes_bit_for_bit(where, tmp_path, 
     assert (resumed.status, resumed.produced) == ("unchanged", uninterrupted.produced)
 
 
-def test_a_second_sigterm_stops_the_training_at_once(tmp_path, tiny_model, tickets_csv):
-    """The first SIGTERM waits for its step's end to save a checkpoint; a second one (an impatient operator, a grace
-    period that is a second SIGTERM) stops at once, leaving the checkpoints the evaluations saved."""
-    class Twice(StopAt):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
+class Twice(StopAt):
+    """SIGTERM twice at a step's end, `apart` seconds apart."""
 
+    def __init__(self, step: int, apart: float):
+        super().__init__(step)
+        self.apart = apart
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(self.apart)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_second_sigterm_stops_the_training_at_once(tmp_path, tiny_model, tickets_csv):
+    """The first SIGTERM waits for its step's end to save a checkpoint; a second one a second or more later (an
+    impatient operator, a grace period that is a second SIGTERM) stops at once, leaving the checkpoints the
+    evaluations saved. One that comes with the first is the same request (accelerate launch passes its SIGTERM on
+    twice, 4 ms apart, which stopped the training at once, its step's checkpoint unsaved)."""
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, "train.eval_strategy=steps", "train.eval_steps=5")
     dataset_publish.run(cfg)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(cfg, callbacks=(Twice(12),))
+        finetune.run(cfg, callbacks=(Twice(12, apart=1.2),))
     [killed] = [r for r in reg_runs(registry_of(cfg)) if r["status"] == "killed"]
     folder = Path(cfg.tracking.dir) / "checkpoints" / "clf" / killed["id"]
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(Twice(12, apart=0.004),))
+    [_, again] = [r for r in reg_runs(registry_of(cfg)) if r["status"] == "killed"]
+    folder = Path(cfg.tracking.dir) / "checkpoints" / "clf" / again["id"]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-12"]
 
 
 def test_the_dataset_an_interrupted_run_resumes_from_is_not_deleted_under_it(tmp_path, tiny_model, tickets_csv, cli_here):
