@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if empty.required else ", or leave it out for its default"), file=sys.stderr)
         return 2
     _setup_logging(args.verbose)
+    from pipeline.launch import launched_processes, one_process_enough, process_rank
+
+    if one_process_enough(args.command):  # under torchrun: the main process runs it
+        logging.getLogger("pipeline").info("process %d of %d: %s runs in the main process only", process_rank(),
+                                           launched_processes(), args.command)
+        return 0
     if args.command in LOADS_MODELS:
         from pipeline.homes import hf_modules_where_writable
 
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import TERMINATED, PipelineError, sigterm_as_interrupt
 
     # Under torchrun only the main process writes the result file.
-    result_json = getattr(args, "result_json", None) if os.environ.get("RANK", "0") == "0" else None
+    result_json = getattr(args, "result_json", None) if process_rank() == 0 else None
     try:
         if result_json:
             from pipeline.results import check_writable

@@ -638,7 +638,7 @@ def best_of(spec: SweepSpec, outcomes: list[TrialOutcome]) -> TrialOutcome | Non
 def _one_process() -> None:
     """A sweep trains each trial in its own process. Under torchrun each process ran a sweep of its own (two sweeps,
     one traceback from their shared catalog), and a trial cannot train in several: its pruner stops it in one."""
-    from pipeline.stages.finetune import launched_processes
+    from pipeline.launch import launched_processes
 
     if (n := launched_processes()) > 1:
         raise ConfigError(f"a sweep trains each trial in one process, but a launcher (torchrun, accelerate launch, "

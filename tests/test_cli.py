@@ -195,6 +195,28 @@ def test_artifacts_list_show_json(tmp_path):
     assert [v["ref"] for v in as_json] == ["ds:v0"]
 
 
+@pytest.mark.parametrize("rank", [{"RANK": "1", "WORLD_SIZE": "2"}, {"OMPI_COMM_WORLD_RANK": "1",
+                                                                     "OMPI_COMM_WORLD_SIZE": "2"}])
+def test_a_command_that_does_not_train_runs_in_the_main_process_only(tmp_path, rank):
+    """Under torchrun (or mpirun) only training is shared: every other command is the main process's, and the others
+    end at once, saying so, where each ran it again (two evaluate runs, two deploys into one folder, a second
+    `artifacts delete` that found nothing to delete)."""
+    track = tmp_path / "track"
+    reg = LocalRegistry(track / "registry")
+    src = tmp_path / "f.txt"
+    src.write_text("hello")
+    reg.publish("ds", "dataset", {"data/f.txt": src})
+    s = ["--set", f"tracking.dir={track}"]
+    other = run_cli("artifacts", "delete", "ds:v0", *s, env=rank)
+    assert other.returncode == 0 and other.stdout == ""
+    assert other.stderr.strip().endswith("process 1 of 2: artifacts runs in the main process only")
+    assert [v.ref for v in reg.list_versions()] == ["ds:v0"]  # the main process's to delete
+    main = run_cli("artifacts", "delete", "ds:v0", *s, env={k: "0" if "RANK" in k else v
+                                                                     for k, v in rank.items()})
+    assert main.returncode == 0, main.stderr
+    assert reg.list_versions() == []
+
+
 def test_what_wandb_raises_is_told_apart_network_from_key():
     """W&B's own exceptions as its SDK raises them: a key it could not check because the server did not answer is a
     network problem (exit 1, a retry may pass), a key it rejects is the user's to fix (exit 2)."""

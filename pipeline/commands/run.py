@@ -16,12 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import contextlib
-    import os
     import sys
 
     from pipeline.commands.stage import EXIT_CODES
     from pipeline.config import load_config
     from pipeline.errors import PipelineError
+    from pipeline.launch import process_rank
     from pipeline.results import write_json_atomic
     from pipeline.runner import PipelineResult, run_all
     from pipeline.tracking import new_run_id
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         print(stage_result.summary_line(), file=sys.stderr)  # as each stage's own command prints it
 
     # Under torchrun the main process reports; the others train with it, and say nothing (`runner._follow`).
-    report_here = os.environ.get("RANK", "0") == "0"
+    report_here = process_rank() == 0
     if not report_here:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the main process's references
             run_all(config, result=outcome, reuse=not args.retrain, resume=None if args.retrain else "auto")

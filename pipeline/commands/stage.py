@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
 import sys
 
 # status -> exit code; gate_failed is distinct so an orchestrator can branch on it
@@ -22,6 +21,7 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -> int:
     from pipeline.config import load_config
+    from pipeline.launch import process_rank
     from pipeline.results import failed, write_json_atomic
     from pipeline.tracking import runs_opened
 
@@ -29,7 +29,7 @@ def run_stage(module: str, args: argparse.Namespace, *, config=None, **kwargs) -
         config = load_config(args.config, args.overrides)
     stage = importlib.import_module(module)
     # Under accelerate launch / torchrun only the main process reports; the others just train.
-    main_process = os.environ.get("RANK", "0") == "0"
+    main_process = process_rank() == 0
     with runs_opened() as runs:
         try:
             # Libraries print progress and notices to stdout; stdout is kept for the reference(s) printed last.

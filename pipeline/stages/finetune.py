@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.basemodel import (BaseModel, check_architecture, check_base_weights, check_max_length, load_classifier,
                                 load_tokenizer, match_padding, resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
+from pipeline.launch import launched_processes
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (TERMINATED, ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed,
                              near_label, no_space_left, out_of_memory)
@@ -566,20 +567,6 @@ def weighted_loss(weights: list[float] | None, smoothing: float = 0.0):
 
 
 # -- several processes -----------------------------------------------------------------------
-_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as accelerate reads them
-
-
-def launched_processes() -> int:
-    """How many processes a launcher (torchrun, accelerate launch, mpirun) started this one as one of: 1 without."""
-    def size(var: str) -> int:
-        try:
-            return int(os.environ.get(var) or 1)
-        except ValueError:
-            return 2  # unreadable: let accelerate decide
-
-    return max(size(v) for v in _WORLD_SIZE_VARS)
-
-
 def _launched_alone() -> bool:
     """No launcher started this process as one of several."""
     return launched_processes() <= 1
