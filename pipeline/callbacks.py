@@ -229,8 +229,8 @@ class CheckpointOnTerm(TrainerCallback):
     the signal at a step of its own, or only some see it, and they must save the same step's checkpoint together:
     at each step's end they vote (a one-number all-reduce on the training's device, in the training's own process
     group: on a GPU the Trainer waits for the step's loss there already, to check it is finite) and all stop at the
-    first step that any of them was signalled in. (A process group of their own, for a vote on the CPU, broke
-    torchrun's restarts: its address in the launcher's store was the last attempt's.)"""
+    first step that any of them was signalled in. (A process group of their own, for a vote on the CPU, made a
+    torchrun restart fail to meet: the address it found in the launcher's store was the last attempt's.)"""
 
     def __init__(self):
         self.signalled = False  # this process got SIGTERM

@@ -4,7 +4,7 @@ loads: `pipeline.cli.main`).
 
 Training is the work that several processes share: finetune (and `run` and `reproduce`, which train through it)
 runs in each, and the main process (rank 0) alone tracks, publishes and reports. Every other command runs in the
-main process only (`ONE_PROCESS_ENOUGH`): the others have nothing to do, where before each ran the command again
+main process only (`one_process_enough`): the others have nothing to do, where before each ran the command again
 (two evaluate runs, two deploys into one folder, a second `artifacts delete` that found nothing).
 """
 

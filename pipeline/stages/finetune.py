@@ -29,10 +29,10 @@ from typing import Any
 from pipeline.basemodel import (BaseModel, check_architecture, check_base_weights, check_max_length, load_classifier,
                                 load_tokenizer, match_padding, resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
-from pipeline.launch import launched_processes
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (TERMINATED, ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed,
                              near_label, no_space_left, out_of_memory)
+from pipeline.launch import launched_processes
 from pipeline.registry.base import put_latest
 from pipeline.results import StageResult
 from pipeline.tracking import new_run_id, open_registry, tracked_run
