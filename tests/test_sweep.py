@@ -1147,3 +1147,22 @@ def test_an_online_trial_the_agent_stops_is_failed_leaves_nothing_and_the_agent_
         [run_dir] = Path(c.tracking.dir).glob(f"wandb/offline-run-*-{trial.run_id}")
         files = {p.name for p in (run_dir / "files").iterdir()}
         assert "output.log" not in files and "wandb-metadata.json" not in files, files
+
+
+def test_a_sweep_under_a_launcher_is_refused_before_it_starts(tmp_path):
+    """A sweep trains each trial in one process. Under torchrun (the environment it gives each process, here the main
+    one's) each process started a sweep of its own, and one ended in a traceback from their shared catalog."""
+    from tests.conftest import REPO, run_cli
+
+    data = tmp_path / "t.csv"
+    data.write_text("text,label\nhello,a\n", encoding="utf-8")
+    refused = run_cli("sweep", "--config", str(REPO / "configs" / "demo.yaml"), "--sweep",
+                      str(REPO / "configs" / "sweep.yaml"), "--count", "1", "--set", f"tracking.dir={tmp_path / 'track'}",
+                      "--set", f"dataset.source={data}", env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "error: a sweep trains each trial in one process, but a launcher (torchrun, accelerate launch, mpirun) started "
+        "this one as one of 2, each of which would run a sweep of its own: start it with `python -m pipeline sweep "
+        "...`. To run trials side by side, run an online sweep's agents side by side (`sweep --resume SWEEP_ID` in "
+        "each, one per GPU with CUDA_VISIBLE_DEVICES)")
+    assert not (tmp_path / "track").exists()

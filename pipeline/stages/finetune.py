@@ -827,6 +827,14 @@ def _check_finite(best: dict[str, float], final: dict[str, float]) -> None:
         final.update(dict.fromkeys(bad(final)))
 
 
+# How the tokenizer was loaded, which transformers keeps and save_pretrained writes into tokenizer_config.json:
+# local_files_only is true where the hub is offline (HF_HUB_OFFLINE=1), so the same training made two versions,
+# with and without it, and `reproduce` of one in the other's setting said "other files differ". Written as a load
+# from a folder with the hub online writes them (the base model is always a folder here), as every version had them
+# that was trained without the variable: theirs stay byte for byte.
+TOKENIZER_LOADED_AS = {"is_local": True, "local_files_only": False}
+
+
 def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan, shared: dict[str, Any],
                      num_rows: dict[str, int], metrics: dict[str, Any]) -> None:
     """The version's files; none depends on the run id, the clock or a path."""
@@ -836,6 +844,9 @@ def _write_model_dir(out: Path, trainer, tokenizer, config: Config, plan_: Plan,
     text_pair = "text_pair" in shared["validation_rows"]  # trained on sentence pairs
 
     trainer.model.save_pretrained(out)  # safetensors weights and config.json with id2label; no optimizer state
+    for key, value in TOKENIZER_LOADED_AS.items():
+        if key in tokenizer.init_kwargs:
+            tokenizer.init_kwargs[key] = value
     tokenizer.save_pretrained(out)
     weights = _weights_by_label(shared)
     # settings added since the first versions are written only when set, so a model trained as before has the
