@@ -95,6 +95,31 @@ def on_sigterm(handler) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """While inside (a run being closed), the first SIGINT or SIGTERM waits: it is noted in the list yielded, for the
+    caller to act on once out; a second one stops at once. A signal that came while W&B wrote a run's end interrupted
+    it, and W&B's exit hook then wrote a second end, exit 0, so that a killed run read as finished: accelerate launch
+    passes its SIGTERM on twice, 4 ms apart (the second came as the first closed the run), and so do two Ctrl-Cs.
+    In the main thread only, as `on_sigterm`."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got:
+            interrupt(signum, frame)
+        got.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def sigterm_as_interrupt():
     """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside, so that a stage ends
     as on Ctrl-C: its W&B run marked killed, a finetune's checkpoints kept, nothing half-published."""

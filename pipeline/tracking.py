@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError, sigterm_as_interrupt
+from pipeline.errors import ConfigError, interrupt, sigterm_as_interrupt, signals_deferred
 from pipeline.redact import redact
 
 if TYPE_CHECKING:
@@ -453,14 +453,17 @@ def tracked_run(
         status, exit_code = "killed", 130
         raise
     finally:
-        try:
-            registry.finish_run(run, status)
-        except Exception:
-            if status == "finished":
-                status, exit_code = "failed", 1  # the stage fails with this error; W&B must not say finished
-                raise
-            # The stage's own error is the one to report; this one would only hide it.
-            log.warning("run %s could not be recorded as %s in the registry", run.id, status, exc_info=True)
-        finally:
-            run.wandb_run.finish(exit_code=exit_code)
-            log.info("run %s (%s) %s", run.id, job_type, status)
+        with signals_deferred() as signalled:  # the run is closed whole: see `signals_deferred`
+            try:
+                registry.finish_run(run, status)
+            except Exception:
+                if status == "finished":
+                    status, exit_code = "failed", 1  # the stage fails with this error; W&B must not say finished
+                    raise
+                # The stage's own error is the one to report; this one would only hide it.
+                log.warning("run %s could not be recorded as %s in the registry", run.id, status, exc_info=True)
+            finally:
+                run.wandb_run.finish(exit_code=exit_code)
+                log.info("run %s (%s) %s", run.id, job_type, status)
+        if signalled and status == "finished":  # asked to stop as the run ended: the command stops (the next stage
+            interrupt(signalled[0], None)  # of `run` does not start); one that was ending anyway ends as it was

@@ -125,6 +125,40 @@ def test_sigterm_marks_run_killed_and_exits_nonzero(tmp_path):
     assert inspect_summary(Path(row["wandb_dir"]))["exit_code"] == 130
 
 
+_SIGNAL_AS_IT_CLOSES = """
+import os, signal, sys
+import wandb.sdk.wandb_run
+from pipeline.config import load_config
+from pipeline.tracking import tracked_run
+finish = wandb.sdk.wandb_run.Run.finish
+def finish_signalled(self, *args, **kwargs):  # SIGTERM again as W&B writes the run's end
+    os.kill(os.getpid(), signal.SIGTERM)
+    return finish(self, *args, **kwargs)
+wandb.sdk.wandb_run.Run.finish = finish_signalled
+cfg = load_config(None, ["dataset.name=d", "dataset.source=s", "model.name=m", "tracking.dir=" + sys.argv[1]])
+with tracked_run(cfg, "finetune") as run:
+    print(run.id, flush=True)
+    if sys.argv[2] == "stopped":
+        os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+@pytest.mark.parametrize("how", ["stopped", "ending"])
+def test_a_signal_while_the_run_closes_waits_for_it(tmp_path, how):
+    """accelerate launch passes its SIGTERM on twice, 4 ms apart, and so come two Ctrl-Cs: the second came as the
+    first closed the run, interrupted W&B as it wrote the run's end, and W&B's exit hook wrote a second end, exit 0,
+    so that the killed run read as finished (or, with SIGTERM's default action back, none at all). It waits for the
+    run to be closed now: a killed run ends killed; a run that was ending ends finished, and the command stops."""
+    track = tmp_path / "track"
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AS_IT_CLOSES, str(track), how], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "KeyboardInterrupt: signal 15" in done.stderr  # it stops, as asked
+    row = LocalRegistry(track / "registry").get_run(done.stdout.strip())
+    assert row["status"] == {"stopped": "killed", "ending": "finished"}[how]
+    ends = [r["exit"]["exit_code"] for r in inspect_records(Path(row["wandb_dir"])) if r.get("type") == "exit"]
+    assert ends == [{"stopped": 130, "ending": 0}[how]]
+
+
 def test_disabled_mode_still_records_lineage(make_config, tmp_path):
     cfg = make_config("tracking.mode=disabled")
     src = tmp_path / "f.txt"
