@@ -243,19 +243,17 @@ class CheckpointOnTerm(TrainerCallback):
         """The training ended for SIGTERM (here, or in another process at the same step)."""
         return self.signalled or self.stopping
 
-    # A SIGTERM this soon after the first is the same request: accelerate launch passes its own on twice, 4 ms apart,
-    # which stopped each process at once, its step's checkpoint unsaved. An operator's second one comes later.
-    REPEATED_WITHIN_S = 1.0
-
     def armed(self):
         import time
 
-        from pipeline.errors import interrupt, on_sigterm
+        from pipeline.errors import REPEATED_WITHIN_S, interrupt, on_sigterm
 
         def handler(signum, frame):
             now = time.monotonic()
             if self.signalled:
-                if now - self._first < self.REPEATED_WITHIN_S:
+                # the same request (accelerate launch passes its SIGTERM on twice, 4 ms apart, which stopped each
+                # process at once, its step's checkpoint unsaved); an operator's second one comes later
+                if now - self._first < REPEATED_WITHIN_S:
                     return
                 interrupt(signum, frame)  # asked again: do not wait for the step
             self.signalled, self._first = True, now

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import errno
+import math
 import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,8 +78,19 @@ _OUT_OF_MEMORY_WORDS = ("CUDA out of memory", "HIP out of memory", "MPS backend 
 TERMINATED = f"signal {int(signal.SIGTERM)}"  # the KeyboardInterrupt that SIGTERM becomes (`sigterm_as_interrupt`)
 
 
+# A signal this soon after the same one is the same request: accelerate launch passes its SIGTERM on twice, 4 ms
+# apart. Raised again, the second cut short what the first set going (a cleanup on the way out, a run being closed).
+REPEATED_WITHIN_S = 1.0
+_interrupted_at: dict[int, float] = {}
+
+
 def interrupt(signum, frame) -> None:
-    """A signal handler: the signal as the KeyboardInterrupt that ends a stage (`TERMINATED` for SIGTERM)."""
+    """A signal handler: the signal as the KeyboardInterrupt that ends a stage (`TERMINATED` for SIGTERM); the same
+    signal again within `REPEATED_WITHIN_S` of the one that raised is the same request, and passes."""
+    now = time.monotonic()
+    if now - _interrupted_at.get(signum, -math.inf) < REPEATED_WITHIN_S:
+        return
+    _interrupted_at[signum] = now
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -98,7 +111,7 @@ def on_sigterm(handler) -> Iterator[None]:
 @contextmanager
 def signals_deferred() -> Iterator[list[int]]:
     """While inside (a run being closed), the first SIGINT or SIGTERM waits: it is noted in the list yielded, for the
-    caller to act on once out; a second one stops at once. A signal that came while W&B wrote a run's end interrupted
+    caller to act on once out; a second one stops at once (unless it is the same request again: `interrupt`). A signal that came while W&B wrote a run's end interrupted
     it, and W&B's exit hook then wrote a second end, exit 0, so that a killed run read as finished: accelerate launch
     passes its SIGTERM on twice, 4 ms apart (the second came as the first closed the run), and so do two Ctrl-Cs.
     In the main thread only, as `on_sigterm`."""

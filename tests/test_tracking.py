@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry.local import LocalRegistry
 from pipeline.results import StageResult, write_json_atomic
 from pipeline.tracking import open_registry, resolve_mode, tracked_run
-from tests.conftest import REPO, inspect_records, inspect_summary
+from tests.conftest import REPO, inspect_records, inspect_summary, reg_runs
 
 
 def test_successful_run_reads_back(make_config, tmp_path):
@@ -157,6 +157,42 @@ def test_a_signal_while_the_run_closes_waits_for_it(tmp_path, how):
     assert row["status"] == {"stopped": "killed", "ending": "finished"}[how]
     ends = [r["exit"]["exit_code"] for r in inspect_records(Path(row["wandb_dir"])) if r.get("type") == "exit"]
     assert ends == [{"stopped": 130, "ending": 0}[how]]
+
+
+_TWICE_ON_THE_WAY_OUT = """
+import logging, os, signal, sys, threading, time
+from pipeline import cli
+from pipeline.stages import dataset_publish
+
+log_stats = dataset_publish._log_stats
+def stopped(*args, **kwargs):  # SIGTERM, and the same again 4 ms later, as accelerate launch passes its own on
+    try:
+        threading.Timer(0.004, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        time.sleep(0.05)  # a cleanup on the way out (a temporary folder removed, say)
+        logging.getLogger("pipeline").warning("cleaned up")
+dataset_publish._log_stats = stopped
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_the_same_sigterm_twice_does_not_cut_the_way_out_short(tmp_path):
+    """The second SIGTERM of accelerate launch's pair raised KeyboardInterrupt again, in whatever the first had set
+    going: here a cleanup that never finished. It is the same request within a second of the first, and passes."""
+    data = tmp_path / "t.csv"
+    data.write_text("ticket_id,text,label\n" + "".join(f"t{i},text number {i},{'ab'[i % 2]}\n" for i in range(40)),
+                    encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", _TWICE_ON_THE_WAY_OUT, "dataset-publish", "--config",
+                           str(REPO / "configs" / "demo.yaml"), "--set", "dataset.name=d",
+                           "--set", f"dataset.source={data}", "--set", "model.name=m", "--set",
+                           f"tracking.dir={tmp_path / 'track'}", "--result-json", str(tmp_path / "r.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "WARNING pipeline: cleaned up" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
+    assert [r["status"] for r in reg_runs(LocalRegistry(tmp_path / "track" / "registry"))] == ["killed"]
 
 
 def test_disabled_mode_still_records_lineage(make_config, tmp_path):
