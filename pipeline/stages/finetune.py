@@ -334,7 +334,7 @@ def trained_on(precision: str) -> dict[str, Any]:
     what `reproduce` compares with it (and trains with: the threads)."""
     import torch
 
-    return {"processes": _world_size(), **_hardware(precision), "threads": torch.get_num_threads()}
+    return {"processes": launched_processes(), **_hardware(precision), "threads": torch.get_num_threads()}
 
 
 def _hardware(precision: str) -> dict[str, str]:
@@ -744,7 +744,8 @@ def _build_trainer(config: Config, shared: dict[str, Any], run, extra_callbacks)
         hf_logging.set_verbosity(verbosity)
     match_padding(model, tokenizer)
     capture = EvalCapture(len(label_names))
-    callbacks = [PreferLowerLossOnTies(), *extra_callbacks]  # before early stopping, which reads the best metric
+    # before early stopping, which reads the best metric; None: no CheckpointOnTerm (`_checkpoint_on_term`)
+    callbacks = [PreferLowerLossOnTies(), *(c for c in extra_callbacks if c is not None)]
     if config.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
     if run is not None and config.train.misclassified_rows > 0:
@@ -1005,20 +1006,12 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
             trun.set_summary(**{"dataset": plan_.dataset_ref, "base_model": plan_.base.id,
                                 "data/tokenize_cache": details["tokenize_cache"],
                                 **{f"data/truncated_{s}": n for s, n in shared["truncated"].items()}})
-            # SIGTERM saves a checkpoint at the end of its step before the run stops (several processes agree on the
-            # step; not a sweep's trial, whose checkpoints go as it stops)
-            from pipeline.callbacks import CheckpointOnTerm
-
-            on_term = CheckpointOnTerm() if sweep is None else None
-            trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run,
-                                                (*callbacks, on_term) if on_term else callbacks)
+            on_term = _checkpoint_on_term(sweep)
+            trainer, tokenizer = _build_trainer(config, shared, trun.wandb_run, (*callbacks, on_term))
             if trun.wandb_run is not None:
                 _define_summaries(trun.wandb_run)
             try:
-                with on_term.armed() if on_term else contextlib.nullcontext():
-                    output = trainer.train(resume_from_checkpoint=shared["resume_from"])
-                if on_term is not None and on_term.stopped:
-                    raise KeyboardInterrupt(TERMINATED)  # stopped as SIGTERM stops a stage, its checkpoint saved
+                output = _train(trainer, shared["resume_from"], on_term)
             except BaseException as e:
                 _close_progress_bars(trainer)
                 full = isinstance(e, Exception) and no_space_left(e, plan_.output_dir)  # torch.save does not say so itself
@@ -1099,7 +1092,7 @@ def input_signature(config: Config, plan_: Plan, code: dict[str, Any], packages:
         "train": now["train"],
         "code": provenance.code_identity(code),
         "packages": {p: packages.get(p) for p in REUSE_PACKAGES},
-        "processes": _world_size(),
+        "processes": launched_processes(),
         # train.precision=auto is bf16 or fp16 on a GPU and fp32 on the CPU: what it became is the input
         "mixed_precision": _mixed_precision(config.train.precision),
     }
@@ -1213,24 +1206,36 @@ def _keep(dest: Path, trainer, tokenizer, config, plan_, shared, details, metric
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def _checkpoint_on_term(sweep: str | None):
+    """The `CheckpointOnTerm` of a training: SIGTERM saves a checkpoint at the end of its step, then stops it. Every
+    process of several has one (they agree on the step, and each waits for the others' votes), or none does: not a
+    sweep's trial, whose checkpoints go as it stops."""
+    if sweep is not None:
+        return None
+    from pipeline.callbacks import CheckpointOnTerm
+
+    return CheckpointOnTerm()
+
+
+def _train(trainer, resume_from: str | None, on_term):
+    """``trainer.train``, `on_term` armed; stopped by SIGTERM (its step's checkpoint saved), it ends as SIGTERM ends a
+    stage: KeyboardInterrupt(TERMINATED)."""
+    with on_term.armed() if on_term is not None else contextlib.nullcontext():
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    if on_term is not None and on_term.stopped:
+        raise KeyboardInterrupt(TERMINATED)
+    return output
 
 
 def _follow(config: Config, state, callbacks, sweep: str | None) -> StageResult:
-    """A non-main process: wait for the main one to prepare, then train alongside it (and stop with it for SIGTERM,
-    as `run`: each has a `CheckpointOnTerm` or none does, or their votes would wait for each other)."""
+    """A non-main process: wait for the main one to prepare, then train alongside it (and stop with it for SIGTERM:
+    `_checkpoint_on_term`)."""
     shared = _share(state, None)
     if "error" in shared:
         raise PipelineError(f"the main process stopped before training: {shared['error']}")
     if "reused" in shared:
         return StageResult(stage=STAGE, status="unchanged", produced=[shared["reused"]], details={"process": state.process_index})
-    from pipeline.callbacks import CheckpointOnTerm
-
-    on_term = CheckpointOnTerm() if sweep is None else None
-    trainer, _ = _build_trainer(config, shared, None, (*callbacks, on_term) if on_term else callbacks)
-    with on_term.armed() if on_term else contextlib.nullcontext():
-        trainer.train(resume_from_checkpoint=shared["resume_from"])
-    if on_term is not None and on_term.stopped:
-        raise KeyboardInterrupt(TERMINATED)  # the step's checkpoint saved, with the main process
+    on_term = _checkpoint_on_term(sweep)
+    trainer, _ = _build_trainer(config, shared, None, (*callbacks, on_term))
+    _train(trainer, shared["resume_from"], on_term)
     return StageResult(stage=STAGE, status="ok", run_id=shared["run_id"], details={"process": state.process_index})
