@@ -234,7 +234,6 @@ class CheckpointOnTerm(TrainerCallback):
 
     def __init__(self):
         self.signalled = False  # this process got SIGTERM
-        self._first = 0.0  # when (time.monotonic)
         self.stopping = False  # the training stops for it: every process agreed at a step's end
         self._vote_on = None  # the device the processes vote on, with several
 
@@ -244,19 +243,14 @@ class CheckpointOnTerm(TrainerCallback):
         return self.signalled or self.stopping
 
     def armed(self):
-        import time
-
-        from pipeline.errors import REPEATED_WITHIN_S, interrupt, on_sigterm
+        from pipeline.errors import interrupt, on_sigterm, repeated
 
         def handler(signum, frame):
-            now = time.monotonic()
-            if self.signalled:
-                # the same request (accelerate launch passes its SIGTERM on twice, 4 ms apart, which stopped each
-                # process at once, its step's checkpoint unsaved); an operator's second one comes later
-                if now - self._first < REPEATED_WITHIN_S:
-                    return
-                interrupt(signum, frame)  # asked again: do not wait for the step
-            self.signalled, self._first = True, now
+            if self.signalled:  # asked again: stop at once, unless it repeats the first (accelerate launch passes
+                interrupt(signum, frame)  # its SIGTERM on twice, 4 ms apart: the step's checkpoint went unsaved)
+                return
+            repeated(signum)  # the first: the window of its repeats counts from here
+            self.signalled = True
             log.warning("SIGTERM: the training saves a checkpoint at the end of this step and stops (SIGTERM again, a "
                         "second or more later, stops at once)")
 

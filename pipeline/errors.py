@@ -81,17 +81,28 @@ TERMINATED = f"signal {int(signal.SIGTERM)}"  # the KeyboardInterrupt that SIGTE
 # A signal this soon after the same one is the same request: accelerate launch passes its SIGTERM on twice, 4 ms
 # apart. Raised again, the second cut short what the first set going (a cleanup on the way out, a run being closed).
 REPEATED_WITHIN_S = 1.0
-_interrupted_at: dict[int, float] = {}
+_requested_at: dict[int, float] = {}
+
+
+def repeated(signum: int) -> bool:
+    """Whether `signum` is the same request as the one before it (within `REPEATED_WITHIN_S`); when not, the window
+    counts from now. Every handler of the pipeline's asks it first."""
+    now = time.monotonic()
+    if now - _requested_at.get(signum, -math.inf) < REPEATED_WITHIN_S:
+        return True
+    _requested_at[signum] = now
+    return False
+
+
+def as_interrupt(signum: int) -> KeyboardInterrupt:
+    """The KeyboardInterrupt that ends a stage for a signal (`TERMINATED` for SIGTERM)."""
+    return KeyboardInterrupt(f"signal {signum}")
 
 
 def interrupt(signum, frame) -> None:
-    """A signal handler: the signal as the KeyboardInterrupt that ends a stage (`TERMINATED` for SIGTERM); the same
-    signal again within `REPEATED_WITHIN_S` of the one that raised is the same request, and passes."""
-    now = time.monotonic()
-    if now - _interrupted_at.get(signum, -math.inf) < REPEATED_WITHIN_S:
-        return
-    _interrupted_at[signum] = now
-    raise KeyboardInterrupt(f"signal {signum}")
+    """A signal handler: the signal as the KeyboardInterrupt that ends a stage, unless it repeats the one before."""
+    if not repeated(signum):
+        raise as_interrupt(signum)
 
 
 @contextmanager
@@ -111,18 +122,20 @@ def on_sigterm(handler) -> Iterator[None]:
 @contextmanager
 def signals_deferred() -> Iterator[list[int]]:
     """While inside (a run being closed), the first SIGINT or SIGTERM waits: it is noted in the list yielded, for the
-    caller to act on once out; a second one stops at once (unless it is the same request again: `interrupt`). A signal that came while W&B wrote a run's end interrupted
-    it, and W&B's exit hook then wrote a second end, exit 0, so that a killed run read as finished: accelerate launch
-    passes its SIGTERM on twice, 4 ms apart (the second came as the first closed the run), and so do two Ctrl-Cs.
-    In the main thread only, as `on_sigterm`."""
+    caller to act on once out; a second one stops at once, unless it repeats the one before (`repeated`). A signal
+    that came while W&B wrote a run's end interrupted it, and W&B's exit hook then wrote a second end, exit 0, so that
+    a killed run read as finished: accelerate launch passes its SIGTERM on twice, 4 ms apart (the second came as the
+    first closed the run), and so do two Ctrl-Cs. In the main thread only, as `on_sigterm`."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got
         return
 
     def handler(signum, frame):
+        if repeated(signum):
+            return
         if got:
-            interrupt(signum, frame)
+            raise as_interrupt(signum)
         got.append(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -32,14 +32,19 @@ def cannot_write(folder: str, make: bool = True) -> str | None:
         return e.strerror or type(e).__name__
 
 
+def xdg_folder(var: str, fallback: str) -> str:
+    """An XDG base folder (``XDG_CACHE_HOME``, ``XDG_DATA_HOME``) as platformdirs reads it on Linux: the variable,
+    else `fallback` in the home folder."""
+    return os.environ.get(var, "").strip() or os.path.expanduser(fallback)
+
+
 def hf_modules_where_writable() -> str | None:
     """Point ``HF_MODULES_CACHE`` at a temporary folder (removed as the process ends) when its default, in the home
     folder, cannot be written and the user has not set it; the folder, or None. Before transformers is imported: it
     reads the variable once. The copies there are made again each time a model is loaded, so none is lost."""
     if os.environ.get("HF_MODULES_CACHE"):
         return None
-    hf_home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    hf_home = os.environ.get("HF_HOME") or os.path.join(xdg_folder("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     if cannot_write(os.path.join(os.path.expanduser(hf_home), "modules"), make=False) is None:
         return None
     folder = tempfile.mkdtemp(prefix="hf-modules-")

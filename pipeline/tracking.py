@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError, interrupt, sigterm_as_interrupt, signals_deferred
+from pipeline.errors import ConfigError, as_interrupt, sigterm_as_interrupt, signals_deferred
 from pipeline.redact import redact
 
 if TYPE_CHECKING:
@@ -130,9 +130,10 @@ def _wandb_default(kind: str) -> str:
     """The folder W&B takes by default (platformdirs' `user_data_dir` or `user_cache_dir` of "wandb"); on Linux read
     from the XDG variables as platformdirs reads them, without its import (8 ms of every stage's start)."""
     if sys.platform.startswith("linux"):
-        var, fallback = {"user_data_dir": ("XDG_DATA_HOME", "~/.local/share"),
-                         "user_cache_dir": ("XDG_CACHE_HOME", "~/.cache")}[kind]
-        return os.path.join(os.environ.get(var, "").strip() or os.path.expanduser(fallback), "wandb")
+        from pipeline.homes import xdg_folder
+
+        return os.path.join(xdg_folder(*{"user_data_dir": ("XDG_DATA_HOME", "~/.local/share"),
+                                          "user_cache_dir": ("XDG_CACHE_HOME", "~/.cache")}[kind]), "wandb")
     import platformdirs  # W&B's own dependency
 
     return getattr(platformdirs, kind)("wandb")
@@ -466,4 +467,4 @@ def tracked_run(
                 run.wandb_run.finish(exit_code=exit_code)
                 log.info("run %s (%s) %s", run.id, job_type, status)
         if signalled and status == "finished":  # asked to stop as the run ended: the command stops (the next stage
-            interrupt(signalled[0], None)  # of `run` does not start); one that was ending anyway ends as it was
+            raise as_interrupt(signalled[0])  # of `run` does not start); one that was ending anyway ends as it was
