@@ -38,6 +38,11 @@ def process_rank() -> int:
     return 0
 
 
+def is_follower() -> bool:
+    """One of several processes, and not the main one: it only trains, alongside the main process."""
+    return launched_processes() > 1 and process_rank() > 0
+
+
 def one_process_enough(command: str) -> bool:
     """Whether `command` runs in the main process only, and this is another one of several: it has nothing to do."""
-    return command not in TRAINING_COMMANDS and process_rank() > 0
+    return command not in TRAINING_COMMANDS and is_follower()

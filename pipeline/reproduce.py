@@ -69,6 +69,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     recorded config alone does not run the code in its base model's folder."""
     from pipeline.basemodel import resolve_base_model
     from pipeline.provenance import code_identity, code_version, package_versions
+    from pipeline.launch import is_follower
     from pipeline.stages import finetune
 
     if isinstance(config, Config):
@@ -135,7 +136,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
     diff = config_diff(meta["config"], cfg.to_dict())
     # Under torchrun (a model trained by several processes is rebuilt by as many) the others only train, with the main
     # process, which says what differs, compares and records; they failed on the version they do not publish before.
-    follower = finetune.is_follower()
+    follower = is_follower()
     for w in warnings if not follower else ():
         log.warning(w)
 

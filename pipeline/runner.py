@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.launch import is_follower
 from pipeline.results import StageResult, failed
 from pipeline.tracking import new_run_id, open_registry, runs_opened
 
@@ -51,7 +52,7 @@ def run_all(config: Config, *, group: str | None = None, on_stage: Callable[[Sta
     if result is None:
         result = PipelineResult(group=group or config.tracking.group or f"pipeline-{new_run_id()}")
     group = result.group
-    if finetune.is_follower():  # under torchrun: the main process publishes, evaluates and deploys; this one trains
+    if is_follower():  # under torchrun: the main process publishes, evaluates and deploys; this one trains
         return _follow(config, result, reuse=reuse, resume=resume)
 
     def step(name: str, fn, **kwargs) -> StageResult:

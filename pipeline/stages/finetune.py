@@ -572,11 +572,6 @@ def _launched_alone() -> bool:
     return launched_processes() <= 1
 
 
-def is_follower() -> bool:
-    """One of several processes, and not the main one: it only trains, alongside the main process (`_follow`)."""
-    return not _launched_alone() and not _process_state().is_main_process
-
-
 def stop_followers(reason: str) -> None:
     """The main process of several, stopped before `run` (`pipeline run`'s dataset-publish failed, say): the others
     wait in `_follow` for what to train, and stop with `reason` instead of waiting on."""
