@@ -2,13 +2,15 @@
 
 Everything here works on Arrow tables (pyarrow's multithreaded readers and vectorised
 compute), so a million-row CSV is read, checked and split without a Python loop per row on
-the happy path. Row numbers in messages are 1-based data rows (the CSV header excluded).
+the happy path. Row numbers in messages are 1-based data rows (the CSV header excluded), with the line a row starts
+on where that is not where the row's number puts it (`RowLines`).
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import csv as pycsv  # Arrow's reader is `csv` where it is imported
 import glob
 import io
 import itertools
@@ -108,6 +110,7 @@ class Problem:
     detail: str = ""
     count: int = 0  # rows with this problem in all
     notes: list[str] = field(default_factory=list)  # for each of `rows`, what the row is in conflict with (or none)
+    lines: list[int | None] = field(default_factory=list)  # for each of `rows`, its line where not row + 1 (`RowLines`)
 
 
 @dataclass
@@ -221,9 +224,8 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
         if kind in ("csv", "tsv"):
             from pyarrow import csv
 
-            delimiter = fmt.delimiter or ("\t" if kind == "tsv" else ",")
+            encoding, delimiter, skip, first = _csv_layout(path, fmt, kind)
             parse = fmt.parse_options(delimiter)
-            encoding = _wide_encoding(path) or fmt.encoding  # Excel's "Unicode Text" export is UTF-16
             if encoding == fmt.encoding and (utf8 := _utf8_text(path, encoding)):
                 log.warning("%s: %s is %s, but the file's non-ASCII text is valid UTF-8 (%r); read as %s, it becomes "
                             "%r. Leave %s out if the file is UTF-8", path, fmt.setting("encoding"), encoding, utf8,
@@ -237,14 +239,6 @@ def _read_one(path: Path, cols: Columns, fmt: CsvFormat = CsvFormat(), from_fold
             # into nulls, reported as empty when the file holds a value.
             convert = csv.ConvertOptions(include_columns=cols.required, column_types=as_written, null_values=[""],
                                          strings_can_be_null=True, quoted_strings_can_be_null=False)
-            first, skip = _first_line(path, encoding), 0
-            if (said := _excel_separator(first)) is not None:  # Excel's `sep=;` line: the separator, then the header
-                if fmt.delimiter and fmt.delimiter != said:
-                    raise DataError(f"{path}: its first line, {first.strip()!r}, says the fields are separated by "
-                                    f"{said!r}, but {fmt.setting('delimiter')} is {fmt.delimiter!r}")
-                delimiter, skip = said, 1
-                parse = fmt.parse_options(delimiter)
-                first = _first_line(path, encoding, skip=1)
             # A first line without the delimiter is one column, so the configured columns cannot all be there.
             if (seen := _other_delimiter(first, delimiter)) is not None:
                 raise DataError(f"{path}: the first line has no {delimiter!r}, but it has {seen!r}: "
@@ -516,6 +510,20 @@ def _utf8_text(path: Path, encoding: str, sample: int = 1 << 20) -> str | None:
     return next(word for word in re.split(r"[\s,;\t\"]+", text) if not word.isascii())[:40]
 
 
+def _csv_layout(path: Path, fmt: CsvFormat, kind: str) -> tuple[str, str, int, str | None]:
+    """How a CSV/TSV file is read: its encoding, its delimiter, the lines before its header (Excel's ``sep=;`` line,
+    which names the separator) and the header's line (`_first_line`)."""
+    encoding = _wide_encoding(path) or fmt.encoding  # Excel's "Unicode Text" export is UTF-16
+    delimiter = fmt.delimiter or ("\t" if kind == "tsv" else ",")
+    first = _first_line(path, encoding)
+    if (said := _excel_separator(first)) is None:
+        return encoding, delimiter, 0, first
+    if fmt.delimiter and fmt.delimiter != said:
+        raise DataError(f"{path}: its first line, {first.strip()!r}, says the fields are separated by "
+                        f"{said!r}, but {fmt.setting('delimiter')} is {fmt.delimiter!r}")
+    return encoding, said, 1, _first_line(path, encoding, skip=1)
+
+
 def _wide_encoding(path: Path) -> str | None:
     """``utf-16`` or ``utf-32`` when the file starts with that byte-order mark, else None."""
     try:
@@ -546,9 +554,12 @@ def _warn_of_backslash_quotes(table: pa.Table, path: Path, cols: Columns, fmt: C
         first = pc.index(found, arrow.scalar(True)).as_py()  # a Python True would import pandas (0.5 s)
         text = table.column(c)[first].as_py().decode(fmt.encoding, errors="replace")
         at = text.find(BACKSLASH_QUOTE)
-        log.warning("%s row %d: column %r holds a backslash before a quote (%r; %d rows do): if the file escapes quotes "
+        lines, header = csv_row_lines(path, fmt, table.column(c), c), 0 if fmt.column_names else 1
+        line = None if lines is None or lines[first] == first + 1 + header else int(lines[first])
+        log.warning("%s %s: column %r holds a backslash before a quote (%r; %d rows do): if the file escapes quotes "
                     "with a backslash, as Spark writes CSV, set %s (read without it, a quote after a backslash ends the "
-                    "quoted text, and the rest runs on with its quotes as they are)", path, first + 1, c,
+                    "quoted text, and the rest runs on with its quotes as they are)", path,
+                    row_place(first + 1, line), c,
                     text[max(0, at - 30):at + 30], pc.sum(found).as_py(), fmt.setting("escape_char", "\\"))
 
 
@@ -658,9 +669,149 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
         if not escaped and fmt and fmt.quoting and re.search(f'(^|{re.escape(parse.delimiter)})"', row.text):
             escaped = (f"; a field of it starts with a quote: if the file does not quote its fields, as GLUE's TSV files "
                        f"and Unix tools write them, set {fmt.setting('quoting')}")
-        return DataError(f"{path} row {row.number - header_rows}: expected {row.expected_columns} fields, found "
+        number = row.number - header_rows
+        return DataError(f"{path} {row_place(number, _line_of_error(path, fmt, number, row.text) if fmt else None)}: expected {row.expected_columns} fields, found "
                          f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}{shown}{escaped}")
     return DataError(f"{path}: cannot read as {kind}: {error}")
+
+
+def _record_lines(path: Path, fmt: CsvFormat, upto: int | None = None,
+                  column: str | None = None) -> tuple[list[int], int, list[str]]:
+    """Where each record of a CSV/TSV file starts (its 1-based line, as editors number lines: a quoted text may hold
+    line breaks, and blank lines are no record), header included, up to the first `upto` data rows; how many
+    records come before the data rows (the header, after Excel's ``sep=;`` line); and each data row's field of
+    `column`. Python's csv reader, in the dialect Arrow is given: a second reading, for the rows a report names."""
+    kind = SUFFIXES[format_suffix(path)]
+    encoding, delimiter, skip, _ = _csv_layout(path, fmt, kind)
+    before = skip + (0 if fmt.column_names else 1)
+    names = list(fmt.column_names or ())
+    limit = pycsv.field_size_limit()
+    pycsv.field_size_limit(sys.maxsize)  # a row may be megabytes long (a pasted log), past csv's 128 KiB
+    starts: list[int] = []
+    values: list[str] = []
+    at = -1
+    try:
+        with io.TextIOWrapper(_open(path), encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding,
+                              errors="replace", newline="") as text:
+            reader = pycsv.reader(text, delimiter=delimiter, quotechar='"', escapechar=fmt.escape_char, doublequote=True,
+                                  quoting=pycsv.QUOTE_MINIMAL if fmt.quoting else pycsv.QUOTE_NONE, strict=False)
+            line = 0
+            for record in reader:
+                if record:  # a blank line is no row, to Arrow either
+                    starts.append(line + 1)
+                    if len(starts) == before and not names:
+                        names = record
+                    if len(starts) > before and column is not None:
+                        if at < 0:
+                            at = names.index(column) if column in names else len(names)
+                        values.append(record[at] if at < len(record) else "")
+                    if upto is not None and len(starts) >= before + upto:
+                        break
+                line = reader.line_num
+    finally:
+        pycsv.field_size_limit(limit)
+    return starts, before, values
+
+
+def csv_row_lines(path: Path, fmt: CsvFormat, texts: pa.ChunkedArray | pa.Array, column: str) -> np.ndarray | None:
+    """Per data row of a CSV/TSV file, the line it starts on, where that is not ``row + 1`` (``row`` without a header
+    row): a quoted text over several lines, blank lines between rows, Excel's ``sep=`` line. `texts` are the file's
+    `column` as Arrow read it (as binary). None when each row is its own line after the header, or when Python's
+    reading splits the rows otherwise than Arrow's did (malformed quoting, which the two mend differently): a report
+    then says the row alone, rather than a line that may be wrong."""
+    rows, header = len(texts), 0 if fmt.column_names else 1
+    try:
+        if _wide_encoding(path) is None and _line_breaks(path) == rows + header:  # a line per row, no blank line
+            return None
+        starts, before, values = _record_lines(path, fmt, column=column)
+    except (OSError, ValueError, DataError, pa.ArrowException, pycsv.Error) as e:  # the report stands without it
+        log.debug("%s: rows not matched to lines: %s", path, e)
+        return None
+    if len(starts) - before != rows:
+        return None
+    read = [b"" if v is None else v for v in pc.cast(texts, pa.binary()).to_pylist()]
+    if any(a.decode("utf-8", "replace") != b for a, b in zip(read, values)):  # Arrow's text is UTF-8 (transcoded)
+        return None
+    lines = np.asarray(starts[before:], dtype=np.int64)
+    return None if np.array_equal(lines, np.arange(1 + header, rows + 1 + header)) else lines
+
+
+def _line_of_error(path: Path, fmt: CsvFormat, row: int, text: str) -> int | None:
+    """The line data row `row` of a CSV/TSV file that Arrow could not parse starts on, where that is not ``row + 1``;
+    None when that line is not where Arrow's `text` of the row starts (the readers disagree) or the file is unread."""
+    try:
+        starts, before, _ = _record_lines(path, fmt, upto=row)
+        if len(starts) < before + row or starts[before + row - 1] == row + (0 if fmt.column_names else 1):
+            return None
+        line = starts[before + row - 1]
+        encoding = _csv_layout(path, fmt, SUFFIXES[format_suffix(path)])[0]
+        with io.TextIOWrapper(_open(path), encoding=encoding, errors="replace", newline="") as f:
+            found = next(itertools.islice(f, line - 1, None), "")
+    except (OSError, ValueError, DataError, pa.ArrowException, pycsv.Error) as e:
+        log.debug("%s: row %d not matched to a line: %s", path, row, e)
+        return None
+    first = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    return line if found.rstrip("\r\n").removeprefix("\ufeff") == first else None
+
+
+def _line_breaks(path: Path) -> int:
+    """How many lines a text file has: its line breaks, and a last line without one."""
+    breaks, last = 0, b"\n"
+    with _open(path) as f:
+        while chunk := f.read(1 << 24):
+            breaks, last = breaks + chunk.count(b"\n"), chunk[-1:]
+    return breaks + (last != b"\n")
+
+
+def jsonl_row_lines(path: Path, rows: int) -> np.ndarray | None:
+    """Per row of a JSON Lines file of `rows` rows, its line, where that is not the row's number (blank lines
+    between rows); None when each row is its line, or the file's non-blank lines are not `rows`."""
+    try:
+        if _line_breaks(path) == rows:
+            return None
+        with _open(path) as f:
+            lines = np.asarray([number for number, line in enumerate(f, 1) if line.strip()], dtype=np.int64)
+    except (OSError, pa.ArrowException) as e:
+        log.debug("%s: rows not matched to lines: %s", path, e)
+        return None
+    return None if len(lines) != rows or np.array_equal(lines, np.arange(1, rows + 1)) else lines
+
+
+class RowLines:
+    """For reports: ``row N``, and ``row N, line M`` where a CSV/TSV file's row N is not on line N + 1 (`csv_row_lines`;
+    N without a header row), or a JSON Lines file's not on line N (`jsonl_row_lines`). `files` maps the names reports give files (``_file``) to
+    the files read; `table` holds their rows as read (with ``_file``, and `column` as binary). A file is read again
+    only when a report first names one of its rows."""
+
+    def __init__(self, files: dict[str, Path], fmt: CsvFormat, table: pa.Table, column: str):
+        self._files, self._fmt, self._table, self._column = files, fmt, table, column
+        self._lines: dict[str, tuple[np.ndarray, int] | None] = {}  # per file: each row's line, a row's line unmoved
+
+    def line(self, file: str, row: int) -> int | None:
+        if file not in self._lines:
+            path = self._files.get(file)
+            kind = SUFFIXES.get(format_suffix(path)) if path is not None else None
+            mine = lambda: pc.equal(pc.cast(self._table.column("_file"), pa.string()), arrow.scalar(file))  # noqa: E731
+            if kind in ("csv", "tsv"):
+                lines = csv_row_lines(path, self._fmt, self._table.column(self._column).filter(mine()), self._column)
+                self._lines[file] = None if lines is None else (lines, 0 if self._fmt.column_names else 1)
+            elif kind == "jsonl" or kind == "json" and _json_lines_within(path):
+                lines = jsonl_row_lines(path, pc.sum(mine()).as_py() or 0)
+                self._lines[file] = None if lines is None else (lines, 0)
+            else:
+                self._lines[file] = None
+        if (found := self._lines[file]) is None or not 0 < row <= len(found[0]):
+            return None
+        line = int(found[0][row - 1])
+        return None if line == row + found[1] else line  # a row on its own line is named as before
+
+    def __call__(self, file: str, row: int) -> str:
+        return row_place(row, self.line(file, row))
+
+
+def row_place(row: int, line: int | None) -> str:
+    """``row 30``, or ``row 30, line 59``."""
+    return f"row {row}" if line is None else f"row {row}, line {line}"
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -1294,10 +1445,11 @@ def _distinct_per_group(groups: np.ndarray, values: np.ndarray, n_groups: int, n
 
 
 def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int | None = None,
-             labels: list[str] | None = None) -> Validated:
+             labels: list[str] | None = None, line: Callable[[str, int], int | None] | None = None) -> Validated:
     """Find every problem, one reason per row (the first found). Vectorised: no loop per row.
 
-    With `labels` (``dataset.labels``), a row whose label is not one of them is an ``unknown_label``.
+    With `labels` (``dataset.labels``), a row whose label is not one of them is an ``unknown_label``. `line` gives
+    the line a row shown in a report starts on, where that is not row + 1 (`RowLines.line`).
 
     With `split_seed`, each clean row's `split_order` rank comes back too (`Validated.order`): it is
     computed from the texts as compared while the other core encodes them.
@@ -1308,6 +1460,7 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
     reason = np.zeros(n, dtype=np.int8)  # 0: valid; k: problems[k - 1]
     kinds: list[str] = []
     problems: list[Problem] = []
+    line = line or (lambda file, row: None)
 
     def flag(kind: str, mask: np.ndarray, detail: str = "",
              notes: Callable[[np.ndarray], list[str]] | None = None) -> None:
@@ -1318,13 +1471,15 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
             kinds.append(kind)
             reason[idx] = len(kinds)
             where = files.take(arrow.from_numpy(idx[:SHOW])).to_pylist()
-            problems.append(Problem(kind, [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])], detail, len(idx),
-                                    notes(idx[:SHOW]) if notes else []))
+            shown = [(f, int(rows[i])) for f, i in zip(where, idx[:SHOW])]
+            problems.append(Problem(kind, shown, detail, len(idx), notes(idx[:SHOW]) if notes else [],
+                                    [line(f, r) for f, r in shown]))
 
-    def row_name(i: int, beside: int) -> str:
-        """Row `i` as seen from row `beside`: its number, and its file when that is another one."""
-        file = files[int(i)].as_py()
-        return f"row {int(rows[i])}" if file == files[int(beside)].as_py() else f"{file} row {int(rows[i])}"
+    def row_name(i: int, beside: int | None = None) -> str:
+        """Row `i` as seen from row `beside`: its number (and line), and its file when that is another one."""
+        file, row = files[int(i)].as_py(), int(rows[i])
+        place = row_place(row, line(file, row))
+        return place if beside is not None and file == files[int(beside)].as_py() else f"{file} {place}"
 
     ids = blank_as_missing(pc.cast(table.column(cols.id), pa.string())) if cols.id else None
     decoded = {}
@@ -1457,9 +1612,8 @@ def validate(table: pa.Table, cols: Columns, min_per_class: int, split_seed: int
         texts=text_codes[keep],
         order=order[keep] if order is not None else None,
         mixed_label_copies=len(mixed_idx),
-        mixed_label_examples=[f"{f} row {int(rows[i])} ({other_label(i, mixed_idx, text_codes[mixed_idx], text_codes[i])})"
-                              for f, i in zip(files.take(arrow.from_numpy(mixed_idx[:SHOW])).to_pylist(),
-                                              mixed_idx[:SHOW].tolist())],
+        mixed_label_examples=[f"{row_name(i)} ({other_label(i, mixed_idx, text_codes[mixed_idx], text_codes[i])})"
+                              for i in mixed_idx[:SHOW].tolist()],
     )
 
 
@@ -1549,7 +1703,8 @@ def format_problems(problems: list[Problem], source: str, dropped: bool = False)
              f"dataset validation failed for {source}: {total} invalid row(s)"]
     for p in problems:
         notes = [f" ({note})" for note in p.notes] or [""] * len(p.rows)
-        shown = "; ".join(f"{f} row {r}{note}" for (f, r), note in zip(p.rows[:SHOW], notes))
+        at = p.lines or [None] * len(p.rows)
+        shown = "; ".join(f"{f} {row_place(r, line)}{note}" for (f, r), line, note in zip(p.rows[:SHOW], at, notes))
         more = f"; ... and {p.count - SHOW} more" if p.count > SHOW else ""
         lines.append(f"  {p.kind} ({p.count} rows, {p.detail}): {shown}{more}")
     lines.append(f"they are counted in the version's metadata (dropped) and listed in the run's data/dropped_rows table "

@@ -963,6 +963,71 @@ def test_each_validation_failure_is_reported_with_file_and_row(tmp_path, cfg_for
     assert registry_of(cfg).list_versions() == []
 
 
+def test_rows_over_several_lines_are_named_with_the_line_they_start_on(tmp_path, cfg_for, caplog):
+    """A row is a record: a quoted text over several lines (a support ticket's body) or a blank line put the rows of a
+    file below the lines an editor shows ("row 30" was line 59). Where a row is not on line row + 1 (CSV, TSV) or
+    line row (JSON Lines), the report names its line too, as Python's csv reader finds the line the record starts
+    on; a file the two readers split differently (malformed quoting, which each mends its own way) keeps the row
+    alone rather than a line that may be wrong."""
+    records = _bad_rows()
+    records[0]["text"] = "my invoice\nis wrong\nplease fix it"   # data row 1: lines 2-4
+    tall = tmp_path / "tall.csv"
+    write_rows(tall, records)
+    body = tall.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert body[4].startswith(records[1]["id"])  # data row 2 is line 5
+    body.insert(7, "\r\n")                        # a blank line before data row 5 (line 8): rows 5 on start a line later
+    tall.write_text("".join(body), encoding="utf-8", newline="")
+    with pytest.raises(DataError) as e:
+        dataset_publish.prepare(cfg_for(tall))
+    msg = str(e.value)
+    assert f"{tall} row 2, line 5" in msg.split("empty_text")[1].split("\n")[0]
+    assert f"{tall} row 3, line 6" in msg.split("null_label")[1].split("\n")[0]
+    assert (f"{tall} row 5, line 9 (id {records[3]['id']!r}, first on row 4, line 7)"
+            in msg.split("duplicate_id")[1].split("\n")[0])
+    assert (f"{tall} row 22, line 26 (label {records[21]['label']!r}; row 6, line 10 has {records[5]['label']!r})"
+            in msg.split("conflicting_label")[1].split("\n")[0])
+    lines = tall.read_text(encoding="utf-8").splitlines()
+    assert lines[4].startswith(records[1]["id"]) and lines[8].startswith(records[4]["id"])  # what the editor shows
+    assert lines[25].startswith(records[21]["id"]) and lines[6].startswith(records[3]["id"])
+
+    # each row on its line after the header: the row alone, as before
+    plain = write_rows(tmp_path / "plain.csv", _bad_rows())
+    with pytest.raises(DataError, match=r"row 5 \(id 'billing-3', first on row 4\)"):
+        dataset_publish.prepare(cfg_for(plain))
+
+    # a row the parser refuses, below a text over several lines
+    with open(tall, "a", encoding="utf-8", newline="") as f:
+        f.write("r-x,one field too many,billing,extra\r\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tall))} row {len(records) + 1}, line {len(records) + 5}: "
+                                        "expected 3 fields, found 4"):
+        dataset_publish.prepare(cfg_for(tall))
+
+    # a warning names the line too (a text with a backslash before a quote, on data row 3)
+    warned = [dict(r) for r in rows()]
+    warned[0]["text"] = "line one\nline two"
+    warned[2]["text"] = 'a pasted {\\"json\\": 1} blob'
+    write_rows(tmp_path / "warned.csv", warned)
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        dataset_publish.prepare(cfg_for(tmp_path / "warned.csv"))
+    assert "warned.csv row 3, line 5: column 'text' holds a backslash before a quote" in caplog.text
+
+    # JSON Lines: a blank line moves the rows below it off their line numbers
+    jsonl = tmp_path / "tall.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" + ("\n" if i == 2 else "") for i, r in enumerate(_bad_rows())))
+    with pytest.raises(DataError) as e:
+        dataset_publish.prepare(cfg_for(jsonl))
+    msg = str(e.value)
+    assert f"{jsonl} row 2\n" in msg  # above the blank line: on its line, named as before
+    assert f"{jsonl} row 5, line 6 (id 'billing-3', first on row 4, line 5)" in msg.split("duplicate_id")[1].split("\n")[0]
+
+    # Spark's backslash before a line break, outside quotes: Arrow and Python's csv split the rows apart
+    spark = tmp_path / "spark.csv"
+    spark.write_text('text,label\n"\nb\\""\\\n",x\r\nx ,x\n,y\n', encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=rf"empty_text .*: {re.escape(str(spark))} row 3\n"):
+        dataset_publish.prepare(cfg_for(spark, "dataset.escape_char=\\", "dataset.id_column=null",
+                                        "dataset.split.train=1", "dataset.split.validation=0", "dataset.split.test=0"))
+
+
 def test_a_header_line_repeated_inside_the_data_is_named_as_such(tmp_path, cfg_for):
     """`cat a.csv b.csv > all.csv` keeps b's header as a data row: text 'text', label 'label'. It was reported as
     a class too small to split, label 'label', which does not say what the row is."""
@@ -1316,7 +1381,7 @@ def test_a_quote_closed_early_is_never_found_in_rfc_4180_files():
 def test_excel_s_separator_line_names_the_delimiter(tmp_path, cfg_for, line):
     """Excel writes and reads a first line `sep=;` saying how the fields are separated; the header is the line after.
     It was read as the header ("the file has: sep="). The same rows as the file without it; a delimiter set to
-    another one is refused; a malformed row is numbered as a data row still."""
+    another one is refused; a malformed row is numbered as a data row still, with its line (the row's number + 2)."""
     records = rows()
     records[3]["text"] = "a text with a , comma and a ; semicolon in quotes"
     plain = write_rows(tmp_path / "plain.csv", records)
@@ -1332,7 +1397,8 @@ def test_excel_s_separator_line_names_the_delimiter(tmp_path, cfg_for, line):
         dataset_publish.prepare(cfg_for(semi, "dataset.delimiter=|"))
     with open(semi, "a", encoding="utf-8", newline="") as f:
         f.write("x99;one;field;too many\r\n")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(semi))} row {len(records) + 1}: expected 3 fields, found 4"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(semi))} row {len(records) + 1}, line {len(records) + 3}: "
+                                        "expected 3 fields, found 4"):
         dataset_publish.prepare(cfg_for(semi))
 
 

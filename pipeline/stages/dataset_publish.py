@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import arrow
 from pipeline.config import Config
-from pipeline.data import (DROPPED_ROWS_LOGGED, KIND_TYPES, SHOW, Columns, CsvFormat, DataError, constant,
+from pipeline.data import (DROPPED_ROWS_LOGGED, KIND_TYPES, SHOW, Columns, CsvFormat, DataError, RowLines, constant,
                            format_problems, label_type, list_input_files, load_hub_dataset, load_saved_dataset,
                            looks_like_hub_id, name_below_source, read_class_names, read_files, read_label_type,
                            saved_dataset, saved_dataset_files, stratified_split, typed_labels, validate, with_label_type)
@@ -183,7 +183,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
         raise DataError(f"{where}: no data rows (only a header, or empty files)")
     source_label_type = read_label_type(table)
     timings["read"] = time.perf_counter() - started
-    checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed, labels=d.labels)
+    # Reports name a CSV row's line too where it is not row + 1 (a quoted text over several lines, blank lines)
+    lines = RowLines({shown(f): f for fs in listed.values() for f in fs}, fmt, table, cols.text)
+    checked = validate(table, cols, min_per_class, split_seed=None if d.split_files else d.split.seed, labels=d.labels,
+                       line=lines.line)
     if checked.problems and d.on_invalid == "error":
         raise DataError(format_problems(checked.problems, where))
     if checked.problems:  # on_invalid: drop
@@ -213,7 +216,7 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
             log.warning("%s: %s rows have a text that is also in the train split (%s); they measure memory, not "
                         "generalisation (let dataset.split make the splits to keep the copies of a text together)",
                         where, " and ".join(f"{n} {s}" for s, n in leaked.items() if n),
-                        "; ".join(_train_copies(clean, checked.texts, index)))
+                        "; ".join(_train_copies(clean, checked.texts, index, lines)))
     else:
         # Copies of one text go to one split together: a test row is never a copy of a train row.
         index = stratified_split(labels, d.split.model_dump(), checked.order, groups=checked.texts if repeats else None)
@@ -280,9 +283,10 @@ def _prepare_tables(config: Config, source: str, cols: Columns, listed: dict[str
     return tables, manifest, dropped
 
 
-def _train_copies(clean: pa.Table, texts: np.ndarray, index: dict[str, np.ndarray], show: int = SHOW) -> list[str]:
+def _train_copies(clean: pa.Table, texts: np.ndarray, index: dict[str, np.ndarray], place: RowLines,
+                  show: int = SHOW) -> list[str]:
     """The first few validation and test rows whose text (as copies are compared) a train row has, each with the
-    first such train row: ``FILE row N (train: FILE row M)``."""
+    first such train row: ``FILE row N (train: FILE row M)`` (`place` names a row)."""
     files, rows = clean.column("_file"), clean.column("_row")
     train = index["train"]
     codes, first = np.unique(texts[train], return_index=True)  # each train text, and its first train row
@@ -291,7 +295,8 @@ def _train_copies(clean: pa.Table, texts: np.ndarray, index: dict[str, np.ndarra
         held = index[split]
         for i in held[np.flatnonzero(np.isin(texts[held], codes))[:show - len(out)]].tolist():
             j = int(train[first[np.searchsorted(codes, texts[i])]])
-            out.append(f"{files[i].as_py()} row {rows[i].as_py()} (train: {files[j].as_py()} row {rows[j].as_py()})")
+            out.append(f"{files[i].as_py()} {place(files[i].as_py(), rows[i].as_py())} "
+                       f"(train: {files[j].as_py()} {place(files[j].as_py(), rows[j].as_py())})")
     return out
 
 
