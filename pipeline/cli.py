@@ -31,8 +31,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _StoreEach(argparse.Action):
+    """argparse's store (the last value given), keeping each value given in ``_given_<dest>`` too: a second
+    ``--config`` took the first one's place without a word, where a user meant to layer one file over another."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, f"_given_{self.dest}", [*getattr(namespace, f"_given_{self.dest}", []), values])
+        setattr(namespace, self.dest, values)
+
+
+def _given_twice(args: argparse.Namespace) -> str | None:
+    """The message for a config file given twice (two files; the same file twice is one)."""
+    given = getattr(args, "_given_config", [])
+    if len({str(Path(g).resolve()) for g in given}) < 2:
+        return None
+    return (f"error: --config is given {'twice' if len(given) == 2 else f'{len(given)} times'} ({', '.join(given)}): "
+            "a command reads one config file; "
+            "change its fields with --set KEY=VALUE (repeatable), or write the combined file")
+
+
 def add_config_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, metavar="YAML", help="experiment config file (configs/*.yaml)")
+    p.add_argument("--config", required=required, metavar="YAML", action=_StoreEach,
+                   help="experiment config file (configs/*.yaml)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.epochs=1 (repeatable; wins over the file)",
@@ -156,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         print(f"error: {'/'.join(empty.option_strings)} is empty (an unset shell variable?); give it a value"
               + ("" if empty.required else ", or leave it out for its default"), file=sys.stderr)
+        return 2
+    if twice := _given_twice(args):
+        print(twice, file=sys.stderr)
         return 2
     _setup_logging(args.verbose)
     from pipeline.launch import launched_processes, one_process_enough, process_rank

@@ -154,6 +154,26 @@ def test_an_option_given_an_empty_value_is_refused_not_taken_for_its_default(arg
     assert list(tmp_path.iterdir()) == []  # nothing was made: refused before any work
 
 
+@pytest.mark.parametrize("command", ["dataset-publish", "run", "sweep", "artifacts"])
+def test_a_second_config_file_is_refused_not_taken_in_place_of_the_first(command, tmp_path, monkeypatch, capsys):
+    """`--config base.yaml --config small.yaml` (a base and an overlay, as other tools layer them) ran on the second
+    file alone, without a word: the first file's dataset, model and gate were not what the command used."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    extra = {"sweep": ["--sweep", "s.yaml", "--count", "1"], "artifacts": ["list"]}.get(command, [])
+    head = [command, *extra[:1]] if command == "artifacts" else [command, *extra]
+    assert main([*head, "--config", "base.yaml", "--config", "small.yaml"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("error: --config is given twice (base.yaml, small.yaml): a command reads one config file; "
+                           "change its fields with --set KEY=VALUE"), said
+    assert list(tmp_path.iterdir()) == []  # refused before anything was read or made
+    (tmp_path / "c.yaml").write_text("project: p\ndataset: {name: d, source: x.csv}\nmodel: {name: m}\n")
+    if command == "dataset-publish":  # the same file twice is one file
+        assert main([command, "--config", "c.yaml", "--config", str(tmp_path / "c.yaml")]) == 2
+        assert "--config is given" not in capsys.readouterr().err  # on to the data, which is missing
+
+
 @pytest.mark.parametrize("tolerance", ["-1", "nan", "-inf"])
 def test_reproduce_refuses_a_tolerance_no_difference_could_exceed_or_below_zero(tolerance, tmp_path, capsys):
     """`--tolerance nan` ran the whole rebuild, and `--check` passed whatever differed: nan is beyond no difference."""
