@@ -19,7 +19,7 @@ import logging
 import re
 import shlex
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +80,11 @@ class CsvFormat:
     flags: bool = False  # set by command-line flags (`predict --delimiter`), not `dataset.*`: what messages name
     escape_char: str | None = None  # the character before a quote inside a quoted field (Spark's \); None: doubled
     quoting: bool = True  # False: fields are never quoted, a quote is text (GLUE's TSV)
+
+    @property
+    def header_lines(self) -> int:
+        """Lines before the first data row, as a row's number counts them: the header (none with `column_names`)."""
+        return 0 if self.column_names else 1
 
     def setting(self, name: str, value: str | None = None) -> str:
         """How the user sets `name` (``delimiter``, ``encoding``), with `value` when given: ``dataset.delimiter=";"``
@@ -554,8 +559,7 @@ def _warn_of_backslash_quotes(table: pa.Table, path: Path, cols: Columns, fmt: C
         first = pc.index(found, arrow.scalar(True)).as_py()  # a Python True would import pandas (0.5 s)
         text = table.column(c)[first].as_py().decode(fmt.encoding, errors="replace")
         at = text.find(BACKSLASH_QUOTE)
-        lines, header = csv_row_lines(path, fmt, table.column(c), c), 0 if fmt.column_names else 1
-        line = None if lines is None or lines[first] == first + 1 + header else int(lines[first])
+        line = moved_line(csv_row_lines(path, fmt, table.column(c), c), first + 1, fmt.header_lines)
         log.warning("%s %s: column %r holds a backslash before a quote (%r; %d rows do): if the file escapes quotes "
                     "with a backslash, as Spark writes CSV, set %s (read without it, a quote after a backslash ends the "
                     "quoted text, and the rest runs on with its quotes as they are)", path,
@@ -670,7 +674,8 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
             escaped = (f"; a field of it starts with a quote: if the file does not quote its fields, as GLUE's TSV files "
                        f"and Unix tools write them, set {fmt.setting('quoting')}")
         number = row.number - header_rows
-        return DataError(f"{path} {row_place(number, _line_of_error(path, fmt, number, row.text) if fmt else None)}: expected {row.expected_columns} fields, found "
+        line = _line_of_error(path, fmt, number, row.text) if fmt else None
+        return DataError(f"{path} {row_place(number, line)}: expected {row.expected_columns} fields, found "
                          f"{row.actual_columns} (an unquoted delimiter or quote?): {row.text[:200]!r}{shown}{escaped}")
     return DataError(f"{path}: cannot read as {kind}: {error}")
 
@@ -683,7 +688,7 @@ def _record_lines(path: Path, fmt: CsvFormat, upto: int | None = None,
     `column`. Python's csv reader, in the dialect Arrow is given: a second reading, for the rows a report names."""
     kind = SUFFIXES[format_suffix(path)]
     encoding, delimiter, skip, _ = _csv_layout(path, fmt, kind)
-    before = skip + (0 if fmt.column_names else 1)
+    before = skip + fmt.header_lines
     names = list(fmt.column_names or ())
     limit = pycsv.field_size_limit()
     pycsv.field_size_limit(sys.maxsize)  # a row may be megabytes long (a pasted log), past csv's 128 KiB
@@ -714,12 +719,12 @@ def _record_lines(path: Path, fmt: CsvFormat, upto: int | None = None,
 
 
 def csv_row_lines(path: Path, fmt: CsvFormat, texts: pa.ChunkedArray | pa.Array, column: str) -> np.ndarray | None:
-    """Per data row of a CSV/TSV file, the line it starts on, where that is not ``row + 1`` (``row`` without a header
-    row): a quoted text over several lines, blank lines between rows, Excel's ``sep=`` line. `texts` are the file's
-    `column` as Arrow read it (as binary). None when each row is its own line after the header, or when Python's
-    reading splits the rows otherwise than Arrow's did (malformed quoting, which the two mend differently): a report
-    then says the row alone, rather than a line that may be wrong."""
-    rows, header = len(texts), 0 if fmt.column_names else 1
+    """Per data row of a CSV/TSV file, the line it starts on, where some row is not on ``row + 1`` (``row`` without a
+    header row): a quoted text over several lines, blank lines between rows, Excel's ``sep=`` line. `texts` are the
+    file's `column` as Arrow read it (as binary). None when each row is its own line after the header, or when
+    Python's reading splits the rows otherwise than Arrow's did (malformed quoting, which the two mend differently):
+    a report then says the row alone, rather than a line that may be wrong."""
+    rows, header = len(texts), fmt.header_lines
     try:
         if _wide_encoding(path) is None and _line_breaks(path) == rows + header:  # a line per row, no blank line
             return None
@@ -741,9 +746,8 @@ def _line_of_error(path: Path, fmt: CsvFormat, row: int, text: str) -> int | Non
     None when that line is not where Arrow's `text` of the row starts (the readers disagree) or the file is unread."""
     try:
         starts, before, _ = _record_lines(path, fmt, upto=row)
-        if len(starts) < before + row or starts[before + row - 1] == row + (0 if fmt.column_names else 1):
+        if len(starts) < before + row or (line := moved_line(starts[before:], row, fmt.header_lines)) is None:
             return None
-        line = starts[before + row - 1]
         encoding = _csv_layout(path, fmt, SUFFIXES[format_suffix(path)])[0]
         with io.TextIOWrapper(_open(path), encoding=encoding, errors="replace", newline="") as f:
             found = next(itertools.islice(f, line - 1, None), "")
@@ -777,15 +781,23 @@ def jsonl_row_lines(path: Path, rows: int) -> np.ndarray | None:
     return None if len(lines) != rows or np.array_equal(lines, np.arange(1, rows + 1)) else lines
 
 
+def moved_line(lines: Sequence[int] | np.ndarray | None, row: int, header: int) -> int | None:
+    """Row `row`'s line in `lines` (each row's, from `csv_row_lines` or `jsonl_row_lines`), where it is not the line
+    the row's number puts it on (``row + header``); None where it is, or where the lines are not known."""
+    if lines is None or not 0 < row <= len(lines) or int(lines[row - 1]) == row + header:
+        return None
+    return int(lines[row - 1])
+
+
 class RowLines:
     """For reports: ``row N``, and ``row N, line M`` where a CSV/TSV file's row N is not on line N + 1 (`csv_row_lines`;
-    N without a header row), or a JSON Lines file's not on line N (`jsonl_row_lines`). `files` maps the names reports give files (``_file``) to
-    the files read; `table` holds their rows as read (with ``_file``, and `column` as binary). A file is read again
-    only when a report first names one of its rows."""
+    N without a header row), or a JSON Lines file's not on line N (`jsonl_row_lines`). `files` maps the names reports
+    give files (``_file``) to the files read; `table` holds their rows as read (with ``_file``, and `column` as
+    binary). A file is read again only when a report first names one of its rows."""
 
     def __init__(self, files: dict[str, Path], fmt: CsvFormat, table: pa.Table, column: str):
         self._files, self._fmt, self._table, self._column = files, fmt, table, column
-        self._lines: dict[str, tuple[np.ndarray, int] | None] = {}  # per file: each row's line, a row's line unmoved
+        self._lines: dict[str, tuple[np.ndarray | None, int]] = {}  # per file: each row's line; lines before row 1
 
     def line(self, file: str, row: int) -> int | None:
         if file not in self._lines:
@@ -793,17 +805,14 @@ class RowLines:
             kind = SUFFIXES.get(format_suffix(path)) if path is not None else None
             mine = lambda: pc.equal(pc.cast(self._table.column("_file"), pa.string()), arrow.scalar(file))  # noqa: E731
             if kind in ("csv", "tsv"):
-                lines = csv_row_lines(path, self._fmt, self._table.column(self._column).filter(mine()), self._column)
-                self._lines[file] = None if lines is None else (lines, 0 if self._fmt.column_names else 1)
+                self._lines[file] = (csv_row_lines(path, self._fmt, self._table.column(self._column).filter(mine()),
+                                                   self._column), self._fmt.header_lines)
             elif kind == "jsonl" or kind == "json" and _json_lines_within(path):
-                lines = jsonl_row_lines(path, pc.sum(mine()).as_py() or 0)
-                self._lines[file] = None if lines is None else (lines, 0)
+                self._lines[file] = (jsonl_row_lines(path, pc.sum(mine()).as_py() or 0), 0)
             else:
-                self._lines[file] = None
-        if (found := self._lines[file]) is None or not 0 < row <= len(found[0]):
-            return None
-        line = int(found[0][row - 1])
-        return None if line == row + found[1] else line  # a row on its own line is named as before
+                self._lines[file] = (None, 0)
+        lines, header = self._lines[file]
+        return moved_line(lines, row, header)
 
     def __call__(self, file: str, row: int) -> str:
         return row_place(row, self.line(file, row))
