@@ -6,14 +6,18 @@ torch, NumPy's BLAS and Arrow start a thread per core. Those threads then share 
 the kernel stops them all whenever it is spent, so a training runs slower than it would with a
 thread per CPU of the quota. `cgroup_cpu_limit` reads the quota; `pipeline.cli.run` turns it into
 ``OMP_NUM_THREADS`` (which all three read when they start; ``RAYON_NUM_THREADS`` for the tokenizers)
-when the user has not set it.
+when the user has not set it, and `torch_threads_within_quota` lowers torch's threads where a stage runs from
+Python (torch may be loaded before the pipeline is).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cgroup_cpu_limit(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
@@ -100,4 +104,29 @@ def limit_threads_to_quota(proc_cgroup: str | Path = "/proc/self/cgroup", root: 
         return None
     os.environ["OMP_NUM_THREADS"] = str(limit)
     os.environ.setdefault("RAYON_NUM_THREADS", str(limit))
+    return limit
+
+
+def torch_threads_within_quota(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """The command line's rule where a stage runs from Python (``stage.run(config)`` in a notebook, an orchestrator's
+    Python task), which no command line set up and where torch may be loaded already: when ``OMP_NUM_THREADS`` is
+    unset and torch runs more CPU threads than the cgroup quota's whole CPUs, torch's threads are lowered to those,
+    and ``OMP_NUM_THREADS`` (and ``RAYON_NUM_THREADS``, unless set) say so for the rest of the process, as the
+    command line's would: it is done once. The number set, or None. A stage calls it before it trains or predicts."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    limit = cgroup_cpu_limit(proc_cgroup, root)
+    if limit is None:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    if before <= limit:
+        return None
+    torch.set_num_threads(limit)
+    os.environ["OMP_NUM_THREADS"] = str(limit)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(limit))
+    log.info("this process runs under a CPU quota of %d CPU(s) (a container's limit): torch's CPU threads lowered "
+             "from %d to %d, and OMP_NUM_THREADS=%d set for the rest of the process (set it yourself to choose)",
+             limit, before, limit, limit)
     return limit

@@ -41,6 +41,10 @@ class Classifier:
             since = _compared_with_manifest(self.dir)  # a deployed folder whose config.json went: how to restore it
             raise PipelineError(f"{self.dir} is not a model folder ({why}){since or '; fetch one with deploy-fetch'}")
         import torch
+
+        from pipeline.cpus import torch_threads_within_quota
+
+        torch_threads_within_quota()  # called from Python, where no command line set OMP_NUM_THREADS from a CPU limit
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from safetensors import SafetensorError

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, TrackingConfig, config_from_dict, model_config_diff
+from pipeline.cpus import torch_threads_within_quota
 from pipeline.errors import ConfigError, PipelineError, RefError
 from pipeline.results import StageResult
 from pipeline.tracking import open_registry
@@ -148,6 +149,7 @@ def run(config: Config | TrackingConfig, *, group: str | None = None, model: str
         stopper = StopAtStep(stop, of=of)
         log.info("%s stopped training at step %d of %s (early stopping, or a sweep's pruner, which its config does not "
                  "name): the rebuild stops there too, if it has as many steps", original.ref, stop, of or "?")
+    torch_threads_within_quota()  # first: the rebuild trains with the original's threads, whatever the quota
     with _threads_of(meta.get("training") or {}, original.ref):
         new = finetune.run(cfg, group=group, dataset=dataset.ref, aliases=(), base=pinned, tags=("reproduction",),
                            summary={"reproduces": original.ref}, callbacks=(stopper,) if stopper else ())

@@ -76,6 +76,30 @@ def test_a_quota_below_the_cpus_sets_the_thread_pools_and_the_user_s_setting_win
     assert limit_threads_to_quota(proc, fs) is None and "OMP_NUM_THREADS" not in os.environ
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs, to set a quota below them")
+def test_from_python_torch_s_threads_are_lowered_once_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.cpus import torch_threads_within_quota
+
+    proc = tmp_path / "proc"
+    proc.write_text("0::/\n")
+    fs = tree(tmp_path / "fs", {"cpu.max": "100000 100000\n"})
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's (or the command line's) setting wins
+    assert torch_threads_within_quota(proc, fs) is None and torch.get_num_threads() == before
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    try:
+        assert torch_threads_within_quota(proc, fs) == 1
+        assert torch.get_num_threads() == 1 and (os.environ["OMP_NUM_THREADS"], os.environ["RAYON_NUM_THREADS"]) == ("1", "1")
+        torch.set_num_threads(2)  # set by hand afterwards: OMP_NUM_THREADS now says the process was set up once
+        assert torch_threads_within_quota(proc, fs) is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
 
 
@@ -121,5 +145,18 @@ def test_a_stage_under_a_cpu_quota_trains_with_a_thread_per_cpu_of_it(tmp_path):
         version = LocalRegistry(tmp_path / "track" / "registry").resolve(produced)
         assert version.metadata["training"]["threads"] == 1
         assert "runs under a CPU quota of 1 CPU(s) (a container's limit)" in out.stderr
+        # From Python, with torch loaded first (a notebook, an orchestrator's Python task): no command line set
+        # OMP_NUM_THREADS, and the training ran a thread per core, as the version recorded.
+        script = ("import logging, sys, torch; from pipeline.config import load_config; from pipeline.stages import "
+                  "finetune; logging.basicConfig(level=logging.INFO); "
+                  "before = torch.get_num_threads(); r = finetune.run(load_config(sys.argv[1]), reuse=False); "
+                  "print(before, torch.get_num_threads(), r.produced[0])")
+        out = subprocess.run(["sh", "-c", f'echo $$ > {folder}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c",
+                              script, str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        before, after, produced = out.stdout.split()[-3:]
+        assert (int(before), int(after)) == (len(os.sched_getaffinity(0)), 1)
+        assert LocalRegistry(tmp_path / "track" / "registry").resolve(produced).metadata["training"]["threads"] == 1
+        assert f"torch's CPU threads lowered from {before} to 1, and OMP_NUM_THREADS=1 set" in out.stderr
     finally:
         folder.rmdir()

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.basemodel import check_code_trusted
 from pipeline.config import Config, GateConfig
+from pipeline.cpus import torch_threads_within_quota
 from pipeline.errors import AliasMoved, ConfigError, RefError, RegistryError, StageFailed, near_label
 from pipeline.metrics import SUMMARY_KEYS, calibration, log_softmax, paired_bootstrap, scores
 from pipeline.printable import one_line
@@ -358,6 +359,7 @@ def run(config: Config, *, group: str | None = None, model: str | None = None, d
         raise RefError(f"{challenger.ref} was trained on {ds_ref}, which cannot be found: {e}; evaluate it on another "
                        "dataset version with --dataset NAME:vN") from None
     label_names = list(challenger.metadata.get("label_names") or [])
+    torch_threads_within_quota()  # called from Python, where no command line set OMP_NUM_THREADS from a CPU limit
     # Rows are matched to the model's labels by name: another dataset version may order them otherwise (its
     # class ids differ) or hold fewer, but not hold a label the model cannot predict.
     unknown = [n for n in ds.metadata.get("label_names") or [] if label_names and n not in label_names]

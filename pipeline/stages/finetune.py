@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.basemodel import (BaseModel, check_architecture, check_base_weights, check_max_length, load_classifier,
                                 load_tokenizer, match_padding, resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
+from pipeline.cpus import torch_threads_within_quota
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (TERMINATED, ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed,
                              near_label, no_space_left, out_of_memory)
@@ -964,6 +965,7 @@ def run(config: Config, *, group: str | None = None, dataset: str | None = None,
     """
     # One process: a bad dataset reference or base model is said before torch loads (seconds) for accelerate.
     early = plan(config, dataset, resume, base) if _launched_alone() else None
+    torch_threads_within_quota()  # where no command line set OMP_NUM_THREADS from a container's CPU limit
     state = _process_state()
     if not state.is_main_process:
         return _follow(config, state, callbacks, sweep)
