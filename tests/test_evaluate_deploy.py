@@ -902,9 +902,9 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
         out = cli_here(*args, "--output", str(tmp_path / name))
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"{len(bodies)} predictions written to {tmp_path / name}" in out.stderr
-        # the empty body (row 3) is classified like any row, and said to be empty
-        assert f"1 of {len(bodies)} rows have no text in column 'body' (empty, blank or missing; the first: {src} row 3)" \
-            in out.stderr
+        # the empty body (row 3) is classified like any row, and said to be empty, on line 5 (row 2 has two lines)
+        assert f"1 of {len(bodies)} rows have no text in column 'body' (empty, blank or missing; the first: {src} row 3, " \
+            "line 5)" in out.stderr
     with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["id", "text", "label", "confidence", "label_2", "score_2"]
@@ -938,7 +938,7 @@ def test_predict_classifies_the_rows_of_a_data_file_and_writes_a_table(env, tmp_
         "--input", str(src), "--text-column", "body", "--text-pair-column", "other")
     bad = tmp_path / "bad.csv"
     bad.write_bytes(src.read_bytes().replace(b"T1050,my order", b"T1050,caf\xe9 order"))
-    assert "row 1051: column 'body' is not valid UTF-8" in refused("--input", str(bad), "--text-column", "body")
+    assert "row 1051, line 1053: column 'body' is not valid UTF-8" in refused("--input", str(bad), "--text-column", "body")
     out = cli_here(*args, "--output", str(tmp_path / "p.xlsx"))
     assert out.returncode == 2 and "name a .csv, .tsv, .jsonl, .parquet file" in out.stderr
     linked = tmp_path / "linked.csv"  # renamed over, the link itself would be replaced by the table

@@ -290,19 +290,26 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.data import Columns, DataError, _decode, blank_as_missing, is_blank, list_input_files, read_files
+    from pipeline.data import (Columns, DataError, RowLines, _decode, blank_as_missing, is_blank, list_input_files,
+                               read_files)
 
     cols = Columns(text=args.text_column, label=None, id=args.id_column, text_pair=args.text_pair_column,
                    settings="--text-column / --text-pair-column / --id-column to match" + args.columns_from)
-    table = read_files(list_input_files(args.input, "--input"), cols, args.input, args.csv_format,
+    files = list_input_files(args.input, "--input")
+    table = read_files(files, cols, args.input, args.csv_format,
                        optional=[cols.id] if getattr(args, "id_optional", False) else (), typed_ids=True)
     texts = {}
     for key, column in (("text", cols.text), ("text_pair", cols.text_pair)):
         if column:
+            place = RowLines({str(f): f for f in files}, args.csv_format, table, column)  # "row 12, line 15"
+
+            def named(i: int) -> str:
+                file = table.column("_file")[i].as_py()
+                return f"{file} {place(file, table.column('_row')[i].as_py())}"
+
             decoded, bad = _decode(table.column(column))
             if bad.any():
-                i = int(bad.argmax())
-                raise DataError(f"{table.column('_file')[i]} row {table.column('_row')[i]}: column {column!r} is not "
+                raise DataError(f"{named(int(bad.argmax()))}: column {column!r} is not "
                                 f"valid {'UTF-8' if args.csv_format.encoding == 'utf-8' else args.csv_format.encoding}; "
                                 "a CSV saved in another encoding needs --encoding, e.g. cp1252")
             texts[key] = pc.fill_null(decoded, "")
@@ -310,9 +317,9 @@ def _file_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             if (n_blank := pc.sum(blank).as_py() or 0):
                 first = pc.index(blank, True).as_py()
                 logging.getLogger(__name__).warning(
-                    "%d of %d rows have no text in column %r (empty, blank or missing; the first: %s row %s): they are "
+                    "%d of %d rows have no text in column %r (empty, blank or missing; the first: %s): they are "
                     "classified as the empty text, so their labels say nothing about them", n_blank, table.num_rows,
-                    column, table.column("_file")[first], table.column("_row")[first])
+                    column, named(first))
     ids = table.column(cols.id) if cols.id else None
     if ids is not None and pa.types.is_string(ids.type):
         ids = blank_as_missing(ids)  # no id, as dataset-publish reads it
