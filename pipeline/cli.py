@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # a log file or an orchestrator's pipe: no progress bars redrawn with \r
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers (the Trainer's bars: finetune)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' map and save_to_disk
-    from pipeline.errors import TERMINATED, PipelineError, sigterm_as_interrupt
+    from pipeline.errors import TERMINATED, PipelineError, signals_as_interrupt
 
     # Under torchrun only the main process writes the result file.
     result_json = getattr(args, "result_json", None) if process_rank() == 0 else None
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # SIGTERM ends the command as Ctrl-C does (its result file written, its run marked killed), from its
             # first step: not only once a stage's run is open. It exits 143 (128 + 15), as a process stopped by it.
-            with sigterm_as_interrupt():
+            # Either one again within a second is the same request, which lets the first's way out finish.
+            with signals_as_interrupt():
                 return int(importlib.import_module(args._module).main(args) or 0)
         except BaseException as e:
             if result_json and not os.path.exists(result_json) and not (isinstance(e, SystemExit) and not e.code):
@@ -317,5 +318,8 @@ def run() -> None:
     global _QUOTA_THREADS
     _QUOTA_THREADS = limit_threads_to_quota()  # a container's CPU limit, before torch, NumPy or Arrow load
     code = main()
+    from pipeline.errors import exit_on_signal
+
+    exit_on_signal()  # a Ctrl-C during the interpreter's exit: no traceback from an exit handler
     gc.freeze()
     sys.exit(code)

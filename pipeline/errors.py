@@ -95,8 +95,9 @@ def repeated(signum: int) -> bool:
 
 
 def as_interrupt(signum: int) -> KeyboardInterrupt:
-    """The KeyboardInterrupt that ends a stage for a signal (`TERMINATED` for SIGTERM)."""
-    return KeyboardInterrupt(f"signal {signum}")
+    """The KeyboardInterrupt that ends a stage for a signal (`TERMINATED` for SIGTERM; for SIGINT, Ctrl-C, the bare
+    one Python's own handler raises)."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else KeyboardInterrupt(f"signal {signum}")
 
 
 def interrupt(signum, frame) -> None:
@@ -150,6 +151,38 @@ def sigterm_as_interrupt():
     """Turn SIGTERM (an orchestrator stopping the task) into KeyboardInterrupt while inside, so that a stage ends
     as on Ctrl-C: its W&B run marked killed, a finetune's checkpoints kept, nothing half-published."""
     return on_sigterm(interrupt)
+
+
+@contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """The command line's: SIGTERM as KeyboardInterrupt (`sigterm_as_interrupt`), and Ctrl-C answered by the same
+    handler, so that a second Ctrl-C within a second of the first is the same request (`repeated`), as a repeated
+    SIGTERM is. Python's own handler raised KeyboardInterrupt again in whatever the first had set going (a cleanup on
+    the way out, the result file), and the process then died of the signal, or printed a traceback. In the main
+    thread only, as `on_sigterm`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with sigterm_as_interrupt():
+            yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def exit_on_signal() -> None:
+    """For the rest of the process (the interpreter's exit: W&B's teardown, torch's finalizers), after the command is
+    done: SIGINT or SIGTERM repeating the one that stopped it passes (`repeated`), and another ends the process at
+    once (128 + the signal), where Python's handler printed a KeyboardInterrupt traceback from an exit handler. The
+    command closed its runs, files and registry connections itself before this point."""
+    def handler(signum, frame):
+        if not repeated(signum):
+            os._exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
 
 
 def _causes(e: BaseException | None) -> Iterator[BaseException]:

@@ -165,10 +165,11 @@ from pipeline import cli
 from pipeline.stages import dataset_publish
 
 log_stats = dataset_publish._log_stats
-def stopped(*args, **kwargs):  # SIGTERM, and the same again 4 ms later, as accelerate launch passes its own on
+sig = getattr(signal, os.environ["STOP_WITH"])
+def stopped(*args, **kwargs):  # the signal, and the same again 4 ms later (accelerate launch, an impatient Ctrl-C)
     try:
-        threading.Timer(0.004, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Timer(0.004, os.kill, (os.getpid(), sig)).start()
+        os.kill(os.getpid(), sig)
         time.sleep(30)
     finally:
         time.sleep(0.05)  # a cleanup on the way out (a temporary folder removed, say)
@@ -178,9 +179,11 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_the_same_sigterm_twice_does_not_cut_the_way_out_short(tmp_path):
-    """The second SIGTERM of accelerate launch's pair raised KeyboardInterrupt again, in whatever the first had set
-    going: here a cleanup that never finished. It is the same request within a second of the first, and passes."""
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_the_same_signal_twice_does_not_cut_the_way_out_short(tmp_path, sig, code):
+    """The second SIGTERM of accelerate launch's pair (or Ctrl-C pressed twice) raised KeyboardInterrupt again, in
+    whatever the first had set going: here a cleanup that never finished. It is the same request within a second of
+    the first, and passes."""
     data = tmp_path / "t.csv"
     data.write_text("ticket_id,text,label\n" + "".join(f"t{i},text number {i},{'ab'[i % 2]}\n" for i in range(40)),
                     encoding="utf-8")
@@ -188,11 +191,34 @@ def test_the_same_sigterm_twice_does_not_cut_the_way_out_short(tmp_path):
                            str(REPO / "configs" / "demo.yaml"), "--set", "dataset.name=d",
                            "--set", f"dataset.source={data}", "--set", "model.name=m", "--set",
                            f"tracking.dir={tmp_path / 'track'}", "--result-json", str(tmp_path / "r.json")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 143, done.stderr[-2000:]
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "STOP_WITH": sig})
+    assert done.returncode == code, done.stderr[-2000:]
     assert "WARNING pipeline: cleaned up" in done.stderr and "Traceback" not in done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
     assert [r["status"] for r in reg_runs(LocalRegistry(tmp_path / "track" / "registry"))] == ["killed"]
+
+
+_CTRL_C_AT_EXIT = """
+import atexit, os, signal, sys, time
+from pipeline import cli
+def slow_exit_handler():  # a Ctrl-C while an exit handler runs (W&B's teardown, torch's finalizers)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    print("exit handler went on", file=sys.stderr)
+atexit.register(slow_exit_handler)
+sys.argv[0] = "pipeline"
+cli.run()
+"""
+
+
+def test_a_ctrl_c_during_the_interpreter_s_exit_ends_it_at_once_without_a_traceback(tmp_path):
+    """Python's handler raised KeyboardInterrupt inside whichever exit handler ran ("Exception ignored in atexit
+    callback", a traceback from W&B's or torch's teardown), and the process still ended 0. The command is done by
+    then (its runs and files closed): the process ends at once, 130, as stopped by Ctrl-C."""
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AT_EXIT, "artifacts", "list", "--set",
+                           f"tracking.dir={tmp_path / 'track'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "went on" not in done.stderr
 
 
 def test_disabled_mode_still_records_lineage(make_config, tmp_path):
