@@ -313,13 +313,16 @@ def run() -> None:
     library's allocator.
     """
     os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
+    import atexit
+
     from pipeline.cpus import limit_threads_to_quota
+    from pipeline.errors import exit_on_signal, ignore_signals
+
+    atexit.register(ignore_signals)  # first registered, so the last to run
 
     global _QUOTA_THREADS
     _QUOTA_THREADS = limit_threads_to_quota()  # a container's CPU limit, before torch, NumPy or Arrow load
     code = main()
-    from pipeline.errors import exit_on_signal
-
     exit_on_signal()  # a Ctrl-C during the interpreter's exit: no traceback from an exit handler
     gc.freeze()
     sys.exit(code)

@@ -185,6 +185,16 @@ def exit_on_signal() -> None:
             signal.signal(s, handler)
 
 
+def ignore_signals() -> None:
+    """SIGINT and SIGTERM ignored, for the interpreter's last moments, once every exit handler has run: Python puts
+    their default action back then, under which a Ctrl-C repeating the one that stopped the command (pressed twice,
+    50 ms apart) killed the process by the signal instead of letting it end with its code (130). An exit handler
+    registered before any other (`pipeline.cli.run`), so that it runs last."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+
 def _causes(e: BaseException | None) -> Iterator[BaseException]:
     """`e`, then what caused it (``__cause__``, else ``__context__``), and so on; each once."""
     seen = set()
