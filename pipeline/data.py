@@ -680,64 +680,70 @@ def _locate_csv_error(path: Path, kind: str, read, parse, convert, error: Except
     return DataError(f"{path}: cannot read as {kind}: {error}")
 
 
-def _record_lines(path: Path, fmt: CsvFormat, upto: int | None = None,
-                  column: str | None = None) -> tuple[list[int], int, list[str]]:
-    """Where each record of a CSV/TSV file starts (its 1-based line, as editors number lines: a quoted text may hold
-    line breaks, and blank lines are no record), header included, up to the first `upto` data rows; how many
-    records come before the data rows (the header, after Excel's ``sep=;`` line); and each data row's field of
-    `column`. Python's csv reader, in the dialect Arrow is given: a second reading, for the rows a report names."""
+@contextlib.contextmanager
+def _csv_records(path: Path, fmt: CsvFormat, column: str | None = None) -> Iterator[Iterator[tuple[int, str]]]:
+    """The data rows of a CSV/TSV file as Python's csv reader reads them in the dialect Arrow is given, one at a time:
+    (the 1-based line it starts on, as editors number lines, its field of `column`, or "" without one). A quoted text
+    may hold line breaks, and a blank line is no row, to Arrow either; the header (after Excel's ``sep=;`` line) is
+    passed over. A second reading, for the rows a report names, not the common path."""
     kind = SUFFIXES[format_suffix(path)]
     encoding, delimiter, skip, _ = _csv_layout(path, fmt, kind)
-    before = skip + fmt.header_lines
-    names = list(fmt.column_names or ())
     limit = pycsv.field_size_limit()
     pycsv.field_size_limit(sys.maxsize)  # a row may be megabytes long (a pasted log), past csv's 128 KiB
-    starts: list[int] = []
-    values: list[str] = []
-    at = -1
     try:
         with io.TextIOWrapper(_open(path), encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding,
                               errors="replace", newline="") as text:
             reader = pycsv.reader(text, delimiter=delimiter, quotechar='"', escapechar=fmt.escape_char, doublequote=True,
                                   quoting=pycsv.QUOTE_MINIMAL if fmt.quoting else pycsv.QUOTE_NONE, strict=False)
-            line = 0
-            for record in reader:
-                if record:  # a blank line is no row, to Arrow either
-                    starts.append(line + 1)
-                    if len(starts) == before and not names:
-                        names = record
-                    if len(starts) > before and column is not None:
-                        if at < 0:
-                            at = names.index(column) if column in names else len(names)
-                        values.append(record[at] if at < len(record) else "")
-                    if upto is not None and len(starts) >= before + upto:
-                        break
-                line = reader.line_num
+
+            def rows() -> Iterator[tuple[int, str]]:
+                names, before, line = list(fmt.column_names or ()), skip + fmt.header_lines, 0
+                at = names.index(column) if column in names else -1
+                for record in reader:
+                    start, line = line + 1, reader.line_num
+                    if not record:
+                        continue
+                    if before:  # Excel's sep= line, the header
+                        before -= 1
+                        if not before and not names:
+                            names = record
+                            at = names.index(column) if column in names else -1
+                        continue
+                    yield start, record[at] if 0 <= at < len(record) else ""
+
+            yield rows()
     finally:
         pycsv.field_size_limit(limit)
-    return starts, before, values
 
 
 def csv_row_lines(path: Path, fmt: CsvFormat, texts: pa.ChunkedArray | pa.Array, column: str) -> np.ndarray | None:
     """Per data row of a CSV/TSV file, the line it starts on, where some row is not on ``row + 1`` (``row`` without a
     header row): a quoted text over several lines, blank lines between rows, Excel's ``sep=`` line. `texts` are the
     file's `column` as Arrow read it (as binary). None when each row is its own line after the header, or when
-    Python's reading splits the rows otherwise than Arrow's did (malformed quoting, which the two mend differently):
-    a report then says the row alone, rather than a line that may be wrong."""
+    Python's reading splits the rows otherwise than Arrow's did (another number of rows, or another text in one:
+    malformed quoting, which the two mend differently): a report then says the row alone, rather than a line that may
+    be wrong. Row by row, in memory of 8 bytes a row."""
     rows, header = len(texts), fmt.header_lines
     try:
         if _wide_encoding(path) is None and _line_breaks(path) == rows + header:  # a line per row, no blank line
             return None
-        starts, before, values = _record_lines(path, fmt, column=column)
+        lines = np.zeros(rows, dtype=np.int64)
+        with _csv_records(path, fmt, column) as records:
+            n = 0
+            for chunk in pc.cast(texts, pa.binary()).chunks:
+                for start in range(0, len(chunk), 1 << 16):
+                    for value in chunk.slice(start, 1 << 16).to_pylist():
+                        line, field = next(records, (None, None))
+                        # Arrow's text is UTF-8 (transcoded from the file's encoding); a null is an empty field
+                        if line is None or field != (b"" if value is None else value).decode("utf-8", "replace"):
+                            return None
+                        lines[n] = line
+                        n += 1
+            if next(records, None) is not None:
+                return None
     except (OSError, ValueError, DataError, pa.ArrowException, pycsv.Error) as e:  # the report stands without it
         log.debug("%s: rows not matched to lines: %s", path, e)
         return None
-    if len(starts) - before != rows:
-        return None
-    read = [b"" if v is None else v for v in pc.cast(texts, pa.binary()).to_pylist()]
-    if any(a.decode("utf-8", "replace") != b for a, b in zip(read, values)):  # Arrow's text is UTF-8 (transcoded)
-        return None
-    lines = np.asarray(starts[before:], dtype=np.int64)
     return None if np.array_equal(lines, np.arange(1 + header, rows + 1 + header)) else lines
 
 
@@ -745,8 +751,9 @@ def _line_of_error(path: Path, fmt: CsvFormat, row: int, text: str) -> int | Non
     """The line data row `row` of a CSV/TSV file that Arrow could not parse starts on, where that is not ``row + 1``;
     None when that line is not where Arrow's `text` of the row starts (the readers disagree) or the file is unread."""
     try:
-        starts, before, _ = _record_lines(path, fmt, upto=row)
-        if len(starts) < before + row or (line := moved_line(starts[before:], row, fmt.header_lines)) is None:
+        with _csv_records(path, fmt) as records:
+            line = next(itertools.islice(records, row - 1, None), (None,))[0]
+        if line is None or line == row + fmt.header_lines:
             return None
         encoding = _csv_layout(path, fmt, SUFFIXES[format_suffix(path)])[0]
         with io.TextIOWrapper(_open(path), encoding=encoding, errors="replace", newline="") as f:
