@@ -209,53 +209,54 @@ def main(argv: list[str] | None = None) -> int:
 
     # Under torchrun only the main process writes the result file.
     result_json = getattr(args, "result_json", None) if process_rank() == 0 else None
-    try:
-        if result_json:
-            from pipeline.results import check_writable
-
-            check_writable(result_json)
-            # A file left there by an earlier command (last night's `ok`) is never to be read as this one's result:
-            # removed now, so the file is this command's result or absent.
-            Path(result_json).unlink(missing_ok=True)
+    # SIGTERM ends the command as Ctrl-C does (its result file written, its run marked killed), from its first step:
+    # not only once a stage's run is open. It exits 143 (128 + 15), as a process stopped by it. Either one again
+    # within a second is the same request, which lets the first's way out finish: the result file, the message.
+    with signals_as_interrupt():
         try:
-            # SIGTERM ends the command as Ctrl-C does (its result file written, its run marked killed), from its
-            # first step: not only once a stage's run is open. It exits 143 (128 + 15), as a process stopped by it.
-            # Either one again within a second is the same request, which lets the first's way out finish.
-            with signals_as_interrupt():
-                return int(importlib.import_module(args._module).main(args) or 0)
-        except BaseException as e:
-            if result_json and not os.path.exists(result_json) and not (isinstance(e, SystemExit) and not e.code):
-                _write_failed(result_json, args.command, e)  # stopped before the stage could say so (a config error)
-            raise
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt as e:
-        if str(e) == TERMINATED:
-            print("terminated (SIGTERM)", file=sys.stderr)
-            return 143
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
-        return 141
-    except Exception as e:
-        from pipeline.errors import DiskFull, full_path, no_space_left, out_of_memory
+            if result_json:
+                from pipeline.results import check_writable
 
-        if (said := _wandb_problem(e)) is not None:
-            logging.getLogger("pipeline").debug("W&B refused", exc_info=True)  # where, with -v
-            print(f"error: {said[0]}", file=sys.stderr)
-            return said[1]
-        if out_of_memory(e) and not no_space_left(e):  # where no stage said what to lower (loading a model, say)
-            logging.getLogger("pipeline").debug("out of memory", exc_info=True)  # where, with -v
-            print(f"error: out of memory: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-                  file=sys.stderr)
-            return 1
-        if not no_space_left(e):
-            raise
-        logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
-        print(f"error: {DiskFull(full_path(e))}", file=sys.stderr)
-        return DiskFull.exit_code
+                check_writable(result_json)
+                # A file left there by an earlier command (last night's `ok`) is never to be read as this one's result:
+                # removed now, so the file is this command's result or absent.
+                Path(result_json).unlink(missing_ok=True)
+            try:
+                return int(importlib.import_module(args._module).main(args) or 0)
+            except BaseException as e:
+                if result_json and not os.path.exists(result_json) and not (isinstance(e, SystemExit) and not e.code):
+                    # stopped before the stage could say so (a config error)
+                    _write_failed(result_json, args.command, e)
+                raise
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt as e:
+            if str(e) == TERMINATED:
+                print("terminated (SIGTERM)", file=sys.stderr)
+                return 143
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+            return 141
+        except Exception as e:
+            from pipeline.errors import DiskFull, full_path, no_space_left, out_of_memory
+
+            if (said := _wandb_problem(e)) is not None:
+                logging.getLogger("pipeline").debug("W&B refused", exc_info=True)  # where, with -v
+                print(f"error: {said[0]}", file=sys.stderr)
+                return said[1]
+            if out_of_memory(e) and not no_space_left(e):  # where no stage said what to lower (loading a model, say)
+                logging.getLogger("pipeline").debug("out of memory", exc_info=True)  # where, with -v
+                print(f"error: out of memory: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                      file=sys.stderr)
+                return 1
+            if not no_space_left(e):
+                raise
+            logging.getLogger("pipeline").debug("the disk is full", exc_info=True)  # where, with -v
+            print(f"error: {DiskFull(full_path(e))}", file=sys.stderr)
+            return DiskFull.exit_code
 
 
 def _wandb_problem(error: BaseException) -> tuple[str, int] | None:

@@ -198,6 +198,37 @@ def test_the_same_signal_twice_does_not_cut_the_way_out_short(tmp_path, sig, cod
     assert [r["status"] for r in reg_runs(LocalRegistry(tmp_path / "track" / "registry"))] == ["killed"]
 
 
+_TWICE_AS_THE_RESULT_IS_WRITTEN = """
+import os, signal, sys, time
+from pipeline import cli
+from pipeline.commands import dataset_publish
+
+def stopped(args):  # Ctrl-C before the stage wrote its result (reading its config, say)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+write_failed = cli._write_failed
+def write_failed_twice(*args):  # the same Ctrl-C again, 20 ms later, as the command line writes the result
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    write_failed(*args)
+dataset_publish.main = stopped
+cli._write_failed = write_failed_twice
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_twice_still_writes_the_result_file(tmp_path):
+    """The command line wrote the result file (and said "interrupted") after its handler was gone: a second Ctrl-C
+    then, within a second of the first, raised KeyboardInterrupt in the writing, with a traceback and no result."""
+    result = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-c", _TWICE_AS_THE_RESULT_IS_WRITTEN, "dataset-publish", "--config",
+                           str(REPO / "configs" / "demo.yaml"), "--result-json", str(result)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr.rstrip().endswith("interrupted"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert json.loads(result.read_text())["message"] == "interrupted"
+
+
 _CTRL_C_AT_EXIT = """
 import atexit, os, signal, sys, time
 from pipeline import cli
