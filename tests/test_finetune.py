@@ -232,6 +232,54 @@ class StopAt(TrainerCallback):
             os.kill(os.getpid(), self.sig)
 
 
+def test_a_checkpoint_whose_save_was_cut_short_is_passed_over_for_the_one_before(tmp_path, tiny_model, tickets_csv,
+                                                                                   caplog):
+    """A crash or a full disk while the Trainer saved left a checkpoint whose files were cut short (trainer_state.json
+    written empty, weights half written): `--resume` picked it, and the Trainer failed with a JSONDecodeError (or a
+    safetensors error) at every retry. It is passed over, with a warning, for the checkpoint before it; resumed from
+    there, the run ends bit for bit as the uninterrupted one."""
+    steps = ["train.eval_strategy=steps", "train.eval_steps=5"]
+    cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *steps)
+    dataset_publish.run(cfg)
+    uninterrupted = finetune.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=(StopAt(12),))
+    run_id = next(r["id"] for r in reg_runs(registry_of(cfg)) if r["status"] == "killed")
+    folder = Path(cfg.tracking.dir) / "checkpoints" / "clf" / run_id
+    weights = folder / "checkpoint-12" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with caplog.at_level("WARNING", logger="pipeline.stages.finetune"):
+        resumed = finetune.run(cfg, resume="latest")
+    assert "checkpoint-12 is not whole (model.safetensors is shorter than its header says" in caplog.text
+    assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-10")
+    assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
+
+
+def test_a_damaged_checkpoint_is_told_by_its_headers_and_ends(tmp_path):
+    """`checkpoint_damage` reads what a cut-short save leaves: JSON that does not parse, safetensors shorter than
+    their header, torch's zip archives without their end; a whole checkpoint passes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.stages.finetune import checkpoint_damage
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    save_file({"w": torch.ones(64)}, ckpt / "model.safetensors")
+    torch.save({"state": torch.zeros(64)}, ckpt / "optimizer.pt")
+    assert checkpoint_damage(ckpt) is None
+    whole = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    for name, cut, said in (("trainer_state.json", 0, "trainer_state.json: Expecting value"),
+                            ("model.safetensors", -10, "model.safetensors is shorter than its header says"),
+                            ("model.safetensors", 4, "model.safetensors"),
+                            ("optimizer.pt", -30, "optimizer.pt has no end")):
+        (ckpt / name).write_bytes(whole[name][:cut])
+        assert checkpoint_damage(ckpt).startswith(said), name
+        (ckpt / name).write_bytes(whole[name])
+    assert checkpoint_damage(ckpt) is None
+
+
 def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path, tiny_model, tickets_csv, cli_here):
     steps = ["train.eval_strategy=steps", "train.eval_steps=5"]
     cfg = make_cfg(tmp_path, tiny_model, tickets_csv, *steps)

@@ -84,9 +84,48 @@ def _checkpoint_root(config: Config) -> Path:
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is written last)."""
+    """The newest complete checkpoint (trainer_state.json is written last), passing over one whose files are cut
+    short (`checkpoint_damage`), with a warning: a save that a crash or a full disk cut short left a checkpoint that
+    the Trainer failed to resume from, with a traceback, at every retry."""
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:])) if done else None
+    for checkpoint in sorted(done, key=lambda p: int(p.name[11:]), reverse=True):
+        if (damage := checkpoint_damage(checkpoint)) is None:
+            return checkpoint
+        if checkpoint not in _WARNED_DAMAGED:
+            _WARNED_DAMAGED.add(checkpoint)
+            log.warning("%s is not whole (%s: its save was cut short, by a crash or a full disk, say); passed over for "
+                        "the checkpoint before it", checkpoint, damage)
+    return None
+
+
+_WARNED_DAMAGED: set[Path] = set()
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is cut short in a checkpoint folder, or None: a JSON file that does not parse (trainer_state.json, the
+    configs), a safetensors file shorter than its header says, a torch file (optimizer, scheduler, RNG states: zip
+    archives) without its end. Read in part: the headers and the ends, not the weights."""
+    import zipfile
+
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size)) if size else None
+                ends = [t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"]
+                if header is None or path.stat().st_size != 8 + size + max(ends, default=0):
+                    return f"{path.name} is shorter than its header says"
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with open(path, "rb") as f:
+                    zipped = f.read(2) == b"PK"  # torch.save's format (an older pickle is not checked)
+                if zipped and not zipfile.is_zipfile(path):
+                    return f"{path.name} has no end"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            return f"{path.name}: {e}"
+    return None
 
 
 def _stopped_runs(config: Config) -> list[Path]:
