@@ -41,10 +41,6 @@ class Classifier:
             since = _compared_with_manifest(self.dir)  # a deployed folder whose config.json went: how to restore it
             raise PipelineError(f"{self.dir} is not a model folder ({why}){since or '; fetch one with deploy-fetch'}")
         import torch
-
-        from pipeline.cpus import torch_threads_within_quota
-
-        torch_threads_within_quota()  # called from Python, where no command line set OMP_NUM_THREADS from a CPU limit
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from safetensors import SafetensorError
@@ -52,7 +48,9 @@ class Classifier:
         from pipeline.basemodel import (REMOTE_CODE_HINT, is_classifier, is_custom_code_error, match_padding,
                                         max_positions, missing_vocabulary, missing_weights, separate_pairs,
                                         set_padding, too_many_tokens)
+        from pipeline.cpus import torch_threads_within_quota
 
+        torch_threads_within_quota()  # called from Python, where no command line set OMP_NUM_THREADS from a CPU limit
         trust = {"trust_remote_code": trust_remote_code}  # never a prompt; their code only when trusted
         try:
             config = AutoConfig.from_pretrained(self.dir, **trust)
