@@ -1,4 +1,5 @@
-"""The CPUs a container lets this process use, which torch, NumPy and Arrow do not see.
+"""The CPUs a container lets this process use, which torch, NumPy and Arrow do not see (and, for a run that was
+killed outright, whether its memory limit killed processes: `memory_kills`).
 
 A Kubernetes CPU limit or ``docker run --cpus`` is a cgroup *quota* of CPU time, not a set of
 cores: the process still sees every core of the host (``os.cpu_count()``, its affinity), and
@@ -130,3 +131,43 @@ def torch_threads_within_quota(proc_cgroup: str | Path = "/proc/self/cgroup", ro
              "from %d to %d, and OMP_NUM_THREADS=%d set for the rest of the process (set it yourself to choose)",
              limit, before, limit, limit)
     return limit
+
+
+def memory_kills(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> tuple[int, int | None] | None:
+    """(processes the kernel's out-of-memory killer has killed, the memory limit in bytes or None) of the cgroups over
+    this process that have recorded any (a container's memory limit: v2's ``memory.events`` and ``memory.max``, v1's
+    ``memory.oom_control`` and ``memory.limit_in_bytes``), the most kills of them; None where none has (or no memory
+    cgroup is there to read). A process the killer ends gets no word out: the next one in the same container can say
+    so. The counters are the kernel's, since the cgroup was made: a container's own, not only this pipeline's."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(root)
+    found: list[tuple[int, int | None]] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if not path.startswith("/"):
+            continue
+        if controllers == "":
+            bases, events, limit_file = [root, root / "unified"], "memory.events", "memory.max"
+        elif "memory" in controllers.split(","):
+            bases = [d for d in _listdir(root) if "memory" in d.name.split(",")]
+            events, limit_file = "memory.oom_control", "memory.limit_in_bytes"
+        else:
+            continue
+        for base in bases:
+            for folder in _up_from(base, path):
+                try:
+                    counts = dict(ln.split()[:2] for ln in (folder / events).read_text().splitlines() if ln.strip())
+                    kills = int(counts.get("oom_kill", 0))
+                except (OSError, ValueError):
+                    continue
+                if kills:
+                    try:
+                        limit = (folder / limit_file).read_text().strip()
+                        cap = int(limit) if limit.isdigit() and int(limit) < 1 << 60 else None  # v1's "none": ~2**63
+                    except (OSError, ValueError):
+                        cap = None
+                    found.append((kills, cap))
+    return max(found, key=lambda f: f[0]) if found else None

@@ -100,6 +100,26 @@ def test_from_python_torch_s_threads_are_lowered_once_unless_omp_num_threads_is_
         torch.set_num_threads(before)
 
 
+def test_out_of_memory_kills_are_read_from_either_cgroup_version_with_their_limit(tmp_path):
+    from pipeline.cpus import memory_kills
+
+    proc = tmp_path / "proc"
+    proc.write_text("0::/kubepods/pod1/c1\n")
+    fs = tree(tmp_path / "v2", {"kubepods/pod1/c1/memory.events": "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n",
+                                "kubepods/pod1/c1/memory.max": f"{4 << 30}\n",
+                                "kubepods/pod1/memory.events": "oom 0\noom_kill 0\n"})
+    assert memory_kills(proc, fs) == (2, 4 << 30)
+    (fs / "kubepods/pod1/c1/memory.max").write_text("max\n")
+    assert memory_kills(proc, fs) == (2, None)  # no limit of its own (a parent's killed, say)
+    (fs / "kubepods/pod1/c1/memory.events").write_text("oom 0\noom_kill 0\n")
+    assert memory_kills(proc, fs) is None
+    proc.write_text("4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n")
+    fs = tree(tmp_path / "v1", {"memory/docker/abc/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+                                "memory/docker/abc/memory.limit_in_bytes": "9223372036854771712\n"})  # v1's no limit
+    assert memory_kills(proc, fs) == (1, None)
+    assert memory_kills(tmp_path / "no-proc", fs) is None
+
+
 CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
 
 

@@ -255,6 +255,77 @@ def test_a_checkpoint_whose_save_was_cut_short_is_passed_over_for_the_one_before
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
 
 
+_OPEN_RUN_THEN_WAIT = """
+import sys, time
+from pipeline.config import load_config
+from pipeline.tracking import tracked_run
+cfg = load_config(None, ["dataset.name=d", "dataset.source=s", "model.name=m", "tracking.mode=disabled",
+                         "tracking.dir=" + sys.argv[1]])
+with tracked_run(cfg, "finetune") as run:
+    print(run.id, flush=True)
+    time.sleep(120)
+"""
+
+_SAY_HOW_IT_ENDED = """
+import logging, sys
+from pathlib import Path
+from pipeline.registry.local import LocalRegistry
+from pipeline.stages import finetune
+logging.basicConfig(level=logging.WARNING)
+finetune._say_if_killed(LocalRegistry(Path(sys.argv[1]) / "registry"), sys.argv[2], Path("checkpoint-10"))
+"""
+
+
+def test_a_run_the_out_of_memory_killer_ended_is_said_so_when_it_is_continued(tmp_path):
+    """Under a container's memory limit the kernel kills a training outright: no word, no result file, exit 137, and
+    a retry with `--resume` ran out again near the same step, as silently. Continuing a run that ended so (crashed: its
+    process gone without closing it) says so, and, where the container's memory cgroup recorded out-of-memory kills,
+    that too, with what to lower. A real cgroup with a memory limit, a process it kills, a run whose process is
+    killed, and the warning as a process in that container gives it; where the machine lets the test make one."""
+    memory = Path("/sys/fs/cgroup/memory")
+    folder = memory / f"pipeline-test-{os.getpid()}-oom"
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(64 << 20))
+    except OSError:
+        pytest.skip("this machine lets the test make no cgroup v1 with a memory limit")
+    inside = ["sh", "-c", f'echo $$ > {folder}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c"]
+    try:
+        grown = subprocess.run([*inside, "x = bytearray(256 << 20); x[::4096] = bytes(len(x[::4096]))"],
+                               capture_output=True, timeout=60)
+        assert grown.returncode == -9  # killed by the kernel at the cgroup's limit
+        from pipeline.cpus import memory_kills
+
+        proc = tmp_path / "cgroup"
+        proc.write_text(f"4:memory:/{folder.name}\n")
+        assert memory_kills(proc) == (1, 64 << 20)
+        (folder / "memory.limit_in_bytes").write_text(str(2 << 30))  # room for the runs below; the count stays
+        track = tmp_path / "track"
+        opened = subprocess.Popen([*inside, _OPEN_RUN_THEN_WAIT, str(track)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        run_id = opened.stdout.readline().strip()
+        opened.kill()
+        opened.wait(timeout=60)
+        said = subprocess.run([*inside, _SAY_HOW_IT_ENDED, str(track), run_id], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert said.returncode == 0, said.stderr[-2000:]
+        assert (f"run {run_id} ended without closing its run (its process was killed outright: kill -9, a lost machine, "
+                "or the kernel's out-of-memory killer, which has killed 1 process(es) under this container's memory "
+                "limit of 2.0 GiB); it goes on from checkpoint-10. If that was this run, it runs out again near the "
+                "same step: lower train.batch_size") in said.stderr
+        # outside that cgroup (where this machine's own has recorded no kill): killed outright, nothing more known
+        if memory_kills() is None:
+            said = subprocess.run([sys.executable, "-c", _SAY_HOW_IT_ENDED, str(track), run_id], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            assert "or the kernel's out-of-memory killer); it goes on from checkpoint-10" in said.stderr
+    finally:
+        for _ in range(50):
+            try:
+                folder.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 def test_a_damaged_checkpoint_is_told_by_its_headers_and_ends(tmp_path):
     """`checkpoint_damage` reads what a cut-short save leaves: JSON that does not parse, safetensors shorter than
     their header, torch's zip archives without their end; a whole checkpoint passes."""

@@ -330,8 +330,34 @@ def plan(config: Config, dataset: str | None = None, resume: str | None = None, 
             resume = None
     if resume is None:
         run_id, group, ckpt = new_run_id(), None, None
+    else:
+        _say_if_killed(registry, run_id, ckpt)
     return Plan(dataset_ref=version.ref, dataset_digest=version.digest, base=base, run_id=run_id,
                 output_dir=_checkpoint_root(config) / run_id, group=group, resume_from=ckpt, registry=registry)
+
+
+def _say_if_killed(registry, run_id: str, checkpoint: Path) -> None:
+    """A warning when the run to continue was ended outright (``crashed``: its process gone without closing the run),
+    with what the container's memory cgroup says of out-of-memory kills (`memory_kills`): a training the kernel killed
+    for memory says nothing as it goes, and a retry from its checkpoint runs out again near the same step."""
+    try:
+        if registry.get_run(run_id).get("status") != "crashed":
+            return
+    except Exception:  # online, W&B may not answer: nothing to add then
+        log.debug("the status of run %s could not be read", run_id, exc_info=True)
+        return
+    from pipeline.cpus import memory_kills
+
+    said = f"run {run_id} ended without closing its run (its process was killed outright: kill -9, a lost machine"
+    if (killed := memory_kills()) is None:
+        log.warning("%s, or the kernel's out-of-memory killer); it goes on from %s", said, checkpoint.name)
+        return
+    kills, limit = killed
+    log.warning("%s, or the kernel's out-of-memory killer, which has killed %d process(es) under this container's "
+                "memory limit%s); it goes on from %s. If that was this run, it runs out again near the same step: "
+                "lower train.batch_size (raising train.gradient_accumulation_steps to keep the rows per step), "
+                "train.eval_batch_size or model.max_length, or give the container more memory", said, kills,
+                f" of {limit / (1 << 30):.1f} GiB" if limit else "", checkpoint.name)
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:
