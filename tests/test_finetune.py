@@ -251,6 +251,7 @@ def test_a_checkpoint_whose_save_was_cut_short_is_passed_over_for_the_one_before
     with caplog.at_level("WARNING", logger="pipeline.stages.finetune"):
         resumed = finetune.run(cfg, resume="latest")
     assert "checkpoint-12 is not whole (model.safetensors is shorter than its header says" in caplog.text
+    assert "passed over for checkpoint-10" in caplog.text
     assert resumed.run_id == run_id and resumed.details["resumed_from"].endswith("checkpoint-10")
     assert resumed.status == "unchanged" and resumed.produced == uninterrupted.produced
 
@@ -326,7 +327,7 @@ def test_a_run_the_out_of_memory_killer_ended_is_said_so_when_it_is_continued(tm
                 time.sleep(0.1)
 
 
-def test_a_damaged_checkpoint_is_told_by_its_headers_and_ends(tmp_path):
+def test_a_damaged_checkpoint_is_told_by_its_headers_and_ends(tmp_path, caplog):
     """`checkpoint_damage` reads what a cut-short save leaves: JSON that does not parse, safetensors shorter than
     their header, torch's zip archives without their end; a whole checkpoint passes."""
     import torch
@@ -349,6 +350,11 @@ def test_a_damaged_checkpoint_is_told_by_its_headers_and_ends(tmp_path):
         assert checkpoint_damage(ckpt).startswith(said), name
         (ckpt / name).write_bytes(whole[name])
     assert checkpoint_damage(ckpt) is None
+    # the only checkpoint of a run, cut short: none to resume from, and the warning says so
+    (ckpt / "trainer_state.json").write_text("")
+    with caplog.at_level("WARNING", logger="pipeline.stages.finetune"):
+        assert finetune._last_checkpoint(tmp_path) is None
+    assert "passed over: no whole checkpoint is left before it" in caplog.text
 
 
 def test_interrupted_run_resumes_into_the_same_run_with_the_same_result(tmp_path, tiny_model, tickets_csv, cli_here):

@@ -88,14 +88,19 @@ def _last_checkpoint(folder: Path) -> Path | None:
     short (`checkpoint_damage`), with a warning: a save that a crash or a full disk cut short left a checkpoint that
     the Trainer failed to resume from, with a traceback, at every retry."""
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    damaged = []
+    whole = None
     for checkpoint in sorted(done, key=lambda p: int(p.name[11:]), reverse=True):
         if (damage := checkpoint_damage(checkpoint)) is None:
-            return checkpoint
+            whole = checkpoint
+            break
+        damaged.append((checkpoint, damage))
+    for checkpoint, damage in damaged:
         if checkpoint not in _WARNED_DAMAGED:
             _WARNED_DAMAGED.add(checkpoint)
-            log.warning("%s is not whole (%s: its save was cut short, by a crash or a full disk, say); passed over for "
-                        "the checkpoint before it", checkpoint, damage)
-    return None
+            log.warning("%s is not whole (%s: its save was cut short, by a crash or a full disk, say); passed over%s",
+                        checkpoint, damage, f" for {whole.name}" if whole else ": no whole checkpoint is left before it")
+    return whole
 
 
 _WARNED_DAMAGED: set[Path] = set()
@@ -158,7 +163,9 @@ def _find_resumable(config: Config, run_id: str | None) -> tuple[dict[str, Any],
         if ckpt is not None:
             return json.loads(state_file.read_text(encoding="utf-8")), ckpt
         if run_id:
-            raise PipelineError(f"run {run_id} stopped before its first checkpoint; start it again without --resume")
+            said = ("has no whole checkpoint (each one's save was cut short)" if any(state_file.parent.glob("checkpoint-*"))
+                    else "stopped before its first checkpoint")
+            raise PipelineError(f"run {run_id} {said}; start it again without --resume")
     raise PipelineError(f"nothing to resume: no interrupted finetune run of {config.model.name} with a checkpoint "
                         f"under {root}")
 
