@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,28 +32,35 @@ def cgroup_cpu_limit(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | 
     one above it count (a limit is often set on a parent: a Kubernetes pod's, above its containers'). Inside a
     container the path /proc names may be the host's (``/kubepods/...``), which the container's mount does not have:
     the mount's own root (the container's cgroup) is read then."""
+    shares = [share for folder, v2 in _cgroup_folders("cpu", proc_cgroup, root)
+              if (share := _quota(folder, v2=v2)) is not None]
+    return max(1, math.floor(min(shares))) if shares else None
+
+
+def _cgroup_folders(controller: str, proc_cgroup: str | Path, root: str | Path) -> Iterator[tuple[Path, bool]]:
+    """(folder, whether it is cgroup v2's) of each cgroup over this process that `controller` (``cpu``, ``memory``)
+    governs: the process's own and every one above it, in either version's layout (v2: one hierarchy, at the root,
+    or at root/unified beside v1's; v1: the controller's own mount). Inside a container the path /proc names may be
+    the host's, which the container's mount does not have: the mount's own root is read then. None without the
+    files (no cgroup file system, not Linux): nothing."""
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
-        return None
+        return
     root = Path(root)
-    shares = []
     for line in lines:
         _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
         if not path.startswith("/"):
             continue
-        if controllers == "":  # v2: one hierarchy, at the root (or at root/unified beside v1's, where cpu is v1's)
+        if controllers == "":
             bases = [root, root / "unified"]
-        elif "cpu" in controllers.split(","):
-            bases = [d for d in _listdir(root) if "cpu" in d.name.split(",")]
+        elif controller in controllers.split(","):
+            bases = [d for d in _listdir(root) if controller in d.name.split(",")]
         else:
             continue
         for base in bases:
             for folder in _up_from(base, path):
-                share = _quota(folder, v2=controllers == "")
-                if share is not None:
-                    shares.append(share)
-    return max(1, math.floor(min(shares))) if shares else None
+                yield folder, controllers == ""
 
 
 def _listdir(root: Path) -> list[Path]:
@@ -139,35 +147,19 @@ def memory_kills(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path
     ``memory.oom_control`` and ``memory.limit_in_bytes``), the most kills of them; None where none has (or no memory
     cgroup is there to read). A process the killer ends gets no word out: the next one in the same container can say
     so. The counters are the kernel's, since the cgroup was made: a container's own, not only this pipeline's."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    root = Path(root)
     found: list[tuple[int, int | None]] = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
-        if not path.startswith("/"):
+    for folder, v2 in _cgroup_folders("memory", proc_cgroup, root):
+        events, limit_file = ("memory.events", "memory.max") if v2 else ("memory.oom_control", "memory.limit_in_bytes")
+        try:
+            counts = dict(ln.split()[:2] for ln in (folder / events).read_text().splitlines() if ln.strip())
+            kills = int(counts.get("oom_kill", 0))
+        except (OSError, ValueError):
             continue
-        if controllers == "":
-            bases, events, limit_file = [root, root / "unified"], "memory.events", "memory.max"
-        elif "memory" in controllers.split(","):
-            bases = [d for d in _listdir(root) if "memory" in d.name.split(",")]
-            events, limit_file = "memory.oom_control", "memory.limit_in_bytes"
-        else:
-            continue
-        for base in bases:
-            for folder in _up_from(base, path):
-                try:
-                    counts = dict(ln.split()[:2] for ln in (folder / events).read_text().splitlines() if ln.strip())
-                    kills = int(counts.get("oom_kill", 0))
-                except (OSError, ValueError):
-                    continue
-                if kills:
-                    try:
-                        limit = (folder / limit_file).read_text().strip()
-                        cap = int(limit) if limit.isdigit() and int(limit) < 1 << 60 else None  # v1's "none": ~2**63
-                    except (OSError, ValueError):
-                        cap = None
-                    found.append((kills, cap))
+        if kills:
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                cap = int(limit) if limit.isdigit() and int(limit) < 1 << 60 else None  # v1's "none": ~2**63
+            except (OSError, ValueError):
+                cap = None
+            found.append((kills, cap))
     return max(found, key=lambda f: f[0]) if found else None
