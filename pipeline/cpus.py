@@ -41,8 +41,8 @@ def _cgroup_folders(controller: str, proc_cgroup: str | Path, root: str | Path) 
     """(folder, whether it is cgroup v2's) of each cgroup over this process that `controller` (``cpu``, ``memory``)
     governs: the process's own and every one above it, in either version's layout (v2: one hierarchy, at the root,
     or at root/unified beside v1's; v1: the controller's own mount). Inside a container the path /proc names may be
-    the host's, which the container's mount does not have: the mount's own root is read then. None without the
-    files (no cgroup file system, not Linux): nothing."""
+    the host's, which the container's mount does not have: the mount's own root is read then. Nothing without
+    the files (no cgroup file system, not Linux)."""
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
