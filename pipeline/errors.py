@@ -106,18 +106,27 @@ def interrupt(signum, frame) -> None:
         raise as_interrupt(signum)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def on_sigterm(handler) -> Iterator[None]:
-    """`handler` answers SIGTERM while inside, then the one before again; in the main thread only (Python runs signal
-    handlers there, and only there may they be set)."""
+def _answered_by(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """`handler` answers `signals` while inside, then the ones before again; in the main thread only (Python runs
+    signal handlers there, and only there may they be set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def on_sigterm(handler):
+    """`handler` answers SIGTERM while inside, then the one before again; in the main thread only."""
+    return _answered_by(handler, (signal.SIGTERM,))
 
 
 @contextmanager
@@ -128,9 +137,6 @@ def signals_deferred() -> Iterator[list[int]]:
     a killed run read as finished: accelerate launch passes its SIGTERM on twice, 4 ms apart (the second came as the
     first closed the run), and so do two Ctrl-Cs. In the main thread only, as `on_sigterm`."""
     got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
 
     def handler(signum, frame):
         if repeated(signum):
@@ -139,12 +145,8 @@ def signals_deferred() -> Iterator[list[int]]:
             raise as_interrupt(signum)
         got.append(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _answered_by(handler):
         yield got
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def sigterm_as_interrupt():
@@ -153,22 +155,13 @@ def sigterm_as_interrupt():
     return on_sigterm(interrupt)
 
 
-@contextmanager
-def signals_as_interrupt() -> Iterator[None]:
+def signals_as_interrupt():
     """The command line's: SIGTERM as KeyboardInterrupt (`sigterm_as_interrupt`), and Ctrl-C answered by the same
     handler, so that a second Ctrl-C within a second of the first is the same request (`repeated`), as a repeated
     SIGTERM is. Python's own handler raised KeyboardInterrupt again in whatever the first had set going (a cleanup on
     the way out, the result file), and the process then died of the signal, or printed a traceback. In the main
     thread only, as `on_sigterm`."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        with sigterm_as_interrupt():
-            yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return _answered_by(interrupt)
 
 
 def exit_on_signal() -> None:
@@ -181,7 +174,7 @@ def exit_on_signal() -> None:
             os._exit(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             signal.signal(s, handler)
 
 
@@ -191,7 +184,7 @@ def ignore_signals() -> None:
     50 ms apart) killed the process by the signal instead of letting it end with its code (130). An exit handler
     registered before any other (`pipeline.cli.run`), so that it runs last."""
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
 
