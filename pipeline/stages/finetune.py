@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.basemodel import (BaseModel, check_architecture, check_base_weights, check_max_length, load_classifier,
                                 load_tokenizer, match_padding, resolve_base_model, separate_pairs)
 from pipeline import provenance, runlock
-from pipeline.cpus import torch_threads_within_quota
+from pipeline.cpus import memory_kills, torch_threads_within_quota
 from pipeline.config import Config, describe_diff, model_config_diff
 from pipeline.errors import (TERMINATED, ConfigError, DiskFull, OutOfMemory, PipelineError, RefError, StageFailed,
                              near_label, no_space_left, out_of_memory)
@@ -106,15 +106,20 @@ def _last_checkpoint(folder: Path) -> Path | None:
 _WARNED_DAMAGED: set[Path] = set()
 
 
+# The JSON files of a checkpoint that resuming reads (the tokenizer's are not: it comes from the base model), so the
+# check parses no tokenizer.json of megabytes for each run `artifacts list` shows
+RESUMED_JSON = ("trainer_state.json", "config.json")
+
+
 def checkpoint_damage(checkpoint: Path) -> str | None:
-    """What is cut short in a checkpoint folder, or None: a JSON file that does not parse (trainer_state.json, the
-    configs), a safetensors file shorter than its header says, a torch file (optimizer, scheduler, RNG states: zip
-    archives) without its end. Read in part: the headers and the ends, not the weights."""
+    """What is cut short in a checkpoint folder, or None: a JSON file resuming reads that does not parse
+    (`RESUMED_JSON`), a safetensors file shorter than its header says, a torch file (optimizer, scheduler, RNG states:
+    zip archives) without its end. Read in part: the headers and the ends, not the weights."""
     import zipfile
 
     for path in sorted(checkpoint.iterdir()):
         try:
-            if path.suffix == ".json":
+            if path.name in RESUMED_JSON:
                 json.loads(path.read_bytes())
             elif path.suffix == ".safetensors":
                 with open(path, "rb") as f:
@@ -353,8 +358,6 @@ def _say_if_killed(registry, run_id: str, checkpoint: Path) -> None:
     except Exception:  # online, W&B may not answer: nothing to add then
         log.debug("the status of run %s could not be read", run_id, exc_info=True)
         return
-    from pipeline.cpus import memory_kills
-
     said = f"run {run_id} ended without closing its run (its process was killed outright: kill -9, a lost machine"
     if (killed := memory_kills()) is None:
         log.warning("%s, or the kernel's out-of-memory killer); it goes on from %s", said, checkpoint.name)
